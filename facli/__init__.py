@@ -1,0 +1,3 @@
+"""facli: long-context offline LLM inference."""
+
+__version__ = "0.1.0"
