@@ -1,0 +1,58 @@
+"""The KV cache contract and its all-GPU implementation.
+
+The model hands each layer's new keys and values to a KV store and gets the attention output
+back; where the cache lives (GPU, pinned host, CPU-computed attention) is the store's business.
+"""
+
+from typing import Protocol
+
+import torch
+
+from facli.kernels import decode_attention, prefill_attention
+
+
+class KVStore(Protocol):
+    """What the model needs from a cache. Shapes: q [B, T, Hq, D]; k, v [B, T, Hkv, D]."""
+
+    capacity: int
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               start: int) -> torch.Tensor:
+        """Store k, v at positions start..start+T of `layer` and return attention [B, T, Hq, D]
+        of q (at the same positions) over positions 0..start+T, causal."""
+        ...
+
+    def reset(self) -> None:
+        """Forget all positions (the next attend starts at 0)."""
+        ...
+
+
+class DeviceKVCache:
+    """Preallocated [B, capacity, Hkv, D] K and V per layer on one device."""
+
+    def __init__(self, num_layers: int, batch: int, capacity: int, kv_heads: int,
+                 head_dim: int, dtype: torch.dtype, device: torch.device):
+        shape = (num_layers, batch, capacity, kv_heads, head_dim)
+        self.capacity = capacity
+        self.keys = torch.empty(shape, dtype=dtype, device=device)
+        self.values = torch.empty(shape, dtype=dtype, device=device)
+        self._lens = torch.zeros(batch, dtype=torch.int32, device=device)
+
+    @staticmethod
+    def bytes_needed(num_layers, batch, capacity, kv_heads, head_dim, element_size) -> int:
+        return 2 * num_layers * batch * capacity * kv_heads * head_dim * element_size
+
+    def attend(self, layer, q, k, v, start):
+        stop = start + k.shape[1]
+        if stop > self.capacity:
+            raise ValueError(f"KV cache holds {self.capacity} positions, asked for {stop}")
+        keys, values = self.keys[layer], self.values[layer]
+        keys[:, start:stop] = k
+        values[:, start:stop] = v
+        if q.shape[1] == 1:
+            self._lens.fill_(stop)
+            return decode_attention(q, keys, values, self._lens)
+        return prefill_attention(q, keys[:, :stop], values[:, :stop], causal=True, q_offset=start)
+
+    def reset(self):
+        self._lens.zero_()
