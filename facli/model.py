@@ -1,0 +1,139 @@
+"""facli's Llama-family decoder (llama, mistral, qwen2), tensor-parallel by construction.
+
+The model never sees where its KV cache lives: each attention layer hands its new keys and
+values to a KVStore and gets the attention output back.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from facli.checkpoint import CheckpointReader
+from facli.config import ModelConfig
+from facli.kv_cache import KVStore
+from facli.parallel.context import ParallelContext
+from facli.parallel.layers import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
+from facli.rope import RotaryEmbedding, apply_rotary
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float, dtype, device):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(size, dtype=dtype, device=device), requires_grad=False)
+
+    def load(self, reader: CheckpointReader, name: str) -> None:
+        self.weight.data = reader.read(name, tuple(self.weight.shape), self.weight.dtype, self.weight.device)
+
+    def forward(self, x):
+        # Normalize in float32, scale in the model dtype, as the reference implementation does.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, ctx: ParallelContext, dtype, device):
+        super().__init__()
+        d, h = config.head_dim, config.hidden_size
+        self.head_dim = d
+        self.local_q_heads = config.num_attention_heads // ctx.world_size
+        self.local_kv_heads = config.num_key_value_heads // ctx.world_size
+        linear = dict(ctx=ctx, dtype=dtype, device=device)
+        qkv_bias = config.attention_bias
+        o_bias = config.attention_bias and config.model_type != "qwen2"
+        self.q_proj = ColumnParallelLinear(h, config.num_attention_heads * d, bias=qkv_bias, **linear)
+        self.k_proj = ColumnParallelLinear(h, config.num_key_value_heads * d, bias=qkv_bias, **linear)
+        self.v_proj = ColumnParallelLinear(h, config.num_key_value_heads * d, bias=qkv_bias, **linear)
+        self.o_proj = RowParallelLinear(config.num_attention_heads * d, h, bias=o_bias, **linear)
+
+    def load(self, reader: CheckpointReader, prefix: str) -> None:
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            getattr(self, name).load(reader, f"{prefix}.{name}")
+
+    def forward(self, x, cos, sin, kv: KVStore, layer: int, start: int):
+        batch, length, _ = x.shape
+        q = self.q_proj(x).view(batch, length, self.local_q_heads, self.head_dim)
+        k = self.k_proj(x).view(batch, length, self.local_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(batch, length, self.local_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = kv.attend(layer, q, k, v, start)
+        return self.o_proj(out.reshape(batch, length, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig, ctx: ParallelContext, dtype, device):
+        super().__init__()
+        h, inter = config.hidden_size, config.intermediate_size
+        linear = dict(bias=False, ctx=ctx, dtype=dtype, device=device)
+        self.gate_proj = ColumnParallelLinear(h, inter, **linear)
+        self.up_proj = ColumnParallelLinear(h, inter, **linear)
+        self.down_proj = RowParallelLinear(inter, h, **linear)
+
+    def load(self, reader: CheckpointReader, prefix: str) -> None:
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            getattr(self, name).load(reader, f"{prefix}.{name}")
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, ctx: ParallelContext, dtype, device):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self.self_attn = Attention(config, ctx, dtype, device)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self.mlp = MLP(config, ctx, dtype, device)
+
+    def load(self, reader: CheckpointReader, prefix: str) -> None:
+        self.input_layernorm.load(reader, f"{prefix}.input_layernorm.weight")
+        self.self_attn.load(reader, f"{prefix}.self_attn")
+        self.post_attention_layernorm.load(reader, f"{prefix}.post_attention_layernorm.weight")
+        self.mlp.load(reader, f"{prefix}.mlp")
+
+    def forward(self, x, cos, sin, kv, layer, start):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, layer, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class CausalLM(nn.Module):
+    """Embeddings, decoder layers, final norm and LM head; weights come from `load`."""
+
+    def __init__(self, config: ModelConfig, *, dtype: torch.dtype, device: torch.device,
+                 ctx: ParallelContext = ParallelContext()):
+        super().__init__()
+        self.config, self.ctx, self.dtype, self.device = config, ctx, dtype, torch.device(device)
+        shared = dict(ctx=ctx, dtype=dtype, device=device)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, **shared)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, ctx, dtype, device) for _ in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        tied = self.embed_tokens if config.tie_word_embeddings else None
+        self.lm_head = ParallelLMHead(tied, config.vocab_size, config.hidden_size, **shared)
+        self.rotary = RotaryEmbedding(config, self.device)
+
+    def load(self, reader: CheckpointReader) -> None:
+        self.embed_tokens.load(reader, "model.embed_tokens.weight")
+        for index, layer in enumerate(self.layers):
+            layer.load(reader, f"model.layers.{index}")
+        self.norm.load(reader, "model.norm.weight")
+        self.lm_head.load(reader, "lm_head.weight")
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, start: int, kv: KVStore, *, all_logits: bool = False):
+        """ids [B, T] at positions start..start+T -> float32 logits [B, V] of the last position
+        ([B, T, V] with all_logits)."""
+        x = self.embed_tokens(ids)
+        cos, sin = self.rotary.cos_sin(start, ids.shape[1], self.dtype)
+        for index, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, kv, index, start)
+        x = x if all_logits else x[:, -1:]
+        logits = self.lm_head(self.norm(x))
+        return logits if all_logits else logits[:, -1]
