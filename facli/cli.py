@@ -17,6 +17,11 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _root() -> None:
+    """facli: plans memory first, then runs long prompts on GPUs and host memory."""
+
+
 def user_errors(command):
     """Turn a FacliError into one line on stderr and exit code 1, never a traceback."""
 
@@ -35,11 +40,11 @@ def user_errors(command):
 
 
 def _register():
-    from facli.commands import generate, recipes
+    from facli.commands import generate
 
     app.command("generate")(user_errors(generate.generate))
-    app.command("recipes")(user_errors(recipes.list_recipes))
     for module_name, command_name in (
+        ("recipes", "recipes"),
         ("plan_memory", "plan-memory"),
         ("summarize", "summarize"),
         ("bench", "bench"),
@@ -50,7 +55,7 @@ def _register():
             if missing.name != f"facli.commands.{module_name}":
                 raise
             continue
-        app.command(command_name)(user_errors(module.command))
+        app.command(command_name)(user_errors(getattr(module, "command", None) or module.list_recipes))
 
 
 _register()

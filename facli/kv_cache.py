@@ -51,7 +51,7 @@ class DeviceKVCache:
         values[:, start:stop] = v
         if q.shape[1] == 1:
             self._lens.fill_(stop)
-            return decode_attention(q, keys, values, self._lens)
+            return decode_attention(q, keys[:, :stop], values[:, :stop], self._lens)
         return prefill_attention(q, keys[:, :stop], values[:, :stop], causal=True, q_offset=start)
 
     def reset(self):

@@ -1,0 +1,131 @@
+"""`facli generate`: one prompt in, generated text streamed out."""
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from facli.errors import FacliError
+from facli.units import parse_ctx
+
+LONG_PROMPT_TOKENS = 4096
+
+
+def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
+    if (prompt is None) == (prompt_file is None):
+        raise FacliError("expected exactly one of --prompt TEXT or --prompt-file FILE")
+    if prompt is not None:
+        if not prompt:
+            raise FacliError("expected a non-empty --prompt, got an empty string")
+        return prompt
+    if not prompt_file.is_file():
+        raise FacliError(f"expected --prompt-file to be a readable file, {prompt_file} does not exist")
+    try:
+        text = prompt_file.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FacliError(
+            f"expected UTF-8 text in {prompt_file}, got an invalid byte at offset {exc.start}; "
+            "convert the file to UTF-8"
+        ) from None
+    if not text.strip():
+        raise FacliError(f"expected a non-empty prompt file, {prompt_file} is empty")
+    return text
+
+
+def generate(
+    prompt: Annotated[Optional[str], typer.Option(help="Prompt text.")] = None,
+    prompt_file: Annotated[Optional[Path], typer.Option(help="Read the prompt from this UTF-8 file.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Checkpoint directory or recipe name (see `facli recipes`); default: the embedded demo model.")] = None,
+    ctx: Annotated[Optional[str], typer.Option(help="Context to plan for: 4096, 32k, 256k, 1m. Default: prompt + new tokens.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Stop after this many new tokens.")] = 64,
+    temperature: Annotated[float, typer.Option(help="0 is greedy decoding.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling threshold (1 keeps all).")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="Sample from the k most likely tokens (0 keeps all).")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the sampler.")] = 0,
+    dtype: Annotated[str, typer.Option(help="auto, bf16, fp16 or fp32.")] = "auto",
+    device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
+    devices: Annotated[int, typer.Option(help="Tensor-parallel ranks (GPUs, or gloo ranks with --device cpu).")] = 1,
+    prefill_chunk: Annotated[Optional[int], typer.Option(help="Prompt tokens per prefill step (default: from the plan).")] = None,
+    decode_mode: Annotated[str, typer.Option(help="For host-resident KV: auto, prefetch or cpu.")] = "auto",
+    allow_ctx_extension: Annotated[bool, typer.Option(help="Allow --ctx beyond the model's max_position_embeddings.")] = False,
+    force: Annotated[bool, typer.Option(help="Run even when the plan says it will not fit.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the text and timings.")] = False,
+):
+    """Generate text from a prompt; text streams to stdout as it is produced."""
+    from facli.runtime import RuntimeOptions
+    from facli.sampling import SamplingParams
+
+    if max_new_tokens <= 0:
+        raise FacliError(f"expected --max-new-tokens > 0, got {max_new_tokens}")
+    text = read_prompt(prompt, prompt_file)
+    sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    options = RuntimeOptions(
+        model=model, device=device, dtype=dtype, ctx=parse_ctx(ctx) if ctx is not None else 0,
+        prefill_chunk=prefill_chunk, devices=devices, decode_mode=decode_mode, force=force,
+        allow_ctx_extension=allow_ctx_extension,
+    )
+    result = run_generate(options, text, sampling, max_new_tokens, stream=not as_json)
+    if as_json:
+        print(json.dumps(result))
+    else:
+        print()
+
+
+def run_generate(options, text: str, sampling, max_new_tokens: int, *, stream: bool,
+                 parallel=None) -> dict:
+    """Load, prefill and decode on this process; returns the JSON-ready result."""
+    import dataclasses
+
+    from facli.parallel.context import SINGLE_PROCESS
+    from facli.runtime import Runtime, resolve_model
+    from facli.tokenizer import load_tokenizer
+
+    parallel = parallel or SINGLE_PROCESS
+    resolved = resolve_model(options.model)
+    tokenizer = load_tokenizer(resolved.path)
+    prompt_ids = tokenizer(text).input_ids
+    if options.ctx == 0:
+        options = dataclasses.replace(options, ctx=len(prompt_ids) + max_new_tokens)
+    if len(prompt_ids) >= options.ctx:
+        raise FacliError(
+            f"expected a prompt shorter than --ctx ({options.ctx} tokens), got {len(prompt_ids)} "
+            "tokens; raise --ctx or shorten the prompt"
+        )
+    runtime = Runtime(resolved, options, parallel, tokenizer=tokenizer)
+    writer = parallel.is_writer
+
+    def on_text(piece: str) -> None:
+        if stream and writer:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+    with _prefill_bar(len(prompt_ids), enabled=writer and len(prompt_ids) >= LONG_PROMPT_TOKENS) as bar:
+        result = runtime.generate(prompt_ids, max_new_tokens=max_new_tokens, sampling=sampling,
+                                  on_text=on_text, on_progress=bar.update if bar else None)
+    return {
+        "text": result.text,
+        "token_ids": result.token_ids,
+        "prompt_tokens": result.prompt_tokens,
+        "ttft_s": result.ttft_s,
+        "decode_tokens_per_s": result.decode_tokens_per_s,
+        "peak_gpu_bytes": result.peak_gpu_bytes,
+        "finish_reason": result.finish_reason,
+    }
+
+
+class _NoBar:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _prefill_bar(total: int, *, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="prefill", unit="tok", unit_scale=True, file=sys.stderr, leave=False)

@@ -1,0 +1,106 @@
+"""The inference loop: chunked prefill into a preallocated KV cache, then token-by-token decode."""
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from facli.kv_cache import KVStore
+from facli.model import CausalLM
+from facli.sampling import Sampler
+
+
+@dataclass
+class Timings:
+    prefill_s: float = 0.0
+    ttft_s: float = 0.0
+    decode_s: float = 0.0
+    decode_steps: int = 0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_steps / self.decode_s if self.decode_s > 0 else 0.0
+
+
+@dataclass
+class TokenRun:
+    """Generated ids for each sequence and why generation stopped."""
+
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = "length"
+    timings: Timings = field(default_factory=Timings)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Engine:
+    """Runs a CausalLM over a KVStore. Batch 1 is the usual case; shapes keep the batch axis."""
+
+    def __init__(self, model: CausalLM, kv: KVStore, *, prefill_chunk: int,
+                 token_sync=None):
+        self.model, self.kv, self.prefill_chunk = model, kv, prefill_chunk
+        self.device = model.device
+        # Called on each sampled token tensor; tensor parallelism makes all ranks agree here.
+        self.token_sync = token_sync or (lambda tokens: tokens)
+
+    def prefill(self, ids: torch.Tensor, on_progress=None) -> torch.Tensor:
+        """ids [B, T] -> logits [B, V] of the last position; the cache then holds T positions.
+
+        Activation memory is bounded by the chunk size, not the prompt length.
+        """
+        self.kv.reset()
+        length = ids.shape[1]
+        if length > self.kv.capacity:
+            raise ValueError(f"prompt of {length} tokens exceeds cache capacity {self.kv.capacity}")
+        logits = None
+        for start in range(0, length, self.prefill_chunk):
+            stop = min(start + self.prefill_chunk, length)
+            logits = self.model(ids[:, start:stop], start, self.kv)
+            if on_progress is not None:
+                on_progress(stop - start)
+        return logits
+
+    def decode_step(self, tokens: torch.Tensor, position: int) -> torch.Tensor:
+        """tokens [B] at `position` -> logits [B, V] for the next one."""
+        return self.model(tokens[:, None], position, self.kv)
+
+    def generate(self, prompt_ids: list[int], *, max_new_tokens: int, sampler: Sampler,
+                 eos_ids: tuple[int, ...] = (), on_token=None, on_progress=None) -> TokenRun:
+        """Prefill `prompt_ids`, then sample until EOS, max_new_tokens, or a full cache."""
+        run = TokenRun()
+        ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
+        budget = min(max_new_tokens, self.kv.capacity - len(prompt_ids) + 1)
+        if budget <= 0:
+            return run
+        started = time.perf_counter()
+        logits = self.prefill(ids, on_progress)
+        token = self.token_sync(sampler(logits))
+        first = int(token[0])
+        run.timings.ttft_s = time.perf_counter() - started
+        run.timings.prefill_s = run.timings.ttft_s
+        run.token_ids.append(first)
+        if on_token is not None:
+            on_token(first)
+        if first in eos_ids:
+            run.finish_reason = "eos"
+            return run
+        decode_started = time.perf_counter()
+        position = len(prompt_ids)
+        while len(run.token_ids) < budget:
+            logits = self.decode_step(token, position)
+            token = self.token_sync(sampler(logits))
+            value = int(token[0])  # the host needs the token anyway: this is the step's sync
+            position += 1
+            run.token_ids.append(value)
+            if on_token is not None:
+                on_token(value)
+            if value in eos_ids:
+                run.finish_reason = "eos"
+                break
+        _sync(self.device)
+        run.timings.decode_s = time.perf_counter() - decode_started
+        run.timings.decode_steps = len(run.token_ids) - 1
+        return run

@@ -1,0 +1,149 @@
+"""Model and hardware recipes: commented TOML files shipped in `facli.recipes`.
+
+A model recipe names an architecture (config.json values) and where a user keeps its weights;
+a hardware recipe describes GPUs, host memory and link rates for what-if planning. This module
+finds, reads and validates them; the hardware side is turned into a HardwareSpec by
+`facli.offload.hardware`.
+"""
+
+import os
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from facli.config import ModelConfig
+from facli.errors import FacliError
+
+_PACKAGE = "facli.recipes"
+_KINDS = ("models", "hardware")
+DEMO_MODEL_NAME = "demo"
+
+
+def _recipe_dir(kind: str):
+    assert kind in _KINDS, kind
+    return resources.files(_PACKAGE).joinpath(kind)
+
+
+def recipe_names(kind: str) -> list[str]:
+    """Sorted names of the recipes of one kind ("models" or "hardware")."""
+    return sorted(
+        entry.name[: -len(".toml")]
+        for entry in _recipe_dir(kind).iterdir()
+        if entry.name.endswith(".toml")
+    )
+
+
+def list_model_recipes() -> list[str]:
+    return recipe_names("models")
+
+
+def list_hardware_recipes() -> list[str]:
+    return recipe_names("hardware")
+
+
+def read_recipe(kind: str, name: str) -> dict:
+    """The parsed TOML of recipe `name`; an unknown name lists the valid ones."""
+    names = recipe_names(kind)
+    if name not in names:
+        what = "model recipe" if kind == "models" else "hardware recipe"
+        raise FacliError(
+            f"expected a {what} name, one of {', '.join(names)}; got {name!r}"
+            + ("; or pass a checkpoint directory" if kind == "models" else "")
+        )
+    text = _recipe_dir(kind).joinpath(f"{name}.toml").read_text(encoding="utf-8")
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:  # a broken shipped file is a bug, but say which
+        raise FacliError(f"expected valid TOML in recipe {kind}/{name}.toml, got: {exc}") from None
+
+
+@dataclass(frozen=True)
+class ModelRecipe:
+    """A named model: its architecture and where its weights are looked for."""
+
+    name: str
+    description: str
+    config: ModelConfig
+    weights_env: str
+    default_path: str
+    hf_repo: str = ""
+
+    def __post_init__(self):
+        if not self.weights_env or not self.default_path:
+            raise FacliError(
+                f"expected weights_env and default_path in recipe {self.name}, got "
+                f"{self.weights_env!r} and {self.default_path!r}"
+            )
+
+
+def load_model_recipe(name: str) -> ModelRecipe:
+    raw = read_recipe("models", name)
+    if "config" not in raw:
+        raise FacliError(f"expected a [config] table in model recipe {name}, found none")
+    return ModelRecipe(
+        name=name,
+        description=str(raw.get("description", "")),
+        config=ModelConfig.from_dict(dict(raw["config"])),
+        weights_env=str(raw.get("weights_env", "")),
+        default_path=str(raw.get("default_path", "")),
+        hf_repo=str(raw.get("hf_repo", "")),
+    )
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def resolve_weights_dir(recipe: ModelRecipe) -> Path:
+    """The checkpoint directory of a recipe: $weights_env if set, else default_path.
+
+    Raises FacliError naming the variable and the directory when no checkpoint is there.
+    """
+    layout = "a Hugging Face checkpoint: config.json, tokenizer files and *.safetensors"
+    source = f" (for example {recipe.hf_repo})" if recipe.hf_repo else ""
+    from_env = os.environ.get(recipe.weights_env)
+    if from_env:
+        path = Path(from_env).expanduser()
+        if _is_checkpoint(path):
+            return path
+        raise FacliError(
+            f"expected {layout} in {path} (from ${recipe.weights_env}), found no config.json "
+            f"there; put the {recipe.name} weights{source} in that directory or point "
+            f"{recipe.weights_env} at the right one"
+        )
+    path = Path(recipe.default_path).expanduser()
+    if _is_checkpoint(path):
+        return path
+    raise FacliError(
+        f"expected the {recipe.name} weights, {layout}, in {path}, found none; put them there"
+        f"{source} or set {recipe.weights_env}=/path/to/checkpoint"
+    )
+
+
+def resolve_model_config(model: str | None) -> tuple[str, ModelConfig]:
+    """`--model` as the planner needs it: (display name, config), with no weights read.
+
+    None means the embedded demo model; an existing directory is read for config.json; any
+    other value must be a recipe name.
+    """
+    if model is None or model == DEMO_MODEL_NAME:
+        try:
+            from facli.demo import demo_config
+        except ModuleNotFoundError as missing:
+            if missing.name != "facli.demo":
+                raise
+            raise FacliError(
+                "expected --model (a checkpoint directory or a recipe name such as "
+                f"{', '.join(list_model_recipes())}), got none, and this build has no demo model"
+            ) from None
+        return DEMO_MODEL_NAME, demo_config()
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path.name or str(path), ModelConfig.from_dir(path)
+    if model in list_model_recipes():
+        return model, load_model_recipe(model).config
+    raise FacliError(
+        f"expected --model to be a checkpoint directory or a recipe name "
+        f"({', '.join(list_model_recipes())}), got {model!r}, which is neither"
+    )

@@ -1,0 +1,75 @@
+"""The corpus plan: tokenize every document before the model is loaded and size the context."""
+
+from dataclasses import asdict, dataclass
+
+from facli.errors import FacliError
+from facli.summarize.documents import Document
+from facli.summarize.prompting import Prompts
+from facli.summarize.strategies import Budget, Strategy
+
+
+@dataclass(frozen=True)
+class PreparedDocument:
+    """A document and its tokens (None for a document that cannot be used)."""
+
+    document: Document
+    ids: tuple[int, ...] | None
+
+
+@dataclass(frozen=True)
+class CorpusPlan:
+    documents: int
+    unusable: int  # unreadable, not UTF-8, empty
+    fit: int  # usable documents whose whole prompt fits in ctx
+    longest_prompt_tokens: int
+    ctx: int
+    runtime_ctx: int  # the context the model is loaded with: enough for the longest prompt run
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        usable = self.documents - self.unusable
+        return (
+            f"{self.documents} documents ({self.unusable} unusable); {self.fit} of {usable} fit "
+            f"in --ctx {self.ctx}; longest prompt {self.longest_prompt_tokens} tokens; "
+            f"loading the model with a {self.runtime_ctx}-token context"
+        )
+
+
+def tokenize(documents: list[Document], prompts: Prompts) -> list[PreparedDocument]:
+    return [
+        PreparedDocument(doc, None if doc.text is None else tuple(prompts.summarize.encode(doc.text)))
+        for doc in documents
+    ]
+
+
+def plan_corpus(prepared: list[PreparedDocument], prompts: Prompts, budget: Budget,
+                strategy: Strategy) -> CorpusPlan:
+    """Count what fits, and choose the smallest context that runs every document the strategy will
+    run: with `fit` that is the longest fitting prompt, otherwise up to `ctx`."""
+    check_budget(prompts, budget)
+    limit = budget.document_tokens(prompts.summarize)
+    lengths = [len(p.ids) for p in prepared if p.ids is not None]
+    fitting = [n for n in lengths if n <= limit]
+    runs = fitting if strategy is Strategy.FIT else lengths
+    overhead = prompts.summarize.overhead
+    longest_run = min(max(runs, default=0), limit) + overhead
+    return CorpusPlan(
+        documents=len(prepared),
+        unusable=len(prepared) - len(lengths),
+        fit=len(fitting),
+        longest_prompt_tokens=max(lengths, default=0) + overhead,
+        ctx=budget.ctx,
+        runtime_ctx=min(budget.ctx, longest_run + budget.max_new_tokens),
+    )
+
+
+def check_budget(prompts: Prompts, budget: Budget) -> None:
+    for builder in (prompts.summarize, prompts.combine):
+        if budget.document_tokens(builder) < 1:
+            raise FacliError(
+                f"expected --ctx {budget.ctx} to hold the {builder.overhead}-token prompt template "
+                f"and --max-new-tokens {budget.max_new_tokens}, got no room for the document; "
+                "raise --ctx or lower --max-new-tokens"
+            )
