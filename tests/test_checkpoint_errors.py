@@ -1,0 +1,107 @@
+"""Bad checkpoints get one clear line naming what is wrong."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from checkpoints import build_checkpoint
+from facli.checkpoint import CheckpointReader, Shard
+from facli.config import ModelConfig
+from facli.errors import FacliError
+from facli.model import CausalLM
+
+
+@pytest.fixture()
+def checkpoint(tmp_path):
+    build_checkpoint(tmp_path, "llama")
+    return tmp_path
+
+
+def _load(directory):
+    model = CausalLM(ModelConfig.from_dir(directory), dtype=torch.float32, device="cpu")
+    model.load(CheckpointReader(directory))
+    return model
+
+
+def test_missing_config(tmp_path):
+    with pytest.raises(FacliError, match="config.json"):
+        ModelConfig.from_dir(tmp_path)
+
+
+def test_unsupported_model_type(checkpoint):
+    config = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    with pytest.raises(FacliError, match="llama, mistral, qwen2.*'gpt2'"):
+        ModelConfig.from_dir(checkpoint)
+
+
+def test_unsupported_rope_scaling(checkpoint):
+    config = json.loads((checkpoint / "config.json").read_text())
+    config.pop("rope_parameters", None)
+    config["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    with pytest.raises(FacliError, match="rope_scaling type .*'yarn'"):
+        ModelConfig.from_dir(checkpoint)
+
+
+def test_truncated_safetensors(checkpoint):
+    path = checkpoint / "model.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(FacliError, match="truncated"):
+        _load(checkpoint)
+
+
+def test_corrupt_header(checkpoint):
+    path = checkpoint / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[8:40] = b"\xff" * 32
+    path.write_bytes(bytes(data))
+    with pytest.raises(FacliError, match="corrupt"):
+        _load(checkpoint)
+
+
+def test_missing_tensor_is_named(checkpoint):
+    path = checkpoint / "model.safetensors"
+    tensors = load_file(path)
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(FacliError, match="model.layers.1.mlp.up_proj.weight.*missing"):
+        _load(checkpoint)
+
+
+def test_wrong_shape_names_both(checkpoint):
+    path = checkpoint / "model.safetensors"
+    tensors = load_file(path)
+    tensors["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(8, 8)
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(FacliError, match=r"q_proj.weight.*\(64, 64\).*\(8, 8\)"):
+        _load(checkpoint)
+
+
+def test_sharded_checkpoint_loads_like_single_file(tmp_path):
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    model = build_checkpoint(single, "llama")
+    model.save_pretrained(sharded, max_shard_size="60KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    ids = torch.randint(0, 384, (1, 9))
+    from facli.kv_cache import DeviceKVCache
+
+    outputs = []
+    for directory in (single, sharded):
+        loaded = _load(directory)
+        config = loaded.config
+        cache = DeviceKVCache(config.num_hidden_layers, 1, 16, config.num_key_value_heads,
+                              config.head_dim, torch.float32, torch.device("cpu"))
+        outputs.append(loaded(ids, 0, cache))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+
+
+def test_shard_reads_only_a_slice(checkpoint):
+    reader = CheckpointReader(checkpoint)
+    full = reader.read("model.layers.0.mlp.down_proj.weight", (64, 160), torch.float32, "cpu")
+    part = reader.read("model.layers.0.mlp.down_proj.weight", (64, 160), torch.float32, "cpu",
+                       Shard(dim=1, rank=1, world=2))
+    assert part.shape == (64, 80)
+    torch.testing.assert_close(part, full[:, 80:])

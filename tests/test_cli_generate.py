@@ -1,0 +1,101 @@
+"""`facli generate` end to end through the console script, and its user errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from checkpoints import build_checkpoint
+
+FACLI = [sys.executable, "-m", "facli.cli"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    return {**os.environ, "FACLI_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+
+
+def facli(args, env, **kwargs):
+    return subprocess.run(FACLI + args, env=env, capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def test_demo_model_generates_json(env):
+    result = facli(["generate", "--prompt", "Hello there", "--max-new-tokens", "12", "--json",
+                    "--device", "cpu"], env)
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(payload["token_ids"]) == 12
+    assert payload["prompt_tokens"] == len("Hello there")
+    assert payload["peak_gpu_bytes"] is None
+    assert payload["ttft_s"] > 0 and payload["decode_tokens_per_s"] > 0
+
+
+def test_greedy_is_deterministic_and_sampling_follows_seed(env):
+    def run(*extra):
+        out = facli(["generate", "--prompt", "abc", "--max-new-tokens", "10", "--json",
+                     "--device", "cpu", *extra], env)
+        return json.loads(out.stdout.strip().splitlines()[-1])["token_ids"]
+
+    assert run() == run()
+    assert run("--temperature", "1", "--seed", "5") == run("--temperature", "1", "--seed", "5")
+    assert run("--temperature", "1", "--seed", "5") != run("--temperature", "1", "--seed", "6")
+
+
+def test_text_streams_to_stdout(env):
+    result = facli(["generate", "--prompt", "Hi", "--max-new-tokens", "8", "--device", "cpu"], env)
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.strip()) > 0
+
+
+@pytest.fixture(scope="module")
+def short_model(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("short")
+    build_checkpoint(directory, "llama", max_position_embeddings=64)
+    from facli.demo import _byte_level_tokenizer
+
+    _byte_level_tokenizer().save_pretrained(str(directory))
+    return directory
+
+
+def _one_line_error(result, pattern):
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert pattern in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("ctx", ["256q", "0", "-1"], ids=["letters", "zero", "negative"])
+def test_bad_ctx(env, ctx):
+    _one_line_error(facli(["generate", "--prompt", "x", f"--ctx={ctx}"], env), "context length")
+
+
+def test_prompt_longer_than_ctx(env):
+    _one_line_error(facli(["generate", "--prompt", "x" * 50, "--ctx", "16", "--device", "cpu"], env),
+                    "shorter than --ctx")
+
+
+def test_ctx_beyond_trained_length_needs_flag(env, short_model):
+    args = ["generate", "--model", str(short_model), "--prompt", "hi", "--ctx", "128",
+            "--device", "cpu", "--max-new-tokens", "2"]
+    _one_line_error(facli(args, env), "max_position_embeddings")
+    allowed = facli(args + ["--allow-ctx-extension"], env)
+    assert allowed.returncode == 0, allowed.stderr
+    assert "warning" in allowed.stderr
+
+
+def test_empty_and_non_utf8_prompt_files(env, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    _one_line_error(facli(["generate", "--prompt-file", str(empty)], env), "empty")
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\xe9".encode("latin-1"))
+    _one_line_error(facli(["generate", "--prompt-file", str(latin)], env), "UTF-8")
+
+
+def test_missing_model_directory(env, tmp_path):
+    _one_line_error(facli(["generate", "--model", str(tmp_path / "nope"), "--prompt", "x"], env),
+                    "does not exist")
+    _one_line_error(facli(["generate", "--model", str(tmp_path), "--prompt", "x"], env), "config.json")
