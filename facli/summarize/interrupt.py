@@ -15,14 +15,26 @@ class StopRequest:
     def __init__(self, *, announce: bool = True):
         self.requested = False
         self.announce = announce
+        self._deferring = False
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
+            if self._deferring:
+                return
             raise KeyboardInterrupt
         self.requested = True
         if self.announce:
             print("\nfacli: stopping after the current document; press Ctrl-C again to abandon it",
                   file=sys.stderr, flush=True)
+
+    @contextmanager
+    def deferred(self):
+        """While a record is saved, a second signal only asks to stop (the record completes)."""
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
 
     @contextmanager
     def installed(self):
