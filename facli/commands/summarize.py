@@ -1,0 +1,47 @@
+"""`facli summarize`: summarize a folder of documents into a resumable JSONL file."""
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from facli.summarize.strategies import Strategy
+
+
+def command(
+    inputs: Annotated[list[Path], typer.Argument(help="Files and folders: .txt, .md, and .jsonl with a \"text\" field (and optional \"id\"); folders are searched recursively.")],
+    out: Annotated[Path, typer.Option(help="Results file: one JSON line per document, appended as each finishes.")],
+    model: Annotated[Optional[str], typer.Option(help="Checkpoint directory or recipe name; default: the embedded demo model.")] = None,
+    ctx: Annotated[Optional[str], typer.Option(help="Context per prompt: 4096, 32k, 256k, 1m. Default: the model's max_position_embeddings.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest summary, in tokens.")] = 256,
+    prompt_template: Annotated[Optional[Path], typer.Option(help="UTF-8 file with {document} where the document goes; the user message under a chat template, else the whole prompt.")] = None,
+    strategy: Annotated[Strategy, typer.Option(help="Documents longer than --ctx: fit (record as failed), truncate (keep head and tail), map-reduce (summarize parts, then the summaries).")] = Strategy.FIT,
+    retry_failed: Annotated[bool, typer.Option(help="Summarize again the documents recorded as failed.")] = False,
+    temperature: Annotated[float, typer.Option(help="0 is greedy decoding.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling threshold (1 keeps all).")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="Sample from the k most likely tokens (0 keeps all).")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the sampler, the same for every document.")] = 0,
+    dtype: Annotated[str, typer.Option(help="auto, bf16, fp16 or fp32.")] = "auto",
+    device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
+    devices: Annotated[int, typer.Option(help="Tensor-parallel ranks (GPUs, or gloo ranks with --device cpu).")] = 1,
+    allow_ctx_extension: Annotated[bool, typer.Option(help="Allow --ctx beyond the model's max_position_embeddings.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the run summary as one JSON object.")] = False,
+):
+    """Summarize documents; rerun the same command to resume after a crash or Ctrl-C."""
+    from facli.sampling import SamplingParams
+    from facli.summarize.run import SummarizeRequest, run_summarize
+    from facli.units import parse_ctx
+
+    request = SummarizeRequest(
+        inputs=tuple(inputs), out=out, model=model,
+        ctx=parse_ctx(ctx) if ctx is not None else None, max_new_tokens=max_new_tokens,
+        prompt_template=prompt_template, strategy=strategy, device=device, dtype=dtype,
+        devices=devices, retry_failed=retry_failed, allow_ctx_extension=allow_ctx_extension,
+        sampling=SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed),
+    )
+    summary = run_summarize(request)
+    if as_json:
+        print(json.dumps({"output": str(out), **summary.as_dict()}))
+    if summary.interrupted:
+        raise typer.Exit(code=130)

@@ -1,0 +1,161 @@
+"""A summarize run from start to end: corpus, plan, resume state, manifest, model, loop.
+
+Everything up to loading the model is cheap (tokenizer only), so mistakes and the plan show
+before any weights are read. Every rank runs this; only the writer rank touches files.
+"""
+
+import dataclasses
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from facli.errors import FacliError
+from facli.parallel.context import SINGLE_PROCESS, ParallelContext
+from facli.runtime import ResolvedModel, Runtime, RuntimeOptions, check_context, resolve_model
+from facli.sampling import SamplingParams
+from facli.summarize import manifest as manifests
+from facli.summarize.documents import discover, read_documents
+from facli.summarize.interrupt import StopRequest
+from facli.summarize.job import JobSettings, JobSummary, run_documents
+from facli.summarize.output import ExistingResults, ResultWriter, read_results
+from facli.summarize.planning import CorpusPlan, PreparedDocument, plan_corpus, tokenize
+from facli.summarize.prompting import make_prompts, read_template
+from facli.summarize.strategies import Budget, Strategy
+from facli.tokenizer import load_tokenizer
+
+
+@dataclass(frozen=True)
+class SummarizeRequest:
+    inputs: tuple[Path, ...]
+    out: Path
+    model: str | None = None
+    ctx: int | None = None  # None: the model's max_position_embeddings
+    max_new_tokens: int = 256
+    prompt_template: Path | None = None
+    strategy: Strategy = Strategy.FIT
+    device: str | None = None
+    dtype: str = "auto"
+    devices: int = 1
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    retry_failed: bool = False
+    allow_ctx_extension: bool = False
+
+    def __post_init__(self):
+        if self.max_new_tokens <= 0:
+            raise FacliError(f"expected --max-new-tokens > 0, got {self.max_new_tokens}")
+        if self.devices < 1:
+            raise FacliError(f"expected --devices >= 1, got {self.devices}")
+
+
+@dataclass(frozen=True)
+class Corpus:
+    prepared: list[PreparedDocument]
+    settings: JobSettings
+    plan: CorpusPlan
+    template: str | None
+
+
+def run_summarize(request: SummarizeRequest, parallel: ParallelContext = SINGLE_PROCESS,
+                  stop: StopRequest | None = None) -> JobSummary:
+    """Summarize every document not already in the output; returns this run's counts."""
+    started = time.perf_counter()
+    log = _logger(parallel.is_writer)
+    resolved = resolve_model(request.model)
+    tokenizer = load_tokenizer(resolved.path)
+    corpus = prepare_corpus(request, resolved, tokenizer)
+    log(f"facli: plan: {corpus.plan.describe()}")
+    writer = ResultWriter(request.out) if parallel.is_writer else None
+    with writer or nullcontext():
+        existing = read_results(request.out)
+        pending, skipped = select_pending(corpus.prepared, existing, request.retry_failed)
+        manifest, entry = _open_manifest(request, resolved, corpus, writer)
+        if writer is not None:
+            writer.repair(existing)
+            if request.retry_failed:
+                writer.drop(existing.ids_with_status("failed") & {p.document.id for p in pending})
+        log(f"facli: {len(pending)} to summarize, {skipped} already in {request.out}")
+        summary = JobSummary()
+        if pending:
+            runtime = Runtime(resolved, _runtime_options(request, corpus.plan), parallel, tokenizer)
+            with (stop or StopRequest(announce=parallel.is_writer)).installed() as active:
+                summary = run_documents(runtime, pending, writer, corpus.settings, stop=active,
+                                        is_writer=parallel.is_writer)
+        summary.skipped = skipped
+        summary.seconds = time.perf_counter() - started
+        if writer is not None:
+            manifests.finish_run(entry, summary.as_dict())
+            manifests.write_manifest(manifests.manifest_path(request.out), manifest)
+    log(summary.line())
+    return summary
+
+
+def prepare_corpus(request: SummarizeRequest, resolved: ResolvedModel, tokenizer) -> Corpus:
+    """Read and tokenize every document and plan the context, before any weights load."""
+    ctx = request.ctx or resolved.config.max_position_embeddings
+    check_context(resolved.config, ctx, request.allow_ctx_extension)
+    template = read_template(request.prompt_template)
+    prompts = make_prompts(tokenizer, template)
+    budget = Budget(ctx=ctx, max_new_tokens=request.max_new_tokens)
+    out = Path(request.out)
+    documents = read_documents(discover(request.inputs, exclude=[out]))
+    prepared = tokenize(documents, prompts)
+    plan = plan_corpus(prepared, prompts, budget, request.strategy)
+    settings = JobSettings(request.strategy, budget, prompts, request.sampling)
+    return Corpus(prepared, settings, plan, template)
+
+
+def select_pending(prepared: list[PreparedDocument], existing: ExistingResults,
+                   retry_failed: bool) -> tuple[list[PreparedDocument], int]:
+    """Documents without a record, plus failed ones with --retry-failed; and how many are skipped."""
+    done = existing.ids_with_status("ok")
+    if not retry_failed:
+        done |= existing.ids_with_status("failed")
+    pending = [p for p in prepared if p.document.id not in done]
+    return pending, len(prepared) - len(pending)
+
+
+def _runtime_options(request: SummarizeRequest, plan: CorpusPlan) -> RuntimeOptions:
+    return RuntimeOptions(
+        model=request.model, device=request.device, dtype=request.dtype, ctx=plan.runtime_ctx,
+        devices=request.devices, allow_ctx_extension=request.allow_ctx_extension,
+    )
+
+
+def _open_manifest(request: SummarizeRequest, resolved: ResolvedModel, corpus: Corpus,
+                   writer: ResultWriter | None) -> tuple[dict, dict]:
+    """Check that the output was made with the same settings, then record this run's start."""
+    path = manifests.manifest_path(request.out)
+    previous = manifests.read_manifest(path)
+    model = {"name": resolved.name, "path": str(resolved.path),
+             "config_hash": manifests.config_hash(resolved.config)}
+    settings = _result_settings(request, corpus.template)
+    manifests.check_resumable(previous, model, settings, request.out)
+    manifest = manifests.new_manifest(previous, model=model, settings=settings,
+                                      plan=corpus.plan.as_dict())
+    entry = manifests.start_run(manifest, {
+        "argv": sys.argv, "strategy": request.strategy.value, "ctx": corpus.plan.ctx,
+        "device": request.device, "devices": request.devices, "retry_failed": request.retry_failed,
+    })
+    if writer is not None:
+        manifests.write_manifest(path, manifest)
+    return manifest, entry
+
+
+def _result_settings(request: SummarizeRequest, template: str | None) -> dict:
+    """The settings that decide what a summary is; a resumed run must match them."""
+    return {
+        **dataclasses.asdict(request.sampling),
+        "max_new_tokens": request.max_new_tokens,
+        "dtype": request.dtype,
+        "prompt_template": manifests.text_hash(template),
+    }
+
+
+def _logger(enabled: bool):
+    def log(message: str) -> None:
+        if enabled:
+            print(message, file=sys.stderr, flush=True)
+
+    return log
