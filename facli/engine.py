@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from facli.graphs import GraphedDecodeStep
 from facli.kv_cache import KVStore
 from facli.model import CausalLM
 from facli.sampling import Sampler
@@ -40,8 +41,10 @@ class Engine:
     """Runs a CausalLM over a KVStore. Batch 1 is the usual case; shapes keep the batch axis."""
 
     def __init__(self, model: CausalLM, kv: KVStore, *, prefill_chunk: int,
-                 token_sync=None):
+                 token_sync=None, use_graphs: bool = True):
         self.model, self.kv, self.prefill_chunk = model, kv, prefill_chunk
+        graphed = use_graphs and GraphedDecodeStep.supported(model, kv)
+        self._graphed_step = GraphedDecodeStep(model, kv) if graphed else None
         self.device = model.device
         # Called on each sampled token tensor; tensor parallelism makes all ranks agree here.
         self.token_sync = token_sync or (lambda tokens: tokens)
@@ -65,6 +68,8 @@ class Engine:
 
     def decode_step(self, tokens: torch.Tensor, position: int) -> torch.Tensor:
         """tokens [B] at `position` -> logits [B, V] for the next one."""
+        if self._graphed_step is not None and tokens.shape[0] == 1:
+            return self._graphed_step(tokens, position)
         return self.model(tokens[:, None], position, self.kv)
 
     def generate(self, prompt_ids: list[int], *, max_new_tokens: int, sampler: Sampler,

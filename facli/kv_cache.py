@@ -28,7 +28,13 @@ class KVStore(Protocol):
 
 
 class DeviceKVCache:
-    """Preallocated [B, capacity, Hkv, D] K and V per layer on one device."""
+    """Preallocated [B, capacity, Hkv, D] K and V per layer on one device.
+
+    `start` may also be a one-element int64 device tensor for a decode step (T = 1): then no
+    host value is read, so the whole step can be captured in a CUDA graph and replayed.
+    """
+
+    graph_safe = True
 
     def __init__(self, num_layers: int, batch: int, capacity: int, kv_heads: int,
                  head_dim: int, dtype: torch.dtype, device: torch.device):
@@ -43,6 +49,8 @@ class DeviceKVCache:
         return 2 * num_layers * batch * capacity * kv_heads * head_dim * element_size
 
     def attend(self, layer, q, k, v, start):
+        if isinstance(start, torch.Tensor):
+            return self._attend_at(layer, q, k, v, start)
         stop = start + k.shape[1]
         if stop > self.capacity:
             raise ValueError(f"KV cache holds {self.capacity} positions, asked for {stop}")
@@ -53,6 +61,15 @@ class DeviceKVCache:
             self._lens.fill_(stop)
             return decode_attention(q, keys[:, :stop], values[:, :stop], self._lens)
         return prefill_attention(q, keys[:, :stop], values[:, :stop], causal=True, q_offset=start)
+
+    def _attend_at(self, layer, q, k, v, position: torch.Tensor):
+        assert q.shape[1] == 1, "tensor positions are for single-token decode steps"
+        keys, values = self.keys[layer], self.values[layer]
+        keys.index_copy_(1, position, k)
+        values.index_copy_(1, position, v)
+        if layer == 0:
+            self._lens.copy_(position + 1)
+        return decode_attention(q, keys, values, self._lens)
 
     def reset(self):
         self._lens.zero_()

@@ -41,9 +41,10 @@ class RotaryEmbedding:
     def __init__(self, config: ModelConfig, device: torch.device):
         self.inv_freq = inverse_frequencies(config).to(device)
 
-    def cos_sin(self, start: int, length: int, dtype: torch.dtype):
-        """cos, sin [length, D] for positions start .. start+length."""
-        positions = torch.arange(start, start + length, device=self.inv_freq.device, dtype=torch.float32)
+    def cos_sin(self, start, length: int, dtype: torch.dtype):
+        """cos, sin [length, D] for positions start .. start+length; start is an int or a
+        one-element device tensor (CUDA-graph replays move it without recapturing)."""
+        positions = torch.arange(length, device=self.inv_freq.device, dtype=torch.float32) + start
         freqs = torch.outer(positions, self.inv_freq)
         angles = torch.cat((freqs, freqs), dim=-1)
         return angles.cos().to(dtype), angles.sin().to(dtype)
