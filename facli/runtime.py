@@ -26,11 +26,19 @@ CHECKPOINT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "floa
 
 @dataclass(frozen=True)
 class ResolvedModel:
-    """Where a model's files are and what architecture they hold; no weights loaded."""
+    """Where a model's files are and what architecture they hold; no weights loaded.
+
+    path None means synthetic: random weights of the architecture, made on the device (for
+    benchmarks that need no checkpoint), with the demo's byte-level tokenizer.
+    """
 
     name: str
-    path: Path
+    path: Path | None
     config: ModelConfig
+
+    @property
+    def synthetic(self) -> bool:
+        return self.path is None
 
 
 @dataclass(frozen=True)
@@ -84,13 +92,21 @@ def resolve_model(model: str | None) -> ResolvedModel:
     return ResolvedModel(model, path, ModelConfig.from_dir(path))
 
 
+def synthetic_model(recipe_name: str) -> ResolvedModel:
+    """A recipe's architecture with random weights: nothing is read from disk."""
+    from facli.recipes import load_model_recipe
+
+    recipe = load_model_recipe(recipe_name)
+    return ResolvedModel(f"synthetic:{recipe_name}", None, recipe.config)
+
+
 def resolve_device(device: str | None, ctx: ParallelContext = SINGLE_PROCESS) -> torch.device:
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         if not torch.cuda.is_available():
             raise FacliError("expected a CUDA GPU for --device cuda, found none; use --device cpu")
-        return torch.device("cuda", ctx.rank % torch.cuda.device_count())
+        return torch.device("cuda", ctx.local_rank % torch.cuda.device_count())
     return torch.device("cpu")
 
 
@@ -129,12 +145,15 @@ class Runtime:
         self.ctx = options.ctx
         self.device = resolve_device(options.device, parallel)
         self.dtype = resolve_dtype(options.dtype, self.config, self.device)
-        self.tokenizer = tokenizer or load_tokenizer(resolved.path)
+        self.tokenizer = tokenizer or _tokenizer_for(resolved)
         self.prefill_chunk = options.prefill_chunk or default_prefill_chunk(self.device, self.ctx)
         self.plan = None
         started = time.perf_counter()
         self.model = CausalLM(self.config, dtype=self.dtype, device=self.device, ctx=parallel)
-        self.model.load(CheckpointReader(resolved.path))
+        if resolved.synthetic:
+            randomize_weights(self.model, seed=parallel.rank)
+        else:
+            self.model.load(CheckpointReader(resolved.path))
         self.load_s = time.perf_counter() - started
         self.kv = self._build_kv_store()
         self.engine = Engine(self.model, self.kv, prefill_chunk=self.prefill_chunk)
@@ -143,6 +162,17 @@ class Runtime:
         config, world = self.config, self.parallel.world_size
         return DeviceKVCache(config.num_hidden_layers, 1, self.ctx, config.num_key_value_heads // world,
                              config.head_dim, self.dtype, self.device)
+
+    def set_context(self, ctx: int) -> None:
+        """Re-plan for another context length and reallocate the KV cache; weights stay."""
+        check_context(self.config, ctx, self.options.allow_ctx_extension)
+        self.ctx = ctx
+        self.kv = None
+        self.engine = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.kv = self._build_kv_store()
+        self.engine = Engine(self.model, self.kv, prefill_chunk=self.prefill_chunk)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text).input_ids
@@ -187,6 +217,25 @@ class Runtime:
         if self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         return tuple(sorted(ids))
+
+
+def _tokenizer_for(resolved: ResolvedModel):
+    if resolved.synthetic:
+        from facli.demo import _byte_level_tokenizer
+
+        return _byte_level_tokenizer()
+    return load_tokenizer(resolved.path)
+
+
+@torch.no_grad()
+def randomize_weights(model: CausalLM, seed: int) -> None:
+    """Normal(0, 0.02) matrices and unit norms, generated on the model's device."""
+    generator = torch.Generator(device=model.device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        if param.dim() == 1:
+            param.fill_(1.0 if name.endswith("norm.weight") else 0.0)
+        else:
+            param.normal_(0.0, 0.02, generator=generator)
 
 
 def default_prefill_chunk(device: torch.device, ctx: int) -> int:
