@@ -1,7 +1,8 @@
 """Plain-PyTorch attention: the oracle for the Triton kernels and the CPU path.
 
-Tiled over query blocks so that no [Tq, Tk] matrix larger than one block is ever held: it runs
-at 256K keys in O(block * Tk) memory. Computes in float32 (float64 inputs stay float64).
+Tiled over query blocks so that no [Tq, Tk] matrix larger than one block is ever held: the block
+shrinks as Tk grows so that one block's scores stay under SCORE_BUDGET elements, and it runs at
+256K keys. Computes in float32 (float64 inputs stay float64).
 """
 
 import math
@@ -9,6 +10,7 @@ import math
 import torch
 
 QUERY_BLOCK = 512
+SCORE_BUDGET = 1 << 28  # elements of one block's [B, H, block, Tk] scores (1 GiB in float32)
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -38,8 +40,9 @@ def attention_with_lse(q, k, v, *, causal=True, q_offset=0, scale=None, key_lens
     key_pos = torch.arange(k_len, device=q.device)
     out = torch.empty(batch, kv_heads, group, q_len, head_dim, dtype=acc, device=q.device)
     lse = torch.empty(batch, kv_heads, group, q_len, dtype=acc, device=q.device)
-    for start in range(0, q_len, QUERY_BLOCK):
-        stop = min(start + QUERY_BLOCK, q_len)
+    block = max(1, min(QUERY_BLOCK, SCORE_BUDGET // max(1, batch * q_heads * k_len)))
+    for start in range(0, q_len, block):
+        stop = min(start + block, q_len)
         scores = torch.matmul(qh[:, :, :, start:stop], kh.transpose(-1, -2)) * scale
         visible = torch.ones(batch, stop - start, k_len, dtype=torch.bool, device=q.device)
         if causal:

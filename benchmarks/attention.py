@@ -1,0 +1,328 @@
+"""FastAttention benchmark: causal prefill TFLOP/s and decode GB/s against PyTorch SDPA.
+
+    python benchmarks/attention.py [--sizes 4k,16k,64k,128k,256k] [--sweep] [--out DIR]
+
+Prefill FLOPs count the causal half of the score and value products: 2 * 2 * B * Hq * T^2 * D / 2
+(the convention of FlashAttention's papers). Decode GB/s counts the K and V bytes of the valid
+cache read once. Every number comes from this run: ceilings, baselines and facli's kernels.
+Compilation and warm-up are left out; each time is the median of timed repetitions.
+"""
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from facli.kernels.configs import DecodeConfig, PrefillConfig, decode_config, prefill_config
+from facli.kernels.decode import decode_attention_triton
+from facli.kernels.prefill import prefill_attention_triton
+
+SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                 "efficient": SDPBackend.EFFICIENT_ATTENTION}
+PREFILL_SWEEP = [PrefillConfig(128, 128, 8, 3), PrefillConfig(128, 64, 8, 3), PrefillConfig(128, 128, 8, 4),
+                 PrefillConfig(128, 64, 4, 3), PrefillConfig(128, 128, 8, 2), PrefillConfig(128, 64, 8, 4),
+                 PrefillConfig(64, 64, 4, 3), PrefillConfig(256, 64, 8, 3)]
+DECODE_SWEEP = [DecodeConfig(64, 4, 3, 4), DecodeConfig(64, 4, 4, 2), DecodeConfig(128, 4, 3, 2),
+                DecodeConfig(128, 8, 3, 4), DecodeConfig(32, 4, 4, 4), DecodeConfig(64, 8, 4, 8),
+                DecodeConfig(128, 4, 2, 4)]
+
+
+def log(*args):
+    print(*args, file=sys.stderr, flush=True)
+
+
+def median_ms(fn, budget_s=0.5, max_reps=50):
+    """Median of event-timed calls after one warm-up (compilation) and one estimate."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    reps = None
+    while reps is None or len(times) < reps:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+        if reps is None:
+            reps = max(2, min(max_reps, int(budget_s * 1e3 / max(times[0], 1e-3))))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def try_ms(fn, **kw):
+    try:
+        return median_ms(fn, **kw)
+    except Exception as exc:  # a backend that rejects the shape shows as '-'
+        log(f"  skipped: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+        torch.cuda.empty_cache()
+        return None
+
+
+def environment(commit):
+    props = torch.cuda.get_device_properties(0)
+    if commit is None:
+        try:
+            commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+        except Exception:
+            commit = "unknown"
+    return {"gpu": props.name, "sms": props.multi_processor_count, "cuda": torch.version.cuda,
+            "torch": torch.__version__, "triton": triton.__version__, "commit": commit,
+            "cudnn": torch.backends.cudnn.version()}
+
+
+def ceilings():
+    x = torch.empty(1 << 30, dtype=torch.bfloat16, device="cuda").normal_()
+    y = torch.empty_like(x)
+    copy = median_ms(lambda: y.copy_(x))
+    read = median_ms(lambda: x.sum(dtype=torch.float32))
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    mm = median_ms(lambda: a @ a)
+    del x, y
+    return {"copy_rw_tbs": 2 * 2**31 / copy / 1e9, "read_tbs": 2**31 / read / 1e9,
+            "matmul_tflops": 2 * 8192**3 / mm / 1e9}
+
+
+def prefill_inputs(seq, q_heads, kv_heads, d=128):
+    q = torch.randn(1, seq, q_heads, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, seq, kv_heads, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(1, seq, kv_heads, d, device="cuda", dtype=torch.bfloat16)
+    return q, k, v
+
+
+def naive(q, k, v):
+    scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).triu_(1)
+    return torch.softmax(scores.masked_fill_(mask, float("-inf")), dim=-1) @ v
+
+
+def sweep_prefill(seq=16384):
+    q, k, v = prefill_inputs(seq, 32, 32)
+    flops = 2 * 2 * 32 * seq * seq * 128 / 2
+    results = []
+    for cfg in PREFILL_SWEEP:
+        ms = try_ms(lambda: prefill_attention_triton(q, k, v, causal=True, config=cfg), budget_s=0.3)
+        results.append((cfg, None if ms is None else flops / ms / 1e9))
+        log(f"  prefill {cfg}: {results[-1][1]}")
+    return results
+
+
+def check_prefill(seq, q_heads, kv_heads, cfg):
+    q, k, v = prefill_inputs(seq, q_heads, kv_heads)
+    out = prefill_attention_triton(q, k, v, causal=True, config=cfg)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=True, enable_gqa=True).transpose(1, 2)
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def prefill_row(seq, q_heads, kv_heads, cfg):
+    q, k, v = prefill_inputs(seq, q_heads, kv_heads)
+    flops = 2 * 2 * q_heads * seq * seq * 128 / 2
+    budget = 0.4 if seq <= 16384 else 0.05
+    row = {"T": seq, "Hq": q_heads, "Hkv": kv_heads}
+    row["facli"] = try_ms(lambda: prefill_attention_triton(q, k, v, causal=True, config=cfg), budget_s=budget)
+    qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    del q, k, v
+    for name, backend in SDPA_BACKENDS.items():
+        if name == "efficient" and seq > 65536:
+            row[name] = None  # minutes per call at 128K+; its curve is flat by 64K
+            continue
+        with sdpa_kernel([backend]):
+            row[name] = try_ms(lambda: F.scaled_dot_product_attention(
+                qt, kt, vt, is_causal=True, enable_gqa=kv_heads != q_heads), budget_s=budget)
+    if seq <= 16384 and kv_heads == q_heads:
+        row["naive"] = try_ms(lambda: naive(qt, kt, vt), budget_s=budget)
+    for key in ("facli", *SDPA_BACKENDS, "naive"):
+        if row.get(key) is not None:
+            row[key + "_tflops"] = flops / row[key] / 1e9
+    return row
+
+
+def prefill_peak_memory(seq, cfg):
+    q, k, v = prefill_inputs(seq, 32, 32)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out, lse = prefill_attention_triton(q, k, v, causal=True, return_lse=True, config=cfg)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before - out.numel() * out.element_size()
+    return {"T": seq, "extra_bytes": extra, "lse_bytes": lse.numel() * 4}
+
+
+def decode_inputs(cache_len, q_heads, kv_heads, copies):
+    q = torch.randn(1, 1, q_heads, 128, device="cuda", dtype=torch.bfloat16)
+    caches = [(torch.randn(1, cache_len, kv_heads, 128, device="cuda", dtype=torch.bfloat16),
+               torch.randn(1, cache_len, kv_heads, 128, device="cuda", dtype=torch.bfloat16))
+              for _ in range(copies)]
+    return q, caches
+
+
+def rotating(fns):
+    state = {"i": 0}
+
+    def call():
+        fns[state["i"] % len(fns)]()
+        state["i"] += 1
+    return call
+
+
+def decode_row(cache_len, q_heads, kv_heads, cfg):
+    copies = max(1, (1 << 30) // (cache_len * kv_heads * 512))  # >= 1 GiB: beyond L2
+    q, caches = decode_inputs(cache_len, q_heads, kv_heads, copies)
+    lens = torch.tensor([cache_len], dtype=torch.int32, device="cuda")
+    kv_bytes = 2 * cache_len * kv_heads * 128 * 2
+    row = {"T": cache_len, "Hq": q_heads, "Hkv": kv_heads}
+    row["facli"] = try_ms(rotating([lambda k=k, v=v: decode_attention_triton(q, k, v, lens, config=cfg)
+                                    for k, v in caches]))
+    qt = q.transpose(1, 2)
+    kts = [(k.transpose(1, 2), v.transpose(1, 2)) for k, v in caches]
+    for name, backend in [("sdpa", None), *SDPA_BACKENDS.items()]:
+        def run(k, v, backend=backend):
+            if backend is None:
+                return F.scaled_dot_product_attention(qt, k, v, enable_gqa=kv_heads != q_heads)
+            with sdpa_kernel([backend]):
+                return F.scaled_dot_product_attention(qt, k, v, enable_gqa=kv_heads != q_heads)
+        row[name] = try_ms(rotating([lambda k=k, v=v, run=run: run(k, v) for k, v in kts]))
+    for key in ("facli", "sdpa", *SDPA_BACKENDS):
+        if row.get(key) is not None:
+            row[key + "_gbs"] = kv_bytes / row[key] / 1e6
+    fast = [b for b in ("sdpa", *SDPA_BACKENDS) if row.get(b) is not None]
+    row["best_sdpa_ms"] = min(row[b] for b in fast) if fast else None
+    err_ref = F.scaled_dot_product_attention(qt.float(), kts[0][0].float(), kts[0][1].float(),
+                                             enable_gqa=kv_heads != q_heads).transpose(1, 2)
+    got = decode_attention_triton(q, caches[0][0], caches[0][1], lens, config=cfg).float()
+    row["rel_err_vs_fp32"] = ((got - err_ref).norm() / err_ref.norm()).item()
+    return row
+
+
+def sweep_decode(cache_len=256 * 1024):
+    q, caches = decode_inputs(cache_len, 32, 8, 1)
+    k, v = caches[0]
+    lens = torch.tensor([cache_len], dtype=torch.int32, device="cuda")
+    results = []
+    for cfg in DECODE_SWEEP:
+        ms = try_ms(lambda: decode_attention_triton(q, k, v, lens, config=cfg), budget_s=0.2)
+        results.append((cfg, None if ms is None else 2 * cache_len * 8 * 128 * 2 / ms / 1e6))
+        log(f"  decode {cfg}: {results[-1][1]}")
+    return results
+
+
+def llm_like_cache(cache_len, q_heads=32, kv_heads=8, d=128, batch=4):
+    """Scores shaped like a Llama layer's: a few outlier channels, a shared mean direction and an
+    attention-sink first token (its key aligned with the queries' mean)."""
+    channel = torch.ones(d, device="cuda")
+    channel[torch.randperm(d, device="cuda")[:6]] = 6.0
+    mean = torch.randn(d, device="cuda")
+    q = (torch.randn(batch, 1, q_heads, d, device="cuda") * channel + 0.5 * mean)
+    k = (torch.randn(batch, cache_len, kv_heads, d, device="cuda") * channel * 0.6 + 0.3 * mean)
+    k[:, 0] = 2.5 * mean * channel
+    v = torch.randn(batch, cache_len, kv_heads, d, device="cuda")
+    return q.bfloat16(), k.bfloat16(), v.bfloat16()
+
+
+def fallback_rates(cache_len=32768):
+    q, k, v = llm_like_cache(cache_len)
+    lens = torch.randint(cache_len // 2, cache_len + 1, (q.shape[0],), device="cuda", dtype=torch.int32)
+    scores = torch.einsum("bqhd,bkhd->bhk", q.float()[:, :, ::4], k.float()) / math.sqrt(128)
+    stats = {"score_min": scores.min().item(), "score_max": scores.max().item(),
+             "max_minus_sink": (scores.amax(-1) - scores[..., 0]).max().item()}
+    flags = torch.zeros(q.shape[0] * 8 * 64, dtype=torch.int32, device="cuda")
+    for name, phi in [("sink", None), ("zero", torch.zeros(32, device="cuda")),
+                      ("phi=-60", torch.full((32,), -60.0, device="cuda"))]:
+        flags.zero_()
+        decode_attention_triton(q, k, v, lens, unified_max=phi, num_splits=64, fallback_out=flags)
+        stats[f"fallback_{name}"] = flags.float().mean().item()
+    return stats
+
+
+def fmt(x, digits=0):
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="4k,16k,64k,128k,256k")
+    parser.add_argument("--decode-sizes", default="32k,256k")
+    parser.add_argument("--sweep", action="store_true", help="try block-size configs first")
+    parser.add_argument("--commit", default=os.environ.get("FACLI_COMMIT"))
+    parser.add_argument("--out", default=None, help="folder for results.json")
+    args = parser.parse_args()
+    sizes = [int(s[:-1]) * 1024 if s.endswith("k") else int(s) for s in args.sizes.split(",")]
+    dsizes = [int(s[:-1]) * 1024 if s.endswith("k") else int(s) for s in args.decode_sizes.split(",")]
+    device = torch.device("cuda")
+    res = {"env": environment(args.commit)}
+    log(res["env"])
+    res["ceilings"] = ceilings()
+    log(res["ceilings"])
+    pcfg = prefill_config(device, 128, 1 << 14, causal=True, dtype=torch.bfloat16)
+    dcfg = decode_config(device)
+    if args.sweep:
+        sweep = [(c, t) for c, t in sweep_prefill() if t is not None]
+        pcfg = max(sweep, key=lambda ct: ct[1])[0]
+        dsweep = [(c, g) for c, g in sweep_decode() if g is not None]
+        dcfg = max(dsweep, key=lambda cg: cg[1])[0]
+        res["sweep"] = {"prefill": [(str(c), t) for c, t in sweep], "decode": [(str(c), g) for c, g in dsweep]}
+    res["prefill_config"], res["decode_config"] = str(pcfg), str(dcfg)
+    res["check"] = {f"T{t}-Hkv{h}": check_prefill(t, 32, h, pcfg) for t in (4096, 16384) for h in (32, 8)}
+    log(res["check"])
+    res["prefill"] = []
+    for seq in sizes:
+        for kv_heads in (32, 8):
+            t0 = time.time()
+            res["prefill"].append(prefill_row(seq, 32, kv_heads, pcfg))
+            log(f"prefill T={seq} Hkv={kv_heads} ({time.time() - t0:.0f}s): {res['prefill'][-1]}")
+            torch.cuda.empty_cache()
+    res["peak_memory"] = prefill_peak_memory(max(sizes), pcfg)
+    log(res["peak_memory"])
+    res["decode"] = []
+    for cache_len in dsizes:
+        for kv_heads in (8, 32):
+            res["decode"].append(decode_row(cache_len, 32, kv_heads, dcfg))
+            log(res["decode"][-1])
+            torch.cuda.empty_cache()
+    res["fallback"] = fallback_rates()
+    log(res["fallback"])
+    if args.out:
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump(res, f, indent=1)
+    env = res["env"]
+    print(f"\n{env['gpu']} | CUDA {env['cuda']} | torch {env['torch']} | triton {env['triton']} | "
+          f"commit {env['commit']}")
+    c = res["ceilings"]
+    print(f"ceilings: copy {c['copy_rw_tbs']:.2f} TB/s (r+w), read {c['read_tbs']:.2f} TB/s, "
+          f"bf16 matmul {c['matmul_tflops']:.0f} TFLOP/s")
+    print(f"prefill config {pcfg}; decode config {dcfg}")
+    print("\ncausal prefill, B=1, Hq=32, D=128, bf16, TFLOP/s")
+    print("| T | Hkv | facli | SDPA flash | SDPA cuDNN | SDPA efficient | naive | facli/flash | facli/best |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in res["prefill"]:
+        tf = {k: r.get(k + "_tflops") for k in ("facli", "flash", "cudnn", "efficient", "naive")}
+        best = max([v for k, v in tf.items() if k not in ("facli", "naive") and v] or [float("nan")])
+        ratio = (tf["facli"] / tf["flash"]) if tf["facli"] and tf["flash"] else None
+        print(f"| {r['T'] // 1024}K | {r['Hkv']} | {fmt(tf['facli'])} | {fmt(tf['flash'])} | "
+              f"{fmt(tf['cudnn'])} | {fmt(tf['efficient'])} | {fmt(tf['naive'])} | {fmt(ratio, 2)} | "
+              f"{fmt(tf['facli'] / best if tf['facli'] else None, 2)} |")
+    print("\ndecode, B=1, Tq=1, Hq=32, D=128, bf16: us (GB/s of K+V read)")
+    print("| cache | Hkv | facli | SDPA default | flash | cuDNN | efficient | facli/best SDPA |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in res["decode"]:
+        cells = [f"{fmt(r[k] * 1e3 if r.get(k) else None)} ({fmt(r.get(k + '_gbs'))})"
+                 for k in ("facli", "sdpa", *SDPA_BACKENDS)]
+        speed = r["best_sdpa_ms"] / r["facli"] if r.get("facli") and r.get("best_sdpa_ms") else None
+        print(f"| {r['T'] // 1024}K | {r['Hkv']} | " + " | ".join(cells) + f" | {fmt(speed, 2)} |")
+    print(f"\npeak extra memory of prefill at {res['peak_memory']['T']}: {res['peak_memory']['extra_bytes']} B "
+          f"(lse {res['peak_memory']['lse_bytes']} B); correctness vs SDPA flash: {res['check']}")
+    print(f"fallback: {res['fallback']}")
+
+
+if __name__ == "__main__":
+    main()

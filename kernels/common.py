@@ -1,0 +1,36 @@
+"""Checks and allocation shared by the attention launchers."""
+
+import os
+
+import torch
+
+
+def empty(*shape, dtype, device):
+    """Allocates outputs and scratch; tests replace it with a NaN-filling allocator."""
+    return torch.empty(*shape, dtype=dtype, device=device)
+
+
+def interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def check_attention_inputs(q, k, v):
+    """Shared shape/dtype/stride checks of the attention launchers."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"expected 4-d q, k, v [B, T, H, D], got {q.dim()}, {k.dim()}, {v.dim()} dims")
+    if k.shape != v.shape:
+        raise ValueError(f"expected k and v of one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"expected q and k to share B and D, got {tuple(q.shape)} and {tuple(k.shape)}")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"expected Hq a multiple of Hkv, got {q.shape[2]} and {k.shape[2]}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"expected one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[3] > 256:
+        raise ValueError(f"expected head dim <= 256, got {q.shape[3]}")
+    if q.device.type == "cuda" and q.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"expected float16 or bfloat16 on the GPU, got {q.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"expected one device, got {q.device}, {k.device}, {v.device}")
+    if k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError("expected k and v with a unit stride in the head dim")

@@ -1,0 +1,98 @@
+"""Block sizes for the attention kernels, per GPU architecture.
+
+Two-level tiling: a program owns BLOCK_M queries (the outer block) and streams K/V through
+BLOCK_N-key inner tiles, `num_stages` deep in shared memory. The outer block is as large as the
+register file allows; the inner tile and the pipeline depth are what shared memory allows:
+Hopper 227 KiB per block, Ampere 163 KiB (A100) / 99 KiB (consumer), Turing 64 KiB, Volta 96 KiB.
+Only the Hopper rows are measured (docs/benchmarks.md); the others are sized to fit.
+"""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"expected {name} a power of two >= 16, got {value}")
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    block_n: int
+    num_warps: int
+    num_stages: int
+    programs_per_sm: int  # split-KV target: splits * B * Hkv ~ programs_per_sm * SMs
+
+
+# (compute capability major, head-dim bucket) -> prefill config. The head-dim bucket is the
+# padded head dim (64, 128 or 256): 80 and 96 run in 128-wide registers.
+_PREFILL = {
+    (9, 64): PrefillConfig(128, 128, 8, 3),
+    (9, 128): PrefillConfig(128, 128, 8, 3),
+    (9, 256): PrefillConfig(128, 64, 8, 2),
+    (8, 64): PrefillConfig(128, 64, 4, 3),
+    (8, 128): PrefillConfig(128, 64, 8, 3),
+    (8, 256): PrefillConfig(64, 32, 4, 2),
+    # Volta (7.0, 96 KiB) and Turing (7.5, 64 KiB): two stages of 64-key tiles fit.
+    (7, 64): PrefillConfig(64, 64, 4, 2),
+    (7, 128): PrefillConfig(64, 32, 4, 2),
+    (7, 256): PrefillConfig(32, 32, 4, 1),
+}
+
+_DECODE = {
+    9: DecodeConfig(block_n=64, num_warps=4, num_stages=3, programs_per_sm=4),
+    8: DecodeConfig(block_n=64, num_warps=4, num_stages=3, programs_per_sm=4),
+    7: DecodeConfig(block_n=32, num_warps=4, num_stages=2, programs_per_sm=4),
+}
+
+# Causal prefill with short queries (chunks of a few hundred tokens, or the interpreter) does
+# not need the large outer block; used below this many queries.
+_SMALL_QUERIES = 64
+_SMALL = PrefillConfig(32, 32, 4, 2)
+
+
+def _arch_major(device) -> int:
+    import torch
+
+    if device is None or device.type != "cuda":
+        return 9
+    major, _ = torch.cuda.get_device_capability(device)
+    return min(max(major, 7), 9)
+
+
+def head_dim_bucket(head_dim: int) -> int:
+    for bucket in (64, 128, 256):
+        if head_dim <= bucket:
+            return bucket
+    raise ValueError(f"expected head dim <= 256, got {head_dim}")
+
+
+def prefill_config(device, head_dim: int, q_len: int, *, causal: bool, dtype) -> PrefillConfig:
+    """The prefill block sizes for this device, head dim, causality and dtype."""
+    del causal, dtype  # measured on Hopper: the same table wins for both (docs/benchmarks.md)
+    if device is None or device.type != "cuda" or q_len <= _SMALL_QUERIES:
+        return _SMALL
+    return _PREFILL[(_arch_major(device), head_dim_bucket(head_dim))]
+
+
+def decode_config(device) -> DecodeConfig:
+    """The decode block sizes for this device."""
+    if device is None or device.type != "cuda":
+        return DecodeConfig(block_n=32, num_warps=4, num_stages=1, programs_per_sm=1)
+    return _DECODE[_arch_major(device)]
+
+
+def num_sms(device) -> int:
+    import torch
+
+    if device is None or device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count

@@ -1,0 +1,159 @@
+"""Prefill attention in Triton: FlashAttention-2 forward with FastAttention's two-level tiling
+and tiling-mask.
+
+A program owns one outer block of BLOCK_M queries of one head and streams the K/V of that head's
+KV group through BLOCK_N-key tiles (software-pipelined by Triton, `num_stages` deep). The causal
+mask is never materialized: key tiles wholly visible to the block run an unmasked loop, the few
+tiles that straddle the diagonal (or the ragged end of the keys) run a masked loop that builds a
+[BLOCK_M, BLOCK_N] mask in registers, and tiles wholly above the diagonal are never visited. The
+only memory beyond the output is the optional log-sum-exp, [B, Hq, Tq] floats: O(T).
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from facli.kernels import common
+from facli.kernels.configs import PrefillConfig, prefill_config
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, q_pos, lo, hi, k_len,
+           qk_scale, head_dim, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+           EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d[None, :] < head_dim
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        keys = start_n + offs_n
+        # The tile's base in int64: at 256K keys, key * stride exceeds 2**31 for wide KV heads.
+        k_ptrs = k_base + start_n.to(tl.int64) * stride_kt + offs_n[:, None] * stride_kt + offs_d[None, :]
+        v_ptrs = v_base + start_n.to(tl.int64) * stride_vt + offs_n[:, None] * stride_vt + offs_d[None, :]
+        if MASKED:
+            kv_ok = (keys[:, None] < k_len) & d_ok
+            k = tl.load(k_ptrs, mask=kv_ok, other=0.0)
+        elif EVEN_D:
+            k = tl.load(k_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=d_ok, other=0.0)
+        qk = tl.dot(q, tl.trans(k))
+        if MASKED:
+            visible = keys[None, :] < k_len
+            if CAUSAL:
+                visible = visible & (keys[None, :] <= q_pos[:, None])
+            qk = tl.where(visible, qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            # A row that has seen no key yet keeps m = -inf; shift it by 0 instead (exp2 -> 0).
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            qk = qk * qk_scale
+            m_shift = m_new
+        p = tl.math.exp2(qk - m_shift[:, None])
+        alpha = tl.math.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if MASKED:
+            v = tl.load(v_ptrs, mask=kv_ok, other=0.0)
+        elif EVEN_D:
+            v = tl.load(v_ptrs)
+        else:
+            v = tl.load(v_ptrs, mask=d_ok, other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _prefill_kernel(Q, K, V, O, LSE,
+                    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+                    stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
+                    q_len, k_len, q_offset, q_heads, group, qk_scale, head_dim,
+                    CAUSAL: tl.constexpr, WRITE_LSE: tl.constexpr, EVEN_D: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Heaviest causal blocks (the last queries) launch first, so the short ones fill the tail.
+    start_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // q_heads).to(tl.int64)
+    h = bh % q_heads
+    kv_h = (h // group).to(tl.int64)
+    h = h.to(tl.int64)
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m[:, None] < q_len
+    d_ok = offs_d[None, :] < head_dim
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qt + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok & d_ok, other=0.0)
+    k_base = K + b * stride_kb + kv_h * stride_kh
+    v_base = V + b * stride_vb + kv_h * stride_vh
+
+    first = q_offset + start_m * BLOCK_M  # absolute position of the block's first query
+    if CAUSAL:
+        hi = tl.minimum(k_len, first + BLOCK_M)
+        full = tl.minimum((first + 1) // BLOCK_N * BLOCK_N, k_len // BLOCK_N * BLOCK_N)
+    else:
+        hi = k_len
+        full = k_len // BLOCK_N * BLOCK_N
+    q_pos = q_offset + offs_m
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, q_pos, 0, full,
+                           k_len, qk_scale, head_dim, False, CAUSAL, EVEN_D, BLOCK_N, BLOCK_D)
+    acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, q_pos, full, hi,
+                           k_len, qk_scale, head_dim, True, CAUSAL, EVEN_D, BLOCK_N, BLOCK_D)
+
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_ot + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok & d_ok)
+    if WRITE_LSE:
+        lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
+                       float("-inf"))
+        tl.store(LSE + (b * q_heads + h) * q_len + offs_m, lse, mask=offs_m < q_len)
+
+
+def prefill_attention_triton(q, k, v, *, causal=True, q_offset=0, scale=None, return_lse=False,
+                             config: PrefillConfig | None = None):
+    """Triton prefill attention; arguments as `facli.kernels.prefill_attention`.
+
+    config overrides the block-size table. Returns out [B, Tq, Hq, D], or (out, lse [B, Hq, Tq]
+    float32, natural log) when return_lse.
+    """
+    common.check_attention_inputs(q, k, v)
+    if common.interpreted() and q.dtype == torch.bfloat16:
+        # The interpreter's bf16 arithmetic is wrong; compute in float32 there.
+        res = prefill_attention_triton(q.float(), k.float(), v.float(), causal=causal,
+                                       q_offset=q_offset, scale=scale, return_lse=return_lse, config=config)
+        return (res[0].to(q.dtype), res[1]) if return_lse else res.to(q.dtype)
+    if not isinstance(q_offset, int) or q_offset < 0:
+        raise ValueError(f"expected q_offset a non-negative int, got {q_offset!r}")
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    batch, q_len, q_heads, head_dim = q.shape
+    k_len, kv_heads = k.shape[1], k.shape[2]
+    out = common.empty(batch, q_len, q_heads, head_dim, dtype=q.dtype, device=q.device)
+    lse = common.empty(batch, q_heads, q_len, dtype=torch.float32, device=q.device) if return_lse else out
+    if q_len == 0:
+        return (out, lse) if return_lse else out
+    cfg = config or prefill_config(q.device, head_dim, q_len, causal=causal, dtype=q.dtype)
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    grid = (triton.cdiv(q_len, cfg.block_m), batch * q_heads)
+    _prefill_kernel[grid](
+        q, k, v, out, lse,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        q_len, k_len, q_offset, q_heads, q_heads // kv_heads, scale * LOG2E, head_dim,
+        CAUSAL=causal, WRITE_LSE=return_lse, EVEN_D=head_dim == block_d,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return (out, lse) if return_lse else out

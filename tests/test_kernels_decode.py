@@ -1,0 +1,111 @@
+import pytest
+import torch
+
+from conftest import requires_cuda
+from test_kernels_reference import assert_within_torch_error, oracle, poison_allocations, sdpa_same_dtype
+
+from facli.kernels import decode_attention, decode_attention_triton
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (batch, q_len, q_heads, kv_heads, head_dim, cache_len, num_splits, dtype)
+CPU_CASES = [
+    (3, 1, 8, 8, 64, 300, 4, torch.float16),
+    (3, 1, 8, 2, 128, 300, 3, torch.float16),
+    (3, 1, 8, 1, 64, 257, 5, torch.float16),
+    (2, 3, 8, 2, 64, 200, 4, torch.float32),
+    (2, 1, 4, 1, 80, 130, 2, torch.float16),
+    (1, 1, 4, 4, 64, 63, 1, torch.bfloat16),
+]
+GPU_CASES = [
+    (4, 1, 32, 8, 128, 32 * 1024, None, torch.bfloat16),
+    (2, 1, 32, 32, 128, 10000, None, torch.float16),
+    (3, 4, 16, 2, 64, 5000, None, torch.bfloat16),
+    (2, 1, 8, 1, 256, 4000, None, torch.bfloat16),
+    (2, 1, 8, 8, 96, 3000, 7, torch.bfloat16),
+]
+
+
+def case_id(case):
+    batch, q_len, hq, hkv, d, cache_len, splits, dtype = case
+    return f"B{batch}-Tq{q_len}-gqa{hq // hkv}-d{d}-cache{cache_len}-splits{splits}-{str(dtype)[6:]}"
+
+
+def ragged_lens(batch, q_len, cache_len, device):
+    lens = [cache_len, q_len, max(q_len, cache_len // 2 + 3)][:batch] + [cache_len - 1] * batch
+    return torch.tensor(lens[:batch], dtype=torch.int32, device=device)
+
+
+def check_decode(case, monkeypatch, device, *, scores_scale=1.0, unified_max=None):
+    poison_allocations(monkeypatch)
+    batch, q_len, q_heads, kv_heads, head_dim, cache_len, splits, dtype = case
+    if device == "cuda" and dtype == torch.float32:
+        dtype = torch.float16  # float32 is the CPU lane's dtype
+    q = (torch.randn(batch, q_len, q_heads, head_dim, device=device) * scores_scale).to(dtype)
+    k = torch.randn(batch, cache_len, kv_heads, head_dim, device=device).to(dtype)
+    v = torch.randn(batch, cache_len, kv_heads, head_dim, device=device).to(dtype)
+    lens = ragged_lens(batch, q_len, cache_len, device)
+    flags = torch.full((batch * kv_heads * 64,), -1, dtype=torch.int32, device=device)
+    out, lse = decode_attention_triton(q, k, v, lens, return_lse=True, num_splits=splits,
+                                       unified_max=unified_max, fallback_out=flags)
+    offsets = lens.long() - q_len
+    ref, ref_lse = oracle(q, k, v, causal=True, q_offset=offsets, key_lens=lens.long(),
+                          device=device if device == "cuda" else "cpu")
+    base_dtype = torch.float32 if dtype == torch.bfloat16 and device == "cpu" else dtype
+    base = sdpa_same_dtype(q.to(base_dtype), k.to(base_dtype), v.to(base_dtype), causal=True,
+                           q_offset=offsets, key_lens=lens).to(dtype)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert_within_torch_error(out.cpu(), ref, base.cpu())
+    torch.testing.assert_close(lse.cpu().double(), ref_lse, atol=1e-4 * max(1.0, scores_scale),
+                               rtol=1e-5)
+    return flags
+
+
+@pytest.mark.parametrize("case", CPU_CASES, ids=case_id)
+def test_decode_matches_float64_and_sdpa(case, monkeypatch):
+    check_decode(case, monkeypatch, DEVICE)
+
+
+@requires_cuda
+@pytest.mark.parametrize("case", GPU_CASES, ids=case_id)
+def test_decode_gpu(case, monkeypatch):
+    check_decode(case, monkeypatch, "cuda")
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_fallback_fires_and_stays_exact(monkeypatch):
+    """Scores far from the sink score leave the unified-max window: the exact path takes over."""
+    case = (2, 2, 8, 2, 64, 200, 4, torch.float32)
+    flags = check_decode(case, monkeypatch, DEVICE, scores_scale=60.0)
+    assert (flags[: 2 * 2 * 4] == 1).any()
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_given_unified_max_far_off_still_exact(monkeypatch):
+    case = (2, 1, 4, 2, 64, 150, 3, torch.float16)
+    phi = torch.tensor([0.0, 500.0, -500.0, 3.0], device=DEVICE)
+    flags = check_decode(case, monkeypatch, DEVICE, unified_max=phi)
+    used = flags[: 2 * 2 * 3].view(2, 2, 3)
+    assert (used[:, 0] == 1).any()  # kv head 0 holds the heads with phi = 500
+
+
+def test_sink_phi_needs_no_fallback_on_typical_scores(monkeypatch):
+    flags = check_decode((2, 1, 8, 2, 64, 300, 4, torch.float16), monkeypatch, DEVICE)
+    assert (flags[: 2 * 2 * 4] == 0).all()
+
+
+def test_public_decode_dispatch(monkeypatch):
+    poison_allocations(monkeypatch)
+    q = torch.randn(2, 1, 4, 64, device=DEVICE, dtype=torch.float16)
+    k = torch.randn(2, 100, 1, 64, device=DEVICE, dtype=torch.float16)
+    v = torch.randn_like(k)
+    lens = torch.tensor([100, 40], dtype=torch.int32, device=DEVICE)
+    out = decode_attention(q, k, v, lens, backend="triton")
+    ref = decode_attention(q.double(), k.double(), v.double(), lens, backend="reference")
+    torch.testing.assert_close(out.double(), ref, atol=2e-3, rtol=2e-3)
+
+
+@requires_cuda
+@pytest.mark.slow
+def test_decode_256k(monkeypatch):
+    check_decode((1, 1, 32, 8, 128, 256 * 1024, None, torch.bfloat16), monkeypatch, "cuda")

@@ -1,0 +1,117 @@
+import pytest
+import torch
+
+from conftest import requires_cuda
+from test_kernels_reference import assert_within_torch_error, oracle, poison_allocations, sdpa_same_dtype
+
+from facli.kernels import merge_attention, prefill_attention
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (batch, q_len, q_offset, q_heads, kv_heads, head_dim, causal, dtype)
+CPU_CASES = [
+    (1, 1, 0, 4, 4, 64, True, torch.float16),
+    (1, 63, 0, 4, 1, 64, True, torch.float16),
+    (2, 257, 0, 8, 1, 64, True, torch.float16),
+    (1, 63, 100, 8, 2, 128, True, torch.float16),
+    (1, 1, 199, 4, 1, 128, True, torch.float16),
+    (2, 63, 194, 4, 4, 64, False, torch.float16),
+    (1, 257, 0, 8, 8, 64, False, torch.float32),
+    (1, 33, 40, 4, 2, 80, True, torch.float16),
+    (1, 40, 0, 2, 1, 96, True, torch.float32),
+    (1, 17, 5, 2, 2, 256, True, torch.float32),
+    (1, 63, 1, 4, 1, 64, True, torch.bfloat16),
+]
+GPU_CASES = [
+    (2, 1000, 2000, 32, 8, 128, True, torch.bfloat16),
+    (1, 4096, 0, 8, 8, 128, True, torch.float16),
+    (1, 777, 3, 8, 1, 64, True, torch.bfloat16),
+    (1, 513, 1000, 8, 2, 80, True, torch.bfloat16),
+    (1, 300, 0, 4, 4, 96, False, torch.bfloat16),
+    (1, 1029, 0, 4, 1, 256, True, torch.bfloat16),
+    (2, 1, 4000, 32, 4, 128, True, torch.bfloat16),
+]
+
+
+def case_id(case):
+    batch, q_len, offset, hq, hkv, d, causal, dtype = case
+    kind = "causal" if causal else "full"
+    return f"B{batch}-T{q_len}-off{offset}-gqa{hq // hkv}-d{d}-{kind}-{str(dtype)[6:]}"
+
+
+def check_prefill(case, monkeypatch, device):
+    poison_allocations(monkeypatch)
+    batch, q_len, offset, q_heads, kv_heads, head_dim, causal, dtype = case
+    if device == "cuda" and dtype == torch.float32:
+        dtype = torch.float16  # float32 is the CPU lane's dtype
+    k_len = offset + q_len
+    q = torch.randn(batch, q_len, q_heads, head_dim, device=device).to(dtype)
+    # K/V as the model passes them: a prefix slice of one layer of a [L, B, cap, H, D] cache.
+    cache = torch.randn(2, 2, batch, k_len + 9, kv_heads, head_dim, device=device).to(dtype)
+    k, v = cache[0, 1, :, :k_len], cache[1, 1, :, :k_len]
+    out, lse = prefill_attention(q, k, v, causal=causal, q_offset=offset, return_lse=True,
+                                 backend="triton")
+    ref, ref_lse = oracle(q, k, v, causal=causal, q_offset=offset)
+    base_dtype = torch.float32 if dtype == torch.bfloat16 and device == "cpu" else dtype
+    base = sdpa_same_dtype(q.to(base_dtype), k.to(base_dtype), v.to(base_dtype), causal=causal,
+                           q_offset=offset).to(dtype)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert_within_torch_error(out.cpu(), ref, base.cpu())
+    torch.testing.assert_close(lse.cpu().double(), ref_lse, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", CPU_CASES, ids=case_id)
+def test_prefill_matches_float64_and_sdpa(case, monkeypatch):
+    check_prefill(case, monkeypatch, DEVICE)
+
+
+@requires_cuda
+@pytest.mark.parametrize("case", GPU_CASES, ids=case_id)
+def test_prefill_gpu(case, monkeypatch):
+    check_prefill(case, monkeypatch, "cuda")
+
+
+def test_lse_merges_split_keys(monkeypatch):
+    poison_allocations(monkeypatch)
+    q = torch.randn(1, 20, 4, 64, device=DEVICE, dtype=torch.float16)
+    k = torch.randn(1, 90, 2, 64, device=DEVICE, dtype=torch.float16)
+    v = torch.randn_like(k)
+    a = prefill_attention(q, k[:, :50], v[:, :50], causal=False, return_lse=True, backend="triton")
+    b = prefill_attention(q, k[:, 50:], v[:, 50:], causal=False, return_lse=True, backend="triton")
+    out, _ = merge_attention(a[0].float(), a[1], b[0].float(), b[1])
+    ref, _ = oracle(q, k, v, causal=False)
+    torch.testing.assert_close(out.cpu().double(), ref, atol=2e-3, rtol=2e-3)
+
+
+def test_auto_backend_on_cpu_is_the_reference():
+    q = torch.randn(1, 5, 2, 64, dtype=torch.float64)
+    k, v = torch.randn(1, 5, 1, 64, dtype=torch.float64), torch.randn(1, 5, 1, 64, dtype=torch.float64)
+    out = prefill_attention(q, k, v)
+    torch.testing.assert_close(out, oracle(q, k, v, causal=True)[0])
+
+
+def test_rejects_mismatched_heads():
+    q = torch.randn(1, 4, 3, 64, dtype=torch.float16)
+    k = torch.randn(1, 4, 2, 64, dtype=torch.float16)
+    with pytest.raises(ValueError, match="multiple of Hkv"):
+        prefill_attention(q, k, k, backend="triton")
+
+
+@requires_cuda
+@pytest.mark.slow
+def test_prefill_256k_keys_int64_offsets():
+    """A chunk at the end of a 256K prompt, with batch strides past 2**31 elements."""
+    k_len, heads, d = 256 * 1024 + 37, 8, 128
+    big = torch.empty((1 << 31) // (heads * d) + k_len + 8, heads, d, device="cuda",
+                      dtype=torch.bfloat16).normal_()
+    stride_b = (1 << 31) + heads * d * 5  # batch 1 starts past 2**31 elements
+    k = big.as_strided((2, k_len, heads, d), (stride_b, heads * d, d, 1))
+    v = big.as_strided((2, k_len, heads, d), (stride_b, heads * d, d, 1), storage_offset=heads * d)
+    q = torch.randn(2, 200, 32, d, device="cuda", dtype=torch.bfloat16)
+    out = prefill_attention(q, k, v, q_offset=k_len - 200)
+    for b in range(2):
+        ref, _ = oracle(q[b:b + 1], k[b:b + 1], v[b:b + 1], causal=True, q_offset=k_len - 200,
+                        device="cuda")
+        base = sdpa_same_dtype(q[b:b + 1], k[b:b + 1], v[b:b + 1], causal=True,
+                               q_offset=k_len - 200)
+        assert_within_torch_error(out[b:b + 1].cpu(), ref, base.cpu())
