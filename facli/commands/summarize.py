@@ -29,8 +29,10 @@ def command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the run summary as one JSON object.")] = False,
 ):
     """Summarize documents; rerun the same command to resume after a crash or Ctrl-C."""
+    from facli.parallel.launch import launch
+    from facli.runtime import resolve_device
     from facli.sampling import SamplingParams
-    from facli.summarize.run import SummarizeRequest, run_summarize
+    from facli.summarize.run import SummarizeRequest, summarize_on_rank
     from facli.units import parse_ctx
 
     request = SummarizeRequest(
@@ -40,7 +42,8 @@ def command(
         devices=devices, retry_failed=retry_failed, allow_ctx_extension=allow_ctx_extension,
         sampling=SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed),
     )
-    summary = run_summarize(request)
+    device_type = resolve_device(device).type
+    summary = launch(summarize_on_rank, (request,), world_size=devices, device_type=device_type)
     if as_json:
         print(json.dumps({"output": str(out), **summary.as_dict()}))
     if summary.interrupted:

@@ -7,7 +7,7 @@ rank can run it in step; only the writer rank (rank 0) writes records and shows 
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 from tqdm import tqdm
 
@@ -61,11 +61,12 @@ class JobSummary:
 
 def run_documents(runtime, items: Sequence[PreparedDocument], writer: ResultWriter | None,
                   settings: JobSettings, *, stop: StopRequest | None = None,
-                  is_writer: bool = True) -> JobSummary:
+                  is_writer: bool = True, agree: Callable[[bool], bool] | None = None) -> JobSummary:
     """Summarize `items` in order, appending one record per document as it finishes.
 
     A first Ctrl-C (see StopRequest) ends the loop after the current document; a second abandons
     it. Either way the summary comes back with `interrupted` set and nothing half-written.
+    `agree(requested) -> bool` (a collective, with several ranks) makes every rank stop together.
     """
     assert writer is not None or not is_writer, "the writer rank needs a ResultWriter"
     stop = stop or StopRequest()
@@ -83,7 +84,7 @@ def run_documents(runtime, items: Sequence[PreparedDocument], writer: ResultWrit
                     writer.append(record)
                 summary.add(record)
             _advance(bar, summary, time.perf_counter() - started)
-            if stop.requested:
+            if agree(stop.requested) if agree else stop.requested:
                 summary.interrupted = True
                 break
     except KeyboardInterrupt:

@@ -1,6 +1,6 @@
 """The corpus plan: tokenize every document before the model is loaded and size the context."""
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from facli.errors import FacliError
 from facli.summarize.documents import Document
@@ -73,3 +73,18 @@ def check_budget(prompts: Prompts, budget: Budget) -> None:
                 f"and --max-new-tokens {budget.max_new_tokens}, got no room for the document; "
                 "raise --ctx or lower --max-new-tokens"
             )
+
+
+def plan_memory(config, ctx: int, *, model_name: str, max_new_tokens: int, device: str | None,
+                devices: int, dtype: str):
+    """The memory plan (facli.offload.planner) for the longest prompt, before any weights load;
+    raises OutOfMemoryPlanError when nothing fits."""
+    from facli.offload.hardware import detect_hardware
+    from facli.offload.planner import PlanOptions, plan
+
+    hardware = detect_hardware()
+    if device == "cpu":
+        hardware = replace(hardware, devices=())
+    options = PlanOptions(weight_dtype=dtype, devices=devices, new_tokens=max_new_tokens,
+                          model_name=model_name)
+    return plan(config, hardware, ctx, 1, options)

@@ -11,7 +11,10 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from facli.errors import FacliError
+from facli.parallel.comm import all_reduce_sum
 from facli.parallel.context import SINGLE_PROCESS, ParallelContext
 from facli.runtime import ResolvedModel, Runtime, RuntimeOptions, check_context, resolve_model
 from facli.sampling import SamplingParams
@@ -20,7 +23,7 @@ from facli.summarize.documents import discover, read_documents
 from facli.summarize.interrupt import StopRequest
 from facli.summarize.job import JobSettings, JobSummary, run_documents
 from facli.summarize.output import ExistingResults, ResultWriter, read_results
-from facli.summarize.planning import CorpusPlan, PreparedDocument, plan_corpus, tokenize
+from facli.summarize.planning import CorpusPlan, PreparedDocument, plan_corpus, plan_memory, tokenize
 from facli.summarize.prompting import make_prompts, read_template
 from facli.summarize.strategies import Budget, Strategy
 from facli.tokenizer import load_tokenizer
@@ -59,29 +62,30 @@ class Corpus:
 
 def run_summarize(request: SummarizeRequest, parallel: ParallelContext = SINGLE_PROCESS,
                   stop: StopRequest | None = None) -> JobSummary:
-    """Summarize every document not already in the output; returns this run's counts."""
+    """Summarize every document not already in the output; returns this run's counts.
+
+    Every tensor-parallel rank calls this with its own `parallel`; rank 0 alone writes files."""
     started = time.perf_counter()
     log = _logger(parallel.is_writer)
     resolved = resolve_model(request.model)
     tokenizer = load_tokenizer(resolved.path)
     corpus = prepare_corpus(request, resolved, tokenizer)
-    log(f"facli: plan: {corpus.plan.describe()}")
+    log(f"facli: corpus: {corpus.plan.describe()}")
     writer = ResultWriter(request.out) if parallel.is_writer else None
     with writer or nullcontext():
         existing = read_results(request.out)
         pending, skipped = select_pending(corpus.prepared, existing, request.retry_failed)
-        manifest, entry = _open_manifest(request, resolved, corpus, writer)
+        memory = _plan_memory(request, resolved, corpus.plan) if pending and writer else None
+        if memory is not None:
+            log(f"facli: {memory.summary_line()}")
+        manifest, entry = _open_manifest(request, resolved, corpus, memory, writer)
         if writer is not None:
-            writer.repair(existing)
-            if request.retry_failed:
-                writer.drop(existing.ids_with_status("failed") & {p.document.id for p in pending})
+            _prepare_output(writer, existing, pending, request.retry_failed)
         log(f"facli: {len(pending)} to summarize, {skipped} already in {request.out}")
         summary = JobSummary()
         if pending:
             runtime = Runtime(resolved, _runtime_options(request, corpus.plan), parallel, tokenizer)
-            with (stop or StopRequest(announce=parallel.is_writer)).installed() as active:
-                summary = run_documents(runtime, pending, writer, corpus.settings, stop=active,
-                                        is_writer=parallel.is_writer)
+            summary = _run_loop(runtime, pending, writer, corpus.settings, parallel, stop)
         summary.skipped = skipped
         summary.seconds = time.perf_counter() - started
         if writer is not None:
@@ -89,6 +93,20 @@ def run_summarize(request: SummarizeRequest, parallel: ParallelContext = SINGLE_
             manifests.write_manifest(manifests.manifest_path(request.out), manifest)
     log(summary.line())
     return summary
+
+
+def summarize_on_rank(parallel: ParallelContext, request: SummarizeRequest) -> JobSummary:
+    """`run_summarize` in the argument order of facli.parallel.launch."""
+    return run_summarize(request, parallel)
+
+
+def _run_loop(runtime, pending: list[PreparedDocument], writer: ResultWriter | None,
+              settings: JobSettings, parallel: ParallelContext, stop: StopRequest | None) -> JobSummary:
+    stop = stop or StopRequest(announce=parallel.is_writer)
+    with stop.installed():
+        return run_documents(runtime, pending, writer, settings, stop=stop,
+                             is_writer=parallel.is_writer,
+                             agree=_stop_agreement(parallel, runtime.device))
 
 
 def prepare_corpus(request: SummarizeRequest, resolved: ResolvedModel, tokenizer) -> Corpus:
@@ -123,7 +141,33 @@ def _runtime_options(request: SummarizeRequest, plan: CorpusPlan) -> RuntimeOpti
     )
 
 
-def _open_manifest(request: SummarizeRequest, resolved: ResolvedModel, corpus: Corpus,
+def _prepare_output(writer: ResultWriter, existing: ExistingResults,
+                    pending: list[PreparedDocument], retry_failed: bool) -> None:
+    """Cut a partial last line; with --retry-failed, drop the failed records about to be redone."""
+    writer.repair(existing)
+    if retry_failed:
+        writer.drop(existing.ids_with_status("failed") & {p.document.id for p in pending})
+
+
+def _plan_memory(request: SummarizeRequest, resolved: ResolvedModel, plan: CorpusPlan):
+    return plan_memory(resolved.config, plan.runtime_ctx, model_name=resolved.name,
+                       max_new_tokens=request.max_new_tokens, device=request.device,
+                       devices=request.devices, dtype=request.dtype)
+
+
+def _stop_agreement(parallel: ParallelContext, device):
+    """With several ranks, all stop after the same document if any of them was asked to."""
+    if not parallel.is_distributed:
+        return None
+
+    def agree(requested: bool) -> bool:
+        flag = torch.tensor([1.0 if requested else 0.0], device=device)
+        return bool(all_reduce_sum(flag, parallel).item() > 0)
+
+    return agree
+
+
+def _open_manifest(request: SummarizeRequest, resolved: ResolvedModel, corpus: Corpus, memory,
                    writer: ResultWriter | None) -> tuple[dict, dict]:
     """Check that the output was made with the same settings, then record this run's start."""
     path = manifests.manifest_path(request.out)
@@ -132,8 +176,8 @@ def _open_manifest(request: SummarizeRequest, resolved: ResolvedModel, corpus: C
              "config_hash": manifests.config_hash(resolved.config)}
     settings = _result_settings(request, corpus.template)
     manifests.check_resumable(previous, model, settings, request.out)
-    manifest = manifests.new_manifest(previous, model=model, settings=settings,
-                                      plan=corpus.plan.as_dict())
+    plan = {**corpus.plan.as_dict(), "memory": memory.to_dict() if memory is not None else None}
+    manifest = manifests.new_manifest(previous, model=model, settings=settings, plan=plan)
     entry = manifests.start_run(manifest, {
         "argv": sys.argv, "strategy": request.strategy.value, "ctx": corpus.plan.ctx,
         "device": request.device, "devices": request.devices, "retry_failed": request.retry_failed,
