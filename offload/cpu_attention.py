@@ -1,0 +1,75 @@
+"""Decode attention on the host CPU, over a KV cache that lives in host memory.
+
+One or a few queries against [Tk, D] keys per head is a matrix-vector product: the work is
+reading the cache once, so speed is host memory bandwidth. Keys are processed in tiles that
+stay small enough for the caches once converted to float32 (bf16 and fp8 caches are converted
+per tile, never as a whole), with an online softmax across tiles (FlashAttention-2's recurrence).
+PyTorch's intra-op threads (`torch.set_num_threads`, set once by the caller) split each tile's
+matmuls across cores.
+"""
+
+import math
+
+import torch
+
+from facli.offload.fp8 import FP8
+
+KEY_TILE = 2048
+
+
+def _tile_float(x, scales, start, stop):
+    """x[:, start:stop] as float32 [B, Hkv, n, D], dequantized with scales [B, Tk, Hkv] if fp8."""
+    tile = x[:, start:stop].float()
+    if x.dtype == FP8:
+        tile = tile * scales[:, start:stop].unsqueeze(-1)
+    return tile.transpose(1, 2)
+
+
+def cpu_decode_attention(q, k, v, length, *, scale=None, k_scales=None, v_scales=None,
+                         key_tile=KEY_TILE):
+    """Attention of the newest Tq tokens over the first `length` cached positions, causal.
+
+    q [B, Tq, Hq, D]; k, v [B, Tk, Hkv, D] (Tk >= length) in any float dtype, or float8_e4m3fn
+    with k_scales, v_scales [B, Tk, Hkv]. Query i sits at position length - Tq + i (it may lie
+    before the first key when the cache holds only a suffix: see `first_position`).
+    Returns out [B, Tq, Hq, D] float32 and lse [B, Hq, Tq] float32 (-inf where no key is seen).
+    """
+    return cpu_suffix_attention(q, k, v, length, first_position=0, scale=scale,
+                                k_scales=k_scales, v_scales=v_scales, key_tile=key_tile)
+
+
+def cpu_suffix_attention(q, k, v, length, *, first_position, scale=None, k_scales=None,
+                         v_scales=None, key_tile=KEY_TILE):
+    """Like `cpu_decode_attention`, for a cache whose row 0 holds absolute position
+    `first_position`; `length` counts absolute positions (queries end at length - 1)."""
+    batch, q_len, q_heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    group = q_heads // kv_heads
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    rows = length - first_position
+    # [B, Hkv, group * Tq, D]: the group's query heads share each K/V tile (no repeat).
+    qh = (q.float() * scale).reshape(batch, q_len, kv_heads, group, head_dim)
+    qh = qh.permute(0, 2, 3, 1, 4).reshape(batch, kv_heads, group * q_len, head_dim)
+    query_pos = torch.arange(length - q_len, length).repeat(group)
+    m = torch.full((batch, kv_heads, group * q_len, 1), float("-inf"))
+    denom = torch.zeros_like(m)
+    acc = torch.zeros(batch, kv_heads, group * q_len, head_dim)
+    for start in range(0, max(rows, 0), key_tile):
+        stop = min(start + key_tile, rows)
+        scores = torch.matmul(qh, _tile_float(k, k_scales, start, stop).transpose(-1, -2))
+        if q_len > 1:
+            key_pos = torch.arange(start, stop) + first_position
+            hidden = key_pos.view(1, -1) > query_pos.view(-1, 1)
+            scores = scores.masked_fill(hidden, float("-inf"))
+        m_new = torch.maximum(m, scores.amax(dim=-1, keepdim=True))
+        safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
+        probs = torch.exp(scores - safe)
+        correction = torch.exp(m - safe)
+        denom = denom * correction + probs.sum(dim=-1, keepdim=True)
+        acc = acc * correction + torch.matmul(probs, _tile_float(v, v_scales, start, stop))
+        m = m_new
+    out = torch.where(denom > 0, acc / denom.clamp_min(1e-30), torch.zeros_like(acc))
+    lse = torch.where(denom > 0, m + torch.log(denom.clamp_min(1e-30)), torch.full_like(m, float("-inf")))
+    out = out.reshape(batch, kv_heads, group, q_len, head_dim).permute(0, 3, 1, 2, 4)
+    lse = lse.reshape(batch, kv_heads * group, q_len)
+    return out.reshape(batch, q_len, q_heads, head_dim), lse
