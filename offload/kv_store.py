@@ -1,0 +1,277 @@
+"""OffloadedKVStore: a KV cache whose layers live on the GPU or in pinned host memory.
+
+Implements facli.kv_cache.KVStore. Each layer keeps positions [0, split) on the GPU and
+[split, capacity) on the host: split = capacity for GPU layers, `gpu_prefix_tokens` (default
+0) for host layers. Byte counts below are Llama-7B (32 layers, 32 KV heads, D = 128, bf16):
+16 KiB of K+V per token and layer, 4 GiB per layer at 256K; fp8 (e4m3 plus a float32 scale per
+token and head) stores 8.25 KiB per token and layer.
+
+Prefill over a host layer (chunk of T tokens at [start, stop)):
+  The chunk must attend to the layer's whole prefix, so the prefix is brought into a GPU
+  staging slot (one layer, model dtype): the slot is prefetched on a side stream while earlier
+  layers compute, the chunk's K/V are written into the slot, attention runs there with the
+  prefill kernel, and the chunk's K/V go back to host memory by an asynchronous device-to-host
+  copy on a second side stream (the other copy engine). Two slots (the double buffer) bound
+  the GPU's share of host layers to 2 layers: 8 GiB at 256K, plus an 8192-row fp8 ring for
+  dequantizing on the GPU when kv_dtype="fp8". PCIe cost per host layer for a prompt of S
+  tokens in chunks of C: about S^2 / (2C) tokens host-to-device (256K in 8K chunks: 64 GiB, 1.2 s
+  at 55 GB/s) against 2 * S^2 * D * Hq attention FLOPs (5.6e14, 1.4 s at 400 TFLOP/s), so at long
+  contexts the reload is about as long as that layer's attention and hides behind the compute
+  of the layers before it. Streaming the prefix through smaller tiles with an LSE merge would
+  move the same bytes (each prefix key must reach the GPU once per chunk) and save only
+  staging memory; the CPU cannot take a chunk's attention (1.8e13 FLOPs per chunk and layer).
+
+Decode over a host layer, decode_mode="prefetch":
+  While layer i computes, the next host layer's [0, len) is copied into the other slot on the
+  prefetch stream (the first host layer of the next token is prefetched after the last one of
+  this token). Attention reads the slot; the new token's K/V (16 KiB) go back on the write-back
+  stream. Each host layer costs len * 16 KiB over PCIe per token (4 GiB, 73 ms at 256K) and the
+  copies overlap the compute of the layers in between, so decode is PCIe-bound: about
+  55 GB/s / (host layers * 4 GiB) tokens/s at 256K, twice that with fp8. A slot keeps its
+  layer across tokens, so with one or two host layers only the new token moves.
+
+Decode over a host layer, decode_mode="cpu":
+  q (8 KiB) and the new K/V go to the host, the CPU computes attention over the host rows with
+  PyTorch's threads (offload.cpu_attention: bandwidth-bound, ~len * 16 KiB of DRAM reads per
+  layer), and out + log-sum-exp (16 KiB) come back. The GPU attends to the layer's first
+  `gpu_prefix_tokens` positions at the same time and the two parts are merged with LSE. What
+  overlaps, honestly: with gpu_prefix_tokens = 0 the GPU waits for the CPU in every host
+  layer, since layer i + 1 needs layer i's output; only the GPU prefix part runs concurrently.
+  No staging slot is read in this mode (slots are still used by prefill).
+"""
+
+import torch
+
+from facli.errors import FacliError
+from facli.kernels import attention_with_lse, decode_attention, merge_attention, prefill_attention
+from facli.offload.cpu_attention import cpu_suffix_attention
+from facli.offload.fp8 import dequantize_into
+from facli.offload.kv_parts import Chunk, KVPart, Slot
+from facli.offload.streams import CopyQueues, host_empty
+
+DECODE_MODES = ("prefetch", "cpu")
+KV_DTYPES = (None, "fp8")
+RAW_ROWS = 8192
+
+
+class OffloadedKVStore:
+    """KV cache with GPU layers and host layers; see the module docstring for the data flow.
+
+    host_layers: layers whose positions from `gpu_prefix_tokens` on live in host memory.
+    decode_mode: "prefetch" (stream host KV to the GPU) or "cpu" (attend on the host CPU).
+    kv_dtype: None (store in `dtype`) or "fp8" (e4m3 with per-token-per-head scales).
+    """
+
+    def __init__(self, num_layers: int, batch: int, capacity: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device, host_layers: frozenset = frozenset(),
+                 decode_mode: str = "prefetch", kv_dtype: str | None = None,
+                 gpu_prefix_tokens: int = 0):
+        _validate(num_layers, host_layers, decode_mode, kv_dtype, gpu_prefix_tokens)
+        self.capacity, self.dtype, self.device = capacity, dtype, torch.device(device)
+        self.decode_mode, self.fp8 = decode_mode, kv_dtype == "fp8"
+        self.host_layers = frozenset(host_layers)
+        self.queues = CopyQueues(self.device)
+        self._pin = self.queues.cuda
+        self._split = [min(gpu_prefix_tokens, capacity) if layer in self.host_layers else capacity
+                       for layer in range(num_layers)]
+        shape = (batch, kv_heads, head_dim, dtype, self.fp8)
+        self._dev = [KVPart(batch, split, *shape[1:], self._device_empty) for split in self._split]
+        self._host = [KVPart(batch, capacity - split, *shape[1:], self._host_empty)
+                      if split < capacity else None for split in self._split]
+        self._staged = [layer for layer in range(num_layers) if self._host[layer] is not None]
+        self._slots = [Slot(*[self._device_empty((batch, capacity, kv_heads, head_dim), dtype)
+                              for _ in range(2)]) for _ in range(min(2, len(self._staged)))]
+        self._raw = (KVPart(batch, min(RAW_ROWS, capacity), *shape[1:], self._device_empty)
+                     if self.fp8 and self._staged else None)
+        self._lens = torch.zeros(batch, dtype=torch.int32, device=self.device)
+        self._written = [0] * num_layers
+        self._layer_event = [None] * num_layers
+        self._clock = 0
+
+    def _device_empty(self, shape, dtype):
+        return torch.empty(shape, dtype=dtype, device=self.device)
+
+    def _host_empty(self, shape, dtype):
+        return host_empty(shape, dtype, pin=self._pin)
+
+    def gpu_bytes(self) -> int:
+        """Bytes this store holds on the GPU: GPU rows, staging slots, fp8 ring."""
+        parts = self._dev + ([self._raw] if self._raw is not None else [])
+        slots = sum(2 * s.keys.numel() * s.keys.element_size() for s in self._slots)
+        return sum(p.nbytes() for p in parts) + slots
+
+    def host_bytes(self) -> int:
+        """Bytes this store holds in host memory (pinned when CUDA is available)."""
+        return sum(p.nbytes() for p in self._host if p is not None)
+
+    def reset(self) -> None:
+        self._lens.zero_()
+        self._written = [0] * len(self._written)
+        for slot in self._slots:
+            slot.layer, slot.length = None, 0
+
+    def attend(self, layer, q, k, v, start):
+        """Store k, v [B, T, Hkv, D] at start..start+T of `layer`; causal attention
+        [B, T, Hq, D] of q [B, T, Hq, D] over positions 0..start+T."""
+        stop = start + k.shape[1]
+        if stop > self.capacity:
+            raise ValueError(f"KV cache holds {self.capacity} positions, asked for {stop}")
+        if start > self._written[layer]:
+            raise ValueError(f"layer {layer} holds {self._written[layer]} positions, "
+                             f"asked to write at {start}")
+        chunk = Chunk.encode(k, v, self.dtype, self.fp8)
+        if stop <= self._split[layer]:
+            out = self._attend_on_device(layer, q, chunk, start, stop)
+        elif q.shape[1] == 1 and self.decode_mode == "cpu":
+            out = self._attend_on_cpu(layer, q, chunk, start, stop)
+        else:
+            out = self._attend_staged(layer, q, chunk, start, stop)
+        return out
+
+    def _gpu_attention(self, q, keys, values, start, stop):
+        if q.shape[1] == 1:
+            # Sliced to stop: rows past it were never written (NaN would leak through 0 * NaN).
+            self._lens.fill_(stop)
+            return decode_attention(q, keys[:, :stop], values[:, :stop], self._lens)
+        return prefill_attention(q, keys[:, :stop], values[:, :stop], causal=True, q_offset=start)
+
+    def _attend_on_device(self, layer, q, chunk, start, stop):
+        part = self._dev[layer]
+        part.store(start, chunk, 0, stop - start)
+        self._wrote(layer, start, stop, self.queues.mark() if self._host[layer] else None)
+        if self.fp8:
+            keys, values = part.read(stop, self.dtype)
+        else:
+            keys, values = part.k, part.v
+        return self._gpu_attention(q, keys, values, start, stop)
+
+    def _wrote(self, layer, start, stop, event):
+        """Book a write of start..stop: slots holding `layer` stay valid only up to start."""
+        self._written[layer] = stop
+        self._layer_event[layer] = event
+        for slot in self._slots:
+            if slot.layer == layer:
+                slot.length = min(slot.length, start)
+
+    # -- staged path: prefill, and decode in "prefetch" mode ------------------------------------
+
+    def _attend_staged(self, layer, q, chunk, start, stop):
+        slot = self._stage(layer, start)
+        if self.fp8:  # the chunk attends to its own K/V as stored, like every later query
+            dequantize_into(slot.keys[:, start:stop], chunk.k, chunk.k_scales)
+            dequantize_into(slot.values[:, start:stop], chunk.v, chunk.v_scales)
+        else:
+            slot.keys[:, start:stop] = chunk.k
+            slot.values[:, start:stop] = chunk.v
+        self._write_back(layer, chunk, start, stop)
+        slot.length = stop
+        out = self._gpu_attention(q, slot.keys, slot.values, start, stop)
+        slot.free = [self.queues.mark()]
+        self._prefetch_after(layer, slot)
+        return out
+
+    def _stage(self, layer, start) -> Slot:
+        """The slot holding layer's positions 0..start, loading what is missing; the compute
+        stream waits until it is there."""
+        held = [s for s in self._slots if s.layer == layer]
+        slot = held[0] if held else min(self._slots, key=lambda s: s.last_use)
+        self._load(slot, layer, start)
+        self.queues.wait([slot.ready])
+        self._clock += 1
+        slot.last_use = self._clock
+        return slot
+
+    def _load(self, slot: Slot, layer: int, upto: int) -> None:
+        """Queue the copy of layer's positions up to `upto` into `slot` on the prefetch stream."""
+        begin = slot.length if slot.layer == layer else 0
+        if begin >= upto:
+            return
+        queues, split = self.queues, self._split[layer]
+        with queues.on(queues.prefetch):
+            queues.wait(slot.free + [self._layer_event[layer]], queues.prefetch)
+            if begin < split:
+                count = min(upto, split) - begin
+                self._dev[layer].load_into(slot.keys, slot.values, begin, begin, count)
+            first = max(begin, split)
+            if upto > first:
+                self._host[layer].load_into(slot.keys, slot.values, first, first - split,
+                                            upto - first, raw=self._raw)
+            slot.ready = queues.mark(queues.prefetch)
+        slot.layer, slot.length = layer, upto
+
+    def _write_back(self, layer, chunk, start, stop):
+        """Chunk rows go to the layer's GPU rows now and to its host rows on the write-back
+        stream (the chunk's tensors are kept alive for it)."""
+        split, queues = self._split[layer], self.queues
+        if start < split:
+            self._dev[layer].store(start, chunk, 0, min(stop, split) - start)
+        event = queues.mark()
+        if stop > split:
+            first = max(start, split)
+            with queues.on(queues.writeback):
+                queues.wait([event], queues.writeback)
+                self._host[layer].store(first - split, chunk, first - start, stop - first)
+                for tensor in chunk.tensors():
+                    queues.keep(tensor, queues.writeback)
+                event = queues.mark(queues.writeback)
+        self._wrote(layer, start, stop, event)
+
+    def _prefetch_after(self, layer, used: Slot) -> None:
+        """Start loading the next host layer (wrapping to the next step) into the other slot."""
+        later = [j for j in self._staged if j > layer] or self._staged
+        nxt = later[0]
+        if any(s.holds(nxt, self._written[nxt]) for s in self._slots):
+            return
+        free = [s for s in self._slots if s is not used]
+        if not free:
+            return
+        target = next((s for s in free if s.layer == nxt), free[0])
+        self._load(target, nxt, self._written[nxt])
+
+    # -- cooperative path: decode in "cpu" mode --------------------------------------------------
+
+    def _attend_on_cpu(self, layer, q, chunk, start, stop):
+        split, queues = self._split[layer], self.queues
+        host = self._host[layer]
+        # The CPU reads every host row below: earlier write-backs must have landed too.
+        queues.wait([self._layer_event[layer]])
+        host.store(start - split, chunk, 0, 1)  # device to pinned host: queued, awaited below
+        q_host = _pinned_copy(q, self._pin)
+        copied = queues.mark()
+        self._wrote(layer, start, stop, copied)
+        gpu_part = None
+        if split > 0:  # queued now, runs on the GPU while the CPU works below
+            keys, values = self._dev[layer].read(split, self.dtype)
+            gpu_part = attention_with_lse(q, keys, values, causal=False)
+        queues.host_wait(copied)
+        scales = (host.k_scales, host.v_scales)
+        out, lse = cpu_suffix_attention(q_host, host.k, host.v, stop, first_position=split,
+                                        k_scales=scales[0], v_scales=scales[1])
+        out = _pinned_copy(out, self._pin).to(self.device, non_blocking=True)
+        if gpu_part is None:
+            return out.to(q.dtype)
+        lse = _pinned_copy(lse, self._pin).to(self.device, non_blocking=True)
+        return merge_attention(gpu_part[0], gpu_part[1], out, lse)[0].to(q.dtype)
+
+
+def _validate(num_layers, host_layers, decode_mode, kv_dtype, gpu_prefix_tokens):
+    if decode_mode not in DECODE_MODES:
+        raise FacliError(f"expected decode_mode one of {', '.join(DECODE_MODES)}, "
+                         f"got {decode_mode!r}")
+    if kv_dtype not in KV_DTYPES:
+        raise FacliError(f"expected kv_dtype None or 'fp8', got {kv_dtype!r}")
+    outside = sorted(set(host_layers) - set(range(num_layers)))
+    if outside:
+        raise FacliError(f"expected host layers in 0..{num_layers - 1}, got {outside}")
+    if gpu_prefix_tokens < 0:
+        raise FacliError(f"expected gpu_prefix_tokens >= 0, got {gpu_prefix_tokens}")
+
+
+def _pinned_copy(tensor: torch.Tensor, pin: bool) -> torch.Tensor:
+    """A host copy of `tensor`; pinned and queued asynchronously when `pin`."""
+    if tensor.device.type == "cpu" and not pin:
+        return tensor
+    out = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=pin)
+    out.copy_(tensor, non_blocking=pin)
+    return out
+

@@ -1,0 +1,147 @@
+"""OffloadedKVStore against DeviceKVCache (and DeviceKVCache against SDPA), on the CPU.
+
+With device=cpu the "host" layers are separate CPU tensors and the copy queues run inline, so
+these tests walk the same code paths as a GPU run: staging slots, prefetch, write-back, CPU
+attention and the LSE merge.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import requires_cuda
+
+from facli.errors import FacliError
+from facli.kv_cache import DeviceKVCache
+from facli.offload.kv_store import OffloadedKVStore
+
+LAYERS, BATCH, KV_HEADS, Q_HEADS, HEAD_DIM = 4, 2, 2, 8, 64
+CHUNKS = [7, 13, 1, 20]  # uneven prefill chunks, then decode steps of one token
+DECODE_STEPS = 10
+CAPACITY = sum(CHUNKS) + DECODE_STEPS + 3
+
+
+def _steps(dtype=torch.float32, device="cpu"):
+    """[(start, q, k, v)] for the prefill chunks and decode steps, per layer: q, k, v [L, B, T, H, D]."""
+    steps, start = [], 0
+    for size in CHUNKS + [1] * DECODE_STEPS:
+        shape = (LAYERS, BATCH, size)
+        q = torch.randn(*shape, Q_HEADS, HEAD_DIM, dtype=dtype, device=device)
+        k = torch.randn(*shape, KV_HEADS, HEAD_DIM, dtype=dtype, device=device)
+        v = torch.randn(*shape, KV_HEADS, HEAD_DIM, dtype=dtype, device=device)
+        steps.append((start, q, k, v))
+        start += size
+    return steps
+
+
+def _run(store, steps):
+    """Outputs of every step and layer, [L, B, total, Hq, D], feeding layers in model order."""
+    outs = [[store.attend(layer, q[layer], k[layer], v[layer], start) for layer in range(LAYERS)]
+            for start, q, k, v in steps]
+    return torch.stack([torch.cat([step[layer] for step in outs], dim=1) for layer in range(LAYERS)])
+
+
+def _device_cache(dtype=torch.float32, device="cpu"):
+    cache = DeviceKVCache(LAYERS, BATCH, CAPACITY, KV_HEADS, HEAD_DIM, dtype, torch.device(device))
+    # The reference decode multiplies masked rows by 0, so unwritten rows must not hold NaN.
+    cache.keys.zero_()
+    cache.values.zero_()
+    return cache
+
+
+def _offloaded(host_layers, mode, dtype=torch.float32, device="cpu", **options):
+    store = OffloadedKVStore(LAYERS, BATCH, CAPACITY, KV_HEADS, HEAD_DIM, dtype,
+                             torch.device(device), frozenset(host_layers), mode, **options)
+    _poison(store)
+    return store
+
+
+def _poison(store):
+    """NaN-fill every buffer of the store, so reading an unwritten row fails the comparison."""
+    parts = [p for p in store._dev + store._host + [store._raw] if p is not None]
+    tensors = [t for p in parts for t in p.tensors()]
+    tensors += [t for s in store._slots for t in (s.keys, s.values)]
+    for tensor in tensors:
+        tensor.fill_(float("nan"))
+
+
+def test_device_cache_matches_sdpa():
+    steps = _steps()
+    got = _run(_device_cache(), steps)
+    for layer in range(LAYERS):
+        q, k, v = (torch.cat([s[i][layer] for s in steps], dim=1).transpose(1, 2) for i in (1, 2, 3))
+        group = Q_HEADS // KV_HEADS
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        want = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+        torch.testing.assert_close(got[layer], want, rtol=1e-5, atol=1e-5)
+
+
+HOST_SETS = {"none": (), "one": (2,), "two": (0, 3), "three": (0, 1, 3), "all": (0, 1, 2, 3)}
+
+
+@pytest.mark.parametrize("mode", ["prefetch", "cpu"])
+@pytest.mark.parametrize("host", list(HOST_SETS), ids=[f"host-{name}" for name in HOST_SETS])
+@pytest.mark.parametrize("prefix", [0, 5, 30], ids=lambda p: f"gpu-prefix-{p}")
+def test_same_attention_as_device_cache(mode, host, prefix):
+    steps = _steps()
+    want = _run(_device_cache(), steps)
+    got = _run(_offloaded(HOST_SETS[host], mode, gpu_prefix_tokens=prefix), steps)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["prefetch", "cpu"])
+def test_reset_then_rerun(mode):
+    store = _offloaded((1, 2, 3), mode)
+    _run(store, _steps())
+    store.reset()
+    steps = _steps()
+    torch.testing.assert_close(_run(store, steps), _run(_device_cache(), steps), rtol=1e-5, atol=1e-5)
+
+
+def test_rewind_overwrites_positions():
+    store, reference = _offloaded((1, 3), "prefetch"), _device_cache()
+    steps = _steps()
+    _run(store, steps)
+    _run(reference, steps)
+    start, q, k, v = steps[-4]  # redo the last four decode steps with other tokens
+    again = [(start, torch.randn_like(q), torch.randn_like(k), torch.randn_like(v))]
+    torch.testing.assert_close(_run(store, again), _run(reference, again), rtol=1e-5, atol=1e-5)
+
+
+def test_bytes_split_between_gpu_and_host():
+    per_layer = 2 * BATCH * CAPACITY * KV_HEADS * HEAD_DIM * 4
+    store = _offloaded((1, 2, 3), "cpu")
+    assert store.host_bytes() == 3 * per_layer
+    assert store.gpu_bytes() == per_layer + 2 * per_layer  # one GPU layer + two staging slots
+    assert _offloaded((), "cpu").gpu_bytes() == 4 * per_layer
+    assert _offloaded((), "cpu").host_bytes() == 0
+    one = _offloaded((2,), "prefetch")
+    assert one.gpu_bytes() == 3 * per_layer + per_layer  # a single host layer needs one slot
+
+
+def test_rejects_bad_arguments():
+    with pytest.raises(FacliError, match="prefetch, cpu"):
+        _offloaded((), "gpu")
+    with pytest.raises(FacliError, match="fp8"):
+        _offloaded((), "cpu", kv_dtype="int8")
+    with pytest.raises(FacliError, match=r"0\.\.3"):
+        _offloaded((4,), "cpu")
+    store = _offloaded((1,), "cpu")
+    q, k = torch.randn(BATCH, 1, Q_HEADS, HEAD_DIM), torch.randn(BATCH, 1, KV_HEADS, HEAD_DIM)
+    with pytest.raises(ValueError, match="holds 0 positions"):
+        store.attend(1, q, k, k, 3)
+    with pytest.raises(ValueError, match=f"holds {CAPACITY} positions"):
+        store.attend(1, q, k, k, CAPACITY)
+
+
+@requires_cuda
+@pytest.mark.parametrize("mode", ["prefetch", "cpu"])
+@pytest.mark.parametrize("kv_dtype", [None, "fp8"])
+def test_cuda_streams_and_pinned_memory(mode, kv_dtype):
+    steps = _steps(torch.bfloat16, "cuda")
+    want = _run(_offloaded((), mode, torch.bfloat16, "cuda", kv_dtype=kv_dtype), steps)
+    store = _offloaded((0, 1, 3), mode, torch.bfloat16, "cuda", kv_dtype=kv_dtype,
+                       gpu_prefix_tokens=9)
+    assert store._host[1].k.is_pinned()
+    got = _run(store, steps)
+    torch.cuda.synchronize()
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
