@@ -18,6 +18,7 @@ from facli.parallel.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
+from facli.parallel.planning import check_tensor_parallel
 from facli.rope import RotaryEmbedding, apply_rotary
 
 
@@ -108,6 +109,7 @@ class CausalLM(nn.Module):
     def __init__(self, config: ModelConfig, *, dtype: torch.dtype, device: torch.device,
                  ctx: ParallelContext = ParallelContext()):
         super().__init__()
+        check_tensor_parallel(config, ctx.world_size)
         self.config, self.ctx, self.dtype, self.device = config, ctx, dtype, torch.device(device)
         shared = dict(ctx=ctx, dtype=dtype, device=device)
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, **shared)

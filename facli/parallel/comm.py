@@ -2,6 +2,7 @@
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from facli.parallel.context import ParallelContext
 
@@ -20,3 +21,63 @@ def all_gather_last_dim(tensor: torch.Tensor, ctx: ParallelContext) -> torch.Ten
     parts = [torch.empty_like(tensor) for _ in range(ctx.world_size)]
     dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts, dim=-1)
+
+
+def broadcast_tokens(tokens: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    """Make every rank hold rank 0's sampled `tokens` (any shape, integer); returns them.
+
+    All ranks must agree on each sampled token or their KV caches diverge; broadcasting rank 0's
+    choice is exact whatever the sampler does.
+    """
+    if not ctx.is_distributed:
+        return tokens
+    tokens = tokens.contiguous()
+    dist.broadcast(tokens, src=0)
+    return tokens
+
+
+def barrier(ctx: ParallelContext) -> None:
+    """Wait until every rank gets here."""
+    if ctx.is_distributed:
+        dist.barrier()
+
+
+def row_parallel_linear(x: torch.Tensor, weight: torch.Tensor, ctx: ParallelContext,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    """sum over ranks of x W^T (+ bias once): x [..., in/N] and weight [out, in/N] -> [..., out].
+
+    With ctx.settings.tile_tokens set and at least two tiles of tokens, the output is computed
+    tile by tile along the token dimension into one preallocated buffer and each tile's
+    all_reduce is launched asynchronously as soon as its GEMM is done, so it runs while the next
+    tile's GEMM computes (tiling-AllReduce). On NCCL the collectives run on NCCL's own stream;
+    on gloo on its worker threads. Every element is reduced exactly as by one all_reduce.
+    """
+    if not ctx.is_distributed:
+        return F.linear(x, weight, bias)
+    rows = x.reshape(-1, x.shape[-1])
+    tile = ctx.settings.tile_tokens
+    if ctx.settings.skip_row_reduce:
+        out = F.linear(rows, weight)
+    elif tile is None or rows.shape[0] < 2 * tile:
+        out = F.linear(rows, weight)
+        dist.all_reduce(out)
+    else:
+        out = _tiled_all_reduce_matmul(rows, weight, tile)
+    out = out.view(*x.shape[:-1], weight.shape[0])
+    return out if bias is None else out + bias
+
+
+def _tiled_all_reduce_matmul(rows: torch.Tensor, weight: torch.Tensor, tile: int) -> torch.Tensor:
+    count = rows.shape[0]
+    out = torch.empty(count, weight.shape[0], dtype=rows.dtype, device=rows.device)
+    weight_t = weight.t()
+    pending = []
+    for start in range(0, count, tile):
+        stop = min(start + tile, count)
+        part = out[start:stop]  # rows of a contiguous buffer: contiguous, as collectives need
+        torch.mm(rows[start:stop], weight_t, out=part)
+        pending.append(dist.all_reduce(part, async_op=True))
+    for work in pending:
+        # On NCCL, wait() only makes the current stream wait for the collective's stream.
+        work.wait()
+    return out

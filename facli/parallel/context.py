@@ -1,17 +1,45 @@
-"""Who this process is in a tensor-parallel group."""
+"""Who this process is in a tensor-parallel group, and how its collectives are run."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+
+from facli.errors import FacliError
+
+
+@dataclass(frozen=True)
+class TensorParallelSettings:
+    """How row-parallel projections reduce their partial outputs.
+
+    tile_tokens: split each row-parallel output along the token dimension into tiles of this
+        many tokens; each tile's all_reduce starts as soon as its GEMM is done and runs while the
+        next tile computes (tiling-AllReduce). None: one all_reduce per projection. Decode steps
+        (fewer tokens than two tiles) always use one all_reduce per projection.
+    skip_row_reduce: benchmarks only. Row-parallel projections skip their all_reduce, so results
+        are WRONG; it measures the same compute with no communication.
+    """
+
+    tile_tokens: int | None = None
+    skip_row_reduce: bool = False
+
+    def __post_init__(self):
+        if self.tile_tokens is not None and self.tile_tokens <= 0:
+            raise FacliError(f"expected a tile size > 0 tokens (or none), got {self.tile_tokens}")
 
 
 @dataclass(frozen=True)
 class ParallelContext:
-    """rank of world_size; world_size 1 means no distributed setup at all."""
+    """rank of world_size; world_size 1 means no distributed setup at all.
+
+    local_rank picks the GPU of this process on its host (cuda:local_rank).
+    """
 
     rank: int = 0
     world_size: int = 1
+    local_rank: int = 0
+    settings: TensorParallelSettings = field(default_factory=TensorParallelSettings)
 
     def __post_init__(self):
         assert 0 <= self.rank < self.world_size
+        assert self.local_rank >= 0
 
     @property
     def is_distributed(self) -> bool:
@@ -21,6 +49,10 @@ class ParallelContext:
     def is_writer(self) -> bool:
         """Only rank 0 prints and writes files."""
         return self.rank == 0
+
+    def with_settings(self, settings: TensorParallelSettings) -> "ParallelContext":
+        """The same rank with other collective settings (e.g. the plan's tile size)."""
+        return replace(self, settings=settings)
 
 
 SINGLE_PROCESS = ParallelContext()

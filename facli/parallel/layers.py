@@ -66,8 +66,8 @@ class RowParallelLinear(nn.Module):
             self.bias.data = reader.read(f"{prefix}.bias", full[:1], self.bias.dtype, self.bias.device)
 
     def forward(self, x):
-        out = comm.all_reduce_sum(F.linear(x, self.weight), self.ctx)
-        return out if self.bias is None else out + self.bias
+        """x [..., in/N] -> [..., out]; tiled over tokens as ctx.settings says (see comm)."""
+        return comm.row_parallel_linear(x, self.weight, self.ctx, self.bias)
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -1,0 +1,248 @@
+"""Start tensor-parallel ranks: inside an existing torchrun launch, or as processes facli spawns.
+
+    result = launch(fn, (a, b), world_size=N, device_type="cuda")
+
+runs fn(ctx, a, b) once per rank, ctx being that rank's ParallelContext, and returns rank 0's
+result. Only rank 0 writes to stdout; the other ranks' stdout goes to /dev/null. If any rank
+raises, the others are ended and the caller gets a FacliError naming the rank and its error.
+"""
+
+import multiprocessing
+import os
+import pickle
+import socket
+import sys
+import time
+import traceback
+from datetime import timedelta
+from multiprocessing.connection import wait
+
+import torch
+import torch.distributed as dist
+
+from facli.errors import FacliError
+from facli.parallel.context import SINGLE_PROCESS, ParallelContext
+
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")
+DEFAULT_TIMEOUT_S = 1800.0  # a collective that waits this long for a peer fails
+FAILURE_GRACE_S = 0.5  # after a first failure, how long to wait for the others' reports
+# NVLink multicast (NVLS) can take a host's shared GPUs out of service; facli never uses it.
+CUDA_RANK_ENVIRONMENT = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+
+_current = SINGLE_PROCESS
+
+
+class RankFailedError(FacliError):
+    """A tensor-parallel rank raised something other than a FacliError (its traceback is on stderr)."""
+
+
+def current_context() -> ParallelContext:
+    """This process's rank inside `launch`; the single-process context outside it."""
+    return _current
+
+
+def under_torchrun() -> bool:
+    """True when torchrun's environment variables say this process is one rank of a launch."""
+    return all(name in os.environ for name in TORCHRUN_VARIABLES)
+
+
+def launch(fn, args: tuple = (), kwargs: dict | None = None, *, world_size: int,
+           device_type: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S):
+    """Run fn(ctx, *args, **kwargs) on `world_size` ranks and return rank 0's result.
+
+    device_type "cuda": one GPU per rank, NCCL; "cpu": gloo ranks on this machine.
+    Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR set) the process group comes from
+    its environment, fn runs in this process, and each rank gets its own result back.
+    Otherwise facli spawns the ranks (fn and args must be picklable: a module-level function);
+    world_size 1 runs fn here with no distributed setup. timeout_s bounds every collective.
+    """
+    if device_type not in ("cpu", "cuda"):
+        raise FacliError(f"expected device type cpu or cuda, got {device_type!r}")
+    if world_size < 1:
+        raise FacliError(f"expected --devices >= 1, got {world_size}")
+    kwargs = kwargs or {}
+    if under_torchrun():
+        return _run_under_torchrun(fn, args, kwargs, world_size, device_type, timeout_s)
+    if world_size == 1:
+        return _run_here(SINGLE_PROCESS, fn, args, kwargs)
+    if device_type == "cuda":
+        available = torch.cuda.device_count()
+        if world_size > available:
+            raise FacliError(
+                f"expected at most {available} ranks on this machine's {available} GPU(s), got "
+                f"--devices {world_size}; lower --devices"
+            )
+    return _spawn(fn, args, kwargs, world_size, device_type, timeout_s)
+
+
+def _run_here(ctx: ParallelContext, fn, args, kwargs):
+    global _current
+    previous, _current = _current, ctx
+    try:
+        return fn(ctx, *args, **kwargs)
+    finally:
+        _current = previous
+
+
+def _run_under_torchrun(fn, args, kwargs, world_size, device_type, timeout_s):
+    world = int(os.environ["WORLD_SIZE"])
+    if world != world_size:
+        raise FacliError(
+            f"expected --devices to match torchrun's WORLD_SIZE ({world}), got {world_size}; "
+            f"pass --devices {world} or change torchrun's --nproc-per-node"
+        )
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    if world == 1:
+        return _run_here(SINGLE_PROCESS, fn, args, kwargs)
+    if rank != 0:
+        sys.stdout = open(os.devnull, "w")
+    ctx = ParallelContext(rank, world, local_rank)
+    _init_process_group(ctx, device_type, "env://", timeout_s)
+    try:
+        return _run_here(ctx, fn, args, kwargs)
+    finally:
+        dist.destroy_process_group()
+
+
+def _init_process_group(ctx: ParallelContext, device_type: str, init_method: str,
+                        timeout_s: float) -> None:
+    options = {}
+    if device_type == "cuda":
+        os.environ.update(CUDA_RANK_ENVIRONMENT)
+        torch.cuda.set_device(ctx.local_rank)
+        options["device_id"] = torch.device("cuda", ctx.local_rank)
+    dist.init_process_group(
+        "nccl" if device_type == "cuda" else "gloo", init_method=init_method, rank=ctx.rank,
+        world_size=ctx.world_size, timeout=timedelta(seconds=timeout_s), **options,
+    )
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _spawn(fn, args, kwargs, world_size, device_type, timeout_s):
+    context = multiprocessing.get_context("spawn")
+    init_method = f"tcp://127.0.0.1:{_free_port()}"
+    processes, readers = [], []
+    try:
+        for rank in range(world_size):
+            reader, writer = context.Pipe(duplex=False)
+            process = context.Process(
+                target=_rank_main, name=f"facli-rank-{rank}", daemon=True,
+                args=(rank, world_size, device_type, init_method, timeout_s, fn, args, kwargs, writer),
+            )
+            process.start()
+            writer.close()
+            processes.append(process)
+            readers.append(reader)
+        return _collect(processes, readers)
+    finally:
+        _stop(processes)
+
+
+def _collect(processes, readers):
+    """Wait for every rank's report; on the first failure, end the rest and raise."""
+    reports: dict[int, tuple] = {}
+    first_failure = None
+    while len(reports) < len(processes):
+        waiting = [rank for rank in range(len(processes)) if rank not in reports]
+        timeout = None if first_failure is None else max(0.0, first_failure + FAILURE_GRACE_S - time.monotonic())
+        ready = wait([readers[r] for r in waiting] + [processes[r].sentinel for r in waiting], timeout)
+        if not ready:
+            break
+        for rank in waiting:
+            if readers[rank] in ready or processes[rank].sentinel in ready:
+                reports[rank] = _read_report(rank, readers[rank], processes[rank])
+                if reports[rank][0] == "error" and first_failure is None:
+                    first_failure = time.monotonic()
+    failures = {rank: payload for rank, (status, payload) in reports.items() if status == "error"}
+    if failures:
+        _stop(processes)
+        raise _failure(failures, len(processes))
+    return reports[0][1]
+
+
+def _read_report(rank, reader, process) -> tuple:
+    if reader.poll():
+        try:
+            return pickle.loads(reader.recv_bytes())
+        except (EOFError, OSError):
+            pass
+    process.join(timeout=5)
+    code = process.exitcode
+    return "error", {"type": "ProcessExit", "message": f"exited with code {code} before reporting",
+                     "error": None, "time": 0.0}  # died without a word: the likely cause
+
+
+def _failure(failures: dict, world_size: int) -> FacliError:
+    """The error to show: a FacliError if any rank raised one, else the one raised first (the
+    others are usually peers failing in a collective because that rank went away)."""
+    user = [rank for rank, payload in sorted(failures.items()) if payload["error"] is not None]
+    rank = user[0] if user else min(failures, key=lambda r: (failures[r]["time"], r))
+    payload = failures[rank]
+    where = f"rank {rank} of {world_size}"
+    if payload["error"] is not None:
+        original = payload["error"]
+        try:
+            return type(original)(f"{where}: {original}")
+        except TypeError:
+            return FacliError(f"{where}: {original}")
+    return RankFailedError(
+        f"{where} failed: {payload['type']}: {payload['message']} (its traceback is on stderr)"
+    )
+
+
+def _stop(processes) -> None:
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    deadline = time.monotonic() + 5
+    for process in processes:
+        process.join(timeout=max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+            process.join(timeout=5)
+
+
+def _rank_main(rank, world_size, device_type, init_method, timeout_s, fn, args, kwargs, writer):
+    """One spawned rank: join the group, run fn, send (status, payload) back to the launcher."""
+    if rank != 0:
+        sys.stdout = open(os.devnull, "w")
+    if device_type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    try:
+        ctx = ParallelContext(rank, world_size, local_rank=rank)
+        _init_process_group(ctx, device_type, init_method, timeout_s)
+        result = _run_here(ctx, fn, args, kwargs)
+        report = pickle.dumps(("ok", result if rank == 0 else None))
+        dist.destroy_process_group()
+    except BaseException as exc:  # noqa: BLE001 - every failure must reach the launcher
+        if not isinstance(exc, FacliError):
+            print(f"facli rank {rank} of {world_size}:\n{traceback.format_exc()}", file=sys.stderr)
+        report = pickle.dumps(("error", _describe(exc)))
+        _send_and_exit(writer, report, code=1)
+    _send_and_exit(writer, report, code=0)
+
+
+def _describe(exc: BaseException) -> dict:
+    user_error = None
+    if isinstance(exc, FacliError):
+        try:
+            user_error = pickle.loads(pickle.dumps(exc))
+        except Exception:  # noqa: BLE001 - an unpicklable subclass still carries its message
+            user_error = FacliError(str(exc))
+    return {"type": type(exc).__name__, "message": str(exc), "error": user_error, "time": time.time()}
+
+
+def _send_and_exit(writer, report: bytes, code: int) -> None:
+    try:
+        writer.send_bytes(report)
+        writer.close()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Skip interpreter teardown: after a failed collective, NCCL's destructors can block.
+        os._exit(code)

@@ -1,0 +1,202 @@
+"""Tensor parallelism on CPU with gloo: N ranks must equal one process, tiled or not."""
+
+import pytest
+import torch
+
+from checkpoints import build_checkpoint
+from facli.checkpoint import CheckpointReader
+from facli.config import ModelConfig
+from facli.engine import Engine
+from facli.errors import FacliError
+from facli.kv_cache import DeviceKVCache
+from facli.model import CausalLM
+from facli.parallel import comm
+from facli.parallel.context import ParallelContext, TensorParallelSettings
+from facli.parallel.launch import current_context, launch
+from facli.parallel.planning import check_tensor_parallel, choose_tile_tokens, weight_bytes_per_rank
+from facli.sampling import Sampler, SamplingParams
+
+MODELS = {
+    # 8 query heads over 4 KV heads: 4 ranks hold one KV head and two query heads each.
+    "llama-gqa-8q4kv": ("llama", dict(num_attention_heads=8, num_key_value_heads=4)),
+    # MHA with q/k/v/o biases (o_proj's bias is added once, after the reduction) and tied lm_head.
+    "llama-mha-bias-tied": ("llama", dict(attention_bias=True, tie_word_embeddings=True)),
+}
+PROMPT_LEN, PREFILL_CHUNK, TILE = 19, 8, 3  # chunks 8, 8, 3; tiles 3, 3, 2 (and untiled 3)
+TILINGS = {"untiled": None, "tile3": TILE}
+NEW_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    paths = {}
+    for name, (model_type, overrides) in MODELS.items():
+        paths[name] = tmp_path_factory.mktemp(name)
+        build_checkpoint(paths[name], model_type, **overrides)
+    return paths
+
+
+def _run_model(ctx: ParallelContext, directory, tile):
+    """Chunked prefill logits [T, V] of a fixed prompt, then greedy tokens through the engine."""
+    config = ModelConfig.from_dir(directory)
+    ctx = ctx.with_settings(TensorParallelSettings(tile_tokens=tile))
+    model = CausalLM(config, dtype=torch.float32, device="cpu", ctx=ctx)
+    model.load(CheckpointReader(directory))
+    kv = DeviceKVCache(config.num_hidden_layers, 1, PROMPT_LEN + NEW_TOKENS,
+                       config.num_key_value_heads // ctx.world_size, config.head_dim,
+                       torch.float32, torch.device("cpu"))
+    ids = torch.randint(0, config.vocab_size, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(7))
+    logits = [model(ids[:, s:s + PREFILL_CHUNK], s, kv, all_logits=True)[0]
+              for s in range(0, PROMPT_LEN, PREFILL_CHUNK)]
+    engine = Engine(model, kv, prefill_chunk=PREFILL_CHUNK,
+                    token_sync=lambda tokens: comm.broadcast_tokens(tokens, ctx))
+    run = engine.generate(ids[0].tolist(), max_new_tokens=NEW_TOKENS, sampler=Sampler(SamplingParams(), model.device))
+    return torch.cat(logits), run.token_ids
+
+
+def _row_parallel_cases(ctx: ParallelContext):
+    """Tiled and untiled row-parallel matmul against the full product, for odd token counts."""
+    generator = torch.Generator().manual_seed(3)
+    full_x = torch.randn(2, 63, 40, generator=generator)
+    full_w = torch.randn(24, 40, generator=generator)
+    part = 40 // ctx.world_size
+    x = full_x[..., ctx.rank * part:(ctx.rank + 1) * part]
+    w = full_w[:, ctx.rank * part:(ctx.rank + 1) * part]
+    errors = {}
+    for tokens in (1, 5, 63):
+        for tile in (None, 1, 4, 7):
+            tiled = ctx.with_settings(TensorParallelSettings(tile_tokens=tile))
+            out = comm.row_parallel_linear(x[:, :tokens], w, tiled)
+            errors[tokens, tile] = (out - full_x[:, :tokens] @ full_w.T).abs().max().item()
+    return errors
+
+
+def _rank_checks(ctx: ParallelContext, checkpoints):
+    assert current_context() == ctx
+    results = {(name, tiling): _run_model(ctx, path, tile)
+               for name, path in checkpoints.items() for tiling, tile in TILINGS.items()}
+    return results, _row_parallel_cases(ctx)
+
+
+@pytest.fixture(scope="module")
+def single(checkpoints):
+    return launch(_rank_checks, (checkpoints,), world_size=1)
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=["2-ranks", "4-ranks"])
+def parallel(request, checkpoints):
+    return request.param, launch(_rank_checks, (checkpoints,), world_size=request.param)
+
+
+@pytest.mark.parametrize("tiling", list(TILINGS))
+@pytest.mark.parametrize("name", list(MODELS))
+def test_ranks_match_one_process(single, parallel, name, tiling):
+    world, (results, _) = parallel
+    logits, tokens = results[name, tiling]
+    expected_logits, expected_tokens = single[0][name, "untiled"]
+    scale = expected_logits.abs().max().item()
+    # Only the summation order differs: a few float32 roundings of the largest logit.
+    assert (logits - expected_logits).abs().max().item() <= 64 * torch.finfo(torch.float32).eps * scale
+    assert tokens == expected_tokens
+    assert len(tokens) == NEW_TOKENS
+
+
+def test_row_parallel_tiles_match_full_product(parallel):
+    _, (_, errors) = parallel
+    assert max(errors.values()) < 1e-4, errors
+
+
+def test_tiling_does_not_change_one_process(single):
+    for name in MODELS:
+        assert torch.equal(single[0][name, "untiled"][0], single[0][name, "tile3"][0])
+
+
+def _raise_on_rank_one(ctx, kind, marker_dir):
+    (marker_dir / f"rank{ctx.rank}.pid").write_text(str(__import__("os").getpid()))
+    comm.barrier(ctx)
+    if ctx.rank == 1:
+        if kind == "user":
+            raise FacliError("expected a readable prompt, got none")
+        if kind == "bug":
+            raise ValueError("boom")
+        if kind == "exit":
+            __import__("os")._exit(3)
+        if kind == "hang":
+            __import__("time").sleep(600)
+    comm.barrier(ctx)  # rank 0 waits here for a peer that never comes
+    return "unreachable"
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("user", "rank 1 of 2: expected a readable prompt"),
+    ("bug", "rank 1 of 2 failed: ValueError: boom"),
+    ("exit", "rank 1 of 2 failed: ProcessExit: exited with code 3"),
+    ("hang", "rank 0 of 2 failed"),
+], ids=["facli-error", "exception", "process-exit", "peer-hangs"])
+def test_rank_failure_ends_all_ranks(tmp_path, kind, message):
+    import os
+    import time
+
+    started = time.monotonic()
+    with pytest.raises(FacliError, match=message):
+        launch(_raise_on_rank_one, (kind, tmp_path), world_size=2, timeout_s=5)
+    assert time.monotonic() - started < 30
+    for rank in range(2):
+        pid = int((tmp_path / f"rank{rank}.pid").read_text())
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_non_dividing_rank_count_is_a_clear_error():
+    config = ModelConfig.from_dict(dict(model_type="llama", vocab_size=384, hidden_size=64,
+                                        intermediate_size=160, num_hidden_layers=1,
+                                        num_attention_heads=8, num_key_value_heads=4))
+    check_tensor_parallel(config, 4)
+    with pytest.raises(FacliError, match=r"divide the model's num_attention_heads \(8\), got 3; use --devices 1, 2, 4"):
+        check_tensor_parallel(config, 3)
+    with pytest.raises(FacliError, match="num_key_value_heads"):
+        CausalLM(config, dtype=torch.float32, device="cpu", ctx=ParallelContext(0, 8))
+    with pytest.raises(FacliError, match="at most"):
+        launch(_rank_checks, ({},), world_size=2, device_type="cuda") if not torch.cuda.is_available() \
+            else pytest.skip("has a GPU")
+
+
+def test_planner_helpers():
+    config = ModelConfig.from_dict(dict(model_type="llama", vocab_size=32000, hidden_size=4096,
+                                        intermediate_size=11008, num_hidden_layers=32,
+                                        num_attention_heads=32, num_key_value_heads=32))
+    whole = weight_bytes_per_rank(config, 1, 2)
+    assert whole == 2 * config.num_parameters()
+    assert weight_bytes_per_rank(config, 8, 2) < whole / 7.9
+    assert choose_tile_tokens(4096, 1, 2, link_bytes_per_s=300e9) is None
+    tile = choose_tile_tokens(4096, 2, 2, link_bytes_per_s=300e9, chunk_tokens=32768)
+    assert 1024 <= tile <= 8192 and tile % 256 == 0
+
+
+TORCHRUN_SCRIPT = """
+import torch
+from facli.parallel import comm
+from facli.parallel.launch import launch
+
+def fn(ctx, offset):
+    total = comm.all_reduce_sum(torch.tensor([ctx.rank + offset]), ctx)
+    print(f"rank {ctx.rank} of {ctx.world_size}: sum {int(total)}")
+    return ctx.rank
+
+print("result", launch(fn, (1,), world_size=2))
+"""
+
+
+def test_runs_inside_torchrun(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "probe.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(script)], capture_output=True, text=True, timeout=120,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == "rank 0 of 2: sum 3 result 0".split()
