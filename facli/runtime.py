@@ -182,7 +182,9 @@ class Runtime:
             self.prefill_chunk = self.engine.prefill_chunk = prefill_chunk
 
     def generate(self, prompt_ids: list[int], *, max_new_tokens: int, sampling: SamplingParams,
-                 prefill_chunk: int | None = None, on_text=None, on_progress=None) -> GenerationResult:
+                 prefill_chunk: int | None = None, on_text=None, on_progress=None,
+                 ignore_eos: bool = False) -> GenerationResult:
+        """ignore_eos: decode all max_new_tokens even past an EOS token (benchmarks)."""
         if not prompt_ids:
             raise FacliError("expected a non-empty prompt, got 0 tokens; give --prompt or --prompt-file")
         if len(prompt_ids) >= self.ctx:
@@ -203,7 +205,7 @@ class Runtime:
 
         run = self.engine.generate(
             prompt_ids, max_new_tokens=max_new_tokens, sampler=Sampler(sampling, self.device),
-            eos_ids=self.eos_ids(), on_token=on_token, on_progress=on_progress,
+            eos_ids=() if ignore_eos else self.eos_ids(), on_token=on_token, on_progress=on_progress,
         )
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
         return GenerationResult(
