@@ -1,0 +1,183 @@
+"""The planner: model + hardware + context -> the fastest Plan that fits (pure, no devices).
+
+It searches the tensor-parallel degree, the prefill chunk and the KV split between GPU and
+pinned host memory (for each TP degree and chunk, as many layers on the GPU as fit: host
+layers only ever cost time), and both decode modes for host layers. Candidates are ranked
+by predicted prefill time plus `new_tokens` decode steps.
+"""
+
+from dataclasses import dataclass
+
+from facli.config import ModelConfig
+from facli.errors import FacliError, OutOfMemoryPlanError
+from facli.offload.candidates import (
+    Candidate,
+    evaluate,
+    evaluate_cpu,
+    fits_memory,
+    resolve_dtypes,
+    tp_choices,
+)
+from facli.offload.hardware import HardwareSpec
+from facli.offload.plan import Plan
+from facli.offload.plan_builder import build_plan
+from facli.units import format_bytes, format_ctx
+
+CHUNK_CHOICES = (256, 512, 1024, 2048, 4096, 8192, 16384)
+DECODE_MODE_CHOICES = ("auto", "prefetch", "cpu")
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """Choices the user may fix; None or "auto" lets the planner search."""
+
+    kv_dtype: str = "auto"  # auto: the weight dtype; or bf16, fp16, fp32, fp8
+    weight_dtype: str = "auto"  # auto: the checkpoint's (fp32 checkpoints run bf16 on GPUs)
+    devices: int | None = None  # TP degree; None searches 1..GPU count
+    prefill_chunk: int | None = None
+    decode_mode: str = "auto"  # for host-resident layers: auto, prefetch or cpu
+    allreduce_tile_tokens: int | None = None
+    safety_margin: str | int | None = None  # None: the hardware spec's; "5%", "2GiB", bytes
+    new_tokens: int = 256  # decode steps weighed against prefill when ranking
+    force: bool = False  # return the least-short plan (fits=False) instead of raising
+    model_name: str = "model"
+
+    def __post_init__(self):
+        if self.decode_mode not in DECODE_MODE_CHOICES:
+            raise FacliError(
+                f"expected --decode-mode one of {', '.join(DECODE_MODE_CHOICES)}, "
+                f"got {self.decode_mode!r}"
+            )
+        for name in ("devices", "prefill_chunk", "allreduce_tile_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise FacliError(f"expected {name.replace('_', '-')} >= 1, got {value}")
+        if self.new_tokens < 0:
+            raise FacliError(f"expected new_tokens >= 0, got {self.new_tokens}")
+
+
+def _chunk_choices(ctx: int, options: PlanOptions) -> list[int]:
+    if options.prefill_chunk is not None:
+        return [min(options.prefill_chunk, ctx)]
+    choices = [c for c in CHUNK_CHOICES if c < ctx] + [min(ctx, CHUNK_CHOICES[-1])]
+    return sorted(set(choices))
+
+
+def _mode_choices(options: PlanOptions) -> tuple[str, ...]:
+    return ("prefetch", "cpu") if options.decode_mode == "auto" else (options.decode_mode,)
+
+
+def _check_inputs(model: ModelConfig, ctx: int, batch: int) -> None:
+    if not isinstance(ctx, int) or ctx < 1:
+        raise FacliError(f"expected a context of at least 1 token, got {ctx!r}")
+    if not isinstance(batch, int) or batch < 1:
+        raise FacliError(f"expected --batch >= 1, got {batch!r}")
+
+
+def _margin_applied(hardware: HardwareSpec, options: PlanOptions) -> HardwareSpec:
+    if options.safety_margin is None:
+        return hardware
+    return hardware.with_margin(options.safety_margin)
+
+
+def candidates(model: ModelConfig, hardware: HardwareSpec, ctx: int, batch: int,
+               options: PlanOptions) -> list[Candidate]:
+    """Every placement considered, fitting or not, with its memory and predicted time."""
+    weight_dtype, kv_dtype, _ = resolve_dtypes(model, hardware, options)
+    chunks = _chunk_choices(ctx, options)
+    if hardware.num_gpus == 0:
+        tps = [options.devices or 1]
+        return [evaluate_cpu(model, hardware, ctx, batch, tp, chunk, weight_dtype, kv_dtype,
+                             options) for tp in tps for chunk in chunks]
+    found = []
+    for tp in tp_choices(model, hardware, options.devices):
+        for chunk in chunks:
+            seen_resident = False
+            for mode in _mode_choices(options):
+                candidate = evaluate(model, hardware, ctx, batch, tp, chunk, mode,
+                                     weight_dtype, kv_dtype, options)
+                if candidate.decode_mode == "resident":
+                    if seen_resident:
+                        continue
+                    seen_resident = True
+                found.append(candidate)
+    return found
+
+
+def plan(model: ModelConfig, hardware: HardwareSpec, ctx: int, batch: int = 1,
+         options: PlanOptions = PlanOptions()) -> Plan:
+    """The fastest placement of `model` at `ctx` tokens x `batch` sequences that fits.
+
+    Raises OutOfMemoryPlanError (one line: needs, has, short by, the largest context that
+    fits) when nothing fits, unless options.force, which returns the least-short plan with
+    fits=False.
+    """
+    _check_inputs(model, ctx, batch)
+    hardware = _margin_applied(hardware, options)
+    found = candidates(model, hardware, ctx, batch, options)
+    fitting = [c for c in found if c.fits]
+    if fitting:
+        best = min(fitting, key=lambda c: (c.total_s, c.tp, -c.chunk))
+    elif options.force:
+        best = min(found, key=lambda c: (c.shortfall_bytes, c.total_s))
+    else:
+        raise OutOfMemoryPlanError(_no_fit_message(model, hardware, ctx, batch, options, found))
+    _, _, notes = resolve_dtypes(model, hardware, options)
+    return build_plan(model, hardware, ctx, batch, options, best, found, notes)
+
+
+def fits_anywhere(model: ModelConfig, hardware: HardwareSpec, ctx: int, batch: int,
+                  options: PlanOptions) -> bool:
+    """Whether any TP degree fits `ctx` at the smallest chunk tried (memory only)."""
+    weight_dtype, kv_dtype, _ = resolve_dtypes(model, hardware, options)
+    chunk = min(_chunk_choices(ctx, options))
+    tps = [options.devices or 1] if hardware.num_gpus == 0 else tp_choices(
+        model, hardware, options.devices)
+    return any(fits_memory(model, hardware, ctx, batch, tp, chunk, weight_dtype, kv_dtype)
+               for tp in tps)
+
+
+def largest_fitting_ctx(model: ModelConfig, hardware: HardwareSpec, batch: int = 1,
+                        options: PlanOptions = PlanOptions(), upper: int = 1 << 24) -> int:
+    """The largest context (tokens) with some placement that fits; 0 if none does.
+
+    Binary search on memory alone (fitting is monotone in the context length)."""
+    hardware = _margin_applied(hardware, options)
+    if not fits_anywhere(model, hardware, 1, batch, options):
+        return 0
+    low, high = 1, upper
+    if fits_anywhere(model, hardware, high, batch, options):
+        return high
+    while high - low > 1:
+        middle = (low + high) // 2
+        if fits_anywhere(model, hardware, middle, batch, options):
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+def _no_fit_message(model: ModelConfig, hardware: HardwareSpec, ctx: int, batch: int,
+                    options: PlanOptions, found: list[Candidate]) -> str:
+    on_device = [c for c in found if c.short_on != "device"]
+    closest = min(on_device or found, key=lambda c: c.shortfall_bytes)
+    largest = largest_fitting_ctx(model, hardware, batch, options, upper=ctx)
+    where = (f"per GPU ({closest.tp} of {hardware.num_gpus} GPUs)" if hardware.num_gpus
+             else "of host memory")
+    if closest.short_on == "host":
+        where = "of pinned host memory"
+    fits_line = (f"the largest context that fits here is {largest} tokens ({_ctx_words(largest)})"
+                 if largest else "nothing fits here even at 1 token")
+    return (
+        f"expected {options.model_name} at ctx {format_ctx(ctx)} x batch {batch} to fit on "
+        f"{hardware.name}, got a need of {format_bytes(closest.need_bytes)} {where} with "
+        f"{format_bytes(closest.has_bytes)} available: short by "
+        f"{format_bytes(closest.shortfall_bytes)} ({closest.describe()}); {fits_line}; "
+        "lower --ctx or --batch, try --kv-dtype fp8, or use more GPUs (--hardware, --devices)"
+    )
+
+
+def _ctx_words(tokens: int) -> str:
+    if tokens >= 1024:
+        return f"{tokens / 1024:.1f}k".replace(".0k", "k")
+    return str(tokens)

@@ -1,0 +1,165 @@
+"""Predicted prefill and decode time of one placement, from the hardware spec's rates.
+
+Every guess lives in the constants below; calibrate them against `facli bench` measurements.
+Rates in the hardware recipes are already achievable figures (measured or datasheet scaled).
+"""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from facli.config import ModelConfig
+from facli.offload.hardware import HardwareSpec
+from facli.offload.memory_model import activation_bytes, kv_layer_bytes, weight_bytes
+
+# --- calibration ---
+MATMUL_HALF_EFFICIENCY_TOKENS = 128  # GEMM efficiency = tokens / (tokens + this)
+# Attention TFLOP/s as a share of the matmul rate. DESIGN.md on H200: FlexAttention (Triton)
+# 413 of 787 (0.52) at 64K, FA2 0.44, cuDNN 0.8; facli's Triton kernels are assumed Triton-class.
+ATTENTION_EFFICIENCY = 0.5
+ELEMENTWISE_PASSES = 2  # norms, RoPE, SiLU and residual adds re-read each activation byte
+LAYER_OVERHEAD_S = 30e-6  # per layer per forward step: kernel launches in eager mode
+TILING_OVERLAP = 0.8  # share of a chunk's compute that tiling-AllReduce hides comm behind
+CPU_ATTENTION_SYNC_S = 20e-6  # per host layer per decode step: q to host, partials back, merge
+# Tiles below 1024 tokens leave hidden-width GEMMs short of the tensor cores' rate, and the
+# runtime tiles only when a chunk holds at least two tiles (facli.parallel.comm); a tile equal
+# to the chunk means one AllReduce per projection.
+ALLREDUCE_TILE_CHOICES = (1024, 2048, 4096, 8192)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What the time model needs to know about one candidate placement."""
+
+    config: ModelConfig
+    ctx: int
+    batch: int
+    tp: int
+    chunk: int
+    tile_tokens: int
+    host_layers: int
+    decode_mode: str  # "resident", "prefetch" or "cpu"
+    weight_dtype_bytes: int
+    kv_dtype_bytes: int
+    on_cpu: bool = False  # a CPU-only plan: everything in host memory, computed by the CPU
+
+
+def _rates(hw: HardwareSpec, layout: Layout) -> tuple[float, float]:
+    """(matmul FLOP/s, memory bytes/s) of one rank."""
+    if layout.on_cpu:
+        return hw.cpu_matmul_tflops * 1e12, hw.cpu_memory_gbps * 1e9
+    gpus = hw.devices[: layout.tp]
+    return min(g.matmul_tflops for g in gpus) * 1e12, min(g.hbm_gbps for g in gpus) * 1e9
+
+
+def _linear_params(config: ModelConfig, tp: int) -> float:
+    """Matmul weights a token passes through on one rank (lm_head excluded)."""
+    h, d = config.hidden_size, config.head_dim
+    q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
+    per_layer = h * q + 2 * h * kv + q * h + 3 * h * config.intermediate_size
+    return config.num_hidden_layers * per_layer / tp
+
+
+def _allreduce_seconds(bytes_per_call: np.ndarray, calls: int, tiles: np.ndarray,
+                       hw: HardwareSpec, tp: int) -> np.ndarray:
+    ring = 2 * (tp - 1) / tp * bytes_per_call / (hw.inter_gpu_gbps * 1e9)
+    return calls * (tiles * hw.allreduce_latency_us * 1e-6 + ring)
+
+
+def _chunks(ctx: int, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    starts = np.arange(0, ctx, chunk, dtype=np.float64)
+    sizes = np.minimum(chunk, ctx - starts)
+    return starts, sizes
+
+
+def prefill_breakdown(hw: HardwareSpec, layout: Layout) -> dict[str, float]:
+    """Seconds of the prefill of `ctx` tokens in chunks, with the terms that make it up."""
+    c, t, b = layout.config, layout.tp, layout.batch
+    matmul_rate, mem_rate = _rates(hw, layout)
+    starts, sizes = _chunks(layout.ctx, layout.chunk)
+    tokens = sizes * b
+    efficiency = tokens / (tokens + MATMUL_HALF_EFFICIENCY_TOKENS)
+    flops = 2 * _linear_params(c, t) * tokens
+    weights = weight_bytes(c, layout.weight_dtype_bytes, t)
+    gemm = np.maximum(flops / (matmul_rate * efficiency), weights / mem_rate)
+    pairs = sizes * starts + sizes * (sizes + 1) / 2
+    attn_flops = 4 * c.head_dim * (c.num_attention_heads / t) * b * c.num_hidden_layers * pairs
+    attention = attn_flops / (matmul_rate * ATTENTION_EFFICIENCY)
+    per_chunk_act = activation_bytes(c, layout.chunk, b, layout.weight_dtype_bytes, t)
+    elementwise = (ELEMENTWISE_PASSES * per_chunk_act * c.num_hidden_layers / mem_rate
+                   * sizes / layout.chunk)
+    overhead = np.full_like(sizes, c.num_hidden_layers * LAYER_OVERHEAD_S)
+    compute = gemm + attention + elementwise + overhead
+    comm = np.zeros_like(sizes)
+    if t > 1 and not layout.on_cpu:
+        tiles = np.where(tokens >= 2 * layout.tile_tokens, np.ceil(tokens / layout.tile_tokens), 1)
+        total = _allreduce_seconds(tokens * c.hidden_size * layout.weight_dtype_bytes,
+                                   2 * c.num_hidden_layers, tiles, hw, t)
+        comm = np.maximum(total / tiles, total - TILING_OVERLAP * compute)
+    transfer = np.zeros_like(sizes)
+    if layout.host_layers and not layout.on_cpu:
+        per_token_layer = kv_layer_bytes(c, 1, b, layout.kv_dtype_bytes, t)
+        reload = layout.host_layers * per_token_layer * starts  # prefix of each host layer
+        write_back = layout.host_layers * per_token_layer * sizes
+        link = np.maximum(reload, write_back) / (hw.host_device_gbps * 1e9)
+        dram = (reload + write_back) * t / (hw.cpu_memory_gbps * 1e9)
+        transfer = np.maximum(link, dram)
+    busy = compute + comm
+    lm_head = 2 * c.vocab_size * c.hidden_size * b / t / matmul_rate
+    return {
+        "prefill_s": float(np.maximum(busy, transfer).sum() + lm_head),
+        "prefill_matmul_s": float(gemm.sum() + lm_head),
+        "prefill_attention_s": float(attention.sum()),
+        "prefill_elementwise_and_overhead_s": float((elementwise + overhead).sum()),
+        "prefill_comm_exposed_s": float(comm.sum()),
+        "prefill_host_transfer_exposed_s": float(np.maximum(transfer - busy, 0).sum()),
+    }
+
+
+def decode_breakdown(hw: HardwareSpec, layout: Layout) -> dict[str, float]:
+    """Seconds of one decode step with `ctx` positions cached, and its terms."""
+    c, t, b = layout.config, layout.tp, layout.batch
+    _, mem_rate = _rates(hw, layout)
+    layers = c.num_hidden_layers
+    layer_kv = kv_layer_bytes(c, layout.ctx, b, layout.kv_dtype_bytes, t)
+    weights = weight_bytes(c, layout.weight_dtype_bytes, t)
+    device = (weights + (layers - layout.host_layers) * layer_kv) / mem_rate
+    device += layers * LAYER_OVERHEAD_S
+    comm = 0.0
+    if t > 1 and not layout.on_cpu:
+        one = np.array([b * c.hidden_size * layout.weight_dtype_bytes], dtype=np.float64)
+        comm = float(_allreduce_seconds(one, 2 * layers, np.ones(1), hw, t)[0])
+    host_rank = layout.host_layers * layer_kv
+    host_total = host_rank * t
+    host = 0.0
+    if layout.host_layers and layout.decode_mode == "prefetch":
+        host = max(host_rank / (hw.host_device_gbps * 1e9), host_total / (hw.cpu_memory_gbps * 1e9))
+    elif layout.host_layers and layout.decode_mode == "cpu":
+        host = host_total / (hw.cpu_attention_gbps * 1e9)
+        host += layout.host_layers * CPU_ATTENTION_SYNC_S
+    step = max(device, host) + comm
+    return {
+        "decode_step_s": step,
+        "decode_device_s": device,
+        "decode_host_kv_s": host,
+        "decode_comm_s": comm,
+    }
+
+
+def choose_allreduce_tile(hw: HardwareSpec, layout: Layout) -> int:
+    """The tiling-AllReduce tile (tokens) that exposes the least comm over the prefill."""
+    if layout.tp == 1 or layout.on_cpu:
+        return layout.chunk
+    candidates = [tile for tile in ALLREDUCE_TILE_CHOICES if 2 * tile <= layout.chunk]
+    candidates.append(layout.chunk)
+
+    def exposed(tile: int) -> float:
+        trial = Layout(**{**layout.__dict__, "tile_tokens": tile})
+        return prefill_breakdown(hw, trial)["prefill_comm_exposed_s"]
+
+    return min(candidates, key=lambda tile: (exposed(tile), -tile))
+
+
+def num_chunks(ctx: int, chunk: int) -> int:
+    return math.ceil(ctx / chunk)

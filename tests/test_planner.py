@@ -1,0 +1,214 @@
+"""Planner invariants: never over budget, monotone in ctx, refuses when it should, fastest first."""
+
+import time
+
+import pytest
+
+from facli.errors import FacliError, OutOfMemoryPlanError
+from facli.kv_cache import DeviceKVCache
+from facli.offload.hardware import GpuSpec, HardwareSpec, load_hardware
+from facli.offload.planner import PlanOptions, candidates, largest_fitting_ctx, plan
+from facli.recipe_loader import load_model_recipe
+from facli.units import GIB, parse_ctx
+
+
+def model(name):
+    return load_model_recipe(name).config
+
+
+def options(**values):
+    return PlanOptions(model_name=values.pop("model_name", "m"), **values)
+
+
+def test_fastattention_setup_fits_llama_7b_at_256k_on_8_v100():
+    result = plan(model("llama-7b"), load_hardware("8xV100-32GB"), 256 * 1024, 1, options())
+    assert result.fits and result.tp in (1, 2, 4, 8)
+    assert result.weight_dtype == "fp16"  # Volta: no bf16
+    assert all(d.peak_bytes <= d.budget_bytes for d in result.devices)
+    assert len(result.gpu_layers) + len(result.host_layers) == 32
+
+
+GRID = [
+    ("llama-7b", "8xV100-32GB"), ("llama-7b", "1xH200-141GB"), ("llama-7b", "1xRTX4090-24GB"),
+    ("llama-3-8b", "1xA100-80GB"), ("llama-2-13b", "2xH200"), ("qwen2-7b", "8xH200"),
+    ("mistral-7b", "1xH100-80GB"),
+]
+CTXS = ["4k", "32k", "100k", "128k", "256k", "1m"]
+
+
+def _plan_or_none(name, hardware, ctx, batch=1, **values):
+    try:
+        return plan(model(name), load_hardware(hardware), parse_ctx(ctx), batch, options(**values))
+    except OutOfMemoryPlanError:
+        return None
+
+
+@pytest.mark.parametrize(("name", "hardware"), GRID, ids=[f"{m}-{h}" for m, h in GRID])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_never_over_budget(name, hardware, batch):
+    for ctx in CTXS:
+        result = _plan_or_none(name, hardware, ctx, batch)
+        if result is None:
+            continue
+        for device in result.devices:
+            assert device.peak_bytes <= device.budget_bytes, (ctx, device)
+            assert device.peak_bytes == (device.weights_bytes + device.kv_bytes
+                                         + device.kv_staging_bytes + device.activation_bytes
+                                         + device.comm_bytes + device.workspace_bytes)
+        assert result.host.kv_bytes <= result.host.budget_bytes
+        assert bool(result.host.layers) == (result.decode_mode != "resident")
+        assert sorted(result.gpu_layers + result.host.layers) == list(range(len(
+            result.gpu_layers) + len(result.host.layers)))
+
+
+@pytest.mark.parametrize(("name", "hardware"), GRID, ids=[f"{m}-{h}" for m, h in GRID])
+def test_monotone_in_ctx(name, hardware):
+    ladder = [parse_ctx(c) for c in ("2k", "8k", "32k", "64k", "128k", "192k", "256k", "512k",
+                                     "1m", "2m")]
+    results = [_plan_or_none(name, hardware, ctx) for ctx in ladder]
+    fitted = [r is not None for r in results]
+    assert fitted == sorted(fitted, reverse=True), "once it refuses, longer contexts refuse too"
+    plans = [r for r in results if r is not None]
+    for shorter, longer in zip(plans, plans[1:]):
+        assert longer.timing.ttft_s >= shorter.timing.ttft_s
+        assert longer.timing.decode_step_s >= shorter.timing.decode_step_s * 0.999
+        assert longer.timing.total_s >= shorter.timing.total_s
+        assert len(longer.host.layers) >= len(shorter.host.layers) or longer.tp > shorter.tp
+
+
+def test_refuses_with_needs_has_short_by_and_largest_ctx():
+    hw, config = load_hardware("1xRTX4090-24GB"), model("llama-7b")
+    with pytest.raises(OutOfMemoryPlanError) as error:
+        plan(config, hw, 256 * 1024, 1, options(model_name="llama-7b"))
+    message = str(error.value)
+    assert "\n" not in message
+    for words in ("need of", "available", "short by", "largest context that fits here"):
+        assert words in message
+    largest = largest_fitting_ctx(config, hw, 1, options())
+    assert str(largest) in message
+    assert plan(config, hw, largest, 1, options()).fits
+    with pytest.raises(OutOfMemoryPlanError):
+        plan(config, hw, largest + 1, 1, options())
+
+
+def test_weights_that_do_not_fit_anywhere():
+    with pytest.raises(OutOfMemoryPlanError, match="nothing fits here even at 1 token"):
+        plan(model("llama-2-13b"), load_hardware("1xRTX4090-24GB"), 4096, 1, options())
+    assert largest_fitting_ctx(model("llama-2-13b"), load_hardware("1xRTX4090-24GB")) == 0
+
+
+def test_force_returns_the_least_short_plan():
+    result = plan(model("llama-7b"), load_hardware("1xRTX4090-24GB"), 1 << 20, 1,
+                  options(force=True))
+    assert not result.fits and "DOES NOT FIT" in result.explanation[-1]
+
+
+def test_offloads_layers_when_kv_outgrows_the_gpu():
+    result = plan(model("llama-7b"), load_hardware("1xH200-141GB"), 256 * 1024, 1, options())
+    assert result.fits and 0 < len(result.host.layers) < 32
+    device = result.devices[0]
+    layer = 2 * 256 * 1024 * 32 * 128 * 2  # K and V of one layer, bf16
+    assert device.kv_bytes == len(result.gpu_layers) * layer
+    assert device.kv_staging_bytes == 2 * layer
+    assert result.host.kv_bytes == len(result.host.layers) * layer
+    assert result.decode_mode in ("prefetch", "cpu")
+    assert any("decode mode" in line for line in result.explanation)
+
+
+def test_fp8_kv_keeps_everything_on_one_h200():
+    result = plan(model("llama-7b"), load_hardware("1xH200-141GB"), 256 * 1024, 1,
+                  options(kv_dtype="fp8"))
+    assert result.kv_dtype == "fp8" and not result.host.layers
+    assert result.devices[0].kv_bytes == 32 * 2 * 256 * 1024 * 32 * (128 + 4)
+
+
+def test_resident_kv_is_what_the_runtime_allocates():
+    config = model("llama-3-8b")
+    result = plan(config, load_hardware("1xA100-80GB"), 32 * 1024, 2, options())
+    assert result.decode_mode == "resident"
+    assert result.devices[0].kv_bytes == DeviceKVCache.bytes_needed(
+        config.num_hidden_layers, 2, 32 * 1024, config.num_key_value_heads, config.head_dim, 2)
+    assert result.devices[0].weights_bytes == config.num_parameters() * 2
+
+
+def test_tensor_parallel_splits_kv_and_weights():
+    config = model("llama-7b")
+    one = plan(config, load_hardware("8xH200"), 32 * 1024, 1, options(devices=1))
+    four = plan(config, load_hardware("8xH200"), 32 * 1024, 1, options(devices=4))
+    assert four.tp == 4 and len(four.devices) == 4
+    assert four.devices[0].kv_bytes * 4 == one.devices[0].kv_bytes
+    assert four.devices[0].weights_bytes * 4 == pytest.approx(one.devices[0].weights_bytes, rel=0.01)
+    assert four.devices[0].reserved_bytes > one.devices[0].reserved_bytes  # NCCL buffers
+
+
+def test_fixed_choices_are_respected():
+    hw = load_hardware("1xH200-141GB")
+    result = plan(model("llama-7b"), hw, 256 * 1024, 1,
+                  options(prefill_chunk=2048, decode_mode="cpu"))
+    assert result.prefill_chunk == 2048 and result.decode_mode == "cpu"
+    tiled = plan(model("llama-7b"), load_hardware("8xH200"), 64 * 1024, 1,
+                 options(devices=8, allreduce_tile_tokens=2048))
+    assert tiled.tp == 8 and tiled.allreduce_tile_tokens == 2048
+
+
+@pytest.mark.parametrize(("devices", "match"), [(3, "dividing"), (16, "at most")])
+def test_invalid_tp_degree_is_a_user_error(devices, match):
+    with pytest.raises(FacliError, match=match):
+        plan(model("llama-7b"), load_hardware("8xH200"), 4096, 1, options(devices=devices))
+
+
+def test_tp_degrees_searched_divide_the_heads():
+    found = candidates(model("qwen2-7b"), load_hardware("8xH200"), 8192, 1, options())
+    assert {c.tp for c in found} == {1, 2, 4}  # 28 query heads, 4 KV heads
+
+
+def test_picks_the_fastest_fitting_candidate():
+    config, hw = model("llama-7b"), load_hardware("8xV100-32GB")
+    found = candidates(config, hw, 128 * 1024, 1, options())
+    result = plan(config, hw, 128 * 1024, 1, options())
+    assert result.timing.total_s == pytest.approx(min(c.total_s for c in found if c.fits))
+    assert any(line.startswith("rejected TP") for line in result.explanation)
+
+
+def test_cpu_only_hardware_gives_a_cpu_plan():
+    hw = HardwareSpec("cpu", (), 64 * GIB, 10.0, 50.0, 15.0, 1.0, 0.0, 0.0, GIB)
+    result = plan(model("llama-7b"), hw, 4096, 1, options())
+    assert result.device_kind == "cpu" and result.decode_mode == "resident"
+    assert result.devices[0].peak_bytes <= result.devices[0].budget_bytes
+
+
+def test_explicit_bf16_on_volta_is_refused():
+    with pytest.raises(FacliError, match="no bf16"):
+        plan(model("llama-7b"), load_hardware("8xV100-32GB"), 4096, 1, options(weight_dtype="bf16"))
+
+
+def test_prediction_is_in_the_measured_range_on_h200():
+    # DESIGN.md: transformers (cuDNN attention) prefills Llama-7B at 32K in 1.42 s on one H200.
+    result = plan(model("llama-7b"), load_hardware("1xH200-141GB"), 32 * 1024, 1, options())
+    assert 0.7 < result.timing.ttft_s < 3.0
+    assert 50 < result.timing.decode_tokens_per_s < 300
+
+
+def test_sliding_window_is_noted():
+    result = plan(model("mistral-7b"), load_hardware("1xH100-80GB"), 32 * 1024, 1, options())
+    assert any("sliding_window" in line for line in result.explanation)
+
+
+def test_a_plan_is_quick():
+    start = time.perf_counter()
+    plan(model("llama-7b"), load_hardware("8xV100-32GB"), 1 << 20, 1, options(force=True))
+    assert time.perf_counter() - start < 1.0
+
+
+def test_odd_heads_and_a_single_layer():
+    gpu = GpuSpec("tiny", 4 * GIB, 0, 10.0, 100.0, (8, 0))
+    hw = HardwareSpec("tiny", (gpu,) * 3, 8 * GIB, 10.0, 20.0, 5.0, 0.5, 50.0, 10.0, 0)
+    from facli.config import ModelConfig
+
+    config = ModelConfig.from_dict({
+        "model_type": "llama", "vocab_size": 1001, "hidden_size": 192, "intermediate_size": 517,
+        "num_hidden_layers": 1, "num_attention_heads": 3, "num_key_value_heads": 3})
+    result = plan(config, hw, 63, 1, options())
+    assert result.prefill_chunk == 63 and result.tp == 1  # vocab 1001 does not split in 3
+    with pytest.raises(FacliError, match="vocab_size 1001"):
+        plan(config, hw, 63, 1, options(devices=3))
