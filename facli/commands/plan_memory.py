@@ -1,0 +1,96 @@
+"""`facli plan-memory`: where weights, KV cache and activations go, and how long it should take."""
+
+from typing import Annotated
+
+import typer
+
+from facli.offload.hardware import hardware_from_option
+from facli.offload.plan import Plan
+from facli.offload.planner import PlanOptions, plan
+from facli.recipe_loader import resolve_model_config
+from facli.units import format_bytes, format_ctx, parse_ctx
+
+
+def command(
+    model: Annotated[str | None, typer.Option(
+        help="Checkpoint directory (with config.json) or recipe name (see `facli recipes`); "
+             "left out: the embedded demo model.")] = None,
+    ctx: Annotated[str, typer.Option(help="Context length: 4096, 32k, 256k, 1m (k = 1024).")] = "32k",
+    batch: Annotated[int, typer.Option(help="Sequences decoded together.")] = 1,
+    hardware: Annotated[str, typer.Option(
+        help="'auto' (this machine) or a hardware recipe such as 8xV100-32GB.")] = "auto",
+    devices: Annotated[int | None, typer.Option(
+        help="Tensor-parallel degree; left out, the planner picks the fastest.")] = None,
+    kv_dtype: Annotated[str, typer.Option(
+        help="KV cache dtype: auto (the weights'), bf16, fp16, fp32 or fp8.")] = "auto",
+    prefill_chunk: Annotated[int | None, typer.Option(
+        help="Prefill chunk in tokens; left out, the planner picks.")] = None,
+    decode_mode: Annotated[str, typer.Option(
+        help="Decode of host-resident KV: auto, prefetch (stream to GPU) or cpu (attend on "
+             "the CPU).")] = "auto",
+    margin: Annotated[str | None, typer.Option(
+        help="Memory kept free on each GPU: 2GiB, 512MiB or 5% (default 3%).")] = None,
+    json: Annotated[bool, typer.Option(
+        "--json", help="Print the plan as one JSON object on the last line.")] = False,
+) -> None:
+    """Plan memory and predict time for a long-context run, before loading anything."""
+    name, config = resolve_model_config(model)
+    spec = hardware_from_option(hardware, margin)
+    options = PlanOptions(kv_dtype=kv_dtype, devices=devices, prefill_chunk=prefill_chunk,
+                          decode_mode=decode_mode, model_name=name)
+    result = plan(config, spec, parse_ctx(ctx), batch, options)
+    if json:
+        print(result.to_json())
+    else:
+        print(render(result))
+
+
+def render(result: Plan) -> str:
+    """The readable table of a plan."""
+    lines = [
+        f"{result.model}: ctx {format_ctx(result.ctx)} x batch {result.batch} on "
+        f"{result.hardware} (weights {result.weight_dtype}, KV {result.kv_dtype})",
+        "",
+    ]
+    header = ("device", "weights", "KV", "staging", "activations", "comm+work", "peak",
+              "budget", "free")
+    rows = [header]
+    for d in result.devices:
+        label = f"{d.kind}:{d.index}" if d.kind == "cuda" else f"cpu rank {d.index}"
+        rows.append((label, *(format_bytes(v) for v in (
+            d.weights_bytes, d.kv_bytes, d.kv_staging_bytes, d.activation_bytes,
+            d.comm_bytes + d.workspace_bytes, d.peak_bytes, d.budget_bytes, d.free_bytes))))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines += ["  ".join(cell.rjust(w) if i else cell.ljust(w)
+                        for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
+    host = result.host
+    host_layers = _layer_ranges(host.layers) or "none"
+    lines += [
+        f"host: KV offloaded {format_bytes(host.kv_bytes)} of {format_bytes(host.budget_bytes)} "
+        f"pinnable (layers {host_layers})",
+        f"GPU: {result.devices[0].name} x {result.tp}" if result.device_kind == "cuda"
+        else "CPU-only plan: no GPU in the hardware spec",
+        "",
+        f"tensor parallel {result.tp}, prefill chunk {result.prefill_chunk} tokens, "
+        f"AllReduce tile {result.allreduce_tile_tokens} tokens, decode mode {result.decode_mode}",
+        f"predicted: time to first token {result.timing.ttft_s:.2f} s, decode "
+        f"{result.timing.decode_tokens_per_s:.1f} tokens/s ({result.timing.decode_step_s * 1e3:.1f} "
+        "ms per step)",
+        "fits" if result.fits else "DOES NOT FIT",
+        "",
+        "why:",
+    ]
+    lines += [f"  - {line}" for line in result.explanation]
+    return "\n".join(lines)
+
+
+def _layer_ranges(layers: tuple[int, ...]) -> str:
+    """(0, 1, 2, 5) -> '0-2, 5'."""
+    parts, start = [], None
+    for i, layer in enumerate(layers):
+        if start is None:
+            start = layer
+        if i + 1 == len(layers) or layers[i + 1] != layer + 1:
+            parts.append(str(start) if start == layer else f"{start}-{layer}")
+            start = None
+    return ", ".join(parts)

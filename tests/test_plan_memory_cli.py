@@ -1,0 +1,112 @@
+"""`facli plan-memory` and `facli recipes` as a user runs them."""
+
+import json
+import shutil
+import subprocess
+
+import pytest
+from typer.testing import CliRunner
+
+from facli.cli import app
+from facli.recipe_loader import list_hardware_recipes, list_model_recipes
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, list(args))
+
+
+def test_table_for_the_fastattention_setup():
+    result = run("plan-memory", "--model", "llama-7b", "--ctx", "256k", "--hardware", "8xV100-32GB")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    for words in ("cuda:0", "weights", "KV", "activations", "free", "host: KV offloaded",
+                  "decode mode", "time to first token", "tokens/s", "fits", "why:"):
+        assert words in out, words
+
+
+def test_json_is_one_object_on_the_last_line():
+    result = run("plan-memory", "--model", "llama-7b", "--ctx", "256k", "--hardware",
+                 "1xH200-141GB", "--json")
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout.strip().splitlines()[-1])
+    assert plan["schema_version"] == 1 and plan["ctx"] == 262144 and plan["fits"]
+    assert plan["host"]["layers"]  # 128 GiB of KV does not all fit on one H200
+
+
+def test_options_reach_the_plan():
+    result = run("plan-memory", "--model", "llama-7b", "--ctx", "64k", "--batch", "2",
+                 "--hardware", "8xH200", "--devices", "2", "--kv-dtype", "fp8",
+                 "--prefill-chunk", "4096", "--margin", "10%", "--json")
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout.splitlines()[-1])
+    assert (plan["tp"], plan["batch"], plan["kv_dtype"], plan["prefill_chunk"]) == (2, 2, "fp8", 4096)
+    assert plan["devices"][0]["margin_bytes"] == int(plan["devices"][0]["capacity_bytes"] * 0.10)
+
+
+def test_decode_mode_option():
+    result = run("plan-memory", "--model", "llama-7b", "--ctx", "256k", "--hardware",
+                 "1xH200-141GB", "--decode-mode", "cpu", "--json")
+    assert json.loads(result.stdout.splitlines()[-1])["decode_mode"] == "cpu"
+
+
+def test_nothing_fits_is_one_line_and_exit_1():
+    result = run("plan-memory", "--model", "llama-7b", "--ctx", "256k", "--hardware",
+                 "1xRTX4090-24GB")
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "short by" in lines[0]
+    assert "largest context that fits here" in lines[0] and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (("--hardware", "9xNothing"), "8xV100-32GB"),
+    (("--model", "llama-99b"), "llama-7b"),
+    (("--devices", "3", "--hardware", "8xH200"), "dividing"),
+    (("--ctx", "lots"), "context length"),
+    (("--kv-dtype", "int3"), "dtype"),
+    (("--decode-mode", "disk"), "decode-mode"),
+], ids=["hardware", "model", "devices", "ctx", "kv-dtype", "decode-mode"])
+def test_user_errors(args, words):
+    base = {"--model": "llama-7b", "--hardware": "1xH200-141GB"}
+    for key, value in zip(args[::2], args[1::2]):
+        base[key] = value
+    result = run("plan-memory", *[x for pair in base.items() for x in pair])
+    assert result.exit_code == 1, result.output
+    assert words in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_model_directory(tmp_path):
+    raw = {"model_type": "llama", "vocab_size": 1000, "hidden_size": 256,
+           "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4,
+           "torch_dtype": "bfloat16"}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    result = run("plan-memory", "--model", str(tmp_path), "--ctx", "8k", "--hardware",
+                 "1xA100-80GB", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.splitlines()[-1])["weight_dtype"] == "bf16"
+
+
+def test_demo_model_on_this_machine():
+    pytest.importorskip("facli.demo")
+    result = run("plan-memory", "--ctx", "4k", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.splitlines()[-1])["model"] == "demo"
+
+
+def test_recipes_lists_models_and_hardware():
+    result = run("recipes")
+    assert result.exit_code == 0, result.output
+    for name in list_model_recipes() + list_hardware_recipes():
+        assert name in result.stdout
+    assert "FACLI_LLAMA_7B" in result.stdout
+
+
+@pytest.mark.skipif(shutil.which("facli") is None, reason="console script not installed")
+def test_console_script():
+    done = subprocess.run(["facli", "plan-memory", "--model", "qwen2-7b", "--ctx", "128k",
+                           "--hardware", "2xH200", "--json"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1])["model"] == "qwen2-7b"
