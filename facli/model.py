@@ -18,7 +18,7 @@ from facli.parallel.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
-from facli.parallel.planning import check_tensor_parallel
+from facli.parallel.degrees import check_tensor_parallel
 from facli.rope import RotaryEmbedding, apply_rotary
 
 

@@ -13,7 +13,7 @@ from facli.model import CausalLM
 from facli.parallel import comm
 from facli.parallel.context import ParallelContext, TensorParallelSettings
 from facli.parallel.launch import current_context, launch
-from facli.parallel.planning import check_tensor_parallel, choose_tile_tokens, weight_bytes_per_rank
+from facli.parallel.degrees import check_tensor_parallel, valid_degrees
 from facli.sampling import Sampler, SamplingParams
 
 MODELS = {
@@ -161,16 +161,11 @@ def test_non_dividing_rank_count_is_a_clear_error():
             else pytest.skip("has a GPU")
 
 
-def test_planner_helpers():
+def test_valid_degrees_of_llama_7b_shapes():
     config = ModelConfig.from_dict(dict(model_type="llama", vocab_size=32000, hidden_size=4096,
                                         intermediate_size=11008, num_hidden_layers=32,
                                         num_attention_heads=32, num_key_value_heads=32))
-    whole = weight_bytes_per_rank(config, 1, 2)
-    assert whole == 2 * config.num_parameters()
-    assert weight_bytes_per_rank(config, 8, 2) < whole / 7.9
-    assert choose_tile_tokens(4096, 1, 2, link_bytes_per_s=300e9) is None
-    tile = choose_tile_tokens(4096, 2, 2, link_bytes_per_s=300e9, chunk_tokens=32768)
-    assert 1024 <= tile <= 8192 and tile % 256 == 0
+    assert valid_degrees(config) == [1, 2, 4, 8]
 
 
 TORCHRUN_SCRIPT = """
