@@ -19,7 +19,7 @@ from facli.parallel.context import SINGLE_PROCESS, ParallelContext
 from facli.runtime import ResolvedModel, Runtime, RuntimeOptions, check_context, resolve_model
 from facli.sampling import SamplingParams
 from facli.summarize import manifest as manifests
-from facli.summarize.documents import discover, read_documents
+from facli.summarize.documents import SourceFile, discover, read_documents
 from facli.summarize.interrupt import StopRequest
 from facli.summarize.job import JobSettings, JobSummary, run_documents
 from facli.summarize.output import ExistingResults, ResultWriter, read_results
@@ -67,9 +67,11 @@ def run_summarize(request: SummarizeRequest, parallel: ParallelContext = SINGLE_
     Every tensor-parallel rank calls this with its own `parallel`; rank 0 alone writes files."""
     started = time.perf_counter()
     log = _logger(parallel.is_writer)
+    files = discover(request.inputs, exclude=[request.out])
+    template = read_template(request.prompt_template)
     resolved = resolve_model(request.model)
     tokenizer = load_tokenizer(resolved.path)
-    corpus = prepare_corpus(request, resolved, tokenizer)
+    corpus = prepare_corpus(request, files, template, resolved, tokenizer)
     log(f"facli: corpus: {corpus.plan.describe()}")
     writer = ResultWriter(request.out) if parallel.is_writer else None
     with writer or nullcontext():
@@ -109,16 +111,14 @@ def _run_loop(runtime, pending: list[PreparedDocument], writer: ResultWriter | N
                              agree=_stop_agreement(parallel, runtime.device))
 
 
-def prepare_corpus(request: SummarizeRequest, resolved: ResolvedModel, tokenizer) -> Corpus:
+def prepare_corpus(request: SummarizeRequest, files: list[SourceFile], template: str | None,
+                   resolved: ResolvedModel, tokenizer) -> Corpus:
     """Read and tokenize every document and plan the context, before any weights load."""
     ctx = request.ctx or resolved.config.max_position_embeddings
     check_context(resolved.config, ctx, request.allow_ctx_extension)
-    template = read_template(request.prompt_template)
     prompts = make_prompts(tokenizer, template)
     budget = Budget(ctx=ctx, max_new_tokens=request.max_new_tokens)
-    out = Path(request.out)
-    documents = read_documents(discover(request.inputs, exclude=[out]))
-    prepared = tokenize(documents, prompts)
+    prepared = tokenize(read_documents(files), prompts)
     plan = plan_corpus(prepared, prompts, budget, request.strategy)
     settings = JobSettings(request.strategy, budget, prompts, request.sampling)
     return Corpus(prepared, settings, plan, template)
