@@ -1,0 +1,231 @@
+"""facli summarize with the embedded demo model on CPU: a mixed folder, resume, retries,
+determinism, the manifest, and runs killed with SIGINT and SIGKILL part-way."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from facli.errors import FacliError
+from facli.sampling import SamplingParams
+from facli.summarize.run import SummarizeRequest, run_summarize
+from facli.summarize.strategies import Strategy
+
+FACLI = str(Path(sys.executable).with_name("facli"))
+CTX, NEW = 256, 4
+
+
+def write(path: Path, data: bytes | str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+
+
+def mixed_folder(root: Path) -> Path:
+    docs = root / "docs"
+    write(docs / "a.txt", "The cat sat on the mat. It was a sunny day in the garden.\n")
+    write(docs / "notes/b.md", "# Notes\n\nTwo short lines of markdown.\n")
+    write(docs / "c.jsonl", '{"id": "rec-1", "text": "First record."}\n{"text": "Second record."}\n')
+    write(docs / "empty.txt", b"")
+    write(docs / "latin1.txt", "caf\xe9 cr\xe8me".encode("latin-1"))
+    write(docs / "long.txt", "word " * 100)  # 500 byte tokens: more than ctx 256 holds
+    return docs
+
+
+def numbered_folder(root: Path, count: int = 8) -> Path:
+    docs = root / "many"
+    for index in range(count):
+        write(docs / f"doc{index:02d}.txt", f"Document number {index}: a few words about item {index}.")
+    return docs
+
+
+def request(docs: Path, out: Path, **changes) -> SummarizeRequest:
+    values = dict(inputs=(docs,), out=out, ctx=CTX, max_new_tokens=NEW, device="cpu")
+    return SummarizeRequest(**{**values, **changes})
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def by_id(out: Path) -> dict[str, dict]:
+    found = records(out)
+    ids = [r["id"] for r in found]
+    assert len(ids) == len(set(ids)), f"duplicated records: {ids}"
+    return {r["id"]: r for r in found}
+
+
+def comparable(rows: dict[str, dict]) -> dict[str, dict]:
+    """Records without what differs between equal runs: timings and the folder they ran in."""
+    return {key: {k: v for k, v in row.items() if k not in ("seconds", "source")}
+            for key, row in rows.items()}
+
+
+@pytest.fixture(scope="module")
+def mixed_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mixed")
+    docs, out = mixed_folder(root), root / "out" / "results.jsonl"
+    summary = run_summarize(request(docs, out))
+    return docs, out, summary, by_id(out)
+
+
+@pytest.fixture(scope="module")
+def numbered_reference(tmp_path_factory):
+    root = tmp_path_factory.mktemp("numbered")
+    out = root / "reference.jsonl"
+    run_summarize(request(numbered_folder(root), out))
+    return comparable(by_id(out))
+
+
+def test_mixed_folder_records_every_document(mixed_run):
+    _, _, summary, rows = mixed_run
+    status = {key.split("#")[0]: row["status"] for key, row in rows.items()}
+    assert status == {"docs/a.txt": "ok", "docs/notes/b.md": "ok", "rec-1": "ok",
+                      "docs/c.jsonl": "ok", "docs/empty.txt": "failed",
+                      "docs/latin1.txt": "failed", "docs/long.txt": "failed"}
+    errors = {key.split("#")[0]: row["error"] for key, row in rows.items()}
+    assert errors["docs/empty.txt"] == "empty document"
+    assert "expected UTF-8" in errors["docs/latin1.txt"]
+    assert "at most" in errors["docs/long.txt"] and "--strategy truncate" in errors["docs/long.txt"]
+    for row in rows.values():
+        assert list(row) == ["id", "source", "summary", "prompt_tokens", "generated_tokens",
+                             "seconds", "status", "error"]
+        if row["status"] == "ok":
+            assert isinstance(row["summary"], str) and 1 <= row["generated_tokens"] <= NEW
+            assert row["error"] is None and row["prompt_tokens"] > 0
+    assert (summary.done, summary.failed, summary.skipped, summary.interrupted) == (4, 3, 0, False)
+
+
+def test_manifest_beside_the_output(mixed_run):
+    _, out, _, _ = mixed_run
+    manifest = json.loads((out.parent / "results.manifest.json").read_text())
+    assert manifest["facli_version"]
+    assert manifest["model"]["config_hash"].startswith("sha256:")
+    assert Path(manifest["model"]["path"], "config.json").is_file()
+    assert manifest["settings"]["seed"] == 0 and manifest["settings"]["max_new_tokens"] == NEW
+    plan = manifest["plan"]
+    assert (plan["documents"], plan["unusable"], plan["fit"], plan["ctx"]) == (7, 2, 4, CTX)
+    assert plan["runtime_ctx"] < CTX and plan["memory"]["ctx"] == plan["runtime_ctx"]
+    (run,) = manifest["runs"]
+    assert run["finished"] and (run["done"], run["failed"], run["strategy"]) == (4, 3, "fit")
+
+
+def test_rerun_skips_everything_and_other_settings_are_refused(mixed_run):
+    docs, out, _, rows = mixed_run
+    before = out.read_bytes()
+    summary = run_summarize(request(docs, out))
+    assert (summary.done, summary.failed, summary.skipped) == (0, 0, 7)
+    assert out.read_bytes() == before
+    with pytest.raises(FacliError, match="expected the seed of the run that wrote"):
+        run_summarize(request(docs, out, sampling=SamplingParams(seed=1)))
+
+
+def test_retry_failed_with_truncate_redoes_only_the_failed(mixed_run, tmp_path):
+    docs, out, _, rows = mixed_run
+    copy = tmp_path / "results.jsonl"
+    copy.write_bytes(out.read_bytes())
+    (tmp_path / "results.manifest.json").write_bytes((out.parent / "results.manifest.json").read_bytes())
+    summary = run_summarize(request(docs, copy, strategy=Strategy.TRUNCATE, retry_failed=True))
+    assert (summary.done, summary.failed, summary.skipped) == (1, 2, 4)
+    after = by_id(copy)
+    assert after.keys() == rows.keys()
+    long_id = next(key for key in rows if key.startswith("docs/long.txt"))
+    assert after[long_id]["status"] == "ok" and after[long_id]["prompt_tokens"] == CTX - NEW
+    assert {k: v for k, v in after.items() if v["status"] == "ok" and k != long_id} == \
+        {k: v for k, v in rows.items() if v["status"] == "ok"}
+
+
+def test_map_reduce_summarizes_a_document_longer_than_the_context(mixed_run, tmp_path):
+    docs, _, _, _ = mixed_run
+    out = tmp_path / "r.jsonl"
+    run_summarize(request(docs / "long.txt", out, strategy=Strategy.MAP_REDUCE))
+    (row,) = records(out)
+    assert row["status"] == "ok" and row["prompt_tokens"] > CTX
+    assert NEW < row["generated_tokens"] <= 4 * NEW
+
+
+def test_sampled_summaries_are_deterministic_for_a_fixed_seed(mixed_run, tmp_path):
+    docs = mixed_run[0]
+    summaries = []
+    for name, seed in (("first", 7), ("second", 7), ("other", 8)):
+        out = tmp_path / f"{name}.jsonl"
+        sampling = SamplingParams(temperature=1.0, seed=seed)
+        run_summarize(request(docs / "a.txt", out, sampling=sampling, max_new_tokens=8))
+        summaries.append(records(out)[0]["summary"])
+    assert summaries[0] == summaries[1] != summaries[2]
+
+
+def start(docs: Path, out: Path, stderr: Path) -> subprocess.Popen:
+    command = [FACLI, "summarize", str(docs), "--out", str(out), "--ctx", str(CTX),
+               "--max-new-tokens", str(NEW), "--device", "cpu", "--json"]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr.open("wb"),
+                            text=True, start_new_session=True)
+
+
+def wait_for_lines(out: Path, count: int, process: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if out.exists() and out.read_bytes().count(b"\n") >= count:
+            return
+        assert process.poll() is None, "facli exited before writing its first records"
+        time.sleep(0.02)
+    raise AssertionError(f"no {count} records in {out} after {timeout} s")
+
+
+def finish(docs: Path, out: Path, stderr: Path) -> dict:
+    process = start(docs, out, stderr)
+    stdout, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr.read_text()
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def test_sigint_saves_what_is_done_and_the_rerun_completes(tmp_path, numbered_reference):
+    docs, out, log = numbered_folder(tmp_path), tmp_path / "r.jsonl", tmp_path / "stderr.txt"
+    process = start(docs, out, log)
+    wait_for_lines(out, 1, process)
+    process.send_signal(signal.SIGINT)
+    stdout, _ = process.communicate(timeout=120)
+    assert process.returncode == 130, log.read_text()
+    assert "stopping after the current document" in log.read_text()
+    assert "Traceback" not in log.read_text()
+    interrupted = json.loads(stdout.strip().splitlines()[-1])
+    saved = by_id(out)
+    assert interrupted["interrupted"] and interrupted["done"] == len(saved) < len(numbered_reference)
+    summary = finish(docs, out, log)
+    assert summary["skipped"] == len(saved) and summary["done"] == len(numbered_reference) - len(saved)
+    assert comparable(by_id(out)) == numbered_reference
+
+
+def test_sigkill_and_a_torn_last_line_then_the_rerun_completes(tmp_path, numbered_reference, capfd):
+    docs, out, log = numbered_folder(tmp_path), tmp_path / "r.jsonl", tmp_path / "stderr.txt"
+    process = start(docs, out, log)
+    wait_for_lines(out, 2, process)
+    os.kill(process.pid, signal.SIGKILL)
+    process.communicate(timeout=60)
+    saved = len(by_id(out))
+    assert 2 <= saved < len(numbered_reference)
+    with out.open("ab") as handle:  # what a crash in the middle of a write leaves
+        handle.write(b'{"id": "many/doc07.txt#0", "source": "many/doc0')
+    summary = run_summarize(request(docs, out))
+    assert "dropped a partial last line" in capfd.readouterr().err
+    assert summary.skipped == saved and summary.done == len(numbered_reference) - saved
+    assert comparable(by_id(out)) == numbered_reference
+    assert out.read_bytes().endswith(b"\n")
+
+
+def test_cli_user_error_is_one_line_and_usage_error_exits_2(tmp_path):
+    from typer.testing import CliRunner
+
+    from facli.cli import app
+
+    runner = CliRunner()
+    missing = runner.invoke(app, ["summarize", str(tmp_path / "nope"), "--out", str(tmp_path / "r.jsonl")])
+    assert missing.exit_code == 1 and missing.stdout == ""
+    assert missing.stderr.strip().splitlines() == [
+        f"facli: error: expected an existing file or directory, got '{tmp_path / 'nope'}'; check the path"]
+    usage = runner.invoke(app, ["summarize", str(tmp_path), "--out", "r.jsonl", "--strategy", "all"])
+    assert usage.exit_code == 2 and "'all' is not one of" in usage.stderr
