@@ -129,7 +129,7 @@ def resolve_model_config(model: str | None) -> tuple[str, ModelConfig]:
     """
     if model is None or model == DEMO_MODEL_NAME:
         try:
-            from facli.demo import demo_config
+            from facli import demo
         except ModuleNotFoundError as missing:
             if missing.name != "facli.demo":
                 raise
@@ -137,7 +137,7 @@ def resolve_model_config(model: str | None) -> tuple[str, ModelConfig]:
                 "expected --model (a checkpoint directory or a recipe name such as "
                 f"{', '.join(list_model_recipes())}), got none, and this build has no demo model"
             ) from None
-        return DEMO_MODEL_NAME, demo_config()
+        return getattr(demo, "DEMO_NAME", DEMO_MODEL_NAME), demo.demo_config()
     path = Path(model).expanduser()
     if path.is_dir():
         return path.name or str(path), ModelConfig.from_dir(path)

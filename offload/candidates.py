@@ -109,9 +109,11 @@ def resolve_dtypes(model: ModelConfig, hardware: HardwareSpec,
     """(weight dtype, KV dtype, notes) after `auto` and what the GPUs can compute in."""
     notes = []
     gpus = hardware.devices
-    if options.weight_dtype == "auto":
+    if options.weight_dtype == "auto" and not gpus:
+        weight = "fp32"  # as the runtime: CPUs compute in float32
+    elif options.weight_dtype == "auto":
         weight = canonical_dtype(model.torch_dtype)
-        if weight == "fp32" and gpus:
+        if weight == "fp32":
             weight = "bf16"
             notes.append("weights: the checkpoint is fp32; GPUs run it in bf16")
     else:

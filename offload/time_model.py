@@ -22,6 +22,9 @@ ELEMENTWISE_PASSES = 2  # norms, RoPE, SiLU and residual adds re-read each activ
 LAYER_OVERHEAD_S = 30e-6  # per layer per forward step: kernel launches in eager mode
 TILING_OVERLAP = 0.8  # share of a chunk's compute that tiling-AllReduce hides comm behind
 CPU_ATTENTION_SYNC_S = 20e-6  # per host layer per decode step: q to host, partials back, merge
+# facli.offload.kv_store keeps 2 staging slots; a slot keeps its layer across chunks and tokens,
+# so with at most this many host layers their prefix is never reloaded, only new rows move.
+STAGING_SLOTS = 2
 # Tiles below 1024 tokens leave hidden-width GEMMs short of the tensor cores' rate, and the
 # runtime tiles only when a chunk holds at least two tiles (facli.parallel.comm); a tile equal
 # to the chunk means one AllReduce per projection.
@@ -100,7 +103,8 @@ def prefill_breakdown(hw: HardwareSpec, layout: Layout) -> dict[str, float]:
     transfer = np.zeros_like(sizes)
     if layout.host_layers and not layout.on_cpu:
         per_token_layer = kv_layer_bytes(c, 1, b, layout.kv_dtype_bytes, t)
-        reload = layout.host_layers * per_token_layer * starts  # prefix of each host layer
+        reloaded = 0 if layout.host_layers <= STAGING_SLOTS else layout.host_layers
+        reload = reloaded * per_token_layer * starts  # prefix of each host layer, per chunk
         write_back = layout.host_layers * per_token_layer * sizes
         link = np.maximum(reload, write_back) / (hw.host_device_gbps * 1e9)
         dram = (reload + write_back) * t / (hw.cpu_memory_gbps * 1e9)
@@ -124,7 +128,10 @@ def decode_breakdown(hw: HardwareSpec, layout: Layout) -> dict[str, float]:
     layers = c.num_hidden_layers
     layer_kv = kv_layer_bytes(c, layout.ctx, b, layout.kv_dtype_bytes, t)
     weights = weight_bytes(c, layout.weight_dtype_bytes, t)
-    device = (weights + (layers - layout.host_layers) * layer_kv) / mem_rate
+    # Host layers in prefetch mode are read from their staging slot (model dtype) on the GPU.
+    staged = layout.host_layers if layout.decode_mode == "prefetch" else 0
+    slot_kv = kv_layer_bytes(c, layout.ctx, b, layout.weight_dtype_bytes, t)
+    device = (weights + (layers - layout.host_layers) * layer_kv + staged * slot_kv) / mem_rate
     device += layers * LAYER_OVERHEAD_S
     comm = 0.0
     if t > 1 and not layout.on_cpu:
@@ -133,12 +140,17 @@ def decode_breakdown(hw: HardwareSpec, layout: Layout) -> dict[str, float]:
     host_rank = layout.host_layers * layer_kv
     host_total = host_rank * t
     host = 0.0
-    if layout.host_layers and layout.decode_mode == "prefetch":
+    if layout.decode_mode == "prefetch" and layout.host_layers > STAGING_SLOTS:
+        # Every host layer streams in per token, overlapped with the other layers' compute.
         host = max(host_rank / (hw.host_device_gbps * 1e9), host_total / (hw.cpu_memory_gbps * 1e9))
-    elif layout.host_layers and layout.decode_mode == "cpu":
+        step = max(device, host) + comm
+    elif layout.decode_mode == "cpu" and layout.host_layers:
+        # The next layer needs this layer's output: the GPU waits for the CPU's part.
         host = host_total / (hw.cpu_attention_gbps * 1e9)
         host += layout.host_layers * CPU_ATTENTION_SYNC_S
-    step = max(device, host) + comm
+        step = device + host + comm
+    else:
+        step = device + comm
     return {
         "decode_step_s": step,
         "decode_device_s": device,

@@ -89,10 +89,10 @@ def test_model_directory(tmp_path):
 
 
 def test_demo_model_on_this_machine():
-    pytest.importorskip("facli.demo")
+    demo = pytest.importorskip("facli.demo")
     result = run("plan-memory", "--ctx", "4k", "--json")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout.splitlines()[-1])["model"] == "demo"
+    assert json.loads(result.stdout.splitlines()[-1])["model"] == demo.DEMO_NAME
 
 
 def test_recipes_lists_models_and_hardware():

@@ -174,6 +174,7 @@ def test_cpu_only_hardware_gives_a_cpu_plan():
     hw = HardwareSpec("cpu", (), 64 * GIB, 10.0, 50.0, 15.0, 1.0, 0.0, 0.0, GIB)
     result = plan(model("llama-7b"), hw, 4096, 1, options())
     assert result.device_kind == "cpu" and result.decode_mode == "resident"
+    assert result.weight_dtype == "fp32"  # the runtime computes in float32 on CPUs
     assert result.devices[0].peak_bytes <= result.devices[0].budget_bytes
 
 

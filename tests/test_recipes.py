@@ -137,3 +137,10 @@ def test_model_option_takes_a_directory_or_a_recipe(tmp_path):
 def test_hardware_recipes_listed():
     assert {"8xV100-32GB", "1xA100-80GB", "1xH100-80GB", "1xH200-141GB", "2xH200", "8xH200",
             "1xRTX4090-24GB"} <= set(list_hardware_recipes())
+
+
+def test_recipe_functions_import_from_the_recipes_package():
+    from facli import recipes
+
+    assert recipes.load_model_recipe("llama-7b").name == "llama-7b"
+    assert recipes.resolve_weights_dir is resolve_weights_dir
