@@ -19,6 +19,7 @@ from facli.offload.time_model import (
     decode_breakdown,
     prefill_breakdown,
 )
+from facli.parallel.degrees import sharded_sizes
 
 FP8_NATIVE_CAPABILITY = (8, 9)
 
@@ -75,17 +76,10 @@ class Candidate:
         return text
 
 
-def _split_sizes(model: ModelConfig) -> dict[str, int]:
-    """The sizes tensor parallelism splits (as facli.parallel checks): each must divide evenly."""
-    return {"num_attention_heads": model.num_attention_heads,
-            "num_key_value_heads": model.num_key_value_heads,
-            "intermediate_size": model.intermediate_size, "vocab_size": model.vocab_size}
-
-
 def tp_choices(model: ModelConfig, hardware: HardwareSpec, fixed: int | None) -> list[int]:
     """TP degrees that divide the heads, KV heads, MLP width and vocabulary, on at most the GPUs
     there are."""
-    sizes = _split_sizes(model)
+    sizes = sharded_sizes(model)
     valid = [t for t in range(1, hardware.num_gpus + 1)
              if all(size % t == 0 for size in sizes.values())]
     if fixed is None:

@@ -4,14 +4,20 @@ Every guess lives in the constants below; calibrate them against `facli bench` m
 Rates in the hardware recipes are already achievable figures (measured or datasheet scaled).
 """
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from facli.config import ModelConfig
 from facli.offload.hardware import HardwareSpec
-from facli.offload.memory_model import activation_bytes, kv_layer_bytes, weight_bytes
+# A staging slot keeps its layer across chunks and tokens (facli.offload.kv_store), so with at
+# most STAGING_SLOTS host layers their prefix is never reloaded, only new rows move.
+from facli.offload.memory_model import (
+    STAGING_SLOTS,
+    activation_bytes,
+    kv_layer_bytes,
+    weight_bytes,
+)
 
 # --- calibration ---
 MATMUL_HALF_EFFICIENCY_TOKENS = 128  # GEMM efficiency = tokens / (tokens + this)
@@ -22,9 +28,6 @@ ELEMENTWISE_PASSES = 2  # norms, RoPE, SiLU and residual adds re-read each activ
 LAYER_OVERHEAD_S = 30e-6  # per layer per forward step: kernel launches in eager mode
 TILING_OVERLAP = 0.8  # share of a chunk's compute that tiling-AllReduce hides comm behind
 CPU_ATTENTION_SYNC_S = 20e-6  # per host layer per decode step: q to host, partials back, merge
-# facli.offload.kv_store keeps 2 staging slots; a slot keeps its layer across chunks and tokens,
-# so with at most this many host layers their prefix is never reloaded, only new rows move.
-STAGING_SLOTS = 2
 # Tiles below 1024 tokens leave hidden-width GEMMs short of the tensor cores' rate, and the
 # runtime tiles only when a chunk holds at least two tiles (facli.parallel.comm); a tile equal
 # to the chunk means one AllReduce per projection.
@@ -171,7 +174,3 @@ def choose_allreduce_tile(hw: HardwareSpec, layout: Layout) -> int:
         return prefill_breakdown(hw, trial)["prefill_comm_exposed_s"]
 
     return min(candidates, key=lambda tile: (exposed(tile), -tile))
-
-
-def num_chunks(ctx: int, chunk: int) -> int:
-    return math.ceil(ctx / chunk)
