@@ -6,10 +6,9 @@ a `Document` with `error` set, so that one bad file never stops the batch.
 
 import hashlib
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from facli.errors import FacliError
 
@@ -78,16 +77,16 @@ def _check_suffix(path: Path) -> None:
         )
 
 
-def read_documents(files: Sequence[SourceFile]) -> list[Document]:
+def read_documents(files: Sequence[SourceFile], log: Callable[[str], None] = print) -> list[Document]:
     """Read every file into documents (one per .txt/.md file, one per .jsonl record), then drop
-    repeats of the same id and text."""
+    repeats of the same id and text (saying so through `log`)."""
     documents: list[Document] = []
     for source in files:
         if source.path.suffix.lower() == ".jsonl":
             documents.extend(_read_jsonl(source))
         else:
             documents.append(_read_text(source))
-    return unique(documents)
+    return unique(documents, log)
 
 
 def _read_bytes(path: Path) -> tuple[bytes | None, str | None]:
@@ -153,7 +152,7 @@ def _parse_record(source: SourceFile, number: int, line: bytes) -> Document:
     return Document(doc_id, where, text, None)
 
 
-def unique(documents: Sequence[Document]) -> list[Document]:
+def unique(documents: Sequence[Document], log: Callable[[str], None] = print) -> list[Document]:
     """Keep the first of documents with the same id and text; the same id with different text is
     a user error, since results are keyed by id."""
     first: dict[str, Document] = {}
@@ -169,5 +168,5 @@ def unique(documents: Sequence[Document]) -> list[Document]:
                 "give each record its own id"
             )
         else:
-            print(f"facli: {doc.source} repeats {seen.source}; summarizing it once", file=sys.stderr)
+            log(f"facli: {doc.source} repeats {seen.source}; summarizing it once")
     return kept

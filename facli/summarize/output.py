@@ -26,6 +26,7 @@ class ExistingResults:
     records: dict[str, dict] = field(default_factory=dict)
     complete_bytes: int = 0
     partial_bytes: int = 0
+    ignored_lines: list[int] = field(default_factory=list)  # complete lines that are no record
 
     def ids_with_status(self, status: str) -> set[str]:
         return {doc_id for doc_id, record in self.records.items() if record.get("status") == status}
@@ -43,7 +44,7 @@ def read_results(path: Path) -> ExistingResults:
         record = _parse_line(line)
         if record is None:
             if line.strip():
-                print(f"facli: ignoring line {number} of {path}: not a result record", file=sys.stderr)
+                existing.ignored_lines.append(number)
             continue
         existing.records[record["id"]] = record
     return existing
@@ -78,12 +79,22 @@ class ResultWriter:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = _acquire_lock(lock_path(self.path))
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock = _acquire_lock(lock_path(self.path))
+        except OSError as exc:
+            raise _not_writable(self.path, exc) from None
+        try:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as exc:
+            os.close(self._lock)
+            raise _not_writable(self.path, exc) from None
 
     def repair(self, existing: ExistingResults) -> None:
         """Cut off a partial last line so that the next record starts on a line of its own."""
+        if existing.ignored_lines:
+            lines = ", ".join(map(str, existing.ignored_lines[:5]))
+            print(f"facli: ignoring line(s) {lines} of {self.path}: not result records", file=sys.stderr)
         if existing.partial_bytes:
             os.ftruncate(self._fd, existing.complete_bytes)
             os.fsync(self._fd)
@@ -114,6 +125,11 @@ class ResultWriter:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def _not_writable(path: Path, exc: OSError) -> FacliError:
+    return FacliError(f"expected a writable --out file, got {path}: {exc.strerror or exc}; "
+                      "choose another path")
 
 
 def lock_path(output: Path) -> Path:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from facli.errors import FacliError
-from facli.parallel.comm import all_reduce_sum
+from facli.parallel.comm import all_reduce_sum, barrier
 from facli.parallel.context import SINGLE_PROCESS, ParallelContext
 from facli.runtime import ResolvedModel, Runtime, RuntimeOptions, check_context, resolve_model
 from facli.sampling import SamplingParams
@@ -71,12 +71,13 @@ def run_summarize(request: SummarizeRequest, parallel: ParallelContext = SINGLE_
     template = read_template(request.prompt_template)
     resolved = resolve_model(request.model)
     tokenizer = load_tokenizer(resolved.path)
-    corpus = prepare_corpus(request, files, template, resolved, tokenizer)
+    corpus = prepare_corpus(request, files, template, resolved, tokenizer, log)
     log(f"facli: corpus: {corpus.plan.describe()}")
     writer = ResultWriter(request.out) if parallel.is_writer else None
     with writer or nullcontext():
         existing = read_results(request.out)
         pending, skipped = select_pending(corpus.prepared, existing, request.retry_failed)
+        barrier(parallel)  # every rank has read the output before rank 0 changes it
         memory = _plan_memory(request, resolved, corpus.plan) if pending and writer else None
         if memory is not None:
             log(f"facli: {memory.summary_line()}")
@@ -112,13 +113,13 @@ def _run_loop(runtime, pending: list[PreparedDocument], writer: ResultWriter | N
 
 
 def prepare_corpus(request: SummarizeRequest, files: list[SourceFile], template: str | None,
-                   resolved: ResolvedModel, tokenizer) -> Corpus:
+                   resolved: ResolvedModel, tokenizer, log=print) -> Corpus:
     """Read and tokenize every document and plan the context, before any weights load."""
     ctx = request.ctx or resolved.config.max_position_embeddings
     check_context(resolved.config, ctx, request.allow_ctx_extension)
     prompts = make_prompts(tokenizer, template)
     budget = Budget(ctx=ctx, max_new_tokens=request.max_new_tokens)
-    prepared = tokenize(read_documents(files), prompts)
+    prepared = tokenize(read_documents(files, log), prompts)
     plan = plan_corpus(prepared, prompts, budget, request.strategy)
     settings = JobSettings(request.strategy, budget, prompts, request.sampling)
     return Corpus(prepared, settings, plan, template)
