@@ -16,6 +16,7 @@ class PrefillConfig:
     block_n: int
     num_warps: int
     num_stages: int
+    tma: bool = False  # K/V tiles through the Hopper copy engine (sm90+, D in {64, 128, 256})
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):

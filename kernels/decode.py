@@ -18,10 +18,9 @@ m - phi lies in [-WINDOW, WINDOW] (log2 units): above, exp2 could overflow float
 row outside the window redoes its keys with the exact online-softmax (rescaling) path, so the
 result is always exact to rounding; the fallback is counted per split.
 
-The probabilities feed the P @ V product in bf16 for bf16 caches (bf16 has float32's exponent
-range, so the window holds); for float16 caches they stay float32 and both products run in tf32,
-whose exponent range is float32's (float16 holds only 2**-24..2**16) and whose 10-bit mantissa
-holds float16 K/V exactly.
+The probabilities feed the P @ V product in the cache's dtype. bfloat16 has float32's exponent
+range, so the window holds; float16 holds only 2**-24..2**16, too narrow for a shift chosen ahead,
+so float16 caches always take the exact path (and count no fallback).
 """
 
 import math
@@ -35,13 +34,20 @@ from facli.kernels.configs import DecodeConfig, decode_config, num_sms
 
 LOG2E = 1.4426950408889634
 WINDOW = 64.0
-MAX_SPLITS = 64
+MAX_SPLITS = 128
 
 
 @triton.jit
-def _load_kv(ptrs, keys, stop, d_ok, P_FP32: tl.constexpr):
-    x = tl.load(ptrs, mask=(keys[:, None] < stop) & d_ok, other=0.0)
-    return x.to(tl.float32) if P_FP32 else x
+def _tile(k_base, v_base, n, stride_kt, stride_vt, stop, offs_n, offs_d, d_ok, BLOCK_N: tl.constexpr):
+    n = tl.multiple_of(n, BLOCK_N)
+    keys = n + offs_n
+    kv_ok = (keys[:, None] < stop) & d_ok
+    # The tile's base in int64: at 256K positions, position * stride exceeds 2**31.
+    k = tl.load(k_base + n.to(tl.int64) * stride_kt + offs_n[:, None] * stride_kt + offs_d[None, :],
+                mask=kv_ok, other=0.0)
+    v = tl.load(v_base + n.to(tl.int64) * stride_vt + offs_n[:, None] * stride_vt + offs_d[None, :],
+                mask=kv_ok, other=0.0)
+    return keys, k, v
 
 
 @triton.jit
@@ -52,11 +58,54 @@ def _scores(q, k, keys, stop, q_pos, qk_scale):
 
 
 @triton.jit
+def _async_split(q, k_base, v_base, stride_kt, stride_vt, start, stop, q_pos, phi, qk_scale,
+                 head_dim, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Sums against the unified phi: no running max, no rescaling of the accumulator."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d[None, :] < head_dim
+    m = tl.full([BLOCK_R], float("-inf"), tl.float32)  # tracked only to validate phi
+    l_i = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    for n in range(start, stop, BLOCK_N):
+        keys, k, v = _tile(k_base, v_base, n, stride_kt, stride_vt, stop, offs_n, offs_d, d_ok, BLOCK_N)
+        qk = _scores(q, k, keys, stop, q_pos, qk_scale)
+        m = tl.maximum(m, tl.max(qk, 1))
+        p = tl.math.exp2(qk - phi[:, None])
+        l_i += tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, l_i, m
+
+
+@triton.jit
+def _exact_split(q, k_base, v_base, stride_kt, stride_vt, start, stop, q_pos, qk_scale, head_dim,
+                 BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Online softmax with rescaling against the split's own running max."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d[None, :] < head_dim
+    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    for n in range(start, stop, BLOCK_N):
+        keys, k, v = _tile(k_base, v_base, n, stride_kt, stride_vt, stop, offs_n, offs_d, d_ok, BLOCK_N)
+        qk = _scores(q, k, keys, stop, q_pos, qk_scale)
+        m_new = tl.maximum(m, tl.max(qk, 1))
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - shift[:, None])
+        alpha = tl.math.exp2(m - shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m = m_new
+    return acc, l_i, m
+
+
+@triton.jit
 def _split_kernel(Q, K, V, LENS, PHI, O_PART, LSE_PART, FALLBACK,
                   stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                   stride_vb, stride_vt, stride_vh,
                   kv_heads, q_len, group, chunk, qk_scale, head_dim,
-                  GIVEN_PHI: tl.constexpr, P_FP32: tl.constexpr, WINDOW: tl.constexpr,
+                  GIVEN_PHI: tl.constexpr, ASYNC: tl.constexpr, WINDOW: tl.constexpr,
                   BLOCK_R: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     split = tl.program_id(0)
@@ -70,13 +119,10 @@ def _split_kernel(Q, K, V, LENS, PHI, O_PART, LSE_PART, FALLBACK,
     t = rows % q_len
     h = kv_h * group + rows // q_len
     row_ok = rows < group * q_len
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < head_dim
     q = tl.load(Q + b * stride_qb + t[:, None] * stride_qt + h[:, None] * stride_qh + offs_d[None, :],
                 mask=row_ok[:, None] & d_ok, other=0.0)
-    if P_FP32:
-        q = q.to(tl.float32)
     q_pos = seq_len - q_len + t
     k_base = K + b * stride_kb + kv_h * stride_kh
     v_base = V + b * stride_vb + kv_h * stride_vh
@@ -89,48 +135,21 @@ def _split_kernel(Q, K, V, LENS, PHI, O_PART, LSE_PART, FALLBACK,
 
     start = split * chunk
     stop = tl.minimum(start + chunk, seq_len)
-    # Fast path: no running max, no rescaling; the max is tracked only to validate phi.
-    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_R], tl.float32)
-    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-    for n in range(start, stop, BLOCK_N):
-        n = tl.multiple_of(n, BLOCK_N)
-        keys = n + offs_n
-        off_k = n.to(tl.int64) * stride_kt + offs_n[:, None] * stride_kt + offs_d[None, :]
-        off_v = n.to(tl.int64) * stride_vt + offs_n[:, None] * stride_vt + offs_d[None, :]
-        k = _load_kv(k_base + off_k, keys, stop, d_ok, P_FP32)
-        qk = _scores(q, k, keys, stop, q_pos, qk_scale)
-        m = tl.maximum(m, tl.max(qk, 1))
-        p = tl.math.exp2(qk - phi[:, None])
-        l_i += tl.sum(p, 1)
-        v = _load_kv(v_base + off_v, keys, stop, d_ok, P_FP32)
-        acc = tl.dot(p.to(v.dtype), v, acc)
-
-    gap = m - phi
-    unsafe = (m > float("-inf")) & ((gap > WINDOW) | (gap < -WINDOW))
-    fallback = tl.sum(unsafe.to(tl.int32), 0) > 0
-    ref = phi
-    if fallback:
-        # Exact path: online softmax with rescaling, against the split's own running max.
-        ref = tl.full([BLOCK_R], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_R], tl.float32)
-        acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-        for n in range(start, stop, BLOCK_N):
-            n = tl.multiple_of(n, BLOCK_N)
-            keys = n + offs_n
-            off_k = n.to(tl.int64) * stride_kt + offs_n[:, None] * stride_kt + offs_d[None, :]
-            off_v = n.to(tl.int64) * stride_vt + offs_n[:, None] * stride_vt + offs_d[None, :]
-            k = _load_kv(k_base + off_k, keys, stop, d_ok, P_FP32)
-            qk = _scores(q, k, keys, stop, q_pos, qk_scale)
-            m_new = tl.maximum(ref, tl.max(qk, 1))
-            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(qk - shift[:, None])
-            alpha = tl.math.exp2(ref - shift)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = _load_kv(v_base + off_v, keys, stop, d_ok, P_FP32)
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-            ref = m_new
-    tl.store(FALLBACK + bh * num_splits + split, fallback.to(tl.int32))
+    if ASYNC:
+        acc, l_i, m = _async_split(q, k_base, v_base, stride_kt, stride_vt, start, stop, q_pos, phi,
+                                   qk_scale, head_dim, BLOCK_R, BLOCK_N, BLOCK_D)
+        gap = m - phi
+        unsafe = (m > float("-inf")) & ((gap > WINDOW) | (gap < -WINDOW))
+        fallback = tl.sum(unsafe.to(tl.int32), 0) > 0
+        ref = phi
+        if fallback:
+            acc, l_i, ref = _exact_split(q, k_base, v_base, stride_kt, stride_vt, start, stop, q_pos,
+                                         qk_scale, head_dim, BLOCK_R, BLOCK_N, BLOCK_D)
+        tl.store(FALLBACK + bh * num_splits + split, fallback.to(tl.int32))
+    else:
+        acc, l_i, ref = _exact_split(q, k_base, v_base, stride_kt, stride_vt, start, stop, q_pos,
+                                     qk_scale, head_dim, BLOCK_R, BLOCK_N, BLOCK_D)
+        tl.store(FALLBACK + bh * num_splits + split, 0)
 
     seen = l_i > 0.0
     lse = tl.where(seen, ref + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
@@ -167,10 +186,20 @@ def _merge_kernel(O_PART, LSE_PART, O, LSE, stride_ob, stride_ot, stride_oh,
 
 
 def choose_num_splits(batch: int, kv_heads: int, cache_len: int, device, cfg: DecodeConfig) -> int:
-    """Splits per (sequence, KV head), from shapes only (no look at cache_lens: graph-safe)."""
-    target = triton.cdiv(cfg.programs_per_sm * num_sms(device), batch * kv_heads)
-    most = max(1, triton.cdiv(cache_len, 4 * cfg.block_n))  # at least 4 tiles per split
-    return max(1, min(target, most, MAX_SPLITS))
+    """Splits per (sequence, KV head), from shapes only (no look at cache_lens: graph-safe).
+
+    At least programs_per_sm programs per multiprocessor, at least 4 tiles per split, and among
+    up to twice that many splits the count whose last wave of programs is fullest.
+    """
+    slots = cfg.programs_per_sm * num_sms(device)
+    most = max(1, min(MAX_SPLITS, triton.cdiv(cache_len, 4 * cfg.block_n)))
+    least = max(1, min(most, triton.cdiv(slots, batch * kv_heads)))
+
+    def filled(splits):
+        programs = batch * kv_heads * splits
+        return programs / (triton.cdiv(programs, slots) * slots)
+
+    return max(range(least, min(most, 2 * least) + 1), key=lambda s: (filled(s), -s))
 
 
 def decode_attention_triton(q, k_cache, v_cache, cache_lens, *, scale=None, return_lse=False,
@@ -215,7 +244,7 @@ def decode_attention_triton(q, k_cache, v_cache, cache_lens, *, scale=None, retu
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         kv_heads, q_len, group, chunk, scale * LOG2E, head_dim,
-        GIVEN_PHI=unified_max is not None, P_FP32=q.dtype != torch.bfloat16, WINDOW=WINDOW,
+        GIVEN_PHI=unified_max is not None, ASYNC=q.dtype != torch.float16, WINDOW=WINDOW,
         BLOCK_R=max(16, triton.next_power_of_2(group * q_len)), BLOCK_N=cfg.block_n,
         BLOCK_D=block_d, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -224,6 +253,7 @@ def decode_attention_triton(q, k_cache, v_cache, cache_lens, *, scale=None, retu
     _merge_kernel[(batch * q_heads * q_len,)](
         o_part, lse_part, out, lse, out.stride(0), out.stride(1), out.stride(2),
         q_heads, q_len, splits, head_dim,
-        WRITE_LSE=return_lse, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d, num_warps=4,
+        WRITE_LSE=return_lse, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d,
+        num_warps=4 if splits <= 32 else 8,
     )
     return (out, lse) if return_lse else out

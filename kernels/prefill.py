@@ -14,6 +14,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from facli.kernels import common
 from facli.kernels.configs import PrefillConfig, prefill_config
@@ -22,9 +23,9 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, q_pos, lo, hi, k_len,
-           qk_scale, head_dim, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-           EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _tiles(acc, l_i, m_i, q, k_base, v_base, desc_k, desc_v, b, col, stride_kt, stride_vt, q_pos,
+           lo, hi, k_len, qk_scale, head_dim, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+           EVEN_D: tl.constexpr, TMA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < head_dim
@@ -34,7 +35,10 @@ def _tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, q_pos, lo, hi
         # The tile's base in int64: at 256K keys, key * stride exceeds 2**31 for wide KV heads.
         k_ptrs = k_base + start_n.to(tl.int64) * stride_kt + offs_n[:, None] * stride_kt + offs_d[None, :]
         v_ptrs = v_base + start_n.to(tl.int64) * stride_vt + offs_n[:, None] * stride_vt + offs_d[None, :]
-        if MASKED:
+        if TMA:
+            # The copy engine zero-fills rows past k_len; the masked loop still masks scores.
+            k = desc_k.load([b, start_n, col]).reshape(BLOCK_N, BLOCK_D)
+        elif MASKED:
             kv_ok = (keys[:, None] < k_len) & d_ok
             k = tl.load(k_ptrs, mask=kv_ok, other=0.0)
         elif EVEN_D:
@@ -58,7 +62,9 @@ def _tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, q_pos, lo, hi
         alpha = tl.math.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        if MASKED:
+        if TMA:
+            v = desc_v.load([b, start_n, col]).reshape(BLOCK_N, BLOCK_D)
+        elif MASKED:
             v = tl.load(v_ptrs, mask=kv_ok, other=0.0)
         elif EVEN_D:
             v = tl.load(v_ptrs)
@@ -70,17 +76,19 @@ def _tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, q_pos, lo, hi
 
 
 @triton.jit
-def _prefill_kernel(Q, K, V, O, LSE,
+def _prefill_kernel(Q, K, V, desc_k, desc_v, O, LSE,
                     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                     stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
                     q_len, k_len, q_offset, q_heads, group, qk_scale, head_dim,
                     CAUSAL: tl.constexpr, WRITE_LSE: tl.constexpr, EVEN_D: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                    TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # Heaviest causal blocks (the last queries) launch first, so the short ones fill the tail.
     start_m = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // q_heads).to(tl.int64)
+    b32 = bh // q_heads
+    b = b32.to(tl.int64)
     h = bh % q_heads
+    col = (h // group) * head_dim  # the KV head's first column in a [B, Tk, Hkv * D] view
     kv_h = (h // group).to(tl.int64)
     h = h.to(tl.int64)
 
@@ -105,10 +113,12 @@ def _prefill_kernel(Q, K, V, O, LSE,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, q_pos, 0, full,
-                           k_len, qk_scale, head_dim, False, CAUSAL, EVEN_D, BLOCK_N, BLOCK_D)
-    acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, q_pos, full, hi,
-                           k_len, qk_scale, head_dim, True, CAUSAL, EVEN_D, BLOCK_N, BLOCK_D)
+    acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, desc_k, desc_v, b32, col, stride_kt,
+                           stride_vt, q_pos, 0, full, k_len, qk_scale, head_dim,
+                           False, CAUSAL, EVEN_D, TMA, BLOCK_N, BLOCK_D)
+    acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, desc_k, desc_v, b32, col, stride_kt,
+                           stride_vt, q_pos, full, hi, k_len, qk_scale, head_dim,
+                           True, CAUSAL, EVEN_D, TMA, BLOCK_N, BLOCK_D)
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -118,6 +128,20 @@ def _prefill_kernel(Q, K, V, O, LSE,
         lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
                        float("-inf"))
         tl.store(LSE + (b * q_heads + h) * q_len + offs_m, lse, mask=offs_m < q_len)
+
+
+def _tma_ok(k, v, even_d) -> bool:
+    """The Hopper copy engine needs sm90+, 16-byte aligned bases and strides, and [T, H*D] rows."""
+    if not (even_d and k.is_cuda and torch.cuda.get_device_capability(k.device)[0] >= 9):
+        return False
+    return all(t.stride(2) == t.shape[3] and t.data_ptr() % 16 == 0
+               and all(s * t.element_size() % 16 == 0 for s in t.stride()[:2]) for t in (k, v))
+
+
+def _kv_descriptor(t, block_n):
+    batch, k_len, heads, d = t.shape
+    return TensorDescriptor(t, shape=[batch, k_len, heads * d], strides=[t.stride(0), t.stride(1), 1],
+                            block_shape=[1, block_n, d])
 
 
 def prefill_attention_triton(q, k, v, *, causal=True, q_offset=0, scale=None, return_lse=False,
@@ -146,13 +170,15 @@ def prefill_attention_triton(q, k, v, *, causal=True, q_offset=0, scale=None, re
     cfg = config or prefill_config(q.device, head_dim, q_len, causal=causal, dtype=q.dtype)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     block_d = max(16, triton.next_power_of_2(head_dim))
+    tma = cfg.tma and _tma_ok(k, v, head_dim == block_d)
+    desc_k, desc_v = (_kv_descriptor(k, cfg.block_n), _kv_descriptor(v, cfg.block_n)) if tma else (k, v)
     grid = (triton.cdiv(q_len, cfg.block_m), batch * q_heads)
     _prefill_kernel[grid](
-        q, k, v, out, lse,
+        q, k, v, desc_k, desc_v, out, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         q_len, k_len, q_offset, q_heads, q_heads // kv_heads, scale * LOG2E, head_dim,
-        CAUSAL=causal, WRITE_LSE=return_lse, EVEN_D=head_dim == block_d,
+        CAUSAL=causal, WRITE_LSE=return_lse, EVEN_D=head_dim == block_d, TMA=tma,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

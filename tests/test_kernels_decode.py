@@ -75,14 +75,14 @@ def test_decode_gpu(case, monkeypatch):
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_fallback_fires_and_stays_exact(monkeypatch):
     """Scores far from the sink score leave the unified-max window: the exact path takes over."""
-    case = (2, 2, 8, 2, 64, 200, 4, torch.float32)
+    case = (2, 2, 8, 2, 64, 200, 4, torch.bfloat16)
     flags = check_decode(case, monkeypatch, DEVICE, scores_scale=60.0)
     assert (flags[: 2 * 2 * 4] == 1).any()
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_given_unified_max_far_off_still_exact(monkeypatch):
-    case = (2, 1, 4, 2, 64, 150, 3, torch.float16)
+    case = (2, 1, 4, 2, 64, 150, 3, torch.bfloat16)
     phi = torch.tensor([0.0, 500.0, -500.0, 3.0], device=DEVICE)
     flags = check_decode(case, monkeypatch, DEVICE, unified_max=phi)
     used = flags[: 2 * 2 * 3].view(2, 2, 3)
@@ -90,7 +90,7 @@ def test_given_unified_max_far_off_still_exact(monkeypatch):
 
 
 def test_sink_phi_needs_no_fallback_on_typical_scores(monkeypatch):
-    flags = check_decode((2, 1, 8, 2, 64, 300, 4, torch.float16), monkeypatch, DEVICE)
+    flags = check_decode((2, 1, 8, 2, 64, 300, 4, torch.bfloat16), monkeypatch, DEVICE)
     assert (flags[: 2 * 2 * 4] == 0).all()
 
 

@@ -4,7 +4,8 @@ import torch
 from conftest import requires_cuda
 from test_kernels_reference import assert_within_torch_error, oracle, poison_allocations, sdpa_same_dtype
 
-from facli.kernels import merge_attention, prefill_attention
+from facli.kernels import merge_attention, prefill_attention, prefill_attention_triton
+from facli.kernels.configs import PrefillConfig
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -39,7 +40,7 @@ def case_id(case):
     return f"B{batch}-T{q_len}-off{offset}-gqa{hq // hkv}-d{d}-{kind}-{str(dtype)[6:]}"
 
 
-def check_prefill(case, monkeypatch, device):
+def check_prefill(case, monkeypatch, device, config=None):
     poison_allocations(monkeypatch)
     batch, q_len, offset, q_heads, kv_heads, head_dim, causal, dtype = case
     if device == "cuda" and dtype == torch.float32:
@@ -49,8 +50,8 @@ def check_prefill(case, monkeypatch, device):
     # K/V as the model passes them: a prefix slice of one layer of a [L, B, cap, H, D] cache.
     cache = torch.randn(2, 2, batch, k_len + 9, kv_heads, head_dim, device=device).to(dtype)
     k, v = cache[0, 1, :, :k_len], cache[1, 1, :, :k_len]
-    out, lse = prefill_attention(q, k, v, causal=causal, q_offset=offset, return_lse=True,
-                                 backend="triton")
+    out, lse = prefill_attention_triton(q, k, v, causal=causal, q_offset=offset, return_lse=True,
+                                        config=config)
     ref, ref_lse = oracle(q, k, v, causal=causal, q_offset=offset)
     base_dtype = torch.float32 if dtype == torch.bfloat16 and device == "cpu" else dtype
     base = sdpa_same_dtype(q.to(base_dtype), k.to(base_dtype), v.to(base_dtype), causal=causal,
@@ -69,6 +70,12 @@ def test_prefill_matches_float64_and_sdpa(case, monkeypatch):
 @pytest.mark.parametrize("case", GPU_CASES, ids=case_id)
 def test_prefill_gpu(case, monkeypatch):
     check_prefill(case, monkeypatch, "cuda")
+
+
+@requires_cuda
+@pytest.mark.parametrize("case", [GPU_CASES[0], GPU_CASES[2], GPU_CASES[5]], ids=case_id)
+def test_prefill_gpu_copy_engine_tiles(case, monkeypatch):
+    check_prefill(case, monkeypatch, "cuda", PrefillConfig(128, 64, 8, 3, tma=True))
 
 
 def test_lse_merges_split_keys(monkeypatch):
