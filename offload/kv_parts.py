@@ -66,14 +66,15 @@ class KVPart:
         for dst, src in zip(self.tensors(), chunk.tensors()):
             copy_rows(dst[:, row:row + count], src[:, first:first + count])
 
-    def read(self, stop: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V of rows 0..stop in `dtype` (views when not fp8, new tensors when fp8)."""
+    def read(self, stop: int, dtype, first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V of rows first..stop in `dtype` (views when not fp8, new tensors when fp8)."""
+        rows = slice(first, stop)
         if not self.fp8:
-            return self.k[:, :stop], self.v[:, :stop]
-        keys = torch.empty(self.k[:, :stop].shape, dtype=dtype, device=self.k.device)
+            return self.k[:, rows], self.v[:, rows]
+        keys = torch.empty(self.k[:, rows].shape, dtype=dtype, device=self.k.device)
         values = torch.empty_like(keys)
-        dequantize_into(keys, self.k[:, :stop], self.k_scales[:, :stop])
-        dequantize_into(values, self.v[:, :stop], self.v_scales[:, :stop])
+        dequantize_into(keys, self.k[:, rows], self.k_scales[:, rows])
+        dequantize_into(values, self.v[:, rows], self.v_scales[:, rows])
         return keys, values
 
     def load_into(self, keys, values, dst: int, src: int, count: int, raw=None) -> None:

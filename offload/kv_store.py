@@ -43,7 +43,7 @@ Decode over a host layer, decode_mode="cpu":
 import torch
 
 from facli.errors import FacliError
-from facli.kernels import attention_with_lse, decode_attention, merge_attention, prefill_attention
+from facli.kernels import decode_attention, merge_attention, prefill_attention
 from facli.offload.cpu_attention import cpu_suffix_attention
 from facli.offload.fp8 import dequantize_into
 from facli.offload.kv_parts import Chunk, KVPart, Slot
@@ -52,6 +52,7 @@ from facli.offload.streams import CopyQueues, host_empty
 DECODE_MODES = ("prefetch", "cpu")
 KV_DTYPES = (None, "fp8")
 RAW_ROWS = 8192
+FP8_TILE = 16384
 
 
 class OffloadedKVStore:
@@ -84,6 +85,7 @@ class OffloadedKVStore:
         self._raw = (KVPart(batch, min(RAW_ROWS, capacity), *shape[1:], self._device_empty)
                      if self.fp8 and self._staged else None)
         self._lens = torch.zeros(batch, dtype=torch.int32, device=self.device)
+        self._prefix_lens = torch.zeros_like(self._lens)
         self._written = [0] * num_layers
         self._layer_event = [None] * num_layers
         self._clock = 0
@@ -140,10 +142,30 @@ class OffloadedKVStore:
         part.store(start, chunk, 0, stop - start)
         self._wrote(layer, start, stop, self.queues.mark() if self._host[layer] else None)
         if self.fp8:
-            keys, values = part.read(stop, self.dtype)
-        else:
-            keys, values = part.k, part.v
-        return self._gpu_attention(q, keys, values, start, stop)
+            return self._fp8_attention(q, part, start, stop)
+        return self._gpu_attention(q, part.k, part.v, start, stop)
+
+    def _fp8_attention(self, q, part: KVPart, start, stop):
+        return self._part_attention(q, part, start, own=(start, stop))[0]
+
+    def _part_attention(self, q, part: KVPart, visible: int, own=None):
+        """(out, lse) of q over part rows 0..visible, all before the queries, plus the queries'
+        own rows own = (start, stop), causal. fp8 rows are dequantized FP8_TILE at a time (a 256K
+        layer in bf16 would be a 4 GiB temporary) and the tiles merged by log-sum-exp."""
+        step = FP8_TILE if part.fp8 else max(visible, 1)
+        tiles = [(first, min(first + step, visible)) for first in range(0, visible, step)]
+        tiles += [own] if own is not None else []
+        out = lse = None
+        for first, last in tiles:
+            keys, values = part.read(last, self.dtype, first=first)
+            if q.shape[1] == 1:  # a lone query sits after (or at) every key of the tile
+                self._prefix_lens.fill_(last - first)
+                tile = decode_attention(q, keys, values, self._prefix_lens, return_lse=True)
+            else:
+                tile = prefill_attention(q, keys, values, causal=(first, last) == own,
+                                         q_offset=0, return_lse=True)
+            out, lse = tile if out is None else merge_attention(out, lse, *tile)
+        return out, lse
 
     def _wrote(self, layer, start, stop, event):
         """Book a write of start..stop: slots holding `layer` stay valid only up to start."""
@@ -241,8 +263,7 @@ class OffloadedKVStore:
         self._wrote(layer, start, stop, copied)
         gpu_part = None
         if split > 0:  # queued now, runs on the GPU while the CPU works below
-            keys, values = self._dev[layer].read(split, self.dtype)
-            gpu_part = attention_with_lse(q, keys, values, causal=False)
+            gpu_part = self._part_attention(q, self._dev[layer], split)
         queues.host_wait(copied)
         scales = (host.k_scales, host.v_scales)
         out, lse = cpu_suffix_attention(q_host, host.k, host.v, stop, first_position=split,

@@ -13,6 +13,7 @@ from test_kv_store import (
     _steps,
 )
 
+from facli.offload import kv_store
 from facli.offload.fp8 import E4M3_MAX, dequantize, quantize
 
 
@@ -58,6 +59,19 @@ def test_fp8_same_wherever_layers_live(mode, host):
     want = _run(_offloaded((), mode, kv_dtype="fp8"), steps)
     got = _run(_offloaded(host, mode, kv_dtype="fp8", gpu_prefix_tokens=6), steps)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["prefetch", "cpu"])
+def test_fp8_small_tiles_and_ring(monkeypatch, mode):
+    """GPU fp8 rows attended in 8-row tiles merged by LSE, host fp8 rows staged through a
+    5-row ring: the same results as one tile and one ring pass."""
+    steps = _steps()
+    want = _run(_offloaded((), mode, kv_dtype="fp8"), steps)
+    monkeypatch.setattr(kv_store, "FP8_TILE", 8)
+    monkeypatch.setattr(kv_store, "RAW_ROWS", 5)
+    for host in [(), (1, 3)]:
+        got = _run(_offloaded(host, mode, kv_dtype="fp8", gpu_prefix_tokens=19), steps)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_fp8_bytes():
