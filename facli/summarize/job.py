@@ -89,6 +89,8 @@ def run_documents(runtime, items: Sequence[PreparedDocument], writer: ResultWrit
                 break
     except KeyboardInterrupt:
         summary.interrupted = True
+        if is_writer:
+            bar.write("facli: abandoned the current document", file=sys.stderr)
     finally:
         bar.close()
     return summary
