@@ -43,20 +43,20 @@ def attempts(prefill_chunk: int, prompt_tokens: int, decode_mode: str = "auto") 
             break
         chunk //= 2
         steps.append(Attempt(prefill_chunk=chunk))
-    later = DECODE_MODE_FALLBACKS[DECODE_MODE_FALLBACKS.index(decode_mode) + 1:] \
-        if decode_mode in DECODE_MODE_FALLBACKS else DECODE_MODE_FALLBACKS
+    later = DECODE_MODE_FALLBACKS
+    if decode_mode in DECODE_MODE_FALLBACKS:
+        later = later[later.index(decode_mode) + 1:]
     steps.extend(Attempt(prefill_chunk=chunk, decode_mode=mode) for mode in later)
     return steps
 
 
 class OomGuard:
-    """Runs `runtime.generate` through the attempts; restores the decode mode afterwards."""
+    """Runs `runtime.generate` through the attempts; restores the runtime's settings afterwards."""
 
-    def __init__(self, runtime, *, max_new_tokens: int, sampling, on_text=None, log: bool = True):
+    def __init__(self, runtime, *, max_new_tokens: int, sampling, log: bool = True):
         self.runtime = runtime
         self.max_new_tokens = max_new_tokens
         self.sampling = sampling
-        self.on_text = on_text
         self.log = log
 
     def __call__(self, prompt_ids: list[int]):
@@ -85,7 +85,7 @@ class OomGuard:
         try:
             return self.runtime.generate(
                 prompt_ids, max_new_tokens=self.max_new_tokens, sampling=self.sampling,
-                prefill_chunk=attempt.prefill_chunk, on_text=self.on_text,
+                prefill_chunk=attempt.prefill_chunk,
             )
         except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled, the rest re-raised
             if not is_out_of_memory(exc):
