@@ -112,15 +112,24 @@ class OffloadedKVStore:
         for slot in self._slots:
             slot.layer, slot.length = None, 0
 
-    def attend(self, layer, q, k, v, start):
-        """Store k, v [B, T, Hkv, D] at start..start+T of `layer`; causal attention
-        [B, T, Hq, D] of q [B, T, Hq, D] over positions 0..start+T."""
-        stop = start + k.shape[1]
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
+        """Store k, v [B, T, Hkv, D] at start..start+T of `layer` without attending (restoring
+        a saved prefix; benchmarks filling a long cache). Host rows are copied asynchronously."""
+        self._check(layer, start, start + k.shape[1])
+        self._write_back(layer, Chunk.encode(k, v, self.dtype, self.fp8), start, start + k.shape[1])
+
+    def _check(self, layer, start, stop):
         if stop > self.capacity:
             raise ValueError(f"KV cache holds {self.capacity} positions, asked for {stop}")
         if start > self._written[layer]:
             raise ValueError(f"layer {layer} holds {self._written[layer]} positions, "
                              f"asked to write at {start}")
+
+    def attend(self, layer, q, k, v, start):
+        """Store k, v [B, T, Hkv, D] at start..start+T of `layer`; causal attention
+        [B, T, Hq, D] of q [B, T, Hq, D] over positions 0..start+T."""
+        stop = start + k.shape[1]
+        self._check(layer, start, stop)
         chunk = Chunk.encode(k, v, self.dtype, self.fp8)
         if stop <= self._split[layer]:
             out = self._attend_on_device(layer, q, chunk, start, stop)

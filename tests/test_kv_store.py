@@ -107,6 +107,20 @@ def test_rewind_overwrites_positions():
     torch.testing.assert_close(_run(store, again), _run(reference, again), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["prefetch", "cpu"])
+def test_write_then_decode(mode):
+    """Positions stored with `write` (no attention) serve later decode steps."""
+    steps = _steps()
+    store, reference = _offloaded((0, 2, 3), mode, gpu_prefix_tokens=4), _device_cache()
+    prompt = steps[:len(CHUNKS)]
+    for start, _, k, v in prompt:
+        for layer in range(LAYERS):
+            store.write(layer, k[layer], v[layer], start)
+    _run(reference, prompt)
+    decode = steps[len(prompt):]
+    torch.testing.assert_close(_run(store, decode), _run(reference, decode), rtol=1e-5, atol=1e-5)
+
+
 def test_bytes_split_between_gpu_and_host():
     per_layer = 2 * BATCH * CAPACITY * KV_HEADS * HEAD_DIM * 4
     store = _offloaded((1, 2, 3), "cpu")
