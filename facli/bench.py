@@ -1,0 +1,328 @@
+"""`facli bench`: time to first token, prefill and decode tokens/s and peak memory per context
+depth, next to the plan's predictions and to transformers' own model on the same GPU.
+
+    report = run_bench(BenchRequest(synthetic="llama-7b", depths=(8192, 32768)))
+
+facli runs first (on `devices` tensor-parallel ranks through facli.parallel.launch; each rank
+runs `bench_rank`), then, with facli's memory released, the transformers baseline runs on the
+first device of this process. The report is JSON-ready (facli.bench_report formats it).
+"""
+
+import dataclasses
+import gc
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from facli.errors import FacliError
+from facli.parallel.comm import all_reduce_sum
+from facli.parallel.context import SINGLE_PROCESS, ParallelContext
+
+SCHEMA = "facli.bench/1"
+BASELINES = ("transformers", "none")
+PROMPT_SLACK = 8  # context left empty beyond prompt + decode tokens
+# Decode positions on both sides of a multiple of 16 (Triton specializes integer arguments).
+WARM_UP_NEW_TOKENS = {"cuda": 17, "cpu": 2}
+OUT_OF_MEMORY = "out of memory"
+
+
+@dataclass(frozen=True)
+class BenchRequest:
+    """What to measure. model: a checkpoint directory or recipe name; synthetic: a recipe name
+    whose shape gets random weights on the device; neither: the embedded demo model."""
+
+    depths: tuple[int, ...]
+    model: str | None = None
+    synthetic: str | None = None
+    decode_tokens: int = 64
+    devices: int = 1
+    device: str | None = None
+    dtype: str = "auto"
+    prefill_chunk: int | None = None
+    baseline: str = "transformers"
+
+    def __post_init__(self):
+        if self.model is not None and self.synthetic is not None:
+            raise FacliError("expected at most one of --model and --synthetic, got both")
+        if self.baseline not in BASELINES:
+            raise FacliError(f"expected --baseline one of {', '.join(BASELINES)}, got {self.baseline!r}")
+        if self.decode_tokens < 2:
+            raise FacliError(f"expected --decode-tokens >= 2 (decode speed needs two tokens), got {self.decode_tokens}")
+        if not self.depths:
+            raise FacliError("expected at least one --depth, such as 8k,32k, got none")
+        smallest = self.decode_tokens + PROMPT_SLACK + 1
+        too_small = [d for d in self.depths if d < smallest]
+        if too_small:
+            raise FacliError(
+                f"expected every --depth >= {smallest} (--decode-tokens {self.decode_tokens} + "
+                f"{PROMPT_SLACK} + a prompt), got {too_small[0]}; raise --depth or lower --decode-tokens"
+            )
+        object.__setattr__(self, "depths", tuple(sorted(set(self.depths))))
+
+
+def prompt_length(depth: int, decode_tokens: int) -> int:
+    """Prompt tokens that, with the decoded ones, fill `depth` up to PROMPT_SLACK."""
+    return depth - decode_tokens - PROMPT_SLACK
+
+
+def random_text(num_chars: int, seed: int = 0) -> str:
+    """Printable ASCII: one token per character under the byte-level tokenizer."""
+    generator = torch.Generator().manual_seed(seed)
+    codes = torch.randint(32, 127, (num_chars,), generator=generator)
+    return "".join(map(chr, codes.tolist()))
+
+
+def prompt_ids(encode, num_tokens: int) -> list[int]:
+    """Exactly `num_tokens` ids of random text (more text until the tokenizer yields enough)."""
+    chars = num_tokens
+    while True:
+        ids = encode(random_text(chars))
+        if len(ids) >= num_tokens:
+            return list(ids[:num_tokens])
+        chars *= 2
+
+
+def release_memory(device: torch.device) -> None:
+    """Collect garbage and hand cached blocks back, so the next measurement starts clean."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def progress(message: str, enabled: bool = True) -> None:
+    if enabled:
+        print(f"facli bench: {message}", file=sys.stderr, flush=True)
+
+
+def resolve(request: BenchRequest):
+    from facli.runtime import resolve_model, synthetic_model
+
+    if request.synthetic is not None:
+        return synthetic_model(request.synthetic)
+    return resolve_model(request.model)
+
+
+def runtime_dtype(request: BenchRequest) -> str:
+    """auto: the checkpoint's, except bf16 for synthetic weights on GPUs (the usual serving dtype)."""
+    if request.dtype != "auto" or request.synthetic is None:
+        return request.dtype
+    from facli.runtime import resolve_device
+
+    return "bf16" if resolve_device(request.device).type == "cuda" else "auto"
+
+
+def bench_rank(parallel: ParallelContext, request: BenchRequest) -> dict:
+    """One tensor-parallel rank's part: load once, then every depth. Rank 0's dict is the result."""
+    from facli.runtime import Runtime, RuntimeOptions
+
+    resolved = resolve(request)
+    log = parallel.is_writer
+    options = RuntimeOptions(
+        model=request.model, device=request.device, dtype=runtime_dtype(request),
+        ctx=request.depths[0], prefill_chunk=request.prefill_chunk, devices=request.devices,
+        allow_ctx_extension=True,
+    )
+    progress(f"loading {resolved.name} on {parallel.world_size} rank(s)", log)
+    runtime = Runtime(resolved, options, parallel)
+    prompt = prompt_ids(runtime.encode, prompt_length(request.depths[-1], request.decode_tokens))
+    result = {
+        "model": resolved.name, "synthetic": resolved.synthetic,
+        "dtype": str(runtime.dtype).removeprefix("torch."), "device": runtime.device.type,
+        "load_s": runtime.load_s, "decode_bytes": decode_bytes(runtime),
+        "depths": [],
+        "prompt_ids": prompt if parallel.is_writer else None,  # for the baseline; not reported
+    }
+    for depth in request.depths:
+        record = measure_depth(runtime, depth, prompt, request)
+        result["depths"].append(record)
+        progress(describe_facli(record), log)
+    device = runtime.device
+    del runtime
+    release_memory(device)
+    return result
+
+
+def measure_depth(runtime, depth: int, prompt: list[int], request: BenchRequest) -> dict:
+    """Re-plan for `depth`, warm up, then one measured generate; failures become a status."""
+    from facli.sampling import SamplingParams
+
+    n = prompt_length(depth, request.decode_tokens)
+    record = {"depth": depth, "prompt_tokens": n, "status": "ok", "error": None, "plan": None}
+    generated, out_of_memory = None, False
+    try:
+        runtime.set_context(depth)
+        record["plan"] = plan_record(runtime.plan)
+        warm_up(runtime, n)
+        generated = runtime.generate(prompt[:n], max_new_tokens=request.decode_tokens,
+                                     sampling=SamplingParams(temperature=0.0), ignore_eos=True)
+    except torch.cuda.OutOfMemoryError:
+        if runtime.parallel.is_distributed:
+            raise  # the other ranks wait in a collective: let the launcher end them all
+        out_of_memory = True
+    except FacliError as error:
+        record.update(status="error", error=str(error))
+    if out_of_memory:
+        record.update(status=OUT_OF_MEMORY, error=OUT_OF_MEMORY)
+        release_memory(runtime.device)
+    record.update(rank_figures(runtime, generated))
+    if generated is not None:
+        record.update(
+            new_tokens=len(generated.token_ids), ttft_s=generated.ttft_s,
+            prefill_tokens_per_s=n / generated.ttft_s if generated.ttft_s > 0 else None,
+            decode_tokens_per_s=generated.decode_tokens_per_s,
+        )
+    return record
+
+
+def warm_up(runtime, prompt_tokens: int) -> None:
+    """Compile kernels and capture the decode graph for this depth outside the measurement: a
+    full prefill chunk and then a chunk as long as the measured prompt's last one."""
+    chunk = runtime.plan.prefill_chunk if runtime.plan is not None else runtime.prefill_chunk
+    tail = prompt_tokens % chunk or chunk
+    length = min(prompt_tokens, chunk + tail) if prompt_tokens > chunk else prompt_tokens
+    from facli.sampling import SamplingParams
+
+    runtime.generate([65] * length, max_new_tokens=WARM_UP_NEW_TOKENS[runtime.device.type],
+                     sampling=SamplingParams(temperature=0.0), ignore_eos=True)
+
+
+def rank_figures(runtime, generated) -> dict:
+    """Per-rank peak GPU bytes, host KV bytes and process RSS, gathered from every rank."""
+    import psutil
+
+    parallel = runtime.parallel
+    peak = generated.peak_gpu_bytes if generated is not None and generated.peak_gpu_bytes else -1
+    host_kv = runtime.kv.host_bytes() if hasattr(runtime.kv, "host_bytes") else 0
+    rss = psutil.Process().memory_info().rss
+    table = torch.zeros(3, parallel.world_size, dtype=torch.int64, device=runtime.device)
+    table[:, parallel.rank] = torch.tensor([peak, host_kv, rss], dtype=torch.int64)
+    all_reduce_sum(table, parallel)
+    peaks, host, rss_all = table.tolist()
+    measured = None if all(p < 0 for p in peaks) else [p if p >= 0 else None for p in peaks]
+    return {"peak_gpu_bytes": measured, "host_kv_bytes": sum(host), "host_rss_bytes": sum(rss_all)}
+
+
+def plan_record(plan) -> dict | None:
+    """The plan's predictions for the current context (None until the runtime carries a plan)."""
+    if plan is None:
+        return None
+    timing = plan.timing
+    return {
+        "peak_gpu_bytes": [d.peak_bytes for d in plan.devices],
+        "ttft_s": timing.ttft_s,
+        "prefill_tokens_per_s": plan.ctx / timing.prefill_s if timing.prefill_s > 0 else None,
+        "decode_tokens_per_s": timing.decode_tokens_per_s,
+        "host_kv_bytes": plan.host.kv_bytes,
+        "host_layers": len(plan.host.layers),
+        "kv_dtype": plan.kv_dtype,
+        "summary": plan.summary_line(),
+        "plan": plan.to_dict(),
+    }
+
+
+def decode_bytes(runtime) -> dict:
+    """Bytes one rank reads per decode step: weights (an embedding row aside) and KV per token."""
+    config = runtime.config
+    weights = 0
+    for name, param in runtime.model.named_parameters():
+        if "embed_tokens" in name and not config.tie_word_embeddings:
+            continue
+        weights += param.numel() * param.element_size()
+    return {
+        "weights_per_rank": weights,
+        "kv_elements_per_token_per_rank": config.kv_bytes_per_token // runtime.parallel.world_size,
+        "kv_element_bytes": runtime.dtype.itemsize,  # a plan with kv_dtype fp8 stores 1
+    }
+
+
+def describe_facli(record: dict) -> str:
+    if record["status"] != "ok":
+        return f"depth {record['depth']}: facli {record['error']}"
+    peaks = [p for p in record["peak_gpu_bytes"] or [] if p is not None]
+    peak = f", peak {max(peaks) / 2**30:.1f} GiB" if peaks else ""
+    plan = record["plan"]
+    if plan is not None:
+        peak += f" (plan {max(plan['peak_gpu_bytes']) / 2**30:.1f} GiB, TTFT {plan['ttft_s']:.2f} s)"
+    return (f"depth {record['depth']}: facli TTFT {record['ttft_s']:.2f} s, prefill "
+            f"{record['prefill_tokens_per_s']:.0f} tok/s, decode {record['decode_tokens_per_s']:.1f} "
+            f"tok/s{peak}")
+
+
+def run_bench(request: BenchRequest) -> dict:
+    """facli on `devices` ranks, then the baseline here; returns the whole JSON-ready report."""
+    from facli.bench_report import add_derived
+    from facli.parallel.launch import launch
+    from facli.runtime import resolve_device
+
+    device = resolve_device(request.device)
+    started = time.time()
+    facli_result = launch(bench_rank, (request,), world_size=request.devices, device_type=device.type)
+    release_memory(device)
+    prompt = facli_result.pop("prompt_ids")
+    baseline = None
+    if request.baseline == "transformers":
+        from facli.bench_baseline import run_baseline
+
+        baseline = run_baseline(request, resolve(request), prompt, facli_result["dtype"], device)
+    report = {
+        "schema": SCHEMA,
+        "environment": environment(device, request.devices),
+        "request": {**dataclasses.asdict(request), "depths": list(request.depths)},
+        "facli": facli_result,
+        "transformers": baseline,
+        "wall_s": time.time() - started,
+    }
+    return add_derived(report, hbm_gbps(device))
+
+
+def hbm_gbps(device: torch.device) -> float | None:
+    """Achievable device memory GB/s of this GPU from its hardware recipe (None on CPUs)."""
+    if device.type != "cuda":
+        return None
+    from facli.offload.hardware import detect_hardware
+
+    spec = detect_hardware()
+    return spec.devices[0].hbm_gbps if spec.devices else None
+
+
+def environment(device: torch.device, devices: int) -> dict:
+    """Device names, software versions, the facli commit and the date."""
+    import platform
+
+    import facli
+
+    versions = {}
+    for name in ("triton", "transformers"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            versions[name] = None
+    gpus = [torch.cuda.get_device_name(i) for i in range(devices)] if device.type == "cuda" else []
+    return {
+        "device": device.type, "gpus": gpus, "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__, "cuda": torch.version.cuda, **versions,
+        "python": platform.python_version(), "facli": facli.__version__, **git_commit(),
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def git_commit() -> dict:
+    """The facli checkout's commit and whether it has uncommitted changes ("unknown" outside git)."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args):
+        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    return {"commit": commit or "unknown", "dirty": dirty}

@@ -1,0 +1,113 @@
+"""`facli bench` end to end on the CPU with the demo model, against transformers."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+FACLI = [sys.executable, "-m", "facli.cli", "bench"]
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    return {**os.environ, "FACLI_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+
+
+def bench(args, env):
+    return subprocess.run(FACLI + args, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def demo_run(env, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "out.json"
+    result = bench(["--depth", "64,128", "--decode-tokens", "4", "--device", "cpu",
+                    "--baseline", "transformers", "--json", str(out)], env)
+    assert result.returncode == 0, result.stderr
+    return result, out
+
+
+def test_json_file_and_last_line_hold_every_figure(demo_run):
+    result, out = demo_run
+    report = json.loads(out.read_text())
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == report
+    assert report["schema"] == "facli.bench/1"
+    env = report["environment"]
+    for key in ("device", "gpus", "torch", "cuda", "triton", "transformers", "python", "commit", "date_utc"):
+        assert key in env
+    assert env["device"] == "cpu" and env["gpus"] == []
+    assert report["request"]["depths"] == [64, 128]
+    for side in ("facli", "transformers"):
+        depths = report[side]["depths"]
+        assert [d["depth"] for d in depths] == [64, 128]
+        for record in depths:
+            assert record["status"] == "ok", record
+            assert record["prompt_tokens"] == record["depth"] - 4 - 8
+            assert record["new_tokens"] == 4
+            assert record["ttft_s"] > 0 and record["decode_tokens_per_s"] > 0
+            assert record["prefill_tokens_per_s"] == pytest.approx(record["prompt_tokens"] / record["ttft_s"])
+    facli = report["facli"]
+    assert facli["model"] == "demo-llama-v2" and facli["dtype"] == "float32"
+    assert "prompt_ids" not in facli
+    assert facli["decode_bytes"]["weights_per_rank"] > 0
+    assert report["largest_context"] == {"facli": 128, "transformers": 128, "ratio": 1.0}
+    assert [c["depth"] for c in report["comparison"]] == [64, 128]
+    assert all(c["decode_tokens_per_s"] > 0 for c in report["comparison"])
+
+
+def test_table_on_stdout_and_progress_on_stderr(demo_run):
+    result, _ = demo_run
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("demo-llama-v2 float32 on 1 x CPU")
+    header = next(line for line in lines if line.startswith("| depth | prompt tok |"))
+    assert "HF decode tok/s" in header and "decode x" in header
+    assert any(line.startswith("| 64 | 52 |") for line in lines)
+    assert any(line.startswith("| 128 | 116 |") for line in lines)
+    assert "Largest context reached: facli 128, transformers 128 (1.0x)" in lines
+    assert "facli bench: depth 128: facli TTFT" in result.stderr
+    assert "facli bench: depth 128: transformers TTFT" in result.stderr
+
+
+def run_in_process(args):
+    from typer.testing import CliRunner
+
+    from facli.cli import app
+
+    return CliRunner().invoke(app, ["bench", *args])
+
+
+def test_user_errors_are_one_line():
+    result = run_in_process(["--depth", "8k,lots", "--device", "cpu"])
+    assert result.exit_code == 1
+    assert result.output.strip() == "facli: error: expected a context length such as 4096, 32k, 256k or 1m, got 'lots'"
+    result = run_in_process(["--depth", "16", "--device", "cpu"])
+    assert result.exit_code == 1 and "expected every --depth >= 73" in result.output
+
+
+@pytest.mark.skipif(HAS_MATPLOTLIB, reason="checks the message shown without matplotlib")
+def test_plot_without_matplotlib_says_so(tmp_path):
+    result = run_in_process(["--depth", "64", "--decode-tokens", "4", "--device", "cpu", "--plot",
+                             str(tmp_path / "p.png")])
+    assert result.exit_code == 1
+    assert "expected matplotlib for --plot" in result.output
+
+
+@pytest.mark.skipif(not HAS_MATPLOTLIB, reason="needs matplotlib")
+def test_plot_is_a_png(env, tmp_path):
+    plot = tmp_path / "p.png"
+    result = bench(["--depth", "64,128", "--decode-tokens", "4", "--device", "cpu", "--baseline",
+                    "none", "--plot", str(plot)], env)
+    assert result.returncode == 0, result.stderr
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_two_gloo_ranks(env):
+    result = bench(["--depth", "64", "--decode-tokens", "4", "--device", "cpu", "--devices", "2",
+                    "--baseline", "none"], env)
+    assert result.returncode == 0, result.stderr
+    assert any(line.startswith("| 64 | 52 |") for line in result.stdout.splitlines())
+    assert "2 x CPU" in result.stdout.splitlines()[0]

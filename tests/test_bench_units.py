@@ -1,0 +1,174 @@
+"""`facli bench`: the pure parts (requests, prompts, derived figures, table) with made-up reports."""
+
+import copy
+
+import pytest
+
+from facli.bench import PROMPT_SLACK, BenchRequest, prompt_ids, prompt_length, random_text
+from facli.bench_baseline import FirstTokenClock
+from facli.bench_report import (
+    GIB,
+    add_derived,
+    decode_bound,
+    error_pct,
+    format_report,
+    largest_ok,
+    markdown_table,
+    prediction_errors,
+    ratio,
+    speedups,
+)
+from facli.commands.bench import parse_depths
+from facli.errors import FacliError
+
+
+def test_error_pct_is_signed_relative_to_the_measurement():
+    assert error_pct(110, 100) == pytest.approx(10.0)
+    assert error_pct(95, 100) == pytest.approx(-5.0)
+    assert error_pct(None, 100) is None and error_pct(1, None) is None and error_pct(1, 0) is None
+
+
+def test_ratio_and_largest_ok():
+    assert ratio(6, 3) == 2 and ratio(None, 3) is None and ratio(1, 0) is None
+    records = [{"depth": 8, "status": "ok"}, {"depth": 32, "status": "ok"},
+               {"depth": 128, "status": "out of memory"}]
+    assert largest_ok(records) == 32
+    assert largest_ok([{"depth": 8, "status": "error"}]) is None
+
+
+def test_parse_depths_and_request_validation():
+    assert parse_depths("8k, 32k,256k") == (8192, 32768, 262144)
+    with pytest.raises(FacliError, match="expected a context length"):
+        parse_depths("8k,lots")
+    assert BenchRequest(depths=(4096, 1024, 4096)).depths == (1024, 4096)
+    with pytest.raises(FacliError, match="at most one of --model and --synthetic"):
+        BenchRequest(depths=(1024,), model="x", synthetic="llama-7b")
+    with pytest.raises(FacliError, match="--baseline one of transformers, none"):
+        BenchRequest(depths=(1024,), baseline="vllm")
+    with pytest.raises(FacliError, match=r"every --depth >= 73"):
+        BenchRequest(depths=(72, 1024), decode_tokens=64)
+
+
+def test_prompt_fills_the_depth_exactly():
+    assert prompt_length(8192, 64) == 8192 - 64 - PROMPT_SLACK
+    text = random_text(50)
+    assert len(text) == 50 and all(32 <= ord(c) < 127 for c in text) and text == random_text(50)
+    assert len(prompt_ids(lambda t: [1] + [ord(c) for c in t], 100)) == 100
+    # a tokenizer that merges characters: more text is drawn until there are enough ids
+    assert len(prompt_ids(lambda t: list(range(len(t) // 3)), 100)) == 100
+
+
+def test_first_token_clock_skips_the_prompt():
+    import torch
+
+    clock = FirstTokenClock()
+    clock.put(torch.arange(10))
+    assert clock.first_token_at is None
+    clock.put(torch.tensor([3]))
+    first = clock.first_token_at
+    clock.put(torch.tensor([4]))
+    assert first is not None and clock.first_token_at == first
+
+
+def _plan(peaks, ttft=1.0, decode=100.0, host=0, kv_dtype="bf16"):
+    return {"peak_gpu_bytes": peaks, "ttft_s": ttft, "prefill_tokens_per_s": 8000 / ttft,
+            "decode_tokens_per_s": decode, "host_kv_bytes": host, "host_layers": 0,
+            "kv_dtype": kv_dtype, "summary": "plan: ...", "plan": {}}
+
+
+def _facli(depth, peaks, plan=None, status="ok"):
+    record = {"depth": depth, "prompt_tokens": depth - 72, "status": status,
+              "error": None if status == "ok" else status, "plan": plan,
+              "peak_gpu_bytes": peaks, "host_kv_bytes": 0, "host_rss_bytes": 1}
+    if status == "ok":
+        record.update(new_tokens=64, ttft_s=0.8, prefill_tokens_per_s=(depth - 72) / 0.8,
+                      decode_tokens_per_s=120.0)
+    return record
+
+
+def _baseline(depth, status="ok"):
+    record = {"depth": depth, "prompt_tokens": depth - 72, "status": status,
+              "error": None if status == "ok" else status}
+    if status == "ok":
+        record.update(new_tokens=64, ttft_s=1.6, prefill_tokens_per_s=(depth - 72) / 1.6,
+                      decode_tokens_per_s=12.0, peak_gpu_bytes=40 * GIB)
+    return record
+
+
+def _report():
+    facli = {"model": "synthetic:llama-7b", "dtype": "bfloat16", "device": "cuda", "load_s": 1.0,
+             "decode_bytes": {"weights_per_rank": 13 * GIB, "kv_elements_per_token_per_rank": 262144,
+                              "kv_element_bytes": 2},
+             "depths": [_facli(8192, [20 * GIB, 22 * GIB], _plan([21 * GIB, 21 * GIB])),
+                        _facli(32768, [30 * GIB, 30 * GIB], None),
+                        _facli(131072, None, status="out of memory")]}
+    baseline = {"version": "5", "dtype": "bfloat16", "attention": "sdpa",
+                "gpu_bytes_in_use_before": 0,
+                "depths": [_baseline(8192), _baseline(32768, "out of memory"),
+                           _baseline(131072, "out of memory")]}
+    env = {"device": "cuda", "gpus": ["NVIDIA H200", "NVIDIA H200"], "cpu": "x86_64",
+           "torch": "2.11", "cuda": "13.0", "triton": "3.6", "transformers": "5.17",
+           "python": "3.12", "facli": "0.1.0", "commit": "abc1234", "dirty": False,
+           "date_utc": "2026-11-22T00:00:00Z"}
+    request = {"depths": [8192, 32768, 131072], "decode_tokens": 64, "devices": 2}
+    return {"schema": "facli.bench/1", "environment": env, "request": request, "facli": facli,
+            "transformers": baseline}
+
+
+def test_prediction_errors_take_the_worst_rank():
+    record = _facli(8192, [20 * GIB, 22 * GIB], _plan([21 * GIB, 21 * GIB], ttft=1.0, decode=150.0))
+    errors = prediction_errors(record)
+    assert errors["peak_gpu_bytes"] == pytest.approx(5.0)  # rank 0: +5%, rank 1: -4.5%
+    assert errors["peak_gpu_bytes_per_device"][1] == pytest.approx(-100 / 22)
+    assert errors["ttft_s"] == pytest.approx(25.0) and errors["decode_tokens_per_s"] == pytest.approx(25.0)
+    assert prediction_errors(_facli(8192, [1], None)) is None
+    assert prediction_errors(_facli(8192, None, _plan([1]), status="out of memory")) is None
+
+
+def test_decode_bound_counts_weights_and_kv_at_the_mean_length():
+    record = _facli(8192, [1], _plan([1]))
+    decode = {"weights_per_rank": 10**9, "kv_elements_per_token_per_rank": 1000, "kv_element_bytes": 2}
+    bound = decode_bound(record, decode, hbm_gbps=4000.0)
+    step = 10**9 + 2000 * (8192 - 72 + 32)
+    assert bound["bytes_per_step_per_rank"] == step
+    assert bound["bound_tokens_per_s"] == pytest.approx(4000e9 / step)
+    assert bound["fraction_of_bound"] == pytest.approx(120.0 / (4000e9 / step))
+    fp8 = decode_bound(_facli(8192, [1], _plan([1], kv_dtype="fp8")), decode, 4000.0)
+    assert fp8["bytes_per_step_per_rank"] == 10**9 + 1000 * (8192 - 72 + 32)
+    assert decode_bound(record, decode, None)["bound_tokens_per_s"] is None
+
+
+def test_speedups_need_both_sides():
+    both = speedups(_facli(8192, [1]), _baseline(8192))
+    assert both["prefill_tokens_per_s"] == pytest.approx(2.0) and both["ttft"] == pytest.approx(2.0)
+    assert both["decode_tokens_per_s"] == pytest.approx(10.0)
+    assert speedups(_facli(8192, [1]), _baseline(8192, "out of memory"))["decode_tokens_per_s"] is None
+    assert speedups(_facli(8192, [1]), None) is None
+
+
+def test_add_derived_and_the_table():
+    report = add_derived(_report(), hbm_gbps=4200.0)
+    assert report["largest_context"] == {"facli": 32768, "transformers": 8192, "ratio": 4.0}
+    assert report["comparison"][0]["decode_tokens_per_s"] == pytest.approx(10.0)
+    assert report["comparison"][1]["decode_tokens_per_s"] is None
+    assert report["facli"]["depths"][0]["error_pct"]["peak_gpu_bytes"] == pytest.approx(5.0)
+    text = format_report(report)
+    lines = text.splitlines()
+    assert "2 x NVIDIA H200" in lines[0] and "abc1234" in lines[0]
+    row_8k = next(line for line in lines if line.startswith("| 8k |"))
+    assert "22.0 (21.0, +5.0%)" in row_8k and "10.00x" in row_8k and "40.0" in row_8k
+    row_128k = next(line for line in lines if line.startswith("| 128k |"))
+    assert row_128k.count("out of memory") == 2
+    assert lines[-1] == "Largest context reached: facli 32k, transformers 8k (4.0x)"
+
+
+def test_table_without_baseline_has_no_transformers_columns():
+    report = _report()
+    report["transformers"] = None
+    text = format_report(add_derived(copy.deepcopy(report), hbm_gbps=None))
+    assert "HF TTFT" not in text and text.splitlines()[-1] == "Largest context reached: facli 32k"
+
+
+def test_markdown_table_shape():
+    table = markdown_table(["a", "b"], [["1", "2"], ["3", "4"]])
+    assert table.splitlines() == ["| a | b |", "| --- | --- |", "| 1 | 2 |", "| 3 | 4 |"]
