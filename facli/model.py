@@ -11,6 +11,7 @@ from torch import nn
 from facli.checkpoint import CheckpointReader
 from facli.config import ModelConfig
 from facli.kv_cache import KVStore
+from facli.parallel import overlap
 from facli.parallel.context import ParallelContext
 from facli.parallel.layers import (
     ColumnParallelLinear,
@@ -58,13 +59,16 @@ class Attention(nn.Module):
             getattr(self, name).load(reader, f"{prefix}.{name}")
 
     def forward(self, x, cos, sin, kv: KVStore, layer: int, start: int):
+        return self.o_proj(self.attend(x, cos, sin, kv, layer, start))
+
+    def attend(self, x, cos, sin, kv: KVStore, layer: int, start: int):
+        """This rank's attention heads before o_proj: [B, T, local heads * D]."""
         batch, length, _ = x.shape
         q = self.q_proj(x).view(batch, length, self.local_q_heads, self.head_dim)
         k = self.k_proj(x).view(batch, length, self.local_kv_heads, self.head_dim)
         v = self.v_proj(x).view(batch, length, self.local_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = kv.attend(layer, q, k, v, start)
-        return self.o_proj(out.reshape(batch, length, -1))
+        return kv.attend(layer, q, k, v, start).reshape(batch, length, -1)
 
 
 class MLP(nn.Module):
@@ -81,12 +85,16 @@ class MLP(nn.Module):
             getattr(self, name).load(reader, f"{prefix}.{name}")
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.inner(x))
+
+    def inner(self, x):
+        return F.silu(self.gate_proj(x)) * self.up_proj(x)
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, ctx: ParallelContext, dtype, device):
         super().__init__()
+        self.ctx = ctx
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         self.self_attn = Attention(config, ctx, dtype, device)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
@@ -99,6 +107,10 @@ class DecoderLayer(nn.Module):
         self.mlp.load(reader, f"{prefix}.mlp")
 
     def forward(self, x, cos, sin, kv, layer, start):
+        if overlap.pipelines(self.ctx, x):
+            attn = self.self_attn.attend(self.input_layernorm(x), cos, sin, kv, layer, start)
+            return overlap.layer_tail(x, attn, self.self_attn.o_proj, self.post_attention_layernorm,
+                                      self.mlp, self.ctx)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, layer, start)
         return x + self.mlp(self.post_attention_layernorm(x))
 

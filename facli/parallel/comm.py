@@ -55,29 +55,51 @@ def row_parallel_linear(x: torch.Tensor, weight: torch.Tensor, ctx: ParallelCont
     if not ctx.is_distributed:
         return F.linear(x, weight, bias)
     rows = x.reshape(-1, x.shape[-1])
-    tile = ctx.settings.tile_tokens
-    if ctx.settings.skip_row_reduce:
-        out = F.linear(rows, weight)
-    elif tile is None or rows.shape[0] < 2 * tile:
-        out = F.linear(rows, weight)
-        dist.all_reduce(out)
-    else:
-        out = _tiled_all_reduce_matmul(rows, weight, tile)
+    out = start_row_parallel(rows, weight, ctx, tile_bounds(rows.shape[0], ctx)).wait_all()
     out = out.view(*x.shape[:-1], weight.shape[0])
     return out if bias is None else out + bias
 
 
-def _tiled_all_reduce_matmul(rows: torch.Tensor, weight: torch.Tensor, tile: int) -> torch.Tensor:
-    count = rows.shape[0]
-    out = torch.empty(count, weight.shape[0], dtype=rows.dtype, device=rows.device)
+def tile_bounds(count: int, ctx: ParallelContext) -> list[tuple[int, int]]:
+    """Token ranges of the AllReduce tiles for `count` tokens: one range unless two tiles fit."""
+    tile = ctx.settings.tile_tokens
+    if tile is None or count < 2 * tile:
+        return [(0, count)]
+    return [(start, min(start + tile, count)) for start in range(0, count, tile)]
+
+
+class PendingRows:
+    """A row-parallel output [rows, out] whose tiles are being summed over ranks."""
+
+    def __init__(self, out: torch.Tensor, bounds, works):
+        self.out, self.bounds, self._works = out, bounds, works
+
+    def tile(self, index: int) -> torch.Tensor:
+        """Tile `index` of the output, once its sum over ranks is done (for the current stream)."""
+        work = self._works[index]
+        if work is not None:
+            # On NCCL, wait() only makes the current stream wait for the collective's stream.
+            work.wait()
+            self._works[index] = None
+        start, stop = self.bounds[index]
+        return self.out[start:stop]
+
+    def wait_all(self) -> torch.Tensor:
+        for index in range(len(self.bounds)):
+            self.tile(index)
+        return self.out
+
+
+def start_row_parallel(rows: torch.Tensor, weight: torch.Tensor, ctx: ParallelContext,
+                       bounds: list[tuple[int, int]]) -> PendingRows:
+    """rows [R, in/N] @ weight[out, in/N]^T tile by tile (`bounds`), each tile's all_reduce
+    launched asynchronously right after its GEMM; returns without waiting for any of them."""
+    out = torch.empty(rows.shape[0], weight.shape[0], dtype=rows.dtype, device=rows.device)
     weight_t = weight.t()
-    pending = []
-    for start in range(0, count, tile):
-        stop = min(start + tile, count)
+    works = []
+    for start, stop in bounds:
         part = out[start:stop]  # rows of a contiguous buffer: contiguous, as collectives need
         torch.mm(rows[start:stop], weight_t, out=part)
-        pending.append(dist.all_reduce(part, async_op=True))
-    for work in pending:
-        # On NCCL, wait() only makes the current stream wait for the collective's stream.
-        work.wait()
-    return out
+        skip = ctx.settings.skip_row_reduce or not ctx.is_distributed
+        works.append(None if skip else dist.all_reduce(part, async_op=True))
+    return PendingRows(out, bounds, works)

@@ -13,11 +13,14 @@ class TensorParallelSettings:
         many tokens; each tile's all_reduce starts as soon as its GEMM is done and runs while the
         next tile computes (tiling-AllReduce). None: one all_reduce per projection. Decode steps
         (fewer tokens than two tiles) always use one all_reduce per projection.
+    overlap_mlp: with tiles, run each decoder layer's tail (o_proj, norm, MLP) tile by tile, so
+        the attention's all_reduce overlaps the MLP's first GEMMs (facli.parallel.overlap).
     skip_row_reduce: benchmarks only. Row-parallel projections skip their all_reduce, so results
         are WRONG; it measures the same compute with no communication.
     """
 
     tile_tokens: int | None = None
+    overlap_mlp: bool = False
     skip_row_reduce: bool = False
 
     def __post_init__(self):
