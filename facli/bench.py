@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from facli.errors import FacliError
+from facli.errors import FacliError, OutOfMemoryPlanError
 from facli.parallel.comm import all_reduce_sum
 from facli.parallel.context import SINGLE_PROCESS, ParallelContext
 
@@ -26,6 +26,7 @@ PROMPT_SLACK = 8  # context left empty beyond prompt + decode tokens
 # Decode positions on both sides of a multiple of 16 (Triton specializes integer arguments).
 WARM_UP_NEW_TOKENS = {"cuda": 17, "cpu": 2}
 OUT_OF_MEMORY = "out of memory"
+DOES_NOT_FIT = "does not fit"  # the plan found no placement; nothing was run
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,8 @@ def measure_depth(runtime, depth: int, prompt: list[int], request: BenchRequest)
         if runtime.parallel.is_distributed:
             raise  # the other ranks wait in a collective: let the launcher end them all
         out_of_memory = True
+    except OutOfMemoryPlanError as error:
+        record.update(status=DOES_NOT_FIT, error=str(error))
     except FacliError as error:
         record.update(status="error", error=str(error))
     if out_of_memory:
@@ -310,7 +313,9 @@ def environment(device: torch.device, devices: int) -> dict:
 
 
 def git_commit() -> dict:
-    """The facli checkout's commit and whether it has uncommitted changes ("unknown" outside git)."""
+    """The facli checkout's commit and whether it has uncommitted changes; outside a git checkout
+    (a copied tree), $FACLI_COMMIT if set, else "unknown"."""
+    import os
     import subprocess
     from pathlib import Path
 
@@ -325,4 +330,6 @@ def git_commit() -> dict:
         dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None
     except (OSError, subprocess.SubprocessError):
         commit, dirty = None, None
-    return {"commit": commit or "unknown", "dirty": dirty}
+    if commit is None:
+        return {"commit": os.environ.get("FACLI_COMMIT") or "unknown", "dirty": None}
+    return {"commit": commit, "dirty": dirty}

@@ -118,7 +118,7 @@ def _peak(values) -> int | None:
 def facli_cells(record: dict) -> list[str]:
     """TTFT, prefill, decode, peak (plan, err), TTFT plan (err), decode plan (err), host KV."""
     if record["status"] != "ok":
-        return [record["error"] or record["status"]] + ["-"] * 6
+        return [record["status"]] + ["-"] * 6
     plan, errors = record.get("plan"), record.get("error_pct") or {}
     peak = _gib(_peak(record["peak_gpu_bytes"]))
     host = _gib(record["host_kv_bytes"])
@@ -135,7 +135,7 @@ def baseline_cells(record: dict | None) -> list[str]:
     if record is None:
         return ["-"] * 4
     if record["status"] != "ok":
-        return [record["error"] or record["status"]] + ["-"] * 3
+        return [record["status"]] + ["-"] * 3
     return [_num(record["ttft_s"], 2), _num(record["prefill_tokens_per_s"], 0),
             _num(record["decode_tokens_per_s"]), _gib(record["peak_gpu_bytes"])]
 

@@ -172,3 +172,28 @@ def test_table_without_baseline_has_no_transformers_columns():
 def test_markdown_table_shape():
     table = markdown_table(["a", "b"], [["1", "2"], ["3", "4"]])
     assert table.splitlines() == ["| a | b |", "| --- | --- |", "| 1 | 2 |", "| 3 | 4 |"]
+
+
+def _e2e():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "e2e.py"
+    spec = importlib.util.spec_from_file_location("bench_e2e", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_e2e_targets_and_docs_section():
+    e2e = _e2e()
+    report = add_derived(_report(), hbm_gbps=4200.0)
+    rows = {target: (measured, met) for target, measured, met in e2e.targets(report)}
+    assert rows["largest context >= 2x transformers'"] == ("4.0x", "yes")
+    assert rows["decode tok/s >= 5x transformers at 32K"] == ("not measured", "-")
+    assert rows["plan peak memory error < 5%"] == ("+5.0% (worst)", "no")
+    text = "# facli benchmarks\n\n## End to end\n\nold\n\n## Kernels\n\nkept\n"
+    once = e2e.replace_section(text, "new body")
+    assert once == "# facli benchmarks\n\n## End to end\n\nnew body\n\n## Kernels\n\nkept\n"
+    assert e2e.replace_section(once, "new body") == once
+    assert e2e.replace_section("# facli benchmarks\n", "b").endswith("\n\n## End to end\n\nb\n")
