@@ -17,6 +17,7 @@ class PrefillConfig:
     num_warps: int
     num_stages: int
     tma: bool = False  # K/V tiles through the Hopper copy engine (sm90+, D in {64, 128, 256})
+    warp_specialize: bool = False  # Triton's producer/consumer warp split of the unmasked loop
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
@@ -36,9 +37,9 @@ class DecodeConfig:
 # (compute capability major, head-dim bucket) -> prefill config. The head-dim bucket is the
 # padded head dim (64, 128 or 256): 80 and 96 run in 128-wide registers.
 _PREFILL = {
-    (9, 64): PrefillConfig(128, 128, 8, 3),
-    (9, 128): PrefillConfig(128, 128, 8, 3),
-    (9, 256): PrefillConfig(128, 64, 8, 2),
+    (9, 64): PrefillConfig(128, 128, 8, 3, tma=True),
+    (9, 128): PrefillConfig(128, 128, 8, 3, tma=True),
+    (9, 256): PrefillConfig(128, 64, 8, 2, tma=True),
     (8, 64): PrefillConfig(128, 64, 4, 3),
     (8, 128): PrefillConfig(128, 64, 8, 3),
     (8, 256): PrefillConfig(64, 32, 4, 2),
@@ -49,7 +50,7 @@ _PREFILL = {
 }
 
 _DECODE = {
-    9: DecodeConfig(block_n=64, num_warps=4, num_stages=3, programs_per_sm=4),
+    9: DecodeConfig(block_n=64, num_warps=4, num_stages=3, programs_per_sm=2),
     8: DecodeConfig(block_n=64, num_warps=4, num_stages=3, programs_per_sm=4),
     7: DecodeConfig(block_n=32, num_warps=4, num_stages=2, programs_per_sm=4),
 }

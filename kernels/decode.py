@@ -209,8 +209,8 @@ def decode_attention_triton(q, k_cache, v_cache, cache_lens, *, scale=None, retu
 
     unified_max: None (the sink-token score, see the module doc) or a float32 tensor [Hq] of
     per-head phi in score units (scale * q.k). config / num_splits override the tables.
-    fallback_out: optional int32 tensor that receives one flag per (b, kv head, split), set
-    where the exact fallback ran. Returns out [B, Tq, Hq, D], or (out, lse [B, Hq, Tq]).
+    fallback_out: optional int32 tensor whose first B * Hkv * num_splits entries receive one flag
+    per (b, kv head, split), set where the exact fallback ran (num_splits <= MAX_SPLITS). Returns out [B, Tq, Hq, D], or (out, lse [B, Hq, Tq]).
     """
     common.check_attention_inputs(q, k_cache, v_cache)
     if common.interpreted() and q.dtype == torch.bfloat16:
@@ -227,8 +227,9 @@ def decode_attention_triton(q, k_cache, v_cache, cache_lens, *, scale=None, retu
         raise ValueError(f"expected unified_max [{q_heads}], got {tuple(unified_max.shape)}")
     cfg = config or decode_config(q.device)
     splits = num_splits or choose_num_splits(batch, kv_heads, cache_len, q.device, cfg)
+    if not 1 <= splits <= MAX_SPLITS:
+        raise ValueError(f"expected 1 <= num_splits <= {MAX_SPLITS}, got {splits}")
     chunk = triton.cdiv(triton.cdiv(cache_len, splits), cfg.block_n) * cfg.block_n
-    splits = max(1, triton.cdiv(cache_len, chunk))
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     block_d = max(16, triton.next_power_of_2(head_dim))
     dev = q.device

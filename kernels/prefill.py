@@ -25,11 +25,12 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def _tiles(acc, l_i, m_i, q, k_base, v_base, desc_k, desc_v, b, col, stride_kt, stride_vt, q_pos,
            lo, hi, k_len, qk_scale, head_dim, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-           EVEN_D: tl.constexpr, TMA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+           EVEN_D: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr, BLOCK_N: tl.constexpr,
+           BLOCK_D: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < head_dim
-    for start_n in range(lo, hi, BLOCK_N):
+    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WS):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         keys = start_n + offs_n
         # The tile's base in int64: at 256K keys, key * stride exceeds 2**31 for wide KV heads.
@@ -81,7 +82,7 @@ def _prefill_kernel(Q, K, V, desc_k, desc_v, O, LSE,
                     stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
                     q_len, k_len, q_offset, q_heads, group, qk_scale, head_dim,
                     CAUSAL: tl.constexpr, WRITE_LSE: tl.constexpr, EVEN_D: tl.constexpr,
-                    TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                    TMA: tl.constexpr, WS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # Heaviest causal blocks (the last queries) launch first, so the short ones fill the tail.
     start_m = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
@@ -115,10 +116,10 @@ def _prefill_kernel(Q, K, V, desc_k, desc_v, O, LSE,
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, desc_k, desc_v, b32, col, stride_kt,
                            stride_vt, q_pos, 0, full, k_len, qk_scale, head_dim,
-                           False, CAUSAL, EVEN_D, TMA, BLOCK_N, BLOCK_D)
+                           False, CAUSAL, EVEN_D, TMA, WS, BLOCK_N, BLOCK_D)
     acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, desc_k, desc_v, b32, col, stride_kt,
                            stride_vt, q_pos, full, hi, k_len, qk_scale, head_dim,
-                           True, CAUSAL, EVEN_D, TMA, BLOCK_N, BLOCK_D)
+                           True, CAUSAL, EVEN_D, TMA, False, BLOCK_N, BLOCK_D)
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -179,6 +180,7 @@ def prefill_attention_triton(q, k, v, *, causal=True, q_offset=0, scale=None, re
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         q_len, k_len, q_offset, q_heads, q_heads // kv_heads, scale * LOG2E, head_dim,
         CAUSAL=causal, WRITE_LSE=return_lse, EVEN_D=head_dim == block_d, TMA=tma,
+        WS=tma and cfg.warp_specialize,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -5,6 +5,7 @@ from conftest import requires_cuda
 from test_kernels_reference import assert_within_torch_error, oracle, poison_allocations, sdpa_same_dtype
 
 from facli.kernels import decode_attention, decode_attention_triton
+from facli.kernels.decode import MAX_SPLITS
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -45,7 +46,7 @@ def check_decode(case, monkeypatch, device, *, scores_scale=1.0, unified_max=Non
     k = torch.randn(batch, cache_len, kv_heads, head_dim, device=device).to(dtype)
     v = torch.randn(batch, cache_len, kv_heads, head_dim, device=device).to(dtype)
     lens = ragged_lens(batch, q_len, cache_len, device)
-    flags = torch.full((batch * kv_heads * 64,), -1, dtype=torch.int32, device=device)
+    flags = torch.full((batch * kv_heads * MAX_SPLITS,), -1, dtype=torch.int32, device=device)
     out, lse = decode_attention_triton(q, k, v, lens, return_lse=True, num_splits=splits,
                                        unified_max=unified_max, fallback_out=flags)
     offsets = lens.long() - q_len
@@ -91,7 +92,7 @@ def test_given_unified_max_far_off_still_exact(monkeypatch):
 
 def test_sink_phi_needs_no_fallback_on_typical_scores(monkeypatch):
     flags = check_decode((2, 1, 8, 2, 64, 300, 4, torch.bfloat16), monkeypatch, DEVICE)
-    assert (flags[: 2 * 2 * 4] == 0).all()
+    assert (flags[: 2 * 2 * 4] == 0).all() and (flags[2 * 2 * 4:] == -1).all()
 
 
 def test_public_decode_dispatch(monkeypatch):
