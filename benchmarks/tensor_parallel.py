@@ -1,0 +1,398 @@
+"""Tensor parallelism on GPUs: TP=N vs TP=1, and tiling-AllReduce vs one AllReduce per projection.
+
+    python benchmarks/tensor_parallel.py --devices 2 --out $OUT
+
+A Llama-7B-shaped model with random bf16 weights built directly on the GPUs (no checkpoint).
+Prefill is one forward over the whole prompt; attention goes through PyTorch SDPA (cuDNN, then
+FlashAttention) so that the projections and their collectives are what differs between runs.
+
+For TP=N four collective modes run the same compute:
+  nocomm     row-parallel projections skip their all_reduce (wrong numbers; the compute alone)
+  single     one all_reduce per row-parallel projection, after its GEMM
+  tiled      tiling-AllReduce: per-tile all_reduce launched as each tile's GEMM ends
+  tiled+mlp  tiled, and each layer's tail (o_proj, norm, MLP) runs tile by tile, so the
+             attention all_reduce overlaps the MLP GEMMs (facli.parallel.overlap)
+Exposed communication = time(mode) - time(nocomm); hidden = 1 - exposed(tiled) / exposed(single).
+A projection-level run (o_proj and down_proj shapes alone) gives the same fraction without the
+attention in between, for several tile sizes. Timings exclude warm-up (cuBLAS/cuDNN plans, NCCL
+set-up). Results: a JSON line per measurement in OUT/tensor_parallel.jsonl, a table last.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from facli.config import ModelConfig
+from facli.model import CausalLM
+from facli.parallel import comm
+from facli.parallel.context import SINGLE_PROCESS, ParallelContext, TensorParallelSettings
+from facli.parallel.launch import launch
+from facli.units import parse_ctx
+
+LLAMA_7B = ModelConfig(
+    model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+    num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+    max_position_embeddings=262144 + 1024, rms_norm_eps=1e-6,
+)
+SMOKE = replace(LLAMA_7B, vocab_size=512, hidden_size=256, intermediate_size=704,
+                num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=8)
+MODES = {
+    "nocomm": dict(tile_tokens=None, skip_row_reduce=True),
+    "single": dict(tile_tokens=None),
+    "tiled": {},
+    "tiled+mlp": dict(overlap_mlp=True),
+}
+
+
+class SdpaKVCache:
+    """A [layers, 1, capacity, Hkv, D] cache whose attention is torch SDPA (bench only)."""
+
+    def __init__(self, config: ModelConfig, capacity: int, world: int, device):
+        shape = (config.num_hidden_layers, 1, capacity, config.num_key_value_heads // world, config.head_dim)
+        self.capacity = capacity
+        self.keys = torch.empty(shape, dtype=torch.bfloat16, device=device)
+        self.values = torch.empty(shape, dtype=torch.bfloat16, device=device)
+
+    def attend(self, layer, q, k, v, start):
+        stop = start + k.shape[1]
+        self.keys[layer, :, start:stop] = k
+        self.values[layer, :, start:stop] = v
+        gqa = q.shape[2] != k.shape[2]
+        qh = q.transpose(1, 2)
+        if q.shape[1] == 1:
+            keys = self.keys[layer, :, :stop].transpose(1, 2)
+            values = self.values[layer, :, :stop].transpose(1, 2)
+            out = F.scaled_dot_product_attention(qh, keys, values, enable_gqa=gqa)
+        else:
+            assert start == 0, "the benchmark prefills the whole prompt in one forward"
+            with _prefill_backends():
+                out = F.scaled_dot_product_attention(qh, k.transpose(1, 2), v.transpose(1, 2),
+                                                     is_causal=True, enable_gqa=gqa)
+        return out.transpose(1, 2)
+
+    def reset(self):
+        pass
+
+
+def _prefill_backends():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+    try:
+        return sdpa_kernel(order, set_priority=True)
+    except TypeError:  # torch without set_priority
+        return sdpa_kernel(order[1:])
+
+
+def build_model(config: ModelConfig, ctx: ParallelContext, device) -> CausalLM:
+    model = CausalLM(config, dtype=torch.bfloat16, device=device, ctx=ctx)
+    generator = torch.Generator(device=device).manual_seed(1234 + ctx.rank)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.data.fill_(1.0)
+        else:
+            param.data.normal_(0.0, 0.02, generator=generator)
+    return model
+
+
+def set_mode(model: CausalLM, ctx: ParallelContext, mode: str, tile: int) -> ParallelContext:
+    """Point every layer at a context with this mode's collective settings."""
+    settings = TensorParallelSettings(**{"tile_tokens": tile, **MODES[mode]})
+    new = ctx.with_settings(settings)
+    for module in model.modules():
+        if hasattr(module, "ctx"):
+            module.ctx = new
+    return new
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_gib(device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+
+
+def timed(fn, ctx: ParallelContext, device) -> float:
+    _sync(device)
+    comm.barrier(ctx)
+    started = time.perf_counter()
+    fn()
+    _sync(device)
+    elapsed = torch.tensor([time.perf_counter() - started], device=device)
+    if ctx.is_distributed:
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    return elapsed.item()
+
+
+def warm_attention(config: ModelConfig, length: int, world: int, device) -> None:
+    """Build SDPA's plan for this prompt length once, outside the timings."""
+    heads = config.num_attention_heads // world
+    q = torch.randn(1, heads, length, config.head_dim, dtype=torch.bfloat16, device=device)
+    with _prefill_backends():
+        F.scaled_dot_product_attention(q, q, q, is_causal=True)
+    _sync(device)
+
+
+def prefill_and_decode(model, kv, ctx, device, length, decode_tokens):
+    """Seconds of a prefill of `length` tokens, and of `decode_tokens` greedy steps after it."""
+    ids = torch.randint(0, model.config.vocab_size, (1, length), device=device,
+                        generator=torch.Generator(device=device).manual_seed(5))
+    prefill_s = timed(lambda: model(ids, 0, kv), ctx, device)
+    if not decode_tokens:
+        return prefill_s, None
+    token = comm.broadcast_tokens(model(ids[:, -1:], length - 1, kv).argmax(-1), ctx)
+
+    def steps():
+        nonlocal token
+        for step in range(decode_tokens):
+            token = comm.broadcast_tokens(model(token[:, None], length + step, kv).argmax(-1), ctx)
+
+    steps()  # warm-up at this context
+    return prefill_s, timed(steps, ctx, device) / decode_tokens
+
+
+def decode_only(model, kv, ctx, device, length, decode_tokens):
+    token = torch.zeros(1, dtype=torch.long, device=device)
+
+    def steps():
+        nonlocal token
+        for step in range(decode_tokens):
+            token = comm.broadcast_tokens(model(token[:, None], length + step, kv).argmax(-1), ctx)
+
+    steps()
+    return timed(steps, ctx, device) / decode_tokens
+
+
+def projection_bench(config, ctx, device, tokens, tiles, reps):
+    """o_proj and down_proj alone at `tokens` tokens: ms per mode and tile."""
+    results = []
+    h, n = config.hidden_size, ctx.world_size
+    for name, width in (("o_proj", h), ("down_proj", config.intermediate_size)):
+        x = torch.randn(tokens, width // n, dtype=torch.bfloat16, device=device) * 0.1
+        w = torch.randn(h, width // n, dtype=torch.bfloat16, device=device) * 0.02
+        out = torch.empty(tokens, h, dtype=torch.bfloat16, device=device)
+        runs = [("nocomm", None), ("single", None)] + [("tiled", t) for t in tiles]
+        runs.append(("allreduce-only", None))
+        for mode, tile in runs:
+            if mode == "allreduce-only":
+                def step():
+                    dist.all_reduce(out)
+            else:
+                settings = TensorParallelSettings(**{"tile_tokens": tile, **MODES[mode]})
+                local = ctx.with_settings(settings)
+
+                def step():
+                    comm.row_parallel_linear(x, w, local)
+            for _ in range(3):
+                step()
+            ms = 1e3 * timed(lambda: [step() for _ in range(reps)], ctx, device) / reps
+            results.append(dict(kind="projection", proj=name, tokens=tokens, mode=mode, tile=tile, ms=ms))
+    return results
+
+
+def tile_from_planner(config: ModelConfig, length: int, world: int) -> int | None:
+    try:
+        from facli.offload.hardware import detect_hardware
+        from facli.offload.planner import PlanOptions, plan
+
+        chosen = plan(config, detect_hardware(), length + 64, 1,
+                      PlanOptions(devices=world, prefill_chunk=length, force=True))
+        return chosen.allreduce_tile_tokens
+    except Exception as exc:  # noqa: BLE001 - the benchmark still runs with a fixed tile
+        print(f"planner unavailable ({type(exc).__name__}: {exc}); tile 4096", file=sys.stderr)
+        return None
+
+
+def run_tp1(args, emit):
+    device = torch.device(args.device_type, 0) if args.device_type == "cuda" else torch.device("cpu")
+    model = build_model(args.config, SINGLE_PROCESS, device)
+    kv = SdpaKVCache(args.config, max(args.lengths) + args.decode_tokens + 8, 1, device)
+    model(torch.zeros(1, min(args.lengths), dtype=torch.long, device=device), 0, kv)  # warm-up
+    for length in args.lengths:
+        warm_attention(args.config, length, 1, device)
+        for rep in range(args.reps):
+            decode = args.decode_tokens if length == args.decode_at and rep == 0 else 0
+            prefill_s, decode_s = prefill_and_decode(model, kv, SINGLE_PROCESS, device, length, decode)
+            emit(dict(kind="prefill", tp=1, mode="-", tokens=length, seconds=prefill_s))
+            if decode_s is not None:
+                emit(dict(kind="decode", tp=1, mode="-", context=length, ms_per_token=1e3 * decode_s))
+    emit(dict(kind="peak", tp=1, rank=0, gib=_peak_gib(device)))
+    del model, kv
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_tp(ctx: ParallelContext, args):
+    """One rank of the TP=N runs; returns the measurements (rank 0's are the ones kept)."""
+    device = torch.device("cuda", ctx.local_rank) if args.device_type == "cuda" else torch.device("cpu")
+    config, tile = args.config, args.tile
+    records = projection_bench(config, ctx, device, args.projection_tokens, args.projection_tiles, 20)
+    emit = records.append
+    model = build_model(config, ctx, device)
+    kv = SdpaKVCache(config, max(args.lengths) + args.decode_tokens + 8, ctx.world_size, device)
+    for mode in MODES:
+        set_mode(model, ctx, mode, tile)
+        model(torch.zeros(1, min(args.lengths), dtype=torch.long, device=device), 0, kv)
+    for length in args.lengths:
+        warm_attention(config, length, ctx.world_size, device)
+        for rep in range(args.reps + (2 if length <= 32768 else 0)):  # short runs: more repeats
+            for mode in MODES:
+                local = set_mode(model, ctx, mode, tile)
+                prefill_s, _ = prefill_and_decode(model, kv, local, device, length, 0)
+                emit(dict(kind="prefill", tp=ctx.world_size, mode=mode, tokens=length, seconds=prefill_s))
+        if length == args.decode_at:
+            for mode in MODES:
+                local = set_mode(model, ctx, mode, tile)
+                ms = 1e3 * decode_only(model, kv, local, device, length, args.decode_tokens)
+                emit(dict(kind="decode", tp=ctx.world_size, mode=mode, context=length, ms_per_token=ms))
+    emit(dict(kind="peak", tp=ctx.world_size, rank=ctx.rank, gib=_peak_gib(device)))
+    del kv
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if args.long:
+        records += run_long(model, ctx, device, args, tile)
+    return records
+
+
+def run_long(model, ctx, device, args, tile):
+    """The whole long prompt on the N GPUs: prefill, then decode at that context."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    kv = SdpaKVCache(args.config, args.long + args.decode_tokens + 8, ctx.world_size, device)
+    warm_attention(args.config, args.long, ctx.world_size, device)
+    local = set_mode(model, ctx, "tiled", tile)
+    prefill_s, decode_s = prefill_and_decode(model, kv, local, device, args.long, args.decode_tokens)
+    peak = _peak_gib(device)
+    return [dict(kind="prefill", tp=ctx.world_size, mode="tiled", tokens=args.long, seconds=prefill_s),
+            dict(kind="decode", tp=ctx.world_size, mode="tiled", context=args.long, ms_per_token=1e3 * decode_s),
+            dict(kind="peak-long", tp=ctx.world_size, rank=ctx.rank, gib=peak)]
+
+
+def _generate_rank(ctx: ParallelContext, options, text: str, new_tokens: int) -> dict:
+    from facli.commands.generate import run_generate
+    from facli.sampling import SamplingParams
+
+    return run_generate(options, text, SamplingParams(), new_tokens, stream=False, parallel=ctx)
+
+
+def generate_check(devices: int, device_type: str) -> dict:
+    """The embedded demo model through facli's runtime: N ranks vs 1, greedy, float32."""
+    from facli.runtime import RuntimeOptions
+
+    options = RuntimeOptions(device=device_type, dtype="fp32", devices=devices)
+    text = "The quick brown fox jumps over the lazy dog. " * 8
+    try:
+        one = launch(_generate_rank, (options, text, 24), world_size=1, device_type=device_type)
+        many = launch(_generate_rank, (options, text, 24), world_size=devices, device_type=device_type)
+    except Exception as exc:  # noqa: BLE001 - report it and keep the measurements
+        return dict(kind="generate-check", ok=False, error=f"{type(exc).__name__}: {exc}")
+    return dict(kind="generate-check", ok=one["token_ids"] == many["token_ids"], devices=devices,
+                tokens=many["token_ids"], ttft_s_1=one["ttft_s"], ttft_s_n=many["ttft_s"])
+
+
+def environment(device_type: str) -> dict:
+    import triton
+
+    gpu = torch.cuda.get_device_name(0) if device_type == "cuda" else "cpu (smoke run)"
+    nccl = ".".join(map(str, torch.cuda.nccl.version())) if device_type == "cuda" else "-"
+    commit = os.environ.get("FACLI_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return dict(kind="environment", gpu=gpu, gpus=torch.cuda.device_count(), cuda=torch.version.cuda,
+                torch=torch.__version__, triton=triton.__version__, nccl=nccl, commit=commit or "unknown")
+
+
+def table(records: list[dict], world: int) -> str:
+    rows = [f"| measurement | TP=1 | TP={world} nocomm | TP={world} single | TP={world} tiled "
+            f"| TP={world} tiled+mlp | speedup (tiled) | hidden: tiled / tiled+mlp |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    by = {}
+    for r in records:
+        if r["kind"] in ("prefill", "decode"):
+            key = (r["kind"], r.get("tokens") or r.get("context"))
+            value = r["seconds"] if r["kind"] == "prefill" else r["ms_per_token"]
+            by.setdefault(key, {}).setdefault((r["tp"], r["mode"]), []).append(value)
+    for (kind, length), values in sorted(by.items()):
+        best = {k: min(v) for k, v in values.items()}
+        tp1 = best.get((1, "-"))
+        nocomm, single, tiled, tiled_mlp = (best.get((world, m)) for m in MODES)
+        unit = "s" if kind == "prefill" else "ms/tok"
+        cells = [f"{v:.3f} {unit}" if v is not None else "-" for v in (tp1, nocomm, single, tiled, tiled_mlp)]
+        speed = f"{tp1 / tiled:.2f}x" if tp1 and tiled else "-"
+        hidden = f"{_hidden(nocomm, single, tiled)} / {_hidden(nocomm, single, tiled_mlp)}"
+        label = f"{length // 1024}K" if length % 1024 == 0 else str(length)
+        rows.append(f"| {kind} {label} | " + " | ".join(cells) + f" | {speed} | {hidden} |")
+    rows += ["", "| projection | tokens | mode | tile | ms | comm hidden |", "| --- | --- | --- | --- | --- | --- |"]
+    proj = [r for r in records if r["kind"] == "projection"]
+    for r in proj:
+        base = {q["mode"]: q["ms"] for q in proj if q["proj"] == r["proj"] and q["mode"] in ("nocomm", "single")}
+        hidden = _hidden(base["nocomm"], base["single"], r["ms"]) if r["mode"] == "tiled" else ""
+        rows.append(f"| {r['proj']} | {r['tokens']} | {r['mode']} | {r['tile'] or '-'} | {r['ms']:.3f} | {hidden} |")
+    return "\n".join(rows)
+
+
+def _hidden(nocomm, single, tiled) -> str:
+    if None in (nocomm, single, tiled) or single - nocomm <= 0:
+        return "-"
+    return f"{100 * (1 - (tiled - nocomm) / (single - nocomm)):.0f}%"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--lengths", default="32k,128k", help="prefill lengths, TP=1 and TP=N")
+    parser.add_argument("--decode-at", default="128k", help="decode after the prefill of this length")
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--long", default="256k", help="TP=N only prefill+decode length; 0 skips")
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--tile", type=int, default=None, help="AllReduce tile tokens (default: planner)")
+    parser.add_argument("--projection-tokens", type=int, default=32768)
+    parser.add_argument("--projection-tiles", default="1024,2048,4096,8192")
+    parser.add_argument("--skip-tp1", action="store_true")
+    parser.add_argument("--generate-check", action="store_true",
+                        help="also run the demo model through facli's runtime on N ranks vs 1")
+    parser.add_argument("--smoke", action="store_true", help="tiny model on CPU with gloo: checks the script")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".out")))
+    args = parser.parse_args()
+    args.lengths = [parse_ctx(v) for v in args.lengths.split(",")]
+    args.decode_at = parse_ctx(args.decode_at)
+    args.long = parse_ctx(args.long) if args.long not in ("0", "") else 0
+    args.projection_tiles = [int(v) for v in args.projection_tiles.split(",")]
+    args.config = SMOKE if args.smoke else LLAMA_7B
+    args.device_type = "cpu" if args.smoke else "cuda"
+    args.out.mkdir(parents=True, exist_ok=True)
+    records = []
+    log = (args.out / "tensor_parallel.jsonl").open("w")
+
+    def emit(record):
+        records.append(record)
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        print(json.dumps(record), flush=True)
+
+    emit(environment(args.device_type))
+    if not args.skip_tp1:
+        run_tp1(args, emit)
+    args.tile = args.tile or tile_from_planner(args.config, max(args.lengths), args.devices) or 4096
+    emit(dict(kind="setting", tile_tokens=args.tile))
+    for record in launch(run_tp, (args,), world_size=args.devices, device_type=args.device_type):
+        emit(record)
+    summary = table(records, args.devices)
+    (args.out / "tensor_parallel_table.md").write_text(summary + "\n")
+    if args.generate_check:
+        emit(generate_check(args.devices, args.device_type))
+    print(summary, flush=True)
+
+
+if __name__ == "__main__":
+    main()
