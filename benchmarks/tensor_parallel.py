@@ -83,10 +83,15 @@ class SdpaKVCache:
         pass
 
 
+_USE_CUDNN = [True]  # cleared if cuDNN attention fails at some length (see warm_attention)
+
+
 def _prefill_backends():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+    if not _USE_CUDNN[0]:
+        return sdpa_kernel(order[1:])
     try:
         return sdpa_kernel(order, set_priority=True)
     except TypeError:  # torch without set_priority
@@ -139,9 +144,16 @@ def warm_attention(config: ModelConfig, length: int, world: int, device) -> None
     """Build SDPA's plan for this prompt length once, outside the timings."""
     heads = config.num_attention_heads // world
     q = torch.randn(1, heads, length, config.head_dim, dtype=torch.bfloat16, device=device)
-    with _prefill_backends():
-        F.scaled_dot_product_attention(q, q, q, is_causal=True)
-    _sync(device)
+    try:
+        with _prefill_backends():
+            F.scaled_dot_product_attention(q, q, q, is_causal=True)
+        _sync(device)
+    except RuntimeError as exc:
+        print(f"cuDNN attention failed at {length} tokens ({exc}); using FlashAttention", file=sys.stderr)
+        _USE_CUDNN[0] = False
+        with _prefill_backends():
+            F.scaled_dot_product_attention(q, q, q, is_causal=True)
+        _sync(device)
 
 
 def prefill_and_decode(model, kv, ctx, device, length, decode_tokens):
@@ -187,7 +199,7 @@ def projection_bench(config, ctx, device, tokens, tiles, reps):
         for mode, tile in runs:
             if mode == "allreduce-only":
                 def step():
-                    dist.all_reduce(out)
+                    comm.all_reduce_sum(out, ctx)
             else:
                 settings = TensorParallelSettings(**{"tile_tokens": tile, **MODES[mode]})
                 local = ctx.with_settings(settings)
