@@ -152,24 +152,22 @@ def measure_depth(runtime, depth: int, prompt: list[int], request: BenchRequest)
 
     n = prompt_length(depth, request.decode_tokens)
     record = {"depth": depth, "prompt_tokens": n, "status": "ok", "error": None, "plan": None}
-    generated, out_of_memory = None, False
-    try:
+
+    def plan_for_depth():
         runtime.set_context(depth)
         record["plan"] = plan_record(runtime.plan)
+
+    def run():
         warm_up(runtime, n)
-        generated = runtime.generate(prompt[:n], max_new_tokens=request.decode_tokens,
-                                     sampling=SamplingParams(temperature=0.0), ignore_eos=True)
-    except torch.cuda.OutOfMemoryError:
-        if runtime.parallel.is_distributed:
-            raise  # the other ranks wait in a collective: let the launcher end them all
-        out_of_memory = True
-    except OutOfMemoryPlanError as error:
-        record.update(status=DOES_NOT_FIT, error=str(error))
-    except FacliError as error:
-        record.update(status="error", error=str(error))
-    if out_of_memory:
-        record.update(status=OUT_OF_MEMORY, error=OUT_OF_MEMORY)
-        release_memory(runtime.device)
+        return runtime.generate(prompt[:n], max_new_tokens=request.decode_tokens,
+                                sampling=SamplingParams(temperature=0.0), ignore_eos=True)
+
+    attempt(plan_for_depth, record, runtime)
+    generated = None
+    if all_ranks_ok(runtime, record["status"] == "ok"):
+        generated = attempt(run, record, runtime)
+    elif record["status"] == "ok":
+        record.update(status="error", error="another rank could not set up this depth")
     record.update(rank_figures(runtime, generated))
     if generated is not None:
         record.update(
@@ -178,6 +176,31 @@ def measure_depth(runtime, depth: int, prompt: list[int], request: BenchRequest)
             decode_tokens_per_s=generated.decode_tokens_per_s,
         )
     return record
+
+
+def attempt(step, record: dict, runtime):
+    """step() or None, with out of memory (one rank only) and user errors noted in `record`."""
+    out_of_memory = False
+    try:
+        return step()
+    except torch.cuda.OutOfMemoryError:
+        if runtime.parallel.is_distributed:
+            raise  # the other ranks wait in a collective: let the launcher end them all
+        out_of_memory = True
+    except OutOfMemoryPlanError as error:
+        record.update(status=DOES_NOT_FIT, error=str(error))
+    except FacliError as error:
+        record.update(status="error", error=str(error))
+    if out_of_memory:  # outside the handler: its traceback no longer pins the activations
+        record.update(status=OUT_OF_MEMORY, error=OUT_OF_MEMORY)
+        release_memory(runtime.device)
+    return None
+
+
+def all_ranks_ok(runtime, ok: bool) -> bool:
+    """True when every rank says ok (one collective), so that no rank runs a depth alone."""
+    failures = torch.tensor([0 if ok else 1], dtype=torch.int64, device=runtime.device)
+    return int(all_reduce_sum(failures, runtime.parallel)[0]) == 0
 
 
 def warm_up(runtime, prompt_tokens: int) -> None:

@@ -197,3 +197,49 @@ def test_e2e_targets_and_docs_section():
     assert once == "# facli benchmarks\n\n## End to end\n\nnew body\n\n## Kernels\n\nkept\n"
     assert e2e.replace_section(once, "new body") == once
     assert e2e.replace_section("# facli benchmarks\n", "b").endswith("\n\n## End to end\n\nb\n")
+
+
+class _FakeRuntime:
+    """What measure_depth uses of a Runtime; fails as told per depth."""
+
+    def __init__(self, failures):
+        import torch
+
+        from facli.parallel.context import SINGLE_PROCESS
+
+        self.failures, self.parallel, self.device = failures, SINGLE_PROCESS, torch.device("cpu")
+        self.plan, self.kv, self.prefill_chunk, self.depth, self.calls = None, None, 512, None, []
+
+    def set_context(self, depth):
+        self.depth = depth
+        if self.failures.get(depth) == "plan":
+            from facli.errors import OutOfMemoryPlanError
+
+            raise OutOfMemoryPlanError(f"expected {depth} to fit, it does not")
+
+    def generate(self, ids, *, max_new_tokens, sampling, ignore_eos):
+        import torch
+
+        from facli.runtime import GenerationResult
+
+        assert ignore_eos and sampling.temperature == 0
+        self.calls.append((self.depth, len(ids), max_new_tokens))
+        if self.failures.get(self.depth) == "oom" and len(self.calls) % 2 == 0:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return GenerationResult(list(range(max_new_tokens)), "", len(ids), 0.5, 40.0, None, "length")
+
+
+def test_measure_depth_turns_failures_into_statuses():
+    from facli.bench import measure_depth
+
+    runtime = _FakeRuntime({2048: "oom", 4096: "plan"})
+    request = BenchRequest(depths=(1024, 2048, 4096), decode_tokens=8)
+    prompt = list(range(5000))
+    ok, oom, no_fit = (measure_depth(runtime, d, prompt, request) for d in request.depths)
+    assert ok["status"] == "ok" and ok["new_tokens"] == 8 and ok["prompt_tokens"] == 1008
+    assert ok["prefill_tokens_per_s"] == pytest.approx(1008 / 0.5) and ok["decode_tokens_per_s"] == 40
+    assert runtime.calls[0] == (1024, 512 + 1008 % 512, 2)  # warm-up: a full chunk and the tail
+    assert runtime.calls[1] == (1024, 1008, 8)
+    assert oom["status"] == "out of memory" and "ttft_s" not in oom
+    assert no_fit["status"] == "does not fit" and "4096" in no_fit["error"]
+    assert [c[0] for c in runtime.calls] == [1024, 1024, 2048, 2048]  # nothing ran at 4096
