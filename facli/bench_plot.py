@@ -35,24 +35,25 @@ def write_plot(report: dict, path: Path) -> None:
     facli = report["facli"]["depths"]
     baseline = (report["transformers"] or {}).get("depths") or []
     figure, (speed, memory) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for records, name, style in ((facli, "facli", "-"), (baseline, "transformers", "--")):
-        for key, label, marker in (("prefill_tokens_per_s", "prefill", "o"), ("decode_tokens_per_s", "decode", "s")):
+    for records, name, color in ((facli, "facli", "C0"), (baseline, "transformers", "C1")):
+        for key, label, style in (("prefill_tokens_per_s", "prefill", "-o"), ("decode_tokens_per_s", "decode", "--s")):
             x, y = _series(records, key)
             if x:
-                speed.plot(x, y, style, marker=marker, label=f"{name} {label}")
+                speed.plot(x, y, style, color=color, label=f"{name} {label}")
         x, y = _peaks(records)
         if x:
-            memory.plot(x, y, style, marker="o", label=f"{name} measured")
+            memory.plot(x, y, "-o", color=color, label=f"{name} measured")
     x, y = _peaks(facli, plan=True)
     if x:
-        memory.plot(x, y, ":", marker="x", label="facli plan")
+        memory.plot(x, y, ":x", color="C0", label="facli plan")
     for axis, title, unit in ((speed, "throughput", "tokens/s"), (memory, "peak GPU memory per device", "GiB")):
         axis.set_xscale("log", base=2)
         axis.set_xlabel("context depth (tokens)")
         axis.set_ylabel(unit)
         axis.set_title(title)
         axis.grid(True, which="both", alpha=0.3)
-        axis.legend(fontsize=8)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=8)
     speed.set_yscale("log")
     figure.suptitle(heading(report), fontsize=7, wrap=True)
     figure.tight_layout()
