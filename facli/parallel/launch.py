@@ -26,6 +26,7 @@ from facli.parallel.context import SINGLE_PROCESS, ParallelContext
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")
 DEFAULT_TIMEOUT_S = 1800.0  # a collective that waits this long for a peer fails
 FAILURE_GRACE_S = 0.5  # after a first failure, how long to wait for the others' reports
+FINISH_GRACE_S = 60.0  # after rank 0 succeeds, how long the others may take to wind down
 # NVLink multicast (NVLS) can take a host's shared GPUs out of service; facli never uses it.
 CUDA_RANK_ENVIRONMENT = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
 
@@ -131,7 +132,7 @@ def _spawn(fn, args, kwargs, world_size, device_type, timeout_s):
         for rank in range(world_size):
             reader, writer = context.Pipe(duplex=False)
             process = context.Process(
-                target=_rank_main, name=f"facli-rank-{rank}", daemon=True,
+                target=_rank_main, name=f"facli-rank-{rank}",
                 args=(rank, world_size, device_type, init_method, timeout_s, fn, args, kwargs, writer),
             )
             process.start()
@@ -146,18 +147,20 @@ def _spawn(fn, args, kwargs, world_size, device_type, timeout_s):
 def _collect(processes, readers):
     """Wait for every rank's report; on the first failure, end the rest and raise."""
     reports: dict[int, tuple] = {}
-    first_failure = None
+    deadline = None  # set by a first failure, or by rank 0's success
     while len(reports) < len(processes):
         waiting = [rank for rank in range(len(processes)) if rank not in reports]
-        timeout = None if first_failure is None else max(0.0, first_failure + FAILURE_GRACE_S - time.monotonic())
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         ready = wait([readers[r] for r in waiting] + [processes[r].sentinel for r in waiting], timeout)
         if not ready:
             break
         for rank in waiting:
             if readers[rank] in ready or processes[rank].sentinel in ready:
                 reports[rank] = _read_report(rank, readers[rank], processes[rank])
-                if reports[rank][0] == "error" and first_failure is None:
-                    first_failure = time.monotonic()
+                if reports[rank][0] == "error":
+                    deadline = min(deadline or float("inf"), time.monotonic() + FAILURE_GRACE_S)
+                elif rank == 0 and deadline is None:
+                    deadline = time.monotonic() + FINISH_GRACE_S
     failures = {rank: payload for rank, (status, payload) in reports.items() if status == "error"}
     if failures:
         _stop(processes)
