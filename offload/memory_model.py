@@ -29,22 +29,32 @@ def canonical_dtype(name: str) -> str:
 
 @dataclass(frozen=True)
 class ActivationTerm:
-    """Tensors alive at the peak of one prefill chunk: `count` tensors of [tokens, width]."""
+    """`count` tensors of [tokens, width] alive at some point of a prefill chunk's layer.
+
+    phase "layer": alive through the whole layer; otherwise the part of the layer ("norm",
+    "attention", "mlp") during which it lives. The peak is the layer terms plus the largest
+    phase, since one phase's temporaries are freed before the next phase starts.
+    """
 
     name: str
     count: int
-    width: str  # "hidden", "q", "kv" or "intermediate"
+    width: str  # "hidden", "q", "kv", "intermediate" or "head_dim"
     sharded: bool  # split over tensor-parallel ranks
+    phase: str
+    fp32: bool = False  # float32 whatever the model dtype
 
 
-# --- calibration: the prefill activation peak, in the model dtype, per token of the chunk ---
+# --- calibration: the prefill activation peak per token of the chunk (facli/model.py) ---
 ACTIVATION_TERMS = (
-    ActivationTerm("hidden_and_residual", 3, "hidden", sharded=False),
-    ActivationTerm("q", 1, "q", sharded=True),
-    ActivationTerm("k_and_v", 2, "kv", sharded=True),
-    ActivationTerm("attention_out", 1, "q", sharded=True),
-    ActivationTerm("mlp_gate_up_and_product", 3, "intermediate", sharded=True),
-    ActivationTerm("rope_cos_sin", 2, "head_dim", sharded=False),  # per chunk, model dtype
+    ActivationTerm("residual_and_normed", 2, "hidden", sharded=False, phase="layer"),
+    ActivationTerm("rope_cos_sin", 2, "head_dim", sharded=False, phase="layer"),
+    ActivationTerm("norm_fp32", 2, "hidden", sharded=False, phase="norm", fp32=True),
+    ActivationTerm("q", 1, "q", sharded=True, phase="attention"),
+    ActivationTerm("k_and_v", 2, "kv", sharded=True, phase="attention"),
+    ActivationTerm("rope_temporaries", 2, "q", sharded=True, phase="attention"),
+    ActivationTerm("attention_out", 1, "q", sharded=True, phase="attention"),
+    ActivationTerm("o_proj_out", 1, "hidden", sharded=False, phase="attention"),
+    ActivationTerm("mlp_gate_up_and_product", 3, "intermediate", sharded=True, phase="mlp"),
 )
 LOGITS_BYTES_PER_VOCAB_ENTRY = 4  # fp32 logits of the last position only, per sequence
 WORKSPACE_FIXED_BYTES = 64 * MIB  # cuBLAS workspace, small buffers, allocator rounding
@@ -78,22 +88,29 @@ def _width(config: ModelConfig, width: str) -> int:
 
 def activation_breakdown(config: ModelConfig, chunk: int, batch: int, dtype_bytes: int,
                          tp: int = 1) -> dict[str, int]:
-    """Bytes of each activation term for a prefill chunk of `chunk` tokens per sequence."""
+    """Bytes of each activation term (and the last position's logits) for a prefill chunk of
+    `chunk` tokens per sequence on one rank. Not all are alive at once: see activation_bytes."""
     tokens = chunk * batch
     terms = {}
     for term in ACTIVATION_TERMS:
         width = _width(config, term.width)
         if term.sharded:
             width = math.ceil(width / tp)
-        terms[term.name] = term.count * tokens * width * dtype_bytes
+        terms[term.name] = term.count * tokens * width * (4 if term.fp32 else dtype_bytes)
     terms["logits"] = batch * config.vocab_size * LOGITS_BYTES_PER_VOCAB_ENTRY
     return terms
 
 
 def activation_bytes(config: ModelConfig, chunk: int, batch: int, dtype_bytes: int,
                      tp: int = 1) -> int:
-    """Transient bytes at the peak of one prefill chunk on one rank (see ACTIVATION_TERMS)."""
-    return sum(activation_breakdown(config, chunk, batch, dtype_bytes, tp).values())
+    """Transient bytes at the peak of one prefill chunk on one rank: the layer terms, the
+    largest phase of ACTIVATION_TERMS, and the logits."""
+    terms = activation_breakdown(config, chunk, batch, dtype_bytes, tp)
+    phases: dict[str, int] = {}
+    for term in ACTIVATION_TERMS:
+        phases[term.phase] = phases.get(term.phase, 0) + terms[term.name]
+    layer = phases.pop("layer", 0)
+    return layer + max(phases.values(), default=0) + terms["logits"]
 
 
 def weight_bytes(config: ModelConfig, dtype_bytes: int, tp: int = 1) -> int:

@@ -57,9 +57,13 @@ def test_weights_match_a_transformers_model():
 def test_activation_terms_are_named_and_linear_in_the_chunk():
     config = load_model_recipe("llama-7b").config
     terms = activation_breakdown(config, 1024, 1, 2)
-    assert {"hidden_and_residual", "q", "k_and_v", "attention_out", "mlp_gate_up_and_product",
+    assert {"residual_and_normed", "q", "k_and_v", "attention_out", "mlp_gate_up_and_product",
             "logits"} <= set(terms)
     assert terms["mlp_gate_up_and_product"] == 3 * 1024 * 11008 * 2
+    # Llama-7B: the MLP phase (3 x intermediate) is the peak, over the residual and norm output.
+    assert activation_bytes(config, 1024, 1, 2) == (
+        terms["residual_and_normed"] + terms["rope_cos_sin"] + terms["mlp_gate_up_and_product"]
+        + terms["logits"])
     fixed = terms["logits"]
     assert activation_bytes(config, 2048, 1, 2) - fixed == 2 * (activation_bytes(config, 1024, 1, 2) - fixed)
     assert activation_bytes(config, 1024, 1, 2, tp=4) < activation_bytes(config, 1024, 1, 2)
