@@ -18,7 +18,7 @@ import torch
 
 from facli.errors import FacliError, OutOfMemoryPlanError
 from facli.parallel.comm import all_reduce_sum
-from facli.parallel.context import SINGLE_PROCESS, ParallelContext
+from facli.parallel.context import ParallelContext
 
 SCHEMA = "facli.bench/1"
 BASELINES = ("transformers", "none")
