@@ -422,8 +422,9 @@ def main():
         eager = f"{fmt(r['facli_eager'] * 1e3 if r.get('facli_eager') else None)} / " \
                 f"{fmt(r['sdpa_eager'] * 1e3 if r.get('sdpa_eager') else None)}"
         print(f"| {r['T'] // 1024}K | {r['Hkv']} | " + " | ".join(cells) + f" | {fmt(speed, 2)} | {eager} |")
-    print(f"\npeak extra memory of prefill at {res['peak_memory']['T']}: {res['peak_memory']['extra_bytes']} B "
-          f"(lse {res['peak_memory']['lse_bytes']} B); correctness vs SDPA flash: {res['check']}")
+    peak = res["peak_memory"]
+    print(f"\npeak extra memory of prefill at {peak['T']}: {peak['extra_bytes']} B "
+          f"(lse {peak['lse_bytes']} B); correctness vs SDPA flash: {res['check']}")
     print(f"fallback: {res['fallback']}")
     print(f"eager decode host time per call: {res['eager_host_us']:.0f} us")
 

@@ -36,6 +36,7 @@ def prefill_attention(q, k, v, *, causal=True, q_offset=0, scale=None, return_ls
     own, so a chunk of a long prompt attends to the whole cached prefix and causally to itself.
     k and v may be strided views (e.g. cache[:, :start + T]); only the head dim must be unit
     stride. D <= 256 (64, 80, 96, 128, 256 are the tested ones); float16/bfloat16 on the GPU.
+    q_offset is a Python int on the Triton path (a [B] tensor only on the reference path).
     scale defaults to 1/sqrt(D). With return_lse, returns (out, lse [B, Hq, Tq] float32, natural
     log), the input `merge_attention` needs.
     """
@@ -54,7 +55,10 @@ def decode_attention(q, k_cache, v_cache, cache_lens, *, scale=None, return_lse=
     cache_lens [B] (int, on q's device) counts each sequence's valid cache positions, the new
     tokens included: query i of sequence b sits at position cache_lens[b] - Tq + i and sees keys
     up to it. Split-KV over Tmax with the split count chosen from shapes only, and no host
-    synchronization, so the call can be captured in a CUDA graph. With return_lse, returns
+    synchronization, so the call can be captured in a CUDA graph; splits past a sequence's
+    length exit at once, so a cache much longer than cache_lens leaves most programs idle.
+    bfloat16 caches use the asynchronous (unified-max) softmax with an exact fallback, float16
+    caches the exact rescaling path (facli/kernels/decode.py says why). With return_lse, returns
     (out, lse [B, Hq, Tq] float32, natural log).
     """
     if _use_triton(q, backend):

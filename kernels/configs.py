@@ -4,7 +4,9 @@ Two-level tiling: a program owns BLOCK_M queries (the outer block) and streams K
 BLOCK_N-key inner tiles, `num_stages` deep in shared memory. The outer block is as large as the
 register file allows; the inner tile and the pipeline depth are what shared memory allows:
 Hopper 227 KiB per block, Ampere 163 KiB (A100) / 99 KiB (consumer), Turing 64 KiB, Volta 96 KiB.
-Only the Hopper rows are measured (docs/benchmarks.md); the others are sized to fit.
+Only the Hopper rows are measured (docs/benchmarks.md: a sweep at 16K, causal, bf16, D=128);
+the others are sized to fit and untested. TMA (the copy engine) needs sm90+ and D in {64, 128,
+256}; elsewhere the same sizes run with plain loads.
 """
 
 from dataclasses import dataclass
@@ -79,7 +81,7 @@ def head_dim_bucket(head_dim: int) -> int:
 
 def prefill_config(device, head_dim: int, q_len: int, *, causal: bool, dtype) -> PrefillConfig:
     """The prefill block sizes for this device, head dim, causality and dtype."""
-    del causal, dtype  # measured on Hopper: the same table wins for both (docs/benchmarks.md)
+    del causal, dtype  # the table was swept for causal bf16 only (docs/benchmarks.md)
     if device is None or device.type != "cuda" or q_len <= _SMALL_QUERIES:
         return _SMALL
     return _PREFILL[(_arch_major(device), head_dim_bucket(head_dim))]

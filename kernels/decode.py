@@ -210,7 +210,8 @@ def decode_attention_triton(q, k_cache, v_cache, cache_lens, *, scale=None, retu
     unified_max: None (the sink-token score, see the module doc) or a float32 tensor [Hq] of
     per-head phi in score units (scale * q.k). config / num_splits override the tables.
     fallback_out: optional int32 tensor whose first B * Hkv * num_splits entries receive one flag
-    per (b, kv head, split), set where the exact fallback ran (num_splits <= MAX_SPLITS). Returns out [B, Tq, Hq, D], or (out, lse [B, Hq, Tq]).
+    per (b, kv head, split), set where the exact fallback ran (num_splits <= MAX_SPLITS).
+    Returns out [B, Tq, Hq, D], or (out, lse [B, Hq, Tq] float32, natural log).
     """
     common.check_attention_inputs(q, k_cache, v_cache)
     if common.interpreted() and q.dtype == torch.bfloat16:

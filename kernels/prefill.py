@@ -82,7 +82,8 @@ def _prefill_kernel(Q, K, V, desc_k, desc_v, O, LSE,
                     stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
                     q_len, k_len, q_offset, q_heads, group, qk_scale, head_dim,
                     CAUSAL: tl.constexpr, WRITE_LSE: tl.constexpr, EVEN_D: tl.constexpr,
-                    TMA: tl.constexpr, WS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                    TMA: tl.constexpr, WS: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # Heaviest causal blocks (the last queries) launch first, so the short ones fill the tail.
     start_m = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
