@@ -68,8 +68,9 @@ def cpu_suffix_attention(q, k, v, length, *, first_position, scale=None, k_scale
         denom = denom * correction + probs.sum(dim=-1, keepdim=True)
         acc = acc * correction + torch.matmul(probs, _tile_float(v, v_scales, start, stop))
         m = m_new
-    out = torch.where(denom > 0, acc / denom.clamp_min(1e-30), torch.zeros_like(acc))
-    lse = torch.where(denom > 0, m + torch.log(denom.clamp_min(1e-30)), torch.full_like(m, float("-inf")))
+    seen = denom > 0  # false only for a query that sees no key
+    out = torch.where(seen, acc / denom.clamp_min(1e-30), torch.zeros_like(acc))
+    lse = torch.where(seen, m + torch.log(denom.clamp_min(1e-30)), float("-inf"))
     out = out.reshape(batch, kv_heads, group, q_len, head_dim).permute(0, 3, 1, 2, 4)
     lse = lse.reshape(batch, kv_heads * group, q_len)
     return out.reshape(batch, q_len, q_heads, head_dim), lse

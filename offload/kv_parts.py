@@ -26,7 +26,7 @@ def copy_rows(dst: torch.Tensor, src: torch.Tensor) -> None:
 
 @dataclass
 class Chunk:
-    """New K/V of one step, already in storage format: k, v [B, T, Hkv, D] (+ scales [B, T, Hkv])."""
+    """New K/V of one step in storage format: k, v [B, T, Hkv, D] (+ scales [B, T, Hkv])."""
 
     k: torch.Tensor
     v: torch.Tensor

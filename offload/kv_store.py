@@ -38,6 +38,12 @@ Decode over a host layer, decode_mode="cpu":
   overlaps, honestly: with gpu_prefix_tokens = 0 the GPU waits for the CPU in every host
   layer, since layer i + 1 needs layer i's output; only the GPU prefix part runs concurrently.
   No staging slot is read in this mode (slots are still used by prefill).
+
+gpu_prefix_tokens > 0 keeps a host layer's first positions on the GPU: they are copied
+device-to-device into a slot (never over PCIe) when staging, and are the GPU's concurrent share
+in "cpu" mode. fp8 GPU rows are dequantized 16K rows at a time and the tiles merged by LSE, so no
+bf16 copy of a whole layer is made; host fp8 rows cross PCIe as fp8 and are dequantized on the
+GPU into the slot (through a ring of 8192 rows).
 """
 
 import torch
@@ -214,7 +220,9 @@ class OffloadedKVStore:
 
     def _load(self, slot: Slot, layer: int, upto: int) -> None:
         """Queue the copy of layer's positions up to `upto` into `slot` on the prefetch stream."""
-        begin = slot.length if slot.layer == layer else 0
+        if slot.layer != layer:  # claimed for `layer` even when nothing needs copying
+            slot.layer, slot.length = layer, 0
+        begin = slot.length
         if begin >= upto:
             return
         queues, split = self.queues, self._split[layer]
@@ -228,7 +236,7 @@ class OffloadedKVStore:
                 self._host[layer].load_into(slot.keys, slot.values, first, first - split,
                                             upto - first, raw=self._raw)
             slot.ready = queues.mark(queues.prefetch)
-        slot.layer, slot.length = layer, upto
+        slot.length = upto
 
     def _write_back(self, layer, chunk, start, stop):
         """Chunk rows go to the layer's GPU rows now and to its host rows on the write-back

@@ -21,7 +21,7 @@ CAPACITY = sum(CHUNKS) + DECODE_STEPS + 3
 
 
 def _steps(dtype=torch.float32, device="cpu"):
-    """[(start, q, k, v)] for the prefill chunks and decode steps, per layer: q, k, v [L, B, T, H, D]."""
+    """[(start, q, k, v)] for the prefill chunks, then decode steps; q, k, v [L, B, T, H, D]."""
     steps, start = [], 0
     for size in CHUNKS + [1] * DECODE_STEPS:
         shape = (LAYERS, BATCH, size)
@@ -37,7 +37,8 @@ def _run(store, steps):
     """Outputs of every step and layer, [L, B, total, Hq, D], feeding layers in model order."""
     outs = [[store.attend(layer, q[layer], k[layer], v[layer], start) for layer in range(LAYERS)]
             for start, q, k, v in steps]
-    return torch.stack([torch.cat([step[layer] for step in outs], dim=1) for layer in range(LAYERS)])
+    return torch.stack([torch.cat([step[layer] for step in outs], dim=1)
+                        for layer in range(LAYERS)])
 
 
 def _device_cache(dtype=torch.float32, device="cpu"):
@@ -68,7 +69,8 @@ def test_device_cache_matches_sdpa():
     steps = _steps()
     got = _run(_device_cache(), steps)
     for layer in range(LAYERS):
-        q, k, v = (torch.cat([s[i][layer] for s in steps], dim=1).transpose(1, 2) for i in (1, 2, 3))
+        q, k, v = (torch.cat([s[i][layer] for s in steps], dim=1).transpose(1, 2)
+                   for i in (1, 2, 3))
         group = Q_HEADS // KV_HEADS
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         want = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
@@ -94,7 +96,8 @@ def test_reset_then_rerun(mode):
     _run(store, _steps())
     store.reset()
     steps = _steps()
-    torch.testing.assert_close(_run(store, steps), _run(_device_cache(), steps), rtol=1e-5, atol=1e-5)
+    want = _run(_device_cache(), steps)
+    torch.testing.assert_close(_run(store, steps), want, rtol=1e-5, atol=1e-5)
 
 
 def test_rewind_overwrites_positions():
@@ -119,6 +122,17 @@ def test_write_then_decode(mode):
     _run(reference, prompt)
     decode = steps[len(prompt):]
     torch.testing.assert_close(_run(store, decode), _run(reference, decode), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["prefetch", "cpu"])
+def test_restart_at_zero_without_reset(mode):
+    """A new prompt written from position 0 over an old one (no reset) must not see the old
+    layers' staged rows."""
+    store, reference = _offloaded((0, 1, 2), mode), _device_cache()
+    _run(store, _steps())
+    _run(reference, _steps())
+    steps = _steps()
+    torch.testing.assert_close(_run(store, steps), _run(reference, steps), rtol=1e-5, atol=1e-5)
 
 
 def test_bytes_split_between_gpu_and_host():
