@@ -249,22 +249,26 @@ def run_tp(ctx: ParallelContext, args):
     """One rank of the TP=N runs; returns the measurements (rank 0's are the ones kept)."""
     device = torch.device("cuda", ctx.local_rank) if args.device_type == "cuda" else torch.device("cpu")
     config, tile = args.config, args.tile
+    if args.gemm_sm_carveout:
+        # Experimental PyTorch API: cuBLASLt GEMMs leave this many SMs free for NCCL's kernels.
+        torch.backends.cuda.preferred_blas_library("cublaslt")
+        torch._C._set_sm_carveout_experimental(args.gemm_sm_carveout)
     records = projection_bench(config, ctx, device, args.projection_tokens, args.projection_tiles, 20)
     emit = records.append
     model = build_model(config, ctx, device)
     kv = SdpaKVCache(config, max(args.lengths) + args.decode_tokens + 8, ctx.world_size, device)
-    for mode in MODES:
+    for mode in args.modes:
         set_mode(model, ctx, mode, tile)
         model(torch.zeros(1, min(args.lengths), dtype=torch.long, device=device), 0, kv)
     for length in args.lengths:
         warm_attention(config, length, ctx.world_size, device)
         for rep in range(args.reps + (2 if length <= 32768 else 0)):  # short runs: more repeats
-            for mode in MODES:
+            for mode in args.modes:
                 local = set_mode(model, ctx, mode, tile)
                 prefill_s, _ = prefill_and_decode(model, kv, local, device, length, 0)
                 emit(dict(kind="prefill", tp=ctx.world_size, mode=mode, tokens=length, seconds=prefill_s))
         if length == args.decode_at:
-            for mode in MODES:
+            for mode in args.modes:
                 local = set_mode(model, ctx, mode, tile)
                 ms = 1e3 * decode_only(model, kv, local, device, length, args.decode_tokens)
                 emit(dict(kind="decode", tp=ctx.world_size, mode=mode, context=length, ms_per_token=ms))
@@ -371,6 +375,11 @@ def main() -> None:
     parser.add_argument("--projection-tokens", type=int, default=32768)
     parser.add_argument("--projection-tiles", default="1024,2048,4096,8192")
     parser.add_argument("--skip-tp1", action="store_true")
+    parser.add_argument("--modes", default=",".join(MODES), help="TP=N collective modes to run")
+    parser.add_argument("--high-priority-comm", action="store_true",
+                        help="NCCL collectives on a high-priority stream")
+    parser.add_argument("--gemm-sm-carveout", type=int, default=0,
+                        help="SMs cuBLASLt GEMMs leave free (experimental PyTorch API)")
     parser.add_argument("--generate-check", action="store_true",
                         help="also run the demo model through facli's runtime on N ranks vs 1")
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU with gloo: checks the script")
@@ -380,6 +389,10 @@ def main() -> None:
     args.decode_at = parse_ctx(args.decode_at)
     args.long = parse_ctx(args.long) if args.long not in ("0", "") else 0
     args.projection_tiles = [int(v) for v in args.projection_tiles.split(",")]
+    args.modes = args.modes.split(",")
+    unknown = set(args.modes) - set(MODES)
+    if unknown:
+        parser.error(f"unknown --modes {sorted(unknown)}; choose from {', '.join(MODES)}")
     args.config = SMOKE if args.smoke else LLAMA_7B
     args.device_type = "cpu" if args.smoke else "cuda"
     args.out.mkdir(parents=True, exist_ok=True)
@@ -397,7 +410,11 @@ def main() -> None:
         run_tp1(args, emit)
     args.tile = args.tile or tile_from_planner(args.config, max(args.lengths), args.devices) or 4096
     emit(dict(kind="setting", tile_tokens=args.tile))
-    for record in launch(run_tp, (args,), world_size=args.devices, device_type=args.device_type):
+    emit(dict(kind="setting", high_priority_comm=args.high_priority_comm,
+              gemm_sm_carveout=args.gemm_sm_carveout,
+              cuda_device_max_connections=os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS")))
+    for record in launch(run_tp, (args,), world_size=args.devices, device_type=args.device_type,
+                         high_priority_comm=args.high_priority_comm):
         emit(record)
     summary = table(records, args.devices)
     (args.out / "tensor_parallel_table.md").write_text(summary + "\n")

@@ -14,6 +14,7 @@ import socket
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from datetime import timedelta
 from multiprocessing.connection import wait
 
@@ -33,6 +34,15 @@ CUDA_RANK_ENVIRONMENT = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTIC
 _current = SINGLE_PROCESS
 
 
+@dataclass(frozen=True)
+class GroupOptions:
+    """How each rank joins the process group."""
+
+    device_type: str  # "cuda": NCCL, one GPU per rank; "cpu": gloo
+    timeout_s: float  # a collective that waits this long for a peer fails
+    high_priority_comm: bool  # NCCL collectives on a high-priority stream (see launch)
+
+
 class RankFailedError(FacliError):
     """A tensor-parallel rank raised something other than a FacliError (its traceback is on stderr)."""
 
@@ -48,7 +58,8 @@ def under_torchrun() -> bool:
 
 
 def launch(fn, args: tuple = (), kwargs: dict | None = None, *, world_size: int,
-           device_type: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S):
+           device_type: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S,
+           high_priority_comm: bool = False):
     """Run fn(ctx, *args, **kwargs) on `world_size` ranks and return rank 0's result.
 
     device_type "cuda": one GPU per rank, NCCL; "cpu": gloo ranks on this machine.
@@ -56,14 +67,17 @@ def launch(fn, args: tuple = (), kwargs: dict | None = None, *, world_size: int,
     its environment, fn runs in this process, and each rank gets its own result back.
     Otherwise facli spawns the ranks (fn and args must be picklable: a module-level function);
     world_size 1 runs fn here with no distributed setup. timeout_s bounds every collective.
+    high_priority_comm puts NCCL's collectives on a high-priority CUDA stream, so that the block
+    scheduler gives them SMs ahead of the GEMMs they are meant to overlap.
     """
     if device_type not in ("cpu", "cuda"):
         raise FacliError(f"expected device type cpu or cuda, got {device_type!r}")
     if world_size < 1:
         raise FacliError(f"expected --devices >= 1, got {world_size}")
     kwargs = kwargs or {}
+    group = GroupOptions(device_type, timeout_s, high_priority_comm)
     if under_torchrun():
-        return _run_under_torchrun(fn, args, kwargs, world_size, device_type, timeout_s)
+        return _run_under_torchrun(fn, args, kwargs, world_size, group)
     if world_size == 1:
         return _run_here(SINGLE_PROCESS, fn, args, kwargs)
     if device_type == "cuda":
@@ -73,7 +87,7 @@ def launch(fn, args: tuple = (), kwargs: dict | None = None, *, world_size: int,
                 f"expected at most {available} ranks on this machine's {available} GPU(s), got "
                 f"--devices {world_size}; lower --devices"
             )
-    return _spawn(fn, args, kwargs, world_size, device_type, timeout_s)
+    return _spawn(fn, args, kwargs, world_size, group)
 
 
 def _run_here(ctx: ParallelContext, fn, args, kwargs):
@@ -85,7 +99,7 @@ def _run_here(ctx: ParallelContext, fn, args, kwargs):
         _current = previous
 
 
-def _run_under_torchrun(fn, args, kwargs, world_size, device_type, timeout_s):
+def _run_under_torchrun(fn, args, kwargs, world_size, group: GroupOptions):
     world = int(os.environ["WORLD_SIZE"])
     if world != world_size:
         raise FacliError(
@@ -98,23 +112,24 @@ def _run_under_torchrun(fn, args, kwargs, world_size, device_type, timeout_s):
     if rank != 0:
         sys.stdout = open(os.devnull, "w")
     ctx = ParallelContext(rank, world, local_rank)
-    _init_process_group(ctx, device_type, "env://", timeout_s)
+    _init_process_group(ctx, group, "env://")
     try:
         return _run_here(ctx, fn, args, kwargs)
     finally:
         dist.destroy_process_group()
 
 
-def _init_process_group(ctx: ParallelContext, device_type: str, init_method: str,
-                        timeout_s: float) -> None:
+def _init_process_group(ctx: ParallelContext, group: GroupOptions, init_method: str) -> None:
     options = {}
-    if device_type == "cuda":
+    if group.device_type == "cuda":
         os.environ.update(CUDA_RANK_ENVIRONMENT)
         torch.cuda.set_device(ctx.local_rank)
         options["device_id"] = torch.device("cuda", ctx.local_rank)
+        if group.high_priority_comm:
+            options["pg_options"] = dist.ProcessGroupNCCL.Options(is_high_priority_stream=True)
     dist.init_process_group(
-        "nccl" if device_type == "cuda" else "gloo", init_method=init_method, rank=ctx.rank,
-        world_size=ctx.world_size, timeout=timedelta(seconds=timeout_s), **options,
+        "nccl" if group.device_type == "cuda" else "gloo", init_method=init_method, rank=ctx.rank,
+        world_size=ctx.world_size, timeout=timedelta(seconds=group.timeout_s), **options,
     )
 
 
@@ -124,7 +139,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _spawn(fn, args, kwargs, world_size, device_type, timeout_s):
+def _spawn(fn, args, kwargs, world_size, group: GroupOptions):
     context = multiprocessing.get_context("spawn")
     init_method = f"tcp://127.0.0.1:{_free_port()}"
     processes, readers = [], []
@@ -133,7 +148,7 @@ def _spawn(fn, args, kwargs, world_size, device_type, timeout_s):
             reader, writer = context.Pipe(duplex=False)
             process = context.Process(
                 target=_rank_main, name=f"facli-rank-{rank}",
-                args=(rank, world_size, device_type, init_method, timeout_s, fn, args, kwargs, writer),
+                args=(rank, world_size, group, init_method, fn, args, kwargs, writer),
             )
             process.start()
             writer.close()
@@ -210,15 +225,15 @@ def _stop(processes) -> None:
             process.join(timeout=5)
 
 
-def _rank_main(rank, world_size, device_type, init_method, timeout_s, fn, args, kwargs, writer):
+def _rank_main(rank, world_size, group: GroupOptions, init_method, fn, args, kwargs, writer):
     """One spawned rank: join the group, run fn, send (status, payload) back to the launcher."""
     if rank != 0:
         sys.stdout = open(os.devnull, "w")
-    if device_type == "cpu":
+    if group.device_type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     try:
         ctx = ParallelContext(rank, world_size, local_rank=rank)
-        _init_process_group(ctx, device_type, init_method, timeout_s)
+        _init_process_group(ctx, group, init_method)
         result = _run_here(ctx, fn, args, kwargs)
         report = pickle.dumps(("ok", result if rank == 0 else None))
         dist.destroy_process_group()
