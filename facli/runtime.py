@@ -1,44 +1,41 @@
-"""From a --model argument to a ready model: resolve, check, plan, load, and generate.
+"""A planned, loaded model ready to generate: plan first, then load, then run the plan.
 
-The runtime executes a plan: which device, dtype, prefill chunk and KV placement.
+The runtime executes the plan it is given (device, dtype, TP tile, prefill chunk, KV placement)
+and reports measured peak memory and time next to the plan's predictions.
 """
 
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from facli.checkpoint import CheckpointReader
-from facli.config import ModelConfig
 from facli.engine import Engine
 from facli.errors import FacliError
-from facli.kv_cache import DeviceKVCache
 from facli.model import CausalLM
+from facli.offload.hardware import HardwareSpec
+from facli.offload.plan import Plan
 from facli.parallel.context import SINGLE_PROCESS, ParallelContext
+from facli.placement import (
+    build_kv_store,
+    hardware_for,
+    plan_run,
+    tensor_parallel_settings,
+    weight_dtype,
+)
+from facli.resolve import (  # noqa: F401  (re-exported: the runtime's public vocabulary)
+    DTYPES,
+    ResolvedModel,
+    check_context,
+    resolve_device,
+    resolve_model,
+    synthetic_model,
+    tokenizer_for,
+)
 from facli.sampling import Sampler, SamplingParams
-from facli.tokenizer import TextStream, load_tokenizer
+from facli.tokenizer import TextStream
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-CHECKPOINT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-@dataclass(frozen=True)
-class ResolvedModel:
-    """Where a model's files are and what architecture they hold; no weights loaded.
-
-    path None means synthetic: random weights of the architecture, made on the device (for
-    benchmarks that need no checkpoint), with the demo's byte-level tokenizer.
-    """
-
-    name: str
-    path: Path | None
-    config: ModelConfig
-
-    @property
-    def synthetic(self) -> bool:
-        return self.path is None
+KV_DTYPES = ("auto", "bf16", "fp16", "fp32", "fp8")
 
 
 @dataclass(frozen=True)
@@ -52,14 +49,20 @@ class RuntimeOptions:
     decode_mode: str = "auto"
     force: bool = False
     allow_ctx_extension: bool = False
+    kv_dtype: str = "auto"
+    hardware: str | None = None  # a hardware recipe name; None or "auto" detects this machine
 
     def __post_init__(self):
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise FacliError(f"expected --dtype one of auto, {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.kv_dtype not in KV_DTYPES:
+            raise FacliError(f"expected --kv-dtype one of {', '.join(KV_DTYPES)}, got {self.kv_dtype!r}")
         if self.device not in (None, "cpu", "cuda"):
             raise FacliError(f"expected --device cpu or cuda, got {self.device!r}")
         if self.prefill_chunk is not None and self.prefill_chunk <= 0:
             raise FacliError(f"expected --prefill-chunk > 0, got {self.prefill_chunk}")
+        if self.devices < 1:
+            raise FacliError(f"expected --devices >= 1, got {self.devices}")
 
 
 @dataclass
@@ -73,113 +76,77 @@ class GenerationResult:
     finish_reason: str  # "eos" | "length"
 
 
-def resolve_model(model: str | None) -> ResolvedModel:
-    """A directory with config.json, a recipe name, or None for the embedded demo model."""
-    if model is None:
-        from facli.demo import DEMO_NAME, ensure_demo_checkpoint
-
-        path = ensure_demo_checkpoint()
-        return ResolvedModel(DEMO_NAME, path, ModelConfig.from_dir(path))
-    candidate = Path(model).expanduser()
-    if candidate.is_dir():
-        return ResolvedModel(candidate.name, candidate, ModelConfig.from_dir(candidate))
-    if "/" in model or model.startswith("."):
-        raise FacliError(f"expected --model to be a checkpoint directory or a recipe name, {model} does not exist")
-    from facli.recipes import load_model_recipe, resolve_weights_dir
-
-    recipe = load_model_recipe(model)
-    path = resolve_weights_dir(recipe)
-    return ResolvedModel(model, path, ModelConfig.from_dir(path))
-
-
-def synthetic_model(recipe_name: str) -> ResolvedModel:
-    """A recipe's architecture with random weights: nothing is read from disk."""
-    from facli.recipes import load_model_recipe
-
-    recipe = load_model_recipe(recipe_name)
-    return ResolvedModel(f"synthetic:{recipe_name}", None, recipe.config)
-
-
-def resolve_device(device: str | None, ctx: ParallelContext = SINGLE_PROCESS) -> torch.device:
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise FacliError("expected a CUDA GPU for --device cuda, found none; use --device cpu")
-        return torch.device("cuda", ctx.local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
-
-
-def resolve_dtype(name: str, config: ModelConfig, device: torch.device) -> torch.dtype:
-    """auto: the checkpoint's half precision on GPUs (bf16 for float32 checkpoints), float32 on CPUs."""
-    if name != "auto":
-        return DTYPES[name]
-    if device.type == "cpu":
-        return torch.float32
-    stored = CHECKPOINT_DTYPES.get(config.torch_dtype, torch.float32)
-    return stored if stored != torch.float32 else torch.bfloat16
-
-
-def check_context(config: ModelConfig, ctx: int, allow_extension: bool) -> None:
-    config.check_sliding_window(ctx)
-    limit = config.max_position_embeddings
-    if ctx <= limit:
-        return
-    if not allow_extension:
-        raise FacliError(
-            f"expected --ctx at most the model's max_position_embeddings ({limit}), got {ctx}; "
-            "pass --allow-ctx-extension to run past the trained length anyway"
-        )
-    print(f"facli: warning: --ctx {ctx} is beyond max_position_embeddings {limit}; "
-          "quality past the trained length is not guaranteed", file=sys.stderr)
-
-
 class Runtime:
-    """A loaded model, its tokenizer, its KV cache and the engine that runs them."""
+    """A loaded model, its tokenizer, its KV store and the engine that runs them, per a Plan.
+
+    hardware: the spec to plan on, detected before anything is loaded (tensor-parallel ranks get
+    their parent's, so no rank touches another's GPU). None detects it here.
+    """
 
     def __init__(self, resolved: ResolvedModel, options: RuntimeOptions,
-                 parallel: ParallelContext = SINGLE_PROCESS, tokenizer=None):
+                 parallel: ParallelContext = SINGLE_PROCESS, tokenizer=None,
+                 hardware: HardwareSpec | None = None):
         check_context(resolved.config, options.ctx, options.allow_ctx_extension)
-        self.resolved, self.options, self.parallel = resolved, options, parallel
+        self.resolved, self.options = resolved, options
         self.config = resolved.config
-        self.ctx = options.ctx
         self.device = resolve_device(options.device, parallel)
-        self.dtype = resolve_dtype(options.dtype, self.config, self.device)
-        self.tokenizer = tokenizer or _tokenizer_for(resolved)
-        self.prefill_chunk = options.prefill_chunk or default_prefill_chunk(self.device, self.ctx)
-        self.plan = None
+        self.hardware = hardware or hardware_for(self.device, options.hardware)
+        self.plan = self._plan(options.ctx, parallel.world_size)
+        self.parallel = parallel.with_settings(tensor_parallel_settings(self.plan))
+        self.ctx = options.ctx
+        self.dtype = weight_dtype(self.plan)
+        self.prefill_chunk = self.plan.prefill_chunk
+        self.tokenizer = tokenizer or tokenizer_for(resolved)
         started = time.perf_counter()
-        self.model = CausalLM(self.config, dtype=self.dtype, device=self.device, ctx=parallel)
+        self.model = CausalLM(self.config, dtype=self.dtype, device=self.device, ctx=self.parallel)
         if resolved.synthetic:
             randomize_weights(self.model, seed=parallel.rank)
         else:
             self.model.load(CheckpointReader(resolved.path))
         self.load_s = time.perf_counter() - started
-        self.kv = self._build_kv_store()
-        self.engine = Engine(self.model, self.kv, prefill_chunk=self.prefill_chunk)
+        self._build_engine()
 
-    def _build_kv_store(self):
-        config, world = self.config, self.parallel.world_size
-        return DeviceKVCache(config.num_hidden_layers, 1, self.ctx, config.num_key_value_heads // world,
-                             config.head_dim, self.dtype, self.device)
+    def _plan(self, ctx: int, world_size: int, **overrides) -> Plan:
+        choices = dict(dtype=self.options.dtype, kv_dtype=self.options.kv_dtype,
+                       prefill_chunk=self.options.prefill_chunk,
+                       decode_mode=self.options.decode_mode, force=self.options.force)
+        choices.update(overrides)
+        return plan_run(self.config, self.resolved.name, self.hardware, ctx=ctx,
+                        world_size=world_size, **choices)
 
-    def set_context(self, ctx: int) -> None:
-        """Re-plan for another context length and reallocate the KV cache; weights stay."""
-        check_context(self.config, ctx, self.options.allow_ctx_extension)
-        self.ctx = ctx
-        self.kv = None
-        self.engine = None
+    def _build_engine(self) -> None:
+        self.kv = self.engine = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        self.kv = self._build_kv_store()
-        self.engine = Engine(self.model, self.kv, prefill_chunk=self.prefill_chunk)
+        self.kv = build_kv_store(self.plan, self.config, self.parallel.world_size, self.device)
+        self.engine = Engine(self.model, self.kv, prefill_chunk=self.prefill_chunk,
+                             token_sync=self._token_sync())
+
+    def _token_sync(self):
+        if not self.parallel.is_distributed:
+            return None
+        from facli.parallel.comm import broadcast_tokens
+
+        return lambda tokens: broadcast_tokens(tokens, self.parallel)
+
+    def set_context(self, ctx: int) -> None:
+        """Re-plan for another context length and rebuild the KV store; weights stay."""
+        check_context(self.config, ctx, self.options.allow_ctx_extension)
+        self.plan = self._plan(ctx, self.parallel.world_size)
+        self.ctx, self.prefill_chunk = ctx, self.plan.prefill_chunk
+        self._build_engine()
+
+    def reconfigure(self, *, decode_mode: str | None = None, prefill_chunk: int | None = None) -> None:
+        """Run on with another decode mode (re-planned, KV store rebuilt) or prefill chunk."""
+        if decode_mode is not None and decode_mode != self.plan.decode_mode:
+            self.plan = self._plan(self.ctx, self.parallel.world_size, decode_mode=decode_mode,
+                                   prefill_chunk=prefill_chunk or self.prefill_chunk)
+            self._build_engine()
+        if prefill_chunk is not None:
+            self.prefill_chunk = self.engine.prefill_chunk = prefill_chunk
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text).input_ids
-
-    def reconfigure(self, *, decode_mode: str | None = None, prefill_chunk: int | None = None) -> None:
-        if prefill_chunk is not None:
-            self.prefill_chunk = self.engine.prefill_chunk = prefill_chunk
 
     def generate(self, prompt_ids: list[int], *, max_new_tokens: int, sampling: SamplingParams,
                  prefill_chunk: int | None = None, on_text=None, on_progress=None,
@@ -221,14 +188,6 @@ class Runtime:
         return tuple(sorted(ids))
 
 
-def _tokenizer_for(resolved: ResolvedModel):
-    if resolved.synthetic:
-        from facli.demo import _byte_level_tokenizer
-
-        return _byte_level_tokenizer()
-    return load_tokenizer(resolved.path)
-
-
 @torch.no_grad()
 def randomize_weights(model: CausalLM, seed: int) -> None:
     """Normal(0, 0.02) matrices and unit norms, generated on the model's device."""
@@ -238,11 +197,6 @@ def randomize_weights(model: CausalLM, seed: int) -> None:
             param.fill_(1.0 if name.endswith("norm.weight") else 0.0)
         else:
             param.normal_(0.0, 0.02, generator=generator)
-
-
-def default_prefill_chunk(device: torch.device, ctx: int) -> int:
-    """Activations scale with the chunk; a few thousand tokens keep GEMMs efficient on GPUs."""
-    return min(ctx, 4096 if device.type == "cuda" else 512)
 
 
 def load_runtime(options: RuntimeOptions, parallel: ParallelContext = SINGLE_PROCESS) -> Runtime:

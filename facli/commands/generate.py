@@ -1,5 +1,6 @@
 """`facli generate`: one prompt in, generated text streamed out."""
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -45,6 +46,7 @@ def generate(
     top_k: Annotated[int, typer.Option(help="Sample from the k most likely tokens (0 keeps all).")] = 0,
     seed: Annotated[int, typer.Option(help="Seed of the sampler.")] = 0,
     dtype: Annotated[str, typer.Option(help="auto, bf16, fp16 or fp32.")] = "auto",
+    kv_dtype: Annotated[str, typer.Option(help="KV cache dtype: auto (the weights'), or fp8 (e4m3, half the bytes).")] = "auto",
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
     devices: Annotated[int, typer.Option(help="Tensor-parallel ranks (GPUs, or gloo ranks with --device cpu).")] = 1,
     prefill_chunk: Annotated[Optional[int], typer.Option(help="Prompt tokens per prefill step (default: from the plan).")] = None,
@@ -62,48 +64,84 @@ def generate(
     text = read_prompt(prompt, prompt_file)
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     options = RuntimeOptions(
-        model=model, device=device, dtype=dtype, ctx=parse_ctx(ctx) if ctx is not None else 0,
-        prefill_chunk=prefill_chunk, devices=devices, decode_mode=decode_mode, force=force,
+        model=model, device=device, dtype=dtype, kv_dtype=kv_dtype,
+        ctx=parse_ctx(ctx) if ctx is not None else 0, prefill_chunk=prefill_chunk,
+        devices=devices, decode_mode=decode_mode, force=force,
         allow_ctx_extension=allow_ctx_extension,
     )
-    result = run_generate(options, text, sampling, max_new_tokens, stream=not as_json)
+    result = plan_and_generate(options, text, sampling, max_new_tokens, stream=not as_json)
     if as_json:
         print(json.dumps(result))
     else:
         print()
 
 
-def run_generate(options, text: str, sampling, max_new_tokens: int, *, stream: bool,
-                 parallel=None) -> dict:
-    """Load, prefill and decode on this process; returns the JSON-ready result."""
+def plan_and_generate(options, text: str, sampling, max_new_tokens: int, *, stream: bool) -> dict:
+    """Tokenize, plan (refusing what will not fit), then run on one process or N ranks."""
     import dataclasses
 
-    from facli.parallel.context import SINGLE_PROCESS
-    from facli.runtime import Runtime, resolve_model
-    from facli.tokenizer import load_tokenizer
+    from facli.parallel.launch import launch
+    from facli.placement import hardware_for, plan_run
+    from facli.resolve import check_context, resolve_device, resolve_model, tokenizer_for
 
-    parallel = parallel or SINGLE_PROCESS
     resolved = resolve_model(options.model)
-    tokenizer = load_tokenizer(resolved.path)
-    prompt_ids = tokenizer(text).input_ids
+    prompt_ids = tokenizer_for(resolved)(text).input_ids
     if options.ctx == 0:
         options = dataclasses.replace(options, ctx=len(prompt_ids) + max_new_tokens)
-    if len(prompt_ids) >= options.ctx:
+    check_prompt_fits(len(prompt_ids), options.ctx)
+    check_context(resolved.config, options.ctx, options.allow_ctx_extension)
+    device = resolve_device(options.device)
+    hardware = hardware_for(device, options.hardware)
+    plan = plan_run(resolved.config, resolved.name, hardware, ctx=options.ctx,
+                    world_size=options.devices, dtype=options.dtype, kv_dtype=options.kv_dtype,
+                    prefill_chunk=options.prefill_chunk, decode_mode=options.decode_mode,
+                    force=options.force)
+    print(f"facli: {plan.summary_line()}", file=sys.stderr)
+    if not plan.fits:
+        print("facli: warning: --force: running a plan that does not fit", file=sys.stderr)
+    request = GenerateRequest(options, resolved, prompt_ids, sampling, max_new_tokens, stream, hardware)
+    return launch(generate_on_rank, (request,), world_size=options.devices, device_type=device.type)
+
+
+def check_prompt_fits(prompt_tokens: int, ctx: int) -> None:
+    if prompt_tokens >= ctx:
         raise FacliError(
-            f"expected a prompt shorter than --ctx ({options.ctx} tokens), got {len(prompt_ids)} "
+            f"expected a prompt shorter than --ctx ({ctx} tokens), got {prompt_tokens} "
             "tokens; raise --ctx or shorten the prompt"
         )
-    runtime = Runtime(resolved, options, parallel, tokenizer=tokenizer)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateRequest:
+    """Everything a rank needs; picklable, so that spawned ranks receive it."""
+
+    options: object
+    resolved: object
+    prompt_ids: list
+    sampling: object
+    max_new_tokens: int
+    stream: bool
+    hardware: object
+
+
+def generate_on_rank(parallel, request: GenerateRequest) -> dict:
+    """Load this rank's shard, prefill and decode; rank 0 streams the text."""
+    from facli.runtime import Runtime
+
+    runtime = Runtime(request.resolved, request.options, parallel, hardware=request.hardware)
     writer = parallel.is_writer
 
     def on_text(piece: str) -> None:
-        if stream and writer:
+        if request.stream and writer:
             sys.stdout.write(piece)
             sys.stdout.flush()
 
-    with _prefill_bar(len(prompt_ids), enabled=writer and len(prompt_ids) >= LONG_PROMPT_TOKENS) as bar:
-        result = runtime.generate(prompt_ids, max_new_tokens=max_new_tokens, sampling=sampling,
-                                  on_text=on_text, on_progress=bar.update if bar else None)
+    prompt_tokens = len(request.prompt_ids)
+    with _prefill_bar(prompt_tokens, enabled=writer and prompt_tokens >= LONG_PROMPT_TOKENS) as bar:
+        result = runtime.generate(request.prompt_ids, max_new_tokens=request.max_new_tokens,
+                                  sampling=request.sampling, on_text=on_text,
+                                  on_progress=bar.update if bar else None)
+    plan = runtime.plan
     return {
         "text": result.text,
         "token_ids": result.token_ids,
@@ -112,6 +150,11 @@ def run_generate(options, text: str, sampling, max_new_tokens: int, *, stream: b
         "decode_tokens_per_s": result.decode_tokens_per_s,
         "peak_gpu_bytes": result.peak_gpu_bytes,
         "finish_reason": result.finish_reason,
+        "devices": parallel.world_size,
+        "plan": {"peak_gpu_bytes": plan.devices[parallel.rank].peak_bytes if plan.device_kind == "cuda" else None,
+                 "ttft_s": plan.timing.ttft_s, "decode_tokens_per_s": plan.timing.decode_tokens_per_s,
+                 "decode_mode": plan.decode_mode, "host_layers": list(plan.host.layers),
+                 "prefill_chunk": plan.prefill_chunk},
     }
 
 

@@ -1,0 +1,61 @@
+"""Executing a Plan: hardware for this run, the plan itself, and the KV store it describes."""
+
+import dataclasses
+
+import torch
+
+from facli.config import ModelConfig
+from facli.errors import FacliError
+from facli.kv_cache import DeviceKVCache
+from facli.offload.hardware import HardwareSpec, hardware_from_option
+from facli.offload.plan import Plan
+from facli.offload.planner import PlanOptions, plan
+from facli.parallel.context import TensorParallelSettings
+from facli.resolve import DTYPES
+
+
+def hardware_for(device: torch.device, hardware: str | None = None, margin=None) -> HardwareSpec:
+    """The spec to plan on: detected (or named), without GPUs when the run is on the CPU."""
+    spec = hardware_from_option(hardware, margin)
+    if device.type == "cpu" and spec.devices:
+        spec = dataclasses.replace(spec, devices=())
+    return spec
+
+
+def plan_run(config: ModelConfig, name: str, hardware: HardwareSpec, *, ctx: int, world_size: int,
+             dtype: str, kv_dtype: str, prefill_chunk: int | None, decode_mode: str,
+             force: bool) -> Plan:
+    """The plan for one sequence of `ctx` tokens on `world_size` ranks (raises when nothing fits)."""
+    options = PlanOptions(kv_dtype=kv_dtype, weight_dtype=dtype, devices=world_size,
+                          prefill_chunk=prefill_chunk, decode_mode=decode_mode, force=force,
+                          model_name=name)
+    return plan(config, hardware, ctx, 1, options)
+
+
+def weight_dtype(run_plan: Plan) -> torch.dtype:
+    return DTYPES[run_plan.weight_dtype]
+
+
+def tensor_parallel_settings(run_plan: Plan) -> TensorParallelSettings:
+    """Tiles smaller than the prefill chunk overlap each tile's AllReduce with the next GEMM."""
+    tile = run_plan.allreduce_tile_tokens
+    return TensorParallelSettings(tile_tokens=tile if tile < run_plan.prefill_chunk else None)
+
+
+def build_kv_store(run_plan: Plan, config: ModelConfig, world_size: int, device: torch.device):
+    """All-GPU cache when every layer is resident, else the offloaded store the plan describes."""
+    dtype = weight_dtype(run_plan)
+    if run_plan.kv_dtype not in (run_plan.weight_dtype, "fp8"):
+        raise FacliError(
+            f"expected --kv-dtype equal to the weight dtype ({run_plan.weight_dtype}) or fp8, "
+            f"got {run_plan.kv_dtype}"
+        )
+    shape = (config.num_hidden_layers, 1, run_plan.ctx, config.num_key_value_heads // world_size,
+             config.head_dim)
+    if run_plan.decode_mode == "resident" and run_plan.kv_dtype != "fp8":
+        return DeviceKVCache(*shape, dtype, device)
+    from facli.offload.kv_store import OffloadedKVStore
+
+    mode = run_plan.decode_mode if run_plan.decode_mode != "resident" else "prefetch"
+    return OffloadedKVStore(*shape, dtype, device, host_layers=frozenset(run_plan.host.layers),
+                            decode_mode=mode, kv_dtype="fp8" if run_plan.kv_dtype == "fp8" else None)

@@ -1,0 +1,90 @@
+"""From command-line words to concrete things: a model's files, a device, a dtype."""
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from facli.config import ModelConfig
+from facli.errors import FacliError
+from facli.parallel.context import SINGLE_PROCESS, ParallelContext
+from facli.tokenizer import load_tokenizer
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """Where a model's files are and what architecture they hold; no weights loaded.
+
+    path None means synthetic: random weights of the architecture, made on the device (for
+    benchmarks that need no checkpoint), with the demo's byte-level tokenizer.
+    """
+
+    name: str
+    path: Path | None
+    config: ModelConfig
+
+    @property
+    def synthetic(self) -> bool:
+        return self.path is None
+
+
+def resolve_model(model: str | None) -> ResolvedModel:
+    """A directory with config.json, a recipe name, or None for the embedded demo model."""
+    if model is None:
+        from facli.demo import DEMO_NAME, ensure_demo_checkpoint
+
+        path = ensure_demo_checkpoint()
+        return ResolvedModel(DEMO_NAME, path, ModelConfig.from_dir(path))
+    candidate = Path(model).expanduser()
+    if candidate.is_dir():
+        return ResolvedModel(candidate.name, candidate, ModelConfig.from_dir(candidate))
+    if "/" in model or model.startswith("."):
+        raise FacliError(f"expected --model to be a checkpoint directory or a recipe name, {model} does not exist")
+    from facli.recipes import load_model_recipe, resolve_weights_dir
+
+    recipe = load_model_recipe(model)
+    path = resolve_weights_dir(recipe)
+    return ResolvedModel(model, path, ModelConfig.from_dir(path))
+
+
+def synthetic_model(recipe_name: str) -> ResolvedModel:
+    """A recipe's architecture with random weights: nothing is read from disk."""
+    from facli.recipes import load_model_recipe
+
+    recipe = load_model_recipe(recipe_name)
+    return ResolvedModel(f"synthetic:{recipe_name}", None, recipe.config)
+
+
+def tokenizer_for(resolved: ResolvedModel):
+    if resolved.synthetic:
+        from facli.demo import _byte_level_tokenizer
+
+        return _byte_level_tokenizer()
+    return load_tokenizer(resolved.path)
+
+
+def resolve_device(device: str | None, ctx: ParallelContext = SINGLE_PROCESS) -> torch.device:
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise FacliError("expected a CUDA GPU for --device cuda, found none; use --device cpu")
+        return torch.device("cuda", ctx.local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def check_context(config: ModelConfig, ctx: int, allow_extension: bool) -> None:
+    config.check_sliding_window(ctx)
+    limit = config.max_position_embeddings
+    if ctx <= limit:
+        return
+    if not allow_extension:
+        raise FacliError(
+            f"expected --ctx at most the model's max_position_embeddings ({limit}), got {ctx}; "
+            "pass --allow-ctx-extension to run past the trained length anyway"
+        )
+    print(f"facli: warning: --ctx {ctx} is beyond max_position_embeddings {limit}; "
+          "quality past the trained length is not guaranteed", file=sys.stderr)
