@@ -1,9 +1,10 @@
 """Decode attention on the host CPU, over a KV cache that lives in host memory.
 
 One or a few queries against [Tk, D] keys per head is a matrix-vector product: the work is
-reading the cache once, so speed is host memory bandwidth. Keys are processed in tiles that
-stay small enough for the caches once converted to float32 (bf16 and fp8 caches are converted
-per tile, never as a whole), with an online softmax across tiles (FlashAttention-2's recurrence).
+reading the cache once, so speed is host memory bandwidth. Keys are processed in tiles of 8192
+rows, converted to float32 per tile (never the whole cache: 128 MiB of temporaries per tile at
+32 KV heads and D = 128), with an online softmax across tiles (FlashAttention-2's recurrence).
+Tiles are large because each tile costs about a dozen PyTorch calls, each with a fixed cost.
 PyTorch's intra-op threads (`torch.set_num_threads`, set once by the caller) split each tile's
 matmuls across cores.
 """
@@ -14,7 +15,7 @@ import torch
 
 from facli.offload.fp8 import FP8
 
-KEY_TILE = 2048
+KEY_TILE = 8192
 
 
 def _tile_float(x, scales, start, stop):
