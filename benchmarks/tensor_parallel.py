@@ -367,7 +367,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--lengths", default="32k,128k", help="prefill lengths, TP=1 and TP=N")
-    parser.add_argument("--decode-at", default="128k", help="decode after the prefill of this length")
+    parser.add_argument("--decode-at", default="128k", help="decode after the prefill of this length; 0 skips")
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--long", default="256k", help="TP=N only prefill+decode length; 0 skips")
     parser.add_argument("--reps", type=int, default=2)
@@ -386,7 +386,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".out")))
     args = parser.parse_args()
     args.lengths = [parse_ctx(v) for v in args.lengths.split(",")]
-    args.decode_at = parse_ctx(args.decode_at)
+    args.decode_at = parse_ctx(args.decode_at) if args.decode_at != "0" else 0
     args.long = parse_ctx(args.long) if args.long not in ("0", "") else 0
     args.projection_tiles = [int(v) for v in args.projection_tiles.split(",")]
     args.modes = args.modes.split(",")
