@@ -65,9 +65,13 @@ def host_empty(shape, dtype: torch.dtype, pin: bool) -> torch.Tensor:
     tensor = torch.empty(shape, dtype=dtype)
     if not pin or tensor.numel() == 0:
         return tensor
-    cudart = torch.cuda.cudart()
     pointer, size = tensor.data_ptr(), tensor.numel() * tensor.element_size()
-    if int(cudart.cudaHostRegister(pointer, size, 0)) != 0:
+    try:
+        cudart = torch.cuda.cudart()
+        registered = int(cudart.cudaHostRegister(pointer, size, 0)) == 0
+    except (AttributeError, RuntimeError):
+        registered = False
+    if not registered:
         return torch.empty(shape, dtype=dtype, pin_memory=True)
     weakref.finalize(tensor, cudart.cudaHostUnregister, pointer)
     return tensor
