@@ -66,7 +66,8 @@ class OffloadedKVStore:
     """KV cache with GPU layers and host layers; see the module docstring for the data flow.
 
     host_layers: layers whose positions from `gpu_prefix_tokens` on live in host memory.
-    decode_mode: "prefetch" (stream host KV to the GPU) or "cpu" (attend on the host CPU).
+    decode_mode: "prefetch" (stream host KV to the GPU) or "cpu" (attend on the host CPU);
+        an attribute that may be changed between steps.
     kv_dtype: None (store in `dtype`) or "fp8" (e4m3 with per-token-per-head scales).
     """
 

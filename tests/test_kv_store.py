@@ -15,6 +15,7 @@ from conftest import requires_cuda
 from facli.errors import FacliError
 from facli.kv_cache import DeviceKVCache
 from facli.offload.kv_store import OffloadedKVStore, store_for_plan
+from facli.offload.streams import CopyQueues, host_empty
 
 LAYERS, BATCH, KV_HEADS, Q_HEADS, HEAD_DIM = 4, 2, 2, 8, 64
 CHUNKS = [7, 13, 1, 20]  # uneven prefill chunks, then decode steps of one token
@@ -186,3 +187,21 @@ def test_cuda_streams_and_pinned_memory(mode, kv_dtype):
     got = _run(store, steps)
     torch.cuda.synchronize()
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_copy_queues_are_no_ops_off_cuda():
+    queues = CopyQueues(torch.device("cpu"))
+    assert queues.prefetch is None and queues.mark() is None
+    queues.wait([None], queues.prefetch)
+    queues.host_wait(None)
+    assert not host_empty((2, 3), torch.bfloat16, pin=False).is_pinned()
+
+
+@requires_cuda
+def test_host_empty_registers_odd_sizes():
+    tensor = host_empty((3, 1001, 7), torch.float8_e4m3fn, pin=True)
+    assert tensor.is_pinned() and tensor.shape == (3, 1001, 7)
+    gpu = torch.ones(3, 1001, 7, device="cuda").to(torch.float8_e4m3fn)
+    tensor.copy_(gpu, non_blocking=True)
+    torch.cuda.synchronize()
+    assert torch.all(tensor.float() == 1)
