@@ -61,6 +61,10 @@ class KVPart:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
+    def row_bytes(self) -> int:
+        """Bytes of one position (all sequences, K and V, scales included)."""
+        return sum(t[:, :1].numel() * t.element_size() for t in self.tensors())
+
     def store(self, row: int, chunk: Chunk, first: int, count: int) -> None:
         """Rows row..row+count of this part = rows first..first+count of `chunk` (async-safe)."""
         for dst, src in zip(self.tensors(), chunk.tensors()):

@@ -97,6 +97,8 @@ class OffloadedKVStore:
         self._written = [0] * num_layers
         self._layer_event = [None] * num_layers
         self._clock = 0
+        self.h2d_bytes = 0  # host-to-device KV bytes moved so far (staging loads)
+        self.d2h_bytes = 0  # device-to-host KV bytes moved so far (write-backs, new tokens)
 
     def _device_empty(self, shape, dtype):
         return torch.empty(shape, dtype=dtype, device=self.device)
@@ -237,6 +239,7 @@ class OffloadedKVStore:
             if upto > first:
                 self._host[layer].load_into(slot.keys, slot.values, first, first - split,
                                             upto - first, raw=self._raw)
+                self.h2d_bytes += (upto - first) * self._host[layer].row_bytes()
             slot.ready = queues.mark(queues.prefetch)
         slot.length = upto
 
@@ -252,6 +255,7 @@ class OffloadedKVStore:
             with queues.on(queues.writeback):
                 queues.wait([event], queues.writeback)
                 self._host[layer].store(first - split, chunk, first - start, stop - first)
+                self.d2h_bytes += (stop - first) * self._host[layer].row_bytes()
                 for tensor in chunk.tensors():
                     queues.keep(tensor, queues.writeback)
                 event = queues.mark(queues.writeback)
@@ -277,6 +281,7 @@ class OffloadedKVStore:
         # The CPU reads every host row below: earlier write-backs must have landed too.
         queues.wait([self._layer_event[layer]])
         host.store(start - split, chunk, 0, 1)  # device to pinned host: queued, awaited below
+        self.d2h_bytes += host.row_bytes()
         q_host = _pinned_copy(q, self._pin)
         copied = queues.mark()
         self._wrote(layer, start, stop, copied)

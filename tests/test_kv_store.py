@@ -138,6 +138,27 @@ def test_restart_at_zero_without_reset(mode):
     torch.testing.assert_close(_run(store, steps), _run(reference, steps), rtol=1e-5, atol=1e-5)
 
 
+def test_layer_major_prefill_reloads_nothing():
+    """Chunk after chunk of one layer before the next (a layer-major prefill) keeps the layer in
+    its slot: besides write-backs only the first host layer crosses PCIe, once, prefetched for
+    the next step. Layer by layer within each chunk reloads every prefix."""
+    steps = _steps()[:len(CHUNKS)]
+    row = 2 * BATCH * KV_HEADS * HEAD_DIM * 4
+    chunk_major = _offloaded((0, 1, 3), "prefetch")
+    _run(chunk_major, steps)
+    layer_major = _offloaded((0, 1, 3), "prefetch")
+    outs = {}
+    for layer in range(LAYERS):
+        outs[layer] = torch.cat([layer_major.attend(layer, q[layer], k[layer], v[layer], start)
+                                 for start, q, k, v in steps], dim=1)
+    torch.testing.assert_close(torch.stack([outs[i] for i in range(LAYERS)]),
+                               _run(_device_cache(), steps), rtol=1e-5, atol=1e-5)
+    assert layer_major.h2d_bytes == sum(CHUNKS) * row
+    assert layer_major.d2h_bytes == chunk_major.d2h_bytes == 3 * sum(CHUNKS) * row
+    # Chunk-major: each host layer reloads its prefix before chunks 2..4 (7, 20 and 21 rows).
+    assert chunk_major.h2d_bytes == 3 * (7 + 20 + 21) * row
+
+
 def test_bytes_split_between_gpu_and_host():
     per_layer = 2 * BATCH * CAPACITY * KV_HEADS * HEAD_DIM * 4
     store = _offloaded((1, 2, 3), "cpu")
