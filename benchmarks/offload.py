@@ -152,12 +152,15 @@ def run_case(args, kind, ctx, host, weights, baseline):
     began = time.perf_counter()
     fill(store, ctx, device)
     log(f"  filled {format_bytes(sum(bytes_of(store)))} in {time.perf_counter() - began:.1f} s")
+    moved = getattr(store, "h2d_bytes", 0)
     step_s = time_decode(store, weights, ctx, args.warmup, args.tokens)
+    moved = (getattr(store, "h2d_bytes", 0) - moved) / (args.warmup + args.tokens)
     gpu_b, host_b = bytes_of(store)
     row = {"ctx": ctx, "mode": kind, "host_layers": host if kind != "gpu" else 0,
            "kv_dtype": "fp8" if args.fp8 and kind != "gpu" else "bf16",
            "decode_ms": step_s * 1e3, "tok_s": 1 / step_s, "gpu_bytes": gpu_b,
-           "host_bytes": host_b, "vs_gpu": (baseline or step_s) / step_s}
+           "host_bytes": host_b, "h2d_bytes_per_token": moved,
+           "vs_gpu": (baseline or step_s) / step_s}
     if ctx == args.prefill_ctx:
         row["prefill_s"] = time_prefill(store, weights, ctx, args.chunk)
     del store

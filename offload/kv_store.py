@@ -20,6 +20,9 @@ Prefill over a host layer (chunk of T tokens at [start, stop)):
   of the layers before it. Streaming the prefix through smaller tiles with an LSE merge would
   move the same bytes (each prefix key must reach the GPU once per chunk) and save only
   staging memory; the CPU cannot take a chunk's attention (1.8e13 FLOPs per chunk and layer).
+  The reloads vanish if the engine runs prefill layer-major (every chunk of a layer before the
+  next layer, holding the prompt's hidden states: 2 GiB at 256K): the slot keeps its layer, so
+  each host layer crosses PCIe once, as write-back. The store accepts either order.
 
 Decode over a host layer, decode_mode="prefetch":
   While layer i computes, the next host layer's [0, len) is copied into the other slot on the
