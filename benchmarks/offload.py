@@ -90,18 +90,22 @@ def step(store, weights, x, start: int):
     return x
 
 
-def time_decode(store, weights, ctx: int, warmup: int, tokens: int) -> float:
-    """Seconds per decode step with `ctx` positions cached (median over `tokens` steps)."""
+def time_decode(store, weights, ctx: int, warmup: int, tokens: int) -> tuple[float, float]:
+    """Seconds per decode step with `ctx` positions cached (median over `tokens` steps) and
+    host-to-device KV bytes per timed step."""
     x = torch.randn(1, 1, HIDDEN, dtype=DTYPE, device=weights.device) * 1e-2
     times = []
     for i in range(warmup + tokens):
+        if i == warmup:
+            moved = getattr(store, "h2d_bytes", 0)
         sync(weights.device)
         began = time.perf_counter()
         step(store, weights, x, ctx + i)
         sync(weights.device)
         if i >= warmup:
             times.append(time.perf_counter() - began)
-    return sorted(times)[len(times) // 2]
+    moved = (getattr(store, "h2d_bytes", 0) - moved) / tokens
+    return sorted(times)[len(times) // 2], moved
 
 
 def time_prefill(store, weights, ctx: int, chunk: int) -> float:
@@ -152,9 +156,7 @@ def run_case(args, kind, ctx, host, weights, baseline):
     began = time.perf_counter()
     fill(store, ctx, device)
     log(f"  filled {format_bytes(sum(bytes_of(store)))} in {time.perf_counter() - began:.1f} s")
-    moved = getattr(store, "h2d_bytes", 0)
-    step_s = time_decode(store, weights, ctx, args.warmup, args.tokens)
-    moved = (getattr(store, "h2d_bytes", 0) - moved) / (args.warmup + args.tokens)
+    step_s, moved = time_decode(store, weights, ctx, args.warmup, args.tokens)
     gpu_b, host_b = bytes_of(store)
     row = {"ctx": ctx, "mode": kind, "host_layers": host if kind != "gpu" else 0,
            "kv_dtype": "fp8" if args.fp8 and kind != "gpu" else "bf16",
