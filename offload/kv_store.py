@@ -52,7 +52,6 @@ GPU into the slot (through a ring of 8192 rows).
 import torch
 
 from facli.errors import FacliError
-from facli.kv_cache import DeviceKVCache
 from facli.kernels import decode_attention, merge_attention, prefill_attention
 from facli.offload.cpu_attention import cpu_suffix_attention
 from facli.offload.fp8 import dequantize_into
@@ -300,20 +299,6 @@ class OffloadedKVStore:
             return out.to(q.dtype)
         lse = _pinned_copy(lse, self._pin).to(self.device, non_blocking=True)
         return merge_attention(gpu_part[0], gpu_part[1], out, lse)[0].to(q.dtype)
-
-
-def store_for_plan(plan, config, dtype: torch.dtype, device, world_size: int = 1):
-    """The KV store a Plan asks for, on one rank: a DeviceKVCache when every layer is on the
-    GPU in the model dtype, else an OffloadedKVStore with the plan's host layers, decode mode
-    and KV dtype. Capacity is plan.ctx; KV heads are split over `world_size` ranks."""
-    shape = (config.num_hidden_layers, plan.batch, plan.ctx,
-             config.num_key_value_heads // world_size, config.head_dim, dtype, torch.device(device))
-    fp8 = plan.kv_dtype == "fp8"
-    if not plan.host_layers and not fp8:
-        return DeviceKVCache(*shape)
-    mode = "prefetch" if plan.decode_mode == "resident" else plan.decode_mode
-    return OffloadedKVStore(*shape, host_layers=frozenset(plan.host_layers), decode_mode=mode,
-                            kv_dtype="fp8" if fp8 else None)
 
 
 def _validate(num_layers, host_layers, decode_mode, kv_dtype, gpu_prefix_tokens):

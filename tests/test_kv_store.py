@@ -5,8 +5,6 @@ these tests walk the same code paths as a GPU run: staging slots, prefetch, writ
 attention and the LSE merge.
 """
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,7 +12,7 @@ from conftest import requires_cuda
 
 from facli.errors import FacliError
 from facli.kv_cache import DeviceKVCache
-from facli.offload.kv_store import OffloadedKVStore, store_for_plan
+from facli.offload.kv_store import OffloadedKVStore
 from facli.offload.streams import CopyQueues, host_empty
 
 LAYERS, BATCH, KV_HEADS, Q_HEADS, HEAD_DIM = 4, 2, 2, 8, 64
@@ -169,17 +167,6 @@ def test_bytes_split_between_gpu_and_host():
     assert _offloaded((), "cpu").host_bytes() == 0
     one = _offloaded((2,), "prefetch")
     assert one.gpu_bytes() == 3 * per_layer + per_layer  # a single host layer needs one slot
-
-
-def test_store_for_plan():
-    config = SimpleNamespace(num_hidden_layers=LAYERS, num_key_value_heads=KV_HEADS,
-                             head_dim=HEAD_DIM)
-    plan = SimpleNamespace(batch=1, ctx=64, host_layers=(), decode_mode="resident", kv_dtype="bf16")
-    assert isinstance(store_for_plan(plan, config, torch.float32, "cpu"), DeviceKVCache)
-    plan.host_layers, plan.decode_mode, plan.kv_dtype = (1, 3), "cpu", "fp8"
-    store = store_for_plan(plan, config, torch.float32, "cpu", world_size=2)
-    assert (store.host_layers, store.decode_mode, store.fp8) == (frozenset({1, 3}), "cpu", True)
-    assert store._dev[0].k.shape == (1, 64, KV_HEADS // 2, HEAD_DIM)
 
 
 def test_rejects_bad_arguments():
