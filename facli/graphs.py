@@ -23,8 +23,9 @@ class GraphedDecodeStep:
 
     @staticmethod
     def supported(model: CausalLM, kv) -> bool:
-        return (model.device.type == "cuda" and getattr(kv, "graph_safe", False)
-                and not model.ctx.is_distributed)
+        # NCCL collectives of tensor-parallel ranks are captured too (their communicator is set
+        # up by the eager warm-up first); gloo ranks run on CPUs, where there are no graphs.
+        return model.device.type == "cuda" and getattr(kv, "graph_safe", False)
 
     def __call__(self, tokens: torch.Tensor, position: int) -> torch.Tensor:
         self.token.copy_(tokens.view(1, 1))

@@ -20,13 +20,22 @@ from facli.offload.memory_model import (
 )
 
 # --- calibration ---
+# Fitted to `facli bench --synthetic llama-7b` on one H200 (docs/benchmarks.md, "End to end"):
+# predicted TTFT and decode step within 10% of measured from 8K to 256K after this fit.
 MATMUL_HALF_EFFICIENCY_TOKENS = 128  # GEMM efficiency = tokens / (tokens + this)
-# Attention TFLOP/s as a share of the matmul rate. DESIGN.md on H200: FlexAttention (Triton)
-# 413 of 787 (0.52) at 64K, FA2 0.44, cuDNN 0.8; facli's Triton kernels are assumed Triton-class.
-ATTENTION_EFFICIENCY = 0.5
+MATMUL_EFFICIENCY = 0.8  # cuBLAS bf16 GEMMs of the model's shapes against the 8192^3 ceiling
+# Attention TFLOP/s as a share of the matmul rate: facli's Triton prefill kernel measured
+# 486-507 TFLOP/s against a 787-798 TFLOP/s matmul ceiling on the H200 (0.62-0.64).
+ATTENTION_EFFICIENCY = 0.62
 ELEMENTWISE_PASSES = 2  # norms, RoPE, SiLU and residual adds re-read each activation byte
-LAYER_OVERHEAD_S = 30e-6  # per layer per forward step: kernel launches in eager mode
-TILING_OVERLAP = 0.8  # share of a chunk's compute that tiling-AllReduce hides comm behind
+LAYER_OVERHEAD_S = 30e-6  # per layer per prefill step: kernel launches in eager mode
+# Per layer per decode step, beyond its bytes: the ~20 small kernels of a layer (norms, RoPE,
+# split-KV merge, GEMVs below bandwidth) inside one CUDA graph; fitted over 8K-128K.
+DECODE_LAYER_OVERHEAD_S = 110e-6
+# Share of a chunk's compute that tiling-AllReduce hides communication behind. Measured 0 on
+# 2 NVLink-connected H200s (benchmarks/tensor_parallel.py): cuBLAS GEMMs occupy every SM and
+# NCCL's kernels wait for them, so the planner tiles only where overlap has been measured.
+TILING_OVERLAP = 0.0
 CPU_ATTENTION_SYNC_S = 20e-6  # per host layer per decode step: q to host, partials back, merge
 # Tiles below 1024 tokens leave hidden-width GEMMs short of the tensor cores' rate, and the
 # runtime tiles only when a chunk holds at least two tiles (facli.parallel.comm); a tile equal
@@ -88,7 +97,7 @@ def prefill_breakdown(hw: HardwareSpec, layout: Layout) -> dict[str, float]:
     efficiency = tokens / (tokens + MATMUL_HALF_EFFICIENCY_TOKENS)
     flops = 2 * _linear_params(c, t) * tokens
     weights = weight_bytes(c, layout.weight_dtype_bytes, t)
-    gemm = np.maximum(flops / (matmul_rate * efficiency), weights / mem_rate)
+    gemm = np.maximum(flops / (matmul_rate * MATMUL_EFFICIENCY * efficiency), weights / mem_rate)
     pairs = sizes * starts + sizes * (sizes + 1) / 2
     attn_flops = 4 * c.head_dim * (c.num_attention_heads / t) * b * c.num_hidden_layers * pairs
     attention = attn_flops / (matmul_rate * ATTENTION_EFFICIENCY)
@@ -135,7 +144,7 @@ def decode_breakdown(hw: HardwareSpec, layout: Layout) -> dict[str, float]:
     staged = layout.host_layers if layout.decode_mode == "prefetch" else 0
     slot_kv = kv_layer_bytes(c, layout.ctx, b, layout.weight_dtype_bytes, t)
     device = (weights + (layers - layout.host_layers) * layer_kv + staged * slot_kv) / mem_rate
-    device += layers * LAYER_OVERHEAD_S
+    device += layers * DECODE_LAYER_OVERHEAD_S
     comm = 0.0
     if t > 1 and not layout.on_cpu:
         one = np.array([b * c.hidden_size * layout.weight_dtype_bytes], dtype=np.float64)

@@ -80,6 +80,7 @@ def plan_and_generate(options, text: str, sampling, max_new_tokens: int, *, stre
     """Tokenize, plan (refusing what will not fit), then run on one process or N ranks."""
     import dataclasses
 
+    from facli.parallel.degrees import check_tensor_parallel
     from facli.parallel.launch import launch
     from facli.placement import hardware_for, plan_run
     from facli.resolve import check_context, resolve_device, resolve_model, tokenizer_for
@@ -90,6 +91,7 @@ def plan_and_generate(options, text: str, sampling, max_new_tokens: int, *, stre
         options = dataclasses.replace(options, ctx=len(prompt_ids) + max_new_tokens)
     check_prompt_fits(len(prompt_ids), options.ctx)
     check_context(resolved.config, options.ctx, options.allow_ctx_extension)
+    check_tensor_parallel(resolved.config, options.devices)
     device = resolve_device(options.device)
     hardware = hardware_for(device, options.hardware)
     plan = plan_run(resolved.config, resolved.name, hardware, ctx=options.ctx,
