@@ -25,7 +25,9 @@ class GraphedDecodeStep:
     def supported(model: CausalLM, kv) -> bool:
         # NCCL collectives of tensor-parallel ranks are captured too (their communicator is set
         # up by the eager warm-up first); gloo ranks run on CPUs, where there are no graphs.
-        return model.device.type == "cuda" and getattr(kv, "graph_safe", False)
+        # float32 attention runs the PyTorch reference, which is not written for capture.
+        half = model.dtype in (torch.float16, torch.bfloat16)
+        return model.device.type == "cuda" and half and getattr(kv, "graph_safe", False)
 
     def __call__(self, tokens: torch.Tensor, position: int) -> torch.Tensor:
         self.token.copy_(tokens.view(1, 1))

@@ -51,6 +51,7 @@ class RuntimeOptions:
     allow_ctx_extension: bool = False
     kv_dtype: str = "auto"
     hardware: str | None = None  # a hardware recipe name; None or "auto" detects this machine
+    cuda_graphs: bool = True  # capture decode steps in CUDA graphs (False: eager, for debugging)
 
     def __post_init__(self):
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -120,7 +121,7 @@ class Runtime:
             torch.cuda.empty_cache()
         self.kv = build_kv_store(self.plan, self.config, self.parallel.world_size, self.device)
         self.engine = Engine(self.model, self.kv, prefill_chunk=self.prefill_chunk,
-                             token_sync=self._token_sync())
+                             token_sync=self._token_sync(), use_graphs=self.options.cuda_graphs)
 
     def _token_sync(self):
         if not self.parallel.is_distributed:

@@ -53,6 +53,7 @@ def generate(
     decode_mode: Annotated[str, typer.Option(help="For host-resident KV: auto, prefetch or cpu.")] = "auto",
     allow_ctx_extension: Annotated[bool, typer.Option(help="Allow --ctx beyond the model's max_position_embeddings.")] = False,
     force: Annotated[bool, typer.Option(help="Run even when the plan says it will not fit.")] = False,
+    eager: Annotated[bool, typer.Option(help="Run decode steps eagerly instead of replaying CUDA graphs.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the text and timings.")] = False,
 ):
     """Generate text from a prompt; text streams to stdout as it is produced."""
@@ -67,7 +68,7 @@ def generate(
         model=model, device=device, dtype=dtype, kv_dtype=kv_dtype,
         ctx=parse_ctx(ctx) if ctx is not None else 0, prefill_chunk=prefill_chunk,
         devices=devices, decode_mode=decode_mode, force=force,
-        allow_ctx_extension=allow_ctx_extension,
+        allow_ctx_extension=allow_ctx_extension, cuda_graphs=not eager,
     )
     result = plan_and_generate(options, text, sampling, max_new_tokens, stream=not as_json)
     if as_json:
