@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment  # noqa: E402
 
 from facli.kv_cache import DeviceKVCache  # noqa: E402
-from facli.offload.cpu_attention import cpu_decode_attention  # noqa: E402
+from facli.offload.cpu_attention import KEY_TILE, cpu_decode_attention  # noqa: E402
 from facli.offload.kv_store import OffloadedKVStore  # noqa: E402
 from facli.units import format_bytes, parse_ctx  # noqa: E402
 
@@ -139,14 +139,20 @@ def pinned_h2d_gbps(size: int = 1 << 30) -> float:
 
 
 def cpu_attention_gbps(length: int = 32768) -> float:
+    """K+V bytes per second of one CPU decode attention at `length`, for a few key tiles (the
+    store uses cpu_attention.KEY_TILE); returns the figure at KEY_TILE."""
     q = torch.randn(1, 1, HEADS, HEAD_DIM, dtype=DTYPE)
     k = torch.randn(1, length, HEADS, HEAD_DIM, dtype=DTYPE)
     v = torch.randn_like(k)
-    cpu_decode_attention(q, k, v, length)
-    began = time.perf_counter()
-    for _ in range(3):
-        cpu_decode_attention(q, k, v, length)
-    return 3 * 2 * k.numel() * k.element_size() / (time.perf_counter() - began) / 1e9
+    rates = {}
+    for tile in sorted({1024, 4096, KEY_TILE, 16384}):
+        cpu_decode_attention(q, k, v, length, key_tile=tile)
+        began = time.perf_counter()
+        for _ in range(3):
+            cpu_decode_attention(q, k, v, length, key_tile=tile)
+        rates[tile] = 3 * 2 * k.numel() * k.element_size() / (time.perf_counter() - began) / 1e9
+    log("CPU attention GB/s by key tile: " + ", ".join(f"{t}: {r:.1f}" for t, r in rates.items()))
+    return rates[KEY_TILE]
 
 
 def run_case(args, kind, ctx, host, weights, baseline):
