@@ -28,7 +28,7 @@ Decode over a host layer, decode_mode="prefetch":
   While layer i computes, the next host layer's [0, len) is copied into the other slot on the
   prefetch stream (the first host layer of the next token is prefetched after the last one of
   this token). Attention reads the slot; the new token's K/V (16 KiB) go back on the write-back
-  stream. Each host layer costs len * 16 KiB over PCIe per token (4 GiB, 73 ms at 256K) and the
+  stream. Each host layer costs len * 16 KiB over PCIe per token (4 GiB, 78 ms at 256K) and the
   copies overlap the compute of the layers in between, so decode is PCIe-bound: about
   55 GB/s / (host layers * 4 GiB) tokens/s at 256K, twice that with fp8. A slot keeps its
   layer across tokens, so with one or two host layers only the new token moves.
