@@ -73,6 +73,10 @@ class OffloadedKVStore:
     kv_dtype: None (store in `dtype`) or "fp8" (e4m3 with per-token-per-head scales).
     """
 
+    # Decode steps wait on the host (CPU attention) and choose copies by position in Python:
+    # nothing a CUDA graph could replay.
+    graph_safe = False
+
     def __init__(self, num_layers: int, batch: int, capacity: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device, host_layers: frozenset = frozenset(),
                  decode_mode: str = "prefetch", kv_dtype: str | None = None,
