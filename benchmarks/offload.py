@@ -2,6 +2,7 @@
 
     python benchmarks/offload.py [--ctx 32k,128k] [--host 4,16] [--modes prefetch,cpu]
                                  [--fp8] [--prefill-ctx 32k] [--out DIR]
+    python benchmarks/offload.py --ctx 256k --host 20 --prefill-ctx 0   # one GPU, 256K
 
 32 layers, 32 heads, D = 128, bf16, batch 1. Each layer is its attention through the KV store
 plus one GEMM over a [4096, 49408] bf16 matrix standing in for the layer's projections and MLP
@@ -168,7 +169,7 @@ def run_case(args, kind, ctx, host, weights, baseline):
            "kv_dtype": "fp8" if args.fp8 and kind != "gpu" else "bf16",
            "decode_ms": step_s * 1e3, "tok_s": 1 / step_s, "gpu_bytes": gpu_b,
            "host_bytes": host_b, "h2d_bytes_per_token": moved,
-           "vs_gpu": (baseline or step_s) / step_s}
+           "vs_gpu": (baseline or step_s) / step_s if kind == "gpu" or baseline else None}
     if ctx == args.prefill_ctx:
         row["prefill_s"] = time_prefill(store, weights, ctx, args.chunk)
     del store
@@ -176,6 +177,10 @@ def run_case(args, kind, ctx, host, weights, baseline):
         torch.cuda.empty_cache()
     log(f"  {json.dumps(row)}")
     return row
+
+
+def speed(row) -> str:
+    return "-" if row["vs_gpu"] is None else f"{row['vs_gpu']:.2f}x"
 
 
 def table(rows, env) -> str:
@@ -186,7 +191,7 @@ def table(rows, env) -> str:
         prefill = f"{r['prefill_s']:.2f}" if "prefill_s" in r else "-"
         lines.append(f"{r['ctx'] // 1024:>5}k {r['mode']:>9} {r['host_layers']:>4} "
                      f"{r['kv_dtype']:>5} {r['decode_ms']:>10.2f} {r['tok_s']:>7.2f} "
-                     f"{r['vs_gpu']:>6.2f}x {prefill:>9} {format_bytes(r['gpu_bytes']):>10} "
+                     f"{speed(r):>7} {prefill:>9} {format_bytes(r['gpu_bytes']):>10} "
                      f"{format_bytes(r['host_bytes']):>10}")
     return "\n".join(lines)
 
@@ -197,7 +202,8 @@ def main():
     parser.add_argument("--host", default="4,16", help="host layer counts to try")
     parser.add_argument("--modes", default="prefetch,cpu")
     parser.add_argument("--fp8", action="store_true", help="fp8 KV for the offloaded stores")
-    parser.add_argument("--prefill-ctx", default="32k", help="ctx at which prefill is timed")
+    parser.add_argument("--prefill-ctx", default="32k",
+                        help="ctx at which prefill is timed (0: none)")
     parser.add_argument("--chunk", type=int, default=8192)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=6)
@@ -205,7 +211,7 @@ def main():
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--device", default="cuda", help="cpu only for a smoke test")
     args = parser.parse_args()
-    args.prefill_ctx = parse_ctx(args.prefill_ctx)
+    args.prefill_ctx = 0 if args.prefill_ctx in ("0", "none") else parse_ctx(args.prefill_ctx)
     if args.threads:
         torch.set_num_threads(args.threads)
     env = environment()
@@ -219,15 +225,20 @@ def main():
     rows = []
     for ctx in map(parse_ctx, args.ctx.split(",")):
         log(f"ctx {ctx}: all-GPU")
-        baseline = run_case(args, "gpu", ctx, 0, weights, None)
-        rows.append(baseline)
+        try:
+            rows.append(run_case(args, "gpu", ctx, 0, weights, None))
+            baseline = rows[-1]["decode_ms"] / 1e3
+        except torch.cuda.OutOfMemoryError:  # 256K of Llama-7B KV (128 GiB) fits no single GPU
+            log(f"ctx {ctx}: all-GPU KV does not fit; no baseline")
+            baseline = None
+            torch.cuda.empty_cache()
         for host in map(int, args.host.split(",")):
             layer_bytes = 2 * ctx * HEADS * HEAD_DIM * (1.03 if args.fp8 else 2)
             log(f"ctx {ctx}, {host} host layers {sorted(host_layer_set(host))}: PCIe-bound "
                 f"prefetch ~{host * layer_bytes / h2d / 1e6:.1f} ms, DRAM-bound cpu "
                 f"~{host * layer_bytes / cpu / 1e6:.1f} ms per token")
             for mode in args.modes.split(","):
-                rows.append(run_case(args, mode, ctx, host, weights, baseline["decode_ms"] / 1e3))
+                rows.append(run_case(args, mode, ctx, host, weights, baseline))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     payload = {"env": env, "h2d_gbps": h2d, "cpu_attention_gbps": cpu, "rows": rows}
