@@ -19,6 +19,8 @@ def env(tmp_path_factory):
 
 
 def facli(args, env, **kwargs):
+    # Run away from the repository root, where ./facli would shadow the installed package.
+    kwargs.setdefault("cwd", env["FACLI_CACHE"])
     return subprocess.run(FACLI + args, env=env, capture_output=True, text=True, timeout=300, **kwargs)
 
 
