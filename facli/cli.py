@@ -39,23 +39,14 @@ def user_errors(command):
     return wrapper
 
 
-def _register():
-    from facli.commands import generate
+def _register() -> None:
+    from facli.commands import bench, generate, plan_memory, recipes, summarize
 
     app.command("generate")(user_errors(generate.generate))
-    for module_name, command_name in (
-        ("recipes", "recipes"),
-        ("plan_memory", "plan-memory"),
-        ("summarize", "summarize"),
-        ("bench", "bench"),
-    ):
-        try:
-            module = __import__(f"facli.commands.{module_name}", fromlist=["command"])
-        except ModuleNotFoundError as missing:
-            if missing.name != f"facli.commands.{module_name}":
-                raise
-            continue
-        app.command(command_name)(user_errors(getattr(module, "command", None) or module.list_recipes))
+    app.command("plan-memory")(user_errors(plan_memory.command))
+    app.command("summarize")(user_errors(summarize.command))
+    app.command("bench")(user_errors(bench.command))
+    app.command("recipes")(user_errors(recipes.list_recipes))
 
 
 _register()

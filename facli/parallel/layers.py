@@ -27,43 +27,43 @@ def _empty(shape, dtype, device) -> nn.Parameter:
     return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
 
 
-class ColumnParallelLinear(nn.Module):
-    """y = x W^T + b with W [out, in]; this rank holds rows rank*out/N .. (rank+1)*out/N."""
+class _ShardedLinear(nn.Module):
+    """A linear layer W [out, in] of which this rank holds one slice along `shard_dim`."""
+
+    shard_dim: int  # 0: output rows (column-parallel); 1: input columns (row-parallel)
 
     def __init__(self, in_features, out_features, *, bias, ctx, dtype, device):
         super().__init__()
         self.in_features, self.out_features, self.ctx = in_features, out_features, ctx
-        local = _split(out_features, ctx, "output features")
-        self.weight = _empty((local, in_features), dtype, device)
-        self.bias = _empty((local,), dtype, device) if bias else None
+        shape = [out_features, in_features]
+        what = "output features" if self.shard_dim == 0 else "input features"
+        shape[self.shard_dim] = _split(shape[self.shard_dim], ctx, what)
+        self.weight = _empty(tuple(shape), dtype, device)
+        # A row-parallel bias is added once, after the sum, so every rank holds all of it.
+        self.bias = _empty((shape[0],), dtype, device) if bias else None
 
     def load(self, reader: CheckpointReader, prefix: str) -> None:
-        shard = Shard(0, self.ctx.rank, self.ctx.world_size)
+        shard = Shard(self.shard_dim, self.ctx.rank, self.ctx.world_size)
         full = (self.out_features, self.in_features)
         self.weight.data = reader.read(f"{prefix}.weight", full, self.weight.dtype, self.weight.device, shard)
         if self.bias is not None:
-            self.bias.data = reader.read(f"{prefix}.bias", full[:1], self.bias.dtype, self.bias.device, shard)
+            bias_shard = shard if self.shard_dim == 0 else None
+            self.bias.data = reader.read(f"{prefix}.bias", full[:1], self.bias.dtype, self.bias.device, bias_shard)
+
+
+class ColumnParallelLinear(_ShardedLinear):
+    """y = x W^T + b with W [out, in]; this rank holds rows rank*out/N .. (rank+1)*out/N."""
+
+    shard_dim = 0
 
     def forward(self, x):
         return F.linear(x, self.weight, self.bias)
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_ShardedLinear):
     """y = sum over ranks of x_local W_local^T (+ b once); this rank holds columns of W [out, in]."""
 
-    def __init__(self, in_features, out_features, *, bias, ctx, dtype, device):
-        super().__init__()
-        self.in_features, self.out_features, self.ctx = in_features, out_features, ctx
-        local = _split(in_features, ctx, "input features")
-        self.weight = _empty((out_features, local), dtype, device)
-        self.bias = _empty((out_features,), dtype, device) if bias else None
-
-    def load(self, reader: CheckpointReader, prefix: str) -> None:
-        shard = Shard(1, self.ctx.rank, self.ctx.world_size)
-        full = (self.out_features, self.in_features)
-        self.weight.data = reader.read(f"{prefix}.weight", full, self.weight.dtype, self.weight.device, shard)
-        if self.bias is not None:
-            self.bias.data = reader.read(f"{prefix}.bias", full[:1], self.bias.dtype, self.bias.device)
+    shard_dim = 1
 
     def forward(self, x):
         """x [..., in/N] -> [..., out]; tiled over tokens as ctx.settings says (see comm)."""
