@@ -105,3 +105,11 @@ def test_shard_reads_only_a_slice(checkpoint):
                        Shard(dim=1, rank=1, world=2))
     assert part.shape == (64, 80)
     torch.testing.assert_close(part, full[:, 80:])
+
+
+def test_mistral_sliding_window_limits_ctx(tmp_path):
+    build_checkpoint(tmp_path, "mistral", num_key_value_heads=2, sliding_window=256)
+    config = ModelConfig.from_dir(tmp_path)
+    config.check_sliding_window(256)
+    with pytest.raises(FacliError, match="sliding_window \\(256\\).*got 257"):
+        config.check_sliding_window(257)
