@@ -49,21 +49,23 @@ def prefill_attention(q, k, v, *, causal=True, q_offset=0, scale=None, return_ls
 
 
 def decode_attention(q, k_cache, v_cache, cache_lens, *, scale=None, return_lse=False,
-                     backend="auto"):
+                     backend="auto", k_scales=None, v_scales=None):
     """Attention of the newest tokens q [B, Tq, Hq, D] over caches [B, Tmax, Hkv, D].
 
     cache_lens [B] (int, on q's device) counts each sequence's valid cache positions, the new
     tokens included: query i of sequence b sits at position cache_lens[b] - Tq + i and sees keys
     up to it. Split-KV over Tmax with the split count chosen from shapes only, and no host
-    synchronization, so the call can be captured in a CUDA graph; splits past a sequence's
-    length exit at once, so a cache much longer than cache_lens leaves most programs idle.
-    bfloat16 caches use the asynchronous (unified-max) softmax with an exact fallback, float16
-    caches the exact rescaling path (facli/kernels/decode.py says why). With return_lse, returns
+    synchronization, so the call can be captured in a CUDA graph. With return_lse, returns
     (out, lse [B, Hq, Tq] float32, natural log).
+    k_scales, v_scales [B, Tmax, Hkv] float32: the caches are float8_e4m3fn and each stored head
+    vector is multiplied by its scale (the Triton kernel reads e4m3 directly).
     """
     if _use_triton(q, backend):
         return decode_attention_triton(q, k_cache, v_cache, cache_lens, scale=scale,
-                                       return_lse=return_lse)
+                                       return_lse=return_lse, k_scales=k_scales, v_scales=v_scales)
+    if k_scales is not None:
+        k_cache = (k_cache.float() * k_scales.unsqueeze(-1)).to(q.dtype)
+        v_cache = (v_cache.float() * v_scales.unsqueeze(-1)).to(q.dtype)
     if return_lse:
         lens = cache_lens.to(torch.int64)
         return attention_with_lse(q, k_cache, v_cache, causal=True, q_offset=lens - q.shape[1],

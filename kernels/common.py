@@ -14,8 +14,9 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def check_attention_inputs(q, k, v):
-    """Shared shape/dtype/stride checks of the attention launchers."""
+def check_attention_inputs(q, k, v, *, fp8_cache: bool = False):
+    """Shared shape/dtype/stride checks of the attention launchers (fp8_cache: k and v are
+    float8_e4m3fn with scales, q in the compute dtype)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"expected 4-d q, k, v [B, T, H, D], got {q.dim()}, {k.dim()}, {v.dim()} dims")
     if k.shape != v.shape:
@@ -24,8 +25,9 @@ def check_attention_inputs(q, k, v):
         raise ValueError(f"expected q and k to share B and D, got {tuple(q.shape)} and {tuple(k.shape)}")
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"expected Hq a multiple of Hkv, got {q.shape[2]} and {k.shape[2]}")
-    if not q.dtype == k.dtype == v.dtype:
-        raise ValueError(f"expected one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    cache_dtype = torch.float8_e4m3fn if fp8_cache else q.dtype
+    if not cache_dtype == k.dtype == v.dtype:
+        raise ValueError(f"expected q, k, v of one dtype (or fp8 k, v with scales), got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.shape[3] > 256:
         raise ValueError(f"expected head dim <= 256, got {q.shape[3]}")
     if q.device.type == "cuda" and q.dtype not in (torch.float16, torch.bfloat16):

@@ -38,7 +38,9 @@ MAX_SPLITS = 128
 
 
 @triton.jit
-def _tile(k_base, v_base, n, stride_kt, stride_vt, stop, offs_n, offs_d, d_ok, BLOCK_N: tl.constexpr):
+def _tile(k_base, v_base, n, stride_kt, stride_vt, stop, offs_n, offs_d, d_ok, q,
+          ks_base, vs_base, stride_st, SCALED: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys n..n+BLOCK_N: positions, K and V in q's dtype, and K/V scales (fp8 caches; else 1)."""
     n = tl.multiple_of(n, BLOCK_N)
     keys = n + offs_n
     kv_ok = (keys[:, None] < stop) & d_ok
@@ -47,19 +49,36 @@ def _tile(k_base, v_base, n, stride_kt, stride_vt, stop, offs_n, offs_d, d_ok, B
                 mask=kv_ok, other=0.0)
     v = tl.load(v_base + n.to(tl.int64) * stride_vt + offs_n[:, None] * stride_vt + offs_d[None, :],
                 mask=kv_ok, other=0.0)
-    return keys, k, v
+    if SCALED:
+        # e4m3 values convert exactly; their per-token scale multiplies the scores (K) and the
+        # probabilities (V) instead of every element of the tile.
+        key_ok = keys < stop
+        ks = tl.load(ks_base + keys.to(tl.int64) * stride_st, mask=key_ok, other=0.0)
+        vs = tl.load(vs_base + keys.to(tl.int64) * stride_st, mask=key_ok, other=0.0)
+        return keys, k.to(q.dtype), v.to(q.dtype), ks, vs
+    return keys, k, v, 1.0, 1.0
 
 
 @triton.jit
-def _scores(q, k, keys, stop, q_pos, qk_scale):
+def _scores(q, k, keys, stop, q_pos, qk_scale, ks, SCALED: tl.constexpr):
     qk = tl.dot(q, tl.trans(k)) * qk_scale
+    if SCALED:
+        qk = qk * ks[None, :]
     visible = (keys[None, :] < stop) & (keys[None, :] <= q_pos[:, None])
     return tl.where(visible, qk, float("-inf"))
 
 
 @triton.jit
+def _weighted(p, vs, SCALED: tl.constexpr):
+    if SCALED:
+        return p * vs[None, :]
+    return p
+
+
+@triton.jit
 def _async_split(q, k_base, v_base, stride_kt, stride_vt, start, stop, q_pos, phi, qk_scale,
-                 head_dim, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                 head_dim, ks_base, vs_base, stride_st, SCALED: tl.constexpr,
+                 BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Sums against the unified phi: no running max, no rescaling of the accumulator."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -68,17 +87,19 @@ def _async_split(q, k_base, v_base, stride_kt, stride_vt, start, stop, q_pos, ph
     l_i = tl.zeros([BLOCK_R], tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
     for n in range(start, stop, BLOCK_N):
-        keys, k, v = _tile(k_base, v_base, n, stride_kt, stride_vt, stop, offs_n, offs_d, d_ok, BLOCK_N)
-        qk = _scores(q, k, keys, stop, q_pos, qk_scale)
+        keys, k, v, ks, vs = _tile(k_base, v_base, n, stride_kt, stride_vt, stop, offs_n, offs_d,
+                                   d_ok, q, ks_base, vs_base, stride_st, SCALED, BLOCK_N)
+        qk = _scores(q, k, keys, stop, q_pos, qk_scale, ks, SCALED)
         m = tl.maximum(m, tl.max(qk, 1))
         p = tl.math.exp2(qk - phi[:, None])
         l_i += tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc)
+        acc = tl.dot(_weighted(p, vs, SCALED).to(v.dtype), v, acc)
     return acc, l_i, m
 
 
 @triton.jit
 def _exact_split(q, k_base, v_base, stride_kt, stride_vt, start, stop, q_pos, qk_scale, head_dim,
+                 ks_base, vs_base, stride_st, SCALED: tl.constexpr,
                  BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Online softmax with rescaling against the split's own running max."""
     offs_n = tl.arange(0, BLOCK_N)
@@ -88,24 +109,26 @@ def _exact_split(q, k_base, v_base, stride_kt, stride_vt, start, stop, q_pos, qk
     l_i = tl.zeros([BLOCK_R], tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
     for n in range(start, stop, BLOCK_N):
-        keys, k, v = _tile(k_base, v_base, n, stride_kt, stride_vt, stop, offs_n, offs_d, d_ok, BLOCK_N)
-        qk = _scores(q, k, keys, stop, q_pos, qk_scale)
+        keys, k, v, ks, vs = _tile(k_base, v_base, n, stride_kt, stride_vt, stop, offs_n, offs_d,
+                                   d_ok, q, ks_base, vs_base, stride_st, SCALED, BLOCK_N)
+        qk = _scores(q, k, keys, stop, q_pos, qk_scale, ks, SCALED)
         m_new = tl.maximum(m, tl.max(qk, 1))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(qk - shift[:, None])
         alpha = tl.math.exp2(m - shift)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        acc = tl.dot(_weighted(p, vs, SCALED).to(v.dtype), v, acc * alpha[:, None])
         m = m_new
     return acc, l_i, m
 
 
 @triton.jit
-def _split_kernel(Q, K, V, LENS, PHI, O_PART, LSE_PART, FALLBACK,
+def _split_kernel(Q, K, V, KS, VS, LENS, PHI, O_PART, LSE_PART, FALLBACK,
                   stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
-                  stride_vb, stride_vt, stride_vh,
+                  stride_vb, stride_vt, stride_vh, stride_sb, stride_st, stride_sh,
                   kv_heads, q_len, group, chunk, qk_scale, head_dim,
-                  GIVEN_PHI: tl.constexpr, ASYNC: tl.constexpr, WINDOW: tl.constexpr,
+                  GIVEN_PHI: tl.constexpr, ASYNC: tl.constexpr, SCALED: tl.constexpr,
+                  WINDOW: tl.constexpr,
                   BLOCK_R: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     split = tl.program_id(0)
@@ -126,29 +149,36 @@ def _split_kernel(Q, K, V, LENS, PHI, O_PART, LSE_PART, FALLBACK,
     q_pos = seq_len - q_len + t
     k_base = K + b * stride_kb + kv_h * stride_kh
     v_base = V + b * stride_vb + kv_h * stride_vh
+    ks_base = KS + b * stride_sb + kv_h * stride_sh
+    vs_base = VS + b * stride_sb + kv_h * stride_sh
 
     if GIVEN_PHI:
         phi = tl.load(PHI + h, mask=row_ok, other=0.0) * 1.4426950408889634
     else:
         k0 = tl.load(k_base + offs_d, mask=offs_d < head_dim, other=0.0).to(tl.float32)
+        if SCALED:
+            k0 = k0 * tl.load(ks_base)
         phi = tl.sum(q.to(tl.float32) * k0[None, :], 1) * qk_scale
 
     start = split * chunk
     stop = tl.minimum(start + chunk, seq_len)
     if ASYNC:
         acc, l_i, m = _async_split(q, k_base, v_base, stride_kt, stride_vt, start, stop, q_pos, phi,
-                                   qk_scale, head_dim, BLOCK_R, BLOCK_N, BLOCK_D)
+                                   qk_scale, head_dim, ks_base, vs_base, stride_st, SCALED,
+                                   BLOCK_R, BLOCK_N, BLOCK_D)
         gap = m - phi
         unsafe = (m > float("-inf")) & ((gap > WINDOW) | (gap < -WINDOW))
         fallback = tl.sum(unsafe.to(tl.int32), 0) > 0
         ref = phi
         if fallback:
             acc, l_i, ref = _exact_split(q, k_base, v_base, stride_kt, stride_vt, start, stop, q_pos,
-                                         qk_scale, head_dim, BLOCK_R, BLOCK_N, BLOCK_D)
+                                         qk_scale, head_dim, ks_base, vs_base, stride_st, SCALED,
+                                         BLOCK_R, BLOCK_N, BLOCK_D)
         tl.store(FALLBACK + bh * num_splits + split, fallback.to(tl.int32))
     else:
         acc, l_i, ref = _exact_split(q, k_base, v_base, stride_kt, stride_vt, start, stop, q_pos,
-                                     qk_scale, head_dim, BLOCK_R, BLOCK_N, BLOCK_D)
+                                     qk_scale, head_dim, ks_base, vs_base, stride_st, SCALED,
+                                     BLOCK_R, BLOCK_N, BLOCK_D)
         tl.store(FALLBACK + bh * num_splits + split, 0)
 
     seen = l_i > 0.0
@@ -185,6 +215,23 @@ def _merge_kernel(O_PART, LSE_PART, O, LSE, stride_ob, stride_ot, stride_oh,
                                      float("-inf")))
 
 
+def _check_scales(q, k_cache, v_cache, k_scales, v_scales) -> bool:
+    """True for an fp8 cache with its scales; raises on a half-given or misshapen pair."""
+    if k_scales is None and v_scales is None:
+        return False
+    if k_scales is None or v_scales is None:
+        raise ValueError("expected both k_scales and v_scales, or neither")
+    if k_cache.dtype != torch.float8_e4m3fn or v_cache.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"expected float8_e4m3fn caches with scales, got {k_cache.dtype}")
+    expected = tuple(k_cache.shape[:3])
+    for name, scales in (("k_scales", k_scales), ("v_scales", v_scales)):
+        if tuple(scales.shape) != expected or scales.dtype != torch.float32:
+            raise ValueError(f"expected {name} float32 {expected}, got {scales.dtype} {tuple(scales.shape)}")
+    if k_scales.stride() != v_scales.stride():
+        raise ValueError("expected k_scales and v_scales with the same strides")
+    return True
+
+
 def choose_num_splits(batch: int, kv_heads: int, cache_len: int, device, cfg: DecodeConfig) -> int:
     """Splits per (sequence, KV head), from shapes only (no look at cache_lens: graph-safe).
 
@@ -204,8 +251,12 @@ def choose_num_splits(batch: int, kv_heads: int, cache_len: int, device, cfg: De
 
 def decode_attention_triton(q, k_cache, v_cache, cache_lens, *, scale=None, return_lse=False,
                             unified_max=None, config: DecodeConfig | None = None,
-                            num_splits: int | None = None, fallback_out=None):
+                            num_splits: int | None = None, fallback_out=None,
+                            k_scales=None, v_scales=None):
     """Triton decode attention; arguments as `facli.kernels.decode_attention`.
+
+    k_scales, v_scales: float32 [B, Tmax, Hkv] for float8_e4m3fn caches (value = stored * scale),
+    read by the kernel itself: the cache is never dequantized in memory.
 
     unified_max: None (the sink-token score, see the module doc) or a float32 tensor [Hq] of
     per-head phi in score units (scale * q.k). config / num_splits override the tables.
@@ -213,11 +264,14 @@ def decode_attention_triton(q, k_cache, v_cache, cache_lens, *, scale=None, retu
     per (b, kv head, split), set where the exact fallback ran (num_splits <= MAX_SPLITS).
     Returns out [B, Tq, Hq, D], or (out, lse [B, Hq, Tq] float32, natural log).
     """
-    common.check_attention_inputs(q, k_cache, v_cache)
+    scaled = _check_scales(q, k_cache, v_cache, k_scales, v_scales)
+    common.check_attention_inputs(q, k_cache, v_cache, fp8_cache=scaled)
     if common.interpreted() and q.dtype == torch.bfloat16:
-        res = decode_attention_triton(q.float(), k_cache.float(), v_cache.float(), cache_lens,
+        cast = (lambda t: t) if scaled else (lambda t: t.float())
+        res = decode_attention_triton(q.float(), cast(k_cache), cast(v_cache), cache_lens,
                                       scale=scale, return_lse=return_lse, unified_max=unified_max,
-                                      config=config, num_splits=num_splits, fallback_out=fallback_out)
+                                      config=config, num_splits=num_splits, fallback_out=fallback_out,
+                                      k_scales=k_scales, v_scales=v_scales)
         return (res[0].to(q.dtype), res[1]) if return_lse else res.to(q.dtype)
     batch, q_len, q_heads, head_dim = q.shape
     cache_len, kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -241,12 +295,15 @@ def decode_attention_triton(q, k_cache, v_cache, cache_lens, *, scale=None, retu
     if flags.numel() < batch * kv_heads * splits:
         raise ValueError(f"expected fallback_out of {batch * kv_heads * splits} int32")
     phi = unified_max.float().contiguous() if unified_max is not None else lse_part
+    k_s, v_s = (k_scales, v_scales) if scaled else (lse_part, lse_part)
+    scale_strides = k_scales.stride() if scaled else (0, 0, 0)
     _split_kernel[(splits, batch * kv_heads)](
-        q, k_cache, v_cache, cache_lens, phi, o_part, lse_part, flags,
+        q, k_cache, v_cache, k_s, v_s, cache_lens, phi, o_part, lse_part, flags,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1),
-        k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), *scale_strides,
         kv_heads, q_len, group, chunk, scale * LOG2E, head_dim,
-        GIVEN_PHI=unified_max is not None, ASYNC=q.dtype != torch.float16, WINDOW=WINDOW,
+        GIVEN_PHI=unified_max is not None, ASYNC=q.dtype != torch.float16, SCALED=scaled,
+        WINDOW=WINDOW,
         BLOCK_R=max(16, triton.next_power_of_2(group * q_len)), BLOCK_N=cfg.block_n,
         BLOCK_D=block_d, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -171,6 +171,12 @@ class OffloadedKVStore:
         return self._gpu_attention(q, part.k, part.v, start, stop)
 
     def _fp8_attention(self, q, part: KVPart, start, stop):
+        if q.shape[1] == 1 and q.is_cuda:
+            # The decode kernel reads e4m3 rows and their scales directly: one pass, no copy.
+            self._prefix_lens.fill_(stop)
+            return decode_attention(q, part.k[:, :stop], part.v[:, :stop], self._prefix_lens,
+                                    k_scales=part.k_scales[:, :stop],
+                                    v_scales=part.v_scales[:, :stop])
         return self._part_attention(q, part, start, own=(start, stop))[0]
 
     def _part_attention(self, q, part: KVPart, visible: int, own=None):

@@ -110,3 +110,60 @@ def test_public_decode_dispatch(monkeypatch):
 @pytest.mark.slow
 def test_decode_256k(monkeypatch):
     check_decode((1, 1, 32, 8, 128, 256 * 1024, None, torch.bfloat16), monkeypatch, "cuda")
+
+
+FP8_CASES = {
+    "gqa4-T1-ragged": (2, 1, 8, 2, 64, 300, torch.float32),
+    "mha-T3-fp16": (1, 3, 4, 4, 128, 129, torch.float16),
+}
+
+
+@pytest.mark.parametrize("case", list(FP8_CASES.values()), ids=list(FP8_CASES))
+def test_decode_reads_fp8_cache_with_scales(case, monkeypatch):
+    """e4m3 K/V with per-token-head scales, read by the kernel: equal to attention over the
+    dequantized cache (float64), within the error PyTorch makes on that cache in q's dtype."""
+    batch, q_len, q_heads, kv_heads, head_dim, cache_len, dtype = case
+    k = torch.randn(batch, cache_len, kv_heads, head_dim, device=DEVICE) * 2
+    v = torch.randn(batch, cache_len, kv_heads, head_dim, device=DEVICE)
+    k8, v8 = (t.clamp(-448, 448).to(torch.float8_e4m3fn) for t in (k, v))
+    k_scales = torch.rand(batch, cache_len, kv_heads, device=DEVICE) * 0.5 + 0.05
+    v_scales = torch.rand(batch, cache_len, kv_heads, device=DEVICE) * 0.5 + 0.05
+    q = torch.randn(batch, q_len, q_heads, head_dim, device=DEVICE, dtype=dtype)
+    lens = torch.randint(q_len, cache_len + 1, (batch,), device=DEVICE, dtype=torch.int32)
+    k_deq = k8.double() * k_scales.double().unsqueeze(-1)
+    v_deq = v8.double() * v_scales.double().unsqueeze(-1)
+    expected = decode_attention(q.double(), k_deq, v_deq, lens, backend="reference")
+    same_dtype = decode_attention(q, k_deq.to(dtype), v_deq.to(dtype), lens, backend="reference")
+    out = decode_attention_triton(q, k8, v8, lens, k_scales=k_scales, v_scales=v_scales)
+    assert not out.isnan().any()
+    error = (out.double() - expected).norm() / expected.norm()
+    torch_error = (same_dtype.double() - expected).norm() / expected.norm()
+    assert error <= 2 * torch_error + 1e-6, (error, torch_error)
+
+
+def test_decode_fp8_needs_both_scales():
+    k8 = torch.zeros(1, 8, 1, 64, device=DEVICE).to(torch.float8_e4m3fn)
+    q = torch.zeros(1, 1, 1, 64, device=DEVICE)
+    lens = torch.full((1,), 8, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="both k_scales and v_scales"):
+        decode_attention_triton(q, k8, k8, lens, k_scales=torch.ones(1, 8, 1, device=DEVICE))
+
+
+@requires_cuda
+def test_decode_fp8_cache_gpu_bf16():
+    batch, q_heads, kv_heads, head_dim, cache_len = 2, 32, 8, 128, 40000
+    k = torch.randn(batch, cache_len, kv_heads, head_dim, device="cuda")
+    v = torch.randn(batch, cache_len, kv_heads, head_dim, device="cuda")
+    k8, v8 = k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn)
+    k_scales = torch.rand(batch, cache_len, kv_heads, device="cuda") * 0.2 + 0.01
+    v_scales = torch.rand(batch, cache_len, kv_heads, device="cuda") * 0.2 + 0.01
+    q = torch.randn(batch, 1, q_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    lens = torch.tensor([cache_len, 12345], dtype=torch.int32, device="cuda")
+    k_deq = k8.double() * k_scales.double().unsqueeze(-1)
+    v_deq = v8.double() * v_scales.double().unsqueeze(-1)
+    expected = decode_attention(q.double(), k_deq, v_deq, lens, backend="reference")
+    same_dtype = decode_attention(q, k_deq.bfloat16(), v_deq.bfloat16(), lens, backend="reference")
+    out = decode_attention(q, k8, v8, lens, k_scales=k_scales, v_scales=v_scales)
+    error = (out.double() - expected).norm() / expected.norm()
+    torch_error = (same_dtype.double() - expected).norm() / expected.norm()
+    assert error <= 2 * torch_error, (error, torch_error)
