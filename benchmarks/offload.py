@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment  # noqa: E402
 
 from facli.kv_cache import DeviceKVCache  # noqa: E402
-from facli.offload.cpu_attention import KEY_TILE, cpu_decode_attention  # noqa: E402
+from facli.offload.cpu_attention import KEY_TILE, TileWorkspace, cpu_decode_attention  # noqa: E402
 from facli.offload.kv_store import OffloadedKVStore  # noqa: E402
 from facli.units import format_bytes, parse_ctx  # noqa: E402
 
@@ -147,10 +147,11 @@ def cpu_attention_gbps(length: int = 32768) -> float:
     v = torch.randn_like(k)
     rates = {}
     for tile in sorted({1024, 4096, KEY_TILE, 16384}):
-        cpu_decode_attention(q, k, v, length, key_tile=tile)
+        workspace = TileWorkspace()  # reused across calls, as the KV store does
+        cpu_decode_attention(q, k, v, length, key_tile=tile, workspace=workspace)
         began = time.perf_counter()
         for _ in range(3):
-            cpu_decode_attention(q, k, v, length, key_tile=tile)
+            cpu_decode_attention(q, k, v, length, key_tile=tile, workspace=workspace)
         rates[tile] = 3 * 2 * k.numel() * k.element_size() / (time.perf_counter() - began) / 1e9
     log("CPU attention GB/s by key tile: " + ", ".join(f"{t}: {r:.1f}" for t, r in rates.items()))
     return rates[KEY_TILE]

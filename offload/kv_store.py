@@ -53,7 +53,7 @@ import torch
 
 from facli.errors import FacliError
 from facli.kernels import decode_attention, merge_attention, prefill_attention
-from facli.offload.cpu_attention import cpu_suffix_attention
+from facli.offload.cpu_attention import TileWorkspace, cpu_suffix_attention
 from facli.offload.fp8 import dequantize_into
 from facli.offload.kv_parts import Chunk, KVPart, Slot
 from facli.offload.streams import CopyQueues, host_empty
@@ -100,6 +100,7 @@ class OffloadedKVStore:
                      if self.fp8 and self._staged else None)
         self._lens = torch.zeros(batch, dtype=torch.int32, device=self.device)
         self._prefix_lens = torch.zeros_like(self._lens)
+        self._cpu_tiles = TileWorkspace()  # float32 K/V tiles of "cpu" mode, reused every step
         self._written = [0] * num_layers
         self._layer_event = [None] * num_layers
         self._clock = 0
@@ -303,7 +304,8 @@ class OffloadedKVStore:
         queues.host_wait(copied)
         scales = (host.k_scales, host.v_scales)
         out, lse = cpu_suffix_attention(q_host, host.k, host.v, stop, first_position=split,
-                                        k_scales=scales[0], v_scales=scales[1])
+                                        k_scales=scales[0], v_scales=scales[1],
+                                        workspace=self._cpu_tiles)
         out = _pinned_copy(out, self._pin).to(self.device, non_blocking=True)
         if gpu_part is None:
             return out.to(q.dtype)
