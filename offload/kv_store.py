@@ -172,7 +172,7 @@ class OffloadedKVStore:
         return self._gpu_attention(q, part.k, part.v, start, stop)
 
     def _fp8_attention(self, q, part: KVPart, start, stop):
-        if q.shape[1] == 1 and q.is_cuda:
+        if q.shape[1] == 1 and _reads_fp8(q.device):
             # The decode kernel reads e4m3 rows and their scales directly: one pass, no copy.
             self._prefix_lens.fill_(stop)
             return decode_attention(q, part.k[:, :stop], part.v[:, :stop], self._prefix_lens,
@@ -311,6 +311,11 @@ class OffloadedKVStore:
             return out.to(q.dtype)
         lse = _pinned_copy(lse, self._pin).to(self.device, non_blocking=True)
         return merge_attention(gpu_part[0], gpu_part[1], out, lse)[0].to(q.dtype)
+
+
+def _reads_fp8(device: torch.device) -> bool:
+    """Triton converts e4m3 in registers from compute capability 8.9 (Ada, Hopper) on."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 def _validate(num_layers, host_layers, decode_mode, kv_dtype, gpu_prefix_tokens):
