@@ -1,6 +1,7 @@
 """Shared pieces of the benchmark scripts: environment header and a Llama-7B-shaped checkpoint."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +20,10 @@ def environment() -> dict:
     import transformers
     import triton
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip() or "unknown"
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                         cwd=Path(__file__).parent)
+    # A copy without .git (a lent GPU machine) names its commit in FACLI_COMMIT.
+    commit = git.stdout.strip() or os.environ.get("FACLI_COMMIT", "unknown")
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
     return {"gpu": gpu, "cuda": torch.version.cuda, "torch": torch.__version__,
             "triton": triton.__version__, "transformers": transformers.__version__,
