@@ -12,7 +12,6 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from facli.bench import git_commit
 from facli.kernels.configs import DecodeConfig, PrefillConfig, decode_config, prefill_config
 from facli.kernels.decode import decode_attention_triton
 from facli.kernels.prefill import prefill_attention_triton
@@ -104,11 +104,7 @@ def try_ms(fn, **kw):
 
 def environment(commit):
     props = torch.cuda.get_device_properties(0)
-    if commit is None:
-        try:
-            commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-        except Exception:
-            commit = "unknown"
+    commit = commit or git_commit()["commit"]
     return {"gpu": props.name, "sms": props.multi_processor_count, "cuda": torch.version.cuda,
             "torch": torch.__version__, "triton": triton.__version__, "commit": commit,
             "cudnn": torch.backends.cudnn.version()}

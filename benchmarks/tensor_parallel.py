@@ -21,7 +21,6 @@ set-up). Results: a JSON line per measurement in OUT/tensor_parallel.jsonl, a ta
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -31,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from facli.bench import git_commit
 from facli.config import ModelConfig
 from facli.model import CausalLM
 from facli.parallel import comm
@@ -322,10 +322,9 @@ def environment(device_type: str) -> dict:
 
     gpu = torch.cuda.get_device_name(0) if device_type == "cuda" else "cpu (smoke run)"
     nccl = ".".join(map(str, torch.cuda.nccl.version())) if device_type == "cuda" else "-"
-    commit = os.environ.get("FACLI_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     return dict(kind="environment", gpu=gpu, gpus=torch.cuda.device_count(), cuda=torch.version.cuda,
-                torch=torch.__version__, triton=triton.__version__, nccl=nccl, commit=commit or "unknown")
+                torch=torch.__version__, triton=triton.__version__, nccl=nccl,
+                commit=git_commit()["commit"])
 
 
 def table(records: list[dict], world: int) -> str:

@@ -99,7 +99,7 @@ def progress(message: str, enabled: bool = True) -> None:
 
 
 def resolve(request: BenchRequest):
-    from facli.runtime import resolve_model, synthetic_model
+    from facli.resolve import resolve_model, synthetic_model
 
     if request.synthetic is not None:
         return synthetic_model(request.synthetic)
@@ -110,7 +110,7 @@ def runtime_dtype(request: BenchRequest) -> str:
     """auto: the checkpoint's, except bf16 for synthetic weights on GPUs (the usual serving dtype)."""
     if request.dtype != "auto" or request.synthetic is None:
         return request.dtype
-    from facli.runtime import resolve_device
+    from facli.resolve import resolve_device
 
     return "bf16" if resolve_device(request.device).type == "cuda" else "auto"
 
@@ -281,7 +281,7 @@ def run_bench(request: BenchRequest) -> dict:
     """facli on `devices` ranks, then the baseline here; returns the whole JSON-ready report."""
     from facli.bench_report import add_derived
     from facli.parallel.launch import launch
-    from facli.runtime import resolve_device
+    from facli.resolve import resolve_device
 
     device = resolve_device(request.device)
     started = time.time()

@@ -10,7 +10,7 @@ import time
 import torch
 
 from facli.bench import OUT_OF_MEMORY, WARM_UP_NEW_TOKENS, prompt_length, progress, release_memory
-from facli.runtime import ResolvedModel
+from facli.resolve import ResolvedModel
 
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 

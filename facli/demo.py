@@ -72,12 +72,15 @@ def ensure_demo_checkpoint() -> Path:
 
 def _write_checkpoint(directory: Path) -> None:
     (directory / "config.json").write_text(json.dumps(DEMO_CONFIG, indent=2))
-    save_file(_random_weights(demo_config()), str(directory / "model.safetensors"),
+    tokenizer = byte_level_tokenizer()
+    printable = [tokenizer.convert_tokens_to_ids(token)
+                 for token in tokenizer.tokenize("".join(map(chr, range(32, 127))))]
+    save_file(_random_weights(demo_config(), printable), str(directory / "model.safetensors"),
               metadata={"format": "pt"})
-    _byte_level_tokenizer().save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))
 
 
-def _random_weights(config: ModelConfig) -> dict[str, torch.Tensor]:
+def _random_weights(config: ModelConfig, printable: list[int]) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(DEMO_SEED)
     h, inter, d = config.hidden_size, config.intermediate_size, config.head_dim
     q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
@@ -87,7 +90,7 @@ def _random_weights(config: ModelConfig) -> dict[str, torch.Tensor]:
 
     weights = {"model.embed_tokens.weight": normal(config.vocab_size, h),
                "model.norm.weight": torch.ones(h, dtype=torch.bfloat16),
-               "lm_head.weight": _printable_head(normal(config.vocab_size, h))}
+               "lm_head.weight": _printable_head(normal(config.vocab_size, h), printable)}
     shapes = {"self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
               "self_attn.o_proj": (h, q), "mlp.gate_proj": (inter, h), "mlp.up_proj": (inter, h),
               "mlp.down_proj": (h, inter)}
@@ -100,37 +103,20 @@ def _random_weights(config: ModelConfig) -> dict[str, torch.Tensor]:
     return weights
 
 
-def _printable_head(weight: torch.Tensor) -> torch.Tensor:
+def _printable_head(weight: torch.Tensor, printable: list[int]) -> torch.Tensor:
     """Zero the rows of special, non-printable and padding tokens and sharpen the printable
     ASCII ones, so that the demo's (meaningless) output is at least readable text."""
-    alphabet = sorted(_byte_alphabet())
-    printable = [len(SPECIAL_TOKENS) + alphabet.index(_byte_to_char(byte)) for byte in range(32, 127)]
     head = torch.zeros_like(weight)
     head[printable] = weight[printable] * 4
     return head
 
 
-def _byte_alphabet():
-    from tokenizers import pre_tokenizers
-
-    return pre_tokenizers.ByteLevel.alphabet()
-
-
-def _byte_to_char(byte: int) -> str:
-    """GPT-2's byte-to-unicode map, which the ByteLevel pre-tokenizer uses."""
-    visible = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    if byte in visible:
-        return chr(byte)
-    hidden = [b for b in range(256) if b not in visible]
-    return chr(256 + hidden.index(byte))
-
-
-def _byte_level_tokenizer():
+def byte_level_tokenizer():
     """One token per byte (no merges), built offline with the `tokenizers` library."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    alphabet = sorted(_byte_alphabet())
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS)}
     vocab.update({char: len(SPECIAL_TOKENS) + index for index, char in enumerate(alphabet)})
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))

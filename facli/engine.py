@@ -13,7 +13,6 @@ from facli.sampling import Sampler
 
 @dataclass
 class Timings:
-    prefill_s: float = 0.0
     ttft_s: float = 0.0
     decode_s: float = 0.0
     decode_steps: int = 0
@@ -85,7 +84,6 @@ class Engine:
         token = self.token_sync(sampler(logits))
         first = int(token[0])
         run.timings.ttft_s = time.perf_counter() - started
-        run.timings.prefill_s = run.timings.ttft_s
         run.token_ids.append(first)
         if on_token is not None:
             on_token(first)

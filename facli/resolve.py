@@ -60,9 +60,9 @@ def synthetic_model(recipe_name: str) -> ResolvedModel:
 
 def tokenizer_for(resolved: ResolvedModel):
     if resolved.synthetic:
-        from facli.demo import _byte_level_tokenizer
+        from facli.demo import byte_level_tokenizer
 
-        return _byte_level_tokenizer()
+        return byte_level_tokenizer()
     return load_tokenizer(resolved.path)
 
 
@@ -76,7 +76,17 @@ def resolve_device(device: str | None, ctx: ParallelContext = SINGLE_PROCESS) ->
     return torch.device("cpu")
 
 
-def check_context(config: ModelConfig, ctx: int, allow_extension: bool) -> None:
+def check_prompt_fits(prompt_tokens: int, ctx: int) -> None:
+    if prompt_tokens >= ctx:
+        raise FacliError(
+            f"expected a prompt shorter than --ctx ({ctx} tokens), got {prompt_tokens} "
+            "tokens; raise --ctx or shorten the prompt"
+        )
+
+
+def check_context(config: ModelConfig, ctx: int, allow_extension: bool, *, warn: bool = True) -> None:
+    """Refuse a ctx the model cannot serve; warn (once, where the command checks) past its
+    trained length when that is allowed."""
     config.check_sliding_window(ctx)
     limit = config.max_position_embeddings
     if ctx <= limit:
@@ -86,5 +96,6 @@ def check_context(config: ModelConfig, ctx: int, allow_extension: bool) -> None:
             f"expected --ctx at most the model's max_position_embeddings ({limit}), got {ctx}; "
             "pass --allow-ctx-extension to run past the trained length anyway"
         )
-    print(f"facli: warning: --ctx {ctx} is beyond max_position_embeddings {limit}; "
-          "quality past the trained length is not guaranteed", file=sys.stderr)
+    if warn:
+        print(f"facli: warning: --ctx {ctx} is beyond max_position_embeddings {limit}; "
+              "quality past the trained length is not guaranteed", file=sys.stderr)

@@ -23,13 +23,13 @@ from facli.placement import (
     tensor_parallel_settings,
     weight_dtype,
 )
-from facli.resolve import (  # noqa: F401  (re-exported: the runtime's public vocabulary)
+from facli.resolve import (
     DTYPES,
     ResolvedModel,
     check_context,
+    check_prompt_fits,
     resolve_device,
     resolve_model,
-    synthetic_model,
     tokenizer_for,
 )
 from facli.sampling import Sampler, SamplingParams
@@ -82,17 +82,18 @@ class Runtime:
 
     hardware: the spec to plan on, detected before anything is loaded (tensor-parallel ranks get
     their parent's, so no rank touches another's GPU). None detects it here.
+    plan: the plan for options.ctx when the caller has made it already; None plans here.
     """
 
     def __init__(self, resolved: ResolvedModel, options: RuntimeOptions,
                  parallel: ParallelContext = SINGLE_PROCESS, tokenizer=None,
-                 hardware: HardwareSpec | None = None):
-        check_context(resolved.config, options.ctx, options.allow_ctx_extension)
+                 hardware: HardwareSpec | None = None, plan: Plan | None = None):
+        check_context(resolved.config, options.ctx, options.allow_ctx_extension, warn=False)
         self.resolved, self.options = resolved, options
         self.config = resolved.config
         self.device = resolve_device(options.device, parallel)
         self.hardware = hardware or hardware_for(self.device, options.hardware)
-        self.plan = self._plan(options.ctx, parallel.world_size)
+        self.plan = plan or self._plan(options.ctx, parallel.world_size)
         self.parallel = parallel.with_settings(tensor_parallel_settings(self.plan))
         self.ctx = options.ctx
         self.dtype = weight_dtype(self.plan)
@@ -132,7 +133,7 @@ class Runtime:
 
     def set_context(self, ctx: int) -> None:
         """Re-plan for another context length and rebuild the KV store; weights stay."""
-        check_context(self.config, ctx, self.options.allow_ctx_extension)
+        check_context(self.config, ctx, self.options.allow_ctx_extension, warn=False)
         self.plan = self._plan(ctx, self.parallel.world_size)
         self.ctx, self.prefill_chunk = ctx, self.plan.prefill_chunk
         self._build_engine()
@@ -155,11 +156,7 @@ class Runtime:
         """ignore_eos: decode all max_new_tokens even past an EOS token (benchmarks)."""
         if not prompt_ids:
             raise FacliError("expected a non-empty prompt, got 0 tokens; give --prompt or --prompt-file")
-        if len(prompt_ids) >= self.ctx:
-            raise FacliError(
-                f"expected a prompt shorter than --ctx ({self.ctx} tokens), got {len(prompt_ids)} "
-                "tokens; raise --ctx or shorten the prompt"
-            )
+        check_prompt_fits(len(prompt_ids), self.ctx)
         if prefill_chunk is not None:
             self.reconfigure(prefill_chunk=prefill_chunk)
         if self.device.type == "cuda":

@@ -115,12 +115,12 @@ def test_two_gloo_ranks(env):
 
 def test_synthetic_weights_on_both_sides(monkeypatch):
     """--synthetic: facli fills random weights itself, transformers builds the shape from config."""
-    import facli.runtime
+    import facli.resolve
     from facli.bench import BenchRequest, run_bench
     from facli.demo import demo_config
 
-    monkeypatch.setattr(facli.runtime, "synthetic_model",
-                        lambda name: facli.runtime.ResolvedModel(f"synthetic:{name}", None, demo_config()))
+    monkeypatch.setattr(facli.resolve, "synthetic_model",
+                        lambda name: facli.resolve.ResolvedModel(f"synthetic:{name}", None, demo_config()))
     report = run_bench(BenchRequest(depths=(48,), synthetic="demo", decode_tokens=3, device="cpu"))
     assert report["facli"]["model"] == "synthetic:demo" and report["facli"]["synthetic"]
     assert report["transformers"]["depths"][0]["status"] == "ok"

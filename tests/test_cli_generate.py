@@ -56,9 +56,9 @@ def test_text_streams_to_stdout(env):
 def short_model(tmp_path_factory):
     directory = tmp_path_factory.mktemp("short")
     build_checkpoint(directory, "llama", max_position_embeddings=64)
-    from facli.demo import _byte_level_tokenizer
+    from facli.demo import byte_level_tokenizer
 
-    _byte_level_tokenizer().save_pretrained(str(directory))
+    byte_level_tokenizer().save_pretrained(str(directory))
     return directory
 
 

@@ -79,15 +79,20 @@ def generate(
 
 def plan_and_generate(options, text: str, sampling, max_new_tokens: int, *, stream: bool) -> dict:
     """Tokenize, plan (refusing what will not fit), then run on one process or N ranks."""
-    import dataclasses
-
     from facli.parallel.degrees import check_tensor_parallel
     from facli.parallel.launch import launch
     from facli.placement import hardware_for, plan_run
-    from facli.resolve import check_context, resolve_device, resolve_model, tokenizer_for
+    from facli.resolve import (
+        check_context,
+        check_prompt_fits,
+        resolve_device,
+        resolve_model,
+        tokenizer_for,
+    )
 
     resolved = resolve_model(options.model)
-    prompt_ids = tokenizer_for(resolved)(text).input_ids
+    tokenizer = tokenizer_for(resolved)
+    prompt_ids = tokenizer(text).input_ids
     if options.ctx == 0:
         options = dataclasses.replace(options, ctx=len(prompt_ids) + max_new_tokens)
     check_prompt_fits(len(prompt_ids), options.ctx)
@@ -102,16 +107,9 @@ def plan_and_generate(options, text: str, sampling, max_new_tokens: int, *, stre
     print(f"facli: {plan.summary_line()}", file=sys.stderr)
     if not plan.fits:
         print("facli: warning: --force: running a plan that does not fit", file=sys.stderr)
-    request = GenerateRequest(options, resolved, prompt_ids, sampling, max_new_tokens, stream, hardware)
+    request = GenerateRequest(options, resolved, prompt_ids, sampling, max_new_tokens, stream,
+                              hardware, tokenizer, plan)
     return launch(generate_on_rank, (request,), world_size=options.devices, device_type=device.type)
-
-
-def check_prompt_fits(prompt_tokens: int, ctx: int) -> None:
-    if prompt_tokens >= ctx:
-        raise FacliError(
-            f"expected a prompt shorter than --ctx ({ctx} tokens), got {prompt_tokens} "
-            "tokens; raise --ctx or shorten the prompt"
-        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,13 +123,16 @@ class GenerateRequest:
     max_new_tokens: int
     stream: bool
     hardware: object
+    tokenizer: object
+    plan: object
 
 
 def generate_on_rank(parallel, request: GenerateRequest) -> dict:
     """Load this rank's shard, prefill and decode; rank 0 streams the text."""
     from facli.runtime import Runtime
 
-    runtime = Runtime(request.resolved, request.options, parallel, hardware=request.hardware)
+    runtime = Runtime(request.resolved, request.options, parallel, tokenizer=request.tokenizer,
+                      hardware=request.hardware, plan=request.plan)
     writer = parallel.is_writer
 
     def on_text(piece: str) -> None:

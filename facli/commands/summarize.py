@@ -30,7 +30,7 @@ def command(
 ):
     """Summarize documents; rerun the same command to resume after a crash or Ctrl-C."""
     from facli.parallel.launch import launch
-    from facli.runtime import resolve_device
+    from facli.resolve import resolve_device
     from facli.sampling import SamplingParams
     from facli.summarize.run import SummarizeRequest, summarize_on_rank
     from facli.units import parse_ctx

@@ -16,7 +16,8 @@ import torch
 from facli.errors import FacliError
 from facli.parallel.comm import all_reduce_sum, barrier
 from facli.parallel.context import SINGLE_PROCESS, ParallelContext
-from facli.runtime import ResolvedModel, Runtime, RuntimeOptions, check_context, resolve_model
+from facli.resolve import ResolvedModel, check_context, resolve_model
+from facli.runtime import Runtime, RuntimeOptions
 from facli.sampling import SamplingParams
 from facli.summarize import manifest as manifests
 from facli.summarize.documents import SourceFile, discover, read_documents
