@@ -1,9 +1,17 @@
 """Decode attention on the host CPU, over a KV cache that lives in host memory.
 
 One or a few queries against [Tk, D] keys per head is a matrix-vector product: the work is
-reading the cache once, so speed is host memory bandwidth. Keys are processed in tiles of 8192
-rows, converted to float32 per tile (never the whole cache: 128 MiB of temporaries per tile at
-32 KV heads and D = 128), with an online softmax across tiles (FlashAttention-2's recurrence).
+reading the cache once, so speed is host memory bandwidth.
+
+A cache in a float dtype goes to PyTorch's CPU flash-attention kernel
+(`aten._scaled_dot_product_flash_attention_for_cpu`), which reads bf16/fp16 rows in place
+through their strides (no conversion pass), shares K/V across a GQA group, spreads heads over
+PyTorch's intra-op threads and returns the log-sum-exp the GPU merge needs. Its causal flag is
+aligned top-left, so several queries get an explicit bottom-right mask.
+
+An fp8 cache (and any case the flash kernel cannot express) takes the tiled path: keys in
+tiles of 8192 rows, converted to float32 per tile (never the whole cache: 128 MiB of
+temporaries per tile at 32 KV heads and D = 128), with an online softmax across tiles (FlashAttention-2's recurrence).
 Tiles are large because each tile costs about a dozen PyTorch calls, each with a fixed cost.
 The float32 tiles are converted into buffers kept in a `TileWorkspace` across calls: a fresh
 128 MiB buffer per tile spends more time faulting its pages in than converting (measured on a
@@ -62,7 +70,29 @@ def cpu_suffix_attention(q, k, v, length, *, first_position, scale=None, k_scale
                          v_scales=None, key_tile=KEY_TILE, workspace: TileWorkspace | None = None):
     """Like `cpu_decode_attention`, for a cache whose row 0 holds absolute position
     `first_position`; `length` counts absolute positions (queries end at length - 1).
-    workspace: buffers to reuse across calls (a new one per call when None)."""
+    workspace: buffers to reuse across calls of the tiled path (a new one per call when None)."""
+    if k.dtype != FP8 and length - q.shape[1] >= first_position:
+        return _flash_attention(q, k, v, length - first_position, scale)
+    return _tiled_attention(q, k, v, length, first_position, scale, k_scales, v_scales,
+                            key_tile, workspace)
+
+
+def _flash_attention(q, k, v, rows, scale):
+    """Every query sees at least the first row (the caller checked): no fully masked row, which
+    the flash kernel would turn into NaN."""
+    q_len = q.shape[1]
+    keys, values = k[:, :rows].transpose(1, 2), v[:, :rows].transpose(1, 2)
+    mask = None
+    if q_len > 1:  # query i sits at row rows - q_len + i and sees rows up to it; additive
+        hidden = torch.arange(rows).view(1, -1) > torch.arange(rows - q_len, rows).view(-1, 1)
+        mask = torch.zeros(hidden.shape, dtype=k.dtype).masked_fill(hidden, float("-inf"))
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q.to(k.dtype).transpose(1, 2), keys, values, 0.0, False, attn_mask=mask, scale=scale)
+    return out.transpose(1, 2).float(), lse.float()
+
+
+def _tiled_attention(q, k, v, length, first_position, scale, k_scales, v_scales, key_tile,
+                     workspace):
     batch, q_len, q_heads, head_dim = q.shape
     kv_heads = k.shape[2]
     group = q_heads // kv_heads
