@@ -27,12 +27,18 @@ from facli.kernels.prefill import prefill_attention_triton
 
 SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                  "efficient": SDPBackend.EFFICIENT_ATTENTION}
-PREFILL_SWEEP = [PrefillConfig(128, 128, 8, 3), PrefillConfig(128, 128, 8, 3, tma=True),
+PREFILL_SWEEP = [PrefillConfig(128, 128, 8, 3, tma=True),
                  PrefillConfig(128, 128, 8, 3, tma=True, warp_specialize=True),
-                 PrefillConfig(128, 128, 8, 2, tma=True, warp_specialize=True),
-                 PrefillConfig(128, 64, 8, 3, tma=True, warp_specialize=True),
+                 PrefillConfig(128, 128, 8, 3, tma=True, scores_ahead=True),
+                 PrefillConfig(128, 128, 8, 2, tma=True, scores_ahead=True),
+                 PrefillConfig(128, 64, 8, 3, tma=True, scores_ahead=True),
+                 PrefillConfig(128, 64, 4, 3, tma=True, scores_ahead=True),
+                 PrefillConfig(128, 128, 8, 4, tma=True),
+                 PrefillConfig(256, 64, 8, 3, tma=True),
                  PrefillConfig(128, 64, 8, 4, tma=True)]
-DECODE_SWEEP = [DecodeConfig(64, 4, 3, 2), DecodeConfig(64, 4, 4, 1), DecodeConfig(128, 4, 2, 2)]
+DECODE_SWEEP = [DecodeConfig(64, 4, 3, 2), DecodeConfig(64, 4, 3, 1), DecodeConfig(64, 4, 3, 4),
+                DecodeConfig(32, 4, 3, 2), DecodeConfig(32, 4, 4, 4), DecodeConfig(64, 2, 3, 2),
+                DecodeConfig(128, 4, 2, 2), DecodeConfig(128, 8, 3, 1)]
 
 
 def log(*args):
@@ -135,15 +141,19 @@ def naive(q, k, v):
     return torch.softmax(scores.masked_fill_(mask, float("-inf")), dim=-1) @ v
 
 
-def sweep_prefill(seq=16384):
-    q, k, v = prefill_inputs(seq, 32, 32)
-    flops = 2 * 2 * 32 * seq * seq * 128 / 2
-    results = []
-    for cfg in PREFILL_SWEEP:
-        ms = try_ms(lambda: prefill_attention_triton(q, k, v, causal=True, config=cfg), budget_s=0.3)
-        results.append((cfg, None if ms is None else flops / ms / 1e9))
-        log(f"  prefill {cfg}: {results[-1][1]}")
-    return results
+def sweep_prefill(shapes=((16384, 32), (65536, 8))):
+    """(config, geometric-mean TFLOP/s over the shapes, or None where a shape failed)."""
+    rates = {cfg: [] for cfg in PREFILL_SWEEP}
+    for seq, kv_heads in shapes:
+        q, k, v = prefill_inputs(seq, 32, kv_heads)
+        flops = 2 * 2 * 32 * seq * seq * 128 / 2
+        for cfg in PREFILL_SWEEP:
+            ms = try_ms(lambda: prefill_attention_triton(q, k, v, causal=True, config=cfg),
+                        budget_s=0.3)
+            rates[cfg].append(None if ms is None else flops / ms / 1e9)
+            log(f"  prefill T={seq} Hkv={kv_heads} {cfg}: {rates[cfg][-1]}")
+        del q, k, v
+    return [(cfg, None if None in r else math.prod(r) ** (1 / len(r))) for cfg, r in rates.items()]
 
 
 def check_prefill(seq, q_heads, kv_heads, cfg):

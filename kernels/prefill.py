@@ -23,56 +23,95 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _load_tile(base, desc, b, col, start_n, stride_t, k_len, head_dim, offs_n, offs_d,
+               MASKED: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows start_n..start_n+BLOCK_N of one K or V head as [BLOCK_N, BLOCK_D]."""
+    if TMA:
+        # The copy engine zero-fills rows past k_len; the masked loop still masks scores.
+        return desc.load([b, start_n, col]).reshape(BLOCK_N, BLOCK_D)
+    # The tile's base in int64: at 256K keys, key * stride exceeds 2**31 for wide KV heads.
+    ptrs = base + tl.cast(start_n, tl.int64) * stride_t + offs_n[:, None] * stride_t + offs_d[None, :]
+    if MASKED:
+        return tl.load(ptrs, mask=((start_n + offs_n)[:, None] < k_len) & (offs_d[None, :] < head_dim),
+                       other=0.0)
+    if EVEN_D:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=offs_d[None, :] < head_dim, other=0.0)
+
+
+@triton.jit
+def _softmax_step(acc, l_i, m_i, qk, v, start_n, q_pos, k_len, qk_scale, offs_n,
+                  MASKED: tl.constexpr, CAUSAL: tl.constexpr):
+    """Fold one tile's raw scores qk [BLOCK_M, BLOCK_N] and values v into the running state."""
+    if MASKED:
+        keys = start_n + offs_n
+        visible = keys[None, :] < k_len
+        if CAUSAL:
+            visible = visible & (keys[None, :] <= q_pos[:, None])
+        qk = tl.where(visible, qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # A row that has seen no key yet keeps m = -inf; shift it by 0 instead (exp2 -> 0).
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_shift[:, None])
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        m_shift = m_new
+        p = tl.math.exp2(qk * qk_scale - m_shift[:, None])  # one FMA per score
+    alpha = tl.math.exp2(m_i - m_shift)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _tiles(acc, l_i, m_i, q, k_base, v_base, desc_k, desc_v, b, col, stride_kt, stride_vt, q_pos,
            lo, hi, k_len, qk_scale, head_dim, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
            EVEN_D: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr, BLOCK_N: tl.constexpr,
            BLOCK_D: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d[None, :] < head_dim
     for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WS):
         start_n = tl.multiple_of(start_n, BLOCK_N)
-        keys = start_n + offs_n
-        # The tile's base in int64: at 256K keys, key * stride exceeds 2**31 for wide KV heads.
-        k_ptrs = k_base + start_n.to(tl.int64) * stride_kt + offs_n[:, None] * stride_kt + offs_d[None, :]
-        v_ptrs = v_base + start_n.to(tl.int64) * stride_vt + offs_n[:, None] * stride_vt + offs_d[None, :]
-        if TMA:
-            # The copy engine zero-fills rows past k_len; the masked loop still masks scores.
-            k = desc_k.load([b, start_n, col]).reshape(BLOCK_N, BLOCK_D)
-        elif MASKED:
-            kv_ok = (keys[:, None] < k_len) & d_ok
-            k = tl.load(k_ptrs, mask=kv_ok, other=0.0)
-        elif EVEN_D:
-            k = tl.load(k_ptrs)
-        else:
-            k = tl.load(k_ptrs, mask=d_ok, other=0.0)
+        k = _load_tile(k_base, desc_k, b, col, start_n, stride_kt, k_len, head_dim, offs_n, offs_d,
+                       MASKED, EVEN_D, TMA, BLOCK_N, BLOCK_D)
         qk = tl.dot(q, tl.trans(k))
-        if MASKED:
-            visible = keys[None, :] < k_len
-            if CAUSAL:
-                visible = visible & (keys[None, :] <= q_pos[:, None])
-            qk = tl.where(visible, qk * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            # A row that has seen no key yet keeps m = -inf; shift it by 0 instead (exp2 -> 0).
-            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            qk = qk * qk_scale
-            m_shift = m_new
-        p = tl.math.exp2(qk - m_shift[:, None])
-        alpha = tl.math.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        if TMA:
-            v = desc_v.load([b, start_n, col]).reshape(BLOCK_N, BLOCK_D)
-        elif MASKED:
-            v = tl.load(v_ptrs, mask=kv_ok, other=0.0)
-        elif EVEN_D:
-            v = tl.load(v_ptrs)
-        else:
-            v = tl.load(v_ptrs, mask=d_ok, other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc)
-        m_i = m_new
+        v = _load_tile(v_base, desc_v, b, col, start_n, stride_vt, k_len, head_dim, offs_n, offs_d,
+                       MASKED, EVEN_D, TMA, BLOCK_N, BLOCK_D)
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v, start_n, q_pos, k_len, qk_scale,
+                                      offs_n, MASKED, CAUSAL)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _tiles_ahead(acc, l_i, m_i, q, k_base, v_base, desc_k, desc_v, b, col, stride_kt, stride_vt,
+                 q_pos, lo, hi, k_len, qk_scale, head_dim, EVEN_D: tl.constexpr,
+                 TMA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The unmasked loop with Q @ K^T of the next tile issued before the softmax of this one
+    (FlashAttention-3's intra-warpgroup overlap): Hopper's asynchronous wgmma runs the next
+    scores on the tensor cores while this tile's exponentials run on the other units. Costs a
+    second [BLOCK_M, BLOCK_N] float32 score tile in registers."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    if lo < hi:
+        k = _load_tile(k_base, desc_k, b, col, lo, stride_kt, k_len, head_dim, offs_n, offs_d,
+                       False, EVEN_D, TMA, BLOCK_N, BLOCK_D)
+        qk = tl.dot(q, tl.trans(k))
+        for start_n in tl.range(lo, hi - BLOCK_N, BLOCK_N):
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            k = _load_tile(k_base, desc_k, b, col, start_n + BLOCK_N, stride_kt, k_len, head_dim,
+                           offs_n, offs_d, False, EVEN_D, TMA, BLOCK_N, BLOCK_D)
+            qk_next = tl.dot(q, tl.trans(k))
+            v = _load_tile(v_base, desc_v, b, col, start_n, stride_vt, k_len, head_dim, offs_n,
+                           offs_d, False, EVEN_D, TMA, BLOCK_N, BLOCK_D)
+            acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v, start_n, q_pos, k_len, qk_scale,
+                                          offs_n, False, False)
+            qk = qk_next
+        last = hi - BLOCK_N
+        v = _load_tile(v_base, desc_v, b, col, last, stride_vt, k_len, head_dim, offs_n, offs_d,
+                       False, EVEN_D, TMA, BLOCK_N, BLOCK_D)
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v, last, q_pos, k_len, qk_scale, offs_n,
+                                      False, False)
     return acc, l_i, m_i
 
 
@@ -82,7 +121,7 @@ def _prefill_kernel(Q, K, V, desc_k, desc_v, O, LSE,
                     stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
                     q_len, k_len, q_offset, q_heads, group, qk_scale, head_dim,
                     CAUSAL: tl.constexpr, WRITE_LSE: tl.constexpr, EVEN_D: tl.constexpr,
-                    TMA: tl.constexpr, WS: tl.constexpr,
+                    TMA: tl.constexpr, WS: tl.constexpr, AHEAD: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # Heaviest causal blocks (the last queries) launch first, so the short ones fill the tail.
     start_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -115,9 +154,14 @@ def _prefill_kernel(Q, K, V, desc_k, desc_v, O, LSE,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, desc_k, desc_v, b32, col, stride_kt,
-                           stride_vt, q_pos, 0, full, k_len, qk_scale, head_dim,
-                           False, CAUSAL, EVEN_D, TMA, WS, BLOCK_N, BLOCK_D)
+    if AHEAD:
+        acc, l_i, m_i = _tiles_ahead(acc, l_i, m_i, q, k_base, v_base, desc_k, desc_v, b32, col,
+                                     stride_kt, stride_vt, q_pos, 0, full, k_len, qk_scale,
+                                     head_dim, EVEN_D, TMA, BLOCK_N, BLOCK_D)
+    else:
+        acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, desc_k, desc_v, b32, col,
+                               stride_kt, stride_vt, q_pos, 0, full, k_len, qk_scale, head_dim,
+                               False, CAUSAL, EVEN_D, TMA, WS, BLOCK_N, BLOCK_D)
     acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, desc_k, desc_v, b32, col, stride_kt,
                            stride_vt, q_pos, full, hi, k_len, qk_scale, head_dim,
                            True, CAUSAL, EVEN_D, TMA, False, BLOCK_N, BLOCK_D)
@@ -181,7 +225,7 @@ def prefill_attention_triton(q, k, v, *, causal=True, q_offset=0, scale=None, re
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         q_len, k_len, q_offset, q_heads, q_heads // kv_heads, scale * LOG2E, head_dim,
         CAUSAL=causal, WRITE_LSE=return_lse, EVEN_D=head_dim == block_d, TMA=tma,
-        WS=tma and cfg.warp_specialize,
+        WS=tma and cfg.warp_specialize, AHEAD=cfg.scores_ahead,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
