@@ -357,7 +357,7 @@ def main():
     parser.add_argument("--commit", default=os.environ.get("FACLI_COMMIT"))
     parser.add_argument("--out", default=None, help="folder for results.json")
     args = parser.parse_args()
-    sizes = [int(s[:-1]) * 1024 if s.endswith("k") else int(s) for s in args.sizes.split(",")]
+    sizes = [int(s[:-1]) * 1024 if s.endswith("k") else int(s) for s in args.sizes.split(",") if s]
     dsizes = [int(s[:-1]) * 1024 if s.endswith("k") else int(s) for s in args.decode_sizes.split(",")]
     device = torch.device("cuda")
     res = {"env": environment(args.commit)}
@@ -386,8 +386,9 @@ def main():
             res["prefill"].append(prefill_row(seq, 32, kv_heads, pcfg))
             log(f"prefill T={seq} Hkv={kv_heads} ({time.time() - t0:.0f}s): {res['prefill'][-1]}")
             torch.cuda.empty_cache()
-    res["peak_memory"] = prefill_peak_memory(max(sizes), pcfg)
-    log(res["peak_memory"])
+    if sizes:
+        res["peak_memory"] = prefill_peak_memory(max(sizes), pcfg)
+        log(res["peak_memory"])
     res["decode"] = []
     for cache_len in dsizes:
         for kv_heads in (8, 32):
@@ -428,9 +429,11 @@ def main():
         eager = f"{fmt(r['facli_eager'] * 1e3 if r.get('facli_eager') else None)} / " \
                 f"{fmt(r['sdpa_eager'] * 1e3 if r.get('sdpa_eager') else None)}"
         print(f"| {r['T'] // 1024}K | {r['Hkv']} | " + " | ".join(cells) + f" | {fmt(speed, 2)} | {eager} |")
-    peak = res["peak_memory"]
-    print(f"\npeak extra memory of prefill at {peak['T']}: {peak['extra_bytes']} B "
-          f"(lse {peak['lse_bytes']} B); correctness vs SDPA flash: {res['check']}")
+    if "peak_memory" in res:
+        peak = res["peak_memory"]
+        print(f"\npeak extra memory of prefill at {peak['T']}: {peak['extra_bytes']} B "
+              f"(lse {peak['lse_bytes']} B)")
+    print(f"correctness vs SDPA flash: {res['check']}")
     print(f"fallback: {res['fallback']}")
     print(f"eager decode host time per call: {res['eager_host_us']:.0f} us")
 
