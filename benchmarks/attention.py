@@ -29,11 +29,6 @@ SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_
                  "efficient": SDPBackend.EFFICIENT_ATTENTION}
 PREFILL_SWEEP = [PrefillConfig(128, 128, 8, 3, tma=True),
                  PrefillConfig(128, 128, 8, 3, tma=True, warp_specialize=True),
-                 PrefillConfig(128, 128, 8, 3, tma=True, scores_ahead=True),
-                 PrefillConfig(128, 128, 8, 2, tma=True, scores_ahead=True),
-                 PrefillConfig(128, 64, 8, 3, tma=True, scores_ahead=True),
-                 PrefillConfig(128, 64, 4, 3, tma=True, scores_ahead=True),
-                 PrefillConfig(128, 128, 8, 4, tma=True),
                  PrefillConfig(256, 64, 8, 3, tma=True),
                  PrefillConfig(128, 64, 8, 4, tma=True)]
 DECODE_SWEEP = [DecodeConfig(64, 4, 3, 2), DecodeConfig(64, 4, 3, 1), DecodeConfig(64, 4, 3, 4),

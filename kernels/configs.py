@@ -20,7 +20,6 @@ class PrefillConfig:
     num_stages: int
     tma: bool = False  # K/V tiles through the Hopper copy engine (sm90+, D in {64, 128, 256})
     warp_specialize: bool = False  # Triton's producer/consumer warp split of the unmasked loop
-    scores_ahead: bool = False  # next tile's Q @ K^T issued before this tile's softmax
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):

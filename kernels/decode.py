@@ -4,14 +4,7 @@ softmax.
 Stage 1: program (split, b, kv head) reads its slice of the cache once for all the query heads
 of that KV group (GQA rows packed into one small matrix: Hq/Hkv heads x Tq queries, padded to
 16 rows, the "flat GEMM" shape) and writes a partial output and log-sum-exp per row.
-Stage 2: the program that finishes last among the splits of a (b, kv head) merges that group's
-rows by log-sum-exp. A per-(b, kv head) counter, bumped with an acquire-release atomic after each
-split has stored its partials, tells a program it is the last; that program resets the counter
-to zero for the next call. One launch instead of a split launch and a merge launch: at short
-caches (32K keys, 40 us per step) the second launch and its pipeline drain were a tenth of the
-step. The counters live in one zeroed buffer per device that is never freed, so CUDA graphs
-captured over this kernel keep a valid address; calls on concurrent streams would share it, so
-decode attention on one device runs on one stream at a time.
+Stage 2: one program per (b, head, query) merges the splits by log-sum-exp.
 
 Asynchronous softmax. Softmax is invariant to any shift phi, so a split may sum exp(s - phi) * v
 and exp(s - phi) against a unified phi, with no running max and no rescaling of the
@@ -130,44 +123,13 @@ def _exact_split(q, k_base, v_base, stride_kt, stride_vt, start, stop, q_pos, qk
 
 
 @triton.jit
-def _merge_rows(O_PART, LSE_PART, O, LSE, b, kv_h, stride_ob, stride_ot, stride_oh, kv_heads,
-                q_len, group, num_splits, head_dim, WRITE_LSE: tl.constexpr,
-                BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Merge the splits of the group's group * q_len rows by log-sum-exp into O (and LSE)."""
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    s_ok = offs_s < num_splits
-    for r in range(0, group * q_len):
-        t = r % q_len
-        h = kv_h * group + r // q_len
-        row = (b * (kv_heads * group) + h) * q_len + t
-        # .cg: other programs wrote these partials; read them from L2, not a stale L1 line.
-        lse = tl.load(LSE_PART + row * num_splits + offs_s, mask=s_ok, other=float("-inf"),
-                      cache_modifier=".cg")
-        part = tl.load(O_PART + (row * num_splits + offs_s[:, None]) * head_dim + offs_d[None, :],
-                       mask=s_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0,
-                       cache_modifier=".cg")
-        m = tl.max(lse, 0)
-        m = tl.where(m == float("-inf"), 0.0, m)
-        w = tl.math.exp2(lse - m)
-        total = tl.sum(w, 0)
-        out = tl.sum(w[:, None] * part, 0) / tl.where(total > 0.0, total, 1.0)
-        tl.store(O + b * stride_ob + t * stride_ot + h * stride_oh + offs_d,
-                 out.to(O.dtype.element_ty), mask=offs_d < head_dim)
-        if WRITE_LSE:
-            tl.store(LSE + row, tl.where(total > 0.0, (m + tl.math.log2(total)) * 0.6931471805599453,
-                                         float("-inf")))
-
-
-@triton.jit
-def _split_kernel(Q, K, V, KS, VS, LENS, PHI, O_PART, LSE_PART, FALLBACK, COUNTS, O, LSE,
+def _split_kernel(Q, K, V, KS, VS, LENS, PHI, O_PART, LSE_PART, FALLBACK,
                   stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                   stride_vb, stride_vt, stride_vh, stride_sb, stride_st, stride_sh,
-                  stride_ob, stride_ot, stride_oh,
                   kv_heads, q_len, group, chunk, qk_scale, head_dim,
                   GIVEN_PHI: tl.constexpr, ASYNC: tl.constexpr, SCALED: tl.constexpr,
-                  WINDOW: tl.constexpr, WRITE_LSE: tl.constexpr,
-                  BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
+                  WINDOW: tl.constexpr,
+                  BLOCK_R: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     split = tl.program_id(0)
     num_splits = tl.num_programs(0)
@@ -226,11 +188,31 @@ def _split_kernel(Q, K, V, KS, VS, LENS, PHI, O_PART, LSE_PART, FALLBACK, COUNTS
     tl.store(LSE_PART + part, lse, mask=row_ok)
     tl.store(O_PART + part[:, None] * head_dim + offs_d[None, :], out, mask=row_ok[:, None] & d_ok)
 
-    finished = tl.atomic_add(COUNTS + bh, 1, sem="acq_rel")  # releases the stores above
-    if finished == num_splits - 1:
-        tl.store(COUNTS + bh, 0)
-        _merge_rows(O_PART, LSE_PART, O, LSE, b, kv_h, stride_ob, stride_ot, stride_oh, kv_heads,
-                    q_len, group, num_splits, head_dim, WRITE_LSE, BLOCK_S, BLOCK_D)
+
+@triton.jit
+def _merge_kernel(O_PART, LSE_PART, O, LSE, stride_ob, stride_ot, stride_oh,
+                  q_heads, q_len, num_splits, head_dim,
+                  WRITE_LSE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)  # (b, head, query), row-major
+    t = row % q_len
+    h = (row // q_len) % q_heads
+    b = row // (q_len * q_heads)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_ok = offs_s < num_splits
+    lse = tl.load(LSE_PART + row * num_splits + offs_s, mask=s_ok, other=float("-inf"))
+    part = tl.load(O_PART + (row * num_splits + offs_s[:, None]) * head_dim + offs_d[None, :],
+                   mask=s_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.math.exp2(lse - m)
+    total = tl.sum(w, 0)
+    out = tl.sum(w[:, None] * part, 0) / tl.where(total > 0.0, total, 1.0)
+    tl.store(O + b * stride_ob + t * stride_ot + h * stride_oh + offs_d, out.to(O.dtype.element_ty),
+             mask=offs_d < head_dim)
+    if WRITE_LSE:
+        tl.store(LSE + row, tl.where(total > 0.0, (m + tl.math.log2(total)) * 0.6931471805599453,
+                                     float("-inf")))
 
 
 def _check_scales(q, k_cache, v_cache, k_scales, v_scales) -> bool:
@@ -315,31 +297,22 @@ def decode_attention_triton(q, k_cache, v_cache, cache_lens, *, scale=None, retu
     phi = unified_max.float().contiguous() if unified_max is not None else lse_part
     k_s, v_s = (k_scales, v_scales) if scaled else (lse_part, lse_part)
     scale_strides = k_scales.stride() if scaled else (0, 0, 0)
-    out = common.empty(batch, q_len, q_heads, head_dim, dtype=q.dtype, device=dev)
-    lse = common.empty(batch, q_heads, q_len, dtype=torch.float32, device=dev) if return_lse else out
     _split_kernel[(splits, batch * kv_heads)](
         q, k_cache, v_cache, k_s, v_s, cache_lens, phi, o_part, lse_part, flags,
-        _split_counters(dev, batch * kv_heads), out, lse,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), *scale_strides,
-        out.stride(0), out.stride(1), out.stride(2),
         kv_heads, q_len, group, chunk, scale * LOG2E, head_dim,
         GIVEN_PHI=unified_max is not None, ASYNC=q.dtype != torch.float16, SCALED=scaled,
-        WINDOW=WINDOW, WRITE_LSE=return_lse,
-        BLOCK_R=max(16, triton.next_power_of_2(group * q_len)),
-        BLOCK_S=triton.next_power_of_2(splits), BLOCK_N=cfg.block_n,
+        WINDOW=WINDOW,
+        BLOCK_R=max(16, triton.next_power_of_2(group * q_len)), BLOCK_N=cfg.block_n,
         BLOCK_D=block_d, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    out = common.empty(batch, q_len, q_heads, head_dim, dtype=q.dtype, device=dev)
+    lse = common.empty(batch, q_heads, q_len, dtype=torch.float32, device=dev) if return_lse else out
+    _merge_kernel[(batch * q_heads * q_len,)](
+        o_part, lse_part, out, lse, out.stride(0), out.stride(1), out.stride(2),
+        q_heads, q_len, splits, head_dim,
+        WRITE_LSE=return_lse, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d,
+        num_warps=4 if splits <= 32 else 8,
+    )
     return (out, lse) if return_lse else out
-
-
-_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
-
-
-def _split_counters(device: torch.device, count: int) -> torch.Tensor:
-    """Zeroed int32 counters, one per (b, kv head), that the kernel leaves zeroed. Buffers are
-    kept for the process's life: a CUDA graph may hold the address of any of them."""
-    held = _COUNTERS.setdefault(device, [])
-    if not held or held[-1].numel() < count:
-        held.append(torch.zeros(max(count, 4096), dtype=torch.int32, device=device))
-    return held[-1]

@@ -84,44 +84,12 @@ def _tiles(acc, l_i, m_i, q, k_base, v_base, desc_k, desc_v, b, col, stride_kt, 
 
 
 @triton.jit
-def _tiles_ahead(acc, l_i, m_i, q, k_base, v_base, desc_k, desc_v, b, col, stride_kt, stride_vt,
-                 q_pos, lo, hi, k_len, qk_scale, head_dim, EVEN_D: tl.constexpr,
-                 TMA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The unmasked loop with Q @ K^T of the next tile issued before the softmax of this one
-    (FlashAttention-3's intra-warpgroup overlap): Hopper's asynchronous wgmma runs the next
-    scores on the tensor cores while this tile's exponentials run on the other units. Costs a
-    second [BLOCK_M, BLOCK_N] float32 score tile in registers."""
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    if lo < hi:
-        k = _load_tile(k_base, desc_k, b, col, lo, stride_kt, k_len, head_dim, offs_n, offs_d,
-                       False, EVEN_D, TMA, BLOCK_N, BLOCK_D)
-        qk = tl.dot(q, tl.trans(k))
-        for start_n in tl.range(lo, hi - BLOCK_N, BLOCK_N):
-            start_n = tl.multiple_of(start_n, BLOCK_N)
-            k = _load_tile(k_base, desc_k, b, col, start_n + BLOCK_N, stride_kt, k_len, head_dim,
-                           offs_n, offs_d, False, EVEN_D, TMA, BLOCK_N, BLOCK_D)
-            qk_next = tl.dot(q, tl.trans(k))
-            v = _load_tile(v_base, desc_v, b, col, start_n, stride_vt, k_len, head_dim, offs_n,
-                           offs_d, False, EVEN_D, TMA, BLOCK_N, BLOCK_D)
-            acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v, start_n, q_pos, k_len, qk_scale,
-                                          offs_n, False, False)
-            qk = qk_next
-        last = hi - BLOCK_N
-        v = _load_tile(v_base, desc_v, b, col, last, stride_vt, k_len, head_dim, offs_n, offs_d,
-                       False, EVEN_D, TMA, BLOCK_N, BLOCK_D)
-        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v, last, q_pos, k_len, qk_scale, offs_n,
-                                      False, False)
-    return acc, l_i, m_i
-
-
-@triton.jit
 def _prefill_kernel(Q, K, V, desc_k, desc_v, O, LSE,
                     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                     stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
                     q_len, k_len, q_offset, q_heads, group, qk_scale, head_dim,
                     CAUSAL: tl.constexpr, WRITE_LSE: tl.constexpr, EVEN_D: tl.constexpr,
-                    TMA: tl.constexpr, WS: tl.constexpr, AHEAD: tl.constexpr,
+                    TMA: tl.constexpr, WS: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # Heaviest causal blocks (the last queries) launch first, so the short ones fill the tail.
     start_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -154,14 +122,9 @@ def _prefill_kernel(Q, K, V, desc_k, desc_v, O, LSE,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    if AHEAD:
-        acc, l_i, m_i = _tiles_ahead(acc, l_i, m_i, q, k_base, v_base, desc_k, desc_v, b32, col,
-                                     stride_kt, stride_vt, q_pos, 0, full, k_len, qk_scale,
-                                     head_dim, EVEN_D, TMA, BLOCK_N, BLOCK_D)
-    else:
-        acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, desc_k, desc_v, b32, col,
-                               stride_kt, stride_vt, q_pos, 0, full, k_len, qk_scale, head_dim,
-                               False, CAUSAL, EVEN_D, TMA, WS, BLOCK_N, BLOCK_D)
+    acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, desc_k, desc_v, b32, col, stride_kt,
+                           stride_vt, q_pos, 0, full, k_len, qk_scale, head_dim,
+                           False, CAUSAL, EVEN_D, TMA, WS, BLOCK_N, BLOCK_D)
     acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, desc_k, desc_v, b32, col, stride_kt,
                            stride_vt, q_pos, full, hi, k_len, qk_scale, head_dim,
                            True, CAUSAL, EVEN_D, TMA, False, BLOCK_N, BLOCK_D)
@@ -225,7 +188,7 @@ def prefill_attention_triton(q, k, v, *, causal=True, q_offset=0, scale=None, re
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         q_len, k_len, q_offset, q_heads, q_heads // kv_heads, scale * LOG2E, head_dim,
         CAUSAL=causal, WRITE_LSE=return_lse, EVEN_D=head_dim == block_d, TMA=tma,
-        WS=tma and cfg.warp_specialize, AHEAD=cfg.scores_ahead,
+        WS=tma and cfg.warp_specialize,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -79,20 +79,6 @@ def test_prefill_gpu_pointer_tiles(case, monkeypatch):
     check_prefill(case, monkeypatch, "cuda", PrefillConfig(128, 64, 8, 2))
 
 
-@pytest.mark.parametrize("case", [CPU_CASES[2], CPU_CASES[3], CPU_CASES[6]], ids=case_id)
-def test_prefill_scores_ahead(case, monkeypatch):
-    """The unmasked loop with the next tile's scores computed ahead: empty, one-tile and
-    many-tile ranges (32-key tiles over up to 294 keys)."""
-    check_prefill(case, monkeypatch, DEVICE, PrefillConfig(32, 32, 4, 2, scores_ahead=True))
-
-
-@requires_cuda
-@pytest.mark.parametrize("case", GPU_CASES, ids=case_id)
-def test_prefill_gpu_scores_ahead(case, monkeypatch):
-    check_prefill(case, monkeypatch, "cuda", PrefillConfig(128, 128, 8, 3, tma=True,
-                                                           scores_ahead=True))
-
-
 def test_lse_merges_split_keys(monkeypatch):
     poison_allocations(monkeypatch)
     q = torch.randn(1, 20, 4, 64, device=DEVICE, dtype=torch.float16)
