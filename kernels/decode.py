@@ -49,14 +49,18 @@ def _tile(k_base, v_base, n, stride_kt, stride_vt, stop, offs_n, offs_d, d_ok, q
                 mask=kv_ok, other=0.0)
     v = tl.load(v_base + n.to(tl.int64) * stride_vt + offs_n[:, None] * stride_vt + offs_d[None, :],
                 mask=kv_ok, other=0.0)
+    # One return statement: the compiler types every return of a function alike, even under a
+    # constexpr branch.
     if SCALED:
         # e4m3 values convert exactly; their per-token scale multiplies the scores (K) and the
         # probabilities (V) instead of every element of the tile.
         key_ok = keys < stop
         ks = tl.load(ks_base + keys.to(tl.int64) * stride_st, mask=key_ok, other=0.0)
         vs = tl.load(vs_base + keys.to(tl.int64) * stride_st, mask=key_ok, other=0.0)
-        return keys, k.to(q.dtype), v.to(q.dtype), ks, vs
-    return keys, k, v, 1.0, 1.0
+        k, v = k.to(q.dtype), v.to(q.dtype)
+    else:
+        ks, vs = 1.0, 1.0
+    return keys, k, v, ks, vs
 
 
 @triton.jit
@@ -71,7 +75,7 @@ def _scores(q, k, keys, stop, q_pos, qk_scale, ks, SCALED: tl.constexpr):
 @triton.jit
 def _weighted(p, vs, SCALED: tl.constexpr):
     if SCALED:
-        return p * vs[None, :]
+        p = p * vs[None, :]
     return p
 
 
