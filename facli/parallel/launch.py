@@ -7,6 +7,7 @@ result. Only rank 0 writes to stdout; the other ranks' stdout goes to /dev/null.
 raises, the others are ended and the caller gets a FacliError naming the rank and its error.
 """
 
+import gc
 import multiprocessing
 import os
 import pickle
@@ -116,6 +117,11 @@ def _run_under_torchrun(fn, args, kwargs, world_size, group: GroupOptions):
     try:
         return _run_here(ctx, fn, args, kwargs)
     finally:
+        # Graphs captured over the communicator must be gone before it is destroyed (see
+        # _rank_main); the run's objects may still sit in reference cycles.
+        gc.collect()
+        if group.device_type == "cuda":
+            torch.cuda.synchronize()
         dist.destroy_process_group()
 
 
@@ -236,7 +242,9 @@ def _rank_main(rank, world_size, group: GroupOptions, init_method, fn, args, kwa
         _init_process_group(ctx, group, init_method)
         result = _run_here(ctx, fn, args, kwargs)
         report = pickle.dumps(("ok", result if rank == 0 else None))
-        dist.destroy_process_group()
+        # No destroy_process_group: after decode steps captured NCCL collectives in a CUDA
+        # graph, destroying the communicator blocked forever on 2 H200s (NCCL 2.28). The
+        # process ends right after reporting, and its exit releases the communicator.
     except BaseException as exc:  # noqa: BLE001 - every failure must reach the launcher
         if not isinstance(exc, FacliError):
             print(f"facli rank {rank} of {world_size}:\n{traceback.format_exc()}", file=sys.stderr)
