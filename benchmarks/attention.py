@@ -32,9 +32,7 @@ PREFILL_SWEEP = [PrefillConfig(128, 128, 8, 3, tma=True),
                  PrefillConfig(128, 128, 8, 3, tma=True, warp_specialize=True, lazy_rescale=True),
                  PrefillConfig(256, 64, 8, 3, tma=True, lazy_rescale=True),
                  PrefillConfig(128, 64, 8, 4, tma=True, lazy_rescale=True)]
-DECODE_SWEEP = [DecodeConfig(64, 4, 3, 2), DecodeConfig(64, 4, 3, 1), DecodeConfig(64, 4, 3, 4),
-                DecodeConfig(32, 4, 3, 2), DecodeConfig(32, 4, 4, 4), DecodeConfig(64, 2, 3, 2),
-                DecodeConfig(128, 4, 2, 2), DecodeConfig(128, 8, 3, 1)]
+DECODE_SWEEP = [DecodeConfig(64, 4, 3, 2), DecodeConfig(64, 4, 3, 1), DecodeConfig(32, 4, 3, 2)]
 
 
 def log(*args):
