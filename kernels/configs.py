@@ -20,7 +20,6 @@ class PrefillConfig:
     num_stages: int
     tma: bool = False  # K/V tiles through the Hopper copy engine (sm90+, D in {64, 128, 256})
     warp_specialize: bool = False  # Triton's producer/consumer warp split of the unmasked loop
-    lazy_rescale: bool = False  # rescale the accumulator only when a row's max grew by > 2**8
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):

@@ -20,7 +20,6 @@ from facli.kernels import common
 from facli.kernels.configs import PrefillConfig, prefill_config
 
 LOG2E = 1.4426950408889634
-LAZY_RESCALE_LOG2: tl.constexpr = tl.constexpr(8.0)
 
 
 @triton.jit
@@ -66,30 +65,10 @@ def _softmax_step(acc, l_i, m_i, qk, v, start_n, q_pos, k_len, qk_scale, offs_n,
 
 
 @triton.jit
-def _lazy_step(acc, l_i, m_i, qk, v, qk_scale):
-    """_softmax_step for unmasked tiles that rescales only when some row's max grew by more
-    than LAZY_RESCALE_LOG2 (FlashAttention-4's conditional rescaling). Until then the rows keep
-    a stale max below the true one, so probabilities reach at most 2**LAZY_RESCALE_LOG2 (256:
-    exact in bf16/fp16 range, and l_i, acc are float32); acc and l_i stay relative to m_i, so
-    out = acc / l_i and lse = m_i + log2(l_i) are unchanged. Saves the [BLOCK_M, D] multiply
-    of acc in most tiles of a long row, at the price of one block-wide max per tile."""
-    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    if tl.max(m_new - m_i, 0) > LAZY_RESCALE_LOG2:  # m_i = -inf (first tile) always rescales
-        alpha = tl.math.exp2(m_i - m_new)
-        acc = acc * alpha[:, None]
-        l_i = l_i * alpha
-        m_i = m_new
-    p = tl.math.exp2(qk * qk_scale - m_i[:, None])
-    l_i = l_i + tl.sum(p, 1)
-    acc = tl.dot(p.to(v.dtype), v, acc)
-    return acc, l_i, m_i
-
-
-@triton.jit
 def _tiles(acc, l_i, m_i, q, k_base, v_base, desc_k, desc_v, b, col, stride_kt, stride_vt, q_pos,
            lo, hi, k_len, qk_scale, head_dim, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-           EVEN_D: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr, LAZY: tl.constexpr,
-           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+           EVEN_D: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr, BLOCK_N: tl.constexpr,
+           BLOCK_D: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WS):
@@ -99,11 +78,8 @@ def _tiles(acc, l_i, m_i, q, k_base, v_base, desc_k, desc_v, b, col, stride_kt, 
         qk = tl.dot(q, tl.trans(k))
         v = _load_tile(v_base, desc_v, b, col, start_n, stride_vt, k_len, head_dim, offs_n, offs_d,
                        MASKED, EVEN_D, TMA, BLOCK_N, BLOCK_D)
-        if LAZY and not MASKED:
-            acc, l_i, m_i = _lazy_step(acc, l_i, m_i, qk, v, qk_scale)
-        else:
-            acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v, start_n, q_pos, k_len, qk_scale,
-                                          offs_n, MASKED, CAUSAL)
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v, start_n, q_pos, k_len, qk_scale,
+                                      offs_n, MASKED, CAUSAL)
     return acc, l_i, m_i
 
 
@@ -113,7 +89,7 @@ def _prefill_kernel(Q, K, V, desc_k, desc_v, O, LSE,
                     stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
                     q_len, k_len, q_offset, q_heads, group, qk_scale, head_dim,
                     CAUSAL: tl.constexpr, WRITE_LSE: tl.constexpr, EVEN_D: tl.constexpr,
-                    TMA: tl.constexpr, WS: tl.constexpr, LAZY: tl.constexpr,
+                    TMA: tl.constexpr, WS: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # Heaviest causal blocks (the last queries) launch first, so the short ones fill the tail.
     start_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -148,10 +124,10 @@ def _prefill_kernel(Q, K, V, desc_k, desc_v, O, LSE,
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, desc_k, desc_v, b32, col, stride_kt,
                            stride_vt, q_pos, 0, full, k_len, qk_scale, head_dim,
-                           False, CAUSAL, EVEN_D, TMA, WS, LAZY, BLOCK_N, BLOCK_D)
+                           False, CAUSAL, EVEN_D, TMA, WS, BLOCK_N, BLOCK_D)
     acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, desc_k, desc_v, b32, col, stride_kt,
                            stride_vt, q_pos, full, hi, k_len, qk_scale, head_dim,
-                           True, CAUSAL, EVEN_D, TMA, False, False, BLOCK_N, BLOCK_D)
+                           True, CAUSAL, EVEN_D, TMA, False, BLOCK_N, BLOCK_D)
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -212,7 +188,7 @@ def prefill_attention_triton(q, k, v, *, causal=True, q_offset=0, scale=None, re
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         q_len, k_len, q_offset, q_heads, q_heads // kv_heads, scale * LOG2E, head_dim,
         CAUSAL=causal, WRITE_LSE=return_lse, EVEN_D=head_dim == block_d, TMA=tma,
-        WS=tma and cfg.warp_specialize, LAZY=cfg.lazy_rescale,
+        WS=tma and cfg.warp_specialize,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
