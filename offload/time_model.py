@@ -32,6 +32,15 @@ LAYER_OVERHEAD_S = 30e-6  # per layer per prefill step: kernel launches in eager
 # Per layer per decode step, beyond its bytes: the ~20 small kernels of a layer (norms, RoPE,
 # split-KV merge, GEMVs below bandwidth) inside one CUDA graph; fitted over 8K-128K.
 DECODE_LAYER_OVERHEAD_S = 110e-6
+# Per layer per decode step with the offloaded store (host layers, or an fp8 cache), which runs
+# eagerly: the host's Python and launches for the layer. Fitted to one run (fp8 KV, all layers
+# on one H200, 256K: 48.3 ms per step against 23.6 ms of predicted GPU work); the host then
+# sets the pace whenever the GPU's share of a layer is shorter.
+EAGER_STORE_LAYER_HOST_S = 1.5e-3
+# fp8 prefill attends over the cached prefix in dequantized 16K-row tiles merged by log-sum-exp
+# (offload.kv_store): attention time times this. Fitted to the same run (TTFT 57.7 s against
+# 42.7 s predicted with bf16 attention).
+FP8_PREFILL_ATTENTION_FACTOR = 1.4
 # Share of a chunk's compute that tiling-AllReduce hides communication behind. Measured 0 on
 # 2 NVLink-connected H200s (benchmarks/tensor_parallel.py): cuBLAS GEMMs occupy every SM and
 # NCCL's kernels wait for them, so the planner tiles only where overlap has been measured.
@@ -101,6 +110,8 @@ def prefill_breakdown(hw: HardwareSpec, layout: Layout) -> dict[str, float]:
     pairs = sizes * starts + sizes * (sizes + 1) / 2
     attn_flops = 4 * c.head_dim * (c.num_attention_heads / t) * b * c.num_hidden_layers * pairs
     attention = attn_flops / (matmul_rate * ATTENTION_EFFICIENCY)
+    if layout.kv_dtype_bytes == 1 and not layout.on_cpu:
+        attention = attention * FP8_PREFILL_ATTENTION_FACTOR
     per_chunk_act = activation_bytes(c, layout.chunk, b, layout.weight_dtype_bytes, t)
     elementwise = (ELEMENTWISE_PASSES * per_chunk_act * c.num_hidden_layers / mem_rate
                    * sizes / layout.chunk)
@@ -163,12 +174,20 @@ def decode_breakdown(hw: HardwareSpec, layout: Layout) -> dict[str, float]:
         step = device + host + comm
     else:
         step = device + comm
+    if _eager_store(layout):
+        step = max(step, layers * EAGER_STORE_LAYER_HOST_S)
     return {
         "decode_step_s": step,
         "decode_device_s": device,
         "decode_host_kv_s": host,
         "decode_comm_s": comm,
     }
+
+
+def _eager_store(layout: Layout) -> bool:
+    """Whether the runtime decodes through the offloaded store, which no CUDA graph captures
+    (facli.placement.build_kv_store): host layers or an fp8 cache, on GPUs."""
+    return not layout.on_cpu and (layout.host_layers > 0 or layout.kv_dtype_bytes == 1)
 
 
 def choose_allreduce_tile(hw: HardwareSpec, layout: Layout) -> int:

@@ -8,6 +8,7 @@ from facli.errors import FacliError, OutOfMemoryPlanError
 from facli.kv_cache import DeviceKVCache
 from facli.offload.hardware import GpuSpec, HardwareSpec, load_hardware
 from facli.offload.planner import PlanOptions, candidates, largest_fitting_ctx, plan
+from facli.offload.time_model import EAGER_STORE_LAYER_HOST_S
 from facli.recipe_loader import load_model_recipe
 from facli.units import GIB, parse_ctx
 
@@ -120,6 +121,23 @@ def test_fp8_kv_keeps_everything_on_one_h200():
                   options(kv_dtype="fp8"))
     assert result.kv_dtype == "fp8" and not result.host.layers
     assert result.devices[0].kv_bytes == 32 * 2 * 256 * 1024 * 32 * (128 + 4)
+
+
+def test_eager_store_sets_a_floor_under_the_decode_step():
+    """An fp8 cache runs through the offloaded store, eagerly: at 32K its step is the host's
+    per-layer cost, not the (shorter) GPU work the bf16 cache replays in a graph."""
+    hardware = load_hardware("1xH200-141GB")
+    bf16 = plan(model("llama-7b"), hardware, 32 * 1024, 1, options())
+    fp8 = plan(model("llama-7b"), hardware, 32 * 1024, 1, options(kv_dtype="fp8"))
+    assert fp8.timing.decode_step_s == pytest.approx(32 * EAGER_STORE_LAYER_HOST_S)
+    assert bf16.timing.decode_step_s < fp8.timing.decode_step_s
+
+
+def test_fp8_prefill_pays_for_its_dequantized_tiles():
+    hardware = load_hardware("1xH200-141GB")
+    bf16 = plan(model("llama-7b"), hardware, 128 * 1024, 1, options())
+    fp8 = plan(model("llama-7b"), hardware, 128 * 1024, 1, options(kv_dtype="fp8"))
+    assert fp8.timing.ttft_s > bf16.timing.ttft_s
 
 
 def test_resident_kv_is_what_the_runtime_allocates():
