@@ -8,7 +8,7 @@ from facli.config import ModelConfig
 from facli.errors import FacliError
 from facli.kv_cache import DeviceKVCache
 from facli.offload.hardware import HardwareSpec, hardware_from_option
-from facli.offload.plan import Plan
+from facli.offload.plan import Plan, uses_offloaded_store
 from facli.offload.planner import PlanOptions, plan
 from facli.parallel.context import TensorParallelSettings
 from facli.resolve import DTYPES
@@ -52,7 +52,7 @@ def build_kv_store(run_plan: Plan, config: ModelConfig, world_size: int, device:
         )
     shape = (config.num_hidden_layers, 1, run_plan.ctx, config.num_key_value_heads // world_size,
              config.head_dim)
-    if run_plan.decode_mode == "resident" and run_plan.kv_dtype != "fp8":
+    if not uses_offloaded_store(run_plan.decode_mode, run_plan.kv_dtype == "fp8"):
         return DeviceKVCache(*shape, dtype, device)
     from facli.offload.kv_store import OffloadedKVStore
 

@@ -11,13 +11,13 @@ aligned top-left, so several queries get an explicit bottom-right mask.
 
 An fp8 cache (and any case the flash kernel cannot express) takes the tiled path: keys in
 tiles of 8192 rows, converted to float32 per tile (never the whole cache: 128 MiB of
-temporaries per tile at 32 KV heads and D = 128), with an online softmax across tiles (FlashAttention-2's recurrence).
-Tiles are large because each tile costs about a dozen PyTorch calls, each with a fixed cost.
-The float32 tiles are converted into buffers kept in a `TileWorkspace` across calls: a fresh
-128 MiB buffer per tile spends more time faulting its pages in than converting (measured on a
-2-core host: 32 ms per 8192-key tile into new memory, 9 ms into a reused buffer).
-PyTorch's intra-op threads (`torch.set_num_threads`, set once by the caller) split each tile's
-matmuls across cores.
+temporaries per tile at 32 KV heads and D = 128), with an online softmax across tiles
+(FlashAttention-2's recurrence). Tiles are large because each tile costs about a dozen
+PyTorch calls, each with a fixed cost. The float32 tiles are converted into buffers kept in a
+`TileWorkspace` across calls: a fresh 128 MiB buffer per tile spends more time faulting its
+pages in than converting (measured on a 2-core host: 32 ms per 8192-key tile into new memory,
+9 ms into a reused buffer). PyTorch's intra-op threads (`torch.set_num_threads`, set once by
+the caller) split each tile's matmuls across cores.
 """
 
 import math

@@ -14,6 +14,12 @@ SCHEMA_VERSION = 1
 DECODE_MODES = ("resident", "prefetch", "cpu")
 
 
+def uses_offloaded_store(decode_mode: str, fp8_kv: bool) -> bool:
+    """Whether the runtime keeps this placement's KV in the offloaded store (host layers, or an
+    fp8 cache), which decodes eagerly, rather than the CUDA-graph-safe all-GPU cache."""
+    return decode_mode != "resident" or fp8_kv
+
+
 @dataclass(frozen=True)
 class DevicePlan:
     """One rank's device and its predicted peak bytes (what max_memory_allocated measures)."""

@@ -10,6 +10,7 @@ import numpy as np
 
 from facli.config import ModelConfig
 from facli.offload.hardware import HardwareSpec
+from facli.offload.plan import uses_offloaded_store
 # A staging slot keeps its layer across chunks and tokens (facli.offload.kv_store), so with at
 # most STAGING_SLOTS host layers their prefix is never reloaded, only new rows move.
 from facli.offload.memory_model import (
@@ -174,7 +175,7 @@ def decode_breakdown(hw: HardwareSpec, layout: Layout) -> dict[str, float]:
         step = device + host + comm
     else:
         step = device + comm
-    if _eager_store(layout):
+    if not layout.on_cpu and uses_offloaded_store(layout.decode_mode, layout.kv_dtype_bytes == 1):
         step = max(step, layers * EAGER_STORE_LAYER_HOST_S)
     return {
         "decode_step_s": step,
@@ -182,12 +183,6 @@ def decode_breakdown(hw: HardwareSpec, layout: Layout) -> dict[str, float]:
         "decode_host_kv_s": host,
         "decode_comm_s": comm,
     }
-
-
-def _eager_store(layout: Layout) -> bool:
-    """Whether the runtime decodes through the offloaded store, which no CUDA graph captures
-    (facli.placement.build_kv_store): host layers or an fp8 cache, on GPUs."""
-    return not layout.on_cpu and (layout.host_layers > 0 or layout.kv_dtype_bytes == 1)
 
 
 def choose_allreduce_tile(hw: HardwareSpec, layout: Layout) -> int:

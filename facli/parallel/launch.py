@@ -117,8 +117,9 @@ def _run_under_torchrun(fn, args, kwargs, world_size, group: GroupOptions):
     try:
         return _run_here(ctx, fn, args, kwargs)
     finally:
-        # Graphs captured over the communicator must be gone before it is destroyed (see
-        # _rank_main); the run's objects may still sit in reference cycles.
+        # Free what the run left in reference cycles (CUDA graphs over the communicator among
+        # them) before destroying it. Spawned ranks skip the destroy instead (_rank_main); this
+        # torchrun path has not run on GPUs.
         gc.collect()
         if group.device_type == "cuda":
             torch.cuda.synchronize()
