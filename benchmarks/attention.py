@@ -28,11 +28,9 @@ from facli.kernels.prefill import prefill_attention_triton
 SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                  "efficient": SDPBackend.EFFICIENT_ATTENTION}
 PREFILL_SWEEP = [PrefillConfig(128, 128, 8, 3, tma=True),
-                 PrefillConfig(128, 128, 8, 3, tma=True, fma_exp2=4),
-                 PrefillConfig(128, 128, 8, 3, tma=True, fma_exp2=2),
-                 PrefillConfig(128, 128, 8, 3, tma=True, warp_specialize=True, fma_exp2=4),
-                 PrefillConfig(256, 64, 8, 3, tma=True, fma_exp2=4),
-                 PrefillConfig(128, 64, 8, 4, tma=True, fma_exp2=4)]
+                 PrefillConfig(128, 128, 8, 3, tma=True, warp_specialize=True),
+                 PrefillConfig(256, 64, 8, 3, tma=True),
+                 PrefillConfig(128, 64, 8, 4, tma=True)]
 DECODE_SWEEP = [DecodeConfig(64, 4, 3, 2), DecodeConfig(64, 4, 3, 1), DecodeConfig(32, 4, 3, 2)]
 
 

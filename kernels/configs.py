@@ -20,15 +20,12 @@ class PrefillConfig:
     num_stages: int
     tma: bool = False  # K/V tiles through the Hopper copy engine (sm90+, D in {64, 128, 256})
     warp_specialize: bool = False  # Triton's producer/consumer warp split of the unmasked loop
-    fma_exp2: int = 0  # 2 or 4: 1/2 or 1/4 of the unmasked loop's exponentials by polynomial (16-bit only)
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
             value = getattr(self, name)
             if value < 16 or value & (value - 1):
                 raise ValueError(f"expected {name} a power of two >= 16, got {value}")
-        if self.fma_exp2 not in (0, 2, 4):
-            raise ValueError(f"expected fma_exp2 0, 2 or 4, got {self.fma_exp2}")
 
 
 @dataclass(frozen=True)

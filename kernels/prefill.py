@@ -41,52 +41,8 @@ def _load_tile(base, desc, b, col, start_n, stride_t, k_len, head_dim, offs_n, o
 
 
 @triton.jit
-def _exp2_fma(x):
-    """2**x for finite x <= 0 on the FMA pipe, relative error 7.7e-5 (P is rounded to 16 bits
-    next, 2**-9 or 2**-12): round x to an integer n and a fraction f in [-0.5, 0.5], a degree-3
-    polynomial fitted to 2**f (relative-error least squares), then n added to its exponent bits."""
-    x = tl.maximum(x, -125.0)  # keeps n + the polynomial's exponent a normal float
-    shifted = x + 12582912.0  # 1.5 * 2**23: the float add rounds x to n, in the low mantissa bits
-    f = x - (shifted - 12582912.0)
-    poly = ((0.0550886838 * f + 0.242604051) * f + 0.693276242) * f + 0.99992894
-    bits = poly.to(tl.int32, bitcast=True) + (shifted.to(tl.int32, bitcast=True) << 23)
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _halves(x, ROWS: tl.constexpr, COLS: tl.constexpr):
-    """x [ROWS, COLS] as its left and right column halves (each thread holds both halves of its
-    rows in the MMA layout, so this moves no data)."""
-    return tl.split(tl.permute(tl.reshape(x, [ROWS, 2, COLS // 2]), [0, 2, 1]))
-
-
-@triton.jit
-def _side_by_side(left, right, ROWS: tl.constexpr, COLS: tl.constexpr):
-    """The inverse of _halves: [ROWS, COLS // 2] twice -> [ROWS, COLS]."""
-    return tl.reshape(tl.permute(tl.join(left, right), [0, 2, 1]), [ROWS, COLS])
-
-
-@triton.jit
-def _exp2_tile(x, ROWS: tl.constexpr, COLS: tl.constexpr, FMA_EXP: tl.constexpr):
-    """2**x for a score tile. The special-function unit computes 16 exponentials per clock per
-    SM, half the time of the tile's two MMAs at D=128; FMA_EXP = 2 (4) moves 1/2 (1/4) of the
-    columns to the FMA pipe (_exp2_fma), which otherwise idles while the exponentials queue."""
-    if FMA_EXP == 0:
-        p = tl.math.exp2(x)
-    else:
-        left, right = _halves(x, ROWS, COLS)
-        if FMA_EXP == 2:
-            right = _exp2_fma(right)
-        else:
-            inner, outer = _halves(right, ROWS, COLS // 2)
-            right = _side_by_side(tl.math.exp2(inner), _exp2_fma(outer), ROWS, COLS // 2)
-        p = _side_by_side(tl.math.exp2(left), right, ROWS, COLS)
-    return p
-
-
-@triton.jit
 def _softmax_step(acc, l_i, m_i, qk, v, start_n, q_pos, k_len, qk_scale, offs_n,
-                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, FMA_EXP: tl.constexpr):
+                  MASKED: tl.constexpr, CAUSAL: tl.constexpr):
     """Fold one tile's raw scores qk [BLOCK_M, BLOCK_N] and values v into the running state."""
     if MASKED:
         keys = start_n + offs_n
@@ -101,7 +57,7 @@ def _softmax_step(acc, l_i, m_i, qk, v, start_n, q_pos, k_len, qk_scale, offs_n,
     else:
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         m_shift = m_new
-        p = _exp2_tile(qk * qk_scale - m_shift[:, None], qk.shape[0], qk.shape[1], FMA_EXP)
+        p = tl.math.exp2(qk * qk_scale - m_shift[:, None])  # one FMA per score
     alpha = tl.math.exp2(m_i - m_shift)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
@@ -111,8 +67,8 @@ def _softmax_step(acc, l_i, m_i, qk, v, start_n, q_pos, k_len, qk_scale, offs_n,
 @triton.jit
 def _tiles(acc, l_i, m_i, q, k_base, v_base, desc_k, desc_v, b, col, stride_kt, stride_vt, q_pos,
            lo, hi, k_len, qk_scale, head_dim, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-           EVEN_D: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr, FMA_EXP: tl.constexpr,
-           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+           EVEN_D: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr, BLOCK_N: tl.constexpr,
+           BLOCK_D: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WS):
@@ -123,7 +79,7 @@ def _tiles(acc, l_i, m_i, q, k_base, v_base, desc_k, desc_v, b, col, stride_kt, 
         v = _load_tile(v_base, desc_v, b, col, start_n, stride_vt, k_len, head_dim, offs_n, offs_d,
                        MASKED, EVEN_D, TMA, BLOCK_N, BLOCK_D)
         acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v, start_n, q_pos, k_len, qk_scale,
-                                      offs_n, MASKED, CAUSAL, FMA_EXP)
+                                      offs_n, MASKED, CAUSAL)
     return acc, l_i, m_i
 
 
@@ -133,7 +89,7 @@ def _prefill_kernel(Q, K, V, desc_k, desc_v, O, LSE,
                     stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
                     q_len, k_len, q_offset, q_heads, group, qk_scale, head_dim,
                     CAUSAL: tl.constexpr, WRITE_LSE: tl.constexpr, EVEN_D: tl.constexpr,
-                    TMA: tl.constexpr, WS: tl.constexpr, FMA_EXP: tl.constexpr,
+                    TMA: tl.constexpr, WS: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # Heaviest causal blocks (the last queries) launch first, so the short ones fill the tail.
     start_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -168,10 +124,10 @@ def _prefill_kernel(Q, K, V, desc_k, desc_v, O, LSE,
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, desc_k, desc_v, b32, col, stride_kt,
                            stride_vt, q_pos, 0, full, k_len, qk_scale, head_dim,
-                           False, CAUSAL, EVEN_D, TMA, WS, FMA_EXP, BLOCK_N, BLOCK_D)
+                           False, CAUSAL, EVEN_D, TMA, WS, BLOCK_N, BLOCK_D)
     acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, desc_k, desc_v, b32, col, stride_kt,
                            stride_vt, q_pos, full, hi, k_len, qk_scale, head_dim,
-                           True, CAUSAL, EVEN_D, TMA, False, 0, BLOCK_N, BLOCK_D)
+                           True, CAUSAL, EVEN_D, TMA, False, BLOCK_N, BLOCK_D)
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -232,7 +188,7 @@ def prefill_attention_triton(q, k, v, *, causal=True, q_offset=0, scale=None, re
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         q_len, k_len, q_offset, q_heads, q_heads // kv_heads, scale * LOG2E, head_dim,
         CAUSAL=causal, WRITE_LSE=return_lse, EVEN_D=head_dim == block_d, TMA=tma,
-        WS=tma and cfg.warp_specialize, FMA_EXP=cfg.fma_exp2 if q.dtype != torch.float32 else 0,
+        WS=tma and cfg.warp_specialize,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

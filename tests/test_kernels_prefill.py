@@ -79,23 +79,6 @@ def test_prefill_gpu_pointer_tiles(case, monkeypatch):
     check_prefill(case, monkeypatch, "cuda", PrefillConfig(128, 64, 8, 2))
 
 
-FMA_EXP_CASES = [CPU_CASES[2], CPU_CASES[3], CPU_CASES[5]]
-
-
-@pytest.mark.parametrize("fma_exp2", [2, 4])
-@pytest.mark.parametrize("case", FMA_EXP_CASES, ids=case_id)
-def test_prefill_polynomial_exponentials(case, fma_exp2, monkeypatch):
-    """Part of the score tile's exponentials by polynomial on the FMA pipe: same error bound."""
-    check_prefill(case, monkeypatch, DEVICE, PrefillConfig(32, 32, 4, 2, fma_exp2=fma_exp2))
-
-
-@requires_cuda
-@pytest.mark.parametrize("fma_exp2", [2, 4])
-@pytest.mark.parametrize("case", [GPU_CASES[0], GPU_CASES[1], GPU_CASES[4]], ids=case_id)
-def test_prefill_gpu_polynomial_exponentials(case, fma_exp2, monkeypatch):
-    check_prefill(case, monkeypatch, "cuda", PrefillConfig(128, 128, 8, 3, tma=True, fma_exp2=fma_exp2))
-
-
 def test_lse_merges_split_keys(monkeypatch):
     poison_allocations(monkeypatch)
     q = torch.randn(1, 20, 4, 64, device=DEVICE, dtype=torch.float16)
