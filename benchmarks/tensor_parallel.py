@@ -12,6 +12,8 @@ For TP=N four collective modes run the same compute:
   tiled      tiling-AllReduce: per-tile all_reduce launched as each tile's GEMM ends
   tiled+mlp  tiled, and each layer's tail (o_proj, norm, MLP) runs tile by tile, so the
              attention all_reduce overlaps the MLP GEMMs (facli.parallel.overlap)
+  tiled-ce, tiled+mlp-ce   the same with tiles summed by the copy engines through symmetric
+             memory instead of NCCL's all_reduce (facli.parallel.copy_engine)
 Exposed communication = time(mode) - time(nocomm); hidden = 1 - exposed(tiled) / exposed(single).
 A projection-level run (o_proj and down_proj shapes alone) gives the same fraction without the
 attention in between, for several tile sizes. Timings exclude warm-up (cuBLAS/cuDNN plans, NCCL
@@ -50,7 +52,10 @@ MODES = {
     "single": dict(tile_tokens=None),
     "tiled": {},
     "tiled+mlp": dict(overlap_mlp=True),
+    "tiled-ce": dict(reduce_engine="copy"),
+    "tiled+mlp-ce": dict(overlap_mlp=True, reduce_engine="copy"),
 }
+TILED_MODES = [mode for mode in MODES if mode.startswith("tiled")]
 
 
 class SdpaKVCache:
@@ -195,6 +200,8 @@ def projection_bench(config, ctx, device, tokens, tiles, reps):
         w = torch.randn(h, width // n, dtype=torch.bfloat16, device=device) * 0.02
         out = torch.empty(tokens, h, dtype=torch.bfloat16, device=device)
         runs = [("nocomm", None), ("single", None)] + [("tiled", t) for t in tiles]
+        if device.type == "cuda":
+            runs += [("tiled-ce", t) for t in tiles]
         runs.append(("allreduce-only", None))
         for mode, tile in runs:
             if mode == "allreduce-only":
@@ -328,9 +335,11 @@ def environment(device_type: str) -> dict:
 
 
 def table(records: list[dict], world: int) -> str:
-    rows = [f"| measurement | TP=1 | TP={world} nocomm | TP={world} single | TP={world} tiled "
-            f"| TP={world} tiled+mlp | speedup (tiled) | hidden: tiled / tiled+mlp |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    modes = [m for m in MODES if any(r.get("mode") == m and r.get("tp") == world for r in records)]
+    tiled = [m for m in modes if m in TILED_MODES]
+    rows = [f"| measurement | TP=1 | " + " | ".join(f"TP={world} {m}" for m in modes)
+            + " | speedup (best tiled) | comm hidden: " + " / ".join(tiled) + " |",
+            "| --- " * (len(modes) + 4) + "|"]
     by = {}
     for r in records:
         if r["kind"] in ("prefill", "decode"):
@@ -339,19 +348,19 @@ def table(records: list[dict], world: int) -> str:
             by.setdefault(key, {}).setdefault((r["tp"], r["mode"]), []).append(value)
     for (kind, length), values in sorted(by.items()):
         best = {k: min(v) for k, v in values.items()}
-        tp1 = best.get((1, "-"))
-        nocomm, single, tiled, tiled_mlp = (best.get((world, m)) for m in MODES)
+        tp1, nocomm, single = best.get((1, "-")), best.get((world, "nocomm")), best.get((world, "single"))
         unit = "s" if kind == "prefill" else "ms/tok"
-        cells = [f"{v:.3f} {unit}" if v is not None else "-" for v in (tp1, nocomm, single, tiled, tiled_mlp)]
-        speed = f"{tp1 / tiled:.2f}x" if tp1 and tiled else "-"
-        hidden = f"{_hidden(nocomm, single, tiled)} / {_hidden(nocomm, single, tiled_mlp)}"
+        cells = [f"{v:.3f} {unit}" if v is not None else "-" for v in [tp1] + [best.get((world, m)) for m in modes]]
+        tiled_times = [best[(world, m)] for m in tiled if (world, m) in best]
+        speed = f"{tp1 / min(tiled_times):.2f}x" if tp1 and tiled_times else "-"
+        hidden = " / ".join(_hidden(nocomm, single, best.get((world, m))) for m in tiled)
         label = f"{length // 1024}K" if length % 1024 == 0 else str(length)
         rows.append(f"| {kind} {label} | " + " | ".join(cells) + f" | {speed} | {hidden} |")
     rows += ["", "| projection | tokens | mode | tile | ms | comm hidden |", "| --- | --- | --- | --- | --- | --- |"]
     proj = [r for r in records if r["kind"] == "projection"]
     for r in proj:
         base = {q["mode"]: q["ms"] for q in proj if q["proj"] == r["proj"] and q["mode"] in ("nocomm", "single")}
-        hidden = _hidden(base["nocomm"], base["single"], r["ms"]) if r["mode"] == "tiled" else ""
+        hidden = _hidden(base["nocomm"], base["single"], r["ms"]) if r["mode"] in TILED_MODES else ""
         rows.append(f"| {r['proj']} | {r['tokens']} | {r['mode']} | {r['tile'] or '-'} | {r['ms']:.3f} | {hidden} |")
     return "\n".join(rows)
 

@@ -34,3 +34,40 @@ def test_graphed_tensor_parallel_decode_equals_eager(tmp_path):
     graphed = _generate(2, tmp_path, "--dtype", "bf16")
     eager = _generate(2, tmp_path, "--dtype", "bf16", "--eager")
     assert graphed["token_ids"] == eager["token_ids"]
+
+
+def _copy_engine_sums(ctx):
+    """Row-parallel products summed by the copy engines and by NCCL, on each rank."""
+    from facli.parallel import comm, copy_engine
+    from facli.parallel.context import TensorParallelSettings
+
+    device = torch.device("cuda", ctx.local_rank)
+    generator = torch.Generator(device=device).manual_seed(100 + ctx.rank)
+    results = []
+    # Ragged last tiles, and more tiles than the reducer has slots, so slots are reused.
+    for tokens, dtype in ((4096, torch.float32), (1500, torch.float32), (777, torch.bfloat16),
+                          (3000, torch.bfloat16)):
+        x = torch.randn(tokens, 1024, device=device, dtype=dtype, generator=generator)
+        w = torch.randn(2048, 1024, device=device, dtype=dtype, generator=generator)
+        sums = {engine: comm.row_parallel_linear(x, w, ctx.with_settings(
+            TensorParallelSettings(tile_tokens=512, reduce_engine=engine))) for engine in ("copy", "nccl")}
+        ranks = [torch.empty_like(sums["copy"]) for _ in range(ctx.world_size)]
+        torch.distributed.all_gather(ranks, sums["copy"])
+        results.append(dict(
+            dtype=str(dtype), equal_to_nccl=torch.equal(sums["copy"], sums["nccl"]),
+            max_diff=(sums["copy"].float() - sums["nccl"].float()).abs().max().item(),
+            ranks_agree=all(torch.equal(ranks[0], other) for other in ranks[1:])))
+    return results, len(copy_engine._REDUCERS)
+
+
+def test_copy_engine_sums_match_nccl():
+    from facli.parallel.launch import launch
+
+    results, reducers = launch(_copy_engine_sums, world_size=2, device_type="cuda")
+    assert reducers == 2  # float32 and bfloat16 tiles: the copy engines did the work
+    for result in results:
+        assert result["ranks_agree"], result
+        if result["dtype"] == "torch.float32":  # a + b, rounded once either way
+            assert result["equal_to_nccl"], result
+        else:
+            assert result["max_diff"] <= 2 ** -6 * 40, result  # a bf16 rounding of sums near 40

@@ -4,6 +4,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from facli.parallel import copy_engine
 from facli.parallel.context import ParallelContext
 
 
@@ -77,10 +78,12 @@ class PendingRows:
     def tile(self, index: int) -> torch.Tensor:
         """Tile `index` of the output, once its sum over ranks is done (for the current stream)."""
         work = self._works[index]
-        if work is not None:
+        if isinstance(work, torch.cuda.Event):
+            torch.cuda.current_stream().wait_event(work)
+        elif work is not None:
             # On NCCL, wait() only makes the current stream wait for the collective's stream.
             work.wait()
-            self._works[index] = None
+        self._works[index] = None
         start, stop = self.bounds[index]
         return self.out[start:stop]
 
@@ -96,10 +99,25 @@ def start_row_parallel(rows: torch.Tensor, weight: torch.Tensor, ctx: ParallelCo
     launched asynchronously right after its GEMM; returns without waiting for any of them."""
     out = torch.empty(rows.shape[0], weight.shape[0], dtype=rows.dtype, device=rows.device)
     weight_t = weight.t()
+    skip = ctx.settings.skip_row_reduce or not ctx.is_distributed
     works = []
     for start, stop in bounds:
         part = out[start:stop]  # rows of a contiguous buffer: contiguous, as collectives need
-        torch.mm(rows[start:stop], weight_t, out=part)
-        skip = ctx.settings.skip_row_reduce or not ctx.is_distributed
-        works.append(None if skip else dist.all_reduce(part, async_op=True))
+        reducer = None if skip else _copy_engine_reducer(part, ctx)
+        if reducer is None:
+            torch.mm(rows[start:stop], weight_t, out=part)
+            works.append(None if skip else dist.all_reduce(part, async_op=True))
+        else:
+            slot, local = reducer.claim(stop - start)
+            torch.mm(rows[start:stop], weight_t, out=local)
+            works.append(reducer.start_sum(slot, part))
     return PendingRows(out, bounds, works)
+
+
+def _copy_engine_reducer(part: torch.Tensor, ctx: ParallelContext):
+    """The copy-engine reducer for this output tile, or None where all_reduce sums it."""
+    tile = ctx.settings.tile_tokens
+    if (ctx.settings.reduce_engine != "copy" or part.device.type != "cuda" or tile is None
+            or part.shape[0] > tile or part.numel() * part.element_size() < copy_engine.MIN_TILE_BYTES):
+        return None
+    return copy_engine.reducer_for(tile, part.shape[1], part.dtype, part.device)

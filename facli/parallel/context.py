@@ -5,6 +5,9 @@ from dataclasses import dataclass, field, replace
 from facli.errors import FacliError
 
 
+REDUCE_ENGINES = ("nccl", "copy")
+
+
 @dataclass(frozen=True)
 class TensorParallelSettings:
     """How row-parallel projections reduce their partial outputs.
@@ -15,17 +18,25 @@ class TensorParallelSettings:
         (fewer tokens than two tiles) always use one all_reduce per projection.
     overlap_mlp: with tiles, run each decoder layer's tail (o_proj, norm, MLP) tile by tile, so
         the attention's all_reduce overlaps the MLP's first GEMMs (facli.parallel.overlap).
+    reduce_engine: "nccl" sums tiles with torch.distributed's all_reduce; "copy" sums tiles of
+        at least 1 MiB and at most tile_tokens rows through symmetric memory and the GPUs' copy
+        engines, leaving the SMs to the GEMMs (facli.parallel.copy_engine; CUDA only, other
+        tiles and devices fall back to all_reduce).
     skip_row_reduce: benchmarks only. Row-parallel projections skip their all_reduce, so results
         are WRONG; it measures the same compute with no communication.
     """
 
     tile_tokens: int | None = None
     overlap_mlp: bool = False
+    reduce_engine: str = "nccl"
     skip_row_reduce: bool = False
 
     def __post_init__(self):
         if self.tile_tokens is not None and self.tile_tokens <= 0:
             raise FacliError(f"expected a tile size > 0 tokens (or none), got {self.tile_tokens}")
+        if self.reduce_engine not in REDUCE_ENGINES:
+            raise FacliError(f"expected a reduce engine in {', '.join(REDUCE_ENGINES)}, "
+                             f"got {self.reduce_engine!r}")
 
 
 @dataclass(frozen=True)
