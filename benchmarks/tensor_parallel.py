@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from facli.bench import git_commit
 from facli.config import ModelConfig
 from facli.model import CausalLM
-from facli.parallel import comm
+from facli.parallel import comm, copy_engine
 from facli.parallel.context import SINGLE_PROCESS, ParallelContext, TensorParallelSettings
 from facli.parallel.launch import launch
 from facli.units import parse_ctx
@@ -201,12 +201,18 @@ def projection_bench(config, ctx, device, tokens, tiles, reps):
         out = torch.empty(tokens, h, dtype=torch.bfloat16, device=device)
         runs = [("nocomm", None), ("single", None)] + [("tiled", t) for t in tiles]
         if device.type == "cuda":
-            runs += [("tiled-ce", t) for t in tiles]
+            runs += [("tiled-ce", t) for t in tiles] + [("copy-engine-only", t) for t in tiles]
         runs.append(("allreduce-only", None))
+        out.zero_()  # summed over and over: zeros stay finite
         for mode, tile in runs:
             if mode == "allreduce-only":
                 def step():
                     comm.all_reduce_sum(out, ctx)
+            elif mode == "copy-engine-only":
+                def step(tile=tile):
+                    reducer = copy_engine.reducer_for(tile, h, out.dtype, device)
+                    for event in [reducer.start_sum(out[s:s + tile]) for s in range(0, tokens, tile)]:
+                        torch.cuda.current_stream().wait_event(event)
             else:
                 settings = TensorParallelSettings(**{"tile_tokens": tile, **MODES[mode]})
                 local = ctx.with_settings(settings)

@@ -103,14 +103,12 @@ def start_row_parallel(rows: torch.Tensor, weight: torch.Tensor, ctx: ParallelCo
     works = []
     for start, stop in bounds:
         part = out[start:stop]  # rows of a contiguous buffer: contiguous, as collectives need
+        torch.mm(rows[start:stop], weight_t, out=part)
         reducer = None if skip else _copy_engine_reducer(part, ctx)
-        if reducer is None:
-            torch.mm(rows[start:stop], weight_t, out=part)
-            works.append(None if skip else dist.all_reduce(part, async_op=True))
+        if reducer is not None:
+            works.append(reducer.start_sum(part))
         else:
-            slot, local = reducer.claim(stop - start)
-            torch.mm(rows[start:stop], weight_t, out=local)
-            works.append(reducer.start_sum(slot, part))
+            works.append(None if skip else dist.all_reduce(part, async_op=True))
     return PendingRows(out, bounds, works)
 
 

@@ -2,18 +2,18 @@
 
 NCCL's all_reduce runs as a kernel that needs SMs for the whole transfer; while cuBLAS's GEMMs
 fill every SM, that kernel waits, and tiling-AllReduce hides little (docs/benchmarks.md, tensor
-parallelism). Here each rank's GEMM writes its tile into a slot of a buffer in torch.distributed
-symmetric memory (mapped into every rank's address space); on a side stream, a one-block barrier
-kernel waits until every rank's tile is there, then each rank pulls the other ranks' tiles with
-device-to-device copies, which the copy engines run over NVLink without any SM, and adds them.
-Only the barrier and the adds take SMs, for microseconds.
+parallelism). Here, on a high-priority side stream, each rank pushes its partial tile into every
+peer's inbox, a buffer in torch.distributed symmetric memory mapped into all ranks' address
+spaces, with device-to-device copies that the copy engines run over NVLink without any SM; a
+one-block barrier kernel then waits until every rank's pushes have landed, and each rank adds
+the partial tiles. Only the barrier and the adds take SMs, for microseconds.
 
 Every rank adds the same partial tiles in rank order (for two ranks, IEEE addition commutes), so
 all ranks hold bit-identical sums, as tensor parallelism needs.
 
-Slots are reused round-robin. Use j's barrier also proves that every peer finished pulling use
-j - 1 (its side stream is in order), so the slot of use j - 1 may be written again after it; with
-three slots the GEMM of use j + 1 never waits on the barrier of use j.
+Inbox slots are reused round-robin. A peer pushes use j + SLOTS into a slot only after passing
+the barrier of use j + SLOTS - 1, which this rank reaches only after its adds of use j (its side
+stream runs in order), so with two or more slots a tile is never overwritten before it is read.
 """
 
 import warnings
@@ -21,78 +21,66 @@ import warnings
 import torch
 import torch.distributed as dist
 
-SLOTS = 3
+SLOTS = 2
 MIN_TILE_BYTES = 1 << 20  # below this NCCL's latency wins; decode steps stay on NCCL
 _BARRIER_TIMEOUT_MS = 600_000  # a rank that never arrives traps the kernel instead of hanging
 
 
 class CopyEngineReducer:
-    """A symmetric [SLOTS, rows, cols] buffer and the side stream that sums its tiles."""
+    """Symmetric inboxes [SLOTS, world - 1, rows, cols] and the side stream that sums tiles."""
 
     def __init__(self, rows: int, cols: int, dtype: torch.dtype, device: torch.device):
         from torch.distributed import _symmetric_memory as symm_mem
 
-        self.rows, self.cols = rows, cols
         with warnings.catch_warnings():  # required before torch 2.12, deprecated since
             warnings.simplefilter("ignore", FutureWarning)
             symm_mem.enable_symm_mem_for_group(dist.group.WORLD.group_name)
-        self.buffer = symm_mem.empty(SLOTS, rows, cols, dtype=dtype, device=device)
-        self.handle = symm_mem.rendezvous(self.buffer, dist.group.WORLD)
-        self.rank, self.world = self.handle.rank, self.handle.world_size
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.rows, self.cols, self.dtype = rows, cols, dtype
+        self.inbox = symm_mem.empty(SLOTS, self.world - 1, rows, cols, dtype=dtype, device=device)
+        self.handle = symm_mem.rendezvous(self.inbox, dist.group.WORLD)
         self.stream = torch.cuda.Stream(device, priority=-1)
-        self.scratch = torch.empty(rows, cols, dtype=dtype, device=device)
         self.uses = 0
-        self.reusable = [None] * SLOTS  # event after which each slot may be written again
+        self._views: dict[tuple, torch.Tensor] = {}
 
-    def fits(self, rows: int) -> bool:
-        return rows <= self.rows
-
-    def claim(self, rows: int) -> tuple[int, torch.Tensor]:
-        """The next slot as a [rows, cols] view for the GEMM to write, once every peer has
-        finished reading the slot's previous tile (the current stream waits for that)."""
+    def start_sum(self, part: torch.Tensor) -> torch.cuda.Event:
+        """Replace part [rows, cols] (this rank's partial tile) by its sum over ranks, on the side
+        stream after the work queued so far on the current stream (the tile's GEMM). Returns the
+        event after which part holds the sum."""
         slot = self.uses % SLOTS
         self.uses += 1
-        if self.reusable[slot] is not None:
-            torch.cuda.current_stream().wait_event(self.reusable[slot])
-        return slot, self.buffer[slot, :rows]
-
-    def start_sum(self, slot: int, out: torch.Tensor) -> torch.cuda.Event:
-        """out [rows, cols] <- the sum over ranks of their tile in `slot`, on the side stream,
-        after the work the current stream has queued so far (the GEMM into the slot). Returns
-        the event that marks out as ready."""
-        rows = out.shape[0]
-        out.record_stream(self.stream)  # written here, allocated and freed on the caller's stream
+        rows = part.shape[0]
+        part.record_stream(self.stream)  # summed here, allocated and freed on the caller's stream
         self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream):
+            for peer in range(self.world):
+                if peer != self.rank:
+                    self._inbox(peer, self.rank, slot, rows).copy_(part)  # the copy engine, over NVLink
             self.handle.barrier(channel=0, timeout_ms=_BARRIER_TIMEOUT_MS)
-            previous = (slot - 1) % SLOTS
-            self.reusable[previous] = torch.cuda.Event()
-            self.reusable[previous].record(self.stream)
-            tiles = [self._tile(rank, slot, rows) for rank in range(self.world)]
+            terms = [part if rank == self.rank else self._inbox(self.rank, rank, slot, rows)
+                     for rank in range(self.world)]
             if self.world == 2:
-                out.copy_(tiles[1 - self.rank])  # the copy engine, over NVLink
-                out.add_(tiles[self.rank])
+                part.add_(terms[1 - self.rank])
             else:
-                self._sum_in_rank_order(tiles, out)
+                total = terms[0] + terms[1]
+                for term in terms[2:]:
+                    total += term
+                part.copy_(total)
             done = torch.cuda.Event()
             done.record(self.stream)
         return done
 
-    def _tile(self, rank: int, slot: int, rows: int) -> torch.Tensor:
-        if rank == self.rank:
-            return self.buffer[slot, :rows]
-        offset = slot * self.rows * self.cols
-        return self.handle.get_buffer(rank, (rows, self.cols), self.buffer.dtype, offset)
-
-    def _sum_in_rank_order(self, tiles: list[torch.Tensor], out: torch.Tensor) -> None:
-        scratch = self.scratch[: out.shape[0]]
-        out.copy_(tiles[0])
-        for rank in range(1, self.world):
-            if rank == self.rank:
-                out.add_(tiles[rank])
+    def _inbox(self, owner: int, sender: int, slot: int, rows: int) -> torch.Tensor:
+        """Where `sender` puts its tile for `owner` in `slot`, as a [rows, cols] tensor."""
+        key = (owner, sender, slot, rows)
+        if key not in self._views:
+            index = sender if sender < owner else sender - 1
+            offset = (slot * (self.world - 1) + index) * self.rows * self.cols
+            if owner == self.rank:
+                self._views[key] = self.inbox.view(-1)[offset:offset + rows * self.cols].view(rows, self.cols)
             else:
-                scratch.copy_(tiles[rank])
-                out.add_(scratch)
+                self._views[key] = self.handle.get_buffer(owner, (rows, self.cols), self.dtype, offset)
+        return self._views[key]
 
 
 _REDUCERS: dict[tuple, CopyEngineReducer] = {}
