@@ -5,10 +5,10 @@ values to a KVStore and gets the attention output back.
 """
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from facli.checkpoint import CheckpointReader
+from facli.kernels import elementwise
 from facli.config import ModelConfig
 from facli.kv_cache import KVStore
 from facli.parallel import overlap
@@ -20,7 +20,7 @@ from facli.parallel.layers import (
     VocabParallelEmbedding,
 )
 from facli.parallel.degrees import check_tensor_parallel
-from facli.rope import RotaryEmbedding, apply_rotary
+from facli.rope import RotaryEmbedding
 
 
 class RMSNorm(nn.Module):
@@ -32,11 +32,9 @@ class RMSNorm(nn.Module):
     def load(self, reader: CheckpointReader, name: str) -> None:
         self.weight.data = reader.read(name, tuple(self.weight.shape), self.weight.dtype, self.weight.device)
 
-    def forward(self, x):
-        # Normalize in float32, scale in the model dtype, as the reference implementation does.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+    def forward(self, x, residual=None):
+        """weight * normalize(x); with residual, (weight * normalize(x + residual), x + residual)."""
+        return elementwise.rms_norm(x, self.weight, self.eps, residual)
 
 
 class Attention(nn.Module):
@@ -67,7 +65,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(batch, length, self.local_q_heads, self.head_dim)
         k = self.k_proj(x).view(batch, length, self.local_kv_heads, self.head_dim)
         v = self.v_proj(x).view(batch, length, self.local_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = elementwise.apply_rotary(q, cos, sin), elementwise.apply_rotary(k, cos, sin)
         return kv.attend(layer, q, k, v, start).reshape(batch, length, -1)
 
 
@@ -88,7 +86,7 @@ class MLP(nn.Module):
         return self.down_proj(self.inner(x))
 
     def inner(self, x):
-        return F.silu(self.gate_proj(x)) * self.up_proj(x)
+        return elementwise.silu_mul(self.gate_proj(x), self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
@@ -111,8 +109,9 @@ class DecoderLayer(nn.Module):
             attn = self.self_attn.attend(self.input_layernorm(x), cos, sin, kv, layer, start)
             return overlap.layer_tail(x, attn, self.self_attn.o_proj, self.post_attention_layernorm,
                                       self.mlp, self.ctx)
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, layer, start)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        normed, x = self.post_attention_layernorm(
+            x, self.self_attn(self.input_layernorm(x), cos, sin, kv, layer, start))
+        return x + self.mlp(normed)
 
 
 class CausalLM(nn.Module):

@@ -35,8 +35,8 @@ def layer_tail(x: torch.Tensor, attn: torch.Tensor, o_proj, post_norm, mlp,
     hidden, downs = [], []
     for index, (start, stop) in enumerate(bounds):
         summed = attended.tile(index)
-        h = rows[start:stop] + (summed if o_proj.bias is None else summed + o_proj.bias)
-        inner = mlp.inner(post_norm(h))
+        normed, h = post_norm(rows[start:stop], summed if o_proj.bias is None else summed + o_proj.bias)
+        inner = mlp.inner(normed)
         downs.append(comm.start_row_parallel(inner, mlp.down_proj.weight, ctx, [(0, stop - start)]))
         hidden.append(h)
     out = torch.empty_like(rows)

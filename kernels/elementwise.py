@@ -1,0 +1,156 @@
+"""The decoder layer's elementwise work, fused: RMSNorm (with the residual add before it), rotary
+embeddings, and SiLU(gate) * up.
+
+Unfused, each is five to ten PyTorch kernels over [tokens, hidden] tensors with float32
+intermediates; at 32K tokens of a 7B model that is several GB of memory traffic per layer, as much
+time as a GEMM. Each kernel here reads its inputs once and writes its outputs once, and rounds
+where the PyTorch ops (and Hugging Face's Llama) round, so results match them to the last bit
+except for the order of the RMS sum.
+
+CUDA tensors take the Triton kernels (`*_triton`); CPU tensors the PyTorch reference code
+(`*_reference`). The Triton launchers also run on CPU tensors under TRITON_INTERPRET=1, which the
+tests use.
+"""
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from facli.kernels import common
+
+
+@triton.jit
+def _rms_norm_kernel(X, R, W, Y, S, stride_x, stride_r, stride_y, stride_s, cols, eps,
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < cols
+    x = tl.load(X + row * stride_x + offs, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(R + row * stride_r + offs, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
+        tl.store(S + row * stride_s + offs, x, mask=mask)
+    x32 = x.to(tl.float32)
+    inv_rms = 1.0 / tl.sqrt(tl.sum(x32 * x32, axis=0) / cols + eps)
+    normed = (x32 * inv_rms).to(Y.dtype.element_ty)
+    w = tl.load(W + offs, mask=mask, other=0.0)
+    tl.store(Y + row * stride_y + offs, (w.to(tl.float32) * normed.to(tl.float32)).to(Y.dtype.element_ty),
+             mask=mask)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """weight * normalize(x) over the last dim, normalized in float32 and rounded to x's dtype
+    before the scale (as Hugging Face's LlamaRMSNorm). With residual: x + residual is normalized
+    and (normalized, x + residual) returned, the sum rounded to x's dtype as `x + residual` is."""
+    return (rms_norm_triton if x.is_cuda else rms_norm_reference)(x, weight, eps, residual)
+
+
+def rms_norm_reference(x, weight, eps, residual=None):
+    summed = x if residual is None else x + residual
+    x32 = summed.float()
+    normed = weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return normed if residual is None else (normed, summed)
+
+
+def rms_norm_triton(x, weight, eps, residual=None):
+    cols = x.shape[-1]
+    rows = x.reshape(-1, cols)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out = common.empty(*rows.shape, dtype=x.dtype, device=x.device)
+    summed = common.empty(*rows.shape, dtype=x.dtype, device=x.device) if residual is not None else out
+    res = residual.reshape(-1, cols) if residual is not None else rows
+    if res.stride(-1) != 1:
+        res = res.contiguous()
+    block = triton.next_power_of_2(cols)
+    if rows.shape[0]:
+        _rms_norm_kernel[(rows.shape[0],)](
+            rows, res, weight, out, summed, rows.stride(0), res.stride(0), out.stride(0), summed.stride(0),
+            cols, eps, HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)))
+    normed = out.view(x.shape)
+    return normed if residual is None else (normed, summed.view(x.shape))
+
+
+@triton.jit
+def _rotary_kernel(X, COS, SIN, Y, seq_len, heads, stride_xb, stride_xt, stride_xh,
+                   stride_yb, stride_yt, stride_yh, stride_c,
+                   HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    token = tl.program_id(0)
+    b = (token // seq_len).to(tl.int64)
+    t = (token % seq_len).to(tl.int64)
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_h[:, None] < heads) & (offs_d[None, :] < HALF)
+    x_row = X + b * stride_xb + t * stride_xt + offs_h[:, None] * stride_xh + offs_d[None, :]
+    y_row = Y + b * stride_yb + t * stride_yt + offs_h[:, None] * stride_yh + offs_d[None, :]
+    x1 = tl.load(x_row, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_row + HALF, mask=mask, other=0.0).to(tl.float32)
+    c1 = tl.load(COS + t * stride_c + offs_d, mask=offs_d < HALF, other=0.0).to(tl.float32)[None, :]
+    c2 = tl.load(COS + t * stride_c + HALF + offs_d, mask=offs_d < HALF, other=0.0).to(tl.float32)[None, :]
+    s1 = tl.load(SIN + t * stride_c + offs_d, mask=offs_d < HALF, other=0.0).to(tl.float32)[None, :]
+    s2 = tl.load(SIN + t * stride_c + HALF + offs_d, mask=offs_d < HALF, other=0.0).to(tl.float32)[None, :]
+    dtype = Y.dtype.element_ty
+    # x * cos + cat(-x2, x1) * sin, each product and the sum rounded to the model dtype as in PyTorch.
+    y1 = (x1 * c1).to(dtype).to(tl.float32) + (-(x2 * s1)).to(dtype).to(tl.float32)
+    y2 = (x2 * c2).to(dtype).to(tl.float32) + (x1 * s2).to(dtype).to(tl.float32)
+    tl.store(y_row, y1.to(dtype), mask=mask)
+    tl.store(y_row + HALF, y2.to(dtype), mask=mask)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, T, H, D] rotated by cos, sin [T, D] (halves layout, as in Hugging Face Llama)."""
+    return (apply_rotary_triton if x.is_cuda else apply_rotary_reference)(x, cos, sin)
+
+
+def apply_rotary_reference(x, cos, sin):
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def apply_rotary_triton(x, cos, sin):
+    batch, seq_len, heads, dim = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    cos, sin = cos.contiguous(), sin.contiguous()
+    out = common.empty(*x.shape, dtype=x.dtype, device=x.device)
+    if x.numel():
+        block_h = triton.next_power_of_2(heads)
+        block_d = triton.next_power_of_2(dim // 2)
+        _rotary_kernel[(batch * seq_len,)](
+            x, cos, sin, out, seq_len, heads, x.stride(0), x.stride(1), x.stride(2),
+            out.stride(0), out.stride(1), out.stride(2), cos.stride(0),
+            HALF=dim // 2, BLOCK_H=block_h, BLOCK_D=block_d,
+            num_warps=min(8, max(1, block_h * block_d // 256)))
+    return out
+
+
+@triton.jit
+def _silu_mul_kernel(G, U, Y, count, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < count
+    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+    dtype = Y.dtype.element_ty
+    silu = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+    tl.store(Y + offs, (silu * u).to(dtype), mask=mask)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up, SiLU rounded to the dtype before the product (as F.silu(gate) * up)."""
+    return (silu_mul_triton if gate.is_cuda else silu_mul_reference)(gate, up)
+
+
+def silu_mul_reference(gate, up):
+    return F.silu(gate) * up
+
+
+def silu_mul_triton(gate, up):
+    gate, up = gate.contiguous(), up.contiguous()
+    out = common.empty(*gate.shape, dtype=gate.dtype, device=gate.device)
+    block = 2048
+    if gate.numel():
+        _silu_mul_kernel[(triton.cdiv(gate.numel(), block),)](gate, up, out, gate.numel(), BLOCK=block,
+                                                               num_warps=8)
+    return out

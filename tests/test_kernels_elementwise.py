@@ -1,0 +1,84 @@
+"""Fused RMSNorm, rotary embeddings and SiLU * up against Hugging Face's Llama code."""
+
+import pytest
+import torch
+from transformers.activations import ACT2FN
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+
+from conftest import requires_cuda
+from test_kernels_reference import poison_allocations
+
+from facli.kernels import elementwise
+
+CPU_DTYPES = [torch.float32, torch.float16]  # the interpreter's bf16 arithmetic is wrong
+
+
+def within_one_rounding(out, ref):
+    """Equal up to one rounding of a 16-bit output, or a few float32 ones (the RMS sum's order and
+    the exp and rsqrt approximations differ from PyTorch's)."""
+    assert not torch.isnan(out).any(), "unwritten (NaN) output elements"
+    ulp = torch.finfo(ref.dtype).eps * (4 if ref.dtype == torch.float32 else 1)
+    torch.testing.assert_close(out.double(), ref.double(), rtol=ulp, atol=ulp * 1e-3)
+
+
+def check_rms_norm(device, dtype, rows, cols, monkeypatch):
+    poison_allocations(monkeypatch)
+    x = torch.randn(rows, cols, device=device).to(dtype) * 3
+    residual = torch.randn(rows, cols, device=device).to(dtype)
+    hf = LlamaRMSNorm(cols, eps=1e-5).to(device=device, dtype=dtype)
+    hf.weight.data = torch.randn(cols, device=device).to(dtype)
+    with torch.no_grad():
+        within_one_rounding(elementwise.rms_norm_triton(x, hf.weight, 1e-5), hf(x))
+        normed, summed = elementwise.rms_norm_triton(x, hf.weight, 1e-5, residual)
+        assert torch.equal(summed, x + residual)
+        within_one_rounding(normed, hf(x + residual))
+
+
+def check_rotary(device, dtype, batch, seq, heads, dim, monkeypatch):
+    poison_allocations(monkeypatch)
+    # q as the model makes it: a [B, T, H, D] view of a projection's [B, T, H * D] output.
+    x = torch.randn(batch, seq, heads * dim, device=device).to(dtype).view(batch, seq, heads, dim)
+    angles = torch.randn(seq, dim // 2, device=device) * 4
+    cos, sin = torch.cat((angles, angles), -1).cos().to(dtype), torch.cat((angles, angles), -1).sin().to(dtype)
+    ref, _ = apply_rotary_pos_emb(x.transpose(1, 2), x.transpose(1, 2), cos[None], sin[None])
+    out = elementwise.apply_rotary_triton(x, cos, sin)
+    assert torch.equal(out, ref.transpose(1, 2)), (out - ref.transpose(1, 2)).abs().max()
+
+
+def check_silu_mul(device, dtype, shape, monkeypatch):
+    poison_allocations(monkeypatch)
+    gate, up = (torch.randn(shape, device=device).to(dtype) * 4 for _ in range(2))
+    within_one_rounding(elementwise.silu_mul_triton(gate, up), ACT2FN["silu"](gate) * up)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("rows,cols", [(1, 64), (7, 80), (33, 256)])
+def test_rms_norm(dtype, rows, cols, monkeypatch):
+    check_rms_norm("cpu", dtype, rows, cols, monkeypatch)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("batch,seq,heads,dim", [(1, 1, 4, 64), (2, 9, 5, 80), (1, 17, 8, 128)])
+def test_rotary(dtype, batch, seq, heads, dim, monkeypatch):
+    check_rotary("cpu", dtype, batch, seq, heads, dim, monkeypatch)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 700), (5, 4097)])
+def test_silu_mul(dtype, shape, monkeypatch):
+    check_silu_mul("cpu", dtype, shape, monkeypatch)
+
+
+def test_cpu_tensors_take_the_reference():
+    x, w = torch.randn(3, 16), torch.randn(16)
+    assert torch.equal(elementwise.rms_norm(x, w, 1e-6), elementwise.rms_norm_reference(x, w, 1e-6))
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_elementwise_gpu(dtype, monkeypatch):
+    check_rms_norm("cuda", dtype, 4099, 4096, monkeypatch)
+    check_rms_norm("cuda", dtype, 3, 5120, monkeypatch)
+    check_rotary("cuda", dtype, 2, 1000, 32, 128, monkeypatch)
+    check_rotary("cuda", dtype, 1, 7, 5, 80, monkeypatch)
+    check_silu_mul("cuda", dtype, (4099, 5504), monkeypatch)
