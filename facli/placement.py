@@ -37,9 +37,13 @@ def weight_dtype(run_plan: Plan) -> torch.dtype:
 
 
 def tensor_parallel_settings(run_plan: Plan) -> TensorParallelSettings:
-    """Tiles smaller than the prefill chunk overlap each tile's AllReduce with the next GEMM."""
+    """Tiles smaller than the prefill chunk overlap each tile's AllReduce with the next GEMM;
+    on GPUs the copy engines sum them (facli.parallel.copy_engine)."""
     tile = run_plan.allreduce_tile_tokens
-    return TensorParallelSettings(tile_tokens=tile if tile < run_plan.prefill_chunk else None)
+    if tile >= run_plan.prefill_chunk:
+        return TensorParallelSettings()
+    return TensorParallelSettings(tile_tokens=tile,
+                                  reduce_engine="copy" if run_plan.device_kind == "cuda" else "nccl")
 
 
 def build_kv_store(run_plan: Plan, config: ModelConfig, world_size: int, device: torch.device):

@@ -6,6 +6,7 @@ from facli.config import ModelConfig
 from facli.errors import FacliError
 from facli.offload.hardware import HardwareSpec
 from facli.offload.memory_model import (
+    copy_engine_tile,
     DTYPE_BYTES,
     MemoryBreakdown,
     canonical_dtype,
@@ -149,8 +150,12 @@ def _max_gpu_layers(layers: int, budget: int, total) -> int:
 
 
 def placement(model: ModelConfig, hardware: HardwareSpec, ctx: int, batch: int, tp: int,
-              chunk: int, weight_dtype: str, kv_dtype: str) -> tuple[int, MemoryBreakdown, int]:
-    """(GPU layers, one rank's memory, per-rank budget) with as much KV on the GPU as fits."""
+              chunk: int, weight_dtype: str, kv_dtype: str,
+              tile: int | None = None) -> tuple[int, MemoryBreakdown, int]:
+    """(GPU layers, one rank's memory, per-rank budget) with as much KV on the GPU as fits;
+    `tile`: the prefill AllReduce tile (default: the copy-engine tile for this chunk)."""
+    tile = (copy_engine_tile(tp, chunk, on_gpu=True) or chunk) if tile is None else tile
+    copy_tile = tile if tp > 1 and tile < chunk else None
     layers = model.num_hidden_layers
     wb, kb = DTYPE_BYTES[weight_dtype], DTYPE_BYTES[kv_dtype]
     budget = (min(hardware.gpu_budget_bytes(i) for i in range(tp))
@@ -159,7 +164,7 @@ def placement(model: ModelConfig, hardware: HardwareSpec, ctx: int, batch: int, 
     def memory(gpu_layers: int) -> MemoryBreakdown:
         return device_memory(model, ctx=ctx, batch=batch, tp=tp, gpu_layers=gpu_layers,
                              host_layers=layers - gpu_layers, chunk=chunk,
-                             weight_dtype_bytes=wb, kv_dtype_bytes=kb)
+                             weight_dtype_bytes=wb, kv_dtype_bytes=kb, copy_tile=copy_tile)
 
     gpu_layers = _max_gpu_layers(layers, budget, lambda n: memory(n).total)
     return gpu_layers, memory(max(gpu_layers, 0)), budget
@@ -173,7 +178,7 @@ def evaluate(model: ModelConfig, hardware: HardwareSpec, ctx: int, batch: int, t
     tile = options.allreduce_tile_tokens or choose_allreduce_tile(hardware, layout)
     tile = min(tile, chunk)
     gpu_layers, memory, budget = placement(model, hardware, ctx, batch, tp, chunk,
-                                           weight_dtype, kv_dtype)
+                                           weight_dtype, kv_dtype, tile)
     layers = model.num_hidden_layers
     host_layers = layers - max(gpu_layers, 0)
     mode = mode if host_layers else "resident"

@@ -66,6 +66,11 @@ WORKSPACE_ROPE_TABLE = False  # True if the runtime keeps fp32 cos/sin for all c
 # buffer, so tiles cost no memory of their own.
 COMM_EMBEDDING_OUTPUTS = 1
 COMM_LOGITS_COPIES = 2
+# GPU ranks sum prefill tiles with the copy engines (facli.parallel.copy_engine): tiles of this
+# many tokens (measured best on 2 H200s, docs/benchmarks.md) once a chunk holds two, through
+# COPY_ENGINE_SLOTS (as copy_engine.SLOTS) symmetric inboxes per peer of [tile, hidden].
+COPY_ENGINE_TILE_TOKENS = 4096
+COPY_ENGINE_SLOTS = 2
 # Offloaded KV (facli.offload.kv_store): 2 staging slots, each one layer of K and V for the
 # whole capacity in the model dtype; with fp8 KV also a ring of this many rows in fp8 on the GPU.
 STAGING_SLOTS = 2
@@ -162,13 +167,23 @@ def workspace_bytes(config: ModelConfig, ctx: int, batch: int, tp: int = 1) -> i
     return WORKSPACE_FIXED_BYTES + partials + rope
 
 
-def comm_bytes(config: ModelConfig, chunk: int, batch: int, dtype_bytes: int, tp: int) -> int:
-    """Tensor-parallel buffers of one rank beyond the layer activations (see COMM_*)."""
+def copy_engine_tile(tp: int, chunk: int, on_gpu: bool) -> int | None:
+    """Tokens per copy-engine AllReduce tile, or None where prefill sums with one all_reduce."""
+    if tp == 1 or not on_gpu or chunk < 2 * COPY_ENGINE_TILE_TOKENS:
+        return None
+    return COPY_ENGINE_TILE_TOKENS
+
+
+def comm_bytes(config: ModelConfig, chunk: int, batch: int, dtype_bytes: int, tp: int,
+               copy_tile: int | None = None) -> int:
+    """Tensor-parallel buffers of one rank beyond the layer activations (see COMM_*), and the
+    copy-engine inboxes when prefill tiles of `copy_tile` tokens are summed that way."""
     if tp == 1:
         return 0
     embedding = COMM_EMBEDDING_OUTPUTS * chunk * batch * config.hidden_size * dtype_bytes
     logits = COMM_LOGITS_COPIES * batch * config.vocab_size * 4
-    return embedding + logits
+    inboxes = COPY_ENGINE_SLOTS * (tp - 1) * (copy_tile or 0) * config.hidden_size * dtype_bytes
+    return embedding + logits + inboxes
 
 
 @dataclass(frozen=True)
@@ -190,10 +205,11 @@ class MemoryBreakdown:
 
 def device_memory(config: ModelConfig, *, ctx: int, batch: int, tp: int, gpu_layers: int,
                   host_layers: int, chunk: int, weight_dtype_bytes: int,
-                  kv_dtype_bytes: int) -> MemoryBreakdown:
+                  kv_dtype_bytes: int, copy_tile: int | None = None) -> MemoryBreakdown:
     """Peak bytes on one rank. Host layers need GPU staging (see staging_bytes); the decode
     step's activations are far smaller than a prefill chunk's, so the prefill chunk sets the
-    peak. The AllReduce tile costs no memory (tiles are views of the projection output)."""
+    peak. NCCL's AllReduce tiles cost no memory (views of the projection output); copy-engine
+    tiles of `copy_tile` tokens need their inboxes (comm_bytes)."""
     layer_kv = kv_layer_bytes(config, ctx, batch, kv_dtype_bytes, tp)
     return MemoryBreakdown(
         weights=weight_bytes(config, weight_dtype_bytes, tp),
@@ -201,7 +217,7 @@ def device_memory(config: ModelConfig, *, ctx: int, batch: int, tp: int, gpu_lay
         kv_staging=staging_bytes(config, ctx, batch, host_layers, weight_dtype_bytes,
                                  kv_dtype_bytes, tp),
         activations=activation_bytes(config, max(chunk, 1), batch, weight_dtype_bytes, tp),
-        comm=comm_bytes(config, chunk, batch, weight_dtype_bytes, tp),
+        comm=comm_bytes(config, chunk, batch, weight_dtype_bytes, tp, copy_tile),
         workspace=workspace_bytes(config, ctx, batch, tp),
     )
 

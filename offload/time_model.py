@@ -16,6 +16,7 @@ from facli.offload.plan import uses_offloaded_store
 from facli.offload.memory_model import (
     STAGING_SLOTS,
     activation_bytes,
+    copy_engine_tile,
     kv_layer_bytes,
     weight_bytes,
 )
@@ -42,15 +43,12 @@ EAGER_STORE_LAYER_HOST_S = 1.5e-3
 # (offload.kv_store): attention time times this. Fitted to the same run (TTFT 57.7 s against
 # 42.7 s predicted with bf16 attention).
 FP8_PREFILL_ATTENTION_FACTOR = 1.4
-# Share of a chunk's compute that tiling-AllReduce hides communication behind. Measured 0 on
-# 2 NVLink-connected H200s (benchmarks/tensor_parallel.py): cuBLAS GEMMs occupy every SM and
-# NCCL's kernels wait for them, so the planner tiles only where overlap has been measured.
-TILING_OVERLAP = 0.0
+# Share of one-all_reduce-per-projection communication that tiling-AllReduce hides with the copy
+# engines (facli.parallel.copy_engine), tiles of COPY_ENGINE_TILE_TOKENS: measured 29% at 32K
+# and 40% at 128K on 2 H200s over the whole model (benchmarks/tensor_parallel.py). NCCL's own
+# kernels hid 11-15%: they wait for SMs that cuBLAS's GEMMs hold.
+COPY_ENGINE_HIDDEN = 0.3
 CPU_ATTENTION_SYNC_S = 20e-6  # per host layer per decode step: q to host, partials back, merge
-# Tiles below 1024 tokens leave hidden-width GEMMs short of the tensor cores' rate, and the
-# runtime tiles only when a chunk holds at least two tiles (facli.parallel.comm); a tile equal
-# to the chunk means one AllReduce per projection.
-ALLREDUCE_TILE_CHOICES = (1024, 2048, 4096, 8192)
 
 
 @dataclass(frozen=True)
@@ -120,10 +118,10 @@ def prefill_breakdown(hw: HardwareSpec, layout: Layout) -> dict[str, float]:
     compute = gemm + attention + elementwise + overhead
     comm = np.zeros_like(sizes)
     if t > 1 and not layout.on_cpu:
-        tiles = np.where(tokens >= 2 * layout.tile_tokens, np.ceil(tokens / layout.tile_tokens), 1)
-        total = _allreduce_seconds(tokens * c.hidden_size * layout.weight_dtype_bytes,
-                                   2 * c.num_hidden_layers, tiles, hw, t)
-        comm = np.maximum(total / tiles, total - TILING_OVERLAP * compute)
+        single = _allreduce_seconds(tokens * c.hidden_size * layout.weight_dtype_bytes,
+                                    2 * c.num_hidden_layers, np.ones_like(tokens), hw, t)
+        tiled = tokens >= 2 * layout.tile_tokens
+        comm = np.where(tiled, (1 - COPY_ENGINE_HIDDEN) * single, single)
     transfer = np.zeros_like(sizes)
     if layout.host_layers and not layout.on_cpu:
         per_token_layer = kv_layer_bytes(c, 1, b, layout.kv_dtype_bytes, t)
@@ -186,14 +184,6 @@ def decode_breakdown(hw: HardwareSpec, layout: Layout) -> dict[str, float]:
 
 
 def choose_allreduce_tile(hw: HardwareSpec, layout: Layout) -> int:
-    """The tiling-AllReduce tile (tokens) that exposes the least comm over the prefill."""
-    if layout.tp == 1 or layout.on_cpu:
-        return layout.chunk
-    candidates = [tile for tile in ALLREDUCE_TILE_CHOICES if 2 * tile <= layout.chunk]
-    candidates.append(layout.chunk)
-
-    def exposed(tile: int) -> float:
-        trial = Layout(**{**layout.__dict__, "tile_tokens": tile})
-        return prefill_breakdown(hw, trial)["prefill_comm_exposed_s"]
-
-    return min(candidates, key=lambda tile: (exposed(tile), -tile))
+    """The tiling-AllReduce tile (tokens): the copy engines' measured tile once a chunk holds
+    two, else the chunk (one all_reduce per projection)."""
+    return copy_engine_tile(layout.tp, layout.chunk, on_gpu=not layout.on_cpu) or layout.chunk

@@ -11,6 +11,7 @@ from test_kernels_reference import poison_allocations
 from facli.kernels import elementwise
 
 CPU_DTYPES = [torch.float32, torch.float16]  # the interpreter's bf16 arithmetic is wrong
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU tensors need the interpreter
 
 
 def within_one_rounding(out, ref):
@@ -54,19 +55,19 @@ def check_silu_mul(device, dtype, shape, monkeypatch):
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 @pytest.mark.parametrize("rows,cols", [(1, 64), (7, 80), (33, 256)])
 def test_rms_norm(dtype, rows, cols, monkeypatch):
-    check_rms_norm("cpu", dtype, rows, cols, monkeypatch)
+    check_rms_norm(DEVICE, dtype, rows, cols, monkeypatch)
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 @pytest.mark.parametrize("batch,seq,heads,dim", [(1, 1, 4, 64), (2, 9, 5, 80), (1, 17, 8, 128)])
 def test_rotary(dtype, batch, seq, heads, dim, monkeypatch):
-    check_rotary("cpu", dtype, batch, seq, heads, dim, monkeypatch)
+    check_rotary(DEVICE, dtype, batch, seq, heads, dim, monkeypatch)
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(1, 1), (3, 700), (5, 4097)])
 def test_silu_mul(dtype, shape, monkeypatch):
-    check_silu_mul("cpu", dtype, shape, monkeypatch)
+    check_silu_mul(DEVICE, dtype, shape, monkeypatch)
 
 
 def test_cpu_tensors_take_the_reference():

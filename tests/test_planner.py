@@ -231,3 +231,26 @@ def test_odd_heads_and_a_single_layer():
     assert result.prefill_chunk == 63 and result.tp == 1  # vocab 1001 does not split in 3
     with pytest.raises(FacliError, match="vocab_size 1001"):
         plan(config, hw, 63, 1, options(devices=3))
+
+
+def test_gpu_ranks_tile_prefill_for_the_copy_engines_and_budget_their_inboxes():
+    from facli.offload.memory_model import COPY_ENGINE_SLOTS, COPY_ENGINE_TILE_TOKENS
+    from facli.parallel import copy_engine
+    from facli.placement import tensor_parallel_settings
+
+    assert COPY_ENGINE_SLOTS == copy_engine.SLOTS
+    config = model("llama-7b")
+    two = load_hardware("2xH200")
+    tiled = plan(config, two, 32768, 1, options(devices=2, prefill_chunk=32768))
+    untiled = plan(config, two, 32768, 1, options(devices=2, prefill_chunk=32768,
+                                                  allreduce_tile_tokens=32768))
+    assert tiled.allreduce_tile_tokens == COPY_ENGINE_TILE_TOKENS
+    inboxes = COPY_ENGINE_SLOTS * COPY_ENGINE_TILE_TOKENS * config.hidden_size * 2
+    assert tiled.devices[0].comm_bytes - untiled.devices[0].comm_bytes == inboxes
+    assert tiled.timing.prefill_s < untiled.timing.prefill_s
+    settings = tensor_parallel_settings(tiled)
+    assert (settings.tile_tokens, settings.reduce_engine) == (COPY_ENGINE_TILE_TOKENS, "copy")
+    assert tensor_parallel_settings(untiled).tile_tokens is None
+    # A chunk shorter than two tiles, or CPU ranks: one all_reduce per projection, no inboxes.
+    short = plan(config, two, 32768, 1, options(devices=2, prefill_chunk=4096))
+    assert short.allreduce_tile_tokens == 4096 and tensor_parallel_settings(short).tile_tokens is None
