@@ -4,8 +4,9 @@ embeddings, and SiLU(gate) * up.
 Unfused, each is five to ten PyTorch kernels over [tokens, hidden] tensors with float32
 intermediates; at 32K tokens of a 7B model that is several GB of memory traffic per layer, as much
 time as a GEMM. Each kernel here reads its inputs once and writes its outputs once, and rounds
-where the PyTorch ops (and Hugging Face's Llama) round, so results match them to the last bit
-except for the order of the RMS sum.
+where the PyTorch ops (and Hugging Face's Llama) round: rotary embeddings match them bit for
+bit; RMSNorm (the order of its sum) and SiLU (the exponential) may differ by a rounding of the
+intermediate they round, so by up to two roundings of the output.
 
 CUDA tensors take the Triton kernels (`*_triton`); CPU tensors the PyTorch reference code
 (`*_reference`). The Triton launchers also run on CPU tensors under TRITON_INTERPRET=1, which the
@@ -91,9 +92,10 @@ def _rotary_kernel(X, COS, SIN, Y, seq_len, heads, stride_xb, stride_xt, stride_
     s1 = tl.load(SIN + t * stride_c + offs_d, mask=offs_d < HALF, other=0.0).to(tl.float32)[None, :]
     s2 = tl.load(SIN + t * stride_c + HALF + offs_d, mask=offs_d < HALF, other=0.0).to(tl.float32)[None, :]
     dtype = Y.dtype.element_ty
-    # x * cos + cat(-x2, x1) * sin, each product and the sum rounded to the model dtype as in PyTorch.
-    y1 = (x1 * c1).to(dtype).to(tl.float32) + (-(x2 * s1)).to(dtype).to(tl.float32)
-    y2 = (x2 * c2).to(dtype).to(tl.float32) + (x1 * s2).to(dtype).to(tl.float32)
+    # x * cos + cat(-x2, x1) * sin with each product and the sum rounded to the model dtype, as
+    # PyTorch's three kernels do (the launch also forbids fusing them into FMAs).
+    y1 = (x1 * c1).to(dtype) + (-(x2 * s1)).to(dtype)
+    y2 = (x2 * c2).to(dtype) + (x1 * s2).to(dtype)
     tl.store(y_row, y1.to(dtype), mask=mask)
     tl.store(y_row + HALF, y2.to(dtype), mask=mask)
 
@@ -122,7 +124,7 @@ def apply_rotary_triton(x, cos, sin):
             x, cos, sin, out, seq_len, heads, x.stride(0), x.stride(1), x.stride(2),
             out.stride(0), out.stride(1), out.stride(2), cos.stride(0),
             HALF=dim // 2, BLOCK_H=block_h, BLOCK_D=block_d,
-            num_warps=min(8, max(1, block_h * block_d // 256)))
+            num_warps=min(8, max(1, block_h * block_d // 256)), enable_fp_fusion=False)
     return out
 
 

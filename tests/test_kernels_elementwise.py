@@ -14,11 +14,12 @@ CPU_DTYPES = [torch.float32, torch.float16]  # the interpreter's bf16 arithmetic
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU tensors need the interpreter
 
 
-def within_one_rounding(out, ref):
-    """Equal up to one rounding of a 16-bit output, or a few float32 ones (the RMS sum's order and
-    the exp and rsqrt approximations differ from PyTorch's)."""
+def within_two_roundings(out, ref):
+    """Equal up to two roundings of a 16-bit output (the intermediate PyTorch rounds, computed
+    with another RMS sum order or exponential, may round the other way, then the output), or a
+    few float32 ones."""
     assert not torch.isnan(out).any(), "unwritten (NaN) output elements"
-    ulp = torch.finfo(ref.dtype).eps * (4 if ref.dtype == torch.float32 else 1)
+    ulp = torch.finfo(ref.dtype).eps * (4 if ref.dtype == torch.float32 else 2)
     torch.testing.assert_close(out.double(), ref.double(), rtol=ulp, atol=ulp * 1e-3)
 
 
@@ -29,10 +30,10 @@ def check_rms_norm(device, dtype, rows, cols, monkeypatch):
     hf = LlamaRMSNorm(cols, eps=1e-5).to(device=device, dtype=dtype)
     hf.weight.data = torch.randn(cols, device=device).to(dtype)
     with torch.no_grad():
-        within_one_rounding(elementwise.rms_norm_triton(x, hf.weight, 1e-5), hf(x))
+        within_two_roundings(elementwise.rms_norm_triton(x, hf.weight, 1e-5), hf(x))
         normed, summed = elementwise.rms_norm_triton(x, hf.weight, 1e-5, residual)
         assert torch.equal(summed, x + residual)
-        within_one_rounding(normed, hf(x + residual))
+        within_two_roundings(normed, hf(x + residual))
 
 
 def check_rotary(device, dtype, batch, seq, heads, dim, monkeypatch):
@@ -49,7 +50,7 @@ def check_rotary(device, dtype, batch, seq, heads, dim, monkeypatch):
 def check_silu_mul(device, dtype, shape, monkeypatch):
     poison_allocations(monkeypatch)
     gate, up = (torch.randn(shape, device=device).to(dtype) * 4 for _ in range(2))
-    within_one_rounding(elementwise.silu_mul_triton(gate, up), ACT2FN["silu"](gate) * up)
+    within_two_roundings(elementwise.silu_mul_triton(gate, up), ACT2FN["silu"](gate) * up)
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
