@@ -8,6 +8,7 @@ FlashAttention) so that the projections and their collectives are what differs b
 
 For TP=N four collective modes run the same compute:
   nocomm     row-parallel projections skip their all_reduce (wrong numbers; the compute alone)
+  nocomm+mlp the same with the layer tail run tile by tile (as tiled+mlp): its compute alone
   single     one all_reduce per row-parallel projection, after its GEMM
   tiled      tiling-AllReduce: per-tile all_reduce launched as each tile's GEMM ends
   tiled+mlp  tiled, and each layer's tail (o_proj, norm, MLP) runs tile by tile, so the
@@ -49,6 +50,7 @@ SMOKE = replace(LLAMA_7B, vocab_size=512, hidden_size=256, intermediate_size=704
                 num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=8)
 MODES = {
     "nocomm": dict(tile_tokens=None, skip_row_reduce=True),
+    "nocomm+mlp": dict(overlap_mlp=True, skip_row_reduce=True),
     "single": dict(tile_tokens=None),
     "tiled": {},
     "tiled+mlp": dict(overlap_mlp=True),
