@@ -336,13 +336,17 @@ def environment(device: torch.device, devices: int) -> dict:
 
 
 def git_commit() -> dict:
-    """The facli checkout's commit and whether it has uncommitted changes; outside a git checkout
-    (a copied tree), $FACLI_COMMIT if set, else "unknown"."""
+    """The commit being measured: $FACLI_COMMIT when set (a copied or installed tree), else the
+    facli checkout's commit and whether it has uncommitted changes, else "unknown"."""
     import os
     import subprocess
     from pathlib import Path
 
+    if os.environ.get("FACLI_COMMIT"):
+        return {"commit": os.environ["FACLI_COMMIT"], "dirty": None}
     root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():  # an installed copy has no checkout of its own
+        return {"commit": "unknown", "dirty": None}
 
     def git(*args):
         done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
@@ -353,6 +357,4 @@ def git_commit() -> dict:
         dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None
     except (OSError, subprocess.SubprocessError):
         commit, dirty = None, None
-    if commit is None:
-        return {"commit": os.environ.get("FACLI_COMMIT") or "unknown", "dirty": None}
-    return {"commit": commit, "dirty": dirty}
+    return {"commit": commit or "unknown", "dirty": dirty}

@@ -243,3 +243,12 @@ def test_measure_depth_turns_failures_into_statuses():
     assert oom["status"] == "out of memory" and "ttft_s" not in oom
     assert no_fit["status"] == "does not fit" and "4096" in no_fit["error"]
     assert [c[0] for c in runtime.calls] == [1024, 1024, 2048, 2048]  # nothing ran at 4096
+
+
+def test_commit_comes_from_the_environment_first(monkeypatch):
+    from facli.bench import git_commit
+
+    monkeypatch.setenv("FACLI_COMMIT", "feedbee")
+    assert git_commit()["commit"] == "feedbee"
+    monkeypatch.delenv("FACLI_COMMIT")
+    assert git_commit()["commit"] not in ("feedbee", None)
