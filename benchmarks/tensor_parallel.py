@@ -3,16 +3,17 @@
     python benchmarks/tensor_parallel.py --devices 2 --out $OUT
 
 A Llama-7B-shaped model with random bf16 weights built directly on the GPUs (no checkpoint).
-Prefill is one forward over the whole prompt; attention goes through PyTorch SDPA (cuDNN, then
-FlashAttention) so that the projections and their collectives are what differs between runs.
+Prefill is one forward over the whole prompt; attention is facli's (kernels/), as in `facli
+generate`, and the same in every mode, so the collectives are what differs between runs.
 
 For TP=N four collective modes run the same compute:
   nocomm     row-parallel projections skip their all_reduce (wrong numbers; the compute alone)
-  nocomm+mlp the same with the layer tail run tile by tile (as tiled+mlp): its compute alone
+  nocomm+mlp nocomm with the layer run tile by tile (as tiled+mlp): its compute alone
   single     one all_reduce per row-parallel projection, after its GEMM
   tiled      tiling-AllReduce: per-tile all_reduce launched as each tile's GEMM ends
-  tiled+mlp  tiled, and each layer's tail (o_proj, norm, MLP) runs tile by tile, so the
-             attention all_reduce overlaps the MLP GEMMs (facli.parallel.overlap)
+  tiled+mlp  tiled, and the whole layer runs tile by tile (attention per query tile, o_proj,
+             norm, MLP), so each tile's sums overlap the next tile's attention or MLP
+             (facli.parallel.overlap)
   tiled-ce, tiled+mlp-ce   the same with tiles summed by the copy engines through symmetric
              memory instead of NCCL's all_reduce (facli.parallel.copy_engine)
 Exposed communication = time(mode) - time(nocomm); hidden = 1 - exposed(tiled) / exposed(single).
@@ -31,10 +32,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from facli.bench import git_commit
 from facli.config import ModelConfig
+from facli.kv_cache import DeviceKVCache
 from facli.model import CausalLM
 from facli.parallel import comm, copy_engine
 from facli.parallel.context import SINGLE_PROCESS, ParallelContext, TensorParallelSettings
@@ -60,49 +61,9 @@ MODES = {
 TILED_MODES = [mode for mode in MODES if mode.startswith("tiled")]
 
 
-class SdpaKVCache:
-    """A [layers, 1, capacity, Hkv, D] cache whose attention is torch SDPA (bench only)."""
-
-    def __init__(self, config: ModelConfig, capacity: int, world: int, device):
-        shape = (config.num_hidden_layers, 1, capacity, config.num_key_value_heads // world, config.head_dim)
-        self.capacity = capacity
-        self.keys = torch.empty(shape, dtype=torch.bfloat16, device=device)
-        self.values = torch.empty(shape, dtype=torch.bfloat16, device=device)
-
-    def attend(self, layer, q, k, v, start):
-        stop = start + k.shape[1]
-        self.keys[layer, :, start:stop] = k
-        self.values[layer, :, start:stop] = v
-        gqa = q.shape[2] != k.shape[2]
-        qh = q.transpose(1, 2)
-        if q.shape[1] == 1:
-            keys = self.keys[layer, :, :stop].transpose(1, 2)
-            values = self.values[layer, :, :stop].transpose(1, 2)
-            out = F.scaled_dot_product_attention(qh, keys, values, enable_gqa=gqa)
-        else:
-            assert start == 0, "the benchmark prefills the whole prompt in one forward"
-            with _prefill_backends():
-                out = F.scaled_dot_product_attention(qh, k.transpose(1, 2), v.transpose(1, 2),
-                                                     is_causal=True, enable_gqa=gqa)
-        return out.transpose(1, 2)
-
-    def reset(self):
-        pass
-
-
-_USE_CUDNN = [True]  # cleared if cuDNN attention fails at some length (see warm_attention)
-
-
-def _prefill_backends():
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
-    if not _USE_CUDNN[0]:
-        return sdpa_kernel(order[1:])
-    try:
-        return sdpa_kernel(order, set_priority=True)
-    except TypeError:  # torch without set_priority
-        return sdpa_kernel(order[1:])
+def kv_cache(config: ModelConfig, capacity: int, world: int, device) -> DeviceKVCache:
+    return DeviceKVCache(config.num_hidden_layers, 1, capacity, config.num_key_value_heads // world,
+                         config.head_dim, torch.bfloat16, device)
 
 
 def build_model(config: ModelConfig, ctx: ParallelContext, device) -> CausalLM:
@@ -145,22 +106,6 @@ def timed(fn, ctx: ParallelContext, device) -> float:
     if ctx.is_distributed:
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
     return elapsed.item()
-
-
-def warm_attention(config: ModelConfig, length: int, world: int, device) -> None:
-    """Build SDPA's plan for this prompt length once, outside the timings."""
-    heads = config.num_attention_heads // world
-    q = torch.randn(1, heads, length, config.head_dim, dtype=torch.bfloat16, device=device)
-    try:
-        with _prefill_backends():
-            F.scaled_dot_product_attention(q, q, q, is_causal=True)
-        _sync(device)
-    except RuntimeError as exc:
-        print(f"cuDNN attention failed at {length} tokens ({exc}); using FlashAttention", file=sys.stderr)
-        _USE_CUDNN[0] = False
-        with _prefill_backends():
-            F.scaled_dot_product_attention(q, q, q, is_causal=True)
-        _sync(device)
 
 
 def prefill_and_decode(model, kv, ctx, device, length, decode_tokens):
@@ -244,10 +189,9 @@ def tile_from_planner(config: ModelConfig, length: int, world: int) -> int | Non
 def run_tp1(args, emit):
     device = torch.device(args.device_type, 0) if args.device_type == "cuda" else torch.device("cpu")
     model = build_model(args.config, SINGLE_PROCESS, device)
-    kv = SdpaKVCache(args.config, max(args.lengths) + args.decode_tokens + 8, 1, device)
+    kv = kv_cache(args.config, max(args.lengths) + args.decode_tokens + 8, 1, device)
     model(torch.zeros(1, min(args.lengths), dtype=torch.long, device=device), 0, kv)  # warm-up
     for length in args.lengths:
-        warm_attention(args.config, length, 1, device)
         for rep in range(args.reps):
             decode = args.decode_tokens if length == args.decode_at and rep == 0 else 0
             prefill_s, decode_s = prefill_and_decode(model, kv, SINGLE_PROCESS, device, length, decode)
@@ -271,12 +215,11 @@ def run_tp(ctx: ParallelContext, args):
     records = projection_bench(config, ctx, device, args.projection_tokens, args.projection_tiles, 20)
     emit = records.append
     model = build_model(config, ctx, device)
-    kv = SdpaKVCache(config, max(args.lengths) + args.decode_tokens + 8, ctx.world_size, device)
+    kv = kv_cache(config, max(args.lengths) + args.decode_tokens + 8, ctx.world_size, device)
     for mode in args.modes:
         set_mode(model, ctx, mode, tile)
         model(torch.zeros(1, min(args.lengths), dtype=torch.long, device=device), 0, kv)
     for length in args.lengths:
-        warm_attention(config, length, ctx.world_size, device)
         for rep in range(args.reps + (2 if length <= 32768 else 0)):  # short runs: more repeats
             for mode in args.modes:
                 local = set_mode(model, ctx, mode, tile)
@@ -300,8 +243,7 @@ def run_long(model, ctx, device, args, tile):
     """The whole long prompt on the N GPUs: prefill, then decode at that context."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    kv = SdpaKVCache(args.config, args.long + args.decode_tokens + 8, ctx.world_size, device)
-    warm_attention(args.config, args.long, ctx.world_size, device)
+    kv = kv_cache(args.config, args.long + args.decode_tokens + 8, ctx.world_size, device)
     local = set_mode(model, ctx, "tiled", tile)
     prefill_s, decode_s = prefill_and_decode(model, kv, local, device, args.long, args.decode_tokens)
     peak = _peak_gib(device)
