@@ -8,12 +8,11 @@ generate`, and the same in every mode, so the collectives are what differs betwe
 
 For TP=N four collective modes run the same compute:
   nocomm     row-parallel projections skip their all_reduce (wrong numbers; the compute alone)
-  nocomm+mlp nocomm with the layer run tile by tile (as tiled+mlp): its compute alone
+  nocomm+mlp nocomm with the layer tail run tile by tile (as tiled+mlp): its compute alone
   single     one all_reduce per row-parallel projection, after its GEMM
   tiled      tiling-AllReduce: per-tile all_reduce launched as each tile's GEMM ends
-  tiled+mlp  tiled, and the whole layer runs tile by tile (attention per query tile, o_proj,
-             norm, MLP), so each tile's sums overlap the next tile's attention or MLP
-             (facli.parallel.overlap)
+  tiled+mlp  tiled, and each layer's tail (o_proj, norm, MLP) runs tile by tile, so the
+             attention all_reduce overlaps the MLP GEMMs (facli.parallel.overlap)
   tiled-ce, tiled+mlp-ce   the same with tiles summed by the copy engines through symmetric
              memory instead of NCCL's all_reduce (facli.parallel.copy_engine)
 Exposed communication = time(mode) - time(nocomm); hidden = 1 - exposed(tiled) / exposed(single).

@@ -110,7 +110,9 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, kv, layer, start):
         if overlap.pipelines(self.ctx, x):
-            return overlap.decoder_layer(self, x, cos, sin, kv, layer, start)
+            attn = self.self_attn.attend(self.input_layernorm(x), cos, sin, kv, layer, start)
+            return overlap.layer_tail(x, attn, self.self_attn.o_proj, self.post_attention_layernorm,
+                                      self.mlp, self.ctx)
         normed, x = self.post_attention_layernorm(
             x, self.self_attn(self.input_layernorm(x), cos, sin, kv, layer, start))
         return x + self.mlp(normed)

@@ -16,9 +16,8 @@ class TensorParallelSettings:
         many tokens; each tile's all_reduce starts as soon as its GEMM is done and runs while the
         next tile computes (tiling-AllReduce). None: one all_reduce per projection. Decode steps
         (fewer tokens than two tiles) always use one all_reduce per projection.
-    overlap_mlp: with tiles and one sequence, run each decoder layer tile by tile: attention per
-        query tile, o_proj, norm and MLP, so that each tile's sums overlap the next tile's
-        attention or MLP (facli.parallel.overlap).
+    overlap_mlp: with tiles, run each decoder layer's tail (o_proj, norm, MLP) tile by tile, so
+        the attention's all_reduce overlaps the MLP's first GEMMs (facli.parallel.overlap).
     reduce_engine: "nccl" sums tiles with torch.distributed's all_reduce; "copy" sums tiles of
         at least 1 MiB and at most tile_tokens rows through symmetric memory and the GPUs' copy
         engines, leaving the SMs to the GEMMs (facli.parallel.copy_engine; CUDA only, other

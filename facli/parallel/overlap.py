@@ -1,13 +1,11 @@
-"""Tiling-AllReduce across a whole decoder layer, tile by tile over the tokens of one sequence.
+"""Tiling-AllReduce across a decoder layer's tail: o_proj, residual, norm, MLP, residual.
 
-The queries of tile i attend to the keys of tiles 0..i (chunked prefill within the chunk), so
-each tile's attention output goes through o_proj and its sum over ranks starts while the next
-tile's attention computes: the attention's AllReduce hides behind attention itself. The MLP
-works on each token alone, so once tile i's attention output is summed, tile i's norm and MLP
-run while later tiles' sums are in flight, and each tile's down_proj sum overlaps the next
-tile's MLP; only the last tile's down_proj sum is left exposed. With one token (decode at
-batch 1) there is nothing to overlap: the RMSNorm before the MLP needs the attention output
-summed over all ranks.
+The MLP works on each token alone, so once tile i of the attention output is summed over ranks,
+tile i's MLP can run while the all_reduces of later tiles are still in flight: the attention's
+all_reduce overlaps the MLP's first GEMMs (gate/up), which a whole-sequence MLP must wait for.
+Each tile's down_proj all_reduce then overlaps the next tile's MLP; only the last tile's
+down_proj all_reduce is left exposed. With one token (decode at batch 1) there is nothing to
+overlap: the RMSNorm before the MLP needs the attention output summed over all ranks.
 """
 
 import torch
@@ -17,38 +15,31 @@ from facli.parallel.context import ParallelContext
 
 
 def pipelines(ctx: ParallelContext, x: torch.Tensor) -> bool:
-    """Whether the decoder layer runs tile by tile for x [B, T, H]: one sequence, two tiles."""
-    if not (ctx.is_distributed and ctx.settings.overlap_mlp) or x.shape[0] != 1:
+    """Whether the layer tail of x [B, T, H] runs tile by tile."""
+    if not (ctx.is_distributed and ctx.settings.overlap_mlp):
         return False
-    return len(comm.tile_bounds(x.shape[1], ctx)) > 1
+    return len(comm.tile_bounds(x.shape[0] * x.shape[1], ctx)) > 1
 
 
-def decoder_layer(layer, x: torch.Tensor, cos, sin, kv, index: int, start: int) -> torch.Tensor:
-    """facli.model.DecoderLayer's forward, tile by tile; the same result row for row.
+def layer_tail(x: torch.Tensor, attn: torch.Tensor, o_proj, post_norm, mlp,
+               ctx: ParallelContext) -> torch.Tensor:
+    """h = x + o_proj(attn); returns h + mlp(post_norm(h)), tile by tile over tokens.
 
-    x [1, T, H] is the layer input at positions start..start+T; `layer` the DecoderLayer whose
-    weights and context are used, `index` its number in the KV store.
+    x [B, T, H] is the layer input (the residual), attn [B, T, Hq*D/N] this rank's attention
+    heads before o_proj. Same result as the sequential layer, row for row.
     """
-    ctx, attention, mlp = layer.ctx, layer.self_attn, layer.mlp
     assert mlp.down_proj.bias is None
     rows = x.reshape(-1, x.shape[-1])
     bounds = comm.tile_bounds(rows.shape[0], ctx)
-    q, k, v = attention.project(layer.input_layernorm(x), cos, sin)
-    attended = []
-    for first, stop in bounds:
-        heads = kv.attend(index, q[:, first:stop], k[:, first:stop], v[:, first:stop], start + first)
-        attended.append(comm.start_row_parallel(heads.reshape(stop - first, -1), attention.o_proj.weight,
-                                                ctx, [(0, stop - first)]))
+    attended = comm.start_row_parallel(attn.reshape(-1, attn.shape[-1]), o_proj.weight, ctx, bounds)
     hidden, downs = [], []
-    for (first, stop), pending in zip(bounds, attended):
-        summed = pending.tile(0)
-        if attention.o_proj.bias is not None:
-            summed = summed + attention.o_proj.bias
-        normed, h = layer.post_attention_layernorm(rows[first:stop], summed)
-        downs.append(comm.start_row_parallel(mlp.inner(normed), mlp.down_proj.weight, ctx,
-                                             [(0, stop - first)]))
+    for index, (start, stop) in enumerate(bounds):
+        summed = attended.tile(index)
+        normed, h = post_norm(rows[start:stop], summed if o_proj.bias is None else summed + o_proj.bias)
+        inner = mlp.inner(normed)
+        downs.append(comm.start_row_parallel(inner, mlp.down_proj.weight, ctx, [(0, stop - start)]))
         hidden.append(h)
     out = torch.empty_like(rows)
-    for (first, stop), h, pending in zip(bounds, hidden, downs):
-        torch.add(h, pending.tile(0), out=out[first:stop])
+    for index, (start, stop) in enumerate(bounds):
+        torch.add(hidden[index], downs[index].tile(0), out=out[start:stop])
     return out.view_as(x)
