@@ -5,31 +5,17 @@
 Llama-7B shapes at TP=1: RMSNorm over hidden 4096 (alone and with the residual add), rotary
 embeddings on q [T, 32, 128], SiLU(gate) * up over [T, 11008]; bf16. GB/s counts each kernel's
 compulsory traffic (inputs read once, outputs written once) for both, so the ratio is the time
-ratio. Times are medians of CUDA-event-timed calls after a warm-up; a table is printed last.
+ratio. Times are medians of CUDA-event-timed calls after a warm-up (gpu_timing); a table is printed last.
 """
 
 import argparse
 import json
 import os
-import statistics
-
 import torch
 
 from common import print_environment
 from facli.kernels import elementwise
-
-
-def median_ms(fn, reps=30):
-    fn()
-    times = []
-    for _ in range(reps):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
-    return statistics.median(times)
+from gpu_timing import median_ms
 
 
 def cases(tokens):

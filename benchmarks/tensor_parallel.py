@@ -286,7 +286,7 @@ def environment(device_type: str) -> dict:
 def table(records: list[dict], world: int) -> str:
     modes = [m for m in MODES if any(r.get("mode") == m and r.get("tp") == world for r in records)]
     tiled = [m for m in modes if m in TILED_MODES]
-    rows = [f"| measurement | TP=1 | " + " | ".join(f"TP={world} {m}" for m in modes)
+    rows = ["| measurement | TP=1 | " + " | ".join(f"TP={world} {m}" for m in modes)
             + " | speedup (best tiled) | comm hidden: " + " / ".join(tiled) + " |",
             "| --- " * (len(modes) + 4) + "|"]
     by = {}

@@ -80,32 +80,12 @@ def _weighted(p, vs, SCALED: tl.constexpr):
 
 
 @triton.jit
-def _async_split(q, k_base, v_base, stride_kt, stride_vt, start, stop, q_pos, phi, qk_scale,
-                 head_dim, ks_base, vs_base, stride_st, SCALED: tl.constexpr,
-                 BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Sums against the unified phi: no running max, no rescaling of the accumulator."""
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d[None, :] < head_dim
-    m = tl.full([BLOCK_R], float("-inf"), tl.float32)  # tracked only to validate phi
-    l_i = tl.zeros([BLOCK_R], tl.float32)
-    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-    for n in range(start, stop, BLOCK_N):
-        keys, k, v, ks, vs = _tile(k_base, v_base, n, stride_kt, stride_vt, stop, offs_n, offs_d,
-                                   d_ok, q, ks_base, vs_base, stride_st, SCALED, BLOCK_N)
-        qk = _scores(q, k, keys, stop, q_pos, qk_scale, ks, SCALED)
-        m = tl.maximum(m, tl.max(qk, 1))
-        p = tl.math.exp2(qk - phi[:, None])
-        l_i += tl.sum(p, 1)
-        acc = tl.dot(_weighted(p, vs, SCALED).to(v.dtype), v, acc)
-    return acc, l_i, m
-
-
-@triton.jit
-def _exact_split(q, k_base, v_base, stride_kt, stride_vt, start, stop, q_pos, qk_scale, head_dim,
-                 ks_base, vs_base, stride_st, SCALED: tl.constexpr,
-                 BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Online softmax with rescaling against the split's own running max."""
+def _split(q, k_base, v_base, stride_kt, stride_vt, start, stop, q_pos, phi, qk_scale, head_dim,
+           ks_base, vs_base, stride_st, EXACT: tl.constexpr, SCALED: tl.constexpr,
+           BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One split's partial (acc, l_i, m). EXACT: online softmax, rescaled against the split's own
+    running max m. Otherwise sums against the unified phi, with no running max to rescale by (m
+    is tracked only to validate phi)."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < head_dim
@@ -116,13 +96,19 @@ def _exact_split(q, k_base, v_base, stride_kt, stride_vt, start, stop, q_pos, qk
         keys, k, v, ks, vs = _tile(k_base, v_base, n, stride_kt, stride_vt, stop, offs_n, offs_d,
                                    d_ok, q, ks_base, vs_base, stride_st, SCALED, BLOCK_N)
         qk = _scores(q, k, keys, stop, q_pos, qk_scale, ks, SCALED)
-        m_new = tl.maximum(m, tl.max(qk, 1))
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - shift[:, None])
-        alpha = tl.math.exp2(m - shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(_weighted(p, vs, SCALED).to(v.dtype), v, acc * alpha[:, None])
-        m = m_new
+        if EXACT:
+            m_new = tl.maximum(m, tl.max(qk, 1))
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk - shift[:, None])
+            alpha = tl.math.exp2(m - shift)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = tl.dot(_weighted(p, vs, SCALED).to(v.dtype), v, acc * alpha[:, None])
+            m = m_new
+        else:
+            m = tl.maximum(m, tl.max(qk, 1))
+            p = tl.math.exp2(qk - phi[:, None])
+            l_i += tl.sum(p, 1)
+            acc = tl.dot(_weighted(p, vs, SCALED).to(v.dtype), v, acc)
     return acc, l_i, m
 
 
@@ -167,22 +153,22 @@ def _split_kernel(Q, K, V, KS, VS, LENS, PHI, O_PART, LSE_PART, FALLBACK,
     start = split * chunk
     stop = tl.minimum(start + chunk, seq_len)
     if ASYNC:
-        acc, l_i, m = _async_split(q, k_base, v_base, stride_kt, stride_vt, start, stop, q_pos, phi,
-                                   qk_scale, head_dim, ks_base, vs_base, stride_st, SCALED,
-                                   BLOCK_R, BLOCK_N, BLOCK_D)
+        acc, l_i, m = _split(q, k_base, v_base, stride_kt, stride_vt, start, stop, q_pos, phi,
+                             qk_scale, head_dim, ks_base, vs_base, stride_st, False, SCALED,
+                             BLOCK_R, BLOCK_N, BLOCK_D)
         gap = m - phi
         unsafe = (m > float("-inf")) & ((gap > WINDOW) | (gap < -WINDOW))
         fallback = tl.sum(unsafe.to(tl.int32), 0) > 0
         ref = phi
         if fallback:
-            acc, l_i, ref = _exact_split(q, k_base, v_base, stride_kt, stride_vt, start, stop, q_pos,
-                                         qk_scale, head_dim, ks_base, vs_base, stride_st, SCALED,
-                                         BLOCK_R, BLOCK_N, BLOCK_D)
+            acc, l_i, ref = _split(q, k_base, v_base, stride_kt, stride_vt, start, stop, q_pos,
+                                   phi, qk_scale, head_dim, ks_base, vs_base, stride_st, True,
+                                   SCALED, BLOCK_R, BLOCK_N, BLOCK_D)
         tl.store(FALLBACK + bh * num_splits + split, fallback.to(tl.int32))
     else:
-        acc, l_i, ref = _exact_split(q, k_base, v_base, stride_kt, stride_vt, start, stop, q_pos,
-                                     qk_scale, head_dim, ks_base, vs_base, stride_st, SCALED,
-                                     BLOCK_R, BLOCK_N, BLOCK_D)
+        acc, l_i, ref = _split(q, k_base, v_base, stride_kt, stride_vt, start, stop, q_pos, phi,
+                               qk_scale, head_dim, ks_base, vs_base, stride_st, True, SCALED,
+                               BLOCK_R, BLOCK_N, BLOCK_D)
         tl.store(FALLBACK + bh * num_splits + split, 0)
 
     seen = l_i > 0.0
