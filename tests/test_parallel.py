@@ -202,3 +202,24 @@ def test_runs_inside_torchrun(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == "rank 0 of 2: sum 3 result 0".split()
+
+
+def test_generate_under_torchrun_reports_once_and_matches_one_process(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FACLI_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    command = ["-m", "facli.cli", "generate", "--prompt", "tensor parallel", "--max-new-tokens", "6",
+               "--device", "cpu", "--json"]
+    ranks = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                            "--nproc-per-node", "2", *command, "--devices", "2"],
+                           capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert ranks.returncode == 0, ranks.stderr
+    one = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=300,
+                         env=env, cwd=tmp_path)
+    assert one.returncode == 0, one.stderr
+    lines = ranks.stdout.strip().splitlines()
+    assert len(lines) == 1 and ranks.stderr.count("facli: plan:") == 1, (ranks.stdout, ranks.stderr)
+    assert json.loads(lines[0])["token_ids"] == json.loads(one.stdout)["token_ids"]

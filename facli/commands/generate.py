@@ -80,7 +80,7 @@ def generate(
 def plan_and_generate(options, text: str, sampling, max_new_tokens: int, *, stream: bool) -> dict:
     """Tokenize, plan (refusing what will not fit), then run on one process or N ranks."""
     from facli.parallel.degrees import check_tensor_parallel
-    from facli.parallel.launch import launch
+    from facli.parallel.launch import launch, prints_here
     from facli.placement import hardware_for, plan_run
     from facli.resolve import (
         check_context,
@@ -104,9 +104,10 @@ def plan_and_generate(options, text: str, sampling, max_new_tokens: int, *, stre
                     world_size=options.devices, dtype=options.dtype, kv_dtype=options.kv_dtype,
                     prefill_chunk=options.prefill_chunk, decode_mode=options.decode_mode,
                     force=options.force)
-    print(f"facli: {plan.summary_line()}", file=sys.stderr)
-    if not plan.fits:
-        print("facli: warning: --force: running a plan that does not fit", file=sys.stderr)
+    if prints_here():
+        print(f"facli: {plan.summary_line()}", file=sys.stderr)
+        if not plan.fits:
+            print("facli: warning: --force: running a plan that does not fit", file=sys.stderr)
     request = GenerateRequest(options, resolved, prompt_ids, sampling, max_new_tokens, stream,
                               hardware, tokenizer, plan)
     return launch(generate_on_rank, (request,), world_size=options.devices, device_type=device.type)
