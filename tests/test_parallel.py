@@ -223,3 +223,18 @@ def test_generate_under_torchrun_reports_once_and_matches_one_process(tmp_path):
     lines = ranks.stdout.strip().splitlines()
     assert len(lines) == 1 and ranks.stderr.count("facli: plan:") == 1, (ranks.stdout, ranks.stderr)
     assert json.loads(lines[0])["token_ids"] == json.loads(one.stdout)["token_ids"]
+
+
+@pytest.mark.parametrize("devices,peer,local_world,expected", [
+    (2, True, None, True), (2, False, None, False), (1, True, None, False), (4, True, "2", False)])
+def test_copy_engines_only_between_peer_gpus_of_one_host(monkeypatch, devices, peer, local_world, expected):
+    from facli.parallel import copy_engine
+
+    monkeypatch.setattr(copy_engine, "_USABLE", {})
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: devices)
+    monkeypatch.setattr(torch.cuda, "can_device_access_peer", lambda a, b: peer)
+    if local_world is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world)
+    assert copy_engine.usable(2 if devices < 4 else 4) is expected

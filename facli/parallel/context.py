@@ -20,8 +20,8 @@ class TensorParallelSettings:
         the attention's all_reduce overlaps the MLP's first GEMMs (facli.parallel.overlap).
     reduce_engine: "nccl" sums tiles with torch.distributed's all_reduce; "copy" sums tiles of
         at least 1 MiB and at most tile_tokens rows through symmetric memory and the GPUs' copy
-        engines, leaving the SMs to the GEMMs (facli.parallel.copy_engine; CUDA only, other
-        tiles and devices fall back to all_reduce).
+        engines, leaving the SMs to the GEMMs (facli.parallel.copy_engine; GPUs of one host
+        with peer access only: other tiles and devices fall back to all_reduce).
     skip_row_reduce: benchmarks only. Row-parallel projections skip their all_reduce, so results
         are WRONG; it measures the same compute with no communication.
     """

@@ -16,6 +16,7 @@ the barrier of use j + SLOTS - 1, which this rank reaches only after its adds of
 stream runs in order), so with two or more slots a tile is never overwritten before it is read.
 """
 
+import os
 import warnings
 
 import torch
@@ -84,6 +85,19 @@ class CopyEngineReducer:
 
 
 _REDUCERS: dict[tuple, CopyEngineReducer] = {}
+_USABLE: dict[int, bool] = {}
+
+
+def usable(world: int) -> bool:
+    """Whether `world` ranks, one per GPU 0..world-1 of this host, can map each other's memory:
+    all on one host and every pair of GPUs peer-accessible (NVLink or PCIe P2P). Every rank
+    computes the same answer from the same matrix, so all of them choose the same engine."""
+    if world not in _USABLE:
+        count = torch.cuda.device_count()
+        one_host = int(os.environ.get("LOCAL_WORLD_SIZE", world)) == world and count >= world
+        _USABLE[world] = one_host and all(
+            torch.cuda.can_device_access_peer(a, b) for a in range(world) for b in range(world) if a != b)
+    return _USABLE[world]
 
 
 def reducer_for(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> CopyEngineReducer:
