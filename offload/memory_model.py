@@ -66,11 +66,14 @@ WORKSPACE_ROPE_TABLE = False  # True if the runtime keeps fp32 cos/sin for all c
 # buffer, so tiles cost no memory of their own.
 COMM_EMBEDDING_OUTPUTS = 1
 COMM_LOGITS_COPIES = 2
-# GPU ranks sum prefill tiles with the copy engines (facli.parallel.copy_engine): tiles of this
-# many tokens (measured best on 2 H200s, docs/benchmarks.md) once a chunk holds two, through
-# COPY_ENGINE_SLOTS (as copy_engine.SLOTS) symmetric inboxes per peer of [tile, hidden].
+# Two GPU ranks sum prefill tiles with the copy engines (facli.parallel.copy_engine): tiles of
+# this many tokens (measured best on 2 H200s, docs/benchmarks.md) once a chunk holds two, through
+# COPY_ENGINE_SLOTS (as copy_engine.SLOTS) symmetric inboxes per peer of [tile, hidden]. Each
+# rank pushes its tile to every peer, N/2 times the bytes of NCCL's ring, so more ranks keep
+# one all_reduce per projection.
 COPY_ENGINE_TILE_TOKENS = 4096
 COPY_ENGINE_SLOTS = 2
+COPY_ENGINE_RANKS = 2
 # Offloaded KV (facli.offload.kv_store): 2 staging slots, each one layer of K and V for the
 # whole capacity in the model dtype; with fp8 KV also a ring of this many rows in fp8 on the GPU.
 STAGING_SLOTS = 2
@@ -169,7 +172,7 @@ def workspace_bytes(config: ModelConfig, ctx: int, batch: int, tp: int = 1) -> i
 
 def copy_engine_tile(tp: int, chunk: int, on_gpu: bool) -> int | None:
     """Tokens per copy-engine AllReduce tile, or None where prefill sums with one all_reduce."""
-    if tp == 1 or not on_gpu or chunk < 2 * COPY_ENGINE_TILE_TOKENS:
+    if tp != COPY_ENGINE_RANKS or not on_gpu or chunk < 2 * COPY_ENGINE_TILE_TOKENS:
         return None
     return COPY_ENGINE_TILE_TOKENS
 

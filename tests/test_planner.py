@@ -254,3 +254,9 @@ def test_gpu_ranks_tile_prefill_for_the_copy_engines_and_budget_their_inboxes():
     # A chunk shorter than two tiles, or CPU ranks: one all_reduce per projection, no inboxes.
     short = plan(config, two, 32768, 1, options(devices=2, prefill_chunk=4096))
     assert short.allreduce_tile_tokens == 4096 and tensor_parallel_settings(short).tile_tokens is None
+
+
+def test_more_than_two_ranks_keep_one_all_reduce_per_projection():
+    result = plan(model("llama-7b"), load_hardware("8xH200"), 32768, 1,
+                  options(devices=4, prefill_chunk=32768))
+    assert result.tp == 4 and result.allreduce_tile_tokens == 32768
