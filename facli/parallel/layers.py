@@ -1,7 +1,6 @@
 """Tensor-parallel building blocks. Each takes its shard of the checkpoint at load time.
 
-Column-parallel: the output features are split over ranks (q/k/v, gate/up, each group merged
-into one GEMM), no communication.
+Column-parallel: the output features are split over ranks (q/k/v, gate/up), no communication.
 Row-parallel: the input features are split (o_proj, down_proj); partial outputs are summed.
 """
 
@@ -52,29 +51,13 @@ class _ShardedLinear(nn.Module):
             self.bias.data = reader.read(f"{prefix}.bias", full[:1], self.bias.dtype, self.bias.device, bias_shard)
 
 
-class MergedColumnParallelLinear(nn.Module):
-    """Column-parallel linears over one input (q/k/v, gate/up) as one GEMM: this rank's rows of
-    every part stacked into one weight. Returns each part's output, views of one buffer."""
+class ColumnParallelLinear(_ShardedLinear):
+    """y = x W^T + b with W [out, in]; this rank holds rows rank*out/N .. (rank+1)*out/N."""
 
-    def __init__(self, in_features, out_features: tuple[int, ...], *, bias, ctx, dtype, device):
-        super().__init__()
-        self.in_features, self.out_features, self.ctx = in_features, out_features, ctx
-        self.sizes = [_split(size, ctx, "output features") for size in out_features]
-        self.weight = _empty((sum(self.sizes), in_features), dtype, device)
-        self.bias = _empty((sum(self.sizes),), dtype, device) if bias else None
-
-    def load(self, reader: CheckpointReader, prefixes: tuple[str, ...]) -> None:
-        shard = Shard(0, self.ctx.rank, self.ctx.world_size)
-        dtype, device = self.weight.dtype, self.weight.device
-        self.weight.data = torch.cat([
-            reader.read(f"{prefix}.weight", (size, self.in_features), dtype, device, shard)
-            for prefix, size in zip(prefixes, self.out_features)])
-        if self.bias is not None:
-            self.bias.data = torch.cat([reader.read(f"{prefix}.bias", (size,), dtype, device, shard)
-                                        for prefix, size in zip(prefixes, self.out_features)])
+    shard_dim = 0
 
     def forward(self, x):
-        return torch.split(F.linear(x, self.weight, self.bias), self.sizes, dim=-1)
+        return F.linear(x, self.weight, self.bias)
 
 
 class RowParallelLinear(_ShardedLinear):
