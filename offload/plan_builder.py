@@ -3,7 +3,7 @@
 from facli.config import ModelConfig
 from facli.offload.candidates import Candidate, resolve_dtypes
 from facli.offload.hardware import HardwareSpec
-from facli.offload.memory_model import reserved_outside_allocator
+from facli.offload.memory_model import COPY_ENGINE_RANKS, reserved_outside_allocator
 from facli.offload.plan import DevicePlan, HostPlan, Plan, Timing
 from facli.units import format_bytes, format_ctx
 
@@ -118,9 +118,15 @@ def _explanation(model: ModelConfig, hardware: HardwareSpec, ctx: int, best: Can
         lines.append(f"prefill chunk {best.chunk}: the next best chunk, {alt.chunk}, predicts "
                      f"{alt.total_s:.2f} s in all against {best.total_s:.2f} s")
     if best.tp > 1:
-        lines.append(f"tiling-AllReduce tile: {best.tile_tokens} tokens "
-                     f"({hardware.inter_gpu_gbps:g} GB/s, {hardware.allreduce_latency_us:g} us "
-                     f"per call); exposed comm {best.times['prefill_comm_exposed_s']:.2f} s")
+        if best.tile_tokens >= best.chunk:
+            how = "one all_reduce per projection"
+        elif best.tp == COPY_ENGINE_RANKS and not best.on_cpu:
+            how = f"tiles of {best.tile_tokens} tokens summed by the copy engines"
+        else:
+            how = f"tiles of {best.tile_tokens} tokens"
+        lines.append(f"tiling-AllReduce: {how} ({hardware.inter_gpu_gbps:g} GB/s, "
+                     f"{hardware.allreduce_latency_us:g} us per call); exposed comm "
+                     f"{best.times['prefill_comm_exposed_s']:.2f} s")
     lines.extend(_rejected(best, found))
     lines.extend(notes)
     if model.sliding_window is not None and ctx > model.sliding_window:
