@@ -114,10 +114,11 @@ def start_row_parallel(rows: torch.Tensor, weight: torch.Tensor, ctx: ParallelCo
 
 def _copy_engine_reducer(part: torch.Tensor, ctx: ParallelContext):
     """The copy-engine reducer for this output tile, or None where all_reduce sums it (other
-    settings, small tiles, or GPUs that cannot map each other's memory)."""
+    settings, small tiles, GPUs that cannot map each other's memory, or a CUDA-graph capture,
+    whose replays would repeat one slot sequence that the reducer's round-robin does not know)."""
     tile = ctx.settings.tile_tokens
     if (ctx.settings.reduce_engine != "copy" or part.device.type != "cuda" or tile is None
             or part.shape[0] > tile or part.numel() * part.element_size() < copy_engine.MIN_TILE_BYTES
-            or not copy_engine.usable(ctx.world_size)):
+            or torch.cuda.is_current_stream_capturing() or not copy_engine.usable(ctx.world_size)):
         return None
     return copy_engine.reducer_for(tile, part.shape[1], part.dtype, part.device)
