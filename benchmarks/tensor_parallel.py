@@ -17,8 +17,8 @@ For TP=N four collective modes run the same compute:
              memory instead of NCCL's all_reduce (facli.parallel.copy_engine)
 Exposed communication = time(mode) - time(nocomm); hidden = 1 - exposed(tiled) / exposed(single).
 A projection-level run (o_proj and down_proj shapes alone) gives the same fraction without the
-attention in between, for several tile sizes. Timings exclude warm-up (cuBLAS/cuDNN plans, NCCL
-set-up). Results: a JSON line per measurement in OUT/tensor_parallel.jsonl, a table last.
+attention in between, for several tile sizes. Timings exclude warm-up (cuBLAS plans, Triton
+compilation, NCCL set-up). Results: a JSON line per measurement in OUT/tensor_parallel.jsonl, a table last.
 """
 
 import argparse

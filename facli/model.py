@@ -61,16 +61,12 @@ class Attention(nn.Module):
 
     def attend(self, x, cos, sin, kv: KVStore, layer: int, start: int):
         """This rank's attention heads before o_proj: [B, T, local heads * D]."""
-        q, k, v = self.project(x, cos, sin)
-        return kv.attend(layer, q, k, v, start).reshape(x.shape[0], x.shape[1], -1)
-
-    def project(self, x, cos, sin):
-        """This rank's rotated q [B, T, local Hq, D] and k, v [B, T, local Hkv, D]."""
         batch, length, _ = x.shape
         q = self.q_proj(x).view(batch, length, self.local_q_heads, self.head_dim)
         k = self.k_proj(x).view(batch, length, self.local_kv_heads, self.head_dim)
         v = self.v_proj(x).view(batch, length, self.local_kv_heads, self.head_dim)
-        return elementwise.apply_rotary(q, cos, sin), elementwise.apply_rotary(k, cos, sin), v
+        q, k = elementwise.apply_rotary(q, cos, sin), elementwise.apply_rotary(k, cos, sin)
+        return kv.attend(layer, q, k, v, start).reshape(batch, length, -1)
 
 
 class MLP(nn.Module):

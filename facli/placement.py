@@ -8,7 +8,7 @@ from facli.config import ModelConfig
 from facli.errors import FacliError
 from facli.kv_cache import DeviceKVCache
 from facli.offload.hardware import HardwareSpec, hardware_from_option
-from facli.offload.memory_model import COPY_ENGINE_RANKS
+from facli.offload.memory_model import sums_with_copy_engines
 from facli.offload.plan import Plan, uses_offloaded_store
 from facli.offload.planner import PlanOptions, plan
 from facli.parallel.context import TensorParallelSettings
@@ -43,7 +43,7 @@ def tensor_parallel_settings(run_plan: Plan) -> TensorParallelSettings:
     tile = run_plan.allreduce_tile_tokens
     if tile >= run_plan.prefill_chunk:
         return TensorParallelSettings()
-    copy = run_plan.device_kind == "cuda" and run_plan.tp == COPY_ENGINE_RANKS
+    copy = sums_with_copy_engines(run_plan.tp, on_gpu=run_plan.device_kind == "cuda")
     return TensorParallelSettings(tile_tokens=tile, reduce_engine="copy" if copy else "nccl")
 
 

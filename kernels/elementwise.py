@@ -54,16 +54,18 @@ def rms_norm_reference(x, weight, eps, residual=None):
     return normed if residual is None else (normed, summed)
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t as [rows, last dim] with a unit column stride, copied only when it has none."""
+    rows = t.reshape(-1, t.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
 def rms_norm_triton(x, weight, eps, residual=None):
     cols = x.shape[-1]
-    rows = x.reshape(-1, cols)
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
+    rows = _rows(x)
     out = common.empty(*rows.shape, dtype=x.dtype, device=x.device)
     summed = common.empty(*rows.shape, dtype=x.dtype, device=x.device) if residual is not None else out
-    res = residual.reshape(-1, cols) if residual is not None else rows
-    if res.stride(-1) != 1:
-        res = res.contiguous()
+    res = _rows(residual) if residual is not None else rows
     block = triton.next_power_of_2(cols)
     if rows.shape[0]:
         _rms_norm_kernel[(rows.shape[0],)](

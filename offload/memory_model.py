@@ -170,9 +170,14 @@ def workspace_bytes(config: ModelConfig, ctx: int, batch: int, tp: int = 1) -> i
     return WORKSPACE_FIXED_BYTES + partials + rope
 
 
+def sums_with_copy_engines(tp: int, on_gpu: bool) -> bool:
+    """Whether tiled prefill sums go through the copy engines (else through all_reduce)."""
+    return tp == COPY_ENGINE_RANKS and on_gpu
+
+
 def copy_engine_tile(tp: int, chunk: int, on_gpu: bool) -> int | None:
     """Tokens per copy-engine AllReduce tile, or None where prefill sums with one all_reduce."""
-    if tp != COPY_ENGINE_RANKS or not on_gpu or chunk < 2 * COPY_ENGINE_TILE_TOKENS:
+    if not sums_with_copy_engines(tp, on_gpu) or chunk < 2 * COPY_ENGINE_TILE_TOKENS:
         return None
     return COPY_ENGINE_TILE_TOKENS
 

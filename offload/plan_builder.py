@@ -3,7 +3,7 @@
 from facli.config import ModelConfig
 from facli.offload.candidates import Candidate, resolve_dtypes
 from facli.offload.hardware import HardwareSpec
-from facli.offload.memory_model import COPY_ENGINE_RANKS, reserved_outside_allocator
+from facli.offload.memory_model import reserved_outside_allocator, sums_with_copy_engines
 from facli.offload.plan import DevicePlan, HostPlan, Plan, Timing
 from facli.units import format_bytes, format_ctx
 
@@ -120,7 +120,7 @@ def _explanation(model: ModelConfig, hardware: HardwareSpec, ctx: int, best: Can
     if best.tp > 1:
         if best.tile_tokens >= best.chunk:
             how = "one all_reduce per projection"
-        elif best.tp == COPY_ENGINE_RANKS and not best.on_cpu:
+        elif sums_with_copy_engines(best.tp, on_gpu=not best.on_cpu):
             how = f"tiles of {best.tile_tokens} tokens summed by the copy engines"
         else:
             how = f"tiles of {best.tile_tokens} tokens"

@@ -14,11 +14,11 @@ from facli.offload.plan import uses_offloaded_store
 # A staging slot keeps its layer across chunks and tokens (facli.offload.kv_store), so with at
 # most STAGING_SLOTS host layers their prefix is never reloaded, only new rows move.
 from facli.offload.memory_model import (
-    COPY_ENGINE_RANKS,
     STAGING_SLOTS,
     activation_bytes,
     copy_engine_tile,
     kv_layer_bytes,
+    sums_with_copy_engines,
     weight_bytes,
 )
 
@@ -46,9 +46,9 @@ EAGER_STORE_LAYER_HOST_S = 1.5e-3
 # 42.7 s predicted with bf16 attention).
 FP8_PREFILL_ATTENTION_FACTOR = 1.4
 # Share of one-all_reduce-per-projection communication that tiling-AllReduce hides with the copy
-# engines (facli.parallel.copy_engine), tiles of COPY_ENGINE_TILE_TOKENS: measured 29% at 32K
-# and 40% at 128K on 2 H200s over the whole model (benchmarks/tensor_parallel.py). NCCL's own
-# kernels hid 11-15%: they wait for SMs that cuBLAS's GEMMs hold.
+# engines (facli.parallel.copy_engine), tiles of COPY_ENGINE_TILE_TOKENS: measured 25-71% over
+# the whole model on 2 H200s at 32K and 128K (benchmarks/tensor_parallel.py). NCCL's own kernels
+# hid 9-15%: they wait for SMs that cuBLAS's GEMMs hold.
 COPY_ENGINE_HIDDEN = 0.3
 NCCL_TILING_HIDDEN = 0.1  # the same with NCCL's all_reduce per tile (more than 2 ranks)
 CPU_ATTENTION_SYNC_S = 20e-6  # per host layer per decode step: q to host, partials back, merge
@@ -124,7 +124,7 @@ def prefill_breakdown(hw: HardwareSpec, layout: Layout) -> dict[str, float]:
         single = _allreduce_seconds(tokens * c.hidden_size * layout.weight_dtype_bytes,
                                     2 * c.num_hidden_layers, np.ones_like(tokens), hw, t)
         tiled = tokens >= 2 * layout.tile_tokens
-        hidden = COPY_ENGINE_HIDDEN if t == COPY_ENGINE_RANKS else NCCL_TILING_HIDDEN
+        hidden = COPY_ENGINE_HIDDEN if sums_with_copy_engines(t, on_gpu=True) else NCCL_TILING_HIDDEN
         comm = np.where(tiled, (1 - hidden) * single, single)
     transfer = np.zeros_like(sizes)
     if layout.host_layers and not layout.on_cpu:

@@ -104,11 +104,12 @@ def start_row_parallel(rows: torch.Tensor, weight: torch.Tensor, ctx: ParallelCo
     for start, stop in bounds:
         part = out[start:stop]  # rows of a contiguous buffer: contiguous, as collectives need
         torch.mm(rows[start:stop], weight_t, out=part)
-        reducer = None if skip else _copy_engine_reducer(part, ctx)
-        if reducer is not None:
+        if skip:
+            works.append(None)
+        elif (reducer := _copy_engine_reducer(part, ctx)) is not None:
             works.append(reducer.start_sum(part))
         else:
-            works.append(None if skip else dist.all_reduce(part, async_op=True))
+            works.append(dist.all_reduce(part, async_op=True))
     return PendingRows(out, bounds, works)
 
 
