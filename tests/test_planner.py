@@ -260,3 +260,11 @@ def test_more_than_two_ranks_keep_one_all_reduce_per_projection():
     result = plan(model("llama-7b"), load_hardware("8xH200"), 32768, 1,
                   options(devices=4, prefill_chunk=32768))
     assert result.tp == 4 and result.allreduce_tile_tokens == 32768
+
+
+def test_nccl_tiles_budget_no_copy_engine_inboxes():
+    config, eight = model("llama-7b"), load_hardware("8xH200")
+    tiled = plan(config, eight, 32768, 1, options(devices=4, prefill_chunk=32768, allreduce_tile_tokens=4096))
+    untiled = plan(config, eight, 32768, 1, options(devices=4, prefill_chunk=32768))
+    assert tiled.allreduce_tile_tokens == 4096
+    assert tiled.devices[0].comm_bytes == untiled.devices[0].comm_bytes
