@@ -14,7 +14,7 @@ from facli.kv_cache import KVStore
 from facli.parallel import overlap
 from facli.parallel.context import ParallelContext
 from facli.parallel.layers import (
-    ColumnParallelLinear,
+    MergedColumnParallelLinear,
     ParallelLMHead,
     RowParallelLinear,
     VocabParallelEmbedding,
@@ -47,14 +47,14 @@ class Attention(nn.Module):
         linear = dict(ctx=ctx, dtype=dtype, device=device)
         qkv_bias = config.attention_bias
         o_bias = config.attention_bias and config.model_type != "qwen2"
-        self.q_proj = ColumnParallelLinear(h, config.num_attention_heads * d, bias=qkv_bias, **linear)
-        self.k_proj = ColumnParallelLinear(h, config.num_key_value_heads * d, bias=qkv_bias, **linear)
-        self.v_proj = ColumnParallelLinear(h, config.num_key_value_heads * d, bias=qkv_bias, **linear)
+        kv_width = config.num_key_value_heads * d
+        self.qkv_proj = MergedColumnParallelLinear(
+            h, (config.num_attention_heads * d, kv_width, kv_width), bias=qkv_bias, **linear)
         self.o_proj = RowParallelLinear(config.num_attention_heads * d, h, bias=o_bias, **linear)
 
     def load(self, reader: CheckpointReader, prefix: str) -> None:
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            getattr(self, name).load(reader, f"{prefix}.{name}")
+        self.qkv_proj.load(reader, tuple(f"{prefix}.{name}" for name in ("q_proj", "k_proj", "v_proj")))
+        self.o_proj.load(reader, f"{prefix}.o_proj")
 
     def forward(self, x, cos, sin, kv: KVStore, layer: int, start: int):
         return self.o_proj(self.attend(x, cos, sin, kv, layer, start))
@@ -62,9 +62,10 @@ class Attention(nn.Module):
     def attend(self, x, cos, sin, kv: KVStore, layer: int, start: int):
         """This rank's attention heads before o_proj: [B, T, local heads * D]."""
         batch, length, _ = x.shape
-        q = self.q_proj(x).view(batch, length, self.local_q_heads, self.head_dim)
-        k = self.k_proj(x).view(batch, length, self.local_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(batch, length, self.local_kv_heads, self.head_dim)
+        q, k, v = self.qkv_proj(x)
+        q = q.view(batch, length, self.local_q_heads, self.head_dim)
+        k = k.view(batch, length, self.local_kv_heads, self.head_dim)
+        v = v.view(batch, length, self.local_kv_heads, self.head_dim)
         q, k = elementwise.apply_rotary(q, cos, sin), elementwise.apply_rotary(k, cos, sin)
         return kv.attend(layer, q, k, v, start).reshape(batch, length, -1)
 
@@ -74,19 +75,18 @@ class MLP(nn.Module):
         super().__init__()
         h, inter = config.hidden_size, config.intermediate_size
         linear = dict(bias=False, ctx=ctx, dtype=dtype, device=device)
-        self.gate_proj = ColumnParallelLinear(h, inter, **linear)
-        self.up_proj = ColumnParallelLinear(h, inter, **linear)
+        self.gate_up_proj = MergedColumnParallelLinear(h, (inter, inter), **linear)
         self.down_proj = RowParallelLinear(inter, h, **linear)
 
     def load(self, reader: CheckpointReader, prefix: str) -> None:
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            getattr(self, name).load(reader, f"{prefix}.{name}")
+        self.gate_up_proj.load(reader, (f"{prefix}.gate_proj", f"{prefix}.up_proj"))
+        self.down_proj.load(reader, f"{prefix}.down_proj")
 
     def forward(self, x):
         return self.down_proj(self.inner(x))
 
     def inner(self, x):
-        return elementwise.silu_mul(self.gate_proj(x), self.up_proj(x))
+        return elementwise.silu_mul(*self.gate_up_proj(x))
 
 
 class DecoderLayer(nn.Module):

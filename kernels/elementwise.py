@@ -131,18 +131,20 @@ def apply_rotary_triton(x, cos, sin):
 
 
 @triton.jit
-def _silu_mul_kernel(G, U, Y, count, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < count
-    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+def _silu_mul_kernel(G, U, Y, stride_g, stride_u, cols, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < cols
+    g = tl.load(G + row * stride_g + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + row * stride_u + offs, mask=mask, other=0.0).to(tl.float32)
     dtype = Y.dtype.element_ty
     silu = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
-    tl.store(Y + offs, (silu * u).to(dtype), mask=mask)
+    tl.store(Y + row * cols + offs, (silu * u).to(dtype), mask=mask)
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """SiLU(gate) * up, SiLU rounded to the dtype before the product (as F.silu(gate) * up)."""
+    """SiLU(gate) * up, SiLU rounded to the dtype before the product (as F.silu(gate) * up).
+    gate and up may be column slices of one [..., 2 * I] projection output."""
     return (silu_mul_triton if gate.is_cuda else silu_mul_reference)(gate, up)
 
 
@@ -151,10 +153,10 @@ def silu_mul_reference(gate, up):
 
 
 def silu_mul_triton(gate, up):
-    gate, up = gate.contiguous(), up.contiguous()
+    g, u = _rows(gate), _rows(up)
     out = common.empty(*gate.shape, dtype=gate.dtype, device=gate.device)
-    block = 2048
-    if gate.numel():
-        _silu_mul_kernel[(triton.cdiv(gate.numel(), block),)](gate, up, out, gate.numel(), BLOCK=block,
-                                                               num_warps=8)
+    block = 1024
+    if g.numel():
+        _silu_mul_kernel[(g.shape[0], triton.cdiv(g.shape[1], block))](
+            g, u, out, g.stride(0), u.stride(0), g.shape[1], BLOCK=block, num_warps=4)
     return out

@@ -51,6 +51,9 @@ def check_silu_mul(device, dtype, shape, monkeypatch):
     poison_allocations(monkeypatch)
     gate, up = (torch.randn(shape, device=device).to(dtype) * 4 for _ in range(2))
     within_two_roundings(elementwise.silu_mul_triton(gate, up), ACT2FN["silu"](gate) * up)
+    # As the MLP passes them: the two halves of one [..., 2 * I] gate/up projection output.
+    gate, up = torch.cat((gate, up), -1).split(shape[-1], -1)
+    within_two_roundings(elementwise.silu_mul_triton(gate, up), ACT2FN["silu"](gate) * up)
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
@@ -66,7 +69,7 @@ def test_rotary(dtype, batch, seq, heads, dim, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(1, 1), (3, 700), (5, 4097)])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 700), (5, 4097), (2, 3, 300)])
 def test_silu_mul(dtype, shape, monkeypatch):
     check_silu_mul(DEVICE, dtype, shape, monkeypatch)
 

@@ -1,6 +1,7 @@
 """Tensor-parallel building blocks. Each takes its shard of the checkpoint at load time.
 
-Column-parallel: the output features are split over ranks (q/k/v, gate/up), no communication.
+Column-parallel: the output features are split over ranks (q/k/v, gate/up, each group merged
+into one GEMM), no communication.
 Row-parallel: the input features are split (o_proj, down_proj); partial outputs are summed.
 """
 
@@ -27,43 +28,47 @@ def _empty(shape, dtype, device) -> nn.Parameter:
     return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
 
 
-class _ShardedLinear(nn.Module):
-    """A linear layer W [out, in] of which this rank holds one slice along `shard_dim`."""
+class MergedColumnParallelLinear(nn.Module):
+    """Column-parallel linears over one input (q/k/v, gate/up) as one GEMM: this rank's rows of
+    every part stacked into one weight. Returns each part's output, views of one buffer."""
 
-    shard_dim: int  # 0: output rows (column-parallel); 1: input columns (row-parallel)
+    def __init__(self, in_features, out_features: tuple[int, ...], *, bias, ctx, dtype, device):
+        super().__init__()
+        self.in_features, self.out_features, self.ctx = in_features, out_features, ctx
+        self.sizes = [_split(size, ctx, "output features") for size in out_features]
+        self.weight = _empty((sum(self.sizes), in_features), dtype, device)
+        self.bias = _empty((sum(self.sizes),), dtype, device) if bias else None
+
+    def load(self, reader: CheckpointReader, prefixes: tuple[str, ...]) -> None:
+        shard = Shard(0, self.ctx.rank, self.ctx.world_size)
+        dtype, device = self.weight.dtype, self.weight.device
+        self.weight.data = torch.cat([
+            reader.read(f"{prefix}.weight", (size, self.in_features), dtype, device, shard)
+            for prefix, size in zip(prefixes, self.out_features)])
+        if self.bias is not None:
+            self.bias.data = torch.cat([reader.read(f"{prefix}.bias", (size,), dtype, device, shard)
+                                        for prefix, size in zip(prefixes, self.out_features)])
+
+    def forward(self, x):
+        return torch.split(F.linear(x, self.weight, self.bias), self.sizes, dim=-1)
+
+
+class RowParallelLinear(nn.Module):
+    """y = sum over ranks of x_local W_local^T (+ b once); this rank holds columns of W [out, in]."""
 
     def __init__(self, in_features, out_features, *, bias, ctx, dtype, device):
         super().__init__()
         self.in_features, self.out_features, self.ctx = in_features, out_features, ctx
-        shape = [out_features, in_features]
-        what = "output features" if self.shard_dim == 0 else "input features"
-        shape[self.shard_dim] = _split(shape[self.shard_dim], ctx, what)
-        self.weight = _empty(tuple(shape), dtype, device)
-        # A row-parallel bias is added once, after the sum, so every rank holds all of it.
-        self.bias = _empty((shape[0],), dtype, device) if bias else None
+        self.weight = _empty((out_features, _split(in_features, ctx, "input features")), dtype, device)
+        # The bias is added once, after the sum, so every rank holds all of it.
+        self.bias = _empty((out_features,), dtype, device) if bias else None
 
     def load(self, reader: CheckpointReader, prefix: str) -> None:
-        shard = Shard(self.shard_dim, self.ctx.rank, self.ctx.world_size)
+        shard = Shard(1, self.ctx.rank, self.ctx.world_size)
         full = (self.out_features, self.in_features)
         self.weight.data = reader.read(f"{prefix}.weight", full, self.weight.dtype, self.weight.device, shard)
         if self.bias is not None:
-            bias_shard = shard if self.shard_dim == 0 else None
-            self.bias.data = reader.read(f"{prefix}.bias", full[:1], self.bias.dtype, self.bias.device, bias_shard)
-
-
-class ColumnParallelLinear(_ShardedLinear):
-    """y = x W^T + b with W [out, in]; this rank holds rows rank*out/N .. (rank+1)*out/N."""
-
-    shard_dim = 0
-
-    def forward(self, x):
-        return F.linear(x, self.weight, self.bias)
-
-
-class RowParallelLinear(_ShardedLinear):
-    """y = sum over ranks of x_local W_local^T (+ b once); this rank holds columns of W [out, in]."""
-
-    shard_dim = 1
+            self.bias.data = reader.read(f"{prefix}.bias", full[:1], self.bias.dtype, self.bias.device)
 
     def forward(self, x):
         """x [..., in/N] -> [..., out]; tiled over tokens as ctx.settings says (see comm)."""
