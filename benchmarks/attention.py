@@ -134,6 +134,8 @@ def main():
     parser.add_argument("--commit", default=os.environ.get("FACLI_COMMIT"))
     parser.add_argument("--out", default=None, help="folder for results.json")
     args = parser.parse_args()
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
     sizes = [int(s[:-1]) * 1024 if s.endswith("k") else int(s) for s in args.sizes.split(",") if s]
     dsizes = [int(s[:-1]) * 1024 if s.endswith("k") else int(s) for s in args.decode_sizes.split(",")]
     device = torch.device("cuda")
@@ -206,6 +208,9 @@ def main():
         eager = f"{fmt(r['facli_eager'] * 1e3 if r.get('facli_eager') else None)} / " \
                 f"{fmt(r['sdpa_eager'] * 1e3 if r.get('sdpa_eager') else None)}"
         print(f"| {r['T'] // 1024}K | {r['Hkv']} | " + " | ".join(cells) + f" | {fmt(speed, 2)} | {eager} |")
+    print("facli decode with the merge launched after the splits instead of as a dependent launch, us: "
+          + ", ".join(f"{r['T'] // 1024}K/Hkv {r['Hkv']} {fmt(r['facli_merge_launched_after'] * 1e3, 1)}"
+                      for r in res["decode"] if r.get("facli_merge_launched_after")))
     if "peak_memory" in res:
         peak = res["peak_memory"]
         print(f"\npeak extra memory of prefill at {peak['T']}: {peak['extra_bytes']} B "

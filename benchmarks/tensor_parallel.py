@@ -148,18 +148,15 @@ def projection_bench(config, ctx, device, tokens, tiles, reps):
         runs = [("nocomm", None), ("single", None)] + [("tiled", t) for t in tiles]
         if device.type == "cuda":
             runs += [("tiled-ce", t) for t in tiles] + [("copy-engine-only", t) for t in tiles]
-            runs += [("copy-engine-only/1", t) for t in tiles]  # one push stream per tile
         runs.append(("allreduce-only", None))
         out.zero_()  # summed over and over: zeros stay finite
         for mode, tile in runs:
             if mode == "allreduce-only":
                 def step():
                     comm.all_reduce_sum(out, ctx)
-            elif mode.startswith("copy-engine-only"):
-                streams = 1 if mode.endswith("/1") else copy_engine.PUSH_STREAMS
-
-                def step(tile=tile, streams=streams):
-                    reducer = copy_engine.reducer_for(tile, h, out.dtype, device, streams)
+            elif mode == "copy-engine-only":
+                def step(tile=tile):
+                    reducer = copy_engine.reducer_for(tile, h, out.dtype, device)
                     for event in [reducer.start_sum(out[s:s + tile]) for s in range(0, tokens, tile)]:
                         torch.cuda.current_stream().wait_event(event)
             else:

@@ -11,13 +11,9 @@ the partial tiles. Only the barrier and the adds take SMs, for microseconds.
 Every rank adds the same partial tiles in rank order (for two ranks, IEEE addition commutes), so
 all ranks hold bit-identical sums, as tensor parallelism needs.
 
-A tile's push is cut into PUSH_STREAMS row blocks copied from as many streams, so that several
-copy engines move it at once (one engine alone drives about 260 GB/s of NVLink's 450).
-
 Inbox slots are reused round-robin. A peer pushes use j + SLOTS into a slot only after passing
 the barrier of use j + SLOTS - 1, which this rank reaches only after its adds of use j (its side
-stream runs in order, and every push stream waits for the side stream's earlier work), so with
-two or more slots a tile is never overwritten before it is read.
+stream runs in order), so with two or more slots a tile is never overwritten before it is read.
 """
 
 import os
@@ -27,7 +23,6 @@ import torch
 import torch.distributed as dist
 
 SLOTS = 2
-PUSH_STREAMS = 2
 MIN_TILE_BYTES = 1 << 20  # below this NCCL's latency wins; decode steps stay on NCCL
 _BARRIER_TIMEOUT_MS = 600_000  # a rank that never arrives traps the kernel instead of hanging
 
@@ -35,8 +30,7 @@ _BARRIER_TIMEOUT_MS = 600_000  # a rank that never arrives traps the kernel inst
 class CopyEngineReducer:
     """Symmetric inboxes [SLOTS, world - 1, rows, cols] and the side stream that sums tiles."""
 
-    def __init__(self, rows: int, cols: int, dtype: torch.dtype, device: torch.device,
-                 push_streams: int = PUSH_STREAMS):
+    def __init__(self, rows: int, cols: int, dtype: torch.dtype, device: torch.device):
         from torch.distributed import _symmetric_memory as symm_mem
 
         with warnings.catch_warnings():  # required before torch 2.12, deprecated since
@@ -47,8 +41,6 @@ class CopyEngineReducer:
         self.inbox = symm_mem.empty(SLOTS, self.world - 1, rows, cols, dtype=dtype, device=device)
         self.handle = symm_mem.rendezvous(self.inbox, dist.group.WORLD)
         self.stream = torch.cuda.Stream(device, priority=-1)
-        self.push_streams = [self.stream] + [torch.cuda.Stream(device, priority=-1)
-                                             for _ in range(push_streams - 1)]
         self.uses = 0
         self._views: dict[tuple, torch.Tensor] = {}
 
@@ -59,21 +51,12 @@ class CopyEngineReducer:
         slot = self.uses % SLOTS
         self.uses += 1
         rows = part.shape[0]
-        caller = torch.cuda.current_stream()
-        block = -(-rows // len(self.push_streams))
-        for index, stream in enumerate(self.push_streams):
-            part.record_stream(stream)  # summed here, allocated and freed on the caller's stream
-            stream.wait_stream(caller)
-            if stream is not self.stream:
-                stream.wait_stream(self.stream)
-            lo, hi = index * block, min(rows, (index + 1) * block)
-            with torch.cuda.stream(stream):
-                for peer in range(self.world):
-                    if peer != self.rank and lo < hi:  # the copy engines, over NVLink
-                        self._inbox(peer, self.rank, slot, rows)[lo:hi].copy_(part[lo:hi])
-        for stream in self.push_streams[1:]:
-            self.stream.wait_stream(stream)
+        part.record_stream(self.stream)  # summed here, allocated and freed on the caller's stream
+        self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream):
+            for peer in range(self.world):
+                if peer != self.rank:
+                    self._inbox(peer, self.rank, slot, rows).copy_(part)  # the copy engine, over NVLink
             self.handle.barrier(channel=0, timeout_ms=_BARRIER_TIMEOUT_MS)
             terms = [part if rank == self.rank else self._inbox(self.rank, rank, slot, rows)
                      for rank in range(self.world)]
@@ -117,11 +100,10 @@ def usable(world: int) -> bool:
     return _USABLE[world]
 
 
-def reducer_for(rows: int, cols: int, dtype: torch.dtype, device: torch.device,
-                push_streams: int = PUSH_STREAMS) -> CopyEngineReducer:
+def reducer_for(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> CopyEngineReducer:
     """The process's reducer for tiles of up to `rows` x `cols` (created on first use: every rank
     reaches this in the same order, as rendezvous is collective)."""
-    key = (device, rows, cols, dtype, push_streams)
+    key = (device, rows, cols, dtype)
     if key not in _REDUCERS:
-        _REDUCERS[key] = CopyEngineReducer(rows, cols, dtype, device, push_streams)
+        _REDUCERS[key] = CopyEngineReducer(rows, cols, dtype, device)
     return _REDUCERS[key]
