@@ -208,9 +208,6 @@ def main():
         eager = f"{fmt(r['facli_eager'] * 1e3 if r.get('facli_eager') else None)} / " \
                 f"{fmt(r['sdpa_eager'] * 1e3 if r.get('sdpa_eager') else None)}"
         print(f"| {r['T'] // 1024}K | {r['Hkv']} | " + " | ".join(cells) + f" | {fmt(speed, 2)} | {eager} |")
-    print("facli decode with the merge launched after the splits instead of as a dependent launch, us: "
-          + ", ".join(f"{r['T'] // 1024}K/Hkv {r['Hkv']} {fmt(r['facli_merge_launched_after'] * 1e3, 1)}"
-                      for r in res["decode"] if r.get("facli_merge_launched_after")))
     if "peak_memory" in res:
         peak = res["peak_memory"]
         print(f"\npeak extra memory of prefill at {peak['T']}: {peak['extra_bytes']} B "

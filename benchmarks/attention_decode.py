@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from facli.kernels import decode as decode_module
 from facli.kernels.configs import DecodeConfig
 from facli.kernels.decode import decode_attention_triton
 from gpu_timing import graph_ms, log, try_graph_ms, try_ms
@@ -49,7 +48,6 @@ def decode_row(cache_len, q_heads, kv_heads, cfg):
     facli = [lambda k=k, v=v: decode_attention_triton(q, k, v, lens, config=cfg) for k, v in caches]
     row["facli"] = try_graph_ms(facli)
     row["facli_eager"] = try_ms(rotating(facli))
-    row["facli_merge_launched_after"] = merge_launched_after(facli)
     qt = q.transpose(1, 2)
     kts = [(k.transpose(1, 2), v.transpose(1, 2)) for k, v in caches]
     for name, backend in [("sdpa", None), *SDPA_BACKENDS.items()]:
@@ -78,17 +76,6 @@ def decode_row(cache_len, q_heads, kv_heads, cfg):
     got = decode_attention_triton(q, caches[0][0], caches[0][1], lens, config=cfg).float()
     row["rel_err_vs_fp32"] = ((got - err_ref).norm() / err_ref.norm()).item()
     return row
-
-
-def merge_launched_after(facli):
-    """The same graph replays with the merge as an ordinary launch instead of a programmatic
-    dependent one (facli.kernels.decode)."""
-    dependent = decode_module._dependent_launch
-    decode_module._dependent_launch = lambda device: False
-    try:
-        return try_graph_ms(facli)
-    finally:
-        decode_module._dependent_launch = dependent
 
 
 def sweep_decode():

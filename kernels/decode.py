@@ -18,10 +18,6 @@ m - phi lies in [-WINDOW, WINDOW] (log2 units): above, exp2 could overflow float
 row outside the window redoes its keys with the exact online-softmax (rescaling) path, so the
 result is always exact to rounding; the fallback is counted per split.
 
-On Hopper and later the merge is launched as a programmatic dependent launch: its programs
-are scheduled while the split programs still run and wait on the GPU (griddepcontrol) for their
-results, so the second launch's latency is not added to the step.
-
 The probabilities feed the P @ V product in the cache's dtype. bfloat16 has float32's exponent
 range, so the window holds; float16 holds only 2**-24..2**16, too narrow for a shift chosen ahead,
 so float16 caches always take the exact path (and count no fallback).
@@ -35,11 +31,6 @@ import triton.language as tl
 
 from facli.kernels import common
 from facli.kernels.configs import DecodeConfig, decode_config, num_sms
-
-try:  # programmatic dependent launch (Hopper and later)
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:  # older Triton: the merge is an ordinary launch
-    gdc_launch_dependents = gdc_wait = None
 
 LOG2E = 1.4426950408889634
 WINDOW = 64.0
@@ -127,11 +118,9 @@ def _split_kernel(Q, K, V, KS, VS, LENS, PHI, O_PART, LSE_PART, FALLBACK,
                   stride_vb, stride_vt, stride_vh, stride_sb, stride_st, stride_sh,
                   kv_heads, q_len, group, chunk, qk_scale, head_dim,
                   GIVEN_PHI: tl.constexpr, ASYNC: tl.constexpr, SCALED: tl.constexpr,
-                  WINDOW: tl.constexpr, PDL: tl.constexpr,
+                  WINDOW: tl.constexpr,
                   BLOCK_R: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    if PDL:
-        gdc_launch_dependents()  # the merge may be scheduled now; it waits for this grid's end
     split = tl.program_id(0)
     num_splits = tl.num_programs(0)
     bh = tl.program_id(1)
@@ -193,10 +182,7 @@ def _split_kernel(Q, K, V, KS, VS, LENS, PHI, O_PART, LSE_PART, FALLBACK,
 @triton.jit
 def _merge_kernel(O_PART, LSE_PART, O, LSE, stride_ob, stride_ot, stride_oh,
                   q_heads, q_len, num_splits, head_dim,
-                  WRITE_LSE: tl.constexpr, PDL: tl.constexpr,
-                  BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    if PDL:
-        gdc_wait()  # every split program has finished and its writes are visible
+                  WRITE_LSE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # (b, head, query), row-major
     t = row % q_len
     h = (row // q_len) % q_heads
@@ -234,12 +220,6 @@ def _check_scales(q, k_cache, v_cache, k_scales, v_scales) -> bool:
     if k_scales.stride() != v_scales.stride():
         raise ValueError("expected k_scales and v_scales with the same strides")
     return True
-
-
-def _dependent_launch(device: torch.device) -> bool:
-    """Whether the merge kernel goes out as a programmatic dependent launch on `device`."""
-    return (gdc_wait is not None and device.type == "cuda" and not common.interpreted()
-            and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 def choose_num_splits(batch: int, kv_heads: int, cache_len: int, device, cfg: DecodeConfig) -> int:
@@ -307,14 +287,13 @@ def decode_attention_triton(q, k_cache, v_cache, cache_lens, *, scale=None, retu
     phi = unified_max.float().contiguous() if unified_max is not None else lse_part
     k_s, v_s = (k_scales, v_scales) if scaled else (lse_part, lse_part)
     scale_strides = k_scales.stride() if scaled else (0, 0, 0)
-    pdl = _dependent_launch(dev)
     _split_kernel[(splits, batch * kv_heads)](
         q, k_cache, v_cache, k_s, v_s, cache_lens, phi, o_part, lse_part, flags,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), *scale_strides,
         kv_heads, q_len, group, chunk, scale * LOG2E, head_dim,
         GIVEN_PHI=unified_max is not None, ASYNC=q.dtype != torch.float16, SCALED=scaled,
-        WINDOW=WINDOW, PDL=pdl,
+        WINDOW=WINDOW,
         BLOCK_R=max(16, triton.next_power_of_2(group * q_len)), BLOCK_N=cfg.block_n,
         BLOCK_D=block_d, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -323,7 +302,7 @@ def decode_attention_triton(q, k_cache, v_cache, cache_lens, *, scale=None, retu
     _merge_kernel[(batch * q_heads * q_len,)](
         o_part, lse_part, out, lse, out.stride(0), out.stride(1), out.stride(2),
         q_heads, q_len, splits, head_dim,
-        WRITE_LSE=return_lse, PDL=pdl, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d,
-        num_warps=4 if splits <= 32 else 8, launch_pdl=pdl,
+        WRITE_LSE=return_lse, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d,
+        num_warps=4 if splits <= 32 else 8,
     )
     return (out, lse) if return_lse else out
