@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 from facli.bench import git_commit
 from facli.config import ModelConfig
+from facli.kernels import elementwise
 from facli.kv_cache import DeviceKVCache
 from facli.model import CausalLM
 from facli.parallel import comm, copy_engine
@@ -145,6 +146,7 @@ def projection_bench(config, ctx, device, tokens, tiles, reps):
         x = torch.randn(tokens, width // n, dtype=torch.bfloat16, device=device) * 0.1
         w = torch.randn(h, width // n, dtype=torch.bfloat16, device=device) * 0.02
         out = torch.empty(tokens, h, dtype=torch.bfloat16, device=device)
+        summed = torch.empty_like(out)
         runs = [("nocomm", None), ("single", None)] + [("tiled", t) for t in tiles]
         if device.type == "cuda":
             runs += [("tiled-ce", t) for t in tiles] + [("copy-engine-only", t) for t in tiles]
@@ -156,9 +158,14 @@ def projection_bench(config, ctx, device, tokens, tiles, reps):
                     comm.all_reduce_sum(out, ctx)
             elif mode == "copy-engine-only":
                 def step(tile=tile):
-                    reducer = copy_engine.reducer_for(tile, h, out.dtype, device)
-                    for event in [reducer.start_sum(out[s:s + tile]) for s in range(0, tokens, tile)]:
-                        torch.cuda.current_stream().wait_event(event)
+                    exchange = copy_engine.exchange_for(tokens, h, out.dtype, device)
+                    inbox, sequence = exchange.begin()
+                    bounds = [(s, min(s + tile, tokens)) for s in range(0, tokens, tile)]
+                    for index, (s, e) in enumerate(bounds):
+                        exchange.push(out[s:e], inbox, s, index, sequence)
+                    for index, (s, e) in enumerate(bounds):
+                        elementwise.pair_sum(out[s:e], exchange.received(inbox, s, e), out=summed[s:e],
+                                             flag=exchange.flag(inbox, index), sequence=sequence)
             else:
                 settings = TensorParallelSettings(**{"tile_tokens": tile, **MODES[mode]})
                 local = ctx.with_settings(settings)

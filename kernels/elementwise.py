@@ -1,5 +1,6 @@
 """The decoder layer's elementwise work, fused: RMSNorm (with the residual add before it), rotary
-embeddings, and SiLU(gate) * up.
+embeddings, SiLU(gate) * up, and the sum of two ranks' row-parallel partials with what follows
+it (residual add, RMSNorm).
 
 Unfused, each is five to ten PyTorch kernels over [tokens, hidden] tensors with float32
 intermediates; at 32K tokens of a 7B model that is several GB of memory traffic per layer, as much
@@ -73,6 +74,66 @@ def rms_norm_triton(x, weight, eps, residual=None):
             cols, eps, HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)))
     normed = out.view(x.shape)
     return normed if residual is None else (normed, summed.view(x.shape))
+
+
+@triton.jit
+def _pair_sum_kernel(A, B, R, S, Y, W, FLAG, sequence, stride_a, stride_b, stride_r, stride_s,
+                     stride_y, cols, eps, WAIT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                     NORM: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < cols
+    if WAIT:
+        # The peer's copy engine writes the rows, then the flag, behind a system-wide fence;
+        # reading the flag with acquire semantics orders the row loads after it.
+        ready = tl.atomic_add(FLAG, 0, sem="acquire", scope="sys")
+        while ready < sequence:
+            ready = tl.atomic_add(FLAG, 0, sem="acquire", scope="sys")
+    # .cg: straight from L2, which the peer's writes into this GPU's memory go through.
+    a = tl.load(A + row * stride_a + offs, mask=mask, other=0.0, cache_modifier=".cg")
+    b = tl.load(B + row * stride_b + offs, mask=mask, other=0.0, cache_modifier=".cg")
+    dtype = S.dtype.element_ty
+    x = (a.to(tl.float32) + b.to(tl.float32)).to(dtype)
+    if HAS_RESIDUAL:
+        r = tl.load(R + row * stride_r + offs, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(dtype)
+    tl.store(S + row * stride_s + offs, x, mask=mask)
+    if NORM:
+        x32 = x.to(tl.float32)
+        inv_rms = 1.0 / tl.sqrt(tl.sum(x32 * x32, axis=0) / cols + eps)
+        normed = (x32 * inv_rms).to(dtype)
+        w = tl.load(W + offs, mask=mask, other=0.0)
+        tl.store(Y + row * stride_y + offs, (w.to(tl.float32) * normed.to(tl.float32)).to(dtype), mask=mask)
+
+
+def pair_sum(first: torch.Tensor, second: torch.Tensor, *, residual: torch.Tensor | None = None,
+             norm_weight: torch.Tensor | None = None, eps: float = 0.0, out: torch.Tensor | None = None,
+             flag: torch.Tensor | None = None, sequence: int = 0):
+    """s = first + second (rounded, in that order) [+ residual, rounded], into `out` (or a new
+    tensor); with norm_weight returns (norm_weight * normalize(s), s) as rms_norm does, else s.
+    All [rows, cols]. With `flag` (CUDA, one int32), waits on the GPU until flag >= sequence
+    before reading first and second: the two ranks' partial sums of a row-parallel projection,
+    one of them pushed by the peer (facli.parallel.copy_engine)."""
+    rows, cols = first.shape
+    out = common.empty(rows, cols, dtype=first.dtype, device=first.device) if out is None else out
+    if not first.is_cuda and not common.interpreted():
+        summed = first + second
+        summed = summed if residual is None else summed + residual
+        out.copy_(summed)
+        if norm_weight is None:
+            return out
+        return rms_norm_reference(out, norm_weight, eps), out
+    normed = common.empty(rows, cols, dtype=first.dtype, device=first.device) if norm_weight is not None else out
+    res = residual if residual is not None else first
+    block = triton.next_power_of_2(cols)
+    if rows:
+        _pair_sum_kernel[(rows,)](
+            first, second, res, out, normed, norm_weight if norm_weight is not None else first,
+            flag if flag is not None else first, sequence,
+            first.stride(0), second.stride(0), res.stride(0), out.stride(0), normed.stride(0), cols, eps,
+            WAIT=flag is not None, HAS_RESIDUAL=residual is not None, NORM=norm_weight is not None,
+            BLOCK=block, num_warps=min(16, max(1, block // 256)))
+    return (normed, out) if norm_weight is not None else out
 
 
 @triton.jit

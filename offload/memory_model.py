@@ -67,12 +67,11 @@ WORKSPACE_ROPE_TABLE = False  # True if the runtime keeps fp32 cos/sin for all c
 COMM_EMBEDDING_OUTPUTS = 1
 COMM_LOGITS_COPIES = 2
 # Two GPU ranks sum prefill tiles with the copy engines (facli.parallel.copy_engine): tiles of
-# this many tokens (measured best on 2 H200s, docs/benchmarks.md) once a chunk holds two, through
-# COPY_ENGINE_SLOTS (as copy_engine.SLOTS) symmetric inboxes per peer of [tile, hidden]. Each
-# rank pushes its tile to every peer, N/2 times the bytes of NCCL's ring, so more ranks keep
-# one all_reduce per projection.
+# this many tokens (measured best on 2 H200s, docs/benchmarks.md) once a chunk holds two, pushed
+# into COPY_ENGINE_INBOXES (as copy_engine.INBOXES) symmetric inboxes of a whole projection
+# output [chunk, hidden] each. More ranks keep NCCL.
 COPY_ENGINE_TILE_TOKENS = 4096
-COPY_ENGINE_SLOTS = 2
+COPY_ENGINE_INBOXES = 2
 COPY_ENGINE_RANKS = 2
 # Offloaded KV (facli.offload.kv_store): 2 staging slots, each one layer of K and V for the
 # whole capacity in the model dtype; with fp8 KV also a ring of this many rows in fp8 on the GPU.
@@ -185,12 +184,12 @@ def copy_engine_tile(tp: int, chunk: int, on_gpu: bool) -> int | None:
 def comm_bytes(config: ModelConfig, chunk: int, batch: int, dtype_bytes: int, tp: int,
                copy_tile: int | None = None) -> int:
     """Tensor-parallel buffers of one rank beyond the layer activations (see COMM_*), and the
-    copy-engine inboxes when prefill tiles of `copy_tile` tokens are summed that way."""
+    copy-engine inboxes when prefill tiles of `copy_tile` tokens are exchanged that way."""
     if tp == 1:
         return 0
     embedding = COMM_EMBEDDING_OUTPUTS * chunk * batch * config.hidden_size * dtype_bytes
     logits = COMM_LOGITS_COPIES * batch * config.vocab_size * 4
-    inboxes = COPY_ENGINE_SLOTS * (tp - 1) * (copy_tile or 0) * config.hidden_size * dtype_bytes
+    inboxes = COPY_ENGINE_INBOXES * chunk * batch * config.hidden_size * dtype_bytes if copy_tile else 0
     return embedding + logits + inboxes
 
 

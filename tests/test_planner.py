@@ -234,18 +234,18 @@ def test_odd_heads_and_a_single_layer():
 
 
 def test_gpu_ranks_tile_prefill_for_the_copy_engines_and_budget_their_inboxes():
-    from facli.offload.memory_model import COPY_ENGINE_SLOTS, COPY_ENGINE_TILE_TOKENS
+    from facli.offload.memory_model import COPY_ENGINE_INBOXES, COPY_ENGINE_TILE_TOKENS
     from facli.parallel import copy_engine
     from facli.placement import tensor_parallel_settings
 
-    assert COPY_ENGINE_SLOTS == copy_engine.SLOTS
+    assert COPY_ENGINE_INBOXES == copy_engine.INBOXES
     config = model("llama-7b")
     two = load_hardware("2xH200")
     tiled = plan(config, two, 32768, 1, options(devices=2, prefill_chunk=32768))
     untiled = plan(config, two, 32768, 1, options(devices=2, prefill_chunk=32768,
                                                   allreduce_tile_tokens=32768))
     assert tiled.allreduce_tile_tokens == COPY_ENGINE_TILE_TOKENS
-    inboxes = COPY_ENGINE_SLOTS * COPY_ENGINE_TILE_TOKENS * config.hidden_size * 2
+    inboxes = COPY_ENGINE_INBOXES * 32768 * config.hidden_size * 2
     assert tiled.devices[0].comm_bytes - untiled.devices[0].comm_bytes == inboxes
     assert tiled.timing.prefill_s < untiled.timing.prefill_s
     settings = tensor_parallel_settings(tiled)

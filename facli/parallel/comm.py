@@ -4,6 +4,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from facli.kernels import elementwise
 from facli.parallel import copy_engine
 from facli.parallel.context import ParallelContext
 
@@ -70,22 +71,70 @@ def tile_bounds(count: int, ctx: ParallelContext) -> list[tuple[int, int]]:
 
 
 class PendingRows:
-    """A row-parallel output [rows, out] whose tiles are being summed over ranks."""
+    """A row-parallel output [rows, out] computed tile by tile (`bounds`), each tile's sum over
+    ranks started as soon as its GEMM is queued (`compute`) and read back by `tile` or `finish`.
 
-    def __init__(self, out: torch.Tensor, bounds, works):
-        self.out, self.bounds, self._works = out, bounds, works
+    NCCL sums each tile with an asynchronous all_reduce. Between two peer GPUs with
+    ctx.settings.reduce_engine "copy", each rank pushes its partial tile to the peer with the
+    copy engines, and the kernel that reads the tile adds the two partials (copy_engine)."""
+
+    def __init__(self, count: int, features: int, like: torch.Tensor, ctx: ParallelContext, bounds):
+        self.out = torch.empty(count, features, dtype=like.dtype, device=like.device)
+        self.bounds, self.ctx = bounds, ctx
+        self._works: list = [None] * len(bounds)
+        self._skip = ctx.settings.skip_row_reduce or not ctx.is_distributed
+        self._exchange = None if self._skip else _copy_engine_exchange(self.out, bounds, ctx)
+        if self._exchange is not None:
+            self._inbox, self._sequence = self._exchange.begin()
+
+    def compute(self, index: int, rows: torch.Tensor, weight: torch.Tensor) -> None:
+        """Tile `index` = rows @ weight^T (rows [tile rows, in/N], weight [out, in/N]); starts
+        its sum over ranks without waiting for it."""
+        start, stop = self.bounds[index]
+        part = self.out[start:stop]  # rows of a contiguous buffer: contiguous, as collectives need
+        torch.mm(rows, weight.t(), out=part)
+        if self._skip:
+            return
+        if self._exchange is not None:
+            self._works[index] = self._exchange.push(part, self._inbox, start, index, self._sequence)
+        else:
+            self._works[index] = dist.all_reduce(part, async_op=True)
 
     def tile(self, index: int) -> torch.Tensor:
-        """Tile `index` of the output, once its sum over ranks is done (for the current stream)."""
-        work = self._works[index]
-        if isinstance(work, torch.cuda.Event):
-            torch.cuda.current_stream().wait_event(work)
-        elif work is not None:
-            # On NCCL, wait() only makes the current stream wait for the collective's stream.
-            work.wait()
-        self._works[index] = None
+        """Tile `index` summed over ranks, in place (for work queued next on the current stream)."""
         start, stop = self.bounds[index]
-        return self.out[start:stop]
+        part = self.out[start:stop]
+        work, self._works[index] = self._works[index], None
+        if self._exchange is not None and work is not None:
+            torch.cuda.current_stream().wait_event(work)  # this rank's push has read the partial
+            return self._pair_sum(index, out=part)
+        if work is not None:
+            work.wait()  # on NCCL, only makes the current stream wait for the collective's stream
+        return part
+
+    def finish(self, index: int, *, residual: torch.Tensor, norm=None, bias=None, out=None):
+        """h = tile `index` summed over ranks (+ bias) + residual, into `out` if given; with
+        `norm` (an RMSNorm) returns (norm(h), h), else h. Through the copy engines the sum, the
+        residual add and the norm are one kernel that reads the peer's partial in place."""
+        if self._exchange is None or bias is not None or self._works[index] is None:
+            summed = self.tile(index)
+            summed = summed if bias is None else summed + bias
+            if norm is not None:
+                normed, h = norm(summed, residual)
+                return normed, (h if out is None else out.copy_(h))
+            return torch.add(summed, residual, out=out)
+        self._works[index] = None
+        return self._pair_sum(index, residual=residual, norm=norm, out=out)
+
+    def _pair_sum(self, index: int, **kwargs):
+        start, stop = self.bounds[index]
+        own, received = self.out[start:stop], self._exchange.received(self._inbox, start, stop)
+        first, second = (own, received) if self.ctx.rank == 0 else (received, own)
+        norm = kwargs.pop("norm", None)
+        if norm is not None:
+            kwargs.update(norm_weight=norm.weight, eps=norm.eps)
+        return elementwise.pair_sum(first, second, flag=self._exchange.flag(self._inbox, index),
+                                    sequence=self._sequence, **kwargs)
 
     def wait_all(self) -> torch.Tensor:
         for index in range(len(self.bounds)):
@@ -95,31 +144,22 @@ class PendingRows:
 
 def start_row_parallel(rows: torch.Tensor, weight: torch.Tensor, ctx: ParallelContext,
                        bounds: list[tuple[int, int]]) -> PendingRows:
-    """rows [R, in/N] @ weight[out, in/N]^T tile by tile (`bounds`), each tile's all_reduce
-    launched asynchronously right after its GEMM; returns without waiting for any of them."""
-    out = torch.empty(rows.shape[0], weight.shape[0], dtype=rows.dtype, device=rows.device)
-    weight_t = weight.t()
-    skip = ctx.settings.skip_row_reduce or not ctx.is_distributed
-    works = []
-    for start, stop in bounds:
-        part = out[start:stop]  # rows of a contiguous buffer: contiguous, as collectives need
-        torch.mm(rows[start:stop], weight_t, out=part)
-        if skip:
-            works.append(None)
-        elif (reducer := _copy_engine_reducer(part, ctx)) is not None:
-            works.append(reducer.start_sum(part))
-        else:
-            works.append(dist.all_reduce(part, async_op=True))
-    return PendingRows(out, bounds, works)
+    """rows [R, in/N] @ weight[out, in/N]^T tile by tile (`bounds`), each tile's sum over ranks
+    started right after its GEMM; returns without waiting for any of them."""
+    pending = PendingRows(rows.shape[0], weight.shape[0], rows, ctx, bounds)
+    for index, (start, stop) in enumerate(bounds):
+        pending.compute(index, rows[start:stop], weight)
+    return pending
 
 
-def _copy_engine_reducer(part: torch.Tensor, ctx: ParallelContext):
-    """The copy-engine reducer for this output tile, or None where all_reduce sums it (other
-    settings, small tiles, GPUs that cannot map each other's memory, or a CUDA-graph capture,
-    whose replays would repeat one slot sequence that the reducer's round-robin does not know)."""
-    tile = ctx.settings.tile_tokens
-    if (ctx.settings.reduce_engine != "copy" or part.device.type != "cuda" or tile is None
-            or part.shape[0] > tile or part.numel() * part.element_size() < copy_engine.MIN_TILE_BYTES
+def _copy_engine_exchange(out: torch.Tensor, bounds, ctx: ParallelContext):
+    """The copy-engine exchange for this output, or None where all_reduce sums it (other
+    settings, one tile, small tiles, GPUs that cannot map each other's memory, or a CUDA-graph
+    capture, whose replays would repeat one sequence number)."""
+    tile_rows = bounds[0][1] - bounds[0][0]
+    if (ctx.settings.reduce_engine != "copy" or out.device.type != "cuda" or len(bounds) < 2
+            or len(bounds) > copy_engine.MAX_TILES
+            or tile_rows * out.shape[1] * out.element_size() < copy_engine.MIN_TILE_BYTES
             or torch.cuda.is_current_stream_capturing() or not copy_engine.usable(ctx.world_size)):
         return None
-    return copy_engine.reducer_for(tile, part.shape[1], part.dtype, part.device)
+    return copy_engine.exchange_for(out.shape[0], out.shape[1], out.dtype, out.device)

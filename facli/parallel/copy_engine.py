@@ -1,19 +1,22 @@
-"""Summing row-parallel tiles over ranks with the GPUs' copy engines instead of NCCL's kernels.
+"""Two GPU ranks exchanging row-parallel tiles through the copy engines instead of NCCL's kernels.
 
 NCCL's all_reduce runs as a kernel that needs SMs for the whole transfer; while cuBLAS's GEMMs
 fill every SM, that kernel waits, and tiling-AllReduce hides little (docs/benchmarks.md, tensor
-parallelism). Here, on a high-priority side stream, each rank pushes its partial tile into every
-peer's inbox, a buffer in torch.distributed symmetric memory mapped into all ranks' address
-spaces, with device-to-device copies that the copy engines run over NVLink without any SM; a
-one-block barrier kernel then waits until every rank's pushes have landed, and each rank adds
-the partial tiles. Only the barrier and the adds take SMs, for microseconds.
+parallelism). Here no SM takes part in moving a tile: on a high-priority side stream, each rank
+copies its partial tile into the peer's inbox, a buffer in torch.distributed symmetric memory
+mapped into both ranks' address spaces (a device-to-device copy, which the copy engines run
+over NVLink), then writes the tile's flag in the peer's memory with cuStreamWriteValue32, which
+the GPU's front end executes after a system-wide fence. The sum itself happens in the kernel
+that consumes the tile (facli.kernels.elementwise.pair_sum): it waits on the tile's flag, adds
+rank 0's and rank 1's partials in that order, so both ranks hold bit-identical sums, and folds
+in the residual add and RMSNorm that follow the projection.
 
-Every rank adds the same partial tiles in rank order (for two ranks, IEEE addition commutes), so
-all ranks hold bit-identical sums, as tensor parallelism needs.
-
-Inbox slots are reused round-robin. A peer pushes use j + SLOTS into a slot only after passing
-the barrier of use j + SLOTS - 1, which this rank reaches only after its adds of use j (its side
-stream runs in order), so with two or more slots a tile is never overwritten before it is read.
+A rank never waits for the peer before pushing, so the inboxes must not be overwritten too
+early: there are two inboxes, each as large as a whole projection output, used by alternating
+row-parallel projections (o_proj, down_proj, o_proj, ...). A rank pushes into an inbox again
+only two projections later, and the input of the projection in between depends on the sum it
+read from that inbox, which its peer cannot have pushed before reading its own copy. Flags hold
+the projection's sequence number, so they never need resetting.
 """
 
 import os
@@ -22,76 +25,74 @@ import warnings
 import torch
 import torch.distributed as dist
 
-SLOTS = 2
+RANKS = 2
+INBOXES = 2
+MAX_TILES = 4096  # flags per inbox
 MIN_TILE_BYTES = 1 << 20  # below this NCCL's latency wins; decode steps stay on NCCL
-_BARRIER_TIMEOUT_MS = 600_000  # a rank that never arrives traps the kernel instead of hanging
 
 
-class CopyEngineReducer:
-    """Symmetric inboxes [SLOTS, world - 1, rows, cols] and the side stream that sums tiles."""
+class CopyEngineExchange:
+    """This rank's inboxes [INBOXES, capacity, cols] and flags, the peer's mapped into this
+    rank's address space, and the side stream that pushes tiles."""
 
-    def __init__(self, rows: int, cols: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, capacity: int, cols: int, dtype: torch.dtype, device: torch.device):
         from torch.distributed import _symmetric_memory as symm_mem
 
         with warnings.catch_warnings():  # required before torch 2.12, deprecated since
             warnings.simplefilter("ignore", FutureWarning)
             symm_mem.enable_symm_mem_for_group(dist.group.WORLD.group_name)
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.rows, self.cols, self.dtype = rows, cols, dtype
-        self.inbox = symm_mem.empty(SLOTS, self.world - 1, rows, cols, dtype=dtype, device=device)
-        self.handle = symm_mem.rendezvous(self.inbox, dist.group.WORLD)
+        self.rank, self.peer = dist.get_rank(), 1 - dist.get_rank()
+        self.capacity, self.cols = capacity, cols
+        self.inbox = symm_mem.empty(INBOXES, capacity, cols, dtype=dtype, device=device)
+        self.flags = symm_mem.empty(INBOXES, MAX_TILES, dtype=torch.uint32, device=device)
+        self.flags.zero_()
+        torch.cuda.synchronize(device)  # zeroed before the peer can see the flags
+        inbox_handle = symm_mem.rendezvous(self.inbox, dist.group.WORLD)
+        flags_handle = symm_mem.rendezvous(self.flags, dist.group.WORLD)
+        self.peer_inbox = inbox_handle.get_buffer(self.peer, tuple(self.inbox.shape), dtype, 0)
+        self.peer_flags = flags_handle.get_buffer(self.peer, (INBOXES * MAX_TILES,), torch.uint32, 0)
         self.stream = torch.cuda.Stream(device, priority=-1)
-        self.uses = 0
-        self._views: dict[tuple, torch.Tensor] = {}
+        self.projections = 0
 
-    def start_sum(self, part: torch.Tensor) -> torch.cuda.Event:
-        """Replace part [rows, cols] (this rank's partial tile) by its sum over ranks, on the side
-        stream after the work queued so far on the current stream (the tile's GEMM). Returns the
-        event after which part holds the sum."""
-        slot = self.uses % SLOTS
-        self.uses += 1
-        rows = part.shape[0]
-        part.record_stream(self.stream)  # summed here, allocated and freed on the caller's stream
+    def begin(self) -> tuple[int, int]:
+        """(inbox, sequence number) of the next row-parallel projection; every rank calls this
+        once per projection, in the same order."""
+        self.projections += 1
+        return self.projections % INBOXES, self.projections
+
+    def push(self, part: torch.Tensor, inbox: int, start: int, tile: int, sequence: int) -> torch.cuda.Event:
+        """Copy part [rows, cols] into the peer's inbox at rows start.., then raise the peer's
+        flag of `tile`, on the side stream after the work queued so far on the current stream
+        (the tile's GEMM). Returns the event after which part may be overwritten."""
+        part.record_stream(self.stream)  # read here, allocated and freed on the caller's stream
         self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream):
-            for peer in range(self.world):
-                if peer != self.rank:
-                    self._inbox(peer, self.rank, slot, rows).copy_(part)  # the copy engine, over NVLink
-            self.handle.barrier(channel=0, timeout_ms=_BARRIER_TIMEOUT_MS)
-            terms = [part if rank == self.rank else self._inbox(self.rank, rank, slot, rows)
-                     for rank in range(self.world)]
-            if self.world == 2:
-                part.add_(terms[1 - self.rank])
-            else:
-                total = terms[0] + terms[1]
-                for term in terms[2:]:
-                    total += term
-                part.copy_(total)
-            done = torch.cuda.Event()
-            done.record(self.stream)
-        return done
+            self.peer_inbox[inbox, start:start + part.shape[0]].copy_(part)
+            torch._C._distributed_c10d._SymmetricMemory.stream_write_value32(
+                self.peer_flags, inbox * MAX_TILES + tile, sequence)
+            pushed = torch.cuda.Event()
+            pushed.record(self.stream)
+        return pushed
 
-    def _inbox(self, owner: int, sender: int, slot: int, rows: int) -> torch.Tensor:
-        """Where `sender` puts its tile for `owner` in `slot`, as a [rows, cols] tensor."""
-        key = (owner, sender, slot, rows)
-        if key not in self._views:
-            index = sender if sender < owner else sender - 1
-            offset = (slot * (self.world - 1) + index) * self.rows * self.cols
-            if owner == self.rank:
-                self._views[key] = self.inbox.view(-1)[offset:offset + rows * self.cols].view(rows, self.cols)
-            else:
-                self._views[key] = self.handle.get_buffer(owner, (rows, self.cols), self.dtype, offset)
-        return self._views[key]
+    def received(self, inbox: int, start: int, stop: int) -> torch.Tensor:
+        """The peer's partial rows start..stop in this rank's inbox (valid once flagged)."""
+        return self.inbox[inbox, start:stop]
+
+    def flag(self, inbox: int, tile: int) -> torch.Tensor:
+        """The flag of `tile` in this rank's inbox, as a one-element int32 tensor."""
+        return self.flags.view(torch.int32)[inbox, tile:tile + 1]
 
 
-_REDUCERS: dict[tuple, CopyEngineReducer] = {}
+_EXCHANGES: dict[tuple, CopyEngineExchange] = {}
 _USABLE: dict[int, bool] = {}
 
 
 def usable(world: int) -> bool:
-    """Whether `world` ranks, one per GPU 0..world-1 of this host, can map each other's memory:
-    all on one host and every pair of GPUs peer-accessible (NVLink or PCIe P2P). Every rank
+    """Whether `world` ranks, one per GPU 0..world-1 of this host, exchange tiles this way:
+    two ranks on one host whose GPUs are peer-accessible (NVLink or PCIe P2P). Every rank
     computes the same answer from the same matrix, so all of them choose the same engine."""
+    if world != RANKS:
+        return False
     if world not in _USABLE:
         count = torch.cuda.device_count()
         one_host = int(os.environ.get("LOCAL_WORLD_SIZE", world)) == world and count >= world
@@ -100,10 +101,15 @@ def usable(world: int) -> bool:
     return _USABLE[world]
 
 
-def reducer_for(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> CopyEngineReducer:
-    """The process's reducer for tiles of up to `rows` x `cols` (created on first use: every rank
-    reaches this in the same order, as rendezvous is collective)."""
-    key = (device, rows, cols, dtype)
-    if key not in _REDUCERS:
-        _REDUCERS[key] = CopyEngineReducer(rows, cols, dtype, device)
-    return _REDUCERS[key]
+def exchange_for(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> CopyEngineExchange:
+    """The process's exchange for projection outputs of `rows` x `cols`, created on first use
+    and replaced by a larger one when a longer chunk comes (every rank reaches this in the same
+    order, as rendezvous is collective)."""
+    key = (device, cols, dtype)
+    current = _EXCHANGES.get(key)
+    if current is None or current.capacity < rows:
+        if current is not None:
+            torch.cuda.synchronize(device)  # neither rank has a push in flight into the old inboxes
+            dist.barrier()
+        _EXCHANGES[key] = current = CopyEngineExchange(rows, cols, dtype, device)
+    return current

@@ -26,20 +26,27 @@ def layer_tail(x: torch.Tensor, attn: torch.Tensor, o_proj, post_norm, mlp,
     """h = x + o_proj(attn); returns h + mlp(post_norm(h)), tile by tile over tokens.
 
     x [B, T, H] is the layer input (the residual), attn [B, T, Hq*D/N] this rank's attention
-    heads before o_proj. Same result as the sequential layer, row for row.
+    heads before o_proj. Same result as the sequential layer, row for row. Tile i's down_proj
+    sum is read once tile i + 1's MLP is queued, so it arrives while that MLP computes.
     """
     assert mlp.down_proj.bias is None
     rows = x.reshape(-1, x.shape[-1])
     bounds = comm.tile_bounds(rows.shape[0], ctx)
     attended = comm.start_row_parallel(attn.reshape(-1, attn.shape[-1]), o_proj.weight, ctx, bounds)
-    hidden, downs = [], []
-    for index, (start, stop) in enumerate(bounds):
-        summed = attended.tile(index)
-        normed, h = post_norm(rows[start:stop], summed if o_proj.bias is None else summed + o_proj.bias)
-        inner = mlp.inner(normed)
-        downs.append(comm.start_row_parallel(inner, mlp.down_proj.weight, ctx, [(0, stop - start)]))
-        hidden.append(h)
+    downs = comm.PendingRows(rows.shape[0], mlp.down_proj.weight.shape[0], rows, ctx, bounds)
     out = torch.empty_like(rows)
+    hidden = []
     for index, (start, stop) in enumerate(bounds):
-        torch.add(hidden[index], downs[index].tile(0), out=out[start:stop])
+        normed, h = attended.finish(index, residual=rows[start:stop], norm=post_norm, bias=o_proj.bias)
+        downs.compute(index, mlp.inner(normed), mlp.down_proj.weight)
+        hidden.append(h)
+        if index:
+            _finish_down(downs, index - 1, hidden, out)
+    _finish_down(downs, len(bounds) - 1, hidden, out)
     return out.view_as(x)
+
+
+def _finish_down(downs, index: int, hidden: list, out: torch.Tensor) -> None:
+    start, stop = downs.bounds[index]
+    downs.finish(index, residual=hidden[index], out=out[start:stop])
+    hidden[index] = None
