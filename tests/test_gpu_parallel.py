@@ -110,5 +110,5 @@ def test_copy_engine_layers_equal_nccl_layers():
     NCCL path with the same tiles, with and without the tile-by-tile layer tail."""
     from facli.parallel.launch import launch
 
-    for result in launch(_layers_by_engine, world_size=2, device_type="cuda"):
-        assert all(result.values()), result
+    result = launch(_layers_by_engine, world_size=2, device_type="cuda")  # rank 0's
+    assert all(result.values()), result
