@@ -77,33 +77,39 @@ def rms_norm_triton(x, weight, eps, residual=None):
 
 
 @triton.jit
-def _pair_sum_kernel(A, B, R, S, Y, W, FLAG, sequence, stride_a, stride_b, stride_r, stride_s,
+def _pair_sum_kernel(A, B, R, S, Y, W, FLAG, sequence, rows, stride_a, stride_b, stride_r, stride_s,
                      stride_y, cols, eps, WAIT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                     NORM: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+                     NORM: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    first_row = tl.program_id(0) * ROWS
     offs = tl.arange(0, BLOCK)
     mask = offs < cols
     if WAIT:
-        # The peer's copy engine writes the rows, then the flag, behind a system-wide fence;
-        # reading the flag with acquire semantics orders the row loads after it.
-        ready = tl.atomic_add(FLAG, 0, sem="acquire", scope="sys")
+        # The peer's copy engine writes the rows, then the flag, behind a system-wide fence.
+        # Spin with plain loads from L2 (a program per ROWS rows, so few spin), then one acquire
+        # read orders the row loads after the flag.
+        ready = tl.load(FLAG, volatile=True)
         while ready < sequence:
-            ready = tl.atomic_add(FLAG, 0, sem="acquire", scope="sys")
-    # .cg: straight from L2, which the peer's writes into this GPU's memory go through.
-    a = tl.load(A + row * stride_a + offs, mask=mask, other=0.0, cache_modifier=".cg")
-    b = tl.load(B + row * stride_b + offs, mask=mask, other=0.0, cache_modifier=".cg")
+            ready = tl.load(FLAG, volatile=True)
+        tl.atomic_add(FLAG, 0, sem="acquire", scope="sys")
     dtype = S.dtype.element_ty
-    x = (a.to(tl.float32) + b.to(tl.float32)).to(dtype)
-    if HAS_RESIDUAL:
-        r = tl.load(R + row * stride_r + offs, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(dtype)
-    tl.store(S + row * stride_s + offs, x, mask=mask)
-    if NORM:
-        x32 = x.to(tl.float32)
-        inv_rms = 1.0 / tl.sqrt(tl.sum(x32 * x32, axis=0) / cols + eps)
-        normed = (x32 * inv_rms).to(dtype)
-        w = tl.load(W + offs, mask=mask, other=0.0)
-        tl.store(Y + row * stride_y + offs, (w.to(tl.float32) * normed.to(tl.float32)).to(dtype), mask=mask)
+    for index in range(ROWS):
+        row = (first_row + index).to(tl.int64)
+        ok = mask & (tl.full([BLOCK], 0, tl.int64) + row < rows)
+        # .cg: straight from L2, which the peer's writes into this GPU's memory go through.
+        a = tl.load(A + row * stride_a + offs, mask=ok, other=0.0, cache_modifier=".cg")
+        b = tl.load(B + row * stride_b + offs, mask=ok, other=0.0, cache_modifier=".cg")
+        x = (a.to(tl.float32) + b.to(tl.float32)).to(dtype)
+        if HAS_RESIDUAL:
+            r = tl.load(R + row * stride_r + offs, mask=ok, other=0.0)
+            x = (x.to(tl.float32) + r.to(tl.float32)).to(dtype)
+        tl.store(S + row * stride_s + offs, x, mask=ok)
+        if NORM:
+            x32 = x.to(tl.float32)
+            inv_rms = 1.0 / tl.sqrt(tl.sum(x32 * x32, axis=0) / cols + eps)
+            normed = (x32 * inv_rms).to(dtype)
+            w = tl.load(W + offs, mask=mask, other=0.0)
+            tl.store(Y + row * stride_y + offs, (w.to(tl.float32) * normed.to(tl.float32)).to(dtype),
+                     mask=ok)
 
 
 def pair_sum(first: torch.Tensor, second: torch.Tensor, *, residual: torch.Tensor | None = None,
@@ -126,13 +132,14 @@ def pair_sum(first: torch.Tensor, second: torch.Tensor, *, residual: torch.Tenso
     normed = common.empty(rows, cols, dtype=first.dtype, device=first.device) if norm_weight is not None else out
     res = residual if residual is not None else first
     block = triton.next_power_of_2(cols)
+    per_program = 16  # rows per program: few programs spin on the flag
     if rows:
-        _pair_sum_kernel[(rows,)](
+        _pair_sum_kernel[(triton.cdiv(rows, per_program),)](
             first, second, res, out, normed, norm_weight if norm_weight is not None else first,
-            flag if flag is not None else first, sequence,
+            flag if flag is not None else first, sequence, rows,
             first.stride(0), second.stride(0), res.stride(0), out.stride(0), normed.stride(0), cols, eps,
             WAIT=flag is not None, HAS_RESIDUAL=residual is not None, NORM=norm_weight is not None,
-            BLOCK=block, num_warps=min(16, max(1, block // 256)))
+            ROWS=per_program, BLOCK=block, num_warps=min(16, max(1, block // 256)))
     return (normed, out) if norm_weight is not None else out
 
 
