@@ -23,6 +23,17 @@ from facli.kernels import common
 
 
 @triton.jit
+def _store_normed(y_row, W, x, offs, mask, cols, eps):
+    """y = W * normalize(x), normalized in float32 and rounded to y's dtype before the scale."""
+    x32 = x.to(tl.float32)
+    inv_rms = 1.0 / tl.sqrt(tl.sum(x32 * x32, axis=0) / cols + eps)
+    dtype = y_row.dtype.element_ty
+    normed = (x32 * inv_rms).to(dtype)
+    w = tl.load(W + offs, mask=mask, other=0.0)
+    tl.store(y_row + offs, (w.to(tl.float32) * normed.to(tl.float32)).to(dtype), mask=mask)
+
+
+@triton.jit
 def _rms_norm_kernel(X, R, W, Y, S, stride_x, stride_r, stride_y, stride_s, cols, eps,
                      HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -33,12 +44,7 @@ def _rms_norm_kernel(X, R, W, Y, S, stride_x, stride_r, stride_y, stride_s, cols
         r = tl.load(R + row * stride_r + offs, mask=mask, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
         tl.store(S + row * stride_s + offs, x, mask=mask)
-    x32 = x.to(tl.float32)
-    inv_rms = 1.0 / tl.sqrt(tl.sum(x32 * x32, axis=0) / cols + eps)
-    normed = (x32 * inv_rms).to(Y.dtype.element_ty)
-    w = tl.load(W + offs, mask=mask, other=0.0)
-    tl.store(Y + row * stride_y + offs, (w.to(tl.float32) * normed.to(tl.float32)).to(Y.dtype.element_ty),
-             mask=mask)
+    _store_normed(Y + row * stride_y, W, x, offs, mask, cols, eps)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
@@ -104,12 +110,7 @@ def _pair_sum_kernel(A, B, R, S, Y, W, FLAG, sequence, rows, stride_a, stride_b,
             x = (x.to(tl.float32) + r.to(tl.float32)).to(dtype)
         tl.store(S + row * stride_s + offs, x, mask=ok)
         if NORM:
-            x32 = x.to(tl.float32)
-            inv_rms = 1.0 / tl.sqrt(tl.sum(x32 * x32, axis=0) / cols + eps)
-            normed = (x32 * inv_rms).to(dtype)
-            w = tl.load(W + offs, mask=mask, other=0.0)
-            tl.store(Y + row * stride_y + offs, (w.to(tl.float32) * normed.to(tl.float32)).to(dtype),
-                     mask=ok)
+            _store_normed(Y + row * stride_y, W, x, offs, ok, cols, eps)
 
 
 def pair_sum(first: torch.Tensor, second: torch.Tensor, *, residual: torch.Tensor | None = None,
