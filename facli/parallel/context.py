@@ -18,10 +18,11 @@ class TensorParallelSettings:
         (fewer tokens than two tiles) always use one all_reduce per projection.
     overlap_mlp: with tiles, run each decoder layer's tail (o_proj, norm, MLP) tile by tile, so
         the attention's all_reduce overlaps the MLP's first GEMMs (facli.parallel.overlap).
-    reduce_engine: "nccl" sums tiles with torch.distributed's all_reduce; "copy" sums tiles of
-        at least 1 MiB and at most tile_tokens rows through symmetric memory and the GPUs' copy
-        engines, leaving the SMs to the GEMMs (facli.parallel.copy_engine; GPUs of one host
-        with peer access only: other tiles and devices fall back to all_reduce).
+    reduce_engine: "nccl" sums tiles with torch.distributed's all_reduce; "copy" has two ranks
+        push tiles of at least 1 MiB to each other through symmetric memory with the GPUs' copy
+        engines, leaving the SMs to the GEMMs, and the kernel that reads a tile sums it
+        (facli.parallel.copy_engine; two peer-accessible GPUs of one host only: other ranks,
+        one-tile outputs and CUDA-graph captures fall back to all_reduce).
     skip_row_reduce: benchmarks only. Row-parallel projections skip their all_reduce, so results
         are WRONG; it measures the same compute with no communication.
     """
