@@ -26,6 +26,8 @@ TILINGS = {
     "untiled": TensorParallelSettings(),
     "tile3": TensorParallelSettings(tile_tokens=TILE),
     "tile3-mlp-overlap": TensorParallelSettings(tile_tokens=TILE, overlap_mlp=True),
+    # On CPU ranks the copy engines fall back to all_reduce, through the fused layer tail.
+    "tile3-copy": TensorParallelSettings(tile_tokens=TILE, reduce_engine="copy"),
 }
 NEW_TOKENS = 16
 
