@@ -115,10 +115,9 @@ def _pair_sum_kernel(A, B, R, S, Y, W, FLAG, sequence, rows, stride_a, stride_b,
 
 def pair_sum(first: torch.Tensor, second: torch.Tensor, *, residual: torch.Tensor | None = None,
              norm_weight: torch.Tensor | None = None, eps: float = 0.0, out: torch.Tensor | None = None,
-             normed_out: torch.Tensor | None = None, flag: torch.Tensor | None = None, sequence: int = 0):
+             flag: torch.Tensor | None = None, sequence: int = 0):
     """s = first + second (rounded, in that order) [+ residual, rounded], into `out` (or a new
-    tensor); with norm_weight returns (norm_weight * normalize(s), s) as rms_norm does (the
-    first into `normed_out` if given), else s.
+    tensor); with norm_weight returns (norm_weight * normalize(s), s) as rms_norm does, else s.
     All [rows, cols]. With `flag` (CUDA, one int32), waits on the GPU until flag >= sequence
     before reading first and second: the two ranks' partial sums of a row-parallel projection,
     one of them pushed by the peer (facli.parallel.copy_engine)."""
@@ -130,10 +129,8 @@ def pair_sum(first: torch.Tensor, second: torch.Tensor, *, residual: torch.Tenso
         out.copy_(summed)
         if norm_weight is None:
             return out
-        normed = rms_norm_reference(out, norm_weight, eps)
-        return (normed if normed_out is None else normed_out.copy_(normed)), out
-    normed = out if norm_weight is None else (
-        common.empty(rows, cols, dtype=first.dtype, device=first.device) if normed_out is None else normed_out)
+        return rms_norm_reference(out, norm_weight, eps), out
+    normed = common.empty(rows, cols, dtype=first.dtype, device=first.device) if norm_weight is not None else out
     res = residual if residual is not None else first
     block = triton.next_power_of_2(cols)
     per_program = 16  # rows per program: few programs spin on the flag

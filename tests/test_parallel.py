@@ -26,7 +26,7 @@ TILINGS = {
     "untiled": TensorParallelSettings(),
     "tile3": TensorParallelSettings(tile_tokens=TILE),
     "tile3-mlp-overlap": TensorParallelSettings(tile_tokens=TILE, overlap_mlp=True),
-    # On CPU ranks the copy engines fall back to all_reduce, through the fused layer tail.
+    # On CPU ranks the copy engines fall back to all_reduce.
     "tile3-copy": TensorParallelSettings(tile_tokens=TILE, reduce_engine="copy"),
 }
 NEW_TOKENS = 16

@@ -112,22 +112,19 @@ class PendingRows:
             work.wait()  # on NCCL, only makes the current stream wait for the collective's stream
         return part
 
-    def finish(self, index: int, *, residual: torch.Tensor, norm=None, bias=None, out=None,
-               normed_out=None):
+    def finish(self, index: int, *, residual: torch.Tensor, norm=None, bias=None, out=None):
         """h = tile `index` summed over ranks (+ bias) + residual, into `out` if given; with
-        `norm` (an RMSNorm) returns (norm(h), h), norm(h) into `normed_out` if given, else h.
-        Through the copy engines the sum, the residual add and the norm are one kernel that
-        reads the peer's partial in place."""
+        `norm` (an RMSNorm) returns (norm(h), h), else h. Through the copy engines the sum, the
+        residual add and the norm are one kernel that reads the peer's partial in place."""
         if self._exchange is None or bias is not None or self._works[index] is None:
             summed = self.tile(index)
             summed = summed if bias is None else summed + bias
-            if norm is None:
-                return torch.add(summed, residual, out=out)
-            normed, h = norm(summed, residual)
-            return ((normed if normed_out is None else normed_out.copy_(normed)),
-                    (h if out is None else out.copy_(h)))
+            if norm is not None:
+                normed, h = norm(summed, residual)
+                return normed, (h if out is None else out.copy_(h))
+            return torch.add(summed, residual, out=out)
         self._works[index] = None
-        return self._pair_sum(index, residual=residual, norm=norm, out=out, normed_out=normed_out)
+        return self._pair_sum(index, residual=residual, norm=norm, out=out)
 
     def _pair_sum(self, index: int, **kwargs):
         start, stop = self.bounds[index]

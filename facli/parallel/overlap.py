@@ -6,10 +6,6 @@ all_reduce overlaps the MLP's first GEMMs (gate/up), which a whole-sequence MLP 
 Each tile's down_proj all_reduce then overlaps the next tile's MLP; only the last tile's
 down_proj all_reduce is left exposed. With one token (decode at batch 1) there is nothing to
 overlap: the RMSNorm before the MLP needs the attention output summed over all ranks.
-
-With the copy engines (facli.parallel.copy_engine) the tail goes through here even with the MLP
-over all tokens at once: each tile's sum over ranks is then one kernel with the residual add
-and the RMSNorm after it, instead of a sum pass and a norm pass over the whole output.
 """
 
 import torch
@@ -19,39 +15,26 @@ from facli.parallel.context import ParallelContext
 
 
 def pipelines(ctx: ParallelContext, x: torch.Tensor) -> bool:
-    """Whether the layer tail of x [B, T, H] runs through layer_tail: when it is tiled and either
-    the MLP runs tile by tile or the copy engines' sums fold into the norm and residual adds."""
-    settings = ctx.settings
-    if not (ctx.is_distributed and (settings.overlap_mlp or settings.reduce_engine == "copy")):
+    """Whether the layer tail of x [B, T, H] runs tile by tile."""
+    if not (ctx.is_distributed and ctx.settings.overlap_mlp):
         return False
     return len(comm.tile_bounds(x.shape[0] * x.shape[1], ctx)) > 1
 
 
 def layer_tail(x: torch.Tensor, attn: torch.Tensor, o_proj, post_norm, mlp,
                ctx: ParallelContext) -> torch.Tensor:
-    """h = x + o_proj(attn); returns h + mlp(post_norm(h)), the sums over ranks tile by tile.
+    """h = x + o_proj(attn); returns h + mlp(post_norm(h)), tile by tile over tokens.
 
     x [B, T, H] is the layer input (the residual), attn [B, T, Hq*D/N] this rank's attention
-    heads before o_proj. Same result as the sequential layer, row for row. With
-    ctx.settings.overlap_mlp the MLP runs tile by tile too, and tile i's down_proj sum is read
-    once tile i + 1's MLP is queued, so it arrives while that MLP computes; otherwise the MLP
-    runs over all tokens at once, between the two projections' tiles.
+    heads before o_proj. Same result as the sequential layer, row for row. Tile i's down_proj
+    sum is read once tile i + 1's MLP is queued, so it arrives while that MLP computes.
     """
     assert mlp.down_proj.bias is None
     rows = x.reshape(-1, x.shape[-1])
     bounds = comm.tile_bounds(rows.shape[0], ctx)
     attended = comm.start_row_parallel(attn.reshape(-1, attn.shape[-1]), o_proj.weight, ctx, bounds)
-    out = torch.empty_like(rows)
-    if not ctx.settings.overlap_mlp:
-        hidden, normed = torch.empty_like(rows), torch.empty_like(rows)
-        for index, (start, stop) in enumerate(bounds):
-            attended.finish(index, residual=rows[start:stop], norm=post_norm, bias=o_proj.bias,
-                            out=hidden[start:stop], normed_out=normed[start:stop])
-        downs = comm.start_row_parallel(mlp.inner(normed), mlp.down_proj.weight, ctx, bounds)
-        for index, (start, stop) in enumerate(bounds):
-            downs.finish(index, residual=hidden[start:stop], out=out[start:stop])
-        return out.view_as(x)
     downs = comm.PendingRows(rows.shape[0], mlp.down_proj.weight.shape[0], rows, ctx, bounds)
+    out = torch.empty_like(rows)
     hidden = []
     for index, (start, stop) in enumerate(bounds):
         normed, h = attended.finish(index, residual=rows[start:stop], norm=post_norm, bias=o_proj.bias)
