@@ -121,15 +121,25 @@ def pair_sum(first: torch.Tensor, second: torch.Tensor, *, residual: torch.Tenso
     All [rows, cols]. With `flag` (CUDA, one int32), waits on the GPU until flag >= sequence
     before reading first and second: the two ranks' partial sums of a row-parallel projection,
     one of them pushed by the peer (facli.parallel.copy_engine)."""
+    fused = first.is_cuda or common.interpreted()
+    return (pair_sum_triton if fused else pair_sum_reference)(
+        first, second, residual=residual, norm_weight=norm_weight, eps=eps, out=out, flag=flag,
+        sequence=sequence)
+
+
+def pair_sum_reference(first, second, *, residual=None, norm_weight=None, eps=0.0, out=None,
+                       flag=None, sequence=0):
+    del flag, sequence  # CPU tensors are never pushed by a peer's copy engine
+    summed = first + second
+    summed = summed if residual is None else summed + residual
+    out = summed if out is None else out.copy_(summed)
+    return out if norm_weight is None else (rms_norm_reference(out, norm_weight, eps), out)
+
+
+def pair_sum_triton(first, second, *, residual=None, norm_weight=None, eps=0.0, out=None,
+                    flag=None, sequence=0):
     rows, cols = first.shape
     out = common.empty(rows, cols, dtype=first.dtype, device=first.device) if out is None else out
-    if not first.is_cuda and not common.interpreted():
-        summed = first + second
-        summed = summed if residual is None else summed + residual
-        out.copy_(summed)
-        if norm_weight is None:
-            return out
-        return rms_norm_reference(out, norm_weight, eps), out
     normed = common.empty(rows, cols, dtype=first.dtype, device=first.device) if norm_weight is not None else out
     res = residual if residual is not None else first
     block = triton.next_power_of_2(cols)

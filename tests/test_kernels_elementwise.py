@@ -57,24 +57,23 @@ def check_silu_mul(device, dtype, shape, monkeypatch):
     within_two_roundings(elementwise.silu_mul_triton(gate, up), ACT2FN["silu"](gate) * up)
 
 
-def check_pair_sum(device, dtype, rows, cols, monkeypatch):
+def check_pair_sum(device, dtype, rows, cols, monkeypatch, impl=elementwise.pair_sum):
     poison_allocations(monkeypatch)
     first, second, residual = (torch.randn(rows, cols, device=device).to(dtype) * 3 for _ in range(3))
     hf = LlamaRMSNorm(cols, eps=1e-5).to(device=device, dtype=dtype)
     hf.weight.data = torch.randn(cols, device=device).to(dtype)
     # As all_reduce and the layer round: the partials' sum, then the residual add.
     summed = first + second
-    assert torch.equal(elementwise.pair_sum(first, second), summed)
-    assert torch.equal(elementwise.pair_sum(first, second, residual=residual), summed + residual)
+    assert torch.equal(impl(first, second), summed)
+    assert torch.equal(impl(first, second, residual=residual), summed + residual)
     out = torch.full_like(first, float("nan"))
     with torch.no_grad():
-        normed, h = elementwise.pair_sum(first, second, residual=residual, norm_weight=hf.weight,
-                                         eps=1e-5, out=out)
+        normed, h = impl(first, second, residual=residual, norm_weight=hf.weight, eps=1e-5, out=out)
         assert h is out and torch.equal(h, summed + residual)
         within_two_roundings(normed, hf(summed + residual))
     # In place, as a rank sums into its own partial.
     own = first.clone()
-    elementwise.pair_sum(own, second, out=own)
+    impl(own, second, out=own)
     assert torch.equal(own, summed)
 
 
@@ -82,6 +81,7 @@ def check_pair_sum(device, dtype, rows, cols, monkeypatch):
 @pytest.mark.parametrize("rows,cols", [(1, 64), (7, 80), (33, 256)])
 def test_pair_sum(dtype, rows, cols, monkeypatch):
     check_pair_sum(DEVICE, dtype, rows, cols, monkeypatch)
+    check_pair_sum("cpu", dtype, rows, cols, monkeypatch, impl=elementwise.pair_sum_reference)
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
