@@ -156,7 +156,7 @@ def placement(model: ModelConfig, hardware: HardwareSpec, ctx: int, batch: int, 
     """(GPU layers, one rank's memory, per-rank budget) with as much KV on the GPU as fits;
     `tile`: the prefill AllReduce tile (default: the copy-engine tile for this chunk)."""
     tile = (copy_engine_tile(tp, chunk, on_gpu=True) or chunk) if tile is None else tile
-    copy_tile = tile if sums_with_copy_engines(tp, on_gpu=True) and tile < chunk else None
+    copy_inboxes = sums_with_copy_engines(tp, on_gpu=True) and tile < chunk
     layers = model.num_hidden_layers
     wb, kb = DTYPE_BYTES[weight_dtype], DTYPE_BYTES[kv_dtype]
     budget = (min(hardware.gpu_budget_bytes(i) for i in range(tp))
@@ -165,7 +165,7 @@ def placement(model: ModelConfig, hardware: HardwareSpec, ctx: int, batch: int, 
     def memory(gpu_layers: int) -> MemoryBreakdown:
         return device_memory(model, ctx=ctx, batch=batch, tp=tp, gpu_layers=gpu_layers,
                              host_layers=layers - gpu_layers, chunk=chunk,
-                             weight_dtype_bytes=wb, kv_dtype_bytes=kb, copy_tile=copy_tile)
+                             weight_dtype_bytes=wb, kv_dtype_bytes=kb, copy_inboxes=copy_inboxes)
 
     gpu_layers = _max_gpu_layers(layers, budget, lambda n: memory(n).total)
     return gpu_layers, memory(max(gpu_layers, 0)), budget

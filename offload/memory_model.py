@@ -182,14 +182,14 @@ def copy_engine_tile(tp: int, chunk: int, on_gpu: bool) -> int | None:
 
 
 def comm_bytes(config: ModelConfig, chunk: int, batch: int, dtype_bytes: int, tp: int,
-               copy_tile: int | None = None) -> int:
+               copy_inboxes: bool = False) -> int:
     """Tensor-parallel buffers of one rank beyond the layer activations (see COMM_*), and the
-    copy-engine inboxes when prefill tiles of `copy_tile` tokens are exchanged that way."""
+    copy-engine inboxes when prefill tiles are exchanged that way."""
     if tp == 1:
         return 0
     embedding = COMM_EMBEDDING_OUTPUTS * chunk * batch * config.hidden_size * dtype_bytes
     logits = COMM_LOGITS_COPIES * batch * config.vocab_size * 4
-    inboxes = COPY_ENGINE_INBOXES * chunk * batch * config.hidden_size * dtype_bytes if copy_tile else 0
+    inboxes = COPY_ENGINE_INBOXES * chunk * batch * config.hidden_size * dtype_bytes if copy_inboxes else 0
     return embedding + logits + inboxes
 
 
@@ -212,11 +212,11 @@ class MemoryBreakdown:
 
 def device_memory(config: ModelConfig, *, ctx: int, batch: int, tp: int, gpu_layers: int,
                   host_layers: int, chunk: int, weight_dtype_bytes: int,
-                  kv_dtype_bytes: int, copy_tile: int | None = None) -> MemoryBreakdown:
+                  kv_dtype_bytes: int, copy_inboxes: bool = False) -> MemoryBreakdown:
     """Peak bytes on one rank. Host layers need GPU staging (see staging_bytes); the decode
     step's activations are far smaller than a prefill chunk's, so the prefill chunk sets the
     peak. NCCL's AllReduce tiles cost no memory (views of the projection output); copy-engine
-    tiles of `copy_tile` tokens need their inboxes (comm_bytes)."""
+    tiles need their inboxes (copy_inboxes, comm_bytes)."""
     layer_kv = kv_layer_bytes(config, ctx, batch, kv_dtype_bytes, tp)
     return MemoryBreakdown(
         weights=weight_bytes(config, weight_dtype_bytes, tp),
@@ -224,7 +224,7 @@ def device_memory(config: ModelConfig, *, ctx: int, batch: int, tp: int, gpu_lay
         kv_staging=staging_bytes(config, ctx, batch, host_layers, weight_dtype_bytes,
                                  kv_dtype_bytes, tp),
         activations=activation_bytes(config, max(chunk, 1), batch, weight_dtype_bytes, tp),
-        comm=comm_bytes(config, chunk, batch, weight_dtype_bytes, tp, copy_tile),
+        comm=comm_bytes(config, chunk, batch, weight_dtype_bytes, tp, copy_inboxes),
         workspace=workspace_bytes(config, ctx, batch, tp),
     )
 

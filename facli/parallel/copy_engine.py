@@ -41,16 +41,16 @@ class CopyEngineExchange:
         with warnings.catch_warnings():  # required before torch 2.12, deprecated since
             warnings.simplefilter("ignore", FutureWarning)
             symm_mem.enable_symm_mem_for_group(dist.group.WORLD.group_name)
-        self.rank, self.peer = dist.get_rank(), 1 - dist.get_rank()
-        self.capacity, self.cols = capacity, cols
+        peer = 1 - dist.get_rank()
+        self.capacity = capacity
         self.inbox = symm_mem.empty(INBOXES, capacity, cols, dtype=dtype, device=device)
         self.flags = symm_mem.empty(INBOXES, MAX_TILES, dtype=torch.uint32, device=device)
         self.flags.zero_()
         torch.cuda.synchronize(device)  # zeroed before the peer can see the flags
         inbox_handle = symm_mem.rendezvous(self.inbox, dist.group.WORLD)
         flags_handle = symm_mem.rendezvous(self.flags, dist.group.WORLD)
-        self.peer_inbox = inbox_handle.get_buffer(self.peer, tuple(self.inbox.shape), dtype, 0)
-        self.peer_flags = flags_handle.get_buffer(self.peer, (INBOXES * MAX_TILES,), torch.uint32, 0)
+        self.peer_inbox = inbox_handle.get_buffer(peer, tuple(self.inbox.shape), dtype, 0)
+        self.peer_flags = flags_handle.get_buffer(peer, (INBOXES * MAX_TILES,), torch.uint32, 0)
         self.stream = torch.cuda.Stream(device, priority=-1)
         self.projections = 0
 
