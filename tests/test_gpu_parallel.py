@@ -37,26 +37,37 @@ def test_graphed_tensor_parallel_decode_equals_eager(tmp_path):
 
 
 def _copy_engine_sums(ctx):
-    """Row-parallel products summed by the copy engines and by NCCL, on each rank."""
+    """Row-parallel products summed by NCCL and by the copy engines, both ways: relayed (the
+    whole output at once) and summed tile by tile by pair_sum (as the tile-by-tile layer tail
+    reads them)."""
     from facli.parallel import comm, copy_engine
     from facli.parallel.context import TensorParallelSettings
 
     device = torch.device("cuda", ctx.local_rank)
     generator = torch.Generator(device=device).manual_seed(100 + ctx.rank)
     results = []
-    # Ragged last tiles, both inboxes used in turn, and a shorter output after a longer one.
+    # 8, 3 (one relayed tile) and 2 (none) tiles with ragged ends, both inboxes in turn, a
+    # shorter output after a longer one, and each shape twice.
     for tokens, dtype in ((4096, torch.float32), (1500, torch.float32), (777, torch.bfloat16),
-                          (3000, torch.bfloat16)):
+                          (3000, torch.bfloat16)) * 2:
         x = torch.randn(tokens, 1024, device=device, dtype=dtype, generator=generator)
         w = torch.randn(2048, 1024, device=device, dtype=dtype, generator=generator)
-        sums = {engine: comm.row_parallel_linear(x, w, ctx.with_settings(
-            TensorParallelSettings(tile_tokens=512, reduce_engine=engine))) for engine in ("copy", "nccl")}
-        ranks = [torch.empty_like(sums["copy"]) for _ in range(ctx.world_size)]
-        torch.distributed.all_gather(ranks, sums["copy"])
-        results.append(dict(
-            dtype=str(dtype), equal_to_nccl=torch.equal(sums["copy"], sums["nccl"]),
-            max_diff=(sums["copy"].float() - sums["nccl"].float()).abs().max().item(),
-            ranks_agree=all(torch.equal(ranks[0], other) for other in ranks[1:])))
+
+        def settings(engine):
+            return ctx.with_settings(TensorParallelSettings(tile_tokens=512, reduce_engine=engine))
+
+        sums = {"nccl": comm.row_parallel_linear(x, w, settings("nccl")),
+                "relay": comm.row_parallel_linear(x, w, settings("copy")).clone(),
+                "pair_sum": comm.start_row_parallel(x, w, settings("copy"),
+                                                    comm.tile_bounds(tokens, settings("copy"))).wait_all()}
+        for way in ("relay", "pair_sum"):
+            ranks = [torch.empty_like(sums[way]) for _ in range(ctx.world_size)]
+            torch.distributed.all_gather(ranks, sums[way])
+            results.append(dict(
+                way=way, dtype=str(dtype), scale=sums["nccl"].float().abs().max().item(),
+                equal_to_nccl=torch.equal(sums[way], sums["nccl"]),
+                max_diff=(sums[way].float() - sums["nccl"].float()).abs().max().item(),
+                ranks_agree=all(torch.equal(ranks[0], other) for other in ranks[1:])))
     return results, len(copy_engine._EXCHANGES)
 
 
@@ -67,10 +78,14 @@ def test_copy_engine_sums_match_nccl():
     assert exchanges == 2  # float32 and bfloat16 tiles: the copy engines did the work
     for result in results:
         assert result["ranks_agree"], result
-        if result["dtype"] == "torch.float32":  # a + b, rounded once either way
-            assert result["equal_to_nccl"], result
+        if result["dtype"] == "torch.float32" and result["way"] == "pair_sum":
+            assert result["equal_to_nccl"], result  # a + b, rounded once either way
+        elif result["dtype"] == "torch.float32":
+            # The relay's GEMM adds a into its float32 accumulator, maybe in another kernel
+            # (another summation order) than the plain GEMM: a few float32 roundings apart.
+            assert result["max_diff"] <= 16 * 2 ** -23 * result["scale"], result
         else:
-            assert result["max_diff"] <= 2 ** -6 * 40, result  # a bf16 rounding of sums near 40
+            assert result["max_diff"] <= 2 ** -7 * result["scale"], result  # one bf16 rounding
 
 
 def _layers_by_engine(ctx):
@@ -101,14 +116,25 @@ def _layers_by_engine(ctx):
                     module.ctx = local
             kv = DeviceKVCache(2, 1, 2048, 2, 128, torch.bfloat16, device)
             logits[(overlap, engine)] = model(ids, 0, kv, all_logits=True)
-    return {f"overlap={overlap}": torch.equal(logits[(overlap, "copy")], logits[(overlap, "nccl")])
-            for overlap in (False, True)}
+    relayed = logits[(False, "copy")]
+    ranks = [torch.empty_like(relayed) for _ in range(ctx.world_size)]
+    torch.distributed.all_gather(ranks, relayed)
+    reference = logits[(False, "nccl")]
+    return dict(tail_by_tiles_equal=torch.equal(logits[(True, "copy")], logits[(True, "nccl")]),
+                relay_ranks_agree=all(torch.equal(ranks[0], other) for other in ranks[1:]),
+                relay_max_diff=(relayed - reference).abs().max().item(),
+                nccl_scale=reference.abs().max().item(),
+                relay_argmax_agree=(relayed.argmax(-1) == reference.argmax(-1)).float().mean().item())
 
 
-def test_copy_engine_layers_equal_nccl_layers():
-    """The sums, residual adds and norms the copy-engine path fuses give the very bits of the
-    NCCL path with the same tiles, with and without the tile-by-tile layer tail."""
+def test_copy_engine_layers_match_nccl_layers():
+    """The tile-by-tile layer tail, whose sums, residual adds and norms the copy-engine path
+    fuses, gives the very bits of the NCCL path with the same tiles; the relayed whole-output
+    sums (rounded once where NCCL rounds twice) stay within bf16 rounding of it, the same on
+    both ranks."""
     from facli.parallel.launch import launch
 
     result = launch(_layers_by_engine, world_size=2, device_type="cuda")  # rank 0's
-    assert all(result.values()), result
+    assert result["tail_by_tiles_equal"] and result["relay_ranks_agree"], result
+    assert result["relay_max_diff"] <= 2 ** -5 * result["nccl_scale"], result
+    assert result["relay_argmax_agree"] >= 0.99, result

@@ -57,7 +57,13 @@ def row_parallel_linear(x: torch.Tensor, weight: torch.Tensor, ctx: ParallelCont
     if not ctx.is_distributed:
         return F.linear(x, weight, bias)
     rows = x.reshape(-1, x.shape[-1])
-    out = start_row_parallel(rows, weight, ctx, tile_bounds(rows.shape[0], ctx)).wait_all()
+    bounds = tile_bounds(rows.shape[0], ctx)
+    exchange = None if ctx.settings.skip_row_reduce else _copy_engine_exchange(
+        rows.shape[0], weight.shape[0], rows, bounds, ctx)
+    if exchange is not None:
+        out = _relayed(rows, weight, exchange, bounds, ctx)
+    else:
+        out = start_row_parallel(rows, weight, ctx, bounds).wait_all()
     out = out.view(*x.shape[:-1], weight.shape[0])
     return out if bias is None else out + bias
 
@@ -83,7 +89,7 @@ class PendingRows:
         self.bounds, self.ctx = bounds, ctx
         self._works: list = [None] * len(bounds)
         self._skip = ctx.settings.skip_row_reduce or not ctx.is_distributed
-        self._exchange = None if self._skip else _copy_engine_exchange(self.out, bounds, ctx)
+        self._exchange = None if self._skip else _copy_engine_exchange(count, features, like, bounds, ctx)
         if self._exchange is not None:
             self._inbox, self._sequence = self._exchange.begin()
 
@@ -152,14 +158,53 @@ def start_row_parallel(rows: torch.Tensor, weight: torch.Tensor, ctx: ParallelCo
     return pending
 
 
-def _copy_engine_exchange(out: torch.Tensor, bounds, ctx: ParallelContext):
-    """The copy-engine exchange for this output, or None where all_reduce sums it (other
-    settings, one tile, small tiles, GPUs that cannot map each other's memory, or a CUDA-graph
-    capture, whose replays would repeat one sequence number)."""
+def _copy_engine_exchange(count: int, features: int, like: torch.Tensor, bounds, ctx: ParallelContext):
+    """The copy-engine exchange for a [count, features] output like `like`, or None where
+    all_reduce sums it (other settings, one tile, small tiles, GPUs that cannot map each
+    other's memory, or a CUDA-graph capture, whose replays would repeat one sequence number)."""
     tile_rows = bounds[0][1] - bounds[0][0]
-    if (ctx.settings.reduce_engine != "copy" or out.device.type != "cuda" or len(bounds) < 2
+    if (ctx.settings.reduce_engine != "copy" or like.device.type != "cuda" or len(bounds) < 2
             or len(bounds) > copy_engine.MAX_TILES
-            or tile_rows * out.shape[1] * out.element_size() < copy_engine.MIN_TILE_BYTES
+            or tile_rows * features * like.element_size() < copy_engine.MIN_TILE_BYTES
             or torch.cuda.is_current_stream_capturing() or not copy_engine.usable(ctx.world_size)):
         return None
-    return copy_engine.exchange_for(out.shape[0], out.shape[1], out.dtype, out.device)
+    return copy_engine.exchange_for(count, features, like.dtype, like.device)
+
+
+RELAY_LEAD_TILES = 2  # rank 1's own-buffer tiles: they cover the arrival of rank 0's first partial
+
+
+def _relayed(rows: torch.Tensor, weight: torch.Tensor, exchange, bounds, ctx: ParallelContext) -> torch.Tensor:
+    """rows @ weight^T summed over the two ranks by relay (facli.parallel.copy_engine): rank 0
+    pushes partial tiles, rank 1 adds its product onto each in its GEMM and pushes the sum back.
+    Returns the sums [count, out], a view of this rank's inbox, valid until the projection after
+    next; both ranks hold the same bits."""
+    inbox, sequence = exchange.begin()
+    count, features = rows.shape[0], weight.shape[0]
+    summed = exchange.received(inbox, 0, count)
+    if ctx.rank == 0:
+        own = torch.empty(count, features, dtype=rows.dtype, device=rows.device)
+        for index, (start, stop) in enumerate(bounds):
+            torch.mm(rows[start:stop], weight.t(), out=own[start:stop])
+            pushed = exchange.push(own[start:stop], inbox, start, index, sequence)
+        torch.cuda.current_stream().wait_event(pushed)  # the side stream has read `own`, in order
+        for index in range(len(bounds)):
+            exchange.wait(inbox, index, sequence)
+        return summed
+    lead = range(max(0, len(bounds) - RELAY_LEAD_TILES), len(bounds))
+    lead_start = bounds[lead[0]][0]
+    own = torch.empty(count - lead_start, features, dtype=rows.dtype, device=rows.device)
+    for index in lead:
+        start, stop = bounds[index]
+        torch.mm(rows[start:stop], weight.t(), out=own[start - lead_start:stop - lead_start])
+    for index in range(lead[0]):
+        start, stop = bounds[index]
+        exchange.wait(inbox, index, sequence)
+        summed[start:stop].addmm_(rows[start:stop], weight.t())  # rank 0's partial + ours
+        exchange.push(summed[start:stop], inbox, start, index, sequence)
+    for index in lead:
+        start, stop = bounds[index]
+        elementwise.pair_sum(summed[start:stop], own[start - lead_start:stop - lead_start],
+                             flag=exchange.flag(inbox, index), sequence=sequence, out=summed[start:stop])
+        exchange.push(summed[start:stop], inbox, start, index, sequence)
+    return summed

@@ -11,6 +11,15 @@ that consumes the tile (facli.kernels.elementwise.pair_sum): it waits on the til
 rank 0's and rank 1's partials in that order, so both ranks hold bit-identical sums, and folds
 in the residual add and RMSNorm that follow the projection.
 
+When a projection's output is consumed whole (`facli.parallel.comm.row_parallel_linear`), the
+two ranks relay instead, so that no kernel re-reads the partials to sum them: rank 0 pushes its
+partial tiles into rank 1's inbox; rank 1's front end waits for each tile's flag
+(cuStreamWaitValue32, no SM), its GEMM adds its own product onto the received partial in place
+(cuBLAS with beta = 1, one rounding of the float32 sum), and it pushes the sum back into rank
+0's inbox. Rank 1 first computes the last two tiles into a buffer of its own, which covers the
+time rank 0's first partial takes to arrive, and sums those two with pair_sum at the end. Both
+ranks then read the same sums from their inboxes.
+
 A rank never waits for the peer before pushing, so the inboxes must not be overwritten too
 early: there are two inboxes, each as large as a whole projection output, used by alternating
 row-parallel projections (o_proj, down_proj, o_proj, ...). A rank pushes into an inbox again
@@ -19,6 +28,8 @@ read from that inbox, which its peer cannot have pushed before reading its own c
 the projection's sequence number, so they never need resetting.
 """
 
+import ctypes
+import functools
 import os
 import warnings
 
@@ -74,6 +85,15 @@ class CopyEngineExchange:
             pushed.record(self.stream)
         return pushed
 
+    def wait(self, inbox: int, tile: int, sequence: int) -> None:
+        """Make the current stream wait, in the GPU's front end, until the peer has raised this
+        rank's flag of `tile` for projection `sequence` (its push has landed)."""
+        flag = self.flags[inbox, tile:tile + 1]
+        result = _stream_wait_value32()(torch.cuda.current_stream(flag.device).cuda_stream,
+                                        flag.data_ptr(), sequence, _WAIT_GEQ)
+        if result != 0:
+            raise RuntimeError(f"cuStreamWaitValue32 failed with CUresult {result}")
+
     def received(self, inbox: int, start: int, stop: int) -> torch.Tensor:
         """The peer's partial rows start..stop in this rank's inbox (valid once flagged)."""
         return self.inbox[inbox, start:stop]
@@ -81,6 +101,19 @@ class CopyEngineExchange:
     def flag(self, inbox: int, tile: int) -> torch.Tensor:
         """The flag of `tile` in this rank's inbox, as a one-element int32 tensor."""
         return self.flags.view(torch.int32)[inbox, tile:tile + 1]
+
+
+_WAIT_GEQ = 0x0  # CU_STREAM_WAIT_VALUE_GEQ: (int32)(*addr - value) >= 0, safe across wrap-around
+
+
+@functools.cache
+def _stream_wait_value32():
+    """The CUDA driver's cuStreamWaitValue32 (PyTorch binds the write but not the wait)."""
+    driver = ctypes.CDLL("libcuda.so.1")
+    wait = getattr(driver, "cuStreamWaitValue32_v2", None) or driver.cuStreamWaitValue32
+    wait.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
+    wait.restype = ctypes.c_int
+    return wait
 
 
 _EXCHANGES: dict[tuple, CopyEngineExchange] = {}
