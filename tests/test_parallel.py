@@ -240,16 +240,3 @@ def test_copy_engines_only_between_peer_gpus_of_one_host(monkeypatch, devices, p
     else:
         monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world)
     assert copy_engine.usable(2 if devices < 4 else 4) is expected
-
-
-@pytest.mark.parametrize("count,tile", [(1500, 512), (777, 512), (32768, 4096), (8192, 4096), (3 * 4096 + 5, 4096)])
-def test_relay_tiles_cover_the_rows_once_in_order(count, tile):
-    from facli.parallel import comm
-
-    bounds = [(start, min(start + tile, count)) for start in range(0, count, tile)]
-    relayed, lead = comm._relay_tiles(bounds)
-    tiles = relayed + lead
-    assert tiles[0][0] == 0 and tiles[-1][1] == count
-    assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(tiles, tiles[1:]))
-    assert relayed == bounds[:max(0, len(bounds) - comm.RELAY_LEAD_TILES)]
-    assert all(stop - start <= -(-tile // comm.RELAY_LEAD_SPLIT) for start, stop in lead)

@@ -171,8 +171,7 @@ def _copy_engine_exchange(count: int, features: int, like: torch.Tensor, bounds,
     return copy_engine.exchange_for(count, features, like.dtype, like.device)
 
 
-RELAY_LEAD_TILES = 2  # tiles' worth of rank 1's own work: covers rank 0's first GEMM + push
-RELAY_LEAD_SPLIT = 4  # the lead tiles go in quarters: the last sum crosses the link twice
+RELAY_LEAD_TILES = 2  # rank 1's own-buffer tiles: they cover the arrival of rank 0's first partial
 
 
 def _relayed(rows: torch.Tensor, weight: torch.Tensor, exchange, bounds, ctx: ParallelContext) -> torch.Tensor:
@@ -183,38 +182,29 @@ def _relayed(rows: torch.Tensor, weight: torch.Tensor, exchange, bounds, ctx: Pa
     inbox, sequence = exchange.begin()
     count, features = rows.shape[0], weight.shape[0]
     summed = exchange.received(inbox, 0, count)
-    relayed, lead = _relay_tiles(bounds)
-    tiles = relayed + lead
     if ctx.rank == 0:
         own = torch.empty(count, features, dtype=rows.dtype, device=rows.device)
-        for index, (start, stop) in enumerate(tiles):
+        for index, (start, stop) in enumerate(bounds):
             torch.mm(rows[start:stop], weight.t(), out=own[start:stop])
             pushed = exchange.push(own[start:stop], inbox, start, index, sequence)
         torch.cuda.current_stream().wait_event(pushed)  # the side stream has read `own`, in order
-        for index in range(len(tiles)):
+        for index in range(len(bounds)):
             exchange.wait(inbox, index, sequence)
         return summed
-    lead_start = lead[0][0]
+    lead = range(max(0, len(bounds) - RELAY_LEAD_TILES), len(bounds))
+    lead_start = bounds[lead[0]][0]
     own = torch.empty(count - lead_start, features, dtype=rows.dtype, device=rows.device)
-    for start, stop in lead:
+    for index in lead:
+        start, stop = bounds[index]
         torch.mm(rows[start:stop], weight.t(), out=own[start - lead_start:stop - lead_start])
-    for index, (start, stop) in enumerate(relayed):
+    for index in range(lead[0]):
+        start, stop = bounds[index]
         exchange.wait(inbox, index, sequence)
         summed[start:stop].addmm_(rows[start:stop], weight.t())  # rank 0's partial + ours
         exchange.push(summed[start:stop], inbox, start, index, sequence)
-    for index, (start, stop) in enumerate(lead, start=len(relayed)):
+    for index in lead:
+        start, stop = bounds[index]
         elementwise.pair_sum(summed[start:stop], own[start - lead_start:stop - lead_start],
                              flag=exchange.flag(inbox, index), sequence=sequence, out=summed[start:stop])
         exchange.push(summed[start:stop], inbox, start, index, sequence)
     return summed
-
-
-def _relay_tiles(bounds) -> tuple[list, list]:
-    """(tiles rank 1 sums in its GEMM, tiles it computes first on its own): the last
-    RELAY_LEAD_TILES tiles, cut in RELAY_LEAD_SPLIT pieces when the flags have room."""
-    cut = max(0, len(bounds) - RELAY_LEAD_TILES)
-    relayed, (start, stop) = bounds[:cut], (bounds[cut][0], bounds[-1][1])
-    piece = -(-(bounds[0][1] - bounds[0][0]) // RELAY_LEAD_SPLIT)
-    if cut + RELAY_LEAD_TILES * RELAY_LEAD_SPLIT > copy_engine.MAX_TILES:
-        return relayed, bounds[cut:]
-    return relayed, [(first, min(first + piece, stop)) for first in range(start, stop, piece)]
