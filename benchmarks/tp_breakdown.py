@@ -54,6 +54,26 @@ def device_ms(prof) -> tuple[dict, dict]:
     return by_kind, by_name
 
 
+def main_stream_gaps(prof) -> dict:
+    """Idle time of the busiest stream, in ms, by the name of the kernel that ends each gap
+    (what the stream waited to start: a flag, a launch, another stream)."""
+    streams: dict = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            streams.setdefault(event.device_resource_id, []).append(event)
+    if not streams:
+        return {}
+    busiest = max(streams.values(), key=lambda events: sum(e.time_range.elapsed_us() for e in events))
+    busiest.sort(key=lambda e: e.time_range.start)
+    gaps: dict = {}
+    for before, after in zip(busiest, busiest[1:]):
+        idle = after.time_range.start - before.time_range.end
+        if idle > 0:
+            name = after.name[:60]
+            gaps[name] = gaps.get(name, 0.0) + idle / 1e3
+    return dict(sorted(gaps.items(), key=lambda item: -item[1])[:10])
+
+
 def run_rank(ctx, args):
     device = torch.device("cuda", ctx.local_rank) if args.device_type == "cuda" else torch.device("cpu")
     model = build_model(args.config, ctx, device)
@@ -82,7 +102,10 @@ def run_rank(ctx, args):
             records.append(dict(kind="breakdown", rank=ctx.rank, tokens=length, mode=mode,
                                 layers=args.config.num_hidden_layers, seconds=seconds[mode],
                                 median_ms=1e3 * statistics.median(seconds[mode]),
-                                device_ms=by_kind, top_kernels_ms=top))
+                                device_ms=by_kind, top_kernels_ms=top, gaps_ms=main_stream_gaps(prof)))
+    if args.trace and ctx.is_distributed:  # rank 0's records come back; the peer's go to a file
+        path = args.out / f"tp_breakdown-rank{ctx.rank}.jsonl"
+        path.write_text("".join(json.dumps(record) + "\n" for record in records))
     return records
 
 
@@ -108,6 +131,7 @@ def main() -> None:
     parser.add_argument("--modes", default="nocomm,single,tiled-ce,tiled+mlp-ce")
     parser.add_argument("--tile", type=int, default=4096)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--trace", action="store_true", help="also write every rank's records to a file")
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU with gloo: checks the script")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".out")))
     args = parser.parse_args()
