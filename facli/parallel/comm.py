@@ -171,18 +171,19 @@ def _copy_engine_exchange(count: int, features: int, like: torch.Tensor, bounds,
     return copy_engine.exchange_for(count, features, like.dtype, like.device)
 
 
-RELAY_LEAD_TILES = 2  # rank 1's own-buffer tiles: they cover the arrival of rank 0's first partial
+RELAY_LEAD_TILES = 1  # the accumulator's own-buffer tiles, computed while the first partial travels
 
 
 def _relayed(rows: torch.Tensor, weight: torch.Tensor, exchange, bounds, ctx: ParallelContext) -> torch.Tensor:
-    """rows @ weight^T summed over the two ranks by relay (facli.parallel.copy_engine): rank 0
-    pushes partial tiles, rank 1 adds its product onto each in its GEMM and pushes the sum back.
-    Returns the sums [count, out], a view of this rank's inbox, valid until the projection after
-    next; both ranks hold the same bits."""
+    """rows @ weight^T summed over the two ranks by relay (facli.parallel.copy_engine): the
+    sender pushes partial tiles, the accumulator adds its product onto each in its GEMM and
+    pushes the sum back; the ranks swap roles every projection. Returns the sums [count, out],
+    a view of this rank's inbox, valid until the projection after next; both ranks hold the
+    same bits."""
     inbox, sequence = exchange.begin()
     count, features = rows.shape[0], weight.shape[0]
     summed = exchange.received(inbox, 0, count)
-    if ctx.rank == 0:
+    if ctx.rank == sequence % 2:  # this projection's sender
         own = torch.empty(count, features, dtype=rows.dtype, device=rows.device)
         for index, (start, stop) in enumerate(bounds):
             torch.mm(rows[start:stop], weight.t(), out=own[start:stop])
@@ -191,19 +192,16 @@ def _relayed(rows: torch.Tensor, weight: torch.Tensor, exchange, bounds, ctx: Pa
         for index in range(len(bounds)):
             exchange.wait(inbox, index, sequence)
         return summed
-    lead = range(max(0, len(bounds) - RELAY_LEAD_TILES), len(bounds))
-    lead_start = bounds[lead[0]][0]
+    cut = max(0, len(bounds) - RELAY_LEAD_TILES)
+    lead_start = bounds[cut][0]
     own = torch.empty(count - lead_start, features, dtype=rows.dtype, device=rows.device)
-    for index in lead:
-        start, stop = bounds[index]
+    for start, stop in bounds[cut:]:
         torch.mm(rows[start:stop], weight.t(), out=own[start - lead_start:stop - lead_start])
-    for index in range(lead[0]):
-        start, stop = bounds[index]
+    for index, (start, stop) in enumerate(bounds[:cut]):
         exchange.wait(inbox, index, sequence)
-        summed[start:stop].addmm_(rows[start:stop], weight.t())  # rank 0's partial + ours
+        summed[start:stop].addmm_(rows[start:stop], weight.t())  # the sender's partial + ours
         exchange.push(summed[start:stop], inbox, start, index, sequence)
-    for index in lead:
-        start, stop = bounds[index]
+    for index, (start, stop) in enumerate(bounds[cut:], start=cut):
         elementwise.pair_sum(summed[start:stop], own[start - lead_start:stop - lead_start],
                              flag=exchange.flag(inbox, index), sequence=sequence, out=summed[start:stop])
         exchange.push(summed[start:stop], inbox, start, index, sequence)

@@ -12,13 +12,15 @@ rank 0's and rank 1's partials in that order, so both ranks hold bit-identical s
 in the residual add and RMSNorm that follow the projection.
 
 When a projection's output is consumed whole (`facli.parallel.comm.row_parallel_linear`), the
-two ranks relay instead, so that no kernel re-reads the partials to sum them: rank 0 pushes its
-partial tiles into rank 1's inbox; rank 1's front end waits for each tile's flag
-(cuStreamWaitValue32, no SM), its GEMM adds its own product onto the received partial in place
-(cuBLAS with beta = 1, one rounding of the float32 sum), and it pushes the sum back into rank
-0's inbox. Rank 1 first computes the last two tiles into a buffer of its own, which covers the
-time rank 0's first partial takes to arrive, and sums those two with pair_sum at the end. Both
-ranks then read the same sums from their inboxes.
+two ranks relay instead, so that no kernel re-reads the partials to sum them: the sender pushes
+its partial tiles into the accumulator's inbox; the accumulator's front end waits for each
+tile's flag (cuStreamWaitValue32, no SM), its GEMM adds its own product onto the received
+partial in place (cuBLAS with beta = 1, one rounding of the float32 sum), and it pushes the sum
+back into the sender's inbox. The accumulator first computes the last tile into a buffer of its
+own while the first partial travels, and sums that one with pair_sum at the end. Both ranks
+then read the same sums from their inboxes. The ranks swap roles every projection: the
+accumulator holds the sums one push before the sender does, so it starts the next projection
+first, and as its sender, so the partials are on their way when the other rank gets there.
 
 A rank never waits for the peer before pushing, so the inboxes must not be overwritten too
 early: there are two inboxes, each as large as a whole projection output, used by alternating
