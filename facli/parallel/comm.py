@@ -53,12 +53,16 @@ def row_parallel_linear(x: torch.Tensor, weight: torch.Tensor, ctx: ParallelCont
     all_reduce is launched asynchronously as soon as its GEMM is done, so it runs while the next
     tile's GEMM computes (tiling-AllReduce). On NCCL the collectives run on NCCL's own stream;
     on gloo on its worker threads. Every element is reduced exactly as by one all_reduce.
+    Through the copy engines the two ranks relay the tiles instead (facli.parallel.copy_engine):
+    the sum is rounded once, and the result is a view of the exchange's inbox, valid until the
+    projection after next.
     """
     if not ctx.is_distributed:
         return F.linear(x, weight, bias)
     rows = x.reshape(-1, x.shape[-1])
     bounds = tile_bounds(rows.shape[0], ctx)
-    exchange = None if ctx.settings.skip_row_reduce else _copy_engine_exchange(
+    relay = ctx.settings.relay_sums and not ctx.settings.skip_row_reduce
+    exchange = None if not relay else _copy_engine_exchange(
         rows.shape[0], weight.shape[0], rows, bounds, ctx)
     if exchange is not None:
         out = _relayed(rows, weight, exchange, bounds, ctx)
