@@ -53,14 +53,19 @@ def _copy_engine_sums(ctx):
         x = torch.randn(tokens, 1024, device=device, dtype=dtype, generator=generator)
         w = torch.randn(2048, 1024, device=device, dtype=dtype, generator=generator)
 
-        def settings(engine):
-            return ctx.with_settings(TensorParallelSettings(tile_tokens=512, reduce_engine=engine))
+        def settings(engine, relay=True):
+            return ctx.with_settings(TensorParallelSettings(tile_tokens=512, reduce_engine=engine,
+                                                            relay_sums=relay))
 
+        bounds = comm.tile_bounds(tokens, settings("copy"))
+        by_tile = comm.pending_rows(tokens, 2048, x, settings("copy"), bounds)
+        for index, (start, stop) in enumerate(bounds):  # as the tile-by-tile layer tail does
+            by_tile.compute(index, x[start:stop], w)
         sums = {"nccl": comm.row_parallel_linear(x, w, settings("nccl")),
+                "relay_by_tile": by_tile.wait_all().clone(),
                 "relay": comm.row_parallel_linear(x, w, settings("copy")).clone(),
-                "pair_sum": comm.start_row_parallel(x, w, settings("copy"),
-                                                    comm.tile_bounds(tokens, settings("copy"))).wait_all()}
-        for way in ("relay", "pair_sum"):
+                "pair_sum": comm.start_row_parallel(x, w, settings("copy", relay=False), bounds).wait_all()}
+        for way in ("relay", "relay_by_tile", "pair_sum"):
             ranks = [torch.empty_like(sums[way]) for _ in range(ctx.world_size)]
             torch.distributed.all_gather(ranks, sums[way])
             results.append(dict(
@@ -108,33 +113,38 @@ def _layers_by_engine(ctx):
                         generator=torch.Generator(device=device).manual_seed(3))
     logits = {}
     for overlap in (False, True):
-        for engine in ("nccl", "copy"):
+        for engine, relay in (("nccl", True), ("copy", True), ("copy", False)):
             local = ctx.with_settings(TensorParallelSettings(tile_tokens=512, overlap_mlp=overlap,
-                                                             reduce_engine=engine))
+                                                             reduce_engine=engine, relay_sums=relay))
             for module in model.modules():
                 if hasattr(module, "ctx"):
                     module.ctx = local
             kv = DeviceKVCache(2, 1, 2048, 2, 128, torch.bfloat16, device)
-            logits[(overlap, engine)] = model(ids, 0, kv, all_logits=True)
-    relayed = logits[(False, "copy")]
-    ranks = [torch.empty_like(relayed) for _ in range(ctx.world_size)]
-    torch.distributed.all_gather(ranks, relayed)
-    reference = logits[(False, "nccl")]
-    return dict(tail_by_tiles_equal=torch.equal(logits[(True, "copy")], logits[(True, "nccl")]),
-                relay_ranks_agree=all(torch.equal(ranks[0], other) for other in ranks[1:]),
-                relay_max_diff=(relayed - reference).abs().max().item(),
-                nccl_scale=reference.abs().max().item(),
-                relay_argmax_agree=(relayed.argmax(-1) == reference.argmax(-1)).float().mean().item())
+            name = engine if engine == "nccl" else ("relay" if relay else "pair_sum")
+            logits[(overlap, name)] = model(ids, 0, kv, all_logits=True)
+    results = {}
+    for overlap in (False, True):
+        relayed, reference = logits[(overlap, "relay")], logits[(overlap, "nccl")]
+        ranks = [torch.empty_like(relayed) for _ in range(ctx.world_size)]
+        torch.distributed.all_gather(ranks, relayed)
+        results[f"overlap={overlap}"] = dict(
+            pair_sum_equal=torch.equal(logits[(overlap, "pair_sum")], reference),
+            relay_ranks_agree=all(torch.equal(ranks[0], other) for other in ranks[1:]),
+            relay_max_diff=(relayed - reference).abs().max().item(),
+            nccl_scale=reference.abs().max().item(),
+            relay_argmax_agree=(relayed.argmax(-1) == reference.argmax(-1)).float().mean().item())
+    return results
 
 
 def test_copy_engine_layers_match_nccl_layers():
-    """The tile-by-tile layer tail, whose sums, residual adds and norms the copy-engine path
-    fuses, gives the very bits of the NCCL path with the same tiles; the relayed whole-output
-    sums (rounded once where NCCL rounds twice) stay within bf16 rounding of it, the same on
-    both ranks."""
+    """With the layer tail run whole or tile by tile: copy-engine sums by pair_sum (fused with
+    the residual adds and norms) give the very bits of the NCCL path with the same tiles; the
+    relayed sums (rounded once where NCCL rounds twice) stay within bf16 rounding of it, the
+    same on both ranks."""
     from facli.parallel.launch import launch
 
-    result = launch(_layers_by_engine, world_size=2, device_type="cuda")  # rank 0's
-    assert result["tail_by_tiles_equal"] and result["relay_ranks_agree"], result
-    assert result["relay_max_diff"] <= 2 ** -5 * result["nccl_scale"], result
-    assert result["relay_argmax_agree"] >= 0.99, result
+    results = launch(_layers_by_engine, world_size=2, device_type="cuda")  # rank 0's
+    for result in results.values():
+        assert result["pair_sum_equal"] and result["relay_ranks_agree"], results
+        assert result["relay_max_diff"] <= 2 ** -5 * result["nccl_scale"], results
+        assert result["relay_argmax_agree"] >= 0.99, results

@@ -60,14 +60,7 @@ def row_parallel_linear(x: torch.Tensor, weight: torch.Tensor, ctx: ParallelCont
     if not ctx.is_distributed:
         return F.linear(x, weight, bias)
     rows = x.reshape(-1, x.shape[-1])
-    bounds = tile_bounds(rows.shape[0], ctx)
-    relay = ctx.settings.relay_sums and not ctx.settings.skip_row_reduce
-    exchange = None if not relay else _copy_engine_exchange(
-        rows.shape[0], weight.shape[0], rows, bounds, ctx)
-    if exchange is not None:
-        out = _relayed(rows, weight, exchange, bounds, ctx)
-    else:
-        out = start_row_parallel(rows, weight, ctx, bounds).wait_all()
+    out = start_row_parallel(rows, weight, ctx, tile_bounds(rows.shape[0], ctx)).wait_all()
     out = out.view(*x.shape[:-1], weight.shape[0])
     return out if bias is None else out + bias
 
@@ -88,12 +81,13 @@ class PendingRows:
     ctx.settings.reduce_engine "copy", each rank pushes its partial tile to the peer with the
     copy engines, and the kernel that reads the tile adds the two partials (copy_engine)."""
 
-    def __init__(self, count: int, features: int, like: torch.Tensor, ctx: ParallelContext, bounds):
+    def __init__(self, count: int, features: int, like: torch.Tensor, ctx: ParallelContext, bounds,
+                 exchange=None):
         self.out = torch.empty(count, features, dtype=like.dtype, device=like.device)
         self.bounds, self.ctx = bounds, ctx
         self._works: list = [None] * len(bounds)
         self._skip = ctx.settings.skip_row_reduce or not ctx.is_distributed
-        self._exchange = None if self._skip else _copy_engine_exchange(count, features, like, bounds, ctx)
+        self._exchange = exchange
         if self._exchange is not None:
             self._inbox, self._sequence = self._exchange.begin()
 
@@ -127,12 +121,7 @@ class PendingRows:
         `norm` (an RMSNorm) returns (norm(h), h), else h. Through the copy engines the sum, the
         residual add and the norm are one kernel that reads the peer's partial in place."""
         if self._exchange is None or bias is not None or self._works[index] is None:
-            summed = self.tile(index)
-            summed = summed if bias is None else summed + bias
-            if norm is not None:
-                normed, h = norm(summed, residual)
-                return normed, (h if out is None else out.copy_(h))
-            return torch.add(summed, residual, out=out)
+            return _add_residual(self.tile(index), residual, norm, bias, out)
         self._works[index] = None
         return self._pair_sum(index, residual=residual, norm=norm, out=out)
 
@@ -152,11 +141,113 @@ class PendingRows:
         return self.out
 
 
+class RelayedRows:
+    """A row-parallel output [rows, out] summed over two ranks by relay through the copy engines
+    (facli.parallel.copy_engine), tile by tile (`bounds`): this projection's sender pushes its
+    partial tiles; the accumulator's GEMM adds its product onto each received partial in place
+    and pushes the sum back; the ranks swap roles every projection. Same interface as
+    PendingRows; the sums are views of this rank's inbox, valid until the projection after
+    next, and both ranks hold the same bits."""
+
+    def __init__(self, count: int, features: int, like: torch.Tensor, ctx: ParallelContext, bounds,
+                 exchange):
+        self.bounds, self._exchange = bounds, exchange
+        self._inbox, self._sequence = exchange.begin()
+        self.sender = ctx.rank == self._sequence % 2
+        self._summed = exchange.received(self._inbox, 0, count)
+        self._own = torch.empty(count, features, dtype=like.dtype, device=like.device)
+        self._pending = None  # the accumulator's last queued tile: its GEMM runs at the next call
+        self._lead = None  # the accumulator's tile computed on its own, summed by pair_sum
+
+    def compute_all(self, rows: torch.Tensor, weight: torch.Tensor) -> "RelayedRows":
+        """Every tile of rows [R, in/N] @ weight^T. The accumulator first computes the last tile
+        on its own, which keeps it busy while the sender's first partial travels."""
+        tiles = list(enumerate(self.bounds))
+        if not self.sender:
+            self._lead, (start, stop) = tiles.pop()
+            torch.mm(rows[start:stop], weight.t(), out=self._own[start:stop])
+        for index, (start, stop) in tiles:
+            self.compute(index, rows[start:stop], weight)
+        self._accumulate_pending()
+        return self
+
+    def compute(self, index: int, rows: torch.Tensor, weight: torch.Tensor) -> None:
+        """Tile `index` = rows @ weight^T. The sender computes and pushes it now; the
+        accumulator runs it at its next call, when the sender's partial has had time to land."""
+        start, stop = self.bounds[index]
+        if self.sender:
+            torch.mm(rows, weight.t(), out=self._own[start:stop])
+            self._exchange.push(self._own[start:stop], self._inbox, start, index, self._sequence)
+            return
+        self._accumulate_pending()
+        self._pending = (index, rows, weight)
+
+    def _accumulate_pending(self) -> None:
+        if self._pending is None:
+            return
+        (index, rows, weight), self._pending = self._pending, None
+        start, stop = self.bounds[index]
+        self._exchange.wait(self._inbox, index, self._sequence)
+        self._summed[start:stop].addmm_(rows, weight.t())  # the sender's partial + ours
+        self._exchange.push(self._summed[start:stop], self._inbox, start, index, self._sequence)
+
+    def _sum_lead(self) -> None:
+        (index, self._lead) = (self._lead, None)
+        start, stop = self.bounds[index]
+        elementwise.pair_sum(self._summed[start:stop], self._own[start:stop], out=self._summed[start:stop],
+                             flag=self._exchange.flag(self._inbox, index), sequence=self._sequence)
+        self._exchange.push(self._summed[start:stop], self._inbox, start, index, self._sequence)
+
+    def tile(self, index: int) -> torch.Tensor:
+        """Tile `index` summed over ranks (for work queued next on the current stream)."""
+        start, stop = self.bounds[index]
+        if self.sender:
+            self._exchange.wait(self._inbox, index, self._sequence)
+            return self._summed[start:stop]
+        if self._pending is not None and self._pending[0] == index:
+            self._accumulate_pending()
+        if self._lead is not None and (index > 0 or self._lead == index):
+            self._sum_lead()  # by the second tile read, the sender's last partial has landed
+        return self._summed[start:stop]
+
+    def finish(self, index: int, *, residual: torch.Tensor, norm=None, bias=None, out=None):
+        """As PendingRows.finish."""
+        return _add_residual(self.tile(index), residual, norm, bias, out)
+
+    def wait_all(self) -> torch.Tensor:
+        for index in range(len(self.bounds)):
+            self.tile(index)
+        return self._summed
+
+
+def _add_residual(summed, residual, norm, bias, out):
+    """summed (+ bias) + residual into `out` if given; with `norm`, (norm(h), h)."""
+    summed = summed if bias is None else summed + bias
+    if norm is None:
+        return torch.add(summed, residual, out=out)
+    normed, h = norm(summed, residual)
+    return normed, (h if out is None else out.copy_(h))
+
+
+def pending_rows(count: int, features: int, like: torch.Tensor, ctx: ParallelContext, bounds):
+    """An empty row-parallel output [count, features] like `like`, to compute tile by tile:
+    relayed through the copy engines where they serve these tiles and ctx.settings.relay_sums,
+    else summed by all_reduce or pair_sum (PendingRows)."""
+    exchange = None
+    if ctx.is_distributed and not ctx.settings.skip_row_reduce:
+        exchange = _copy_engine_exchange(count, features, like, bounds, ctx)
+    if exchange is not None and ctx.settings.relay_sums:
+        return RelayedRows(count, features, like, ctx, bounds, exchange)
+    return PendingRows(count, features, like, ctx, bounds, exchange)
+
+
 def start_row_parallel(rows: torch.Tensor, weight: torch.Tensor, ctx: ParallelContext,
-                       bounds: list[tuple[int, int]]) -> PendingRows:
+                       bounds: list[tuple[int, int]]):
     """rows [R, in/N] @ weight[out, in/N]^T tile by tile (`bounds`), each tile's sum over ranks
     started right after its GEMM; returns without waiting for any of them."""
-    pending = PendingRows(rows.shape[0], weight.shape[0], rows, ctx, bounds)
+    pending = pending_rows(rows.shape[0], weight.shape[0], rows, ctx, bounds)
+    if isinstance(pending, RelayedRows):
+        return pending.compute_all(rows, weight)
     for index, (start, stop) in enumerate(bounds):
         pending.compute(index, rows[start:stop], weight)
     return pending
@@ -173,40 +264,3 @@ def _copy_engine_exchange(count: int, features: int, like: torch.Tensor, bounds,
             or torch.cuda.is_current_stream_capturing() or not copy_engine.usable(ctx.world_size)):
         return None
     return copy_engine.exchange_for(count, features, like.dtype, like.device)
-
-
-RELAY_LEAD_TILES = 1  # the accumulator's own-buffer tiles, computed while the first partial travels
-
-
-def _relayed(rows: torch.Tensor, weight: torch.Tensor, exchange, bounds, ctx: ParallelContext) -> torch.Tensor:
-    """rows @ weight^T summed over the two ranks by relay (facli.parallel.copy_engine): the
-    sender pushes partial tiles, the accumulator adds its product onto each in its GEMM and
-    pushes the sum back; the ranks swap roles every projection. Returns the sums [count, out],
-    a view of this rank's inbox, valid until the projection after next; both ranks hold the
-    same bits."""
-    inbox, sequence = exchange.begin()
-    count, features = rows.shape[0], weight.shape[0]
-    summed = exchange.received(inbox, 0, count)
-    if ctx.rank == sequence % 2:  # this projection's sender
-        own = torch.empty(count, features, dtype=rows.dtype, device=rows.device)
-        for index, (start, stop) in enumerate(bounds):
-            torch.mm(rows[start:stop], weight.t(), out=own[start:stop])
-            pushed = exchange.push(own[start:stop], inbox, start, index, sequence)
-        torch.cuda.current_stream().wait_event(pushed)  # the side stream has read `own`, in order
-        for index in range(len(bounds)):
-            exchange.wait(inbox, index, sequence)
-        return summed
-    cut = max(0, len(bounds) - RELAY_LEAD_TILES)
-    lead_start = bounds[cut][0]
-    own = torch.empty(count - lead_start, features, dtype=rows.dtype, device=rows.device)
-    for start, stop in bounds[cut:]:
-        torch.mm(rows[start:stop], weight.t(), out=own[start - lead_start:stop - lead_start])
-    for index, (start, stop) in enumerate(bounds[:cut]):
-        exchange.wait(inbox, index, sequence)
-        summed[start:stop].addmm_(rows[start:stop], weight.t())  # the sender's partial + ours
-        exchange.push(summed[start:stop], inbox, start, index, sequence)
-    for index, (start, stop) in enumerate(bounds[cut:], start=cut):
-        elementwise.pair_sum(summed[start:stop], own[start - lead_start:stop - lead_start],
-                             flag=exchange.flag(inbox, index), sequence=sequence, out=summed[start:stop])
-        exchange.push(summed[start:stop], inbox, start, index, sequence)
-    return summed

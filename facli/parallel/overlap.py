@@ -4,7 +4,8 @@ The MLP works on each token alone, so once tile i of the attention output is sum
 tile i's MLP can run while the all_reduces of later tiles are still in flight: the attention's
 all_reduce overlaps the MLP's first GEMMs (gate/up), which a whole-sequence MLP must wait for.
 Each tile's down_proj all_reduce then overlaps the next tile's MLP; only the last tile's
-down_proj all_reduce is left exposed. With one token (decode at batch 1) there is nothing to
+down_proj all_reduce is left exposed (tile i's sum is read two tiles later, which leaves a
+relay's accumulator the time to add its product and push the sum back). With one token (decode at batch 1) there is nothing to
 overlap: the RMSNorm before the MLP needs the attention output summed over all ranks.
 """
 
@@ -12,6 +13,9 @@ import torch
 
 from facli.parallel import comm
 from facli.parallel.context import ParallelContext
+
+
+DOWN_SUM_LAG = 2  # tiles between a down_proj tile's GEMM and the read of its sum
 
 
 def pipelines(ctx: ParallelContext, x: torch.Tensor) -> bool:
@@ -27,22 +31,23 @@ def layer_tail(x: torch.Tensor, attn: torch.Tensor, o_proj, post_norm, mlp,
 
     x [B, T, H] is the layer input (the residual), attn [B, T, Hq*D/N] this rank's attention
     heads before o_proj. Same result as the sequential layer, row for row. Tile i's down_proj
-    sum is read once tile i + 1's MLP is queued, so it arrives while that MLP computes.
+    sum is read once tile i + 2's MLP is queued, so it arrives while those MLPs compute.
     """
     assert mlp.down_proj.bias is None
     rows = x.reshape(-1, x.shape[-1])
     bounds = comm.tile_bounds(rows.shape[0], ctx)
     attended = comm.start_row_parallel(attn.reshape(-1, attn.shape[-1]), o_proj.weight, ctx, bounds)
-    downs = comm.PendingRows(rows.shape[0], mlp.down_proj.weight.shape[0], rows, ctx, bounds)
+    downs = comm.pending_rows(rows.shape[0], mlp.down_proj.weight.shape[0], rows, ctx, bounds)
     out = torch.empty_like(rows)
     hidden = []
     for index, (start, stop) in enumerate(bounds):
         normed, h = attended.finish(index, residual=rows[start:stop], norm=post_norm, bias=o_proj.bias)
         downs.compute(index, mlp.inner(normed), mlp.down_proj.weight)
         hidden.append(h)
-        if index:
-            _finish_down(downs, index - 1, hidden, out)
-    _finish_down(downs, len(bounds) - 1, hidden, out)
+        if index >= DOWN_SUM_LAG:
+            _finish_down(downs, index - DOWN_SUM_LAG, hidden, out)
+    for index in range(max(0, len(bounds) - DOWN_SUM_LAG), len(bounds)):
+        _finish_down(downs, index, hidden, out)
     return out.view_as(x)
 
 
