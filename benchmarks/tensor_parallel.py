@@ -15,7 +15,8 @@ For TP=N four collective modes run the same compute:
              attention all_reduce overlaps the MLP GEMMs (facli.parallel.overlap)
   tiled-ce, tiled+mlp-ce   the same with tiles summed by the copy engines through symmetric
              memory instead of NCCL's all_reduce (facli.parallel.copy_engine)
-  tiled-ce-pairsum   tiled-ce with whole outputs summed tile by tile by pair_sum, not relayed
+  tiled-ce-pairsum, tiled+mlp-ce-pairsum   the same with the copy engines' tiles summed by
+             pair_sum instead of relayed
 Exposed communication = time(mode) - time(nocomm); hidden = 1 - exposed(tiled) / exposed(single).
 A projection-level run (o_proj and down_proj shapes alone) gives the same fraction without the
 attention in between, for several tile sizes. Timings exclude warm-up (cuBLAS plans, Triton
@@ -59,6 +60,7 @@ MODES = {
     "tiled-ce": dict(reduce_engine="copy"),
     "tiled-ce-pairsum": dict(reduce_engine="copy", relay_sums=False),
     "tiled+mlp-ce": dict(overlap_mlp=True, reduce_engine="copy"),
+    "tiled+mlp-ce-pairsum": dict(overlap_mlp=True, reduce_engine="copy", relay_sums=False),
 }
 TILED_MODES = [mode for mode in MODES if mode.startswith("tiled")]
 
