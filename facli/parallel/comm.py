@@ -141,10 +141,6 @@ class PendingRows:
         return self.out
 
 
-import os
-_DIRECT_STORES = os.environ.get("FACLI_RELAY_DIRECT_STORES") == "1"
-
-
 class RelayedRows:
     """A row-parallel output [rows, out] summed over two ranks by relay through the copy engines
     (facli.parallel.copy_engine), tile by tile (`bounds`): this projection's sender pushes its
@@ -179,10 +175,6 @@ class RelayedRows:
         """Tile `index` = rows @ weight^T. The sender computes and pushes it now; the
         accumulator runs it at its next call, when the sender's partial has had time to land."""
         start, stop = self.bounds[index]
-        if self.sender and _DIRECT_STORES:
-            torch.mm(rows, weight.t(), out=self._exchange.peer_rows(self._inbox, start, stop))
-            self._exchange.raise_peer_flag(self._inbox, index, self._sequence)
-            return
         if self.sender:
             torch.mm(rows, weight.t(), out=self._own[start:stop])
             self._exchange.push(self._own[start:stop], self._inbox, start, index, self._sequence)

@@ -87,15 +87,6 @@ class CopyEngineExchange:
             pushed.record(self.stream)
         return pushed
 
-    def peer_rows(self, inbox: int, start: int, stop: int) -> torch.Tensor:
-        """Rows start..stop of the peer's inbox, mapped here: a GEMM may write them directly."""
-        return self.peer_inbox[inbox, start:stop]
-
-    def raise_peer_flag(self, inbox: int, tile: int, sequence: int) -> None:
-        """Raise the peer's flag of `tile` on the current stream, after the work queued on it."""
-        torch._C._distributed_c10d._SymmetricMemory.stream_write_value32(
-            self.peer_flags, inbox * MAX_TILES + tile, sequence)
-
     def wait(self, inbox: int, tile: int, sequence: int) -> None:
         """Make the current stream wait, in the GPU's front end, until the peer has raised this
         rank's flag of `tile` for projection `sequence` (its push has landed)."""
