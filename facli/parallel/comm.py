@@ -155,7 +155,8 @@ class RelayedRows:
         self._inbox, self._sequence = exchange.begin()
         self.sender = ctx.rank == self._sequence % 2
         self._summed = exchange.received(self._inbox, 0, count)
-        self._own = torch.empty(count, features, dtype=like.dtype, device=like.device)
+        # The sender's partials; the accumulator's own is its lead tile's (compute_all).
+        self._own = torch.empty(count, features, dtype=like.dtype, device=like.device) if self.sender else None
         self._pending = None  # the accumulator's last queued tile: its GEMM runs at the next call
         self._lead = None  # the accumulator's tile computed on its own, summed by pair_sum
 
@@ -165,7 +166,7 @@ class RelayedRows:
         tiles = list(enumerate(self.bounds))
         if not self.sender:
             self._lead, (start, stop) = tiles.pop()
-            torch.mm(rows[start:stop], weight.t(), out=self._own[start:stop])
+            self._own = torch.mm(rows[start:stop], weight.t())
         for index, (start, stop) in tiles:
             self.compute(index, rows[start:stop], weight)
         self._accumulate_pending()
@@ -192,9 +193,9 @@ class RelayedRows:
         self._exchange.push(self._summed[start:stop], self._inbox, start, index, self._sequence)
 
     def _sum_lead(self) -> None:
-        (index, self._lead) = (self._lead, None)
+        index, self._lead = self._lead, None
         start, stop = self.bounds[index]
-        elementwise.pair_sum(self._summed[start:stop], self._own[start:stop], out=self._summed[start:stop],
+        elementwise.pair_sum(self._summed[start:stop], self._own, out=self._summed[start:stop],
                              flag=self._exchange.flag(self._inbox, index), sequence=self._sequence)
         self._exchange.push(self._summed[start:stop], self._inbox, start, index, self._sequence)
 
