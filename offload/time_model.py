@@ -46,9 +46,10 @@ EAGER_STORE_LAYER_HOST_S = 1.5e-3
 # 42.7 s predicted with bf16 attention).
 FP8_PREFILL_ATTENTION_FACTOR = 1.4
 # Share of one-all_reduce-per-projection communication that tiling-AllReduce hides with the copy
-# engines (facli.parallel.copy_engine), tiles of COPY_ENGINE_TILE_TOKENS: measured 52-79% at 32K and
-# 43-48% at 128K over the whole model on 2 H200s (benchmarks/tensor_parallel.py, sums in the
-# consuming kernels). NCCL's own kernels hid 9-15%: they wait for SMs that cuBLAS's GEMMs hold.
+# engines (facli.parallel.copy_engine), tiles of COPY_ENGINE_TILE_TOKENS: with relayed sums 47% at
+# 32K and 51% at 128K over the whole model on 2 H200s, in a call where pair_sum sums hid 29% and
+# 41% (benchmarks/tensor_parallel.py). NCCL's own kernels hid 9-15%: they wait for SMs that
+# cuBLAS's GEMMs hold.
 COPY_ENGINE_HIDDEN = 0.5
 NCCL_TILING_HIDDEN = 0.1  # the same with NCCL's all_reduce per tile (more than 2 ranks)
 CPU_ATTENTION_SYNC_S = 20e-6  # per host layer per decode step: q to host, partials back, merge
