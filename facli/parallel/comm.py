@@ -156,7 +156,9 @@ class RelayedRows:
         self.sender = ctx.rank == self._sequence % 2
         self._summed = exchange.received(self._inbox, 0, count)
         # The sender's partials; the accumulator's own is its lead tile's (compute_all).
-        self._own = torch.empty(count, features, dtype=like.dtype, device=like.device) if self.sender else None
+        self._own = None
+        if self.sender:
+            self._own = torch.empty(count, features, dtype=like.dtype, device=like.device)
         self._pending = None  # the accumulator's last queued tile: its GEMM runs at the next call
         self._lead = None  # the accumulator's tile computed on its own, summed by pair_sum
 

@@ -23,9 +23,9 @@ class TensorParallelSettings:
         engines, leaving the SMs to the GEMMs, and the kernel that reads a tile sums it
         (facli.parallel.copy_engine; two peer-accessible GPUs of one host only: other ranks,
         one-tile outputs and CUDA-graph captures fall back to all_reduce).
-    relay_sums: with the copy engines, outputs consumed whole are summed by relay (one rank's
-        GEMM adds its product onto the other's partial); False sums them tile by tile with
-        pair_sum, as the tile-by-tile layer tail always does (facli.parallel.copy_engine).
+    relay_sums: with the copy engines, tiles are summed by relay (one rank's GEMM adds its
+        product onto the other's partial and sends the sum back); False: each rank receives
+        the other's partials and a pair_sum kernel adds them (facli.parallel.copy_engine).
     skip_row_reduce: benchmarks only. Row-parallel projections skip their all_reduce, so results
         are WRONG; it measures the same compute with no communication.
     """

@@ -2,25 +2,29 @@
 
 NCCL's all_reduce runs as a kernel that needs SMs for the whole transfer; while cuBLAS's GEMMs
 fill every SM, that kernel waits, and tiling-AllReduce hides little (docs/benchmarks.md, tensor
-parallelism). Here no SM takes part in moving a tile: on a high-priority side stream, each rank
-copies its partial tile into the peer's inbox, a buffer in torch.distributed symmetric memory
-mapped into both ranks' address spaces (a device-to-device copy, which the copy engines run
-over NVLink), then writes the tile's flag in the peer's memory with cuStreamWriteValue32, which
-the GPU's front end executes after a system-wide fence. The sum itself happens in the kernel
-that consumes the tile (facli.kernels.elementwise.pair_sum): it waits on the tile's flag, adds
-rank 0's and rank 1's partials in that order, so both ranks hold bit-identical sums, and folds
-in the residual add and RMSNorm that follow the projection.
+parallelism). Here no SM takes part in moving a tile: on a high-priority side stream, a rank
+copies a tile into the peer's inbox, a buffer in torch.distributed symmetric memory mapped into
+both ranks' address spaces (a device-to-device copy, which the copy engines run over NVLink),
+then writes the tile's flag in the peer's memory with cuStreamWriteValue32, which the GPU's
+front end executes after a system-wide fence.
 
-When a projection's output is consumed whole (`facli.parallel.comm.row_parallel_linear`), the
-two ranks relay instead, so that no kernel re-reads the partials to sum them: the sender pushes
-its partial tiles into the accumulator's inbox; the accumulator's front end waits for each
-tile's flag (cuStreamWaitValue32, no SM), its GEMM adds its own product onto the received
-partial in place (cuBLAS with beta = 1, one rounding of the float32 sum), and it pushes the sum
-back into the sender's inbox. The accumulator first computes the last tile into a buffer of its
-own while the first partial travels, and sums that one with pair_sum at the end. Both ranks
-then read the same sums from their inboxes. The ranks swap roles every projection: the
-accumulator holds the sums one push before the sender does, so it starts the next projection
-first, and as its sender, so the partials are on their way when the other rank gets there.
+The two ranks relay each projection's tiles (facli.parallel.comm.RelayedRows, the default), so
+that no kernel re-reads the partials to sum them: the sender pushes its partial tiles into the
+accumulator's inbox; the accumulator's front end waits for each tile's flag
+(cuStreamWaitValue32, no SM), its GEMM adds its own product onto the received partial in place
+(cuBLAS with beta = 1, one rounding of the float32 sum), and it pushes the sum back into the
+sender's inbox. Both ranks then read the same sums from their inboxes. When a projection's
+tiles are computed all at once, the accumulator first computes the last tile into a buffer of
+its own while the first partial travels, and sums that one with pair_sum; when they come one by
+one (the tile-by-tile layer tail), it runs each tile's GEMM a call later. The ranks swap roles
+every projection: the accumulator holds the sums one push before the sender does, so it starts
+the next projection first, and as its sender, so the partials are on their way when the other
+rank gets there.
+
+Otherwise (TensorParallelSettings.relay_sums False) both ranks push their partials, and the
+kernel that consumes a tile sums it (facli.kernels.elementwise.pair_sum): it waits on the
+tile's flag, adds rank 0's and rank 1's partials in that order, so both ranks hold
+bit-identical sums, and folds in the residual add and RMSNorm that follow the projection.
 
 A rank never waits for the peer before pushing, so the inboxes must not be overwritten too
 early: there are two inboxes, each as large as a whole projection output, used by alternating

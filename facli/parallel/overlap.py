@@ -3,10 +3,11 @@
 The MLP works on each token alone, so once tile i of the attention output is summed over ranks,
 tile i's MLP can run while the all_reduces of later tiles are still in flight: the attention's
 all_reduce overlaps the MLP's first GEMMs (gate/up), which a whole-sequence MLP must wait for.
-Each tile's down_proj all_reduce then overlaps the next tile's MLP; only the last tile's
-down_proj all_reduce is left exposed (tile i's sum is read two tiles later, which leaves a
-relay's accumulator the time to add its product and push the sum back). With one token (decode at batch 1) there is nothing to
-overlap: the RMSNorm before the MLP needs the attention output summed over all ranks.
+Each tile's down_proj all_reduce then overlaps the next tiles' MLPs (its sum is read two tiles
+later, which leaves a relay's accumulator the time to add its product and push the sum back);
+only the last tiles' down_proj sums are left exposed. With one token (decode at batch 1) there
+is nothing to overlap: the RMSNorm before the MLP needs the attention output summed over all
+ranks.
 """
 
 import torch
