@@ -38,10 +38,10 @@ def weight_dtype(run_plan: Plan) -> torch.dtype:
 
 
 def tensor_parallel_settings(run_plan: Plan) -> TensorParallelSettings:
-    """Tiles smaller than the prefill chunk overlap each tile's AllReduce with the next GEMM;
-    on GPUs the copy engines sum them (facli.parallel.copy_engine)."""
+    """Where a prefill chunk holds two tiles or more, each tile's AllReduce overlaps the next
+    GEMM; on GPUs the copy engines sum them (facli.parallel.copy_engine)."""
     tile = run_plan.allreduce_tile_tokens
-    if tile >= run_plan.prefill_chunk:
+    if 2 * tile > run_plan.prefill_chunk:
         return TensorParallelSettings()
     copy = sums_with_copy_engines(run_plan.tp, on_gpu=run_plan.device_kind == "cuda")
     return TensorParallelSettings(tile_tokens=tile, reduce_engine="copy" if copy else "nccl")

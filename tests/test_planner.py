@@ -254,6 +254,11 @@ def test_gpu_ranks_tile_prefill_for_the_copy_engines_and_budget_their_inboxes():
     # A chunk shorter than two tiles, or CPU ranks: one all_reduce per projection, no inboxes.
     short = plan(config, two, 32768, 1, options(devices=2, prefill_chunk=4096))
     assert short.allreduce_tile_tokens == 4096 and tensor_parallel_settings(short).tile_tokens is None
+    # A tile of the user's that the chunk holds fewer than two of: no tiles, so no inboxes.
+    one_tile = plan(config, two, 32768, 1, options(devices=2, prefill_chunk=32768,
+                                                   allreduce_tile_tokens=20000))
+    assert tensor_parallel_settings(one_tile).tile_tokens is None
+    assert one_tile.devices[0].comm_bytes == untiled.devices[0].comm_bytes
 
 
 def test_more_than_two_ranks_keep_one_all_reduce_per_projection():
