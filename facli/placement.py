@@ -8,7 +8,7 @@ from facli.config import ModelConfig
 from facli.errors import FacliError
 from facli.kv_cache import DeviceKVCache
 from facli.offload.hardware import HardwareSpec, hardware_from_option
-from facli.offload.memory_model import sums_with_copy_engines
+from facli.offload.memory_model import splits_into_tiles, sums_with_copy_engines
 from facli.offload.plan import Plan, uses_offloaded_store
 from facli.offload.planner import PlanOptions, plan
 from facli.parallel.context import TensorParallelSettings
@@ -41,7 +41,7 @@ def tensor_parallel_settings(run_plan: Plan) -> TensorParallelSettings:
     """Where a prefill chunk holds two tiles or more, each tile's AllReduce overlaps the next
     GEMM; on GPUs the copy engines sum them (facli.parallel.copy_engine)."""
     tile = run_plan.allreduce_tile_tokens
-    if 2 * tile > run_plan.prefill_chunk:
+    if not splits_into_tiles(run_plan.prefill_chunk, tile):
         return TensorParallelSettings()
     copy = sums_with_copy_engines(run_plan.tp, on_gpu=run_plan.device_kind == "cuda")
     return TensorParallelSettings(tile_tokens=tile, reduce_engine="copy" if copy else "nccl")

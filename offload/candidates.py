@@ -7,6 +7,7 @@ from facli.errors import FacliError
 from facli.offload.hardware import HardwareSpec
 from facli.offload.memory_model import (
     copy_engine_tile,
+    splits_into_tiles,
     sums_with_copy_engines,
     DTYPE_BYTES,
     MemoryBreakdown,
@@ -156,7 +157,7 @@ def placement(model: ModelConfig, hardware: HardwareSpec, ctx: int, batch: int, 
     """(GPU layers, one rank's memory, per-rank budget) with as much KV on the GPU as fits;
     `tile`: the prefill AllReduce tile (default: the copy-engine tile for this chunk)."""
     tile = (copy_engine_tile(tp, chunk, on_gpu=True) or chunk) if tile is None else tile
-    copy_inboxes = sums_with_copy_engines(tp, on_gpu=True) and 2 * tile <= chunk  # as comm.tile_bounds
+    copy_inboxes = sums_with_copy_engines(tp, on_gpu=True) and splits_into_tiles(chunk, tile)
     layers = model.num_hidden_layers
     wb, kb = DTYPE_BYTES[weight_dtype], DTYPE_BYTES[kv_dtype]
     budget = (min(hardware.gpu_budget_bytes(i) for i in range(tp))

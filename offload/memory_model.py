@@ -169,6 +169,12 @@ def workspace_bytes(config: ModelConfig, ctx: int, batch: int, tp: int = 1) -> i
     return WORKSPACE_FIXED_BYTES + partials + rope
 
 
+def splits_into_tiles(tokens, tile):
+    """Whether a prefill chunk of `tokens` (an int or an array) is cut into AllReduce tiles of
+    `tile` tokens: only where it holds two, as facli.parallel.comm.tile_bounds does."""
+    return tokens >= 2 * tile
+
+
 def sums_with_copy_engines(tp: int, on_gpu: bool) -> bool:
     """Whether tiled prefill sums go through the copy engines (else through all_reduce)."""
     return tp == COPY_ENGINE_RANKS and on_gpu
@@ -176,7 +182,7 @@ def sums_with_copy_engines(tp: int, on_gpu: bool) -> bool:
 
 def copy_engine_tile(tp: int, chunk: int, on_gpu: bool) -> int | None:
     """Tokens per copy-engine AllReduce tile, or None where prefill sums with one all_reduce."""
-    if not sums_with_copy_engines(tp, on_gpu) or chunk < 2 * COPY_ENGINE_TILE_TOKENS:
+    if not sums_with_copy_engines(tp, on_gpu) or not splits_into_tiles(chunk, COPY_ENGINE_TILE_TOKENS):
         return None
     return COPY_ENGINE_TILE_TOKENS
 

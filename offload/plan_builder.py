@@ -3,7 +3,11 @@
 from facli.config import ModelConfig
 from facli.offload.candidates import Candidate, resolve_dtypes
 from facli.offload.hardware import HardwareSpec
-from facli.offload.memory_model import reserved_outside_allocator, sums_with_copy_engines
+from facli.offload.memory_model import (
+    reserved_outside_allocator,
+    splits_into_tiles,
+    sums_with_copy_engines,
+)
 from facli.offload.plan import DevicePlan, HostPlan, Plan, Timing
 from facli.units import format_bytes, format_ctx
 
@@ -118,7 +122,7 @@ def _explanation(model: ModelConfig, hardware: HardwareSpec, ctx: int, best: Can
         lines.append(f"prefill chunk {best.chunk}: the next best chunk, {alt.chunk}, predicts "
                      f"{alt.total_s:.2f} s in all against {best.total_s:.2f} s")
     if best.tp > 1:
-        if best.tile_tokens >= best.chunk:
+        if not splits_into_tiles(best.chunk, best.tile_tokens):
             how = "one all_reduce per projection"
         elif sums_with_copy_engines(best.tp, on_gpu=not best.on_cpu):
             how = f"tiles of {best.tile_tokens} tokens summed by the copy engines"

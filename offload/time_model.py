@@ -18,6 +18,7 @@ from facli.offload.memory_model import (
     activation_bytes,
     copy_engine_tile,
     kv_layer_bytes,
+    splits_into_tiles,
     sums_with_copy_engines,
     weight_bytes,
 )
@@ -124,7 +125,7 @@ def prefill_breakdown(hw: HardwareSpec, layout: Layout) -> dict[str, float]:
     if t > 1 and not layout.on_cpu:
         single = _allreduce_seconds(tokens * c.hidden_size * layout.weight_dtype_bytes,
                                     2 * c.num_hidden_layers, np.ones_like(tokens), hw, t)
-        tiled = tokens >= 2 * layout.tile_tokens
+        tiled = splits_into_tiles(tokens, layout.tile_tokens)
         hidden = COPY_ENGINE_HIDDEN if sums_with_copy_engines(t, on_gpu=True) else NCCL_TILING_HIDDEN
         comm = np.where(tiled, (1 - hidden) * single, single)
     transfer = np.zeros_like(sizes)

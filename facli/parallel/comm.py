@@ -209,7 +209,7 @@ class RelayedRows:
             return self._summed[start:stop]
         if self._pending is not None and self._pending[0] == index:
             self._accumulate_pending()
-        if self._lead is not None and (index > 0 or self._lead == index):
+        if self._lead is not None and index > 0:
             self._sum_lead()  # by the second tile read, the sender's last partial has landed
         return self._summed[start:stop]
 
