@@ -30,6 +30,15 @@ def test_two_gpus_generate_the_same_tokens_as_one(tmp_path):
     assert two["token_ids"] == one["token_ids"]
 
 
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 4, reason="needs 4 GPUs")
+def test_four_gpus_generate_the_same_tokens_as_one(tmp_path):
+    one, four = _generate(1, tmp_path, "--dtype", "fp32"), _generate(4, tmp_path, "--dtype", "fp32")
+    assert four["devices"] == 4
+    assert four["token_ids"] == one["token_ids"]
+    graphed, eager = _generate(4, tmp_path, "--dtype", "bf16"), _generate(4, tmp_path, "--dtype", "bf16", "--eager")
+    assert graphed["token_ids"] == eager["token_ids"]
+
+
 def test_graphed_tensor_parallel_decode_equals_eager(tmp_path):
     graphed = _generate(2, tmp_path, "--dtype", "bf16")
     eager = _generate(2, tmp_path, "--dtype", "bf16", "--eager")
