@@ -152,7 +152,7 @@ def projection_bench(config, ctx, device, tokens, tiles, reps):
         out = torch.empty(tokens, h, dtype=torch.bfloat16, device=device)
         summed = torch.empty_like(out)
         runs = [("nocomm", None), ("single", None)] + [("tiled", t) for t in tiles]
-        if device.type == "cuda":
+        if device.type == "cuda" and copy_engine.usable(n):
             runs += [("tiled-ce", t) for t in tiles] + [("copy-engine-only", t) for t in tiles]
         runs.append(("allreduce-only", None))
         out.zero_()  # summed over and over: zeros stay finite
