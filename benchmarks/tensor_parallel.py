@@ -262,22 +262,16 @@ def run_long(model, ctx, device, args, tile):
             dict(kind="peak-long", tp=ctx.world_size, rank=ctx.rank, gib=peak)]
 
 
-def _generate_rank(ctx: ParallelContext, options, text: str, new_tokens: int) -> dict:
-    from facli.commands.generate import run_generate
+def generate_check(devices: int, device_type: str) -> dict:
+    """The embedded demo model through `facli generate`'s path: N ranks vs 1, greedy, float32."""
+    from facli.commands.generate import plan_and_generate
+    from facli.runtime import RuntimeOptions
     from facli.sampling import SamplingParams
 
-    return run_generate(options, text, SamplingParams(), new_tokens, stream=False, parallel=ctx)
-
-
-def generate_check(devices: int, device_type: str) -> dict:
-    """The embedded demo model through facli's runtime: N ranks vs 1, greedy, float32."""
-    from facli.runtime import RuntimeOptions
-
-    options = RuntimeOptions(device=device_type, dtype="fp32", devices=devices)
     text = "The quick brown fox jumps over the lazy dog. " * 8
     try:
-        one = launch(_generate_rank, (options, text, 24), world_size=1, device_type=device_type)
-        many = launch(_generate_rank, (options, text, 24), world_size=devices, device_type=device_type)
+        one, many = (plan_and_generate(RuntimeOptions(device=device_type, dtype="fp32", devices=n), text,
+                                       SamplingParams(), 24, stream=False) for n in (1, devices))
     except Exception as exc:  # noqa: BLE001 - report it and keep the measurements
         return dict(kind="generate-check", ok=False, error=f"{type(exc).__name__}: {exc}")
     return dict(kind="generate-check", ok=one["token_ids"] == many["token_ids"], devices=devices,
