@@ -7,17 +7,30 @@ import threading
 import pytest
 import torch
 
+from facli.kernels import elementwise
 from facli.parallel import comm
 from facli.parallel.context import ParallelContext, TensorParallelSettings
 
 TIMEOUT_S = 10.0
 
 
+@pytest.fixture
+def serial_pair_sum(monkeypatch):
+    """The Triton interpreter, which runs pair_sum on CPU, is not thread-safe: one call at a time."""
+    interpreter, pair_sum = threading.Lock(), elementwise.pair_sum
+
+    def one_at_a_time(*args, **kwargs):
+        with interpreter:
+            return pair_sum(*args, **kwargs)
+
+    monkeypatch.setattr(elementwise, "pair_sum", one_at_a_time)
+
+
 class _Link:
     """What the two ranks share: each rank's inboxes and the flags raised in them."""
 
-    def __init__(self, capacity: int, cols: int):
-        self.inboxes = [torch.full((2, capacity, cols), float("nan"), dtype=torch.float64) for _ in range(2)]
+    def __init__(self, capacity: int, cols: int, inboxes: int = 2, dtype=torch.float64):
+        self.inboxes = [torch.full((inboxes, capacity, cols), float("nan"), dtype=dtype) for _ in range(2)]
         self.flags: dict = {}
         self.lock = threading.Lock()
 
@@ -35,21 +48,23 @@ class FakeExchange:
 
     def begin(self):
         self.projections += 1
-        return self.projections % 2, self.projections
+        return self.projections % len(self.link.inboxes[self.rank]), self.projections
 
     def push(self, part, inbox, start, tile, sequence):
         peer = 1 - self.rank
         self.link.inboxes[peer][inbox, start:start + part.shape[0]] = part
         self.link.flag(peer, inbox, tile, sequence).set()
         self.pushes.append((sequence, tile))
+        return (sequence, tile)  # stands for the CUDA event: the partial may be overwritten
 
     def wait(self, inbox, tile, sequence):
         if not self.link.flag(self.rank, inbox, tile, sequence).wait(TIMEOUT_S):
             raise TimeoutError(f"rank {self.rank}: tile {tile} of projection {sequence} never landed")
 
     def flag(self, inbox, tile):
-        # pair_sum's CPU reference does not wait on the flag: wait here for the projection in flight.
-        self.wait(inbox, tile, self.projections)
+        # pair_sum's CPU reference does not wait on the flag: wait here for the latest projection
+        # begun in this inbox.
+        self.wait(inbox, tile, self.projections - (self.projections - inbox) % len(self.link.inboxes[self.rank]))
         return None
 
     def received(self, inbox, start, stop):
@@ -78,7 +93,7 @@ def _run_ranks(work):
 
 @pytest.mark.parametrize("count,tile", [(1500, 512), (777, 512), (4096, 512)])
 @pytest.mark.parametrize("by_tile", [False, True])
-def test_relay_gives_both_ranks_the_sum_of_both_products(count, tile, by_tile):
+def test_relay_gives_both_ranks_the_sum_of_both_products(count, tile, by_tile, serial_pair_sum):
     cols, inner, projections = 24, 16, 4  # both inboxes twice, each rank in both roles
     generator = torch.Generator().manual_seed(count + tile)
     rows = torch.randn(projections, 2, count, inner, dtype=torch.float64, generator=generator)
