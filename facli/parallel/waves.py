@@ -15,8 +15,9 @@ for. Only the last layer's B down_proj sum is. B attends to A's keys, written to
 so the result equals the one-pass layer row for row.
 
 Both ranks push their whole partial of a half to each other through the copy engines
-(facli.parallel.copy_engine) and the kernel that reads it (pair_sum, fused with the residual add
-and RMSNorm) adds the two in rank order. Four projections are in flight per layer, so the
+(facli.parallel.copy_engine); the stream waits for the peer's flag in the GPU's front end, then
+the kernel that reads the partials (pair_sum, fused with the residual add and RMSNorm) adds the
+two in rank order. Four projections are in flight per layer, so the
 exchange has four inboxes: a rank pushes into an inbox again four projections later, and that
 projection's input depends on the peer's push of the projection two back, which the peer queued
 after summing what that inbox held.
@@ -87,6 +88,7 @@ def run_layers(layers, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv
 
 def _start(rows: torch.Tensor, weight: torch.Tensor, ctx: ParallelContext, exchange) -> comm.PendingRows:
     """rows @ weight^T as one tile whose partial is pushed to the peer at once."""
-    pending = comm.PendingRows(rows.shape[0], weight.shape[0], rows, ctx, [(0, rows.shape[0])], exchange)
+    pending = comm.PendingRows(rows.shape[0], weight.shape[0], rows, ctx, [(0, rows.shape[0])], exchange,
+                               front_end_wait=True)
     pending.compute(0, rows, weight)
     return pending
