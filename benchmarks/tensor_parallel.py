@@ -117,11 +117,19 @@ def timed(fn, ctx: ParallelContext, device) -> float:
     return elapsed.item()
 
 
-def prefill_and_decode(model, kv, ctx, device, length, decode_tokens):
-    """Seconds of a prefill of `length` tokens, and of `decode_tokens` greedy steps after it."""
+def prefill_and_decode(model, kv, ctx, device, length, decode_tokens, chunk=None):
+    """Seconds of a prefill of `length` tokens (in chunks of `chunk` tokens, each attending to
+    the ones before, as `facli generate` runs it; default one pass), and of `decode_tokens`
+    greedy steps after it."""
     ids = torch.randint(0, model.config.vocab_size, (1, length), device=device,
                         generator=torch.Generator(device=device).manual_seed(5))
-    prefill_s = timed(lambda: model(ids, 0, kv), ctx, device)
+    chunk = chunk or length
+
+    def prefill():
+        for start in range(0, length, chunk):
+            model(ids[:, start:start + chunk], start, kv)
+
+    prefill_s = timed(prefill, ctx, device)
     if not decode_tokens:
         return prefill_s, None
     token = comm.broadcast_tokens(model(ids[:, -1:], length - 1, kv).argmax(-1), ctx)
@@ -209,7 +217,7 @@ def run_tp1(args, emit):
     for length in args.lengths:
         for rep in range(args.reps):
             decode = args.decode_tokens if length == args.decode_at and rep == 0 else 0
-            prefill_s, decode_s = prefill_and_decode(model, kv, SINGLE_PROCESS, device, length, decode)
+            prefill_s, decode_s = prefill_and_decode(model, kv, SINGLE_PROCESS, device, length, decode, args.chunk)
             emit(dict(kind="prefill", tp=1, mode="-", tokens=length, seconds=prefill_s))
             if decode_s is not None:
                 emit(dict(kind="decode", tp=1, mode="-", context=length, ms_per_token=1e3 * decode_s))
@@ -238,7 +246,7 @@ def run_tp(ctx: ParallelContext, args):
         for rep in range(args.reps + (2 if length <= 32768 else 0)):  # short runs: more repeats
             for mode in args.modes:
                 local = set_mode(model, ctx, mode, tile)
-                prefill_s, _ = prefill_and_decode(model, kv, local, device, length, 0)
+                prefill_s, _ = prefill_and_decode(model, kv, local, device, length, 0, args.chunk)
                 emit(dict(kind="prefill", tp=ctx.world_size, mode=mode, tokens=length, seconds=prefill_s))
         if length == args.decode_at:
             for mode in args.modes:
@@ -338,6 +346,8 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--long", default="256k", help="TP=N only prefill+decode length; 0 skips")
     parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--chunk", type=parse_ctx, default=None,
+                        help="prefill in chunks of this many tokens (as facli generate); default one pass")
     parser.add_argument("--tile", type=int, default=None, help="AllReduce tile tokens (default: planner)")
     parser.add_argument("--projection-tokens", type=int, default=32768)
     parser.add_argument("--projection-tiles", default="1024,2048,4096,8192")
