@@ -52,7 +52,9 @@ FP8_PREFILL_ATTENTION_FACTOR = 1.4
 # 41% (benchmarks/tensor_parallel.py). NCCL's own kernels hid 9-15%: they wait for SMs that
 # cuBLAS's GEMMs hold.
 COPY_ENGINE_HIDDEN = 0.5
-NCCL_TILING_HIDDEN = 0.1  # the same with NCCL's all_reduce per tile (more than 2 ranks)
+# The same with NCCL's all_reduce per tile (more than 2 ranks): 3-14% on 4 H200s, tiles of 4096
+# at 32K and 128K (docs/benchmarks.md, "Four GPUs"), 9-15% on 2.
+NCCL_TILING_HIDDEN = 0.1
 CPU_ATTENTION_SYNC_S = 20e-6  # per host layer per decode step: q to host, partials back, merge
 
 
