@@ -17,6 +17,10 @@ For TP=N four collective modes run the same compute:
              memory instead of NCCL's all_reduce (facli.parallel.copy_engine)
   tiled-ce-pairsum, tiled+mlp-ce-pairsum   the same with the copy engines' tiles summed by
              pair_sum instead of relayed
+  waves      the prompt's two halves take turns through each layer, each half's all_reduce
+             running beside the other half's compute (facli.parallel.waves)
+  waves-ce   the same with the halves' sums pushed by the copy engines (two ranks)
+  nocomm+waves   waves without the sums: its compute alone
 Exposed communication = time(mode) - time(nocomm); hidden = 1 - exposed(tiled) / exposed(single).
 A projection-level run (o_proj and down_proj shapes alone) gives the same fraction without the
 attention in between, for several tile sizes. Timings exclude warm-up (cuBLAS plans, Triton
@@ -61,8 +65,11 @@ MODES = {
     "tiled-ce-pairsum": dict(reduce_engine="copy", relay_sums=False),
     "tiled+mlp-ce": dict(overlap_mlp=True, reduce_engine="copy"),
     "tiled+mlp-ce-pairsum": dict(overlap_mlp=True, reduce_engine="copy", relay_sums=False),
+    "nocomm+waves": dict(waves=True, skip_row_reduce=True),
+    "waves": dict(waves=True),
+    "waves-ce": dict(reduce_engine="copy", waves=True),
 }
-TILED_MODES = [mode for mode in MODES if mode.startswith("tiled")]
+TILED_MODES = [mode for mode in MODES if mode.startswith(("tiled", "waves"))]
 
 
 def kv_cache(config: ModelConfig, capacity: int, world: int, device) -> DeviceKVCache:

@@ -11,7 +11,7 @@ from facli.checkpoint import CheckpointReader
 from facli.kernels import elementwise
 from facli.config import ModelConfig
 from facli.kv_cache import KVStore
-from facli.parallel import overlap
+from facli.parallel import overlap, waves
 from facli.parallel.context import ParallelContext
 from facli.parallel.layers import (
     MergedColumnParallelLinear,
@@ -145,8 +145,12 @@ class CausalLM(nn.Module):
         ([B, T, V] with all_logits)."""
         x = self.embed_tokens(ids)
         cos, sin = self.rotary.cos_sin(start, ids.shape[1], self.dtype)
-        for index, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, kv, index, start)
+        if waves.applies(self.ctx, x, kv):
+            x = waves.run_layers(self.layers, x, cos, sin, kv, start, self.ctx,
+                                 waves.exchange_for(self.ctx, x))
+        else:
+            for index, layer in enumerate(self.layers):
+                x = layer(x, cos, sin, kv, index, start)
         x = x if all_logits else x[:, -1:]
         logits = self.lm_head(self.norm(x))
         return logits if all_logits else logits[:, -1]

@@ -28,6 +28,8 @@ TILINGS = {
     "tile3-mlp-overlap": TensorParallelSettings(tile_tokens=TILE, overlap_mlp=True),
     # On CPU ranks the copy engines fall back to all_reduce.
     "tile3-copy": TensorParallelSettings(tile_tokens=TILE, reduce_engine="copy"),
+    # Chunks of 8 run as two waves of 4 tokens, each half summed by an asynchronous all_reduce.
+    "tile3-waves": TensorParallelSettings(tile_tokens=TILE, waves=True),
 }
 NEW_TOKENS = 16
 

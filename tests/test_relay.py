@@ -29,8 +29,8 @@ def serial_pair_sum(monkeypatch):
 class _Link:
     """What the two ranks share: each rank's inboxes and the flags raised in them."""
 
-    def __init__(self, capacity: int, cols: int):
-        self.inboxes = [torch.full((2, capacity, cols), float("nan"), dtype=torch.float64) for _ in range(2)]
+    def __init__(self, capacity: int, cols: int, inboxes: int = 2, dtype=torch.float64):
+        self.inboxes = [torch.full((inboxes, capacity, cols), float("nan"), dtype=dtype) for _ in range(2)]
         self.flags: dict = {}
         self.lock = threading.Lock()
 
@@ -48,21 +48,23 @@ class FakeExchange:
 
     def begin(self):
         self.projections += 1
-        return self.projections % 2, self.projections
+        return self.projections % len(self.link.inboxes[self.rank]), self.projections
 
     def push(self, part, inbox, start, tile, sequence):
         peer = 1 - self.rank
         self.link.inboxes[peer][inbox, start:start + part.shape[0]] = part
         self.link.flag(peer, inbox, tile, sequence).set()
         self.pushes.append((sequence, tile))
+        return (sequence, tile)  # stands for the CUDA event: the partial may be overwritten
 
     def wait(self, inbox, tile, sequence):
         if not self.link.flag(self.rank, inbox, tile, sequence).wait(TIMEOUT_S):
             raise TimeoutError(f"rank {self.rank}: tile {tile} of projection {sequence} never landed")
 
     def flag(self, inbox, tile):
-        # pair_sum's CPU reference does not wait on the flag: wait here for the projection in flight.
-        self.wait(inbox, tile, self.projections)
+        # pair_sum's CPU reference does not wait on the flag: wait here for the latest projection
+        # begun in this inbox.
+        self.wait(inbox, tile, self.projections - (self.projections - inbox) % len(self.link.inboxes[self.rank]))
         return None
 
     def received(self, inbox, start, stop):

@@ -79,12 +79,15 @@ class PendingRows:
 
     NCCL sums each tile with an asynchronous all_reduce. Between two peer GPUs with
     ctx.settings.reduce_engine "copy", each rank pushes its partial tile to the peer with the
-    copy engines, and the kernel that reads the tile adds the two partials (copy_engine)."""
+    copy engines, and the kernel that reads the tile adds the two partials (copy_engine). That
+    kernel waits for the peer's flag itself, or with `front_end_wait` the stream waits before
+    launching it (for tiles read long after their push: no program spins, none needs an
+    acquire of the flag)."""
 
     def __init__(self, count: int, features: int, like: torch.Tensor, ctx: ParallelContext, bounds,
-                 exchange=None):
+                 exchange=None, front_end_wait: bool = False):
         self.out = torch.empty(count, features, dtype=like.dtype, device=like.device)
-        self.bounds, self.ctx = bounds, ctx
+        self.bounds, self.ctx, self._front_end_wait = bounds, ctx, front_end_wait
         self._works: list = [None] * len(bounds)
         self._skip = ctx.settings.skip_row_reduce or not ctx.is_distributed
         self._exchange = exchange
@@ -132,6 +135,9 @@ class PendingRows:
         norm = kwargs.pop("norm", None)
         if norm is not None:
             kwargs.update(norm_weight=norm.weight, eps=norm.eps)
+        if self._front_end_wait:
+            self._exchange.wait(self._inbox, index, self._sequence)
+            return elementwise.pair_sum(first, second, **kwargs)
         return elementwise.pair_sum(first, second, flag=self._exchange.flag(self._inbox, index),
                                     sequence=self._sequence, **kwargs)
 

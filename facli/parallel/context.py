@@ -26,6 +26,9 @@ class TensorParallelSettings:
     relay_sums: with the copy engines, tiles are summed by relay (one rank's GEMM adds its
         product onto the other's partial and sends the sum back); False: each rank receives
         the other's partials and a pair_sum kernel adds them (facli.parallel.copy_engine).
+    waves: prefill a chunk of at least two tiles as two halves that take turns through each
+        decoder layer, so that each half's sums travel while the other half computes
+        (facli.parallel.waves; two ranks summing through the copy engines, KV cache on the GPU).
     skip_row_reduce: benchmarks only. Row-parallel projections skip their all_reduce, so results
         are WRONG; it measures the same compute with no communication.
     """
@@ -34,6 +37,7 @@ class TensorParallelSettings:
     overlap_mlp: bool = False
     reduce_engine: str = "nccl"
     relay_sums: bool = True
+    waves: bool = False
     skip_row_reduce: bool = False
 
     def __post_init__(self):

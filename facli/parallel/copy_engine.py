@@ -49,25 +49,26 @@ MIN_TILE_BYTES = 1 << 20  # below this NCCL's latency wins; decode steps stay on
 
 
 class CopyEngineExchange:
-    """This rank's inboxes [INBOXES, capacity, cols] and flags, the peer's mapped into this
+    """This rank's inboxes [inboxes, capacity, cols] and flags, the peer's mapped into this
     rank's address space, and the side stream that pushes tiles."""
 
-    def __init__(self, capacity: int, cols: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, capacity: int, cols: int, dtype: torch.dtype, device: torch.device,
+                 inboxes: int = INBOXES):
         from torch.distributed import _symmetric_memory as symm_mem
 
         with warnings.catch_warnings():  # required before torch 2.12, deprecated since
             warnings.simplefilter("ignore", FutureWarning)
             symm_mem.enable_symm_mem_for_group(dist.group.WORLD.group_name)
         peer = 1 - dist.get_rank()
-        self.capacity = capacity
-        self.inbox = symm_mem.empty(INBOXES, capacity, cols, dtype=dtype, device=device)
-        self.flags = symm_mem.empty(INBOXES, MAX_TILES, dtype=torch.uint32, device=device)
+        self.capacity, self.inboxes = capacity, inboxes
+        self.inbox = symm_mem.empty(inboxes, capacity, cols, dtype=dtype, device=device)
+        self.flags = symm_mem.empty(inboxes, MAX_TILES, dtype=torch.uint32, device=device)
         self.flags.zero_()
         torch.cuda.synchronize(device)  # zeroed before the peer can see the flags
         inbox_handle = symm_mem.rendezvous(self.inbox, dist.group.WORLD)
         flags_handle = symm_mem.rendezvous(self.flags, dist.group.WORLD)
         self.peer_inbox = inbox_handle.get_buffer(peer, tuple(self.inbox.shape), dtype, 0)
-        self.peer_flags = flags_handle.get_buffer(peer, (INBOXES * MAX_TILES,), torch.uint32, 0)
+        self.peer_flags = flags_handle.get_buffer(peer, (inboxes * MAX_TILES,), torch.uint32, 0)
         self.stream = torch.cuda.Stream(device, priority=-1)
         self.projections = 0
 
@@ -75,7 +76,7 @@ class CopyEngineExchange:
         """(inbox, sequence number) of the next row-parallel projection; every rank calls this
         once per projection, in the same order."""
         self.projections += 1
-        return self.projections % INBOXES, self.projections
+        return self.projections % self.inboxes, self.projections
 
     def push(self, part: torch.Tensor, inbox: int, start: int, tile: int, sequence: int) -> torch.cuda.Event:
         """Copy part [rows, cols] into the peer's inbox at rows start.., then raise the peer's
@@ -140,15 +141,16 @@ def usable(world: int) -> bool:
     return _USABLE[world]
 
 
-def exchange_for(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> CopyEngineExchange:
-    """The process's exchange for projection outputs of `rows` x `cols`, created on first use
-    and replaced by a larger one when a longer chunk comes (every rank reaches this in the same
-    order, as rendezvous is collective)."""
-    key = (device, cols, dtype)
+def exchange_for(rows: int, cols: int, dtype: torch.dtype, device: torch.device,
+                 inboxes: int = INBOXES) -> CopyEngineExchange:
+    """The process's exchange with `inboxes` inboxes for projection outputs of `rows` x `cols`,
+    created on first use and replaced by a larger one when a longer chunk comes (every rank
+    reaches this in the same order, as rendezvous is collective)."""
+    key = (device, cols, dtype, inboxes)
     current = _EXCHANGES.get(key)
     if current is None or current.capacity < rows:
         if current is not None:
             torch.cuda.synchronize(device)  # neither rank has a push in flight into the old inboxes
             dist.barrier()
-        _EXCHANGES[key] = current = CopyEngineExchange(rows, cols, dtype, device)
+        _EXCHANGES[key] = current = CopyEngineExchange(rows, cols, dtype, device, inboxes)
     return current
