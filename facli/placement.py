@@ -38,13 +38,17 @@ def weight_dtype(run_plan: Plan) -> torch.dtype:
 
 
 def tensor_parallel_settings(run_plan: Plan) -> TensorParallelSettings:
-    """Where a prefill chunk holds two tiles or more, each tile's AllReduce overlaps the next
-    GEMM; on GPUs the copy engines sum them (facli.parallel.copy_engine)."""
+    """Where a prefill chunk holds two tiles or more, its sums overlap compute: between two GPUs
+    each tile's, relayed by the copy engines (facli.parallel.copy_engine); with more GPU ranks
+    each half's, the chunk running in two waves (facli.parallel.waves), which fall back to an
+    all_reduce per tile where the KV cache is not all on the GPUs."""
     tile = run_plan.allreduce_tile_tokens
     if not splits_into_tiles(run_plan.prefill_chunk, tile):
         return TensorParallelSettings()
-    copy = sums_with_copy_engines(run_plan.tp, on_gpu=run_plan.device_kind == "cuda")
-    return TensorParallelSettings(tile_tokens=tile, reduce_engine="copy" if copy else "nccl")
+    on_gpu = run_plan.device_kind == "cuda"
+    if sums_with_copy_engines(run_plan.tp, on_gpu=on_gpu):
+        return TensorParallelSettings(tile_tokens=tile, reduce_engine="copy")
+    return TensorParallelSettings(tile_tokens=tile, waves=on_gpu)
 
 
 def build_kv_store(run_plan: Plan, config: ModelConfig, world_size: int, device: torch.device):

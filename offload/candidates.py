@@ -6,7 +6,6 @@ from facli.config import ModelConfig
 from facli.errors import FacliError
 from facli.offload.hardware import HardwareSpec
 from facli.offload.memory_model import (
-    copy_engine_tile,
     splits_into_tiles,
     sums_with_copy_engines,
     DTYPE_BYTES,
@@ -14,6 +13,7 @@ from facli.offload.memory_model import (
     canonical_dtype,
     device_memory,
     kv_layer_bytes,
+    prefill_tile,
     reserved_outside_allocator,
 )
 from facli.offload.time_model import (
@@ -155,8 +155,8 @@ def placement(model: ModelConfig, hardware: HardwareSpec, ctx: int, batch: int, 
               chunk: int, weight_dtype: str, kv_dtype: str,
               tile: int | None = None) -> tuple[int, MemoryBreakdown, int]:
     """(GPU layers, one rank's memory, per-rank budget) with as much KV on the GPU as fits;
-    `tile`: the prefill AllReduce tile (default: the copy-engine tile for this chunk)."""
-    tile = (copy_engine_tile(tp, chunk, on_gpu=True) or chunk) if tile is None else tile
+    `tile`: the prefill AllReduce tile (default: memory_model.prefill_tile's)."""
+    tile = (prefill_tile(tp, chunk, on_gpu=True) or chunk) if tile is None else tile
     copy_inboxes = sums_with_copy_engines(tp, on_gpu=True) and splits_into_tiles(chunk, tile)
     layers = model.num_hidden_layers
     wb, kb = DTYPE_BYTES[weight_dtype], DTYPE_BYTES[kv_dtype]

@@ -73,6 +73,10 @@ COMM_LOGITS_COPIES = 2
 COPY_ENGINE_TILE_TOKENS = 4096
 COPY_ENGINE_INBOXES = 2
 COPY_ENGINE_RANKS = 2
+# More GPU ranks sum with NCCL: a chunk that holds two tiles of this many tokens runs in two
+# waves (facli.parallel.waves), each half's all_reduce beside the other half's compute (measured
+# with halves of 8K to 64K tokens on 4 H200s, docs/benchmarks.md).
+WAVES_TILE_TOKENS = 4096
 # Offloaded KV (facli.offload.kv_store): 2 staging slots, each one layer of K and V for the
 # whole capacity in the model dtype; with fp8 KV also a ring of this many rows in fp8 on the GPU.
 STAGING_SLOTS = 2
@@ -180,11 +184,14 @@ def sums_with_copy_engines(tp: int, on_gpu: bool) -> bool:
     return tp == COPY_ENGINE_RANKS and on_gpu
 
 
-def copy_engine_tile(tp: int, chunk: int, on_gpu: bool) -> int | None:
-    """Tokens per copy-engine AllReduce tile, or None where prefill sums with one all_reduce."""
-    if not sums_with_copy_engines(tp, on_gpu) or not splits_into_tiles(chunk, COPY_ENGINE_TILE_TOKENS):
+def prefill_tile(tp: int, chunk: int, on_gpu: bool) -> int | None:
+    """Tokens per prefill AllReduce tile, or None where prefill sums with one all_reduce per
+    projection: the copy engines' tile between two GPUs; with more GPU ranks, the tile that
+    marks a chunk long enough to run in two waves."""
+    if tp == 1 or not on_gpu:
         return None
-    return COPY_ENGINE_TILE_TOKENS
+    tile = COPY_ENGINE_TILE_TOKENS if sums_with_copy_engines(tp, on_gpu) else WAVES_TILE_TOKENS
+    return tile if splits_into_tiles(chunk, tile) else None
 
 
 def comm_bytes(config: ModelConfig, chunk: int, batch: int, dtype_bytes: int, tp: int,

@@ -8,7 +8,7 @@ from facli.offload.memory_model import (
     splits_into_tiles,
     sums_with_copy_engines,
 )
-from facli.offload.plan import DevicePlan, HostPlan, Plan, Timing
+from facli.offload.plan import DevicePlan, HostPlan, Plan, Timing, uses_offloaded_store
 from facli.units import format_bytes, format_ctx
 
 
@@ -103,7 +103,7 @@ def _rejected(best: Candidate, found: list[Candidate]) -> list[str]:
 
 
 def _explanation(model: ModelConfig, hardware: HardwareSpec, ctx: int, best: Candidate,
-                 found: list[Candidate], notes: tuple[str, ...]) -> tuple[str, ...]:
+                 found: list[Candidate], notes: tuple[str, ...], fp8_kv: bool) -> tuple[str, ...]:
     fitting = [c for c in found if c.fits]
     lines = [
         f"searched {len(found)} placements (TP {sorted({c.tp for c in found})}, chunks "
@@ -126,6 +126,8 @@ def _explanation(model: ModelConfig, hardware: HardwareSpec, ctx: int, best: Can
             how = "one all_reduce per projection"
         elif sums_with_copy_engines(best.tp, on_gpu=not best.on_cpu):
             how = f"tiles of {best.tile_tokens} tokens summed by the copy engines"
+        elif not uses_offloaded_store(best.decode_mode, fp8_kv):
+            how = "each chunk in two waves, each half's all_reduce beside the other half's compute"
         else:
             how = f"tiles of {best.tile_tokens} tokens"
         lines.append(f"tiling-AllReduce: {how} ({hardware.inter_gpu_gbps:g} GB/s, "
@@ -166,5 +168,5 @@ def build_plan(model: ModelConfig, hardware: HardwareSpec, ctx: int, batch: int,
         decode_mode=best.decode_mode,
         timing=_timing(best, batch),
         fits=best.fits,
-        explanation=_explanation(model, hardware, ctx, best, found, notes),
+        explanation=_explanation(model, hardware, ctx, best, found, notes, kv_dtype == "fp8"),
     )

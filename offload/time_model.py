@@ -16,8 +16,8 @@ from facli.offload.plan import uses_offloaded_store
 from facli.offload.memory_model import (
     STAGING_SLOTS,
     activation_bytes,
-    copy_engine_tile,
     kv_layer_bytes,
+    prefill_tile,
     splits_into_tiles,
     sums_with_copy_engines,
     weight_bytes,
@@ -52,8 +52,11 @@ FP8_PREFILL_ATTENTION_FACTOR = 1.4
 # 41% (benchmarks/tensor_parallel.py). NCCL's own kernels hid 9-15%: they wait for SMs that
 # cuBLAS's GEMMs hold.
 COPY_ENGINE_HIDDEN = 0.5
-# The same with NCCL's all_reduce per tile (more than 2 ranks): 3-14% on 4 H200s, tiles of 4096
-# at 32K and 128K (docs/benchmarks.md, "Four GPUs"), 9-15% on 2.
+# With NCCL (more than 2 ranks): a chunk run in two waves (facli.parallel.waves, the KV cache all
+# on the GPUs) hid 38-55% on 4 H200s at 32K and 128K, in one pass or in 16K chunks; an
+# all_reduce per tile, where the waves do not apply, 3-14% there and 9-15% on 2 H200s
+# (docs/benchmarks.md, "Four GPUs").
+NCCL_WAVES_HIDDEN = 0.4
 NCCL_TILING_HIDDEN = 0.1
 CPU_ATTENTION_SYNC_S = 20e-6  # per host layer per decode step: q to host, partials back, merge
 
@@ -128,8 +131,7 @@ def prefill_breakdown(hw: HardwareSpec, layout: Layout) -> dict[str, float]:
         single = _allreduce_seconds(tokens * c.hidden_size * layout.weight_dtype_bytes,
                                     2 * c.num_hidden_layers, np.ones_like(tokens), hw, t)
         tiled = splits_into_tiles(tokens, layout.tile_tokens)
-        hidden = COPY_ENGINE_HIDDEN if sums_with_copy_engines(t, on_gpu=True) else NCCL_TILING_HIDDEN
-        comm = np.where(tiled, (1 - hidden) * single, single)
+        comm = np.where(tiled, (1 - _hidden_share(layout)) * single, single)
     transfer = np.zeros_like(sizes)
     if layout.host_layers and not layout.on_cpu:
         per_token_layer = kv_layer_bytes(c, 1, b, layout.kv_dtype_bytes, t)
@@ -191,7 +193,16 @@ def decode_breakdown(hw: HardwareSpec, layout: Layout) -> dict[str, float]:
     }
 
 
+def _hidden_share(layout: Layout) -> float:
+    """Share of the per-projection all_reduce time that a tiled chunk hides on GPUs."""
+    if sums_with_copy_engines(layout.tp, on_gpu=True):
+        return COPY_ENGINE_HIDDEN
+    if not uses_offloaded_store(layout.decode_mode, layout.kv_dtype_bytes == 1):
+        return NCCL_WAVES_HIDDEN
+    return NCCL_TILING_HIDDEN
+
+
 def choose_allreduce_tile(hw: HardwareSpec, layout: Layout) -> int:
-    """The tiling-AllReduce tile (tokens): the copy engines' measured tile once a chunk holds
-    two, else the chunk (one all_reduce per projection)."""
-    return copy_engine_tile(layout.tp, layout.chunk, on_gpu=not layout.on_cpu) or layout.chunk
+    """The tiling-AllReduce tile (tokens): memory_model.prefill_tile once a chunk holds two,
+    else the chunk (one all_reduce per projection)."""
+    return prefill_tile(layout.tp, layout.chunk, on_gpu=not layout.on_cpu) or layout.chunk

@@ -261,15 +261,27 @@ def test_gpu_ranks_tile_prefill_for_the_copy_engines_and_budget_their_inboxes():
     assert one_tile.devices[0].comm_bytes == untiled.devices[0].comm_bytes
 
 
-def test_more_than_two_ranks_keep_one_all_reduce_per_projection():
-    result = plan(model("llama-7b"), load_hardware("8xH200"), 32768, 1,
-                  options(devices=4, prefill_chunk=32768))
-    assert result.tp == 4 and result.allreduce_tile_tokens == 32768
+def test_more_than_two_gpu_ranks_prefill_in_two_waves_where_the_cache_is_on_the_gpus():
+    from facli.offload.memory_model import WAVES_TILE_TOKENS
+    from facli.placement import tensor_parallel_settings
+
+    config, eight = model("llama-7b"), load_hardware("8xH200")
+    waves = plan(config, eight, 32768, 1, options(devices=4, prefill_chunk=32768))
+    assert waves.tp == 4 and waves.allreduce_tile_tokens == WAVES_TILE_TOKENS
+    settings = tensor_parallel_settings(waves)
+    assert settings.waves and settings.reduce_engine == "nccl" and settings.tile_tokens == WAVES_TILE_TOKENS
+    assert any("two waves" in line for line in waves.explanation)
+    whole = plan(config, eight, 32768, 1, options(devices=4, prefill_chunk=32768, allreduce_tile_tokens=32768))
+    assert waves.timing.prefill_s < whole.timing.prefill_s
+    assert not tensor_parallel_settings(whole).waves
+    # A chunk shorter than two tiles keeps one all_reduce per projection.
+    short = plan(config, eight, 32768, 1, options(devices=4, prefill_chunk=4096))
+    assert short.allreduce_tile_tokens == 4096 and tensor_parallel_settings(short).tile_tokens is None
 
 
 def test_nccl_tiles_budget_no_copy_engine_inboxes():
     config, eight = model("llama-7b"), load_hardware("8xH200")
     tiled = plan(config, eight, 32768, 1, options(devices=4, prefill_chunk=32768, allreduce_tile_tokens=4096))
-    untiled = plan(config, eight, 32768, 1, options(devices=4, prefill_chunk=32768))
+    untiled = plan(config, eight, 32768, 1, options(devices=4, prefill_chunk=32768, allreduce_tile_tokens=32768))
     assert tiled.allreduce_tile_tokens == 4096
     assert tiled.devices[0].comm_bytes == untiled.devices[0].comm_bytes
