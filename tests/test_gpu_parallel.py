@@ -179,8 +179,9 @@ def test_copy_engine_layers_match_nccl_layers():
 
 
 def _waves_against_one_pass(ctx):
-    """All-position logits of a small bf16 model prefilled in two waves (each half's sum an
-    asynchronous NCCL all_reduce) and in one pass with one all_reduce per projection."""
+    """All-position logits of a small float32 model prefilled in two waves (each half's sum an
+    asynchronous NCCL all_reduce) and in one pass with one all_reduce per projection. Float32,
+    so that a half read before its sum lands shows, not NCCL's bf16 roundings in another order."""
     from facli.config import ModelConfig
     from facli.kv_cache import DeviceKVCache
     from facli.model import CausalLM
@@ -190,7 +191,7 @@ def _waves_against_one_pass(ctx):
                          num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
                          max_position_embeddings=4096, rms_norm_eps=1e-6)
     device = torch.device("cuda", ctx.local_rank)
-    model = CausalLM(config, dtype=torch.bfloat16, device=device, ctx=ctx)
+    model = CausalLM(config, dtype=torch.float32, device=device, ctx=ctx)
     generator = torch.Generator(device=device).manual_seed(11 + ctx.rank)
     for name, param in model.named_parameters():
         param.data.normal_(1.0 if name.endswith("norm.weight") else 0.0, 0.05, generator=generator)
@@ -202,7 +203,7 @@ def _waves_against_one_pass(ctx):
         for module in model.modules():
             if hasattr(module, "ctx"):
                 module.ctx = ctx.with_settings(settings)
-        kv = DeviceKVCache(2, 1, 2048, config.num_key_value_heads // ctx.world_size, 128, torch.bfloat16, device)
+        kv = DeviceKVCache(2, 1, 2048, config.num_key_value_heads // ctx.world_size, 128, torch.float32, device)
         logits[name] = model(ids, 0, kv, all_logits=True)
     waves, reference = logits["waves"], logits["one_pass"]
     ranks = [torch.empty_like(waves) for _ in range(ctx.world_size)]
@@ -214,10 +215,11 @@ def _waves_against_one_pass(ctx):
 
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 4, reason="needs 4 GPUs")
 def test_nccl_waves_match_one_pass_on_four_gpus():
-    """Four ranks sum with NCCL; in two waves the halves' GEMMs may pick other cuBLAS kernels than
-    the whole chunk's, so the logits agree to bf16 rounding, the same on every rank."""
+    """Four ranks sum with NCCL; in two waves the halves' GEMMs and all_reduces may add in
+    another order than the whole chunk's, so the logits agree to float32 rounding, the same on
+    every rank."""
     from facli.parallel.launch import launch
 
     result = launch(_waves_against_one_pass, world_size=4, device_type="cuda")  # rank 0's
     assert result["ranks_agree"], result
-    assert result["max_diff"] <= 2 ** -5 * result["scale"] and result["argmax_agree"] >= 0.99, result
+    assert result["max_diff"] <= 1e-4 * result["scale"] and result["argmax_agree"] == 1.0, result
