@@ -222,4 +222,4 @@ def test_nccl_waves_match_one_pass_on_four_gpus():
 
     result = launch(_waves_against_one_pass, world_size=4, device_type="cuda")  # rank 0's
     assert result["ranks_agree"], result
-    assert result["max_diff"] <= 1e-4 * result["scale"] and result["argmax_agree"] == 1.0, result
+    assert result["max_diff"] <= 1e-4 * result["scale"] and result["argmax_agree"] >= 0.999, result
