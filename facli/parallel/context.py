@@ -27,8 +27,10 @@ class TensorParallelSettings:
         product onto the other's partial and sends the sum back); False: each rank receives
         the other's partials and a pair_sum kernel adds them (facli.parallel.copy_engine).
     waves: prefill a chunk of at least two tiles as two halves that take turns through each
-        decoder layer, so that each half's sums travel while the other half computes
-        (facli.parallel.waves; two ranks summing through the copy engines, KV cache on the GPU).
+        decoder layer, so that each half's sums run beside the other half's compute
+        (facli.parallel.waves; the KV cache all on the device). A half is summed through the
+        copy engines where reduce_engine is "copy" and two peer GPUs can, else by an
+        asynchronous all_reduce.
     skip_row_reduce: benchmarks only. Row-parallel projections skip their all_reduce, so results
         are WRONG; it measures the same compute with no communication.
     """
