@@ -102,24 +102,32 @@ def test_copy_engine_sums_match_nccl():
             assert result["max_diff"] <= 2 ** -7 * result["scale"], result  # one bf16 rounding
 
 
-def _layers_by_engine(ctx):
-    """All-position logits of a small bf16 model for each reduce engine, with the layer tail run
-    whole or tile by tile (facli.parallel.overlap)."""
+def _small_model(ctx, dtype, seed: int, tokens: int):
+    """A 2-layer GQA model with random weights on this rank's GPU, and a prompt of `tokens` ids."""
     from facli.config import ModelConfig
-    from facli.kv_cache import DeviceKVCache
     from facli.model import CausalLM
-    from facli.parallel.context import TensorParallelSettings
 
     config = ModelConfig(model_type="llama", vocab_size=1024, hidden_size=1024, intermediate_size=2816,
                          num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
                          max_position_embeddings=4096, rms_norm_eps=1e-6)
     device = torch.device("cuda", ctx.local_rank)
-    model = CausalLM(config, dtype=torch.bfloat16, device=device, ctx=ctx)
-    generator = torch.Generator(device=device).manual_seed(7 + ctx.rank)
+    model = CausalLM(config, dtype=dtype, device=device, ctx=ctx)
+    generator = torch.Generator(device=device).manual_seed(seed + ctx.rank)
     for name, param in model.named_parameters():
         param.data.normal_(1.0 if name.endswith("norm.weight") else 0.0, 0.05, generator=generator)
-    ids = torch.randint(0, config.vocab_size, (1, 2000), device=device,
-                        generator=torch.Generator(device=device).manual_seed(3))
+    ids = torch.randint(0, config.vocab_size, (1, tokens), device=device,
+                        generator=torch.Generator(device=device).manual_seed(seed // 2))
+    return model, ids
+
+
+def _layers_by_engine(ctx):
+    """All-position logits of a small bf16 model for each reduce engine, with the layer tail run
+    whole or tile by tile (facli.parallel.overlap)."""
+    from facli.kv_cache import DeviceKVCache
+    from facli.parallel.context import TensorParallelSettings
+
+    model, ids = _small_model(ctx, torch.bfloat16, seed=7, tokens=2000)
+    device = ids.device
     logits = {}
     for overlap in (False, True):
         for engine, relay in (("nccl", True), ("copy", True), ("copy", False)):
@@ -182,28 +190,18 @@ def _waves_against_one_pass(ctx):
     """All-position logits of a small float32 model prefilled in two waves (each half's sum an
     asynchronous NCCL all_reduce) and in one pass with one all_reduce per projection. Float32,
     so that a half read before its sum lands shows, not NCCL's bf16 roundings in another order."""
-    from facli.config import ModelConfig
     from facli.kv_cache import DeviceKVCache
-    from facli.model import CausalLM
     from facli.parallel.context import TensorParallelSettings
 
-    config = ModelConfig(model_type="llama", vocab_size=1024, hidden_size=1024, intermediate_size=2816,
-                         num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
-                         max_position_embeddings=4096, rms_norm_eps=1e-6)
-    device = torch.device("cuda", ctx.local_rank)
-    model = CausalLM(config, dtype=torch.float32, device=device, ctx=ctx)
-    generator = torch.Generator(device=device).manual_seed(11 + ctx.rank)
-    for name, param in model.named_parameters():
-        param.data.normal_(1.0 if name.endswith("norm.weight") else 0.0, 0.05, generator=generator)
-    ids = torch.randint(0, config.vocab_size, (1, 2001), device=device,
-                        generator=torch.Generator(device=device).manual_seed(5))
+    model, ids = _small_model(ctx, torch.float32, seed=11, tokens=2001)
+    kv_heads = model.config.num_key_value_heads // ctx.world_size
     logits = {}
     for name, settings in (("one_pass", TensorParallelSettings()),
                            ("waves", TensorParallelSettings(tile_tokens=512, waves=True))):
         for module in model.modules():
             if hasattr(module, "ctx"):
                 module.ctx = ctx.with_settings(settings)
-        kv = DeviceKVCache(2, 1, 2048, config.num_key_value_heads // ctx.world_size, 128, torch.float32, device)
+        kv = DeviceKVCache(2, 1, 2048, kv_heads, 128, torch.float32, ids.device)
         logits[name] = model(ids, 0, kv, all_logits=True)
     waves, reference = logits["waves"], logits["one_pass"]
     ranks = [torch.empty_like(waves) for _ in range(ctx.world_size)]
