@@ -74,9 +74,10 @@ COPY_ENGINE_TILE_TOKENS = 4096
 COPY_ENGINE_INBOXES = 2
 COPY_ENGINE_RANKS = 2
 # More GPU ranks sum with NCCL: a chunk that holds two tiles of this many tokens runs in two
-# waves (facli.parallel.waves), each half's all_reduce beside the other half's compute (measured
-# with halves of 8K to 64K tokens on 4 H200s, docs/benchmarks.md).
-WAVES_TILE_TOKENS = 4096
+# waves (facli.parallel.waves), each half's all_reduce beside the other half's compute. On 4
+# H200s halves of 8K to 64K tokens hid 38-55% of the all_reduce time; an 8K chunk's halves of 4K
+# hid nothing (TTFT 77.2 against 75.6 ms with one all_reduce per projection; docs/benchmarks.md).
+WAVES_TILE_TOKENS = 8192
 # Offloaded KV (facli.offload.kv_store): 2 staging slots, each one layer of K and V for the
 # whole capacity in the model dtype; with fp8 KV also a ring of this many rows in fp8 on the GPU.
 STAGING_SLOTS = 2

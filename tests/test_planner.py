@@ -275,8 +275,8 @@ def test_more_than_two_gpu_ranks_prefill_in_two_waves_where_the_cache_is_on_the_
     assert waves.timing.prefill_s < whole.timing.prefill_s
     assert not tensor_parallel_settings(whole).waves
     # A chunk shorter than two tiles keeps one all_reduce per projection.
-    short = plan(config, eight, 32768, 1, options(devices=4, prefill_chunk=4096))
-    assert short.allreduce_tile_tokens == 4096 and tensor_parallel_settings(short).tile_tokens is None
+    short = plan(config, eight, 32768, 1, options(devices=4, prefill_chunk=8192))
+    assert short.allreduce_tile_tokens == 8192 and tensor_parallel_settings(short).tile_tokens is None
 
 
 def test_nccl_tiles_budget_no_copy_engine_inboxes():
