@@ -8,7 +8,7 @@ from facli.config import ModelConfig
 from facli.errors import FacliError
 from facli.kv_cache import DeviceKVCache
 from facli.offload.hardware import HardwareSpec, hardware_from_option
-from facli.offload.memory_model import splits_into_tiles, sums_with_copy_engines
+from facli.offload.memory_model import prefills_in_waves, splits_into_tiles, sums_with_copy_engines
 from facli.offload.plan import Plan, uses_offloaded_store
 from facli.offload.planner import PlanOptions, plan
 from facli.parallel.context import TensorParallelSettings
@@ -40,15 +40,16 @@ def weight_dtype(run_plan: Plan) -> torch.dtype:
 def tensor_parallel_settings(run_plan: Plan) -> TensorParallelSettings:
     """Where a prefill chunk holds two tiles or more, its sums overlap compute: between two GPUs
     each tile's, relayed by the copy engines (facli.parallel.copy_engine); with more GPU ranks
-    each half's, the chunk running in two waves (facli.parallel.waves), which fall back to an
-    all_reduce per tile where the KV cache is not all on the GPUs."""
+    each half's, the chunk running in two waves (facli.parallel.waves) where the KV cache is all
+    on the GPUs, else an all_reduce per tile."""
     tile = run_plan.allreduce_tile_tokens
     if not splits_into_tiles(run_plan.prefill_chunk, tile):
         return TensorParallelSettings()
     on_gpu = run_plan.device_kind == "cuda"
     if sums_with_copy_engines(run_plan.tp, on_gpu=on_gpu):
         return TensorParallelSettings(tile_tokens=tile, reduce_engine="copy")
-    return TensorParallelSettings(tile_tokens=tile, waves=on_gpu)
+    offloaded = uses_offloaded_store(run_plan.decode_mode, run_plan.kv_dtype == "fp8")
+    return TensorParallelSettings(tile_tokens=tile, waves=prefills_in_waves(run_plan.tp, on_gpu, offloaded))
 
 
 def build_kv_store(run_plan: Plan, config: ModelConfig, world_size: int, device: torch.device):

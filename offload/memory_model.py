@@ -185,6 +185,12 @@ def sums_with_copy_engines(tp: int, on_gpu: bool) -> bool:
     return tp == COPY_ENGINE_RANKS and on_gpu
 
 
+def prefills_in_waves(tp: int, on_gpu: bool, offloaded_store: bool) -> bool:
+    """Whether a tiled prefill chunk runs in two waves (facli.parallel.waves): more GPU ranks
+    than the copy engines serve, with the KV cache all on the GPUs (not the offloaded store)."""
+    return tp > 1 and on_gpu and not sums_with_copy_engines(tp, on_gpu) and not offloaded_store
+
+
 def prefill_tile(tp: int, chunk: int, on_gpu: bool) -> int | None:
     """Tokens per prefill AllReduce tile, or None where prefill sums with one all_reduce per
     projection: the copy engines' tile between two GPUs; with more GPU ranks, the tile that

@@ -4,6 +4,7 @@ from facli.config import ModelConfig
 from facli.offload.candidates import Candidate, resolve_dtypes
 from facli.offload.hardware import HardwareSpec
 from facli.offload.memory_model import (
+    prefills_in_waves,
     reserved_outside_allocator,
     splits_into_tiles,
     sums_with_copy_engines,
@@ -126,7 +127,8 @@ def _explanation(model: ModelConfig, hardware: HardwareSpec, ctx: int, best: Can
             how = "one all_reduce per projection"
         elif sums_with_copy_engines(best.tp, on_gpu=not best.on_cpu):
             how = f"tiles of {best.tile_tokens} tokens summed by the copy engines"
-        elif not uses_offloaded_store(best.decode_mode, fp8_kv):
+        elif prefills_in_waves(best.tp, on_gpu=not best.on_cpu,
+                               offloaded_store=uses_offloaded_store(best.decode_mode, fp8_kv)):
             how = "each chunk in two waves, each half's all_reduce beside the other half's compute"
         else:
             how = f"tiles of {best.tile_tokens} tokens"

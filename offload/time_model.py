@@ -18,6 +18,7 @@ from facli.offload.memory_model import (
     activation_bytes,
     kv_layer_bytes,
     prefill_tile,
+    prefills_in_waves,
     splits_into_tiles,
     sums_with_copy_engines,
     weight_bytes,
@@ -197,7 +198,8 @@ def _hidden_share(layout: Layout) -> float:
     """Share of the per-projection all_reduce time that a tiled chunk hides on GPUs."""
     if sums_with_copy_engines(layout.tp, on_gpu=True):
         return COPY_ENGINE_HIDDEN
-    if not uses_offloaded_store(layout.decode_mode, layout.kv_dtype_bytes == 1):
+    offloaded = uses_offloaded_store(layout.decode_mode, layout.kv_dtype_bytes == 1)
+    if prefills_in_waves(layout.tp, on_gpu=True, offloaded_store=offloaded):
         return NCCL_WAVES_HIDDEN
     return NCCL_TILING_HIDDEN
 

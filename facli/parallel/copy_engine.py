@@ -30,8 +30,10 @@ A rank never waits for the peer before pushing, so the inboxes must not be overw
 early: there are two inboxes, each as large as a whole projection output, used by alternating
 row-parallel projections (o_proj, down_proj, o_proj, ...). A rank pushes into an inbox again
 only two projections later, and the input of the projection in between depends on the sum it
-read from that inbox, which its peer cannot have pushed before reading its own copy. Flags hold
-the projection's sequence number, so they never need resetting.
+read from that inbox, which its peer cannot have pushed before reading its own copy. (The
+two-wave prefill keeps four projections in flight and so asks for four inboxes:
+facli.parallel.waves.) Flags hold the projection's sequence number, so they never need
+resetting.
 """
 
 import ctypes
