@@ -48,6 +48,8 @@ from facli.parallel.context import SINGLE_PROCESS, ParallelContext, TensorParall
 from facli.parallel.launch import launch
 from facli.units import parse_ctx
 
+from tp_table import table
+
 LLAMA_7B = ModelConfig(
     model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
     num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
@@ -303,43 +305,6 @@ def environment(device_type: str) -> dict:
                 commit=git_commit()["commit"])
 
 
-def table(records: list[dict], world: int) -> str:
-    modes = [m for m in MODES if any(r.get("mode") == m and r.get("tp") == world for r in records)]
-    tiled = [m for m in modes if m in TILED_MODES]
-    rows = ["| measurement | TP=1 | " + " | ".join(f"TP={world} {m}" for m in modes)
-            + " | speedup (best tiled) | comm hidden: " + " / ".join(tiled) + " |",
-            "| --- " * (len(modes) + 4) + "|"]
-    by = {}
-    for r in records:
-        if r["kind"] in ("prefill", "decode"):
-            key = (r["kind"], r.get("tokens") or r.get("context"))
-            value = r["seconds"] if r["kind"] == "prefill" else r["ms_per_token"]
-            by.setdefault(key, {}).setdefault((r["tp"], r["mode"]), []).append(value)
-    for (kind, length), values in sorted(by.items()):
-        best = {k: min(v) for k, v in values.items()}
-        tp1, nocomm, single = best.get((1, "-")), best.get((world, "nocomm")), best.get((world, "single"))
-        unit = "s" if kind == "prefill" else "ms/tok"
-        cells = [f"{v:.3f} {unit}" if v is not None else "-" for v in [tp1] + [best.get((world, m)) for m in modes]]
-        tiled_times = [best[(world, m)] for m in tiled if (world, m) in best]
-        speed = f"{tp1 / min(tiled_times):.2f}x" if tp1 and tiled_times else "-"
-        hidden = " / ".join(_hidden(nocomm, single, best.get((world, m))) for m in tiled)
-        label = f"{length // 1024}K" if length % 1024 == 0 else str(length)
-        rows.append(f"| {kind} {label} | " + " | ".join(cells) + f" | {speed} | {hidden} |")
-    rows += ["", "| projection | tokens | mode | tile | ms | comm hidden |", "| --- | --- | --- | --- | --- | --- |"]
-    proj = [r for r in records if r["kind"] == "projection"]
-    for r in proj:
-        base = {q["mode"]: q["ms"] for q in proj if q["proj"] == r["proj"] and q["mode"] in ("nocomm", "single")}
-        hidden = _hidden(base["nocomm"], base["single"], r["ms"]) if r["mode"] in TILED_MODES else ""
-        rows.append(f"| {r['proj']} | {r['tokens']} | {r['mode']} | {r['tile'] or '-'} | {r['ms']:.3f} | {hidden} |")
-    return "\n".join(rows)
-
-
-def _hidden(nocomm, single, tiled) -> str:
-    if None in (nocomm, single, tiled) or single - nocomm <= 0:
-        return "-"
-    return f"{100 * (1 - (tiled - nocomm) / (single - nocomm)):.0f}%"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, default=2)
@@ -395,7 +360,7 @@ def main() -> None:
     for record in launch(run_tp, (args,), world_size=args.devices, device_type=args.device_type,
                          high_priority_comm=args.high_priority_comm):
         emit(record)
-    summary = table(records, args.devices)
+    summary = table(records, args.devices, list(MODES), TILED_MODES)
     (args.out / "tensor_parallel_table.md").write_text(summary + "\n")
     if args.generate_check:
         emit(generate_check(args.devices, args.device_type))
