@@ -2,6 +2,9 @@
 
     python benchmarks/attention.py [--sizes 4k,16k,64k,128k,256k] [--sweep] [--out DIR]
 
+"facli" is what the model runs (`prefill_attention`: on Hopper the Gluon kernel); "facli Triton"
+is the portable Triton kernel with the table's (or the sweep's) block sizes.
+
 Prefill FLOPs count the causal half of the score and value products: 2 * 2 * B * Hq * T^2 * D / 2
 (the convention of FlashAttention's papers). Decode GB/s counts the K and V bytes of the valid
 cache read once. Every number comes from this run: ceilings, baselines and facli's kernels.
@@ -22,6 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from attention_decode import SDPA_BACKENDS, decode_row, eager_profile, fallback_rates, sweep_decode
 from facli.bench import git_commit
 from facli.kernels.configs import PrefillConfig, decode_config, prefill_config
+from facli.kernels import prefill_attention
 from facli.kernels.prefill import prefill_attention_triton
 from gpu_timing import log, median_ms, try_ms
 
@@ -80,12 +84,14 @@ def sweep_prefill(shapes=((16384, 32), (65536, 8))):
 
 
 def check_prefill(seq, q_heads, kv_heads, cfg):
+    """Relative L2 difference to SDPA flash of the model's path and of the Triton kernel."""
     q, k, v = prefill_inputs(seq, q_heads, kv_heads)
-    out = prefill_attention_triton(q, k, v, causal=True, config=cfg)
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
         ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             is_causal=True, enable_gqa=True).transpose(1, 2)
-    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+                                             is_causal=True, enable_gqa=True).transpose(1, 2).float()
+    outs = {"facli": prefill_attention(q, k, v, causal=True),
+            "facli_triton": prefill_attention_triton(q, k, v, causal=True, config=cfg)}
+    return {name: ((out.float() - ref).norm() / ref.norm()).item() for name, out in outs.items()}
 
 
 def prefill_row(seq, q_heads, kv_heads, cfg):
@@ -93,7 +99,9 @@ def prefill_row(seq, q_heads, kv_heads, cfg):
     flops = 2 * 2 * q_heads * seq * seq * 128 / 2
     budget = 0.4 if seq <= 16384 else 0.05
     row = {"T": seq, "Hq": q_heads, "Hkv": kv_heads}
-    row["facli"] = try_ms(lambda: prefill_attention_triton(q, k, v, causal=True, config=cfg), budget_s=budget)
+    row["facli"] = try_ms(lambda: prefill_attention(q, k, v, causal=True), budget_s=budget)
+    row["facli_triton"] = try_ms(lambda: prefill_attention_triton(q, k, v, causal=True, config=cfg),
+                                 budget_s=budget)
     qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
     del q, k, v
     for name, backend in SDPA_BACKENDS.items():
@@ -105,18 +113,18 @@ def prefill_row(seq, q_heads, kv_heads, cfg):
                 qt, kt, vt, is_causal=True, enable_gqa=kv_heads != q_heads), budget_s=budget)
     if seq <= 16384 and kv_heads == q_heads:
         row["naive"] = try_ms(lambda: naive(qt, kt, vt), budget_s=budget)
-    for key in ("facli", *SDPA_BACKENDS, "naive"):
+    for key in ("facli", "facli_triton", *SDPA_BACKENDS, "naive"):
         if row.get(key) is not None:
             row[key + "_tflops"] = flops / row[key] / 1e9
     return row
 
 
-def prefill_peak_memory(seq, cfg):
+def prefill_peak_memory(seq):
     q, k, v = prefill_inputs(seq, 32, 32)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-    out, lse = prefill_attention_triton(q, k, v, causal=True, return_lse=True, config=cfg)
+    out, lse = prefill_attention(q, k, v, causal=True, return_lse=True)
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - before - out.numel() * out.element_size()
     return {"T": seq, "extra_bytes": extra, "lse_bytes": lse.numel() * 4}
@@ -166,7 +174,7 @@ def main():
             log(f"prefill T={seq} Hkv={kv_heads} ({time.time() - t0:.0f}s): {res['prefill'][-1]}")
             torch.cuda.empty_cache()
     if sizes:
-        res["peak_memory"] = prefill_peak_memory(max(sizes), pcfg)
+        res["peak_memory"] = prefill_peak_memory(max(sizes))
         log(res["peak_memory"])
     res["decode"] = []
     for cache_len in dsizes:
@@ -188,13 +196,15 @@ def main():
           f"bf16 matmul {c['matmul_tflops']:.0f} TFLOP/s")
     print(f"prefill config {pcfg}; decode config {dcfg}")
     print("\ncausal prefill, B=1, Hq=32, D=128, bf16, TFLOP/s")
-    print("| T | Hkv | facli | SDPA flash | SDPA cuDNN | SDPA efficient | naive | facli/flash | facli/best |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| T | Hkv | facli | facli Triton | SDPA flash | SDPA cuDNN | SDPA efficient | naive | "
+          "facli/flash | facli/best |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in res["prefill"]:
-        tf = {k: r.get(k + "_tflops") for k in ("facli", "flash", "cudnn", "efficient", "naive")}
-        best = max([v for k, v in tf.items() if k not in ("facli", "naive") and v] or [float("nan")])
+        tf = {k: r.get(k + "_tflops") for k in ("facli", "facli_triton", "flash", "cudnn", "efficient", "naive")}
+        best = max([v for k, v in tf.items() if not k.startswith("facli") and k != "naive" and v]
+                   or [float("nan")])
         ratio = (tf["facli"] / tf["flash"]) if tf["facli"] and tf["flash"] else None
-        print(f"| {r['T'] // 1024}K | {r['Hkv']} | {fmt(tf['facli'])} | {fmt(tf['flash'])} | "
+        print(f"| {r['T'] // 1024}K | {r['Hkv']} | {fmt(tf['facli'])} | {fmt(tf['facli_triton'])} | {fmt(tf['flash'])} | "
               f"{fmt(tf['cudnn'])} | {fmt(tf['efficient'])} | {fmt(tf['naive'])} | {fmt(ratio, 2)} | "
               f"{fmt(tf['facli'] / best if tf['facli'] else None, 2)} |")
     print("\ndecode, B=1, Tq=1, Hq=32, D=128, bf16, CUDA-graph replay: us (GB/s of K+V read)")

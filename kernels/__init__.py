@@ -1,12 +1,15 @@
 """FastAttention: facli's attention functions.
 
-CUDA tensors in float16/bfloat16 go to the Triton kernels; everything else (CPU tensors, float32)
-to the plain-PyTorch reference. `backend="triton"` forces the kernels, which on a CPU run only
+CUDA tensors in float16/bfloat16 go to the Triton kernels (prefill on Hopper to the Gluon kernel
+of `prefill_hopper` where it takes the shapes); everything else (CPU tensors, float32) to the
+plain-PyTorch reference. `backend="triton"` forces the kernels, which on a CPU run only
 under TRITON_INTERPRET=1 (the tests' lane); `backend="reference"` forces the reference.
 """
 
 import torch
 
+from facli.kernels import prefill_hopper
+from facli.kernels.configs import SMALL_QUERIES
 from facli.kernels.decode import decode_attention_triton
 from facli.kernels.prefill import prefill_attention_triton
 from facli.kernels.reference import (
@@ -41,8 +44,10 @@ def prefill_attention(q, k, v, *, causal=True, q_offset=0, scale=None, return_ls
     log), the input `merge_attention` needs.
     """
     if _use_triton(q, backend):
-        return prefill_attention_triton(q, k, v, causal=causal, q_offset=q_offset, scale=scale,
-                                        return_lse=return_lse)
+        kernel = prefill_attention_triton
+        if q.shape[1] > SMALL_QUERIES and prefill_hopper.supports(q, k, v):
+            kernel = prefill_hopper.prefill_attention_hopper
+        return kernel(q, k, v, causal=causal, q_offset=q_offset, scale=scale, return_lse=return_lse)
     if return_lse:
         return attention_with_lse(q, k, v, causal=causal, q_offset=q_offset, scale=scale)
     return prefill_attention_reference(q, k, v, causal=causal, q_offset=q_offset, scale=scale)

@@ -59,7 +59,7 @@ _DECODE = {
 
 # Causal prefill with short queries (chunks of a few hundred tokens, or the interpreter) does
 # not need the large outer block; used below this many queries.
-_SMALL_QUERIES = 64
+SMALL_QUERIES = 64
 _SMALL = PrefillConfig(32, 32, 4, 2)
 
 
@@ -82,7 +82,7 @@ def head_dim_bucket(head_dim: int) -> int:
 def prefill_config(device, head_dim: int, q_len: int, *, causal: bool, dtype) -> PrefillConfig:
     """The prefill block sizes for this device, head dim, causality and dtype."""
     del causal, dtype  # the table was swept for causal bf16 only (docs/benchmarks.md)
-    if device is None or device.type != "cuda" or q_len <= _SMALL_QUERIES:
+    if device is None or device.type != "cuda" or q_len <= SMALL_QUERIES:
         return _SMALL
     return _PREFILL[(_arch_major(device), head_dim_bucket(head_dim))]
 

@@ -40,7 +40,7 @@ def case_id(case):
     return f"B{batch}-T{q_len}-off{offset}-gqa{hq // hkv}-d{d}-{kind}-{str(dtype)[6:]}"
 
 
-def check_prefill(case, monkeypatch, device, config=None):
+def check_prefill(case, monkeypatch, device, config=None, attention=prefill_attention_triton):
     poison_allocations(monkeypatch)
     batch, q_len, offset, q_heads, kv_heads, head_dim, causal, dtype = case
     if device == "cuda" and dtype == torch.float32:
@@ -50,8 +50,8 @@ def check_prefill(case, monkeypatch, device, config=None):
     # K/V as the model passes them: a prefix slice of one layer of a [L, B, cap, H, D] cache.
     cache = torch.randn(2, 2, batch, k_len + 9, kv_heads, head_dim, device=device).to(dtype)
     k, v = cache[0, 1, :, :k_len], cache[1, 1, :, :k_len]
-    out, lse = prefill_attention_triton(q, k, v, causal=causal, q_offset=offset, return_lse=True,
-                                        config=config)
+    kwargs = {} if config is None else {"config": config}
+    out, lse = attention(q, k, v, causal=causal, q_offset=offset, return_lse=True, **kwargs)
     ref, ref_lse = oracle(q, k, v, causal=causal, q_offset=offset)
     base_dtype = torch.float32 if dtype == torch.bfloat16 and device == "cpu" else dtype
     base = sdpa_same_dtype(q.to(base_dtype), k.to(base_dtype), v.to(base_dtype), causal=causal,

@@ -1,0 +1,279 @@
+"""Prefill attention for Hopper (sm90) in Gluon, Triton's explicit-layout dialect.
+
+The same two-level tiling and tiling-mask as `prefill.py`, with the work of a program split over
+warp-specialized partitions:
+
+- a producer warp streams this head's K and V tiles into a ring of shared-memory stages with the
+  copy engine (TMA), and waits for both consumers to release a stage before refilling it;
+- two consumer warpgroups each own 64 of the program's 128 queries: Q @ K^T on the tensor cores
+  (wgmma, Q and K from shared memory), the online softmax in registers, P @ V with P straight
+  from registers.
+
+The consumers share the K/V stages but never a CTA-wide barrier, so one warpgroup's softmax
+runs while the other's matrix products hold the tensor cores (the overlap FlashAttention-3
+gets from warp specialization), which the single-program Triton kernel cannot express.
+
+Q, K and V are read as [B, T, H * D] by the copy engine, which fills rows past T with zeros: those
+keys lie in the masked tiles and get -inf scores, those queries are never stored.
+"""
+
+import math
+
+import torch
+import triton
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    GLUON = hasattr(gl, "warp_specialize")
+except ImportError:  # a Triton without Gluon's Hopper ops: the Triton kernel serves every GPU
+    GLUON = False
+
+from facli.kernels import common
+
+LOG2E = 1.4426950408889634
+ROWS = 64  # queries per consumer warpgroup (wgmma's M is 64 per warpgroup)
+BLOCK_M = 2 * ROWS
+BLOCK_N = 128
+STAGES = 2
+HEAD_DIMS = (64, 128)
+# Registers per thread: 12 warps (two consumer warpgroups, the producer's padded to four) share
+# 64K registers; the producer keeps the minimum and the consumers split the rest.
+MAX_REGS = 168
+NOT_CAUSAL_SHIFT = 1 << 30  # added to query positions: every key is then visible
+PRODUCER_REGS = 24
+CONSUMER_REGS = 240
+
+if GLUON:
+
+    @gluon.jit
+    def _producer(descs, bufs, bars, out, pos):
+        q_desc, k_desc, v_desc = descs
+        q_bufs, k_bufs, v_bufs = bufs
+        q_ready, k_ready, v_ready, kv_empty = bars
+        q_row, q_col, kv_row, kv_col, m_start, q_len, k_len, first, n_tiles, qk_scale, causal_shift, lse_len = pos
+        BN: gl.constexpr = k_desc.block_type.shape[1]
+        STAGE_COUNT: gl.constexpr = k_bufs.type.shape[0]
+        mbarrier.expect(q_ready, 2 * q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [q_row, m_start, q_col], q_ready, q_bufs.index(0))
+        tma.async_copy_global_to_shared(q_desc, [q_row, m_start + q_desc.block_type.shape[1], q_col],
+                                        q_ready, q_bufs.index(1))
+        for i in range(n_tiles):
+            stage = i % STAGE_COUNT
+            # A fresh mbarrier counts as having completed the phase before phase 0.
+            mbarrier.wait(kv_empty.index(stage), ((i // STAGE_COUNT) & 1) ^ 1)
+            mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [kv_row, i * BN, kv_col], k_ready.index(stage),
+                                            k_bufs.index(stage))
+            mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(v_desc, [kv_row, i * BN, kv_col], v_ready.index(stage),
+                                            v_bufs.index(stage))
+
+    @gluon.jit
+    def _softmax_step(acc, l_i, m_i, s, start_n, q_limit, k_len, qk_scale,
+                      MASKED: gl.constexpr, s_layout: gl.constexpr,
+                      o_layout: gl.constexpr):
+        """Fold one tile's raw scores s [ROWS, BN] into the running max and sum; returns the
+        probabilities p and the accumulator already rescaled to the new max."""
+        if MASKED:
+            keys = start_n + gl.arange(0, s.shape[1], layout=gl.SliceLayout(0, s_layout))
+            visible = (keys[None, :] < k_len) & (keys[None, :] <= q_limit[:, None])
+            s = gl.where(visible, s * qk_scale, float("-inf"))
+            m_new = gl.maximum(m_i, gl.max(s, 1))
+            # A row that has seen no key yet keeps m = -inf; shift it by 0 instead (exp2 -> 0).
+            m_shift = gl.where(m_new == float("-inf"), 0.0, m_new)
+            p = gl.exp2(s - m_shift[:, None])
+        else:
+            m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+            m_shift = m_new
+            p = gl.exp2(s * qk_scale - m_shift[:, None])  # one FMA per score
+        alpha = gl.exp2(m_i - m_shift)
+        l_i = l_i * alpha + gl.sum(p, 1)
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+        return p, acc, l_i, m_new
+
+    @gluon.jit
+    def _consume_tiles(acc, l_i, m_i, q_smem, k_bufs, v_bufs, bars, lo, hi, q_limit, k_len, qk_scale,
+                       MASKED: gl.constexpr, s_layout: gl.constexpr,
+                       o_layout: gl.constexpr):
+        q_ready, k_ready, v_ready, kv_empty = bars
+        BN: gl.constexpr = k_bufs.type.shape[2]
+        HEAD_D: gl.constexpr = k_bufs.type.shape[3]
+        STAGE_COUNT: gl.constexpr = k_bufs.type.shape[0]
+        R: gl.constexpr = q_smem.type.shape[0]
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        for i in range(lo, hi):
+            stage = i % STAGE_COUNT
+            phase = (i // STAGE_COUNT) & 1
+            mbarrier.wait(k_ready.index(stage), phase)
+            s = gl.zeros([R, BN], gl.float32, s_layout)
+            k_tile = k_bufs.index(stage).reshape([BN, HEAD_D])
+            s = warpgroup_mma(q_smem, k_tile.permute((1, 0)), s, use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+            p, acc, l_i, m_i = _softmax_step(acc, l_i, m_i, s, i * BN, q_limit, k_len, qk_scale, MASKED,
+                                             s_layout, o_layout)
+            p = gl.convert_layout(p.to(q_smem.dtype), p_layout)
+            mbarrier.wait(v_ready.index(stage), phase)
+            acc = warpgroup_mma(p, v_bufs.index(stage).reshape([BN, HEAD_D]), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            mbarrier.arrive(kv_empty.index(stage), count=1)
+        return acc, l_i, m_i
+
+    @gluon.jit
+    def _release_tiles(bars, lo, hi):
+        """Tiles the other warpgroup still needs but wholly above this one's diagonal: wait until
+        each is loaded (so this arrival counts toward its own round), then release it."""
+        q_ready, k_ready, v_ready, kv_empty = bars
+        STAGE_COUNT: gl.constexpr = k_ready.type.shape[0]
+        for i in range(lo, hi):
+            stage = i % STAGE_COUNT
+            mbarrier.wait(k_ready.index(stage), (i // STAGE_COUNT) & 1)
+            mbarrier.arrive(kv_empty.index(stage), count=1)
+
+    @gluon.jit
+    def _consumer(descs, bufs, bars, out, pos, HALF: gl.constexpr):
+        q_desc, k_desc, v_desc = descs
+        q_bufs, k_bufs, v_bufs = bufs
+        o_base, lse_base, stride_ot = out
+        q_row, q_col, kv_row, kv_col, m_start, q_len, k_len, first, n_tiles, qk_scale, causal_shift, lse_len = pos
+        BN: gl.constexpr = k_desc.block_type.shape[1]
+        HEAD_D: gl.constexpr = k_desc.block_type.shape[2]
+        R: gl.constexpr = q_desc.block_type.shape[1]
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BN, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, HEAD_D, 16])
+        # The last key each query may see: its own position when causal, past every key when not
+        # (causal_shift 2**30: flags passed to partitions must be runtime values here).
+        row0 = first + HALF * R + causal_shift
+        hi = gl.minimum(k_len, row0 + R)
+        full = gl.minimum((row0 + 1) // BN * BN, k_len // BN * BN)
+        n_full = full // BN
+        n_mine = gl.cdiv(hi, BN)
+        q_limit = row0 + gl.arange(0, R, layout=gl.SliceLayout(1, s_layout))
+
+        m_i = gl.full([R], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+        l_i = gl.zeros([R], gl.float32, gl.SliceLayout(1, s_layout))
+        acc = gl.zeros([R, HEAD_D], gl.float32, o_layout)
+        mbarrier.wait(bars[0], 0)
+        q_smem = q_bufs.index(HALF).reshape([R, HEAD_D])
+        acc, l_i, m_i = _consume_tiles(acc, l_i, m_i, q_smem, k_bufs, v_bufs, bars, 0, n_full, q_limit,
+                                       k_len, qk_scale, False, s_layout, o_layout)
+        acc, l_i, m_i = _consume_tiles(acc, l_i, m_i, q_smem, k_bufs, v_bufs, bars, n_full, n_mine,
+                                       q_limit, k_len, qk_scale, True, s_layout, o_layout)
+        _release_tiles(bars, n_mine, n_tiles)
+
+        seen = l_i > 0.0
+        inv = gl.convert_layout(1.0 / gl.where(seen, l_i, 1.0), gl.SliceLayout(1, o_layout))
+        rows = m_start + HALF * R + gl.arange(0, R, layout=gl.SliceLayout(1, o_layout))
+        cols = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, o_layout))
+        o_ptrs = o_base + rows[:, None].to(gl.int64) * stride_ot + cols[None, :]
+        gl.store(o_ptrs, (acc * inv[:, None]).to(o_base.dtype.element_ty), mask=rows[:, None] < q_len)
+        lse = gl.where(seen, (m_i + gl.log2(gl.where(seen, l_i, 1.0))) * 0.6931471805599453,
+                       float("-inf"))
+        lse_rows = m_start + HALF * R + gl.arange(0, R, layout=gl.SliceLayout(1, s_layout))
+        gl.store(lse_base + lse_rows, lse, mask=lse_rows < lse_len)  # lse_len 0: no log-sum-exp
+
+    @gluon.jit
+    def _consumer_low(descs, bufs, bars, out, pos):
+        _consumer(descs, bufs, bars, out, pos, 0)
+
+    @gluon.jit
+    def _consumer_high(descs, bufs, bars, out, pos):
+        _consumer(descs, bufs, bars, out, pos, 1)
+
+    @gluon.jit
+    def _prefill_kernel(q_desc, k_desc, v_desc, O, LSE, stride_ob, stride_ot, stride_oh,
+                        q_len, k_len, q_offset, q_heads, group, qk_scale, causal_shift, lse_len,
+                        STAGE_COUNT: gl.constexpr,
+                        CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+        R: gl.constexpr = q_desc.block_type.shape[1]
+        BN: gl.constexpr = k_desc.block_type.shape[1]
+        HEAD_D: gl.constexpr = k_desc.block_type.shape[2]
+        # Heaviest causal blocks (the last queries) launch first, so the short ones fill the tail.
+        m_start = (gl.num_programs(0) - 1 - gl.program_id(0)) * (2 * R)
+        bh = gl.program_id(1)
+        b = bh // q_heads
+        h = bh % q_heads
+        first = q_offset + m_start  # absolute position of the program's first query
+        n_tiles = gl.cdiv(gl.minimum(k_len, first + 2 * R + causal_shift), BN)
+        o_base = O + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
+        lse_base = LSE + bh.to(gl.int64) * q_len
+        pos = (b, h * HEAD_D, b, (h // group) * HEAD_D, m_start, q_len,
+               k_len, first, n_tiles, qk_scale, causal_shift, lse_len)
+
+        q_bufs = gl.allocate_shared_memory(q_desc.dtype, [2, 1, R, HEAD_D], q_desc.layout)
+        k_bufs = gl.allocate_shared_memory(k_desc.dtype, [STAGE_COUNT, 1, BN, HEAD_D], k_desc.layout)
+        v_bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGE_COUNT, 1, BN, HEAD_D], v_desc.layout)
+        q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGE_COUNT, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGE_COUNT, 1], mbarrier.MBarrierLayout())
+        kv_empty = gl.allocate_shared_memory(gl.int64, [STAGE_COUNT, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_ready, count=1)
+        for i in gl.static_range(STAGE_COUNT):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(kv_empty.index(i), count=2)  # both consumer warpgroups release a stage
+        fence_async_shared()
+
+        args = ((q_desc, k_desc, v_desc), (q_bufs, k_bufs, v_bufs), (q_ready, k_ready, v_ready, kv_empty),
+                (o_base, lse_base, stride_ot), pos)
+        gl.warp_specialize([(_consumer_low, args), (_consumer_high, args), (_producer, args)],
+                           [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+def supports(q, k, v) -> bool:
+    """Whether the Hopper kernel takes these inputs: sm90, fp16/bf16, D in HEAD_DIMS, and q, k, v
+    readable by the copy engine as [B, T, H * D] (heads packed, 16-byte aligned strides)."""
+    if not (GLUON and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+            and torch.cuda.get_device_capability(q.device)[0] == 9 and q.shape[3] in HEAD_DIMS):
+        return False
+    return all(t.stride(3) == 1 and t.stride(2) == t.shape[3] and t.data_ptr() % 16 == 0
+               and all(s * t.element_size() % 16 == 0 for s in t.stride()[:2]) for t in (q, k, v))
+
+
+def _descriptor(t, rows):
+    """t [B, T, H, D] as the copy engine's [B, T, H * D]: a tile never crosses into another
+    sequence, and rows past T read as zeros."""
+    batch, seq, heads, d = t.shape
+    block = [1, rows, d]
+    layout = gl.NVMMASharedLayout.get_default_for(block, gl.float16 if t.dtype == torch.float16 else gl.bfloat16)
+    return TensorDescriptor(t, [batch, seq, heads * d], [t.stride(0), t.stride(1), 1], block, layout)
+
+
+def prefill_attention_hopper(q, k, v, *, causal=True, q_offset=0, scale=None, return_lse=False):
+    """Hopper prefill attention; arguments and result as `prefill_attention_triton`. The caller
+    checks `supports(q, k, v)` first."""
+    common.check_attention_inputs(q, k, v)
+    if not isinstance(q_offset, int) or q_offset < 0:
+        raise ValueError(f"expected q_offset a non-negative int, got {q_offset!r}")
+    batch, q_len, q_heads, head_dim = q.shape
+    k_len, kv_heads = k.shape[1], k.shape[2]
+    out = common.empty(batch, q_len, q_heads, head_dim, dtype=q.dtype, device=q.device)
+    lse = common.empty(batch, q_heads, q_len if return_lse else 1, dtype=torch.float32, device=q.device)
+    if q_len == 0 or k_len == 0:
+        if k_len == 0:
+            out.zero_()
+            if return_lse:
+                lse.fill_(float("-inf"))
+        return (out, lse) if return_lse else out
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    grid = (triton.cdiv(q_len, BLOCK_M), batch * q_heads)
+    _prefill_kernel[grid](
+        _descriptor(q, ROWS), _descriptor(k, BLOCK_N), _descriptor(v, BLOCK_N), out, lse,
+        out.stride(0), out.stride(1), out.stride(2),
+        q_len, k_len, q_offset, q_heads, q_heads // kv_heads, scale * LOG2E,
+        0 if causal else NOT_CAUSAL_SHIFT, q_len if return_lse else 0, STAGE_COUNT=STAGES,
+        CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS,
+        num_warps=4, maxnreg=MAX_REGS,
+    )
+    return (out, lse) if return_lse else out
