@@ -59,31 +59,32 @@ if GLUON:
     def _producer(descs, bufs, bars, out, pos):
         q_desc, k_desc, v_desc = descs
         q_bufs, k_bufs, v_bufs = bufs
-        q_ready, k_ready, v_ready, kv_empty = bars
-        q_row, q_col, kv_row, kv_col, m_start, q_len, k_len, first, n_tiles, qk_scale, causal_shift, lse_len = pos
+        q_ready, k_ready, v_ready, k_empty, v_empty = bars
+        b, q_col, kv_col, m_start, q_len, k_len, first, n_tiles, qk_scale, causal_shift, lse_len = pos
         BN: gl.constexpr = k_desc.block_type.shape[1]
         STAGE_COUNT: gl.constexpr = k_bufs.type.shape[0]
         mbarrier.expect(q_ready, 2 * q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [q_row, m_start, q_col], q_ready, q_bufs.index(0))
-        tma.async_copy_global_to_shared(q_desc, [q_row, m_start + q_desc.block_type.shape[1], q_col],
+        tma.async_copy_global_to_shared(q_desc, [b, m_start, q_col], q_ready, q_bufs.index(0))
+        tma.async_copy_global_to_shared(q_desc, [b, m_start + q_desc.block_type.shape[1], q_col],
                                         q_ready, q_bufs.index(1))
         for i in range(n_tiles):
             stage = i % STAGE_COUNT
             # A fresh mbarrier counts as having completed the phase before phase 0.
-            mbarrier.wait(kv_empty.index(stage), ((i // STAGE_COUNT) & 1) ^ 1)
+            empty_phase = ((i // STAGE_COUNT) & 1) ^ 1
+            mbarrier.wait(k_empty.index(stage), empty_phase)
             mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [kv_row, i * BN, kv_col], k_ready.index(stage),
+            tma.async_copy_global_to_shared(k_desc, [b, i * BN, kv_col], k_ready.index(stage),
                                             k_bufs.index(stage))
+            mbarrier.wait(v_empty.index(stage), empty_phase)
             mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(v_desc, [kv_row, i * BN, kv_col], v_ready.index(stage),
+            tma.async_copy_global_to_shared(v_desc, [b, i * BN, kv_col], v_ready.index(stage),
                                             v_bufs.index(stage))
 
     @gluon.jit
-    def _softmax_step(acc, l_i, m_i, s, start_n, q_limit, k_len, qk_scale,
-                      MASKED: gl.constexpr, s_layout: gl.constexpr,
-                      o_layout: gl.constexpr):
-        """Fold one tile's raw scores s [ROWS, BN] into the running max and sum; returns the
-        probabilities p and the accumulator already rescaled to the new max."""
+    def _softmax(l_i, m_i, s, start_n, q_limit, k_len, qk_scale, MASKED: gl.constexpr,
+                 s_layout: gl.constexpr, o_layout: gl.constexpr):
+        """Fold one tile's raw scores s [ROWS, BN] into the running max and sum. Returns the
+        probabilities, the factor that moves the accumulator to the new max, the sum and the max."""
         if MASKED:
             keys = start_n + gl.arange(0, s.shape[1], layout=gl.SliceLayout(0, s_layout))
             visible = (keys[None, :] < k_len) & (keys[None, :] <= q_limit[:, None])
@@ -98,79 +99,101 @@ if GLUON:
             p = gl.exp2(s * qk_scale - m_shift[:, None])  # one FMA per score
         alpha = gl.exp2(m_i - m_shift)
         l_i = l_i * alpha + gl.sum(p, 1)
-        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-        return p, acc, l_i, m_new
+        return p, gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), l_i, m_new
 
     @gluon.jit
-    def _consume_tiles(acc, l_i, m_i, q_smem, k_bufs, v_bufs, bars, lo, hi, q_limit, k_len, qk_scale,
-                       MASKED: gl.constexpr, s_layout: gl.constexpr,
-                       o_layout: gl.constexpr):
-        q_ready, k_ready, v_ready, kv_empty = bars
+    def _scores(q_smem, k_bufs, k_ready, i, s_layout: gl.constexpr):
+        """Starts Q @ K_i^T on the tensor cores (asynchronous: the caller waits)."""
+        STAGE_COUNT: gl.constexpr = k_bufs.type.shape[0]
         BN: gl.constexpr = k_bufs.type.shape[2]
         HEAD_D: gl.constexpr = k_bufs.type.shape[3]
-        STAGE_COUNT: gl.constexpr = k_bufs.type.shape[0]
         R: gl.constexpr = q_smem.type.shape[0]
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-        for i in range(lo, hi):
-            stage = i % STAGE_COUNT
-            phase = (i // STAGE_COUNT) & 1
-            mbarrier.wait(k_ready.index(stage), phase)
-            s = gl.zeros([R, BN], gl.float32, s_layout)
-            k_tile = k_bufs.index(stage).reshape([BN, HEAD_D])
-            s = warpgroup_mma(q_smem, k_tile.permute((1, 0)), s, use_acc=False, is_async=True)
-            s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
-            p, acc, l_i, m_i = _softmax_step(acc, l_i, m_i, s, i * BN, q_limit, k_len, qk_scale, MASKED,
-                                             s_layout, o_layout)
-            p = gl.convert_layout(p.to(q_smem.dtype), p_layout)
-            mbarrier.wait(v_ready.index(stage), phase)
-            acc = warpgroup_mma(p, v_bufs.index(stage).reshape([BN, HEAD_D]), acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-            mbarrier.arrive(kv_empty.index(stage), count=1)
-        return acc, l_i, m_i
+        stage = i % STAGE_COUNT
+        mbarrier.wait(k_ready.index(stage), (i // STAGE_COUNT) & 1)
+        s = gl.zeros([R, BN], gl.float32, s_layout)
+        k_tile = k_bufs.index(stage).reshape([BN, HEAD_D])
+        return warpgroup_mma(q_smem, k_tile.permute((1, 0)), s, use_acc=False, is_async=True)
 
     @gluon.jit
-    def _release_tiles(bars, lo, hi):
-        """Tiles the other warpgroup still needs but wholly above this one's diagonal: wait until
-        each is loaded (so this arrival counts toward its own round), then release it."""
-        q_ready, k_ready, v_ready, kv_empty = bars
-        STAGE_COUNT: gl.constexpr = k_ready.type.shape[0]
+    def _add_values(acc, p, v_bufs, v_ready, i):
+        """Starts acc += P_i @ V_i (asynchronous: the caller waits)."""
+        STAGE_COUNT: gl.constexpr = v_bufs.type.shape[0]
+        BN: gl.constexpr = v_bufs.type.shape[2]
+        HEAD_D: gl.constexpr = v_bufs.type.shape[3]
+        stage = i % STAGE_COUNT
+        mbarrier.wait(v_ready.index(stage), (i // STAGE_COUNT) & 1)
+        return warpgroup_mma(p, v_bufs.index(stage).reshape([BN, HEAD_D]), acc, is_async=True)
+
+    @gluon.jit
+    def _consume_tiles(acc, l_i, m_i, p_prev, q_smem, k_bufs, v_bufs, bars, lo, hi, q_limit, k_len,
+                       qk_scale, MASKED: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr):
+        """Tiles lo..hi-1, each one's Q @ K^T issued together with the previous tile's P @ V, so
+        the softmax of tile i runs while the tensor cores add tile i-1's values."""
+        q_ready, k_ready, v_ready, k_empty, v_empty = bars
+        STAGE_COUNT: gl.constexpr = k_bufs.type.shape[0]
+        BN: gl.constexpr = k_bufs.type.shape[2]
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         for i in range(lo, hi):
-            stage = i % STAGE_COUNT
-            mbarrier.wait(k_ready.index(stage), (i // STAGE_COUNT) & 1)
-            mbarrier.arrive(kv_empty.index(stage), count=1)
+            s = _scores(q_smem, k_bufs, k_ready, i, s_layout)
+            acc = _add_values(acc, p_prev, v_bufs, v_ready, i - 1)
+            s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))  # in order: Q @ K_i^T is done
+            mbarrier.arrive(k_empty.index(i % STAGE_COUNT), count=1)
+            p, alpha, l_i, m_i = _softmax(l_i, m_i, s, i * BN, q_limit, k_len, qk_scale, MASKED,
+                                          s_layout, o_layout)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            mbarrier.arrive(v_empty.index((i - 1) % STAGE_COUNT), count=1)
+            acc = acc * alpha[:, None]
+            p_prev = gl.convert_layout(p.to(q_smem.dtype), p_layout)
+        return acc, l_i, m_i, p_prev
 
     @gluon.jit
     def _consumer(descs, bufs, bars, out, pos, HALF: gl.constexpr):
         q_desc, k_desc, v_desc = descs
         q_bufs, k_bufs, v_bufs = bufs
+        q_ready, k_ready, v_ready, k_empty, v_empty = bars
         o_base, lse_base, stride_ot = out
-        q_row, q_col, kv_row, kv_col, m_start, q_len, k_len, first, n_tiles, qk_scale, causal_shift, lse_len = pos
+        b, q_col, kv_col, m_start, q_len, k_len, first, n_tiles, qk_scale, causal_shift, lse_len = pos
         BN: gl.constexpr = k_desc.block_type.shape[1]
         HEAD_D: gl.constexpr = k_desc.block_type.shape[2]
         R: gl.constexpr = q_desc.block_type.shape[1]
+        STAGE_COUNT: gl.constexpr = k_bufs.type.shape[0]
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BN, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, HEAD_D, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         # The last key each query may see: its own position when causal, past every key when not
-        # (causal_shift 2**30: flags passed to partitions must be runtime values here).
+        # (causal_shift 2**30: flags passed to partitions must be runtime values here). Tiles
+        # below n_full are wholly visible to all R queries; n_mine tiles hold any visible key.
         row0 = first + HALF * R + causal_shift
-        hi = gl.minimum(k_len, row0 + R)
-        full = gl.minimum((row0 + 1) // BN * BN, k_len // BN * BN)
-        n_full = full // BN
-        n_mine = gl.cdiv(hi, BN)
+        n_full = gl.minimum((row0 + 1) // BN, k_len // BN)
+        n_mine = gl.cdiv(gl.minimum(k_len, row0 + R), BN)
         q_limit = row0 + gl.arange(0, R, layout=gl.SliceLayout(1, s_layout))
 
+        mbarrier.wait(q_ready, 0)
+        q_smem = q_bufs.index(HALF).reshape([R, HEAD_D])
+        # Tile 0 alone (masked: it may be the diagonal), so that the loops always hold a P @ V
+        # of the previous tile to issue.
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(_scores(q_smem, k_bufs, k_ready, 0, s_layout), ))
+        mbarrier.arrive(k_empty.index(0), count=1)
         m_i = gl.full([R], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
         l_i = gl.zeros([R], gl.float32, gl.SliceLayout(1, s_layout))
+        p, alpha, l_i, m_i = _softmax(l_i, m_i, s, 0, q_limit, k_len, qk_scale, True, s_layout, o_layout)
+        p = gl.convert_layout(p.to(q_smem.dtype), p_layout)
         acc = gl.zeros([R, HEAD_D], gl.float32, o_layout)
-        mbarrier.wait(bars[0], 0)
-        q_smem = q_bufs.index(HALF).reshape([R, HEAD_D])
-        acc, l_i, m_i = _consume_tiles(acc, l_i, m_i, q_smem, k_bufs, v_bufs, bars, 0, n_full, q_limit,
-                                       k_len, qk_scale, False, s_layout, o_layout)
-        acc, l_i, m_i = _consume_tiles(acc, l_i, m_i, q_smem, k_bufs, v_bufs, bars, n_full, n_mine,
-                                       q_limit, k_len, qk_scale, True, s_layout, o_layout)
-        _release_tiles(bars, n_mine, n_tiles)
+        acc, l_i, m_i, p = _consume_tiles(acc, l_i, m_i, p, q_smem, k_bufs, v_bufs, bars, 1, n_full,
+                                          q_limit, k_len, qk_scale, False, s_layout, o_layout)
+        acc, l_i, m_i, p = _consume_tiles(acc, l_i, m_i, p, q_smem, k_bufs, v_bufs, bars,
+                                          gl.maximum(n_full, 1), n_mine, q_limit, k_len, qk_scale, True,
+                                          s_layout, o_layout)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(_add_values(acc, p, v_bufs, v_ready, n_mine - 1), ))
+        mbarrier.arrive(v_empty.index((n_mine - 1) % STAGE_COUNT), count=1)
+        # Tiles the other warpgroup still needs but wholly above this one's diagonal: wait until
+        # each is loaded (so the arrivals count toward its round), then release it.
+        for i in range(n_mine, n_tiles):
+            mbarrier.wait(k_ready.index(i % STAGE_COUNT), (i // STAGE_COUNT) & 1)
+            mbarrier.arrive(k_empty.index(i % STAGE_COUNT), count=1)
+            mbarrier.arrive(v_empty.index(i % STAGE_COUNT), count=1)
 
         seen = l_i > 0.0
         inv = gl.convert_layout(1.0 / gl.where(seen, l_i, 1.0), gl.SliceLayout(1, o_layout))
@@ -194,8 +217,8 @@ if GLUON:
     @gluon.jit
     def _prefill_kernel(q_desc, k_desc, v_desc, O, LSE, stride_ob, stride_ot, stride_oh,
                         q_len, k_len, q_offset, q_heads, group, qk_scale, causal_shift, lse_len,
-                        STAGE_COUNT: gl.constexpr,
-                        CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+                        STAGE_COUNT: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                        PRODUCER_REGS: gl.constexpr):
         R: gl.constexpr = q_desc.block_type.shape[1]
         BN: gl.constexpr = k_desc.block_type.shape[1]
         HEAD_D: gl.constexpr = k_desc.block_type.shape[2]
@@ -208,8 +231,8 @@ if GLUON:
         n_tiles = gl.cdiv(gl.minimum(k_len, first + 2 * R + causal_shift), BN)
         o_base = O + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
         lse_base = LSE + bh.to(gl.int64) * q_len
-        pos = (b, h * HEAD_D, b, (h // group) * HEAD_D, m_start, q_len,
-               k_len, first, n_tiles, qk_scale, causal_shift, lse_len)
+        pos = (b, h * HEAD_D, (h // group) * HEAD_D, m_start, q_len, k_len, first, n_tiles, qk_scale,
+               causal_shift, lse_len)
 
         q_bufs = gl.allocate_shared_memory(q_desc.dtype, [2, 1, R, HEAD_D], q_desc.layout)
         k_bufs = gl.allocate_shared_memory(k_desc.dtype, [STAGE_COUNT, 1, BN, HEAD_D], k_desc.layout)
@@ -217,16 +240,18 @@ if GLUON:
         q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [STAGE_COUNT, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [STAGE_COUNT, 1], mbarrier.MBarrierLayout())
-        kv_empty = gl.allocate_shared_memory(gl.int64, [STAGE_COUNT, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [STAGE_COUNT, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [STAGE_COUNT, 1], mbarrier.MBarrierLayout())
         mbarrier.init(q_ready, count=1)
         for i in gl.static_range(STAGE_COUNT):
             mbarrier.init(k_ready.index(i), count=1)
             mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(kv_empty.index(i), count=2)  # both consumer warpgroups release a stage
+            mbarrier.init(k_empty.index(i), count=2)  # both consumer warpgroups release a stage
+            mbarrier.init(v_empty.index(i), count=2)
         fence_async_shared()
 
-        args = ((q_desc, k_desc, v_desc), (q_bufs, k_bufs, v_bufs), (q_ready, k_ready, v_ready, kv_empty),
-                (o_base, lse_base, stride_ot), pos)
+        args = ((q_desc, k_desc, v_desc), (q_bufs, k_bufs, v_bufs),
+                (q_ready, k_ready, v_ready, k_empty, v_empty), (o_base, lse_base, stride_ot), pos)
         gl.warp_specialize([(_consumer_low, args), (_consumer_high, args), (_producer, args)],
                            [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
