@@ -31,8 +31,10 @@ from facli.offload.memory_model import (
 MATMUL_HALF_EFFICIENCY_TOKENS = 128  # GEMM efficiency = tokens / (tokens + this)
 MATMUL_EFFICIENCY = 0.89  # cuBLAS bf16 GEMMs of the model's shapes against the 8192^3 ceiling
 # Attention TFLOP/s as a share of the matmul rate: facli's Triton prefill kernel measured
-# 486-518 TFLOP/s against a 760-798 TFLOP/s matmul ceiling on the H200 (0.62-0.66).
+# 486-518 TFLOP/s against a 760-798 TFLOP/s matmul ceiling on the H200 (0.62-0.66); on Hopper
+# the Gluon kernel (kernels/prefill_hopper.py) 583-630 against 788 at 16K-256K (0.74-0.80).
 ATTENTION_EFFICIENCY = 0.63
+HOPPER_ATTENTION_EFFICIENCY = 0.77
 ELEMENTWISE_PASSES = 2  # fused norms, RoPE, SiLU and residual adds: each activation read once, written once
 LAYER_OVERHEAD_S = 30e-6  # per layer per prefill step: kernel launches in eager mode
 # Per layer per decode step, beyond its bytes: the small kernels of a layer (norms, RoPE,
@@ -87,6 +89,13 @@ def _rates(hw: HardwareSpec, layout: Layout) -> tuple[float, float]:
     return min(g.matmul_tflops for g in gpus) * 1e12, min(g.hbm_gbps for g in gpus) * 1e9
 
 
+def _attention_efficiency(hw: HardwareSpec, layout: Layout) -> float:
+    """Prefill attention's share of the matmul rate, by the kernel the ranks' GPUs run."""
+    if not layout.on_cpu and all(g.compute_capability[0] == 9 for g in hw.devices[: layout.tp]):
+        return HOPPER_ATTENTION_EFFICIENCY
+    return ATTENTION_EFFICIENCY
+
+
 def _linear_params(config: ModelConfig, tp: int) -> float:
     """Matmul weights a token passes through on one rank (lm_head excluded)."""
     h, d = config.hidden_size, config.head_dim
@@ -119,7 +128,7 @@ def prefill_breakdown(hw: HardwareSpec, layout: Layout) -> dict[str, float]:
     gemm = np.maximum(flops / (matmul_rate * MATMUL_EFFICIENCY * efficiency), weights / mem_rate)
     pairs = sizes * starts + sizes * (sizes + 1) / 2
     attn_flops = 4 * c.head_dim * (c.num_attention_heads / t) * b * c.num_hidden_layers * pairs
-    attention = attn_flops / (matmul_rate * ATTENTION_EFFICIENCY)
+    attention = attn_flops / (matmul_rate * _attention_efficiency(hw, layout))
     if layout.kv_dtype_bytes == 1 and not layout.on_cpu:
         attention = attention * FP8_PREFILL_ATTENTION_FACTOR
     per_chunk_act = activation_bytes(c, layout.chunk, b, layout.weight_dtype_bytes, t)

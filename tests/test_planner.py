@@ -285,3 +285,17 @@ def test_nccl_tiles_budget_no_copy_engine_inboxes():
     untiled = plan(config, eight, 32768, 1, options(devices=4, prefill_chunk=32768, allreduce_tile_tokens=32768))
     assert tiled.allreduce_tile_tokens == 4096
     assert tiled.devices[0].comm_bytes == untiled.devices[0].comm_bytes
+
+
+def test_prefill_attention_time_follows_the_kernel_of_the_architecture():
+    """Hopper runs the Gluon prefill kernel, faster per matmul FLOP than the portable one."""
+    from facli.offload.time_model import (ATTENTION_EFFICIENCY, HOPPER_ATTENTION_EFFICIENCY, Layout,
+                                          prefill_breakdown)
+
+    layout = Layout(model("llama-7b"), 32 * 1024, 1, 1, 8192, 8192, 0, "resident", 2, 2)
+    seconds = {}
+    for capability in ((9, 0), (8, 0)):
+        gpu = GpuSpec("same rates", 80 * GIB, 0, 700.0, 3000.0, capability)
+        hw = HardwareSpec("one", (gpu,), 256 * GIB, 25.0, 100.0, 20.0, 1.0, 0.0, 0.0, GIB)
+        seconds[capability] = prefill_breakdown(hw, layout)["prefill_attention_s"]
+    assert seconds[(8, 0)] / seconds[(9, 0)] == pytest.approx(HOPPER_ATTENTION_EFFICIENCY / ATTENTION_EFFICIENCY)
