@@ -218,6 +218,15 @@ def main():
         eager = f"{fmt(r['facli_eager'] * 1e3 if r.get('facli_eager') else None)} / " \
                 f"{fmt(r['sdpa_eager'] * 1e3 if r.get('sdpa_eager') else None)}"
         print(f"| {r['T'] // 1024}K | {r['Hkv']} | " + " | ".join(cells) + f" | {fmt(speed, 2)} | {eager} |")
+    print("\ndecode as above, per call inside one CUDA graph of 8 calls: us (GB/s of K+V read)")
+    print("| cache | Hkv | facli | SDPA default | flash | cuDNN | efficient | facli/best SDPA |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in res["decode"]:
+        cells = [f"{fmt(r[k + '_seq'] * 1e3 if r.get(k + '_seq') else None)} "
+                 f"({fmt(2 * r['T'] * r['Hkv'] * 256 / r[k + '_seq'] / 1e6 if r.get(k + '_seq') else None)})"
+                 for k in ("facli", "sdpa", *SDPA_BACKENDS)]
+        speed = r["best_sdpa_seq_ms"] / r["facli_seq"] if r.get("facli_seq") and r.get("best_sdpa_seq_ms") else None
+        print(f"| {r['T'] // 1024}K | {r['Hkv']} | " + " | ".join(cells) + f" | {fmt(speed, 2)} |")
     if "peak_memory" in res:
         peak = res["peak_memory"]
         print(f"\npeak extra memory of prefill at {peak['T']}: {peak['extra_bytes']} B "

@@ -13,7 +13,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from facli.kernels.configs import DecodeConfig
 from facli.kernels.decode import decode_attention_triton
-from gpu_timing import graph_ms, log, try_graph_ms, try_ms
+from gpu_timing import graph_ms, log, sequence_graph_ms, try_graph_ms, try_ms
 
 SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                  "efficient": SDPBackend.EFFICIENT_ATTENTION}
@@ -47,6 +47,7 @@ def decode_row(cache_len, q_heads, kv_heads, cfg):
     row = {"T": cache_len, "Hq": q_heads, "Hkv": kv_heads}
     facli = [lambda k=k, v=v: decode_attention_triton(q, k, v, lens, config=cfg) for k, v in caches]
     row["facli"] = try_graph_ms(facli)
+    row["facli_seq"] = try_graph_ms(facli, sequence_graph_ms)
     row["facli_eager"] = try_ms(rotating(facli))
     qt = q.transpose(1, 2)
     kts = [(k.transpose(1, 2), v.transpose(1, 2)) for k, v in caches]
@@ -64,6 +65,7 @@ def decode_row(cache_len, q_heads, kv_heads, cfg):
             row[name] = None
             continue
         row[name] = try_graph_ms(fns)
+        row[name + "_seq"] = try_graph_ms(fns, sequence_graph_ms)
         if name == "sdpa":
             row["sdpa_eager"] = try_ms(rotating(fns))
     for key in ("facli", "sdpa", *SDPA_BACKENDS):
@@ -71,6 +73,8 @@ def decode_row(cache_len, q_heads, kv_heads, cfg):
             row[key + "_gbs"] = kv_bytes / row[key] / 1e6
     fast = [b for b in ("sdpa", *SDPA_BACKENDS) if row.get(b) is not None]
     row["best_sdpa_ms"] = min(row[b] for b in fast) if fast else None
+    seq = [row[b + "_seq"] for b in fast if row.get(b + "_seq") is not None]
+    row["best_sdpa_seq_ms"] = min(seq) if seq else None
     err_ref = F.scaled_dot_product_attention(qt.float(), kts[0][0].float(), kts[0][1].float(),
                                              enable_gqa=gqa).transpose(1, 2)
     got = decode_attention_triton(q, caches[0][0], caches[0][1], lens, config=cfg).float()
