@@ -22,6 +22,8 @@ import math
 import torch
 import triton
 
+TESTED_TRITON = ("3.6.",)
+
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -34,8 +36,10 @@ try:
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    GLUON = hasattr(gl, "warp_specialize")
-except ImportError:  # a Triton without Gluon's Hopper ops: the Triton kernel serves every GPU
+    # Gluon is experimental and its API moves between Triton releases: the kernel runs only on
+    # the releases it was compiled and checked with on a GPU; elsewhere the Triton kernel serves.
+    GLUON = triton.__version__.startswith(TESTED_TRITON)
+except ImportError:  # a Triton without Gluon's Hopper ops
     GLUON = False
 
 from facli.kernels import common

@@ -19,7 +19,7 @@ HOPPER_CASES = [case for case in GPU_CASES if case[5] in prefill_hopper.HEAD_DIM
 
 def requires_hopper(fn):
     on_hopper = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
-    reason = "needs an sm90 GPU and Triton's Gluon Hopper ops"
+    reason = f"needs an sm90 GPU and Triton {prefill_hopper.TESTED_TRITON} (Gluon's Hopper ops)"
     return pytest.mark.skipif(not (on_hopper and prefill_hopper.GLUON), reason=reason)(fn)
 
 
