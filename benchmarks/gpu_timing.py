@@ -28,20 +28,22 @@ def median_ms(fn, budget_s=0.5, max_reps=50):
     return times[len(times) // 2]
 
 
-def graph_ms(fns, reps=200):
-    """Median replay time of CUDA graphs, one per input set, replayed in turn."""
+def _captured(fns):
+    """One CUDA graph running the fns in turn, after a warm-up (compilation) outside the capture."""
     for fn in fns:
-        fn()  # compile and warm up outside the capture
+        fn()
     torch.cuda.synchronize()
-    graphs = []
-    for fn in fns:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
             fn()
-        graphs.append(graph)
-    for graph in graphs:
-        graph.replay()
+    graph.replay()
     torch.cuda.synchronize()
+    return graph
+
+
+def _median_replay_ms(graphs, reps):
+    """Median event-timed replay, the graphs replayed in turn."""
     times = []
     for i in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -54,30 +56,17 @@ def graph_ms(fns, reps=200):
     return times[len(times) // 2]
 
 
+def graph_ms(fns, reps=200):
+    """Median replay time of CUDA graphs, one per input set, replayed in turn."""
+    return _median_replay_ms([_captured([fn]) for fn in fns], reps)
+
+
 def sequence_graph_ms(fns, calls=8, reps=50):
     """Median time per call of one CUDA graph that runs the fns in turn, `calls` of them (the
     list repeated as needed): the replay's own launch cost (about 17 us on an H200) is shared by
     the calls, as in the model's decode graph, which holds every layer's attention."""
     fns = (fns * calls)[:max(calls, len(fns))]
-    for fn in fns:
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for fn in fns:
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / len(fns))
-    times.sort()
-    return times[len(times) // 2]
+    return _median_replay_ms([_captured(fns)], reps) / len(fns)
 
 
 def try_graph_ms(fns, timer=graph_ms):
