@@ -7,6 +7,9 @@ mask is never materialized: key tiles wholly visible to the block run an unmaske
 tiles that straddle the diagonal (or the ragged end of the keys) run a masked loop that builds a
 [BLOCK_M, BLOCK_N] mask in registers, and tiles wholly above the diagonal are never visited. The
 only memory beyond the output is the optional log-sum-exp, [B, Hq, Tq] floats: O(T).
+
+This kernel serves every GPU and the CPU lane; on Hopper, `facli.kernels.prefill_attention`
+takes the warp-specialized Gluon kernel of `prefill_hopper` instead where it accepts the inputs.
 """
 
 import math
