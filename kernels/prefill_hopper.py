@@ -13,8 +13,8 @@ The consumers share the K/V stages but never a CTA-wide barrier, so one warpgrou
 runs while the other's matrix products hold the tensor cores (the overlap FlashAttention-3
 gets from warp specialization), which the single-program Triton kernel cannot express. Inside a
 warpgroup, tile i's Q @ K^T is issued together with tile i-1's P @ V, so the softmax of tile i
-also runs beside the warpgroup's own value product; K stages are released after Q @ K^T, V stages after
-P @ V, so the producer refills each as early as it can.
+also runs beside the warpgroup's own value product; K stages are released after Q @ K^T, V
+stages after P @ V, so the producer refills each as early as it can.
 
 Q, K and V are read as [B, T, H * D] by the copy engine, which fills rows past T with zeros: those
 keys lie in the masked tiles and get -inf scores, those queries are never stored.
