@@ -200,11 +200,13 @@ def main():
           "facli/flash | facli/best |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in res["prefill"]:
-        tf = {k: r.get(k + "_tflops") for k in ("facli", "facli_triton", "flash", "cudnn", "efficient", "naive")}
+        tf = {k: r.get(k + "_tflops")
+              for k in ("facli", "facli_triton", "flash", "cudnn", "efficient", "naive")}
         best = max([v for k, v in tf.items() if not k.startswith("facli") and k != "naive" and v]
                    or [float("nan")])
         ratio = (tf["facli"] / tf["flash"]) if tf["facli"] and tf["flash"] else None
-        print(f"| {r['T'] // 1024}K | {r['Hkv']} | {fmt(tf['facli'])} | {fmt(tf['facli_triton'])} | {fmt(tf['flash'])} | "
+        print(f"| {r['T'] // 1024}K | {r['Hkv']} | {fmt(tf['facli'])} | {fmt(tf['facli_triton'])} | "
+              f"{fmt(tf['flash'])} | "
               f"{fmt(tf['cudnn'])} | {fmt(tf['efficient'])} | {fmt(tf['naive'])} | {fmt(ratio, 2)} | "
               f"{fmt(tf['facli'] / best if tf['facli'] else None, 2)} |")
     print("\ndecode, B=1, Tq=1, Hq=32, D=128, bf16, CUDA-graph replay: us (GB/s of K+V read)")
@@ -225,7 +227,8 @@ def main():
         cells = [f"{fmt(r[k + '_seq'] * 1e3 if r.get(k + '_seq') else None)} "
                  f"({fmt(2 * r['T'] * r['Hkv'] * 256 / r[k + '_seq'] / 1e6 if r.get(k + '_seq') else None)})"
                  for k in ("facli", "sdpa", *SDPA_BACKENDS)]
-        speed = r["best_sdpa_seq_ms"] / r["facli_seq"] if r.get("facli_seq") and r.get("best_sdpa_seq_ms") else None
+        speed = (r["best_sdpa_seq_ms"] / r["facli_seq"]
+                 if r.get("facli_seq") and r.get("best_sdpa_seq_ms") else None)
         print(f"| {r['T'] // 1024}K | {r['Hkv']} | " + " | ".join(cells) + f" | {fmt(speed, 2)} |")
     if "peak_memory" in res:
         peak = res["peak_memory"]

@@ -278,7 +278,8 @@ def _descriptor(t, rows):
     sequence, and rows past T read as zeros."""
     batch, seq, heads, d = t.shape
     block = [1, rows, d]
-    layout = gl.NVMMASharedLayout.get_default_for(block, gl.float16 if t.dtype == torch.float16 else gl.bfloat16)
+    dtype = gl.float16 if t.dtype == torch.float16 else gl.bfloat16
+    layout = gl.NVMMASharedLayout.get_default_for(block, dtype)
     return TensorDescriptor(t, [batch, seq, heads * d], [t.stride(0), t.stride(1), 1], block, layout)
 
 
