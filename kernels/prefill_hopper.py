@@ -53,10 +53,10 @@ BLOCK_M = 2 * ROWS
 BLOCK_N = 128
 STAGES = 2
 HEAD_DIMS = (64, 128)
+NOT_CAUSAL_SHIFT = 1 << 30  # added to query positions: every key is then visible
 # Registers per thread: 12 warps (two consumer warpgroups, the producer's padded to four) share
 # 64K registers; the producer keeps the minimum and the consumers split the rest.
 MAX_REGS = 168
-NOT_CAUSAL_SHIFT = 1 << 30  # added to query positions: every key is then visible
 PRODUCER_REGS = 24
 CONSUMER_REGS = 240
 
