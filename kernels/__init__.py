@@ -44,10 +44,10 @@ def prefill_attention(q, k, v, *, causal=True, q_offset=0, scale=None, return_ls
     log), the input `merge_attention` needs.
     """
     if _use_triton(q, backend):
-        kernel = prefill_attention_triton
+        kwargs = {"causal": causal, "q_offset": q_offset, "scale": scale, "return_lse": return_lse}
         if q.shape[1] > SMALL_QUERIES and prefill_hopper.supports(q, k, v):
-            kernel = prefill_hopper.prefill_attention_hopper
-        return kernel(q, k, v, causal=causal, q_offset=q_offset, scale=scale, return_lse=return_lse)
+            return prefill_hopper.prefill_or_fall_back(prefill_attention_triton, q, k, v, **kwargs)
+        return prefill_attention_triton(q, k, v, **kwargs)
     if return_lse:
         return attention_with_lse(q, k, v, causal=causal, q_offset=q_offset, scale=scale)
     return prefill_attention_reference(q, k, v, causal=causal, q_offset=q_offset, scale=scale)

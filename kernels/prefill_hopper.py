@@ -21,6 +21,7 @@ keys lie in the masked tiles and get -inf scores, those queries are never stored
 """
 
 import math
+import warnings
 
 import torch
 import triton
@@ -263,14 +264,37 @@ if GLUON:
                            [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
+_launch = {"checked": False, "failed": None}  # the first launch's outcome, for this process
+
+
 def supports(q, k, v) -> bool:
     """Whether the Hopper kernel takes these inputs: sm90, fp16/bf16, D in HEAD_DIMS, and q, k, v
     readable by the copy engine as [B, T, H * D] (heads packed, 16-byte aligned strides)."""
-    if not (GLUON and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    if not (GLUON and _launch["failed"] is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
             and torch.cuda.get_device_capability(q.device)[0] == 9 and q.shape[3] in HEAD_DIMS):
         return False
     return all(t.stride(3) == 1 and t.stride(2) == t.shape[3] and t.data_ptr() % 16 == 0
                and all(s * t.element_size() % 16 == 0 for s in t.stride()[:2]) for t in (q, k, v))
+
+
+def prefill_or_fall_back(fallback, q, k, v, **kwargs):
+    """`prefill_attention_hopper`, except that when its first launch in this process fails (a
+    compiler, driver or ptxas it was not checked with), it warns once and `fallback` serves this
+    call and every later one. Bad inputs (ValueError) still raise, and so does any failure after a
+    first launch that worked."""
+    if _launch["checked"]:
+        return prefill_attention_hopper(q, k, v, **kwargs)
+    try:
+        result = prefill_attention_hopper(q, k, v, **kwargs)
+    except ValueError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure to build or start the kernel
+        _launch["failed"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        warnings.warn(f"facli: the Hopper prefill kernel did not start ({_launch['failed'][:200]}); "
+                      "prefill uses the Triton kernel from now on", RuntimeWarning, stacklevel=2)
+        return fallback(q, k, v, **kwargs)
+    _launch["checked"] = True
+    return result
 
 
 def _descriptor(t, rows):

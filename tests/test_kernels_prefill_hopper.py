@@ -1,4 +1,5 @@
-"""The Gluon prefill kernel for Hopper against float64 and PyTorch's own attention (GPU only)."""
+"""The Gluon prefill kernel for Hopper against float64 and PyTorch's own attention (GPU only), and
+the model path's hand-over to the Triton kernel when it cannot start (any machine)."""
 
 import pytest
 import torch
@@ -6,7 +7,7 @@ import torch
 from conftest import requires_cuda
 from test_kernels_prefill import GPU_CASES, case_id, check_prefill
 
-from facli.kernels import prefill_attention, prefill_hopper
+from facli.kernels import prefill_attention, prefill_attention_triton, prefill_hopper
 
 HOPPER_CASES = [case for case in GPU_CASES if case[5] in prefill_hopper.HEAD_DIMS] + [
     (1, 128, 0, 4, 4, 128, True, torch.bfloat16),  # one program, both warpgroups on the diagonal
@@ -19,7 +20,8 @@ HOPPER_CASES = [case for case in GPU_CASES if case[5] in prefill_hopper.HEAD_DIM
 
 def requires_hopper(fn):
     on_hopper = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
-    reason = f"needs an sm90 GPU and Triton {prefill_hopper.TESTED_TRITON} (Gluon's Hopper ops)"
+    releases = ", ".join(f"{release}x" for release in prefill_hopper.TESTED_TRITON)
+    reason = f"needs an sm90 GPU and Triton {releases} (Gluon's Hopper ops)"
     return pytest.mark.skipif(not (on_hopper and prefill_hopper.GLUON), reason=reason)(fn)
 
 
@@ -53,3 +55,62 @@ def test_model_path_runs_the_hopper_kernel_for_long_chunks(monkeypatch):
         q = torch.randn(1, q_len, 8, 128, device="cuda", dtype=torch.bfloat16)
         prefill_attention(q, k[:, :q_len], k[:, :q_len])
     assert calls == [65, 600]  # 64 queries and fewer take the small-block Triton kernel
+
+
+def _fake_hopper(monkeypatch, behaviour):
+    """The model's path with a stand-in Hopper kernel, on any machine: calls are counted."""
+    calls = []
+
+    def hopper(*args, **kwargs):
+        calls.append(args[0].shape[1])
+        return behaviour(len(calls), *args, **kwargs)
+
+    monkeypatch.setattr(prefill_hopper, "prefill_attention_hopper", hopper)
+    monkeypatch.setattr(prefill_hopper, "supports",
+                        lambda q, k, v: prefill_hopper._launch["failed"] is None)
+    monkeypatch.setitem(prefill_hopper._launch, "checked", False)
+    monkeypatch.setitem(prefill_hopper._launch, "failed", None)
+    return calls
+
+
+def _inputs(q_len=70):
+    torch.manual_seed(0)
+    q = torch.randn(1, q_len, 4, 64, dtype=torch.float16)
+    k = torch.randn(1, q_len, 2, 64, dtype=torch.float16)
+    v = torch.randn(1, q_len, 2, 64, dtype=torch.float16)
+    return q, k, v
+
+
+def test_a_hopper_kernel_that_cannot_start_hands_over_to_the_triton_kernel(monkeypatch):
+    def broken(n, *args, **kwargs):
+        raise RuntimeError("PassManager::run failed")
+
+    calls = _fake_hopper(monkeypatch, broken)
+    q, k, v = _inputs()
+    with pytest.warns(RuntimeWarning, match="did not start.*PassManager"):
+        out = prefill_attention(q, k, v, backend="triton")
+    again = prefill_attention(q, k, v, backend="triton")
+    expected = prefill_attention_triton(q, k, v)
+    assert calls == [70]  # tried once, then never again in this process
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    torch.testing.assert_close(again, expected, atol=0, rtol=0)
+
+
+def test_hopper_failures_after_a_working_launch_and_bad_inputs_still_raise(monkeypatch):
+    def works_once(n, q, k, v, **kwargs):
+        if n > 1:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return prefill_attention_triton(q, k, v, **kwargs)
+
+    _fake_hopper(monkeypatch, works_once)
+    q, k, v = _inputs()
+    prefill_attention(q, k, v, backend="triton")
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        prefill_attention(q, k, v, backend="triton")
+
+    def rejects(n, *args, **kwargs):
+        raise ValueError("expected q_offset a non-negative int, got -1")
+
+    _fake_hopper(monkeypatch, rejects)
+    with pytest.raises(ValueError, match="non-negative"):
+        prefill_attention(q, k, v, q_offset=-1, backend="triton")
