@@ -224,8 +224,7 @@ def main():
     print("| cache | Hkv | facli | SDPA default | flash | cuDNN | efficient | facli/best SDPA |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in res["decode"]:
-        cells = [f"{fmt(r[k + '_seq'] * 1e3 if r.get(k + '_seq') else None)} "
-                 f"({fmt(2 * r['T'] * r['Hkv'] * 256 / r[k + '_seq'] / 1e6 if r.get(k + '_seq') else None)})"
+        cells = [f"{fmt(r[k + '_seq'] * 1e3 if r.get(k + '_seq') else None)} ({fmt(r.get(k + '_seq_gbs'))})"
                  for k in ("facli", "sdpa", *SDPA_BACKENDS)]
         speed = (r["best_sdpa_seq_ms"] / r["facli_seq"]
                  if r.get("facli_seq") and r.get("best_sdpa_seq_ms") else None)

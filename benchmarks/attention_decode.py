@@ -69,8 +69,9 @@ def decode_row(cache_len, q_heads, kv_heads, cfg):
         if name == "sdpa":
             row["sdpa_eager"] = try_ms(rotating(fns))
     for key in ("facli", "sdpa", *SDPA_BACKENDS):
-        if row.get(key) is not None:
-            row[key + "_gbs"] = kv_bytes / row[key] / 1e6
+        for timing in (key, key + "_seq"):
+            if row.get(timing) is not None:
+                row[timing + "_gbs"] = kv_bytes / row[timing] / 1e6
     fast = [b for b in ("sdpa", *SDPA_BACKENDS) if row.get(b) is not None]
     row["best_sdpa_ms"] = min(row[b] for b in fast) if fast else None
     seq = [row[b + "_seq"] for b in fast if row.get(b + "_seq") is not None]

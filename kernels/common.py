@@ -36,3 +36,9 @@ def check_attention_inputs(q, k, v, *, fp8_cache: bool = False):
         raise ValueError(f"expected one device, got {q.device}, {k.device}, {v.device}")
     if k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError("expected k and v with a unit stride in the head dim")
+
+
+def check_q_offset(q_offset):
+    """The Triton prefill kernels take the chunk's first position as a Python int."""
+    if not isinstance(q_offset, int) or q_offset < 0:
+        raise ValueError(f"expected q_offset a non-negative int, got {q_offset!r}")

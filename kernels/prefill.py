@@ -169,8 +169,7 @@ def prefill_attention_triton(q, k, v, *, causal=True, q_offset=0, scale=None, re
         res = prefill_attention_triton(q.float(), k.float(), v.float(), causal=causal,
                                        q_offset=q_offset, scale=scale, return_lse=return_lse, config=config)
         return (res[0].to(q.dtype), res[1]) if return_lse else res.to(q.dtype)
-    if not isinstance(q_offset, int) or q_offset < 0:
-        raise ValueError(f"expected q_offset a non-negative int, got {q_offset!r}")
+    common.check_q_offset(q_offset)
     if q.stride(-1) != 1:
         q = q.contiguous()
     batch, q_len, q_heads, head_dim = q.shape

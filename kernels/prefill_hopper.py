@@ -311,8 +311,7 @@ def prefill_attention_hopper(q, k, v, *, causal=True, q_offset=0, scale=None, re
     """Hopper prefill attention; arguments and result as `prefill_attention_triton`. The caller
     checks `supports(q, k, v)` first."""
     common.check_attention_inputs(q, k, v)
-    if not isinstance(q_offset, int) or q_offset < 0:
-        raise ValueError(f"expected q_offset a non-negative int, got {q_offset!r}")
+    common.check_q_offset(q_offset)
     batch, q_len, q_heads, head_dim = q.shape
     k_len, kv_heads = k.shape[1], k.shape[2]
     out = common.empty(batch, q_len, q_heads, head_dim, dtype=q.dtype, device=q.device)
