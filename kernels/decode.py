@@ -35,6 +35,7 @@ from facli.kernels.configs import DecodeConfig, decode_config, num_sms
 LOG2E = 1.4426950408889634
 WINDOW = 64.0
 MAX_SPLITS = 128
+LONG_SPLIT_TILES = 32
 
 
 @triton.jit
@@ -225,18 +226,18 @@ def _check_scales(q, k_cache, v_cache, k_scales, v_scales) -> bool:
 def choose_num_splits(batch: int, kv_heads: int, cache_len: int, device, cfg: DecodeConfig) -> int:
     """Splits per (sequence, KV head), from shapes only (no look at cache_lens: graph-safe).
 
-    At least programs_per_sm programs per multiprocessor, at least 4 tiles per split, and among
-    up to twice that many splits the count whose last wave of programs is fullest.
+    One wave of programs: programs_per_sm per multiprocessor if each split then streams at least
+    LONG_SPLIT_TILES tiles, else fewer per multiprocessor (down to one), never below 4 tiles per
+    split. Measured on an H200 (docs/benchmarks.md): a part-filled second wave costs up to 9%,
+    and short splits pay their start-up and their share of the merge.
     """
-    slots = cfg.programs_per_sm * num_sms(device)
     most = max(1, min(MAX_SPLITS, triton.cdiv(cache_len, 4 * cfg.block_n)))
-    least = max(1, min(most, triton.cdiv(slots, batch * kv_heads)))
-
-    def filled(splits):
-        programs = batch * kv_heads * splits
-        return programs / (triton.cdiv(programs, slots) * slots)
-
-    return max(range(least, min(most, 2 * least) + 1), key=lambda s: (filled(s), -s))
+    groups = batch * kv_heads
+    for per_sm in range(cfg.programs_per_sm, 0, -1):
+        splits = max(1, min(most, per_sm * num_sms(device) // groups))
+        if per_sm == 1 or cache_len >= splits * LONG_SPLIT_TILES * cfg.block_n:
+            return splits
+    raise AssertionError("unreachable: per_sm == 1 returns")
 
 
 def decode_attention_triton(q, k_cache, v_cache, cache_lens, *, scale=None, return_lse=False,
