@@ -74,10 +74,12 @@ def _fake_hopper(monkeypatch, behaviour):
 
 
 def _inputs(q_len=70):
+    """On the GPU where there is one; else the interpreter runs the Triton kernel."""
     torch.manual_seed(0)
-    q = torch.randn(1, q_len, 4, 64, dtype=torch.float16)
-    k = torch.randn(1, q_len, 2, 64, dtype=torch.float16)
-    v = torch.randn(1, q_len, 2, 64, dtype=torch.float16)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q = torch.randn(1, q_len, 4, 64, dtype=torch.float16, device=device)
+    k = torch.randn(1, q_len, 2, 64, dtype=torch.float16, device=device)
+    v = torch.randn(1, q_len, 2, 64, dtype=torch.float16, device=device)
     return q, k, v
 
 
