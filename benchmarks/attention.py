@@ -152,7 +152,7 @@ def main():
     res["ceilings"] = ceilings()
     log(res["ceilings"])
     pcfg = prefill_config(device, 128, 1 << 14, causal=True, dtype=torch.bfloat16)
-    dcfg = decode_config(device)
+    dcfg = decode_config(device, 128)
     if args.sweep:
         sweep = [(c, t) for c, t in sweep_prefill() if t is not None]
         pcfg = max(sweep, key=lambda ct: ct[1])[0]

@@ -17,7 +17,7 @@ from gpu_timing import graph_ms, log, sequence_graph_ms, try_graph_ms, try_ms
 
 SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                  "efficient": SDPBackend.EFFICIENT_ATTENTION}
-DECODE_SWEEP = [DecodeConfig(64, 4, 3, 2), DecodeConfig(64, 4, 3, 1), DecodeConfig(32, 4, 3, 2)]
+DECODE_SWEEP = [DecodeConfig(128, 8, 3, 1), DecodeConfig(64, 4, 3, 2), DecodeConfig(32, 4, 4, 2)]
 
 
 def decode_inputs(cache_len, q_heads, kv_heads, copies):

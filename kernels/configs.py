@@ -51,10 +51,20 @@ _PREFILL = {
     (7, 256): PrefillConfig(32, 32, 4, 1),
 }
 
+# (compute capability major, head-dim bucket) -> decode config. Shared memory holds num_stages
+# K and V tiles: num_stages * block_n * D * 4 bytes in 16-bit caches. On Hopper one program per
+# SM with 128-key tiles and 8 warps kept the most bytes in flight (docs/benchmarks.md: a sweep at
+# 32K and 256K, 8 and 32 KV heads); D=256 halves the tile to fit 227 KiB.
 _DECODE = {
-    9: DecodeConfig(block_n=64, num_warps=4, num_stages=3, programs_per_sm=2),
-    8: DecodeConfig(block_n=64, num_warps=4, num_stages=3, programs_per_sm=4),
-    7: DecodeConfig(block_n=32, num_warps=4, num_stages=2, programs_per_sm=4),
+    (9, 64): DecodeConfig(block_n=128, num_warps=8, num_stages=3, programs_per_sm=1),
+    (9, 128): DecodeConfig(block_n=128, num_warps=8, num_stages=3, programs_per_sm=1),
+    (9, 256): DecodeConfig(block_n=64, num_warps=8, num_stages=3, programs_per_sm=1),
+    (8, 64): DecodeConfig(block_n=64, num_warps=4, num_stages=3, programs_per_sm=4),
+    (8, 128): DecodeConfig(block_n=64, num_warps=4, num_stages=3, programs_per_sm=4),
+    (8, 256): DecodeConfig(block_n=32, num_warps=4, num_stages=3, programs_per_sm=4),
+    (7, 64): DecodeConfig(block_n=32, num_warps=4, num_stages=2, programs_per_sm=4),
+    (7, 128): DecodeConfig(block_n=32, num_warps=4, num_stages=2, programs_per_sm=4),
+    (7, 256): DecodeConfig(block_n=16, num_warps=4, num_stages=2, programs_per_sm=4),
 }
 
 # Causal prefill with short queries (chunks of a few hundred tokens, or the interpreter) does
@@ -87,11 +97,11 @@ def prefill_config(device, head_dim: int, q_len: int, *, causal: bool, dtype) ->
     return _PREFILL[(_arch_major(device), head_dim_bucket(head_dim))]
 
 
-def decode_config(device) -> DecodeConfig:
-    """The decode block sizes for this device."""
+def decode_config(device, head_dim: int) -> DecodeConfig:
+    """The decode block sizes for this device and head dim."""
     if device is None or device.type != "cuda":
         return DecodeConfig(block_n=32, num_warps=4, num_stages=1, programs_per_sm=1)
-    return _DECODE[_arch_major(device)]
+    return _DECODE[(_arch_major(device), head_dim_bucket(head_dim))]
 
 
 def num_sms(device) -> int:

@@ -271,7 +271,7 @@ def decode_attention_triton(q, k_cache, v_cache, cache_lens, *, scale=None, retu
         raise ValueError(f"expected cache_lens [{batch}] on {q.device}, got {tuple(cache_lens.shape)}")
     if unified_max is not None and unified_max.shape != (q_heads,):
         raise ValueError(f"expected unified_max [{q_heads}], got {tuple(unified_max.shape)}")
-    cfg = config or decode_config(q.device)
+    cfg = config or decode_config(q.device, head_dim)
     splits = num_splits or choose_num_splits(batch, kv_heads, cache_len, q.device, cfg)
     if not 1 <= splits <= MAX_SPLITS:
         raise ValueError(f"expected 1 <= num_splits <= {MAX_SPLITS}, got {splits}")

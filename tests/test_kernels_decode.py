@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -6,7 +8,7 @@ from test_kernels_reference import assert_within_torch_error, oracle, poison_all
 
 from facli.kernels import decode_attention, decode_attention_triton
 from facli.kernels import decode as decode_module
-from facli.kernels.configs import DecodeConfig
+from facli.kernels.configs import DecodeConfig, decode_config
 from facli.kernels.decode import MAX_SPLITS, choose_num_splits
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -97,29 +99,45 @@ def test_sink_phi_needs_no_fallback_on_typical_scores(monkeypatch):
     assert (flags[: 2 * 2 * 4] == 0).all() and (flags[2 * 2 * 4:] == -1).all()
 
 
-HOPPER_DECODE = DecodeConfig(block_n=64, num_warps=4, num_stages=3, programs_per_sm=2)
+def hopper_decode_config(monkeypatch, head_dim=128):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(decode_module, "num_sms", lambda device: 132)
+    return decode_config(torch.device("cuda"), head_dim)
 
 
 @pytest.mark.parametrize("cache_len, kv_heads, expected", [
-    (32 * 1024, 8, 16),    # 1 program per SM: 33 splits of 16 tiles measured 5% slower
-    (32 * 1024, 32, 8),
-    (256 * 1024, 8, 33),   # 2 per SM: 264 programs of 124 tiles
-    (256 * 1024, 32, 8),   # not 12 (384 programs, a part-filled second wave: 9% slower)
+    (32 * 1024, 8, 16),   # one program per SM: two (33 splits of 64-key tiles) measured 4% slower
+    (32 * 1024, 32, 4),
+    (256 * 1024, 8, 16),
+    (256 * 1024, 32, 4),  # not 12 splits of 64-key tiles (a part-filled second wave: 9% slower)
 ])
 def test_split_counts_measured_best_on_h200(monkeypatch, cache_len, kv_heads, expected):
-    monkeypatch.setattr(decode_module, "num_sms", lambda device: 132)
-    assert choose_num_splits(1, kv_heads, cache_len, None, HOPPER_DECODE) == expected
+    cfg = hopper_decode_config(monkeypatch)
+    assert (cfg.block_n, cfg.programs_per_sm) == (128, 1)
+    assert choose_num_splits(1, kv_heads, cache_len, None, cfg) == expected
 
 
+@pytest.mark.parametrize("per_sm", [1, 2, 4])
 @pytest.mark.parametrize("batch, kv_heads, cache_len", [
     (1, 8, 100), (1, 8, 5000), (3, 8, 300_000), (16, 8, 32 * 1024), (64, 8, 1 << 20), (1, 1, 1 << 20),
 ])
-def test_split_counts_fill_one_wave_with_whole_tiles(monkeypatch, batch, kv_heads, cache_len):
+def test_split_counts_fill_one_wave_with_whole_tiles(monkeypatch, per_sm, batch, kv_heads, cache_len):
     monkeypatch.setattr(decode_module, "num_sms", lambda device: 132)
-    splits = choose_num_splits(batch, kv_heads, cache_len, None, HOPPER_DECODE)
+    cfg = DecodeConfig(block_n=64, num_warps=4, num_stages=3, programs_per_sm=per_sm)
+    splits = choose_num_splits(batch, kv_heads, cache_len, None, cfg)
     assert 1 <= splits <= MAX_SPLITS
-    assert splits == 1 or batch * kv_heads * splits <= 2 * 132
+    assert splits == 1 or batch * kv_heads * splits <= per_sm * 132
     assert splits <= -(-cache_len // (4 * 64))  # at least 4 tiles of 64 keys, rounding up
+    two_per_sm = choose_num_splits(batch, kv_heads, cache_len, None, replace(cfg, programs_per_sm=2))
+    if per_sm == 4 and cache_len < two_per_sm * 32 * 64:  # short splits: fewer programs per SM
+        assert splits <= two_per_sm
+
+
+@pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 256])
+def test_hopper_decode_stages_fit_shared_memory(monkeypatch, head_dim):
+    cfg = hopper_decode_config(monkeypatch, head_dim)
+    padded = max(64, 1 << (head_dim - 1).bit_length())
+    assert cfg.num_stages * cfg.block_n * padded * 2 * 2 <= 227 * 1024
 
 
 def test_public_decode_dispatch(monkeypatch):
