@@ -232,12 +232,14 @@ def choose_num_splits(batch: int, kv_heads: int, cache_len: int, device, cfg: De
     and short splits pay their start-up and their share of the merge.
     """
     most = max(1, min(MAX_SPLITS, triton.cdiv(cache_len, 4 * cfg.block_n)))
-    groups = batch * kv_heads
-    for per_sm in range(cfg.programs_per_sm, 0, -1):
-        splits = max(1, min(most, per_sm * num_sms(device) // groups))
-        if per_sm == 1 or cache_len >= splits * LONG_SPLIT_TILES * cfg.block_n:
-            return splits
-    raise AssertionError("unreachable: per_sm == 1 returns")
+
+    def one_wave(per_sm):
+        return max(1, min(most, per_sm * num_sms(device) // (batch * kv_heads)))
+
+    for per_sm in range(cfg.programs_per_sm, 1, -1):
+        if cache_len >= one_wave(per_sm) * LONG_SPLIT_TILES * cfg.block_n:
+            return one_wave(per_sm)
+    return one_wave(1)
 
 
 def decode_attention_triton(q, k_cache, v_cache, cache_lens, *, scale=None, return_lse=False,
