@@ -208,6 +208,13 @@ def test_prediction_is_in_the_measured_range_on_h200():
     assert 50 < result.timing.decode_tokens_per_s < 300
 
 
+@pytest.mark.parametrize("ctx, measured_tokens_per_s", [(8192, 177.3), (32768, 119.0), (131072, 50.6)])
+def test_decode_prediction_matches_a_measured_h200_run(ctx, measured_tokens_per_s):
+    # docs/results/e2e-1xH200-8c6ef17.json: `facli bench --synthetic llama-7b` on one H200.
+    result = plan(model("llama-7b"), load_hardware("1xH200-141GB"), ctx, 1, options())
+    assert result.timing.decode_tokens_per_s == pytest.approx(measured_tokens_per_s, rel=0.03)
+
+
 def test_sliding_window_is_noted():
     result = plan(model("mistral-7b"), load_hardware("1xH100-80GB"), 32 * 1024, 1, options())
     assert any("sliding_window" in line for line in result.explanation)
