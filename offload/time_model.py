@@ -27,7 +27,7 @@ from facli.offload.memory_model import (
 # --- calibration ---
 # Fitted to `facli bench --synthetic llama-7b` on one and on two H200s with the fused
 # elementwise kernels (docs/benchmarks.md, "End to end"): predicted TTFT within 3% of measured
-# from 8K to 256K after this fit, decode within 9%. DECODE_READ_RATE came later, over 30 runs
+# from 8K to 256K after this fit, decode within 9%. DECODE_READ_RATE came later, over 24 depths
 # on 1, 2 and 4 H200s: decode within 10%, 4% root mean square.
 MATMUL_HALF_EFFICIENCY_TOKENS = 128  # GEMM efficiency = tokens / (tokens + this)
 MATMUL_EFFICIENCY = 0.89  # cuBLAS bf16 GEMMs of the model's shapes against the 8192^3 ceiling
