@@ -43,6 +43,7 @@ class BenchRequest:
     dtype: str = "auto"
     prefill_chunk: int | None = None
     baseline: str = "transformers"
+    kv_dtype: str = "auto"  # facli's KV cache; the baseline keeps its model dtype
 
     def __post_init__(self):
         if self.model is not None and self.synthetic is not None:
@@ -124,7 +125,7 @@ def bench_rank(parallel: ParallelContext, request: BenchRequest) -> dict:
     options = RuntimeOptions(
         model=request.model, device=request.device, dtype=runtime_dtype(request),
         ctx=request.depths[0], prefill_chunk=request.prefill_chunk, devices=request.devices,
-        allow_ctx_extension=True,
+        allow_ctx_extension=True, kv_dtype=request.kv_dtype,
     )
     progress(f"loading {resolved.name} on {parallel.world_size} rank(s)", log)
     runtime = Runtime(resolved, options, parallel)

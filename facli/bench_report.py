@@ -187,7 +187,9 @@ def heading(report: dict) -> str:
     env, facli, request = report["environment"], report["facli"], report["request"]
     where = f"{request['devices']} x {env['gpus'][0]}" if env["gpus"] else f"{request['devices']} x CPU ({env['cpu']})"
     commit = env["commit"] + (" (uncommitted changes)" if env.get("dirty") else "")
-    return (f"{facli['model']} {facli['dtype']} on {where}; {request['decode_tokens']} decode tokens; "
+    kv = request.get("kv_dtype", "auto")
+    kv = f", {kv} KV cache" if kv != "auto" else ""
+    return (f"{facli['model']} {facli['dtype']}{kv} on {where}; {request['decode_tokens']} decode tokens; "
             f"torch {env['torch']}, CUDA {env['cuda']}, triton {env['triton']}, transformers "
             f"{env['transformers']}, Python {env['python']}; facli {commit}; {env['date_utc']}")
 

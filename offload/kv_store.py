@@ -54,8 +54,9 @@ import torch
 from facli.errors import FacliError
 from facli.kernels import decode_attention, merge_attention, prefill_attention
 from facli.offload.cpu_attention import TileWorkspace, cpu_suffix_attention
-from facli.offload.fp8 import dequantize_into
+from facli.offload.fp8 import FP8, dequantize_into
 from facli.offload.kv_parts import Chunk, KVPart, Slot
+from facli.offload.plan import READS_FP8_FROM
 from facli.offload.streams import CopyQueues, host_empty
 
 DECODE_MODES = ("prefetch", "cpu")
@@ -73,10 +74,6 @@ class OffloadedKVStore:
     kv_dtype: None (store in `dtype`) or "fp8" (e4m3 with per-token-per-head scales).
     """
 
-    # Decode steps wait on the host (CPU attention) and choose copies by position in Python:
-    # nothing a CUDA graph could replay.
-    graph_safe = False
-
     def __init__(self, num_layers: int, batch: int, capacity: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device, host_layers: frozenset = frozenset(),
                  decode_mode: str = "prefetch", kv_dtype: str | None = None,
@@ -90,7 +87,11 @@ class OffloadedKVStore:
         self._split = [min(gpu_prefix_tokens, capacity) if layer in self.host_layers else capacity
                        for layer in range(num_layers)]
         shape = (batch, kv_heads, head_dim, dtype, self.fp8)
-        self._dev = [KVPart(batch, split, *shape[1:], self._device_empty) for split in self._split]
+        # All-GPU fp8 rows start as zeros: a decode step at a tensor position reads every row up
+        # to the capacity (masked by length), and the PyTorch reference would turn unwritten
+        # NaN bytes into NaN outputs (0 * NaN).
+        allocate = self._device_zeros if self.fp8 and not self.host_layers else self._device_empty
+        self._dev = [KVPart(batch, split, *shape[1:], allocate) for split in self._split]
         self._host = [KVPart(batch, capacity - split, *shape[1:], self._host_empty)
                       if split < capacity else None for split in self._split]
         self._staged = [layer for layer in range(num_layers) if self._host[layer] is not None]
@@ -100,6 +101,7 @@ class OffloadedKVStore:
                      if self.fp8 and self._staged else None)
         self._lens = torch.zeros(batch, dtype=torch.int32, device=self.device)
         self._prefix_lens = torch.zeros_like(self._lens)
+        self._graph_lens = torch.zeros_like(self._lens)
         self._cpu_tiles = TileWorkspace()  # float32 K/V tiles of "cpu" mode, reused every step
         self._written = [0] * num_layers
         self._layer_event = [None] * num_layers
@@ -109,6 +111,16 @@ class OffloadedKVStore:
 
     def _device_empty(self, shape, dtype):
         return torch.empty(shape, dtype=dtype, device=self.device)
+
+    def _device_zeros(self, shape, dtype):
+        return torch.zeros(shape, dtype=dtype, device=self.device)
+
+    @property
+    def graph_safe(self) -> bool:
+        """Whether a decode step is device work only, so a CUDA graph can replay it: every layer
+        on the GPU and an fp8 cache the decode kernel reads directly. With host layers, steps
+        wait on the host (CPU attention) and choose copies by position in Python."""
+        return not self.host_layers and self.fp8 and _reads_fp8(self.device)
 
     def _host_empty(self, shape, dtype):
         return host_empty(shape, dtype, pin=self._pin)
@@ -144,7 +156,13 @@ class OffloadedKVStore:
 
     def attend(self, layer, q, k, v, start):
         """Store k, v [B, T, Hkv, D] at start..start+T of `layer`; causal attention
-        [B, T, Hq, D] of q [B, T, Hq, D] over positions 0..start+T."""
+        [B, T, Hq, D] of q [B, T, Hq, D] over positions 0..start+T.
+
+        `start` may be a one-element int64 device tensor for a decode step (T = 1) of an all-GPU
+        fp8 store: no host value is read, so the step can be captured in a CUDA graph. Such steps
+        skip the host's bookkeeping of written positions until the next reset (a prefill)."""
+        if isinstance(start, torch.Tensor):
+            return self._attend_at(layer, q, k, v, start)
         stop = start + k.shape[1]
         self._check(layer, start, stop)
         chunk = Chunk.encode(k, v, self.dtype, self.fp8)
@@ -155,6 +173,21 @@ class OffloadedKVStore:
         else:
             out = self._attend_staged(layer, q, chunk, start, stop)
         return out
+
+    def _attend_at(self, layer, q, k, v, position: torch.Tensor):
+        if self.host_layers or not self.fp8 or q.shape[1] != 1:
+            raise FacliError("a tensor position is for single-token decode steps of an all-GPU "
+                             "fp8 store; pass the position as an int")
+        part = self._dev[layer]
+        chunk = Chunk.encode(k, v, self.dtype, fp8=True)
+        for dst, src in zip(part.tensors(), chunk.tensors()):
+            if dst.dtype == FP8:  # index_copy_ has no float8 kernels: move the bytes
+                dst, src = dst.view(torch.uint8), src.view(torch.uint8)
+            dst.index_copy_(1, position, src)
+        if layer == 0:
+            self._graph_lens.copy_(position + 1)
+        return decode_attention(q, part.k, part.v, self._graph_lens, k_scales=part.k_scales,
+                                v_scales=part.v_scales)
 
     def _gpu_attention(self, q, keys, values, start, stop):
         if q.shape[1] == 1:
@@ -314,8 +347,7 @@ class OffloadedKVStore:
 
 
 def _reads_fp8(device: torch.device) -> bool:
-    """Triton converts e4m3 in registers from compute capability 8.9 (Ada, Hopper) on."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= READS_FP8_FROM
 
 
 def _validate(num_layers, host_layers, decode_mode, kv_dtype, gpu_prefix_tokens):

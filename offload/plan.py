@@ -12,12 +12,21 @@ from facli.units import format_bytes, format_ctx
 
 SCHEMA_VERSION = 1
 DECODE_MODES = ("resident", "prefetch", "cpu")
+# Triton converts e4m3 in registers from compute capability 8.9 (Ada, Hopper) on, so the decode
+# kernel reads an fp8 cache directly there; older GPUs attend over dequantized tiles.
+READS_FP8_FROM = (8, 9)
 
 
 def uses_offloaded_store(decode_mode: str, fp8_kv: bool) -> bool:
     """Whether the runtime keeps this placement's KV in the offloaded store (host layers, or an
-    fp8 cache), which decodes eagerly, rather than the CUDA-graph-safe all-GPU cache."""
+    fp8 cache) rather than the all-GPU cache of the model dtype."""
     return decode_mode != "resident" or fp8_kv
+
+
+def decodes_eagerly(decode_mode: str, fp8_kv: bool, gpu_reads_fp8: bool) -> bool:
+    """Whether decode steps run eagerly rather than as CUDA-graph replays: with host layers, or
+    with an fp8 cache on GPUs whose decode kernel cannot read e4m3 directly (before sm89)."""
+    return decode_mode != "resident" or (fp8_kv and not gpu_reads_fp8)
 
 
 @dataclass(frozen=True)

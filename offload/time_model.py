@@ -10,7 +10,7 @@ import numpy as np
 
 from facli.config import ModelConfig
 from facli.offload.hardware import HardwareSpec
-from facli.offload.plan import uses_offloaded_store
+from facli.offload.plan import READS_FP8_FROM, decodes_eagerly, uses_offloaded_store
 # A staging slot keeps its layer across chunks and tokens (facli.offload.kv_store), so with at
 # most STAGING_SLOTS host layers their prefix is never reloaded, only new rows move.
 from facli.offload.memory_model import (
@@ -46,8 +46,8 @@ DECODE_LAYER_OVERHEAD_S = 55e-6
 # where torch.sum read 4.11-4.15 in the same calls. Fitted over the runs on 1, 2 and 4 H200s
 # since the last refit (docs/benchmarks.md, "Planner predictions after fitting").
 DECODE_READ_RATE = 1.08
-# Per layer per decode step with the offloaded store (host layers, or an fp8 cache), which runs
-# eagerly: the host's Python and launches for the layer. Fitted to one run (fp8 KV, all layers
+# Per layer per decode step of an eager decode (host layers, or an fp8 cache the GPU cannot read
+# directly): the host's Python and launches for the layer. Fitted to one run (fp8 KV, all layers
 # on one H200, 256K: 48.3 ms per step against 23.6 ms of predicted GPU work); the host then
 # sets the pace whenever the GPU's share of a layer is shorter.
 EAGER_STORE_LAYER_HOST_S = 1.5e-3
@@ -93,6 +93,10 @@ def _rates(hw: HardwareSpec, layout: Layout) -> tuple[float, float]:
         return hw.cpu_matmul_tflops * 1e12, hw.cpu_memory_gbps * 1e9
     gpus = hw.devices[: layout.tp]
     return min(g.matmul_tflops for g in gpus) * 1e12, min(g.hbm_gbps for g in gpus) * 1e9
+
+
+def _gpus_read_fp8(hw: HardwareSpec, layout: Layout) -> bool:
+    return all(tuple(g.compute_capability) >= READS_FP8_FROM for g in hw.devices[: layout.tp])
 
 
 def _attention_efficiency(hw: HardwareSpec, layout: Layout) -> float:
@@ -200,7 +204,8 @@ def decode_breakdown(hw: HardwareSpec, layout: Layout) -> dict[str, float]:
         step = device + host + comm
     else:
         step = device + comm
-    if not layout.on_cpu and uses_offloaded_store(layout.decode_mode, layout.kv_dtype_bytes == 1):
+    if not layout.on_cpu and decodes_eagerly(layout.decode_mode, layout.kv_dtype_bytes == 1,
+                                             _gpus_read_fp8(hw, layout)):
         step = max(step, layers * EAGER_STORE_LAYER_HOST_S)
     return {
         "decode_step_s": step,

@@ -80,6 +80,17 @@ def run_in_process(args):
     return CliRunner().invoke(app, ["bench", *args])
 
 
+def test_fp8_kv_cache_is_planned_run_and_labelled(env, tmp_path):
+    out = tmp_path / "fp8.json"
+    result = bench(["--depth", "128", "--decode-tokens", "4", "--device", "cpu", "--baseline", "none",
+                    "--kv-dtype", "fp8", "--json", str(out)], env)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["request"]["kv_dtype"] == "fp8"
+    assert report["facli"]["depths"][0]["plan"]["kv_dtype"] == "fp8"
+    assert "fp8 KV cache" in result.stdout.splitlines()[0]
+
+
 def test_user_errors_are_one_line():
     result = run_in_process(["--depth", "8k,lots", "--device", "cpu"])
     assert result.exit_code == 1

@@ -5,14 +5,17 @@ import torch
 from test_kv_store import (
     BATCH,
     CAPACITY,
+    CHUNKS,
     HEAD_DIM,
     KV_HEADS,
+    LAYERS,
     _device_cache,
     _offloaded,
     _run,
     _steps,
 )
 
+from facli.errors import FacliError
 from facli.offload import kv_store
 from facli.offload.fp8 import E4M3_MAX, dequantize, quantize
 
@@ -81,3 +84,33 @@ def test_fp8_bytes():
     slots = 2 * 2 * BATCH * CAPACITY * KV_HEADS * HEAD_DIM * 4  # staging stays in the model dtype
     ring = 2 * BATCH * CAPACITY * KV_HEADS * (HEAD_DIM + 4)  # capacity < RAW_ROWS here
     assert store.gpu_bytes() == fp8_layer + slots + ring
+
+
+def _all_gpu_fp8(device="cpu", dtype=torch.float32):
+    return kv_store.OffloadedKVStore(LAYERS, BATCH, CAPACITY, KV_HEADS, HEAD_DIM, dtype,
+                                     torch.device(device), kv_dtype="fp8")
+
+
+def test_fp8_decode_at_a_tensor_position_matches_an_int_position():
+    """The graph-safe path (position on the device, every row read up to the capacity, masked by
+    length) stores and returns what the int path does."""
+    steps = _steps()
+    by_int, by_tensor = _offloaded((), "prefetch", kv_dtype="fp8"), _all_gpu_fp8()
+    for index, (start, q, k, v) in enumerate(steps):
+        at = torch.tensor([start]) if index >= len(CHUNKS) else start  # the decode steps
+        for layer in range(LAYERS):
+            want = by_int.attend(layer, q[layer], k[layer], v[layer], start)
+            got = by_tensor.attend(layer, q[layer], k[layer], v[layer], at)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    stop = steps[-1][0] + 1
+    for part_int, part_tensor in zip(by_int._dev, by_tensor._dev):
+        for a, b in zip(part_int.tensors(), part_tensor.tensors()):
+            assert torch.equal(a[:, :stop].view(torch.uint8), b[:, :stop].view(torch.uint8))
+
+
+def test_tensor_positions_need_an_all_gpu_fp8_store():
+    q, k = torch.randn(BATCH, 1, 8, HEAD_DIM), torch.randn(BATCH, 1, KV_HEADS, HEAD_DIM)
+    for store in (_offloaded((1,), "prefetch", kv_dtype="fp8"), _offloaded((), "prefetch")):
+        with pytest.raises(FacliError, match="tensor position"):
+            store.attend(0, q, k, k, torch.tensor([0]))
+    assert not _all_gpu_fp8().graph_safe  # a CPU store: nothing to capture

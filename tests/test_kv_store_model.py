@@ -8,6 +8,7 @@ as a plan for a small device budget would place it: some or all layers on the ho
 import pytest
 import torch
 from checkpoints import build_checkpoint
+from conftest import requires_cuda
 
 from facli.checkpoint import CheckpointReader
 from facli.config import ModelConfig
@@ -80,3 +81,31 @@ def test_fp8_logits_close_to_float32(model, mode):
         else:
             want = torch.stack(logits)
     assert ((got - want).norm() / want.norm()).item() < 3e-2
+
+
+@requires_cuda
+def test_fp8_decode_replays_a_cuda_graph_with_the_eager_tokens(tmp_path):
+    """An all-GPU fp8 store on a GPU whose decode kernel reads e4m3 is graph-safe: the engine
+    captures the decode step, and the replays give the tokens and logits of eager steps."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("the decode kernel reads fp8 from sm89 on")
+    build_checkpoint(tmp_path, "llama", num_hidden_layers=4, num_attention_heads=8,
+                     num_key_value_heads=2, hidden_size=128)
+    config = ModelConfig.from_dir(tmp_path)
+    gpu_model = CausalLM(config, dtype=torch.bfloat16, device="cuda")
+    gpu_model.load(CheckpointReader(tmp_path))
+    shape = (config.num_hidden_layers, 1, CAPACITY, config.num_key_value_heads, config.head_dim,
+             torch.bfloat16, torch.device("cuda"))
+    prompt = torch.randint(0, config.vocab_size, (PROMPT,)).tolist()
+    runs = []
+    for graphs in (True, False):
+        store = OffloadedKVStore(*shape, kv_dtype="fp8")
+        assert store.graph_safe
+        engine = Engine(gpu_model, store, prefill_chunk=CHUNK, use_graphs=graphs)
+        assert (engine._graphed_step is not None) == graphs
+        sampler = Sampler(SamplingParams(), torch.device("cuda"))
+        runs.append(engine.generate(prompt, max_new_tokens=NEW, sampler=sampler).token_ids)
+        logits = engine.decode_step(torch.tensor([runs[-1][-1]], device="cuda"), PROMPT + NEW)
+        runs.append(logits.float().cpu())
+    assert runs[0] == runs[2] and len(runs[0]) == NEW
+    torch.testing.assert_close(runs[1], runs[3], rtol=1e-2, atol=1e-2)
