@@ -46,10 +46,16 @@ DECODE_LAYER_OVERHEAD_S = 55e-6
 # where torch.sum read 4.11-4.15 in the same calls. Fitted over the runs on 1, 2 and 4 H200s
 # since the last refit (docs/benchmarks.md, "Planner predictions after fitting").
 DECODE_READ_RATE = 1.08
+# The decode kernel reads an fp8 cache (e4m3 values, a float32 scale per token and head) at this
+# share of the bf16 path's rate: 0.26 at 32K and 0.30 at 128K, `facli bench --synthetic llama-7b
+# --kv-dtype fp8` on one H200 with graph-replayed steps (docs/benchmarks.md). Its tiles are
+# converted to bf16 in registers and the scales gathered per key, so the kernel is bound by
+# instructions, not by memory.
+FP8_DECODE_READ_SHARE = 0.28
 # Per layer per decode step of an eager decode (host layers, or an fp8 cache the GPU cannot read
 # directly): the host's Python and launches for the layer. Fitted to one run (fp8 KV, all layers
-# on one H200, 256K: 48.3 ms per step against 23.6 ms of predicted GPU work); the host then
-# sets the pace whenever the GPU's share of a layer is shorter.
+# on one H200, 256K, run eagerly before that layout replayed graphs: 48.3 ms per step); the host
+# then sets the pace whenever the GPU's share of a layer is shorter.
 EAGER_STORE_LAYER_HOST_S = 1.5e-3
 # fp8 prefill attends over the cached prefix in dequantized 16K-row tiles merged by log-sum-exp
 # (offload.kv_store): attention time times this. Fitted to the same run (TTFT 57.7 s against
@@ -183,8 +189,11 @@ def decode_breakdown(hw: HardwareSpec, layout: Layout) -> dict[str, float]:
     # Host layers in prefetch mode are read from their staging slot (model dtype) on the GPU.
     staged = layout.host_layers if layout.decode_mode == "prefetch" else 0
     slot_kv = kv_layer_bytes(c, layout.ctx, b, layout.weight_dtype_bytes, t)
-    device = (weights + (layers - layout.host_layers) * layer_kv + staged * slot_kv) / (
-        mem_rate * DECODE_READ_RATE)
+    # GPU-resident fp8 rows go through the decode kernel's e4m3 path, at its own rate.
+    gpu_kv = (layers - layout.host_layers) * layer_kv
+    if layout.kv_dtype_bytes == 1:
+        gpu_kv /= FP8_DECODE_READ_SHARE
+    device = (weights + gpu_kv + staged * slot_kv) / (mem_rate * DECODE_READ_RATE)
     device += layers * DECODE_LAYER_OVERHEAD_S
     comm = 0.0
     if t > 1 and not layout.on_cpu:

@@ -105,7 +105,7 @@ def test_fp8_decode_replays_a_cuda_graph_with_the_eager_tokens(tmp_path):
         assert (engine._graphed_step is not None) == graphs
         sampler = Sampler(SamplingParams(), torch.device("cuda"))
         runs.append(engine.generate(prompt, max_new_tokens=NEW, sampler=sampler).token_ids)
-        logits = engine.decode_step(torch.tensor([runs[-1][-1]], device="cuda"), PROMPT + NEW)
+        logits = engine.decode_step(torch.tensor([runs[-1][-1]], device="cuda"), PROMPT + NEW - 1)
         runs.append(logits.float().cpu())
     assert runs[0] == runs[2] and len(runs[0]) == NEW
     torch.testing.assert_close(runs[1], runs[3], rtol=1e-2, atol=1e-2)
