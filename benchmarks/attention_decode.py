@@ -28,6 +28,24 @@ def decode_inputs(cache_len, q_heads, kv_heads, copies):
     return q, caches
 
 
+def hbm_copies(cache_len, kv_heads):
+    """Cache copies to rotate over: >= 1 GiB in all, beyond L2, so every call reads HBM."""
+    return max(1, (1 << 30) // (cache_len * kv_heads * 512))
+
+
+def sdpa_fns(q, caches, backend=None):
+    """One SDPA decode call per cache copy; backend None is SDPA's own dispatch."""
+    qt = q.transpose(1, 2)
+    gqa = caches[0][0].shape[2] != q.shape[2]
+
+    def run(k, v):
+        if backend is None:
+            return F.scaled_dot_product_attention(qt, k, v, enable_gqa=gqa)
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(qt, k, v, enable_gqa=gqa)
+    return [lambda k=k.transpose(1, 2), v=v.transpose(1, 2): run(k, v) for k, v in caches]
+
+
 def rotating(fns):
     state = {"i": 0}
 
@@ -39,8 +57,7 @@ def rotating(fns):
 
 def decode_row(cache_len, q_heads, kv_heads, cfg):
     """Decode step times as CUDA-graph replays (how the model runs decode), and eager."""
-    copies = max(1, (1 << 30) // (cache_len * kv_heads * 512))  # >= 1 GiB: beyond L2
-    q, caches = decode_inputs(cache_len, q_heads, kv_heads, copies)
+    q, caches = decode_inputs(cache_len, q_heads, kv_heads, hbm_copies(cache_len, kv_heads))
     lens = torch.tensor([cache_len], dtype=torch.int32, device="cuda")
     kv_bytes = 2 * cache_len * kv_heads * 128 * 2
     gqa = kv_heads != q_heads
@@ -49,15 +66,8 @@ def decode_row(cache_len, q_heads, kv_heads, cfg):
     row["facli"] = try_graph_ms(facli)
     row["facli_seq"] = try_graph_ms(facli, sequence_graph_ms)
     row["facli_eager"] = try_ms(rotating(facli))
-    qt = q.transpose(1, 2)
-    kts = [(k.transpose(1, 2), v.transpose(1, 2)) for k, v in caches]
     for name, backend in [("sdpa", None), *SDPA_BACKENDS.items()]:
-        def run(k, v, backend=backend):
-            if backend is None:
-                return F.scaled_dot_product_attention(qt, k, v, enable_gqa=gqa)
-            with sdpa_kernel([backend]):
-                return F.scaled_dot_product_attention(qt, k, v, enable_gqa=gqa)
-        fns = [lambda k=k, v=v, run=run: run(k, v) for k, v in kts]
+        fns = sdpa_fns(q, caches, backend)
         try:
             fns[0]()
         except Exception as exc:
@@ -76,9 +86,10 @@ def decode_row(cache_len, q_heads, kv_heads, cfg):
     row["best_sdpa_ms"] = min(row[b] for b in fast) if fast else None
     seq = [row[b + "_seq"] for b in fast if row.get(b + "_seq") is not None]
     row["best_sdpa_seq_ms"] = min(seq) if seq else None
-    err_ref = F.scaled_dot_product_attention(qt.float(), kts[0][0].float(), kts[0][1].float(),
-                                             enable_gqa=gqa).transpose(1, 2)
-    got = decode_attention_triton(q, caches[0][0], caches[0][1], lens, config=cfg).float()
+    k, v = caches[0]
+    err_ref = F.scaled_dot_product_attention(q.transpose(1, 2).float(), k.transpose(1, 2).float(),
+                                             v.transpose(1, 2).float(), enable_gqa=gqa).transpose(1, 2)
+    got = decode_attention_triton(q, k, v, lens, config=cfg).float()
     row["rel_err_vs_fp32"] = ((got - err_ref).norm() / err_ref.norm()).item()
     return row
 

@@ -14,11 +14,10 @@ import json
 import os
 
 import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import SDPBackend
 
 from attention import environment
-from attention_decode import decode_inputs
+from attention_decode import decode_inputs, hbm_copies, sdpa_fns
 from facli.kernels.configs import DecodeConfig, decode_config, num_sms
 from facli.kernels.decode import choose_num_splits, decode_attention_triton
 from gpu_timing import log, sequence_graph_ms
@@ -30,20 +29,10 @@ GRID = [(64, 4, 3, 1), (64, 4, 4, 1), (128, 4, 3, 1), (128, 8, 3, 1), (128, 8, 4
         (64, 4, 3, 2), (32, 4, 4, 2), (32, 4, 5, 2)]
 
 
-def sdpa_us(q, caches, gqa):
+def sdpa_us(q, caches):
     """Per-call time of the faster of SDPA's default dispatch and its cuDNN backend."""
-    qt = q.transpose(1, 2)
-    kts = [(k.transpose(1, 2), v.transpose(1, 2)) for k, v in caches]
-    best = None
-    for backends in (None, [SDPBackend.CUDNN_ATTENTION]):
-        def run(k, v, backends=backends):
-            if backends is None:
-                return F.scaled_dot_product_attention(qt, k, v, enable_gqa=gqa)
-            with sdpa_kernel(backends):
-                return F.scaled_dot_product_attention(qt, k, v, enable_gqa=gqa)
-        us = 1e3 * sequence_graph_ms([lambda k=k, v=v, run=run: run(k, v) for k, v in kts])
-        best = us if best is None else min(best, us)
-    return best
+    return min(1e3 * sequence_graph_ms(sdpa_fns(q, caches, backend))
+               for backend in (None, SDPBackend.CUDNN_ATTENTION))
 
 
 def facli_us(q, caches, lens, cfg=None, splits=None):
@@ -53,13 +42,11 @@ def facli_us(q, caches, lens, cfg=None, splits=None):
 
 
 def sweep_shape(cache_len, kv_heads):
-    copies = max(1, (1 << 30) // (cache_len * kv_heads * 512))
-    q, caches = decode_inputs(cache_len, 32, kv_heads, copies)
+    q, caches = decode_inputs(cache_len, 32, kv_heads, hbm_copies(cache_len, kv_heads))
     lens = torch.tensor([cache_len], dtype=torch.int32, device="cuda")
-    gqa = kv_heads != 32
     device = q.device
     row = {"T": cache_len, "Hkv": kv_heads, "gib": 2 * cache_len * kv_heads * 128 * 2 / 2**30}
-    row["sdpa_before_us"] = sdpa_us(q, caches, gqa)
+    row["sdpa_before_us"] = sdpa_us(q, caches)
     default = decode_config(device, 128)
     row["default"] = {"config": str(default), "us": facli_us(q, caches, lens),
                       "splits": choose_num_splits(1, kv_heads, cache_len, device, default)}
@@ -75,7 +62,7 @@ def sweep_shape(cache_len, kv_heads):
             us = None
         row["grid"].append({"config": [block_n, warps, stages, per_sm], "splits": splits, "us": us})
         log(f"T={cache_len} Hkv={kv_heads} {cfg} splits {splits}: {us} us")
-    row["sdpa_after_us"] = sdpa_us(q, caches, gqa)
+    row["sdpa_after_us"] = sdpa_us(q, caches)
     return row
 
 
