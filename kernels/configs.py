@@ -67,6 +67,15 @@ _DECODE = {
     (7, 256): DecodeConfig(block_n=16, num_warps=4, num_stages=2, programs_per_sm=4),
 }
 
+# fp8 caches on Hopper: the loop converts every byte, and is bound by instruction latency rather
+# than by bytes; two 4-warp programs per SM with 64-key tiles were fastest (docs/benchmarks.md:
+# a sweep at 32K and 256K, 8 and 32 KV heads). D=256 halves the tile so that two programs fit.
+_DECODE_FP8 = {
+    (9, 64): DecodeConfig(block_n=64, num_warps=4, num_stages=3, programs_per_sm=2),
+    (9, 128): DecodeConfig(block_n=64, num_warps=4, num_stages=3, programs_per_sm=2),
+    (9, 256): DecodeConfig(block_n=32, num_warps=4, num_stages=3, programs_per_sm=2),
+}
+
 # Causal prefill with short queries (chunks of a few hundred tokens, or the interpreter) does
 # not need the large outer block; used below this many queries.
 SMALL_QUERIES = 64
@@ -97,11 +106,14 @@ def prefill_config(device, head_dim: int, q_len: int, *, causal: bool, dtype) ->
     return _PREFILL[(_arch_major(device), head_dim_bucket(head_dim))]
 
 
-def decode_config(device, head_dim: int) -> DecodeConfig:
-    """The decode block sizes for this device and head dim."""
+def decode_config(device, head_dim: int, *, fp8: bool = False) -> DecodeConfig:
+    """The decode block sizes for this device, head dim and cache dtype (fp8: e4m3 K/V)."""
     if device is None or device.type != "cuda":
         return DecodeConfig(block_n=32, num_warps=4, num_stages=1, programs_per_sm=1)
-    return _DECODE[(_arch_major(device), head_dim_bucket(head_dim))]
+    key = (_arch_major(device), head_dim_bucket(head_dim))
+    if fp8 and key in _DECODE_FP8:
+        return _DECODE_FP8[key]
+    return _DECODE[key]
 
 
 def num_sms(device) -> int:

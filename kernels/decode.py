@@ -21,6 +21,12 @@ result is always exact to rounding; the fallback is counted per split.
 The probabilities feed the P @ V product in the cache's dtype. bfloat16 has float32's exponent
 range, so the window holds; float16 holds only 2**-24..2**16, too narrow for a shift chosen ahead,
 so float16 caches always take the exact path (and count no fallback).
+
+fp8 (e4m3) caches. Each K and V tile is read as bytes, converted exactly to q's dtype in
+registers (inline PTX, four values per instruction group) and multiplied by its per-token scale
+in the scores (K) and the probabilities (V). Their asynchronous path streams keys as the MMA's M
+dimension (scores held keys x rows), so the row max and sum are kept per element and reduced once
+after the loop instead of once per tile: that loop is bound by instruction latency, not by bytes.
 """
 
 import math
@@ -37,10 +43,54 @@ WINDOW = 64.0
 MAX_SPLITS = 128
 LONG_SPLIT_TILES = 32
 
+# e4m3 bytes -> bfloat16, four per 32-bit register. Byte b becomes (b & 0x80) << 8 |
+# (b & 0x7F) << 4: e4m3's sign, exponent and mantissa read with bfloat16's exponent bias, i.e. the
+# value times 2**-120, exact for every code (e4m3's exponents 1..15 are bfloat16 normals and its
+# subnormals bfloat16 subnormals); a multiply by 2**120 (0x7B80, exact) restores the value.
+_E4M3_TO_BF16 = tl.constexpr("""{
+    .reg .b32 lo, hi, t, big, neg0;
+    prmt.b32 lo, $2, 0, 0x1404;
+    prmt.b32 hi, $2, 0, 0x3424;
+    shr.b32 t, lo, 4;
+    and.b32 t, t, 0x07F007F0;
+    lop3.b32 lo, lo, t, 0x80008000, 0xEC;
+    shr.b32 t, hi, 4;
+    and.b32 t, t, 0x07F007F0;
+    lop3.b32 hi, hi, t, 0x80008000, 0xEC;
+    mov.b32 big, 0x7B807B80;
+    mov.b32 neg0, 0x80008000;
+    fma.rn.bf16x2 $0, lo, big, neg0;
+    fma.rn.bf16x2 $1, hi, big, neg0;
+}""")
+# e4m3 bytes -> float16 with the hardware's exact pairwise conversion (sm89+).
+_E4M3_TO_F16 = tl.constexpr("""{
+    .reg .b16 a, b;
+    mov.b32 {a, b}, $2;
+    cvt.rn.f16x2.e4m3x2 $0, a;
+    cvt.rn.f16x2.e4m3x2 $1, b;
+}""")
+
+
+@triton.jit
+def _from_e4m3(x, dtype: tl.constexpr, ASM: tl.constexpr):
+    """e4m3 values (uint8 bits under ASM, else float8e4nv) in `dtype`, exactly."""
+    if ASM:
+        # Not pure: a pure op lets the compiler move the conversion after the shared-memory load
+        # into the MMA operand layout, which reads fp8 bytes one at a time (2x slower on an H200).
+        if dtype == tl.float16:
+            return tl.inline_asm_elementwise(_E4M3_TO_F16, "=r,=r,r", [x], dtype=tl.float16,
+                                             is_pure=False, pack=4)
+        else:
+            return tl.inline_asm_elementwise(_E4M3_TO_BF16, "=r,=r,r", [x], dtype=tl.bfloat16,
+                                             is_pure=False, pack=4)
+    else:
+        return x.to(dtype)
+
 
 @triton.jit
 def _tile(k_base, v_base, n, stride_kt, stride_vt, stop, offs_n, offs_d, d_ok, q,
-          ks_base, vs_base, stride_st, SCALED: tl.constexpr, BLOCK_N: tl.constexpr):
+          ks_base, vs_base, stride_st, SCALED: tl.constexpr, ASM: tl.constexpr,
+          BLOCK_N: tl.constexpr):
     """Keys n..n+BLOCK_N: positions, K and V in q's dtype, and K/V scales (fp8 caches; else 1)."""
     n = tl.multiple_of(n, BLOCK_N)
     keys = n + offs_n
@@ -58,7 +108,7 @@ def _tile(k_base, v_base, n, stride_kt, stride_vt, stop, offs_n, offs_d, d_ok, q
         key_ok = keys < stop
         ks = tl.load(ks_base + keys.to(tl.int64) * stride_st, mask=key_ok, other=0.0)
         vs = tl.load(vs_base + keys.to(tl.int64) * stride_st, mask=key_ok, other=0.0)
-        k, v = k.to(q.dtype), v.to(q.dtype)
+        k, v = _from_e4m3(k, q.dtype, ASM), _from_e4m3(v, q.dtype, ASM)
     else:
         ks, vs = 1.0, 1.0
     return keys, k, v, ks, vs
@@ -83,7 +133,8 @@ def _weighted(p, vs, SCALED: tl.constexpr):
 @triton.jit
 def _split(q, k_base, v_base, stride_kt, stride_vt, start, stop, q_pos, phi, qk_scale, head_dim,
            ks_base, vs_base, stride_st, EXACT: tl.constexpr, SCALED: tl.constexpr,
-           BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+           ASM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+           BLOCK_D: tl.constexpr):
     """One split's partial (acc, l_i, m). EXACT: online softmax, rescaled against the split's own
     running max m. Otherwise sums against the unified phi, with no running max to rescale by (m
     is tracked only to validate phi)."""
@@ -95,7 +146,7 @@ def _split(q, k_base, v_base, stride_kt, stride_vt, start, stop, q_pos, phi, qk_
     acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
     for n in range(start, stop, BLOCK_N):
         keys, k, v, ks, vs = _tile(k_base, v_base, n, stride_kt, stride_vt, stop, offs_n, offs_d,
-                                   d_ok, q, ks_base, vs_base, stride_st, SCALED, BLOCK_N)
+                                   d_ok, q, ks_base, vs_base, stride_st, SCALED, ASM, BLOCK_N)
         qk = _scores(q, k, keys, stop, q_pos, qk_scale, ks, SCALED)
         if EXACT:
             m_new = tl.maximum(m, tl.max(qk, 1))
@@ -114,12 +165,38 @@ def _split(q, k_base, v_base, stride_kt, stride_vt, start, stop, q_pos, phi, qk_
 
 
 @triton.jit
+def _split_keys_major(q, k_base, v_base, stride_kt, stride_vt, start, stop, q_pos, phi, qk_scale,
+                      head_dim, ks_base, vs_base, stride_st, ASM: tl.constexpr,
+                      BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """_split's asynchronous path for an fp8 cache, with the scores held keys x rows (K is the
+    first MMA operand): the max and sum stay per element until the loop ends."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d[None, :] < head_dim
+    q_t = tl.trans(q)
+    m = tl.full([BLOCK_N, BLOCK_R], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_N, BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    for n in range(start, stop, BLOCK_N):
+        keys, k, v, ks, vs = _tile(k_base, v_base, n, stride_kt, stride_vt, stop, offs_n, offs_d,
+                                   d_ok, q, ks_base, vs_base, stride_st, True, ASM, BLOCK_N)
+        s_t = tl.dot(k, q_t) * (ks * qk_scale)[:, None]
+        visible = (keys[:, None] < stop) & (keys[:, None] <= q_pos[None, :])
+        s_t = tl.where(visible, s_t, float("-inf"))
+        m = tl.maximum(m, s_t)
+        p_t = tl.math.exp2(s_t - phi[None, :])
+        l_i += p_t
+        acc = tl.dot(tl.trans((p_t * vs[:, None]).to(v.dtype)), v, acc)
+    return acc, tl.sum(l_i, 0), tl.max(m, 0)
+
+
+@triton.jit
 def _split_kernel(Q, K, V, KS, VS, LENS, PHI, O_PART, LSE_PART, FALLBACK,
                   stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                   stride_vb, stride_vt, stride_vh, stride_sb, stride_st, stride_sh,
                   kv_heads, q_len, group, chunk, qk_scale, head_dim,
                   GIVEN_PHI: tl.constexpr, ASYNC: tl.constexpr, SCALED: tl.constexpr,
-                  WINDOW: tl.constexpr,
+                  ASM: tl.constexpr, WINDOW: tl.constexpr,
                   BLOCK_R: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     split = tl.program_id(0)
@@ -146,17 +223,24 @@ def _split_kernel(Q, K, V, KS, VS, LENS, PHI, O_PART, LSE_PART, FALLBACK,
     if GIVEN_PHI:
         phi = tl.load(PHI + h, mask=row_ok, other=0.0) * 1.4426950408889634
     else:
-        k0 = tl.load(k_base + offs_d, mask=offs_d < head_dim, other=0.0).to(tl.float32)
+        k0 = tl.load(k_base + offs_d, mask=offs_d < head_dim, other=0.0)
         if SCALED:
-            k0 = k0 * tl.load(ks_base)
+            k0 = _from_e4m3(k0, q.dtype, ASM).to(tl.float32) * tl.load(ks_base)
+        else:
+            k0 = k0.to(tl.float32)
         phi = tl.sum(q.to(tl.float32) * k0[None, :], 1) * qk_scale
 
     start = split * chunk
     stop = tl.minimum(start + chunk, seq_len)
     if ASYNC:
-        acc, l_i, m = _split(q, k_base, v_base, stride_kt, stride_vt, start, stop, q_pos, phi,
-                             qk_scale, head_dim, ks_base, vs_base, stride_st, False, SCALED,
-                             BLOCK_R, BLOCK_N, BLOCK_D)
+        if SCALED:
+            acc, l_i, m = _split_keys_major(q, k_base, v_base, stride_kt, stride_vt, start, stop,
+                                            q_pos, phi, qk_scale, head_dim, ks_base, vs_base,
+                                            stride_st, ASM, BLOCK_R, BLOCK_N, BLOCK_D)
+        else:
+            acc, l_i, m = _split(q, k_base, v_base, stride_kt, stride_vt, start, stop, q_pos, phi,
+                                 qk_scale, head_dim, ks_base, vs_base, stride_st, False, False,
+                                 False, BLOCK_R, BLOCK_N, BLOCK_D)
         gap = m - phi
         unsafe = (m > float("-inf")) & ((gap > WINDOW) | (gap < -WINDOW))
         fallback = tl.sum(unsafe.to(tl.int32), 0) > 0
@@ -164,12 +248,12 @@ def _split_kernel(Q, K, V, KS, VS, LENS, PHI, O_PART, LSE_PART, FALLBACK,
         if fallback:
             acc, l_i, ref = _split(q, k_base, v_base, stride_kt, stride_vt, start, stop, q_pos,
                                    phi, qk_scale, head_dim, ks_base, vs_base, stride_st, True,
-                                   SCALED, BLOCK_R, BLOCK_N, BLOCK_D)
+                                   SCALED, ASM, BLOCK_R, BLOCK_N, BLOCK_D)
         tl.store(FALLBACK + bh * num_splits + split, fallback.to(tl.int32))
     else:
         acc, l_i, ref = _split(q, k_base, v_base, stride_kt, stride_vt, start, stop, q_pos, phi,
                                qk_scale, head_dim, ks_base, vs_base, stride_st, True, SCALED,
-                               BLOCK_R, BLOCK_N, BLOCK_D)
+                               ASM, BLOCK_R, BLOCK_N, BLOCK_D)
         tl.store(FALLBACK + bh * num_splits + split, 0)
 
     seen = l_i > 0.0
@@ -273,7 +357,7 @@ def decode_attention_triton(q, k_cache, v_cache, cache_lens, *, scale=None, retu
         raise ValueError(f"expected cache_lens [{batch}] on {q.device}, got {tuple(cache_lens.shape)}")
     if unified_max is not None and unified_max.shape != (q_heads,):
         raise ValueError(f"expected unified_max [{q_heads}], got {tuple(unified_max.shape)}")
-    cfg = config or decode_config(q.device, head_dim)
+    cfg = config or decode_config(q.device, head_dim, fp8=scaled)
     splits = num_splits or choose_num_splits(batch, kv_heads, cache_len, q.device, cfg)
     if not 1 <= splits <= MAX_SPLITS:
         raise ValueError(f"expected 1 <= num_splits <= {MAX_SPLITS}, got {splits}")
@@ -290,13 +374,16 @@ def decode_attention_triton(q, k_cache, v_cache, cache_lens, *, scale=None, retu
     phi = unified_max.float().contiguous() if unified_max is not None else lse_part
     k_s, v_s = (k_scales, v_scales) if scaled else (lse_part, lse_part)
     scale_strides = k_scales.stride() if scaled else (0, 0, 0)
+    asm = scaled and not common.interpreted()  # the kernel converts the bytes itself
+    if asm:
+        k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
     _split_kernel[(splits, batch * kv_heads)](
         q, k_cache, v_cache, k_s, v_s, cache_lens, phi, o_part, lse_part, flags,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), *scale_strides,
         kv_heads, q_len, group, chunk, scale * LOG2E, head_dim,
         GIVEN_PHI=unified_max is not None, ASYNC=q.dtype != torch.float16, SCALED=scaled,
-        WINDOW=WINDOW,
+        ASM=asm, WINDOW=WINDOW,
         BLOCK_R=max(16, triton.next_power_of_2(group * q_len)), BLOCK_N=cfg.block_n,
         BLOCK_D=block_d, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -140,6 +140,18 @@ def test_hopper_decode_stages_fit_shared_memory(monkeypatch, head_dim):
     assert cfg.num_stages * cfg.block_n * padded * 2 * 2 <= 227 * 1024
 
 
+@pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 256])
+def test_hopper_fp8_decode_programs_fit_shared_memory(monkeypatch, head_dim):
+    """programs_per_sm programs, each with its e4m3 K and V stages, the converted operands and
+    scratch: (2 * stages + 3) * block_n * D bytes + 12 KiB covers what Triton 3.6 allocates for
+    sm90 (74752 bytes at D=128 with 3 stages of 64 keys, 82432 at D=256 with 3 of 32)."""
+    hopper_decode_config(monkeypatch, head_dim)
+    cfg = decode_config(torch.device("cuda"), head_dim, fp8=True)
+    padded = max(64, 1 << (head_dim - 1).bit_length())
+    per_program = (2 * cfg.num_stages + 3) * cfg.block_n * padded + 12 * 1024
+    assert cfg.programs_per_sm * per_program <= 227 * 1024
+
+
 def test_public_decode_dispatch(monkeypatch):
     poison_allocations(monkeypatch)
     q = torch.randn(2, 1, 4, 64, device=DEVICE, dtype=torch.float16)
@@ -161,31 +173,88 @@ FP8_CASES = {
     "gqa4-T1-ragged": (2, 1, 8, 2, 64, 300, torch.float32),
     "mha-T3-fp16": (1, 3, 4, 4, 128, 129, torch.float16),
 }
+FP8_GPU_CASES = {
+    "gqa4-bf16-40k": (2, 1, 32, 8, 128, 40000, torch.bfloat16),
+    "gqa4-fp16-5k": (2, 1, 32, 8, 128, 5000, torch.float16),
+    "gqa8-d64-T2-bf16": (3, 2, 16, 2, 64, 3000, torch.bfloat16),
+    "d256-bf16": (1, 1, 8, 2, 256, 2000, torch.bfloat16),
+}
 
 
-@pytest.mark.parametrize("case", list(FP8_CASES.values()), ids=list(FP8_CASES))
-def test_decode_reads_fp8_cache_with_scales(case, monkeypatch):
-    """e4m3 K/V with per-token-head scales, read by the kernel: equal to attention over the
-    dequantized cache (float64), within the error PyTorch makes on that cache in q's dtype."""
+def fp8_cache(batch, cache_len, kv_heads, head_dim, device):
+    """e4m3 values over the whole code range (negatives, subnormals, zeros, up to 448) and
+    float32 scales per token and head, as an fp8 KV store holds them."""
+    values = torch.randn(batch, cache_len, kv_heads, head_dim, device=device) * 60
+    values[..., :4] *= 1e-4  # e4m3 subnormals and zeros
+    values = values.clamp(-448, 448).to(torch.float8_e4m3fn)
+    scales = torch.rand(batch, cache_len, kv_heads, device=device) * 0.01 + 0.001
+    return values, scales
+
+
+def check_fp8_decode(case, device, *, scores_scale=1.0):
+    """The kernel on e4m3 K/V with scales against attention over the dequantized cache in
+    float64, within twice the error PyTorch makes on that cache in q's dtype. Returns the
+    fallback flags."""
     batch, q_len, q_heads, kv_heads, head_dim, cache_len, dtype = case
-    if DEVICE == "cuda" and dtype == torch.float32:
+    if device == "cuda" and dtype == torch.float32:
         dtype = torch.float16  # float32 is the CPU lane's dtype
-    k = torch.randn(batch, cache_len, kv_heads, head_dim, device=DEVICE) * 2
-    v = torch.randn(batch, cache_len, kv_heads, head_dim, device=DEVICE)
-    k8, v8 = (t.clamp(-448, 448).to(torch.float8_e4m3fn) for t in (k, v))
-    k_scales = torch.rand(batch, cache_len, kv_heads, device=DEVICE) * 0.5 + 0.05
-    v_scales = torch.rand(batch, cache_len, kv_heads, device=DEVICE) * 0.5 + 0.05
-    q = torch.randn(batch, q_len, q_heads, head_dim, device=DEVICE, dtype=dtype)
-    lens = torch.randint(q_len, cache_len + 1, (batch,), device=DEVICE, dtype=torch.int32)
+    k8, k_scales = fp8_cache(batch, cache_len, kv_heads, head_dim, device)
+    v8, v_scales = fp8_cache(batch, cache_len, kv_heads, head_dim, device)
+    q = (torch.randn(batch, q_len, q_heads, head_dim, device=device) * scores_scale).to(dtype)
+    lens = ragged_lens(batch, q_len, cache_len, device)
     k_deq = k8.double() * k_scales.double().unsqueeze(-1)
     v_deq = v8.double() * v_scales.double().unsqueeze(-1)
     expected = decode_attention(q.double(), k_deq, v_deq, lens, backend="reference")
     same_dtype = decode_attention(q, k_deq.to(dtype), v_deq.to(dtype), lens, backend="reference")
-    out = decode_attention_triton(q, k8, v8, lens, k_scales=k_scales, v_scales=v_scales)
+    flags = torch.full((batch * kv_heads * MAX_SPLITS,), -1, dtype=torch.int32, device=device)
+    out = decode_attention_triton(q, k8, v8, lens, k_scales=k_scales, v_scales=v_scales,
+                                  fallback_out=flags)
     assert not out.isnan().any()
     error = (out.double() - expected).norm() / expected.norm()
     torch_error = (same_dtype.double() - expected).norm() / expected.norm()
     assert error <= 2 * torch_error + 1e-6, (error, torch_error)
+    return flags
+
+
+@pytest.mark.parametrize("case", list(FP8_CASES.values()), ids=list(FP8_CASES))
+def test_decode_reads_fp8_cache_with_scales(case, monkeypatch):
+    poison_allocations(monkeypatch)
+    check_fp8_decode(case, DEVICE)
+
+
+@requires_cuda
+@pytest.mark.parametrize("case", list(FP8_GPU_CASES.values()), ids=list(FP8_GPU_CASES))
+def test_decode_reads_fp8_cache_gpu(case, monkeypatch):
+    poison_allocations(monkeypatch)
+    check_fp8_decode(case, "cuda")
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_fp8_fallback_fires_and_stays_exact(monkeypatch):
+    """The exact path of an fp8 cache converts its tiles as the asynchronous one does."""
+    poison_allocations(monkeypatch)
+    flags = check_fp8_decode((2, 1, 8, 2, 64, 3000, torch.bfloat16), DEVICE, scores_scale=200.0)
+    assert (flags[flags >= 0] == 1).any()
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_e4m3_conversion_exact_for_every_code(dtype):
+    """The kernel's own byte conversion against PyTorch's, for all 254 finite e4m3 codes."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def convert(X, Y, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(Y + offs, decode_module._from_e4m3(tl.load(X + offs), DTYPE, True))
+
+    codes = torch.arange(256, dtype=torch.uint8, device="cuda").repeat(4)
+    finite = (codes & 0x7F) != 0x7F  # 0x7F and 0xFF are NaN; a quantized cache never holds them
+    out = torch.empty(codes.shape, dtype=dtype, device="cuda")
+    convert[(1,)](codes, out, tl.bfloat16 if dtype == torch.bfloat16 else tl.float16, 1024)
+    expected = codes.view(torch.float8_e4m3fn).to(dtype)
+    assert torch.equal(out[finite].view(torch.int16), expected[finite].view(torch.int16))
 
 
 def test_decode_fp8_needs_both_scales():
@@ -194,23 +263,3 @@ def test_decode_fp8_needs_both_scales():
     lens = torch.full((1,), 8, dtype=torch.int32, device=DEVICE)
     with pytest.raises(ValueError, match="both k_scales and v_scales"):
         decode_attention_triton(q, k8, k8, lens, k_scales=torch.ones(1, 8, 1, device=DEVICE))
-
-
-@requires_cuda
-def test_decode_fp8_cache_gpu_bf16():
-    batch, q_heads, kv_heads, head_dim, cache_len = 2, 32, 8, 128, 40000
-    k = torch.randn(batch, cache_len, kv_heads, head_dim, device="cuda")
-    v = torch.randn(batch, cache_len, kv_heads, head_dim, device="cuda")
-    k8, v8 = k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn)
-    k_scales = torch.rand(batch, cache_len, kv_heads, device="cuda") * 0.2 + 0.01
-    v_scales = torch.rand(batch, cache_len, kv_heads, device="cuda") * 0.2 + 0.01
-    q = torch.randn(batch, 1, q_heads, head_dim, device="cuda", dtype=torch.bfloat16)
-    lens = torch.tensor([cache_len, 12345], dtype=torch.int32, device="cuda")
-    k_deq = k8.double() * k_scales.double().unsqueeze(-1)
-    v_deq = v8.double() * v_scales.double().unsqueeze(-1)
-    expected = decode_attention(q.double(), k_deq, v_deq, lens, backend="reference")
-    same_dtype = decode_attention(q, k_deq.bfloat16(), v_deq.bfloat16(), lens, backend="reference")
-    out = decode_attention(q, k8, v8, lens, k_scales=k_scales, v_scales=v_scales)
-    error = (out.double() - expected).norm() / expected.norm()
-    torch_error = (same_dtype.double() - expected).norm() / expected.norm()
-    assert error <= 2 * torch_error, (error, torch_error)
