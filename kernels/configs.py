@@ -34,6 +34,9 @@ class DecodeConfig:
     num_warps: int
     num_stages: int
     programs_per_sm: int  # split-KV target: splits * B * Hkv ~ programs_per_sm * SMs
+    # More than one program per SM only where each split still streams this many tiles: bf16
+    # caches are bound by bytes and short splits pay their start-up; fp8 caches by latency.
+    long_split_tiles: int = 32
 
 
 # (compute capability major, head-dim bucket) -> prefill config. The head-dim bucket is the
@@ -68,12 +71,16 @@ _DECODE = {
 }
 
 # fp8 caches on Hopper: the loop converts every byte, and is bound by instruction latency rather
-# than by bytes; two 4-warp programs per SM with 64-key tiles were fastest (docs/benchmarks.md:
-# a sweep at 32K and 256K, 8 and 32 KV heads). D=256 halves the tile so that two programs fit.
+# than by bytes; two 4-warp programs per SM with 64-key tiles were fastest, even with splits of 16
+# tiles (docs/benchmarks.md: a sweep at 32K and 256K, 8 and 32 KV heads). D=256 halves the tile
+# so that two programs fit.
 _DECODE_FP8 = {
-    (9, 64): DecodeConfig(block_n=64, num_warps=4, num_stages=3, programs_per_sm=2),
-    (9, 128): DecodeConfig(block_n=64, num_warps=4, num_stages=3, programs_per_sm=2),
-    (9, 256): DecodeConfig(block_n=32, num_warps=4, num_stages=3, programs_per_sm=2),
+    (9, 64): DecodeConfig(block_n=64, num_warps=4, num_stages=3, programs_per_sm=2,
+                          long_split_tiles=4),
+    (9, 128): DecodeConfig(block_n=64, num_warps=4, num_stages=3, programs_per_sm=2,
+                           long_split_tiles=4),
+    (9, 256): DecodeConfig(block_n=32, num_warps=4, num_stages=3, programs_per_sm=2,
+                           long_split_tiles=4),
 }
 
 # Causal prefill with short queries (chunks of a few hundred tokens, or the interpreter) does

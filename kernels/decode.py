@@ -41,7 +41,6 @@ from facli.kernels.configs import DecodeConfig, decode_config, num_sms
 LOG2E = 1.4426950408889634
 WINDOW = 64.0
 MAX_SPLITS = 128
-LONG_SPLIT_TILES = 32
 
 # e4m3 bytes -> bfloat16, four per 32-bit register. Byte b becomes (b & 0x80) << 8 |
 # (b & 0x7F) << 4: e4m3's sign, exponent and mantissa read with bfloat16's exponent bias, i.e. the
@@ -311,7 +310,7 @@ def choose_num_splits(batch: int, kv_heads: int, cache_len: int, device, cfg: De
     """Splits per (sequence, KV head), from shapes only (no look at cache_lens: graph-safe).
 
     One wave of programs: programs_per_sm per multiprocessor if each split then streams at least
-    LONG_SPLIT_TILES tiles, else fewer per multiprocessor (down to one), never below 4 tiles per
+    cfg.long_split_tiles tiles, else fewer per multiprocessor (down to one), never below 4 tiles per
     split. Measured on an H200 (docs/benchmarks.md): a part-filled second wave costs up to 9%,
     and short splits pay their start-up and their share of the merge.
     """
@@ -321,7 +320,7 @@ def choose_num_splits(batch: int, kv_heads: int, cache_len: int, device, cfg: De
         return max(1, min(most, per_sm * num_sms(device) // (batch * kv_heads)))
 
     for per_sm in range(cfg.programs_per_sm, 1, -1):
-        if cache_len >= one_wave(per_sm) * LONG_SPLIT_TILES * cfg.block_n:
+        if cache_len >= one_wave(per_sm) * cfg.long_split_tiles * cfg.block_n:
             return one_wave(per_sm)
     return one_wave(1)
 

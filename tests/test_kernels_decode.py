@@ -117,6 +117,20 @@ def test_split_counts_measured_best_on_h200(monkeypatch, cache_len, kv_heads, ex
     assert choose_num_splits(1, kv_heads, cache_len, None, cfg) == expected
 
 
+@pytest.mark.parametrize("cache_len, kv_heads, expected", [
+    (32 * 1024, 8, 33),   # two programs per SM: 12% faster than one at 32K even with 16 tiles
+    (32 * 1024, 32, 8),
+    (256 * 1024, 8, 33),
+    (256 * 1024, 32, 8),
+    (2048, 8, 8),         # too short for a wave of 4-tile splits
+])
+def test_fp8_split_counts_measured_best_on_h200(monkeypatch, cache_len, kv_heads, expected):
+    hopper_decode_config(monkeypatch)
+    cfg = decode_config(torch.device("cuda"), 128, fp8=True)
+    assert (cfg.block_n, cfg.programs_per_sm) == (64, 2)
+    assert choose_num_splits(1, kv_heads, cache_len, None, cfg) == expected
+
+
 @pytest.mark.parametrize("per_sm", [1, 2, 4])
 @pytest.mark.parametrize("batch, kv_heads, cache_len", [
     (1, 8, 100), (1, 8, 5000), (3, 8, 300_000), (16, 8, 32 * 1024), (64, 8, 1 << 20), (1, 1, 1 << 20),
