@@ -53,6 +53,7 @@ import torch
 
 from facli.errors import FacliError
 from facli.kernels import decode_attention, merge_attention, prefill_attention
+from facli.kernels.fp8_store import store_token_fp8_triton
 from facli.offload.cpu_attention import TileWorkspace, cpu_suffix_attention
 from facli.offload.fp8 import FP8, dequantize_into
 from facli.offload.kv_parts import Chunk, KVPart, Slot
@@ -179,11 +180,14 @@ class OffloadedKVStore:
             raise FacliError("a tensor position is for single-token decode steps of an all-GPU "
                              "fp8 store; pass the position as an int")
         part = self._dev[layer]
-        chunk = Chunk.encode(k, v, self.dtype, fp8=True)
-        for dst, src in zip(part.tensors(), chunk.tensors()):
-            if dst.dtype == FP8:  # index_copy_ has no float8 kernels: move the bytes
-                dst, src = dst.view(torch.uint8), src.view(torch.uint8)
-            dst.index_copy_(1, position, src)
+        if part.k.is_cuda:
+            store_token_fp8_triton(k, v, part.k, part.v, part.k_scales, part.v_scales, position)
+        else:
+            chunk = Chunk.encode(k, v, self.dtype, fp8=True)
+            for dst, src in zip(part.tensors(), chunk.tensors()):
+                if dst.dtype == FP8:  # index_copy_ has no float8 kernels: move the bytes
+                    dst, src = dst.view(torch.uint8), src.view(torch.uint8)
+                dst.index_copy_(1, position, src)
         if layer == 0:
             self._graph_lens.copy_(position + 1)
         return decode_attention(q, part.k, part.v, self._graph_lens, k_scales=part.k_scales,

@@ -15,6 +15,8 @@ from test_kv_store import (
     _steps,
 )
 
+from conftest import requires_cuda
+
 from facli.errors import FacliError
 from facli.offload import kv_store
 from facli.offload.fp8 import E4M3_MAX, dequantize, quantize
@@ -91,13 +93,19 @@ def _all_gpu_fp8(device="cpu", dtype=torch.float32):
                                      torch.device(device), kv_dtype="fp8")
 
 
-def test_fp8_decode_at_a_tensor_position_matches_an_int_position():
+@pytest.mark.parametrize("device, dtype", [
+    ("cpu", torch.float32),
+    pytest.param("cuda", torch.bfloat16, marks=requires_cuda),
+])
+def test_fp8_decode_at_a_tensor_position_matches_an_int_position(device, dtype):
     """The graph-safe path (position on the device, every row read up to the capacity, masked by
-    length) stores and returns what the int path does."""
-    steps = _steps()
-    by_int, by_tensor = _offloaded((), "prefetch", kv_dtype="fp8"), _all_gpu_fp8()
+    length; on a GPU the token quantized and stored by one kernel) stores and returns what the
+    int path does, byte for byte."""
+    steps = _steps(dtype, device)
+    by_int = _offloaded((), "prefetch", dtype, device, kv_dtype="fp8")
+    by_tensor = _all_gpu_fp8(device, dtype)
     for index, (start, q, k, v) in enumerate(steps):
-        at = torch.tensor([start]) if index >= len(CHUNKS) else start  # the decode steps
+        at = torch.tensor([start], device=device) if index >= len(CHUNKS) else start  # decode
         for layer in range(LAYERS):
             want = by_int.attend(layer, q[layer], k[layer], v[layer], start)
             got = by_tensor.attend(layer, q[layer], k[layer], v[layer], at)

@@ -1,0 +1,57 @@
+"""One decode token's K and V, quantized to e4m3 and stored at a cache position held on the
+device, in one kernel: the bytes and scales of `facli.offload.fp8.quantize` (the same float32
+amax, IEEE divisions, clamp and round-to-nearest-even cast), without its dozen small PyTorch
+kernels per layer and decode step.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+E4M3_MAX = 448.0
+TINY = 1e-12  # as fp8.quantize: keeps all-zero vectors' scales finite
+
+
+@triton.jit
+def _quantize_row(x_row, values_row, scale_at, offs, ok):
+    x = tl.load(x_row + offs, mask=ok, other=0.0).to(tl.float32)
+    scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), 0), 1e-12), 448.0)
+    y = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0)
+    tl.store(values_row + offs, y.to(values_row.dtype.element_ty), mask=ok)
+    tl.store(scale_at, scale)
+
+
+@triton.jit
+def _store_token_kernel(K, V, KQ, VQ, KS, VS, POS,
+                        stride_kb, stride_kh, stride_vb, stride_vh,
+                        stride_cb, stride_ct, stride_ch, stride_sb, stride_st, stride_sh,
+                        kv_heads, head_dim, BLOCK_D: tl.constexpr):
+    bh = tl.program_id(0)
+    b = (bh // kv_heads).to(tl.int64)
+    h = (bh % kv_heads).to(tl.int64)
+    pos = tl.load(POS).to(tl.int64)
+    offs = tl.arange(0, BLOCK_D)
+    ok = offs < head_dim
+    cache_at = b * stride_cb + pos * stride_ct + h * stride_ch
+    scale_at = b * stride_sb + pos * stride_st + h * stride_sh
+    _quantize_row(K + b * stride_kb + h * stride_kh, KQ + cache_at, KS + scale_at, offs, ok)
+    _quantize_row(V + b * stride_vb + h * stride_vh, VQ + cache_at, VS + scale_at, offs, ok)
+
+
+def store_token_fp8_triton(k, v, k_cache, v_cache, k_scales, v_scales, position):
+    """k, v [B, 1, Hkv, D] -> k_cache, v_cache [B, T, Hkv, D] float8_e4m3fn and their float32
+    scales [B, T, Hkv] at `position`, a one-element integer tensor on the caches' device."""
+    batch, steps, kv_heads, head_dim = k.shape
+    if steps != 1 or v.shape != k.shape:
+        raise ValueError(f"expected k and v [B, 1, Hkv, D], got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k_cache.stride() != v_cache.stride() or k_scales.stride() != v_scales.stride():
+        raise ValueError("expected the K and V caches (and their scales) with the same strides")
+    if k.stride(-1) != 1 or v.stride(-1) != 1 or k_cache.stride(-1) != 1:
+        raise ValueError("expected a unit stride in the head dim")
+    if position.numel() != 1 or position.device != k_cache.device:
+        raise ValueError(f"expected a one-element position on {k_cache.device}")
+    _store_token_kernel[(batch * kv_heads,)](
+        k, v, k_cache, v_cache, k_scales, v_scales, position,
+        k.stride(0), k.stride(2), v.stride(0), v.stride(2),
+        *k_cache.stride()[:3], *k_scales.stride(), kv_heads, head_dim,
+        BLOCK_D=triton.next_power_of_2(head_dim), num_warps=1)

@@ -1,0 +1,45 @@
+"""The one-kernel fp8 store of a decode token: the bytes and scales of fp8.quantize."""
+
+import pytest
+import torch
+from conftest import requires_cuda
+
+from facli.kernels.fp8_store import store_token_fp8_triton
+from facli.offload.fp8 import FP8, quantize
+
+
+def caches(batch, length, kv_heads, head_dim, device):
+    values = [torch.full((batch, length, kv_heads, head_dim), 0x55, dtype=torch.uint8,
+                         device=device).view(FP8) for _ in range(2)]
+    scales = [torch.full((batch, length, kv_heads), -1.0, device=device) for _ in range(2)]
+    return values, scales
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("head_dim", [64, 80, 128])
+def test_same_bytes_and_scales_as_quantize(dtype, head_dim):
+    batch, length, kv_heads, position = 3, 40, 4, 17
+    # K and V as views into one projection output, as the model's attention makes them.
+    kv = torch.randn(batch, 1, 2 * kv_heads, head_dim, device="cuda")
+    kv *= torch.logspace(-6, 4, 2 * kv_heads, device="cuda").view(1, 1, -1, 1)
+    kv[0, 0, 1] = 0.0  # a zero vector keeps the tiny scale
+    kv = kv.to(dtype)
+    k, v = kv[:, :, :kv_heads], kv[:, :, kv_heads:]
+    (k_cache, v_cache), (k_scales, v_scales) = caches(batch, length, kv_heads, head_dim, "cuda")
+    store_token_fp8_triton(k, v, k_cache, v_cache, k_scales, v_scales,
+                           torch.tensor([position], device="cuda"))
+    for cache, scales, x in ((k_cache, k_scales, k), (v_cache, v_scales, v)):
+        values, expected_scales = quantize(x)
+        assert torch.equal(cache[:, position:position + 1].view(torch.uint8), values.view(torch.uint8))
+        assert torch.equal(scales[:, position:position + 1], expected_scales)
+        others = torch.ones(length, dtype=torch.bool)
+        others[position] = False
+        assert (cache[:, others].view(torch.uint8) == 0x55).all() and (scales[:, others] == -1).all()
+
+
+def test_refuses_more_than_one_token():
+    (k_cache, v_cache), (k_scales, v_scales) = caches(1, 8, 2, 64, "cpu")
+    k = torch.randn(1, 2, 2, 64)
+    with pytest.raises(ValueError, match=r"\[B, 1, Hkv, D\]"):
+        store_token_fp8_triton(k, k, k_cache, v_cache, k_scales, v_scales, torch.tensor([0]))
