@@ -1,21 +1,23 @@
 """One decode token's K and V, quantized to e4m3 and stored at a cache position held on the
-device, in one kernel: the bytes and scales of `facli.offload.fp8.quantize` (the same float32
-amax, IEEE divisions, clamp and round-to-nearest-even cast), without its dozen small PyTorch
-kernels per layer and decode step.
+device, in one kernel: the bytes and scales of `facli.offload.fp8.quantize` on the GPU (the same
+float32 amax, divisions rounded as PyTorch's CUDA kernels round them, clamp and
+round-to-nearest-even cast), without its dozen small PyTorch kernels per layer and decode step.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-E4M3_MAX = 448.0
-TINY = 1e-12  # as fp8.quantize: keeps all-zero vectors' scales finite
+# 1 / 448 (e4m3's largest value) in float32. PyTorch's CUDA division by a scalar multiplies by the
+# scalar's float32 reciprocal, so fp8.quantize's scales on a GPU are amax times this.
+INV_E4M3_MAX = tl.constexpr(1.0 / 448.0)
 
 
 @triton.jit
 def _quantize_row(x_row, values_row, scale_at, offs, ok):
     x = tl.load(x_row + offs, mask=ok, other=0.0).to(tl.float32)
-    scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), 0), 1e-12), 448.0)
+    scale = tl.maximum(tl.max(tl.abs(x), 0), 1e-12) * INV_E4M3_MAX
+    # Division by a tensor is IEEE's, rounded to nearest, in PyTorch as here.
     y = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0)
     tl.store(values_row + offs, y.to(values_row.dtype.element_ty), mask=ok)
     tl.store(scale_at, scale)
