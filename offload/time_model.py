@@ -48,12 +48,11 @@ DECODE_LAYER_OVERHEAD_S = 55e-6
 DECODE_READ_RATE = 1.08
 # The decode kernel reads an fp8 cache (e4m3 values, a float32 scale per token and head) at this
 # share of the bf16 path's rate: it converts every byte in registers and is bound by instruction
-# latency, not by memory, so it takes about as long as over a bf16 cache of the same length. With
-# FP8_STORE_LAYER_S, the cost of quantizing and storing each layer's new token, fitted to `facli
-# bench --synthetic llama-7b --kv-dtype fp8` at 32K, 128K and 256K on one H200 (graph-replayed
-# steps, commit 5eb843d, docs/benchmarks.md): within 1% at each depth.
+# latency, not by memory, so it takes about as long as over a bf16 cache of the same length.
+# Fitted to `facli bench --synthetic llama-7b --kv-dtype fp8` at 32K, 128K and 256K on one H200
+# (graph-replayed steps, the new token stored by one kernel per layer; commit d8f0629,
+# docs/benchmarks.md): within 1.1% at each depth.
 FP8_DECODE_READ_SHARE = 0.50
-FP8_STORE_LAYER_S = 40e-6
 # Per layer per decode step of an eager decode (host layers, or an fp8 cache the GPU cannot read
 # directly): the host's Python and launches for the layer. Fitted to one run (fp8 KV, all layers
 # on one H200, 256K, run eagerly before that layout replayed graphs: 48.3 ms per step); the host
@@ -192,14 +191,11 @@ def decode_breakdown(hw: HardwareSpec, layout: Layout) -> dict[str, float]:
     staged = layout.host_layers if layout.decode_mode == "prefetch" else 0
     slot_kv = kv_layer_bytes(c, layout.ctx, b, layout.weight_dtype_bytes, t)
     # GPU-resident fp8 rows go through the decode kernel's e4m3 path, at its own rate.
-    gpu_layers = layers - layout.host_layers
-    gpu_kv = gpu_layers * layer_kv
+    gpu_kv = (layers - layout.host_layers) * layer_kv
     if layout.kv_dtype_bytes == 1:
         gpu_kv /= FP8_DECODE_READ_SHARE
     device = (weights + gpu_kv + staged * slot_kv) / (mem_rate * DECODE_READ_RATE)
     device += layers * DECODE_LAYER_OVERHEAD_S
-    if layout.kv_dtype_bytes == 1:
-        device += gpu_layers * FP8_STORE_LAYER_S
     comm = 0.0
     if t > 1 and not layout.on_cpu:
         one = np.array([b * c.hidden_size * layout.weight_dtype_bytes], dtype=np.float64)
