@@ -9,6 +9,8 @@ a per-chunk scale stored per position and does not depend on how a prompt was ch
 
 import torch
 
+from facli.kernels.fp8_kv import dequantize_rows_triton
+
 FP8 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
 # Smallest amax given a scale: keeps all-zero vectors (padding, zero-init caches) finite.
@@ -33,9 +35,12 @@ def dequantize_into(out: torch.Tensor, values: torch.Tensor, scales: torch.Tenso
                     block: int = 4096) -> None:
     """out[:, i] = dequantize(values[:, i], scales[:, i]) for every position i.
 
-    out, values [B, T, H, D]; scales [B, T, H]. Works over `block` positions at a time so the
-    float32 temporary stays small (a whole 256K-token layer would need 4 GiB of it).
+    out, values [B, T, H, D]; scales [B, T, H]. On a GPU one kernel reads the bytes and writes
+    out; elsewhere this works over `block` positions at a time so the float32 temporary stays
+    small (a whole 256K-token layer would need 4 GiB of it).
     """
+    if out.is_cuda and dequantize_rows_triton(out, values, scales):
+        return
     for start in range(0, values.shape[1], block):
         stop = min(start + block, values.shape[1])
         out[:, start:stop] = values[:, start:stop].float() * scales[:, start:stop].unsqueeze(-1)

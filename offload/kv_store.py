@@ -53,7 +53,7 @@ import torch
 
 from facli.errors import FacliError
 from facli.kernels import decode_attention, merge_attention, prefill_attention
-from facli.kernels.fp8_store import store_token_fp8_triton
+from facli.kernels.fp8_kv import store_token_fp8_triton
 from facli.offload.cpu_attention import TileWorkspace, cpu_suffix_attention
 from facli.offload.fp8 import FP8, dequantize_into
 from facli.offload.kv_parts import Chunk, KVPart, Slot

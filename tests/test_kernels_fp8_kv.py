@@ -1,11 +1,14 @@
-"""The one-kernel fp8 store of a decode token: the bytes and scales of fp8.quantize."""
+"""The fp8 KV kernels against PyTorch: the decode token's store (the bytes and scales of
+fp8.quantize) and the dequantization of cache rows."""
 
 import pytest
 import torch
 from conftest import requires_cuda
 
-from facli.kernels.fp8_store import store_token_fp8_triton
+from facli.kernels.fp8_kv import dequantize_rows_triton, store_token_fp8_triton
 from facli.offload.fp8 import FP8, quantize
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def caches(batch, length, kv_heads, head_dim, device):
@@ -43,3 +46,26 @@ def test_refuses_more_than_one_token():
     k = torch.randn(1, 2, 2, 64)
     with pytest.raises(ValueError, match=r"\[B, 1, Hkv, D\]"):
         store_token_fp8_triton(k, k, k_cache, v_cache, k_scales, v_scales, torch.tensor([0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_dequantize_rows_as_pytorch(dtype):
+    """Rows of a cache slice (the layout the prefill reads), against values * scales in PyTorch."""
+    if DEVICE == "cpu" and dtype != torch.float32:
+        pytest.skip("the interpreted lane runs float32")
+    batch, capacity, heads, head_dim, first, stop = 2, 300, 3, 80, 37, 251
+    values = (torch.randn(batch, capacity, heads, head_dim, device=DEVICE) * 100).clamp(-448, 448)
+    values = values.to(FP8)
+    scales = torch.rand(batch, capacity, heads, device=DEVICE) * 10 + 1e-3
+    slot = torch.full((batch, capacity, heads, head_dim), float("nan"), dtype=dtype, device=DEVICE)
+    out = slot[:, first:stop]
+    assert dequantize_rows_triton(out, values[:, first:stop], scales[:, first:stop])
+    expected = (values[:, first:stop].float() * scales[:, first:stop, :, None]).to(dtype)
+    assert torch.equal(out, expected)
+    assert slot[:, :first].isnan().all() and slot[:, stop:].isnan().all()
+
+
+def test_dequantize_rows_leaves_unpacked_layouts_to_pytorch():
+    values = torch.zeros(1, 8, 4, 64, device=DEVICE).to(FP8)
+    out = torch.empty(1, 8, 4, 64, device=DEVICE)
+    assert not dequantize_rows_triton(out, values[:, :, ::2], torch.ones(1, 8, 2, device=DEVICE))

@@ -1,7 +1,11 @@
-"""One decode token's K and V, quantized to e4m3 and stored at a cache position held on the
-device, in one kernel: the bytes and scales of `facli.offload.fp8.quantize` on the GPU (the same
-float32 amax, divisions rounded as PyTorch's CUDA kernels round them, clamp and
-round-to-nearest-even cast), without its dozen small PyTorch kernels per layer and decode step.
+"""The fp8 (e4m3) KV cache's elementwise kernels, each one pass over its bytes where PyTorch takes
+a dozen small kernels or float32 temporaries, with PyTorch's results bit for bit:
+
+- `store_token_fp8_triton`: one decode token's K and V quantized and stored at a cache position
+  held on the device (`facli.offload.fp8.quantize` on the GPU: the same float32 amax, divisions
+  rounded as PyTorch's CUDA kernels round them, clamp and round-to-nearest-even cast);
+- `dequantize_rows_triton`: rows of values times their scales, rounded once to the output dtype
+  (`facli.offload.fp8.dequantize_into`), for attention over an fp8 prefix in prefill.
 """
 
 import torch
@@ -57,3 +61,39 @@ def store_token_fp8_triton(k, v, k_cache, v_cache, k_scales, v_scales, position)
         k.stride(0), k.stride(2), v.stride(0), v.stride(2),
         *k_cache.stride()[:3], *k_scales.stride(), kv_heads, head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim), num_warps=1)
+
+
+@triton.jit
+def _dequantize_kernel(VALUES, SCALES, OUT, stride_vb, stride_sb, stride_ob, rows, head_dim,
+                       BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (row block, b): rows (t, h) of one sequence, D values each."""
+    b = tl.program_id(1).to(tl.int64)
+    offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (offs_r[:, None] < rows) & (offs_d[None, :] < head_dim)
+    at = offs_r[:, None] * head_dim + offs_d[None, :]
+    x = tl.load(VALUES + b * stride_vb + at, mask=ok, other=0.0).to(tl.float32)
+    scale = tl.load(SCALES + b * stride_sb + offs_r, mask=offs_r < rows, other=0.0)
+    tl.store(OUT + b * stride_ob + at, (x * scale[:, None]).to(OUT.dtype.element_ty), mask=ok)
+
+
+def _rows_packed(t, heads, head_dim):
+    """True if t [B, T, H, D] (or [B, T, H] with head_dim 1) holds each sequence's (t, h) rows
+    back to back."""
+    return t.stride(-1) == 1 and t.stride(2) == head_dim and t.stride(1) == heads * head_dim
+
+
+def dequantize_rows_triton(out, values, scales) -> bool:
+    """out[:] = values * scales[..., None], rounded once to out's dtype: values [B, T, H, D]
+    float8_e4m3fn, scales [B, T, H] float32, out [B, T, H, D] on the same GPU. Returns False
+    (and does nothing) for layouts whose rows are not packed per sequence."""
+    batch, length, heads, head_dim = values.shape
+    if not (_rows_packed(values, heads, head_dim) and _rows_packed(out, heads, head_dim)
+            and _rows_packed(scales.unsqueeze(-1), heads, 1)):
+        return False
+    rows = length * heads
+    block_r = 64
+    _dequantize_kernel[(triton.cdiv(rows, block_r), batch)](
+        values, scales, out, values.stride(0), scales.stride(0), out.stride(0), rows, head_dim,
+        BLOCK_R=block_r, BLOCK_D=triton.next_power_of_2(head_dim), num_warps=4)
+    return True
