@@ -57,13 +57,14 @@ from facli.kernels.fp8_kv import store_token_fp8_triton
 from facli.offload.cpu_attention import TileWorkspace, cpu_suffix_attention
 from facli.offload.fp8 import FP8, dequantize_into
 from facli.offload.kv_parts import Chunk, KVPart, Slot
+from facli.offload.memory_model import FP8_PREFILL_TILE_ROWS
 from facli.offload.plan import READS_FP8_FROM
 from facli.offload.streams import CopyQueues, host_empty
 
 DECODE_MODES = ("prefetch", "cpu")
 KV_DTYPES = (None, "fp8")
 RAW_ROWS = 8192
-FP8_TILE = 16384
+FP8_TILE = FP8_PREFILL_TILE_ROWS
 
 
 class OffloadedKVStore:

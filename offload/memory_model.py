@@ -85,6 +85,11 @@ STAGING_SLOTS = 2
 # communicator buffers and kernels per rank when ranks > 1 (as facli.parallel.planning).
 NCCL_RESERVED_BYTES = 512 * MIB
 FP8_RING_ROWS = 8192
+# Prefill over an fp8 prefix on the GPU (facli.offload.kv_store) attends to it in tiles of this
+# many rows, dequantized into K and V in the model dtype, merged by log-sum-exp. On one H200 64K
+# rows gave TTFT 10.98 / 37.35 s at 128K / 256K against 11.59 / 40.25 s with 16K rows, for
+# 0.6-0.9 GiB more peak memory (docs/benchmarks.md).
+FP8_PREFILL_TILE_ROWS = 65536
 FP8_SCALE_BYTES = 4  # one float32 scale per token and KV head, for K and for V
 
 
@@ -165,6 +170,12 @@ def staging_bytes(config: ModelConfig, ctx: int, batch: int, host_layers: int,
     return staged
 
 
+def fp8_tile_bytes(config: ModelConfig, ctx: int, batch: int, weight_dtype_bytes: int,
+                   tp: int = 1) -> int:
+    """The dequantized K and V tile that prefill over GPU-resident fp8 rows reads."""
+    return kv_layer_bytes(config, min(ctx, FP8_PREFILL_TILE_ROWS), batch, weight_dtype_bytes, tp)
+
+
 def workspace_bytes(config: ModelConfig, ctx: int, batch: int, tp: int = 1) -> int:
     """Fixed workspace, split-KV decode partials and the RoPE table."""
     splits = math.ceil(ctx / WORKSPACE_DECODE_SPLIT_TOKENS)
@@ -238,11 +249,13 @@ def device_memory(config: ModelConfig, *, ctx: int, batch: int, tp: int, gpu_lay
     peak. NCCL's AllReduce tiles cost no memory (views of the projection output); copy-engine
     tiles need their inboxes (copy_inboxes, comm_bytes)."""
     layer_kv = kv_layer_bytes(config, ctx, batch, kv_dtype_bytes, tp)
+    staging = staging_bytes(config, ctx, batch, host_layers, weight_dtype_bytes, kv_dtype_bytes, tp)
+    if kv_dtype_bytes == 1 and gpu_layers:
+        staging += fp8_tile_bytes(config, ctx, batch, weight_dtype_bytes, tp)
     return MemoryBreakdown(
         weights=weight_bytes(config, weight_dtype_bytes, tp),
         kv=gpu_layers * layer_kv,
-        kv_staging=staging_bytes(config, ctx, batch, host_layers, weight_dtype_bytes,
-                                 kv_dtype_bytes, tp),
+        kv_staging=staging,
         activations=activation_bytes(config, max(chunk, 1), batch, weight_dtype_bytes, tp),
         comm=comm_bytes(config, chunk, batch, weight_dtype_bytes, tp, copy_inboxes),
         workspace=workspace_bytes(config, ctx, batch, tp),

@@ -58,10 +58,11 @@ FP8_DECODE_READ_SHARE = 0.50
 # on one H200, 256K, run eagerly before that layout replayed graphs: 48.3 ms per step); the host
 # then sets the pace whenever the GPU's share of a layer is shorter.
 EAGER_STORE_LAYER_HOST_S = 1.5e-3
-# fp8 prefill attends over the cached prefix in dequantized 16K-row tiles merged by log-sum-exp
-# (offload.kv_store): attention time times this. Fitted to the same run (TTFT 57.7 s against
-# 42.7 s predicted with bf16 attention).
-FP8_PREFILL_ATTENTION_FACTOR = 1.4
+# fp8 prefill attends over the cached prefix in dequantized tiles of FP8_PREFILL_TILE_ROWS, merged
+# by log-sum-exp (offload.kv_store): attention time times this. Fitted to one H200 at 50688fe
+# with 64K-row tiles: TTFT 10.79 / 37.93 s predicted against 10.98 / 37.35 s measured at 128K /
+# 256K (docs/benchmarks.md).
+FP8_PREFILL_ATTENTION_FACTOR = 1.1
 # Share of one-all_reduce-per-projection communication that tiling-AllReduce hides with the copy
 # engines (facli.parallel.copy_engine), tiles of COPY_ENGINE_TILE_TOKENS: with relayed sums 47% at
 # 32K and 51% at 128K over the whole model on 2 H200s, in a call where pair_sum sums hid 29% and

@@ -121,6 +121,8 @@ def test_fp8_kv_keeps_everything_on_one_h200():
                   options(kv_dtype="fp8"))
     assert result.kv_dtype == "fp8" and not result.host.layers
     assert result.devices[0].kv_bytes == 32 * 2 * 256 * 1024 * 32 * (128 + 4)
+    # prefill reads the fp8 prefix through one dequantized K and V tile of 64K rows, bf16
+    assert result.devices[0].kv_staging_bytes == 2 * 65536 * 32 * 128 * 2
 
 
 @pytest.mark.parametrize("ctx, measured_tokens_per_s", [(32768, 117.0), (131072, 49.0),
