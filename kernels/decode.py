@@ -75,7 +75,8 @@ def _from_e4m3(x, dtype: tl.constexpr, ASM: tl.constexpr):
     """e4m3 values (uint8 bits under ASM, else float8e4nv) in `dtype`, exactly."""
     if ASM:
         # Not pure: a pure op lets the compiler move the conversion after the shared-memory load
-        # into the MMA operand layout, which reads fp8 bytes one at a time (2x slower on an H200).
+        # into the MMA operand layout, which reads fp8 bytes one at a time (in the sm90 PTX of
+        # Triton 3.6, 875 instructions per tile of the loop against 596).
         if dtype == tl.float16:
             return tl.inline_asm_elementwise(_E4M3_TO_F16, "=r,=r,r", [x], dtype=tl.float16,
                                              is_pure=False, pack=4)

@@ -44,9 +44,9 @@ Decode over a host layer, decode_mode="cpu":
 
 gpu_prefix_tokens > 0 keeps a host layer's first positions on the GPU: they are copied
 device-to-device into a slot (never over PCIe) when staging, and are the GPU's concurrent share
-in "cpu" mode. fp8 GPU rows are dequantized 16K rows at a time and the tiles merged by LSE, so no
-bf16 copy of a whole layer is made; host fp8 rows cross PCIe as fp8 and are dequantized on the
-GPU into the slot (through a ring of 8192 rows).
+in "cpu" mode. fp8 GPU rows are dequantized FP8_TILE rows at a time and the tiles merged by
+LSE, so no bf16 copy of a whole layer is made; host fp8 rows cross PCIe as fp8 and are
+dequantized on the GPU into the slot (through a ring of 8192 rows).
 """
 
 import torch
