@@ -172,7 +172,8 @@ def staging_bytes(config: ModelConfig, ctx: int, batch: int, host_layers: int,
 
 def fp8_tile_bytes(config: ModelConfig, ctx: int, batch: int, weight_dtype_bytes: int,
                    tp: int = 1) -> int:
-    """The dequantized K and V tile that prefill over GPU-resident fp8 rows reads."""
+    """The dequantized K and V tile that prefill over GPU-resident fp8 rows reads (workspace:
+    allocated per prefill step, not held by the store)."""
     return kv_layer_bytes(config, min(ctx, FP8_PREFILL_TILE_ROWS), batch, weight_dtype_bytes, tp)
 
 
@@ -249,16 +250,17 @@ def device_memory(config: ModelConfig, *, ctx: int, batch: int, tp: int, gpu_lay
     peak. NCCL's AllReduce tiles cost no memory (views of the projection output); copy-engine
     tiles need their inboxes (copy_inboxes, comm_bytes)."""
     layer_kv = kv_layer_bytes(config, ctx, batch, kv_dtype_bytes, tp)
-    staging = staging_bytes(config, ctx, batch, host_layers, weight_dtype_bytes, kv_dtype_bytes, tp)
+    workspace = workspace_bytes(config, ctx, batch, tp)
     if kv_dtype_bytes == 1 and gpu_layers:
-        staging += fp8_tile_bytes(config, ctx, batch, weight_dtype_bytes, tp)
+        workspace += fp8_tile_bytes(config, ctx, batch, weight_dtype_bytes, tp)
     return MemoryBreakdown(
         weights=weight_bytes(config, weight_dtype_bytes, tp),
         kv=gpu_layers * layer_kv,
-        kv_staging=staging,
+        kv_staging=staging_bytes(config, ctx, batch, host_layers, weight_dtype_bytes,
+                                 kv_dtype_bytes, tp),
         activations=activation_bytes(config, max(chunk, 1), batch, weight_dtype_bytes, tp),
         comm=comm_bytes(config, chunk, batch, weight_dtype_bytes, tp, copy_inboxes),
-        workspace=workspace_bytes(config, ctx, batch, tp),
+        workspace=workspace,
     )
 
 
