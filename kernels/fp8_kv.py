@@ -8,7 +8,6 @@ a dozen small kernels or float32 temporaries, with PyTorch's results bit for bit
   (`facli.offload.fp8.dequantize_into`), for attention over an fp8 prefix in prefill.
 """
 
-import torch
 import triton
 import triton.language as tl
 
