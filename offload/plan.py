@@ -12,8 +12,9 @@ from facli.units import format_bytes, format_ctx
 
 SCHEMA_VERSION = 1
 DECODE_MODES = ("resident", "prefetch", "cpu")
-# Triton converts e4m3 in registers from compute capability 8.9 (Ada, Hopper) on, so the decode
-# kernel reads an fp8 cache directly there; older GPUs attend over dequantized tiles.
+# The decode kernel reads an fp8 cache directly from compute capability 8.9 (Ada, Hopper) on: its
+# float16 path converts e4m3 with the hardware's cvt.rn.f16x2.e4m3x2 (sm89+); only Hopper is
+# measured. Older GPUs attend over dequantized tiles.
 READS_FP8_FROM = (8, 9)
 
 
