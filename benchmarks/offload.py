@@ -1,7 +1,7 @@
 """Offloaded KV benchmark: decode steps and chunked prefill of a Llama-7B-shaped layer stack.
 
-    python benchmarks/offload.py [--ctx 32k,128k] [--host 4,16] [--modes prefetch,cpu]
-                                 [--fp8] [--prefill-ctx 32k] [--out DIR]
+    python benchmarks/offload.py [--ctx 32k,128k] [--host 4,16] [--modes prefetch,cpu,split]
+                                 [--cpu-shares 0.45] [--fp8] [--prefill-ctx 32k] [--out DIR]
     python benchmarks/offload.py --ctx 256k --host 20 --prefill-ctx 0   # one GPU, 256K
 
 32 layers, 32 heads, D = 128, bf16, batch 1. Each layer is its attention through the KV store
@@ -9,8 +9,10 @@ plus one GEMM over a [4096, 49408] bf16 matrix standing in for the layer's proje
 (202M parameters, read once per decode step as a real layer's weights are). Baseline: the same
 stack over an all-GPU DeviceKVCache, measured in the same run. Host layers are spread evenly.
 The cache is filled with `store.write` (no attention) before decode is timed; prefill is timed
-separately at --prefill-ctx. Also measured here: pinned host-to-device bandwidth and the CPU
-attention's read bandwidth, so the PCIe- and DRAM-bound predictions sit next to the numbers.
+separately at --prefill-ctx. "split" runs once per --cpu-shares value (the share of each host
+layer's rows the CPU attends; the rest streams over PCIe). Also measured here: pinned
+host-to-device bandwidth, the CPU attention's read bandwidth, and both at once, so the PCIe- and
+DRAM-bound predictions sit next to the numbers.
 Logs go to stderr and DIR/offload.log, results to DIR/offload.json; the table prints last.
 """
 
@@ -55,13 +57,14 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def build(kind: str, ctx: int, extra: int, host: int, fp8: bool, device: torch.device):
+def build(kind: str, ctx: int, extra: int, host: int, fp8: bool, device: torch.device,
+          cpu_share: float = 0.5):
     capacity = ctx + extra
     shape = (LAYERS, 1, capacity, HEADS, HEAD_DIM, DTYPE, device)
     if kind == "gpu":
         return DeviceKVCache(*shape)
     return OffloadedKVStore(*shape, host_layers=host_layer_set(host), decode_mode=kind,
-                            kv_dtype="fp8" if fp8 else None)
+                            kv_dtype="fp8" if fp8 else None, cpu_share=cpu_share)
 
 
 def fill(store, length: int, device: torch.device) -> None:
@@ -157,16 +160,62 @@ def cpu_attention_gbps(length: int = 32768) -> float:
     return rates[KEY_TILE]
 
 
-def run_case(args, kind, ctx, host, weights, baseline):
+def concurrent_host_reads(keys: int = 262144) -> dict[str, float]:
+    """GB/s of pinned host-to-device copies and of CPU attention, each alone and both at once
+    over separate buffers of one 256K-key layer (4 GiB of K+V each): whether the two ways out
+    of host memory add up or share the DRAM bandwidth."""
+    shape = (1, keys, HEADS, HEAD_DIM)
+    k, v = (torch.empty(shape, dtype=DTYPE, pin_memory=True).normal_() for _ in range(2))
+    q = torch.randn(1, 1, HEADS, HEAD_DIM, dtype=DTYPE)
+    src = torch.empty(2 * k.numel() * k.element_size(), dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(src.numel(), dtype=torch.uint8, device="cuda")
+    stream = torch.cuda.Stream()
+    nbytes = src.numel()
+
+    def copy():
+        with torch.cuda.stream(stream):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src, non_blocking=True)
+            end.record()
+        return start, end
+
+    def attend():
+        began = time.perf_counter()
+        cpu_decode_attention(q, k, v, keys)
+        return time.perf_counter() - began
+
+    copy()
+    attend()
+    torch.cuda.synchronize()
+    start, end = copy()
+    torch.cuda.synchronize()
+    h2d_alone = nbytes / (start.elapsed_time(end) / 1e3) / 1e9
+    cpu_alone = nbytes / attend() / 1e9
+    began = time.perf_counter()
+    start, end = copy()
+    cpu_s = attend()
+    torch.cuda.synchronize()
+    both_s = time.perf_counter() - began
+    result = {"h2d_alone": h2d_alone, "cpu_alone": cpu_alone,
+              "h2d_together": nbytes / (start.elapsed_time(end) / 1e3) / 1e9,
+              "cpu_together": nbytes / cpu_s / 1e9, "combined": 2 * nbytes / both_s / 1e9}
+    log("host reads, GB/s: " + ", ".join(f"{name} {rate:.1f}" for name, rate in result.items()))
+    return result
+
+
+def run_case(args, kind, ctx, host, weights, baseline, cpu_share=0.0):
     """Build, fill and time one configuration; returns its result row."""
     device = weights.device
-    store = build(kind, ctx, args.warmup + args.tokens, host, args.fp8 and kind != "gpu", device)
+    store = build(kind, ctx, args.warmup + args.tokens, host, args.fp8 and kind != "gpu", device,
+                  cpu_share)
     began = time.perf_counter()
     fill(store, ctx, device)
     log(f"  filled {format_bytes(sum(bytes_of(store)))} in {time.perf_counter() - began:.1f} s")
     step_s, moved = time_decode(store, weights, ctx, args.warmup, args.tokens)
     gpu_b, host_b = bytes_of(store)
-    row = {"ctx": ctx, "mode": kind, "host_layers": host if kind != "gpu" else 0,
+    mode = f"split@{cpu_share:g}" if kind == "split" else kind
+    row = {"ctx": ctx, "mode": mode, "cpu_share": cpu_share, "host_layers": host if kind != "gpu" else 0,
            "kv_dtype": "fp8" if args.fp8 and kind != "gpu" else "bf16",
            "decode_ms": step_s * 1e3, "tok_s": 1 / step_s, "gpu_bytes": gpu_b,
            "host_bytes": host_b, "h2d_bytes_per_token": moved,
@@ -185,12 +234,12 @@ def speed(row) -> str:
 
 
 def table(rows, env) -> str:
-    head = (f"{'ctx':>6} {'mode':>9} {'host':>4} {'kv':>5} {'decode ms':>10} {'tok/s':>7} "
+    head = (f"{'ctx':>6} {'mode':>10} {'host':>4} {'kv':>5} {'decode ms':>10} {'tok/s':>7} "
             f"{'speed':>7} {'prefill s':>9} {'GPU KV':>10} {'host KV':>10}")
     lines = [" | ".join(f"{k} {v}" for k, v in env.items()), head]
     for r in rows:
         prefill = f"{r['prefill_s']:.2f}" if "prefill_s" in r else "-"
-        lines.append(f"{r['ctx'] // 1024:>5}k {r['mode']:>9} {r['host_layers']:>4} "
+        lines.append(f"{r['ctx'] // 1024:>5}k {r['mode']:>10} {r['host_layers']:>4} "
                      f"{r['kv_dtype']:>5} {r['decode_ms']:>10.2f} {r['tok_s']:>7.2f} "
                      f"{speed(r):>7} {prefill:>9} {format_bytes(r['gpu_bytes']):>10} "
                      f"{format_bytes(r['host_bytes']):>10}")
@@ -201,7 +250,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ctx", default="32k,128k")
     parser.add_argument("--host", default="4,16", help="host layer counts to try")
-    parser.add_argument("--modes", default="prefetch,cpu")
+    parser.add_argument("--modes", default="prefetch,cpu,split")
+    parser.add_argument("--cpu-shares", default="0.45",
+                        help="split mode: shares of each host layer's rows the CPU attends")
     parser.add_argument("--fp8", action="store_true", help="fp8 KV for the offloaded stores")
     parser.add_argument("--prefill-ctx", default="32k",
                         help="ctx at which prefill is timed (0: none)")
@@ -222,9 +273,10 @@ def main():
     cpu = cpu_attention_gbps()
     log(f"pinned H2D {h2d:.1f} GB/s; CPU attention reads {cpu:.1f} GB/s "
         f"({torch.get_num_threads()} threads)")
+    together = concurrent_host_reads() if device.type == "cuda" else {}
     weights = torch.randn(HIDDEN, LAYER_PARAMS // HIDDEN, dtype=DTYPE, device=device) * 1e-2
     rows = []
-    for ctx in map(parse_ctx, args.ctx.split(",")):
+    for ctx in map(parse_ctx, filter(None, args.ctx.split(","))):
         log(f"ctx {ctx}: all-GPU")
         try:
             rows.append(run_case(args, "gpu", ctx, 0, weights, None))
@@ -239,10 +291,13 @@ def main():
                 f"prefetch ~{host * layer_bytes / h2d / 1e6:.1f} ms, DRAM-bound cpu "
                 f"~{host * layer_bytes / cpu / 1e6:.1f} ms per token")
             for mode in args.modes.split(","):
-                rows.append(run_case(args, mode, ctx, host, weights, baseline))
+                shares = map(float, args.cpu_shares.split(",")) if mode == "split" else [0.0]
+                for share in shares:
+                    rows.append(run_case(args, mode, ctx, host, weights, baseline, share))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"env": env, "h2d_gbps": h2d, "cpu_attention_gbps": cpu, "rows": rows}
+    payload = {"env": env, "h2d_gbps": h2d, "cpu_attention_gbps": cpu,
+               "host_reads_gbps": together, "rows": rows}
     (out / "offload.json").write_text(json.dumps(payload, indent=2))
     (out / "offload.log").write_text("\n".join(LOG_LINES) + "\n")
     print(table(rows, env))

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from facli.errors import FacliError, OutOfMemoryPlanError
+from facli.offload.planner import DECODE_MODE_CHOICES
 from facli.parallel.comm import all_reduce_sum
 from facli.parallel.context import ParallelContext
 
@@ -44,10 +45,14 @@ class BenchRequest:
     prefill_chunk: int | None = None
     baseline: str = "transformers"
     kv_dtype: str = "auto"  # facli's KV cache; the baseline keeps its model dtype
+    decode_mode: str = "auto"  # for host-resident KV: auto, prefetch, cpu or split
 
     def __post_init__(self):
         if self.model is not None and self.synthetic is not None:
             raise FacliError("expected at most one of --model and --synthetic, got both")
+        if self.decode_mode not in DECODE_MODE_CHOICES:
+            raise FacliError(f"expected --decode-mode one of {', '.join(DECODE_MODE_CHOICES)}, "
+                             f"got {self.decode_mode!r}")
         if self.baseline not in BASELINES:
             raise FacliError(f"expected --baseline one of {', '.join(BASELINES)}, got {self.baseline!r}")
         if self.decode_tokens < 2:
@@ -125,7 +130,7 @@ def bench_rank(parallel: ParallelContext, request: BenchRequest) -> dict:
     options = RuntimeOptions(
         model=request.model, device=request.device, dtype=runtime_dtype(request),
         ctx=request.depths[0], prefill_chunk=request.prefill_chunk, devices=request.devices,
-        allow_ctx_extension=True, kv_dtype=request.kv_dtype,
+        allow_ctx_extension=True, kv_dtype=request.kv_dtype, decode_mode=request.decode_mode,
     )
     progress(f"loading {resolved.name} on {parallel.world_size} rank(s)", log)
     runtime = Runtime(resolved, options, parallel)
@@ -245,6 +250,7 @@ def plan_record(plan) -> dict | None:
         "host_kv_bytes": plan.host.kv_bytes,
         "host_layers": len(plan.host.layers),
         "kv_dtype": plan.kv_dtype,
+        "decode_mode": plan.decode_mode,
         "summary": plan.summary_line(),
         "plan": plan.to_dict(),
     }

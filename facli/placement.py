@@ -68,4 +68,5 @@ def build_kv_store(run_plan: Plan, config: ModelConfig, world_size: int, device:
 
     mode = run_plan.decode_mode if run_plan.decode_mode != "resident" else "prefetch"
     return OffloadedKVStore(*shape, dtype, device, host_layers=frozenset(run_plan.host.layers),
-                            decode_mode=mode, kv_dtype="fp8" if run_plan.kv_dtype == "fp8" else None)
+                            decode_mode=mode, kv_dtype="fp8" if run_plan.kv_dtype == "fp8" else None,
+                            cpu_share=run_plan.host_cpu_share)

@@ -32,7 +32,7 @@ class Candidate:
     tp: int
     chunk: int
     tile_tokens: int
-    decode_mode: str  # "resident", "prefetch" or "cpu"
+    decode_mode: str  # "resident", "prefetch", "cpu" or "split"
     gpu_layers: int  # how many layers' KV stay on the device(s)
     host_layers: int
     memory: MemoryBreakdown  # one rank

@@ -42,6 +42,15 @@ Decode over a host layer, decode_mode="cpu":
   layer, since layer i + 1 needs layer i's output; only the GPU prefix part runs concurrently.
   No staging slot is read in this mode (slots are still used by prefill).
 
+Decode over a host layer, decode_mode="split" (both ways out of host memory at once):
+  A host layer's rows are divided at a boundary: the staging slot holds [0, boundary),
+  prefetched over PCIe as in "prefetch" mode, and the CPU attends [boundary, len) in host memory
+  as in "cpu" mode; the two parts are merged with LSE. The boundary leaves `cpu_share` of the
+  host rows to the CPU. The next host layer's prefetch is queued before the CPU starts, so the
+  PCIe copy of one layer runs while the CPU reads another: on a 16-core H200 host the two
+  together read 87 GB/s (copies 52, CPU 44) against 55 and 50 alone
+  (benchmarks/offload.py), so the layer's host bytes take about 0.6 of either mode's time.
+
 gpu_prefix_tokens > 0 keeps a host layer's first positions on the GPU: they are copied
 device-to-device into a slot (never over PCIe) when staging, and are the GPU's concurrent share
 in "cpu" mode. fp8 GPU rows are dequantized FP8_TILE rows at a time and the tiles merged by
@@ -61,7 +70,7 @@ from facli.offload.memory_model import FP8_PREFILL_TILE_ROWS
 from facli.offload.plan import READS_FP8_FROM
 from facli.offload.streams import CopyQueues, host_empty
 
-DECODE_MODES = ("prefetch", "cpu")
+DECODE_MODES = ("prefetch", "cpu", "split")
 KV_DTYPES = (None, "fp8")
 RAW_ROWS = 8192
 FP8_TILE = FP8_PREFILL_TILE_ROWS
@@ -71,18 +80,21 @@ class OffloadedKVStore:
     """KV cache with GPU layers and host layers; see the module docstring for the data flow.
 
     host_layers: layers whose positions from `gpu_prefix_tokens` on live in host memory.
-    decode_mode: "prefetch" (stream host KV to the GPU) or "cpu" (attend on the host CPU);
-        an attribute that may be changed between steps.
+    decode_mode: "prefetch" (stream host KV to the GPU), "cpu" (attend on the host CPU) or
+        "split" (each host layer's rows, part streamed and part attended on the CPU); an
+        attribute that may be changed between steps, as may cpu_share.
+    cpu_share: in "split" mode, the share of each host layer's host rows the CPU attends.
     kv_dtype: None (store in `dtype`) or "fp8" (e4m3 with per-token-per-head scales).
     """
 
     def __init__(self, num_layers: int, batch: int, capacity: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device, host_layers: frozenset = frozenset(),
                  decode_mode: str = "prefetch", kv_dtype: str | None = None,
-                 gpu_prefix_tokens: int = 0):
-        _validate(num_layers, host_layers, decode_mode, kv_dtype, gpu_prefix_tokens)
+                 gpu_prefix_tokens: int = 0, cpu_share: float = 0.5):
+        _validate(num_layers, host_layers, decode_mode, kv_dtype, gpu_prefix_tokens, cpu_share)
         self.capacity, self.dtype, self.device = capacity, dtype, torch.device(device)
         self.decode_mode, self.fp8 = decode_mode, kv_dtype == "fp8"
+        self.cpu_share = cpu_share
         self.host_layers = frozenset(host_layers)
         self.queues = CopyQueues(self.device)
         self._pin = self.queues.cuda
@@ -172,6 +184,8 @@ class OffloadedKVStore:
             out = self._attend_on_device(layer, q, chunk, start, stop)
         elif q.shape[1] == 1 and self.decode_mode == "cpu":
             out = self._attend_on_cpu(layer, q, chunk, start, stop)
+        elif q.shape[1] == 1 and self.decode_mode == "split":
+            out = self._attend_split(layer, q, chunk, start, stop)
         else:
             out = self._attend_staged(layer, q, chunk, start, stop)
         return out
@@ -312,21 +326,56 @@ class OffloadedKVStore:
                 event = queues.mark(queues.writeback)
         self._wrote(layer, start, stop, event)
 
-    def _prefetch_after(self, layer, used: Slot) -> None:
-        """Start loading the next host layer (wrapping to the next step) into the other slot."""
+    def _prefetch_after(self, layer, used: Slot, rows=None) -> None:
+        """Start loading the next host layer (wrapping to the next step) into the other slot:
+        rows(next layer) of it, by default every written row."""
         later = [j for j in self._staged if j > layer] or self._staged
         nxt = later[0]
-        if any(s.holds(nxt, self._written[nxt]) for s in self._slots):
+        upto = self._written[nxt] if rows is None else rows(nxt)
+        if any(s.holds(nxt, upto) for s in self._slots):
             return
         free = [s for s in self._slots if s is not used]
         if not free:
             return
         target = next((s for s in free if s.layer == nxt), free[0])
-        self._load(target, nxt, self._written[nxt])
+        self._load(target, nxt, upto)
 
-    # -- cooperative path: decode in "cpu" mode --------------------------------------------------
+    # -- cooperative paths: decode in "cpu" and "split" modes ------------------------------------
 
     def _attend_on_cpu(self, layer, q, chunk, start, stop):
+        split = self._split[layer]
+
+        def gpu_part():
+            return self._part_attention(q, self._dev[layer], split) if split > 0 else None
+
+        return self._cpu_suffix(layer, q, chunk, start, stop, split, gpu_part)
+
+    def _attend_split(self, layer, q, chunk, start, stop):
+        slot = self._stage(layer, self._pcie_rows(layer))
+        boundary = slot.length  # at least the PCIe share: a slot may hold more, never past start
+
+        def gpu_part():
+            part = None
+            if boundary > 0:
+                self._prefix_lens.fill_(boundary)
+                part = decode_attention(q, slot.keys[:, :boundary], slot.values[:, :boundary],
+                                        self._prefix_lens, return_lse=True)
+            slot.free = [self.queues.mark()]
+            # Queued before the CPU starts: the next layer's rows cross PCIe while it works.
+            self._prefetch_after(layer, slot, rows=self._pcie_rows)
+            return part
+
+        return self._cpu_suffix(layer, q, chunk, start, stop, boundary, gpu_part)
+
+    def _pcie_rows(self, layer) -> int:
+        """Rows [0, n) of a host layer that "split" decode reads from a staging slot."""
+        split, written = self._split[layer], self._written[layer]
+        return split + int((written - split) * (1 - self.cpu_share))
+
+    def _cpu_suffix(self, layer, q, chunk, start, stop, first, gpu_part):
+        """Store the decode token's K/V in host memory and attend: the CPU over positions
+        first..stop (host rows), merged with gpu_part(), which queues the GPU's (out, lse) over
+        positions before `first` (or returns None) while the CPU works."""
         split, queues = self._split[layer], self.queues
         host = self._host[layer]
         # The CPU reads every host row below: earlier write-backs must have landed too.
@@ -336,26 +385,25 @@ class OffloadedKVStore:
         q_host = _pinned_copy(q, self._pin)
         copied = queues.mark()
         self._wrote(layer, start, stop, copied)
-        gpu_part = None
-        if split > 0:  # queued now, runs on the GPU while the CPU works below
-            gpu_part = self._part_attention(q, self._dev[layer], split)
+        gpu = gpu_part()
         queues.host_wait(copied)
-        scales = (host.k_scales, host.v_scales)
-        out, lse = cpu_suffix_attention(q_host, host.k, host.v, stop, first_position=split,
-                                        k_scales=scales[0], v_scales=scales[1],
-                                        workspace=self._cpu_tiles)
+        rows = slice(first - split, None)
+        scales = [s[:, rows] if s is not None else None for s in (host.k_scales, host.v_scales)]
+        out, lse = cpu_suffix_attention(q_host, host.k[:, rows], host.v[:, rows], stop,
+                                        first_position=first, k_scales=scales[0],
+                                        v_scales=scales[1], workspace=self._cpu_tiles)
         out = _pinned_copy(out, self._pin).to(self.device, non_blocking=True)
-        if gpu_part is None:
+        if gpu is None:
             return out.to(q.dtype)
         lse = _pinned_copy(lse, self._pin).to(self.device, non_blocking=True)
-        return merge_attention(gpu_part[0], gpu_part[1], out, lse)[0].to(q.dtype)
+        return merge_attention(gpu[0], gpu[1], out, lse)[0].to(q.dtype)
 
 
 def _reads_fp8(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= READS_FP8_FROM
 
 
-def _validate(num_layers, host_layers, decode_mode, kv_dtype, gpu_prefix_tokens):
+def _validate(num_layers, host_layers, decode_mode, kv_dtype, gpu_prefix_tokens, cpu_share):
     if decode_mode not in DECODE_MODES:
         raise FacliError(f"expected decode_mode one of {', '.join(DECODE_MODES)}, "
                          f"got {decode_mode!r}")
@@ -366,6 +414,8 @@ def _validate(num_layers, host_layers, decode_mode, kv_dtype, gpu_prefix_tokens)
         raise FacliError(f"expected host layers in 0..{num_layers - 1}, got {outside}")
     if gpu_prefix_tokens < 0:
         raise FacliError(f"expected gpu_prefix_tokens >= 0, got {gpu_prefix_tokens}")
+    if not 0.0 <= cpu_share <= 1.0:
+        raise FacliError(f"expected cpu_share between 0 and 1, got {cpu_share}")
 
 
 def _pinned_copy(tensor: torch.Tensor, pin: bool) -> torch.Tensor:

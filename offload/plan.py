@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, fields
 from facli.units import format_bytes, format_ctx
 
 SCHEMA_VERSION = 1
-DECODE_MODES = ("resident", "prefetch", "cpu")
+DECODE_MODES = ("resident", "prefetch", "cpu", "split")
 # The decode kernel reads an fp8 cache directly from compute capability 8.9 (Ada, Hopper) on: its
 # float16 path converts e4m3 with the hardware's cvt.rn.f16x2.e4m3x2 (sm89+); only Hopper is
 # measured. Older GPUs attend over dequantized tiles.
@@ -94,10 +94,11 @@ class Plan:
     host: HostPlan
     prefill_chunk: int
     allreduce_tile_tokens: int  # tokens per tiling-AllReduce tile (= chunk with one rank)
-    decode_mode: str  # "resident" (no host layers), "prefetch" or "cpu"
+    decode_mode: str  # "resident" (no host layers), "prefetch", "cpu" or "split"
     timing: Timing
     fits: bool
     explanation: tuple[str, ...]
+    host_cpu_share: float = 0.0  # "split" decode: share of each host layer's rows the CPU attends
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self):
@@ -135,7 +136,7 @@ class Plan:
                         for d in raw["devices"])
         host = HostPlan(**{**raw["host"], "layers": tuple(raw["host"]["layers"])})
         timing = Timing(**{**raw["timing"], "terms": tuple(raw["timing"]["terms"].items())})
-        values = {f.name: raw[f.name] for f in fields(cls)}
+        values = {f.name: raw[f.name] for f in fields(cls) if f.name in raw}
         values.update(devices=devices, host=host, timing=timing,
                       gpu_layers=tuple(raw["gpu_layers"]),
                       explanation=tuple(raw["explanation"]))

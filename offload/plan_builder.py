@@ -50,7 +50,7 @@ def _timing(best: Candidate, batch: int) -> Timing:
     times = best.times
     step = times["decode_step_s"]
     terms = tuple((k, float(v)) for k, v in sorted(times.items())
-                  if k not in ("prefill_s", "decode_step_s"))
+                  if k not in ("prefill_s", "decode_step_s", "decode_host_cpu_share"))
     return Timing(prefill_s=times["prefill_s"], ttft_s=times["prefill_s"], decode_step_s=step,
                   decode_tokens_per_s=batch / step if step > 0 else 0.0,
                   new_tokens=best.new_tokens, total_s=best.total_s, terms=terms)
@@ -73,16 +73,20 @@ def _kv_reason(model: ModelConfig, best: Candidate, hardware: HardwareSpec) -> s
 def _mode_reason(best: Candidate, found: list[Candidate], hardware: HardwareSpec) -> str | None:
     if not best.host_layers:
         return None
-    twins = {c.decode_mode: c for c in found
-             if c.tp == best.tp and c.chunk == best.chunk and c.host_layers}
-    other = twins.get("cpu" if best.decode_mode == "prefetch" else "prefetch")
+    others = [c for c in found if c.tp == best.tp and c.chunk == best.chunk and c.host_layers
+              and c.decode_mode != best.decode_mode]
     text = (f"decode mode {best.decode_mode}: step {best.times['decode_step_s'] * 1e3:.1f} ms "
             f"(host KV {best.times['decode_host_kv_s'] * 1e3:.1f} ms against "
             f"{best.times['decode_device_s'] * 1e3:.1f} ms on the GPU)")
-    if other is not None:
-        text += (f"; {other.decode_mode} would take {other.times['decode_step_s'] * 1e3:.1f} ms "
-                 f"(PCIe {hardware.host_device_gbps:g} GB/s per GPU, CPU attention "
-                 f"{hardware.cpu_attention_gbps:g} GB/s)")
+    share = best.times.get("decode_host_cpu_share", 0.0)
+    if best.decode_mode == "split":
+        text += f", the CPU attending {share:.0%} of each host layer's rows"
+    if others:
+        text += "; " + ", ".join(f"{c.decode_mode} would take {c.times['decode_step_s'] * 1e3:.1f} ms"
+                                 for c in others)
+        text += (f" (PCIe {hardware.host_device_gbps:g} GB/s per GPU, CPU attention "
+                 f"{hardware.cpu_attention_gbps:g} GB/s, host memory "
+                 f"{hardware.cpu_memory_gbps:g} GB/s)")
     return text
 
 
@@ -168,6 +172,7 @@ def build_plan(model: ModelConfig, hardware: HardwareSpec, ctx: int, batch: int,
         prefill_chunk=best.chunk,
         allreduce_tile_tokens=best.tile_tokens,
         decode_mode=best.decode_mode,
+        host_cpu_share=best.times.get("decode_host_cpu_share", 0.0),
         timing=_timing(best, batch),
         fits=best.fits,
         explanation=_explanation(model, hardware, ctx, best, found, notes, kv_dtype == "fp8"),

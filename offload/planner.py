@@ -2,7 +2,7 @@
 
 It searches the tensor-parallel degree, the prefill chunk and the KV split between GPU and
 pinned host memory (for each TP degree and chunk, as many layers on the GPU as fit: host
-layers only ever cost time), and both decode modes for host layers. Candidates are ranked
+layers only ever cost time), and every decode mode for host layers. Candidates are ranked
 by predicted prefill time plus `new_tokens` decode steps.
 """
 
@@ -24,7 +24,7 @@ from facli.offload.plan_builder import build_plan
 from facli.units import format_bytes, format_ctx
 
 CHUNK_CHOICES = (256, 512, 1024, 2048, 4096, 8192, 16384)
-DECODE_MODE_CHOICES = ("auto", "prefetch", "cpu")
+DECODE_MODE_CHOICES = ("auto", "prefetch", "cpu", "split")
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class PlanOptions:
     weight_dtype: str = "auto"  # auto: the checkpoint's (fp32 checkpoints run bf16 on GPUs)
     devices: int | None = None  # TP degree; None searches 1..GPU count
     prefill_chunk: int | None = None
-    decode_mode: str = "auto"  # for host-resident layers: auto, prefetch or cpu
+    decode_mode: str = "auto"  # for host-resident layers: auto, prefetch, cpu or split
     allreduce_tile_tokens: int | None = None
     safety_margin: str | int | None = None  # None: the hardware spec's; "5%", "2GiB", bytes
     new_tokens: int = 256  # decode steps weighed against prefill when ranking
@@ -64,7 +64,7 @@ def _chunk_choices(ctx: int, options: PlanOptions) -> list[int]:
 
 
 def _mode_choices(options: PlanOptions) -> tuple[str, ...]:
-    return ("prefetch", "cpu") if options.decode_mode == "auto" else (options.decode_mode,)
+    return DECODE_MODE_CHOICES[1:] if options.decode_mode == "auto" else (options.decode_mode,)
 
 
 def _check_inputs(model: ModelConfig, ctx: int, batch: int) -> None:

@@ -89,7 +89,7 @@ class Layout:
     chunk: int
     tile_tokens: int
     host_layers: int
-    decode_mode: str  # "resident", "prefetch" or "cpu"
+    decode_mode: str  # "resident", "prefetch", "cpu" or "split"
     weight_dtype_bytes: int
     kv_dtype_bytes: int
     on_cpu: bool = False  # a CPU-only plan: everything in host memory, computed by the CPU
@@ -181,22 +181,59 @@ def prefill_breakdown(hw: HardwareSpec, layout: Layout) -> dict[str, float]:
     }
 
 
-def decode_breakdown(hw: HardwareSpec, layout: Layout) -> dict[str, float]:
-    """Seconds of one decode step with `ctx` positions cached, and its terms."""
+def _device_decode_seconds(hw: HardwareSpec, layout: Layout, staged_layers: float) -> float:
+    """The GPU's share of a decode step: weights, GPU-resident KV and `staged_layers` layers
+    read from staging slots (model dtype), plus per-layer overhead."""
     c, t, b = layout.config, layout.tp, layout.batch
     _, mem_rate = _rates(hw, layout)
     layers = c.num_hidden_layers
     layer_kv = kv_layer_bytes(c, layout.ctx, b, layout.kv_dtype_bytes, t)
     weights = weight_bytes(c, layout.weight_dtype_bytes, t)
-    # Host layers in prefetch mode are read from their staging slot (model dtype) on the GPU.
-    staged = layout.host_layers if layout.decode_mode == "prefetch" else 0
     slot_kv = kv_layer_bytes(c, layout.ctx, b, layout.weight_dtype_bytes, t)
     # GPU-resident fp8 rows go through the decode kernel's e4m3 path, at its own rate.
     gpu_kv = (layers - layout.host_layers) * layer_kv
     if layout.kv_dtype_bytes == 1:
         gpu_kv /= FP8_DECODE_READ_SHARE
-    device = (weights + gpu_kv + staged * slot_kv) / (mem_rate * DECODE_READ_RATE)
-    device += layers * DECODE_LAYER_OVERHEAD_S
+    device = (weights + gpu_kv + staged_layers * slot_kv) / (mem_rate * DECODE_READ_RATE)
+    return device + layers * DECODE_LAYER_OVERHEAD_S
+
+
+def _concurrent_host_rates(hw: HardwareSpec, tp: int) -> tuple[float, float]:
+    """(PCIe bytes/s per GPU, CPU attention bytes/s) while both read host memory at once: their
+    sum is capped by the host's memory bandwidth (measured on a 16-core H200 host: 52 and 44
+    GB/s together against 55 and 50 alone, benchmarks/offload.py)."""
+    pcie, cpu = hw.host_device_gbps * 1e9, hw.cpu_attention_gbps * 1e9
+    scale = min(1.0, hw.cpu_memory_gbps * 1e9 / (pcie * tp + cpu))
+    return pcie * scale, cpu * scale
+
+
+def split_cpu_share(hw: HardwareSpec, layout: Layout) -> float:
+    """Share of each host layer's rows that "split" decode leaves to the CPU. Per host layer, the
+    GPU waits for the CPU's part, and the next host layer's PCIe part streams meanwhile (beside
+    that wait and the GPU layers in between): the share makes the two equally long."""
+    if layout.decode_mode != "split" or layout.host_layers <= STAGING_SLOTS:
+        return 0.0  # slots keep up to STAGING_SLOTS layers: only new rows would cross PCIe
+    layer_kv = kv_layer_bytes(layout.config, layout.ctx, layout.batch, layout.kv_dtype_bytes,
+                              layout.tp)
+    pcie, cpu = _concurrent_host_rates(hw, layout.tp)
+    by_pcie, by_cpu = layer_kv / pcie, layer_kv * layout.tp / cpu  # one layer, all of it
+    without_slots = _device_decode_seconds(hw, layout, 0)
+    from_slot = _device_decode_seconds(hw, layout, 1) - without_slots  # one layer, all of it
+    between = without_slots / layout.host_layers + CPU_ATTENTION_SYNC_S
+    # between + (1 - share) * from_slot + share * by_cpu == (1 - share) * by_pcie
+    share = (by_pcie - from_slot - between) / (by_pcie - from_slot + by_cpu)
+    return min(1.0, max(0.0, share))
+
+
+def decode_breakdown(hw: HardwareSpec, layout: Layout) -> dict[str, float]:
+    """Seconds of one decode step with `ctx` positions cached, and its terms."""
+    c, t, b = layout.config, layout.tp, layout.batch
+    layers = c.num_hidden_layers
+    layer_kv = kv_layer_bytes(c, layout.ctx, b, layout.kv_dtype_bytes, t)
+    cpu_share = split_cpu_share(hw, layout)
+    # Host layers in prefetch (split) mode are read (in part) from their staging slot.
+    staged = {"prefetch": 1.0, "split": 1.0 - cpu_share}.get(layout.decode_mode, 0.0)
+    device = _device_decode_seconds(hw, layout, staged * layout.host_layers)
     comm = 0.0
     if t > 1 and not layout.on_cpu:
         one = np.array([b * c.hidden_size * layout.weight_dtype_bytes], dtype=np.float64)
@@ -213,6 +250,13 @@ def decode_breakdown(hw: HardwareSpec, layout: Layout) -> dict[str, float]:
         host = host_total / (hw.cpu_attention_gbps * 1e9)
         host += layout.host_layers * CPU_ATTENTION_SYNC_S
         step = device + host + comm
+    elif layout.decode_mode == "split" and layout.host_layers:
+        # The GPU waits for the CPU's parts; the PCIe parts stream beside them and the GPU work.
+        pcie_rate, cpu_rate = _concurrent_host_rates(hw, t)
+        by_cpu = cpu_share * host_total / cpu_rate + layout.host_layers * CPU_ATTENTION_SYNC_S
+        by_pcie = (1 - cpu_share) * host_rank / pcie_rate if cpu_share else 0.0
+        host = max(by_cpu, by_pcie)
+        step = max(device + by_cpu, by_pcie) + comm
     else:
         step = device + comm
     if not layout.on_cpu and decodes_eagerly(layout.decode_mode, layout.kv_dtype_bytes == 1,
@@ -223,6 +267,7 @@ def decode_breakdown(hw: HardwareSpec, layout: Layout) -> dict[str, float]:
         "decode_device_s": device,
         "decode_host_kv_s": host,
         "decode_comm_s": comm,
+        "decode_host_cpu_share": cpu_share,
     }
 
 

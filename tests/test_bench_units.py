@@ -45,6 +45,8 @@ def test_parse_depths_and_request_validation():
         BenchRequest(depths=(1024,), model="x", synthetic="llama-7b")
     with pytest.raises(FacliError, match="--baseline one of transformers, none"):
         BenchRequest(depths=(1024,), baseline="vllm")
+    with pytest.raises(FacliError, match="--decode-mode one of auto, prefetch, cpu, split"):
+        BenchRequest(depths=(1024,), decode_mode="disk")
     with pytest.raises(FacliError, match=r"every --depth >= 73"):
         BenchRequest(depths=(72, 1024), decode_tokens=64)
 

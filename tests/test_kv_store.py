@@ -81,10 +81,11 @@ def test_device_cache_matches_sdpa():
         torch.testing.assert_close(got[layer], want, rtol=1e-5, atol=1e-5)
 
 
+MODES = ["prefetch", "cpu", "split"]
 HOST_SETS = {"none": (), "one": (2,), "two": (0, 3), "three": (0, 1, 3), "all": (0, 1, 2, 3)}
 
 
-@pytest.mark.parametrize("mode", ["prefetch", "cpu"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("host", list(HOST_SETS), ids=[f"host-{name}" for name in HOST_SETS])
 @pytest.mark.parametrize("prefix", [0, 5, 30], ids=lambda p: f"gpu-prefix-{p}")
 def test_same_attention_as_device_cache(mode, host, prefix):
@@ -94,7 +95,38 @@ def test_same_attention_as_device_cache(mode, host, prefix):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["prefetch", "cpu"])
+@pytest.mark.parametrize("share", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("host", ["one", "three", "all"])
+def test_split_decode_at_any_cpu_share(host, share):
+    steps = _steps()
+    want = _run(_device_cache(), steps)
+    store = _offloaded(HOST_SETS[host], "split", gpu_prefix_tokens=5, cpu_share=share)
+    torch.testing.assert_close(_run(store, steps), want, rtol=1e-5, atol=1e-5)
+
+
+def test_split_decode_streams_only_its_share():
+    """With three host layers (more than the two slots) every decode step restages each host
+    layer: "prefetch" moves all its rows over PCIe, "split" only the rows left to the GPU."""
+    steps = _steps()
+    prompt, decode = steps[:len(CHUNKS)], steps[len(CHUNKS):]
+    moved = {}
+    for mode, share in (("prefetch", 0.0), ("split", 0.25), ("split", 1.0)):
+        store = _offloaded((0, 1, 3), mode, cpu_share=share)
+        _run(store, prompt)
+        before = store.h2d_bytes
+        _run(store, decode)
+        moved[(mode, share)] = store.h2d_bytes - before
+    row = 2 * BATCH * KV_HEADS * HEAD_DIM * 4
+    written = [sum(CHUNKS) + i for i in range(DECODE_STEPS)]
+    # prefetch: the first step finds layer 0 prefetched after the prompt, then every layer
+    # reloads its written rows at each step.
+    assert moved[("prefetch", 0.0)] == row * (sum(3 * n for n in written) - written[0]
+                                               + written[-1] + 1)
+    assert moved[("split", 1.0)] < moved[("split", 0.25)] < moved[("prefetch", 0.0)]
+    assert moved[("split", 0.25)] <= 0.8 * moved[("prefetch", 0.0)]
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_reset_then_rerun(mode):
     store = _offloaded((1, 2, 3), mode)
     _run(store, _steps())
@@ -114,7 +146,7 @@ def test_rewind_overwrites_positions():
     torch.testing.assert_close(_run(store, again), _run(reference, again), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["prefetch", "cpu"])
+@pytest.mark.parametrize("mode", MODES)
 def test_write_then_decode(mode):
     """Positions stored with `write` (no attention) serve later decode steps."""
     steps = _steps()
@@ -128,7 +160,7 @@ def test_write_then_decode(mode):
     torch.testing.assert_close(_run(store, decode), _run(reference, decode), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["prefetch", "cpu"])
+@pytest.mark.parametrize("mode", MODES)
 def test_restart_at_zero_without_reset(mode):
     """A new prompt written from position 0 over an old one (no reset) must not see the old
     layers' staged rows."""
@@ -173,8 +205,10 @@ def test_bytes_split_between_gpu_and_host():
 
 
 def test_rejects_bad_arguments():
-    with pytest.raises(FacliError, match="prefetch, cpu"):
+    with pytest.raises(FacliError, match="prefetch, cpu, split"):
         _offloaded((), "gpu")
+    with pytest.raises(FacliError, match="cpu_share between 0 and 1"):
+        _offloaded((1,), "split", cpu_share=1.5)
     with pytest.raises(FacliError, match="fp8"):
         _offloaded((), "cpu", kv_dtype="int8")
     with pytest.raises(FacliError, match=r"0\.\.3"):
@@ -188,7 +222,7 @@ def test_rejects_bad_arguments():
 
 
 @requires_cuda
-@pytest.mark.parametrize("mode", ["prefetch", "cpu"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("kv_dtype", [None, "fp8"])
 def test_cuda_streams_and_pinned_memory(mode, kv_dtype):
     steps = _steps(torch.bfloat16, "cuda")

@@ -42,7 +42,7 @@ def test_zero_vectors_stay_zero():
     assert torch.all(dequantize(values, scales, torch.float32) == 0)
 
 
-@pytest.mark.parametrize("mode", ["prefetch", "cpu"])
+@pytest.mark.parametrize("mode", ["prefetch", "cpu", "split"])
 def test_fp8_attention_error_against_float32(mode):
     """Bound 5e-2 on the relative (Frobenius) error of the attention output: e4m3 rounds each
     element to within 2^-4, about 2^-4 / sqrt(3) = 3.6% RMS, and the output is a softmax average of
@@ -57,7 +57,7 @@ def test_fp8_attention_error_against_float32(mode):
     assert bf16 < error < 5e-2
 
 
-@pytest.mark.parametrize("mode", ["prefetch", "cpu"])
+@pytest.mark.parametrize("mode", ["prefetch", "cpu", "split"])
 @pytest.mark.parametrize("host", [(0,), (1, 2), (0, 1, 2, 3)], ids=["one", "two", "all"])
 def test_fp8_same_wherever_layers_live(mode, host):
     steps = _steps()
@@ -66,7 +66,7 @@ def test_fp8_same_wherever_layers_live(mode, host):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["prefetch", "cpu"])
+@pytest.mark.parametrize("mode", ["prefetch", "cpu", "split"])
 def test_fp8_small_tiles_and_ring(monkeypatch, mode):
     """GPU fp8 rows attended in 8-row tiles merged by LSE, host fp8 rows staged through a
     5-row ring: the same results as one tile and one ring pass."""

@@ -54,7 +54,7 @@ def expected(model):
     return [(p, _generate(model, DeviceKVCache(*_shape(model)), p)) for p in prompts]
 
 
-@pytest.mark.parametrize("mode", ["prefetch", "cpu"])
+@pytest.mark.parametrize("mode", ["prefetch", "cpu", "split"])
 @pytest.mark.parametrize("host", [(3,), (0, 2), (0, 1, 2, 3)], ids=["one", "two", "all"])
 def test_same_greedy_tokens_as_all_gpu(model, expected, mode, host):
     store = OffloadedKVStore(*_shape(model), host_layers=frozenset(host), decode_mode=mode)
@@ -63,7 +63,7 @@ def test_same_greedy_tokens_as_all_gpu(model, expected, mode, host):
         assert _generate(model, store, prompt) == want
 
 
-@pytest.mark.parametrize("mode", ["prefetch", "cpu"])
+@pytest.mark.parametrize("mode", ["prefetch", "cpu", "split"])
 def test_fp8_logits_close_to_float32(model, mode):
     """fp8 KV is lossy, so greedy tokens may part ways where two candidates are close; the
     logits after a chunked prefill plus decode steps stay within 3e-2 relative (measured about

@@ -9,7 +9,13 @@ from facli.kv_cache import DeviceKVCache
 from facli.offload.hardware import GpuSpec, HardwareSpec, load_hardware
 from facli.offload.memory_model import workspace_bytes
 from facli.offload.planner import PlanOptions, candidates, largest_fitting_ctx, plan
-from facli.offload.time_model import EAGER_STORE_LAYER_HOST_S
+from facli.offload.time_model import (
+    CPU_ATTENTION_SYNC_S,
+    EAGER_STORE_LAYER_HOST_S,
+    Layout,
+    decode_breakdown,
+    split_cpu_share,
+)
 from facli.recipe_loader import load_model_recipe
 from facli.units import GIB, parse_ctx
 
@@ -113,8 +119,46 @@ def test_offloads_layers_when_kv_outgrows_the_gpu():
     assert device.kv_bytes == len(result.gpu_layers) * layer
     assert device.kv_staging_bytes == 2 * layer
     assert result.host.kv_bytes == len(result.host.layers) * layer
-    assert result.decode_mode in ("prefetch", "cpu")
-    assert any("decode mode" in line for line in result.explanation)
+    # Four host layers, more than the two staging slots: each decode step reads all of them.
+    # Split decode streams part of each over PCIe while the CPU attends the rest.
+    assert result.decode_mode == "split" and 0.3 < result.host_cpu_share < 0.6
+    assert any("decode mode split" in line and "prefetch would take" in line
+               for line in result.explanation)
+    for mode in ("prefetch", "cpu"):
+        fixed = plan(model("llama-7b"), load_hardware("1xH200-141GB"), 256 * 1024, 1,
+                     options(decode_mode=mode))
+        assert fixed.decode_mode == mode and fixed.host_cpu_share == 0.0
+        assert fixed.timing.decode_step_s > 1.4 * result.timing.decode_step_s
+
+
+def _layout(hardware, ctx, host_layers, mode):
+    return Layout(model("llama-7b"), ctx, 1, 1, 16384, 16384, host_layers, mode, 2, 2)
+
+
+@pytest.mark.parametrize("host_layers", [3, 4, 8])
+def test_split_share_balances_the_cpu_against_pcie(host_layers):
+    """Per host layer, the GPU work in between plus the CPU's part (which the GPU waits for)
+    lasts as long as the next layer's PCIe part (which streams meanwhile)."""
+    hardware = load_hardware("1xH200-141GB")
+    layout = _layout(hardware, 256 * 1024, host_layers, "split")
+    share = split_cpu_share(hardware, layout)
+    times = decode_breakdown(hardware, layout)
+    layer = 2 * 256 * 1024 * 32 * 128 * 2
+    pcie, cpu = (rate * 1e9 * 88 / (55 + 54) for rate in (55, 54))  # capped by host memory
+    device = times["decode_device_s"]  # with (1 - share) of each host layer read from a slot
+    by_cpu = share * layer / cpu + CPU_ATTENTION_SYNC_S
+    assert device / host_layers + by_cpu == pytest.approx((1 - share) * layer / pcie, rel=1e-6)
+    assert times["decode_step_s"] == pytest.approx(host_layers * (1 - share) * layer / pcie)
+    for mode in ("prefetch", "cpu"):
+        other = decode_breakdown(hardware, _layout(hardware, 256 * 1024, host_layers, mode))
+        assert times["decode_step_s"] < 0.7 * other["decode_step_s"]
+
+
+def test_split_leaves_the_cpu_nothing_where_the_slots_keep_their_layers():
+    hardware = load_hardware("1xH200-141GB")
+    layout = _layout(hardware, 256 * 1024, 2, "split")
+    assert split_cpu_share(hardware, layout) == 0.0
+    assert split_cpu_share(hardware, _layout(hardware, 256 * 1024, 4, "prefetch")) == 0.0
 
 
 def test_fp8_kv_keeps_everything_on_one_h200():

@@ -13,7 +13,7 @@ TOP = {"schema_version": int, "model": str, "hardware": str, "ctx": int, "batch"
        "weight_dtype": str, "kv_dtype": str, "tp": int, "device_kind": str, "devices": list,
        "gpu_layers": list, "host_layers": list, "host": dict, "prefill_chunk": int,
        "allreduce_tile_tokens": int, "decode_mode": str, "timing": dict, "fits": bool,
-       "explanation": list, "peak_bytes": int}
+       "explanation": list, "host_cpu_share": float, "peak_bytes": int}
 DEVICE = {"index": int, "kind": str, "name": str, "capacity_bytes": int, "reserved_bytes": int,
           "margin_bytes": int, "budget_bytes": int, "weights_bytes": int, "kv_bytes": int,
           "kv_staging_bytes": int, "activation_bytes": int, "comm_bytes": int,
@@ -52,7 +52,9 @@ def test_schema(name, hardware, ctx):
     _check(raw["host"], HOST)
     _check(raw["timing"], TIMING)
     assert set(raw["timing"]["terms"]) == TERMS
-    assert raw["decode_mode"] in ("resident", "prefetch", "cpu")
+    assert raw["decode_mode"] in ("resident", "prefetch", "cpu", "split")
+    assert 0.0 <= raw["host_cpu_share"] <= 1.0
+    assert (raw["host_cpu_share"] > 0) == (raw["decode_mode"] == "split")
     assert raw["host_layers"] == raw["host"]["layers"]
     assert all(isinstance(line, str) for line in raw["explanation"])
 

@@ -50,7 +50,7 @@ def generate(
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
     devices: Annotated[int, typer.Option(help="Tensor-parallel ranks (GPUs, or gloo ranks with --device cpu).")] = 1,
     prefill_chunk: Annotated[Optional[int], typer.Option(help="Prompt tokens per prefill step (default: from the plan).")] = None,
-    decode_mode: Annotated[str, typer.Option(help="For host-resident KV: auto, prefetch or cpu.")] = "auto",
+    decode_mode: Annotated[str, typer.Option(help="For host-resident KV: auto, prefetch, cpu or split.")] = "auto",
     allow_ctx_extension: Annotated[bool, typer.Option(help="Allow --ctx beyond the model's max_position_embeddings.")] = False,
     force: Annotated[bool, typer.Option(help="Run even when the plan says it will not fit.")] = False,
     eager: Annotated[bool, typer.Option(help="Run decode steps eagerly instead of replaying CUDA graphs.")] = False,

@@ -26,8 +26,8 @@ def command(
     prefill_chunk: Annotated[int | None, typer.Option(
         help="Prefill chunk in tokens; left out, the planner picks.")] = None,
     decode_mode: Annotated[str, typer.Option(
-        help="Decode of host-resident KV: auto, prefetch (stream to GPU) or cpu (attend on "
-             "the CPU).")] = "auto",
+        help="Decode of host-resident KV: auto, prefetch (stream to GPU), cpu (attend on "
+             "the CPU) or split (both at once, each on part of every host layer).")] = "auto",
     margin: Annotated[str | None, typer.Option(
         help="Memory kept free on each GPU: 2GiB, 512MiB or 5% (default 3%).")] = None,
     json: Annotated[bool, typer.Option(
