@@ -48,7 +48,7 @@ Decode over a host layer, decode_mode="split" (both ways out of host memory at o
   as in "cpu" mode; the two parts are merged with LSE. The boundary leaves `cpu_share` of the
   host rows to the CPU. The next host layer's prefetch is queued before the CPU starts, so the
   PCIe copy of one layer runs while the CPU reads another: on a 16-core H200 host the two
-  together read 87 GB/s (copies 52, CPU 44) against 55 and 50 alone
+  read 96 GB/s while both run (copies 52, CPU 44) against 55 and 50 alone
   (benchmarks/offload.py), so the layer's host bytes take about 0.6 of either mode's time.
 
 gpu_prefix_tokens > 0 keeps a host layer's first positions on the GPU: they are copied

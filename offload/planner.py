@@ -6,7 +6,7 @@ layers only ever cost time), and every decode mode for host layers. Candidates a
 by predicted prefill time plus `new_tokens` decode steps.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from facli.config import ModelConfig
 from facli.errors import FacliError, OutOfMemoryPlanError
@@ -123,7 +123,29 @@ def plan(model: ModelConfig, hardware: HardwareSpec, ctx: int, batch: int = 1,
     else:
         raise OutOfMemoryPlanError(_no_fit_message(model, hardware, ctx, batch, options, found))
     _, _, notes = resolve_dtypes(model, hardware, options)
-    return build_plan(model, hardware, ctx, batch, options, best, found, notes)
+    hints = _fp8_hint(model, hardware, ctx, batch, options, best)
+    return build_plan(model, hardware, ctx, batch, options, best, found, notes + hints)
+
+
+def _fp8_hint(model: ModelConfig, hardware: HardwareSpec, ctx: int, batch: int,
+              options: PlanOptions, best: Candidate) -> tuple[str, ...]:
+    """A line naming --kv-dtype fp8 when the KV dtype was left to the planner, some KV goes to
+    host memory, and an fp8 cache would be faster. fp8 is lossy, so it is never chosen alone."""
+    if not best.host_layers or options.kv_dtype != "auto" or not best.fits:
+        return ()
+    fp8 = [c for c in candidates(model, hardware, ctx, batch, replace(options, kv_dtype="fp8"))
+           if c.fits]
+    if not fp8:
+        return ()
+    alt = min(fp8, key=lambda c: (c.total_s, c.tp, -c.chunk))
+    if alt.total_s >= best.total_s:
+        return ()
+    where = (f"all {alt.gpu_layers} layers' KV on the GPU" if not alt.host_layers
+             else f"{alt.host_layers} layers' KV on host instead of {best.host_layers}")
+    return (f"hint: --kv-dtype fp8 (e4m3 with a scale per token and head, lossy) would keep "
+            f"{where}: decode {batch / alt.times['decode_step_s']:.1f} tokens/s against "
+            f"{batch / best.times['decode_step_s']:.1f}, time to first token "
+            f"{alt.times['prefill_s']:.1f} s against {best.times['prefill_s']:.1f} s",)
 
 
 def fits_anywhere(model: ModelConfig, hardware: HardwareSpec, ctx: int, batch: int,

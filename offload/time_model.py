@@ -200,8 +200,9 @@ def _device_decode_seconds(hw: HardwareSpec, layout: Layout, staged_layers: floa
 
 def _concurrent_host_rates(hw: HardwareSpec, tp: int) -> tuple[float, float]:
     """(PCIe bytes/s per GPU, CPU attention bytes/s) while both read host memory at once: their
-    sum is capped by the host's memory bandwidth (measured on a 16-core H200 host: 52 and 44
-    GB/s together against 55 and 50 alone, benchmarks/offload.py)."""
+    sum is capped by the host's memory bandwidth, both scaled by the same factor (measured on a
+    16-core H200 host: 52 and 44 GB/s at once, 96 together, against 55 and 50 alone;
+    benchmarks/offload.py)."""
     pcie, cpu = hw.host_device_gbps * 1e9, hw.cpu_attention_gbps * 1e9
     scale = min(1.0, hw.cpu_memory_gbps * 1e9 / (pcie * tp + cpu))
     return pcie * scale, cpu * scale

@@ -106,6 +106,9 @@ def plan_and_generate(options, text: str, sampling, max_new_tokens: int, *, stre
                     force=options.force)
     if prints_here():
         print(f"facli: {plan.summary_line()}", file=sys.stderr)
+        for line in plan.explanation:
+            if line.startswith("hint: "):
+                print(f"facli: {line}", file=sys.stderr)
         if not plan.fits:
             print("facli: warning: --force: running a plan that does not fit", file=sys.stderr)
     request = GenerateRequest(options, resolved, prompt_ids, sampling, max_new_tokens, stream,
