@@ -134,7 +134,9 @@ def _gpu_from_table(table: dict, name: str | None = None) -> GpuSpec:
 
 
 def load_hardware(name: str, margin=None) -> HardwareSpec:
-    """The named hardware recipe (`recipes/hardware/<name>.toml`); unknown names list the valid."""
+    """The named hardware recipe (`recipes/hardware/<name>.toml`), matched regardless of case or
+    by a prefix that names one recipe alone (1xH200); unknown names list the valid."""
+    name = _recipe_name(name)
     raw = read_recipe("hardware", name)
     try:
         gpu = _gpu_from_table(raw["gpu"])
@@ -154,6 +156,14 @@ def load_hardware(name: str, margin=None) -> HardwareSpec:
     except KeyError as missing:
         raise FacliError(f"expected key {missing} in hardware recipe {name}, found none") from None
     return spec.with_margin(margin)
+
+
+def _recipe_name(given: str) -> str:
+    names = list_hardware_recipes()
+    folded = given.lower()
+    matches = ([n for n in names if n == given] or [n for n in names if n.lower() == folded]
+               or [n for n in names if n.lower().startswith(folded)])
+    return matches[0] if len(matches) == 1 else given
 
 
 def _recipe_matching(device_name: str, count: int) -> dict | None:

@@ -49,6 +49,16 @@ def test_unknown_hardware_lists_the_valid_names():
     assert "8xV100-32GB" in str(error.value) and "1xH200-141GB" in str(error.value)
 
 
+@pytest.mark.parametrize("given", ["1xH200", "1xh200-141gb", "1XH200-141"])
+def test_hardware_names_match_regardless_of_case_or_by_a_unique_prefix(given):
+    assert load_hardware(given).name == "1xH200-141GB"
+
+
+def test_an_ambiguous_prefix_lists_the_valid_names():
+    with pytest.raises(FacliError, match="hardware recipe name, one of .*8xH200.*got '8x'"):
+        load_hardware("8x")
+
+
 @pytest.mark.parametrize(("text", "expected"), [
     (None, int(80 * GIB * DEFAULT_MARGIN_FRACTION)),
     ("2GiB", 2 * GIB), ("512MiB", 512 * MIB), ("512m", 512 * MIB), ("1.5", int(1.5 * GIB)),
