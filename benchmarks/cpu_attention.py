@@ -2,9 +2,11 @@
 
 Usage: python benchmarks/cpu_attention.py [--keys 32768] [--heads 32] [--kv-heads 32]
        [--calls 3] [--threads N]
-One bf16 query per head over `keys` cached positions; GB/s counts K and V read once. Compares
-the path a bf16 cache takes (PyTorch's CPU flash-attention kernel reading the rows in place)
-with the float32-tile path an fp8 cache takes (tiles converted into a reused workspace).
+One bf16 query per head over `keys` cached positions; GB/s counts the cache's K and V bytes
+read once. Compares the path a bf16 cache takes (PyTorch's CPU flash-attention kernel reading
+the rows in place) with the float32-tile path, on the same bf16 cache and on an fp8 cache
+(e4m3 with a float32 scale per token and head, the scales not counted), the path an fp8 cache
+takes (tiles converted into a reused workspace).
 """
 
 import argparse
@@ -18,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import print_environment  # noqa: E402
 
 from facli.offload import cpu_attention  # noqa: E402
+from facli.offload.fp8 import FP8  # noqa: E402
 
 
 def gbps(k, v, calls: int, attend) -> float:
@@ -50,11 +53,16 @@ def main():
     flash = gbps(k, v, args.calls, lambda: cpu_attention.cpu_decode_attention(q, k, v, length))
     tiled = gbps(k, v, args.calls, lambda: cpu_attention._tiled_attention(
         q, k, v, length, 0, None, None, None, cpu_attention.KEY_TILE, workspace))
+    k8, v8 = k.to(FP8), v.to(FP8)
+    scales = torch.rand(shape[:3], generator=generator) + 0.5
+    fp8 = gbps(k8, v8, args.calls, lambda: cpu_attention.cpu_decode_attention(
+        q, k8, v8, length, k_scales=scales, v_scales=scales, workspace=workspace))
     print(f"\n{torch.get_num_threads()} threads, {args.keys} keys, {args.heads}/{args.kv_heads} "
           f"heads, D {args.head_dim}, bf16 cache")
     print(f"{'path':36}{'GB/s':>8}")
     print(f"{'flash kernel, bf16 rows in place':36}{flash:>8.2f}")
     print(f"{'float32 tiles, reused workspace':36}{tiled:>8.2f}")
+    print(f"{'fp8 cache, float32 tiles':36}{fp8:>8.2f}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from facli.offload.memory_model import (
     sums_with_copy_engines,
 )
 from facli.offload.plan import DevicePlan, HostPlan, Plan, Timing, uses_offloaded_store
+from facli.offload.time_model import CPU_FP8_ATTENTION_SHARE
 from facli.units import format_bytes, format_ctx
 
 
@@ -70,7 +71,8 @@ def _kv_reason(model: ModelConfig, best: Candidate, hardware: HardwareSpec) -> s
     )
 
 
-def _mode_reason(best: Candidate, found: list[Candidate], hardware: HardwareSpec) -> str | None:
+def _mode_reason(best: Candidate, found: list[Candidate], hardware: HardwareSpec,
+                 fp8_kv: bool) -> str | None:
     if not best.host_layers:
         return None
     others = [c for c in found if c.tp == best.tp and c.chunk == best.chunk and c.host_layers
@@ -84,8 +86,10 @@ def _mode_reason(best: Candidate, found: list[Candidate], hardware: HardwareSpec
     if others:
         text += "; " + ", ".join(f"{c.decode_mode} would take {c.times['decode_step_s'] * 1e3:.1f} ms"
                                  for c in others)
+        fp8_rows = (f", {hardware.cpu_attention_gbps * CPU_FP8_ATTENTION_SHARE:.1f} over fp8 rows"
+                    if fp8_kv else "")
         text += (f" (PCIe {hardware.host_device_gbps:g} GB/s per GPU, CPU attention "
-                 f"{hardware.cpu_attention_gbps:g} GB/s, host memory "
+                 f"{hardware.cpu_attention_gbps:g} GB/s{fp8_rows}, host memory "
                  f"{hardware.cpu_memory_gbps:g} GB/s)")
     return text
 
@@ -118,7 +122,7 @@ def _explanation(model: ModelConfig, hardware: HardwareSpec, ctx: int, best: Can
         f"decode step {best.times['decode_step_s'] * 1e3:.2f} ms",
         _kv_reason(model, best, hardware),
     ]
-    mode = _mode_reason(best, found, hardware)
+    mode = _mode_reason(best, found, hardware, fp8_kv)
     if mode:
         lines.append(mode)
     same_tp = [c for c in fitting if c.tp == best.tp and c.chunk != best.chunk]

@@ -76,6 +76,11 @@ COPY_ENGINE_HIDDEN = 0.5
 NCCL_WAVES_HIDDEN = 0.4
 NCCL_TILING_HIDDEN = 0.1
 CPU_ATTENTION_SYNC_S = 20e-6  # per host layer per decode step: q to host, partials back, merge
+# CPU attention over fp8 rows, as a share of the spec's rate (bytes of cache per second): PyTorch
+# converts e4m3 to float32 tiles slowly on the CPU. On the 16-core H200 host an fp8 cache was
+# read at 1.5-1.8 GB/s against 38-45 GB/s for a bf16 cache through the flash kernel, in one call
+# (benchmarks/cpu_attention.py); converting to bf16 tiles for the flash kernel was slower still.
+CPU_FP8_ATTENTION_SHARE = 0.04
 
 
 @dataclass(frozen=True)
@@ -198,14 +203,20 @@ def _device_decode_seconds(hw: HardwareSpec, layout: Layout, staged_layers: floa
     return device + layers * DECODE_LAYER_OVERHEAD_S
 
 
-def _concurrent_host_rates(hw: HardwareSpec, tp: int) -> tuple[float, float]:
+def _concurrent_host_rates(hw: HardwareSpec, layout: Layout) -> tuple[float, float]:
     """(PCIe bytes/s per GPU, CPU attention bytes/s) while both read host memory at once: their
     sum is capped by the host's memory bandwidth, both scaled by the same factor (measured on a
     16-core H200 host: 52 and 44 GB/s at once, 96 together, against 55 and 50 alone;
     benchmarks/offload.py)."""
-    pcie, cpu = hw.host_device_gbps * 1e9, hw.cpu_attention_gbps * 1e9
-    scale = min(1.0, hw.cpu_memory_gbps * 1e9 / (pcie * tp + cpu))
+    pcie = hw.host_device_gbps * 1e9
+    cpu = _cpu_attention_rate(hw.cpu_attention_gbps * 1e9, layout)
+    scale = min(1.0, hw.cpu_memory_gbps * 1e9 / (pcie * layout.tp + cpu))
     return pcie * scale, cpu * scale
+
+
+def _cpu_attention_rate(rate: float, layout: Layout) -> float:
+    """Cache bytes per second that CPU attention reads, from the bf16 rate `rate`."""
+    return rate * CPU_FP8_ATTENTION_SHARE if layout.kv_dtype_bytes == 1 else rate
 
 
 def split_cpu_share(hw: HardwareSpec, layout: Layout) -> float:
@@ -216,7 +227,7 @@ def split_cpu_share(hw: HardwareSpec, layout: Layout) -> float:
         return 0.0  # slots keep up to STAGING_SLOTS layers: only new rows would cross PCIe
     layer_kv = kv_layer_bytes(layout.config, layout.ctx, layout.batch, layout.kv_dtype_bytes,
                               layout.tp)
-    pcie, cpu = _concurrent_host_rates(hw, layout.tp)
+    pcie, cpu = _concurrent_host_rates(hw, layout)
     by_pcie, by_cpu = layer_kv / pcie, layer_kv * layout.tp / cpu  # one layer, all of it
     without_slots = _device_decode_seconds(hw, layout, 0)
     from_slot = _device_decode_seconds(hw, layout, 1) - without_slots  # one layer, all of it
@@ -248,12 +259,12 @@ def decode_breakdown(hw: HardwareSpec, layout: Layout) -> dict[str, float]:
         step = max(device, host) + comm
     elif layout.decode_mode == "cpu" and layout.host_layers:
         # The next layer needs this layer's output: the GPU waits for the CPU's part.
-        host = host_total / (hw.cpu_attention_gbps * 1e9)
+        host = host_total / _cpu_attention_rate(hw.cpu_attention_gbps * 1e9, layout)
         host += layout.host_layers * CPU_ATTENTION_SYNC_S
         step = device + host + comm
     elif layout.decode_mode == "split" and layout.host_layers:
         # The GPU waits for the CPU's parts; the PCIe parts stream beside them and the GPU work.
-        pcie_rate, cpu_rate = _concurrent_host_rates(hw, t)
+        pcie_rate, cpu_rate = _concurrent_host_rates(hw, layout)
         by_cpu = cpu_share * host_total / cpu_rate + layout.host_layers * CPU_ATTENTION_SYNC_S
         by_pcie = (1 - cpu_share) * host_rank / pcie_rate if cpu_share else 0.0
         host = max(by_cpu, by_pcie)

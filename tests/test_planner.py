@@ -11,6 +11,7 @@ from facli.offload.memory_model import workspace_bytes
 from facli.offload.planner import PlanOptions, candidates, largest_fitting_ctx, plan
 from facli.offload.time_model import (
     CPU_ATTENTION_SYNC_S,
+    CPU_FP8_ATTENTION_SHARE,
     EAGER_STORE_LAYER_HOST_S,
     Layout,
     decode_breakdown,
@@ -159,6 +160,19 @@ def test_split_leaves_the_cpu_nothing_where_the_slots_keep_their_layers():
     layout = _layout(hardware, 256 * 1024, 2, "split")
     assert split_cpu_share(hardware, layout) == 0.0
     assert split_cpu_share(hardware, _layout(hardware, 256 * 1024, 4, "prefetch")) == 0.0
+
+
+def test_fp8_rows_on_the_host_are_not_left_to_the_cpu():
+    """PyTorch reads an fp8 cache on the CPU at a few percent of a bf16 cache's rate, so a plan
+    that offloads fp8 KV streams nearly all of it over PCIe."""
+    h200 = load_hardware("1xH200-141GB")
+    fp8 = plan(model("llama-7b"), h200, 640 * 1024, 1, options(kv_dtype="fp8"))
+    assert fp8.host.layers and fp8.decode_mode in ("prefetch", "split")
+    assert fp8.host_cpu_share < 0.1
+    layout = Layout(model("llama-7b"), 640 * 1024, 1, 1, 16384, 16384, 16, "cpu", 2, 1)
+    host_kv = 16 * 2 * 640 * 1024 * 32 * (128 + 4)
+    cpu = decode_breakdown(h200, layout)["decode_host_kv_s"]
+    assert cpu == pytest.approx(host_kv / (54e9 * CPU_FP8_ATTENTION_SHARE) + 16 * CPU_ATTENTION_SYNC_S)
 
 
 def test_a_plan_that_offloads_names_fp8_when_it_would_be_faster():
