@@ -78,8 +78,9 @@ NCCL_TILING_HIDDEN = 0.1
 CPU_ATTENTION_SYNC_S = 20e-6  # per host layer per decode step: q to host, partials back, merge
 # CPU attention over fp8 rows, as a share of the spec's rate (bytes of cache per second): PyTorch
 # converts e4m3 to float32 tiles slowly on the CPU. On the 16-core H200 host an fp8 cache was
-# read at 1.5-1.8 GB/s against 38-45 GB/s for a bf16 cache through the flash kernel, in one call
-# (benchmarks/cpu_attention.py); converting to bf16 tiles for the flash kernel was slower still.
+# read at 1.9-2.1 GB/s against 43-46 GB/s for a bf16 cache through the flash kernel, in one call
+# (benchmarks/cpu_attention.py, 31849e2); converting to bf16 tiles for the flash kernel instead
+# measured 0.3-0.7 GB/s.
 CPU_FP8_ATTENTION_SHARE = 0.04
 
 
