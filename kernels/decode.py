@@ -194,7 +194,7 @@ def _split_keys_major(q, k_base, v_base, stride_kt, stride_vt, start, stop, q_po
 def _split_kernel(Q, K, V, KS, VS, LENS, PHI, O_PART, LSE_PART, FALLBACK,
                   stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                   stride_vb, stride_vt, stride_vh, stride_sb, stride_st, stride_sh,
-                  kv_heads, q_len, group, chunk, qk_scale, head_dim,
+                  kv_heads, q_len, group, qk_scale, head_dim,
                   GIVEN_PHI: tl.constexpr, ASYNC: tl.constexpr, SCALED: tl.constexpr,
                   ASM: tl.constexpr, WINDOW: tl.constexpr,
                   BLOCK_R: tl.constexpr,
@@ -230,6 +230,9 @@ def _split_kernel(Q, K, V, KS, VS, LENS, PHI, O_PART, LSE_PART, FALLBACK,
             k0 = k0.to(tl.float32)
         phi = tl.sum(q.to(tl.float32) * k0[None, :], 1) * qk_scale
 
+    # Splits share the sequence's written keys, not the cache's capacity: a graph replays one
+    # split count for every length, and a cache sized for 256K may hold 8K.
+    chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     start = split * chunk
     stop = tl.minimum(start + chunk, seq_len)
     if ASYNC:
@@ -361,7 +364,6 @@ def decode_attention_triton(q, k_cache, v_cache, cache_lens, *, scale=None, retu
     splits = num_splits or choose_num_splits(batch, kv_heads, cache_len, q.device, cfg)
     if not 1 <= splits <= MAX_SPLITS:
         raise ValueError(f"expected 1 <= num_splits <= {MAX_SPLITS}, got {splits}")
-    chunk = triton.cdiv(triton.cdiv(cache_len, splits), cfg.block_n) * cfg.block_n
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     block_d = max(16, triton.next_power_of_2(head_dim))
     dev = q.device
@@ -381,7 +383,7 @@ def decode_attention_triton(q, k_cache, v_cache, cache_lens, *, scale=None, retu
         q, k_cache, v_cache, k_s, v_s, cache_lens, phi, o_part, lse_part, flags,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), *scale_strides,
-        kv_heads, q_len, group, chunk, scale * LOG2E, head_dim,
+        kv_heads, q_len, group, scale * LOG2E, head_dim,
         GIVEN_PHI=unified_max is not None, ASYNC=q.dtype != torch.float16, SCALED=scaled,
         ASM=asm, WINDOW=WINDOW,
         BLOCK_R=max(16, triton.next_power_of_2(group * q_len)), BLOCK_N=cfg.block_n,

@@ -77,6 +77,21 @@ def test_decode_gpu(case, monkeypatch):
     check_decode(case, monkeypatch, "cuda")
 
 
+def test_splits_share_the_written_keys_of_a_larger_cache(monkeypatch):
+    """A graph replays one split count for any length: in a cache of 4096 rows holding 700 and
+    129 keys, 16 splits each take a share of those keys (not of the 4096 rows)."""
+    poison_allocations(monkeypatch)
+    q = torch.randn(2, 1, 8, 64, device=DEVICE).to(torch.float16)
+    k, v = (torch.randn(2, 4096, 2, 64, device=DEVICE).to(torch.float16) for _ in range(2))
+    lens = torch.tensor([700, 129], dtype=torch.int32, device=DEVICE)
+    out, lse = decode_attention_triton(q, k, v, lens, return_lse=True, num_splits=16)
+    ref, ref_lse = oracle(q, k, v, causal=True, q_offset=lens.long() - 1, key_lens=lens.long(),
+                          device=DEVICE if DEVICE == "cuda" else "cpu")
+    base = sdpa_same_dtype(q, k, v, causal=True, q_offset=lens.long() - 1, key_lens=lens)
+    assert_within_torch_error(out.cpu(), ref, base.cpu())
+    torch.testing.assert_close(lse.cpu().double(), ref_lse, atol=1e-4, rtol=1e-5)
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_fallback_fires_and_stays_exact(monkeypatch):
     """Scores far from the sink score leave the unified-max window: the exact path takes over."""
