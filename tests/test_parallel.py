@@ -122,6 +122,31 @@ def test_tiling_does_not_change_one_process(single):
             assert torch.equal(single[0][name, "untiled"][0], single[0][name, tiling][0])
 
 
+EIGHT_RANK_TILINGS = ("untiled", "tile3", "tile3-waves")
+
+
+def _eight_rank_checks(ctx: ParallelContext, directory):
+    return {tiling: _run_model(ctx, directory, TILINGS[tiling]) for tiling in EIGHT_RANK_TILINGS}
+
+
+def test_eight_ranks_match_one_process(tmp_path):
+    """The largest degree facli runs: 16 query heads over 8 KV heads, one KV head per rank, with
+    one all_reduce per projection, with tiles, and in two waves (the prefill of more than two
+    GPU ranks)."""
+    from checkpoints import build_checkpoint
+
+    build_checkpoint(tmp_path, "llama", hidden_size=128, num_attention_heads=16,
+                     num_key_value_heads=8)
+    single = launch(_eight_rank_checks, (tmp_path,), world_size=1)
+    eight = launch(_eight_rank_checks, (tmp_path,), world_size=8)
+    expected_logits, expected_tokens = single["untiled"]
+    scale = expected_logits.abs().max().item()
+    for tiling in EIGHT_RANK_TILINGS:
+        logits, tokens = eight[tiling]
+        assert (logits - expected_logits).abs().max().item() <= 64 * torch.finfo(torch.float32).eps * scale
+        assert tokens == expected_tokens and len(tokens) == NEW_TOKENS
+
+
 def _raise_on_rank_one(ctx, kind, marker_dir):
     (marker_dir / f"rank{ctx.rank}.pid").write_text(str(__import__("os").getpid()))
     comm.barrier(ctx)
