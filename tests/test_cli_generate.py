@@ -33,6 +33,7 @@ def test_demo_model_generates_json(env):
     assert payload["prompt_tokens"] == len("Hello there")
     assert payload["peak_gpu_bytes"] is None
     assert payload["ttft_s"] > 0 and payload["decode_tokens_per_s"] > 0
+    assert payload["plan"]["decode_mode"] == "resident" and payload["plan"]["host_cpu_share"] == 0.0
 
 
 def test_greedy_is_deterministic_and_sampling_follows_seed(env):

@@ -162,7 +162,7 @@ def generate_on_rank(parallel, request: GenerateRequest) -> dict:
         "plan": {"peak_gpu_bytes": plan.devices[parallel.rank].peak_bytes if plan.device_kind == "cuda" else None,
                  "ttft_s": plan.timing.ttft_s, "decode_tokens_per_s": plan.timing.decode_tokens_per_s,
                  "decode_mode": plan.decode_mode, "host_layers": list(plan.host.layers),
-                 "prefill_chunk": plan.prefill_chunk},
+                 "host_cpu_share": plan.host_cpu_share, "prefill_chunk": plan.prefill_chunk},
     }
 
 
