@@ -326,12 +326,12 @@ class OffloadedKVStore:
                 event = queues.mark(queues.writeback)
         self._wrote(layer, start, stop, event)
 
-    def _prefetch_after(self, layer, used: Slot, rows=None) -> None:
+    def _prefetch_after(self, layer, used: Slot, rows_of=None) -> None:
         """Start loading the next host layer (wrapping to the next step) into the other slot:
-        rows(next layer) of it, by default every written row."""
+        rows_of(next layer) of it, by default every written row."""
         later = [j for j in self._staged if j > layer] or self._staged
         nxt = later[0]
-        upto = self._written[nxt] if rows is None else rows(nxt)
+        upto = self._written[nxt] if rows_of is None else rows_of(nxt)
         if any(s.holds(nxt, upto) for s in self._slots):
             return
         free = [s for s in self._slots if s is not used]
@@ -362,7 +362,7 @@ class OffloadedKVStore:
                                         self._prefix_lens, return_lse=True)
             slot.free = [self.queues.mark()]
             # Queued before the CPU starts: the next layer's rows cross PCIe while it works.
-            self._prefetch_after(layer, slot, rows=self._pcie_rows)
+            self._prefetch_after(layer, slot, rows_of=self._pcie_rows)
             return part
 
         return self._cpu_suffix(layer, q, chunk, start, stop, boundary, gpu_part)
