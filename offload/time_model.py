@@ -267,7 +267,8 @@ def decode_breakdown(hw: HardwareSpec, layout: Layout) -> dict[str, float]:
         # The GPU waits for the CPU's parts; the PCIe parts stream beside them and the GPU work.
         pcie_rate, cpu_rate = _concurrent_host_rates(hw, layout)
         by_cpu = cpu_share * host_total / cpu_rate + layout.host_layers * CPU_ATTENTION_SYNC_S
-        by_pcie = (1 - cpu_share) * host_rank / pcie_rate if cpu_share else 0.0
+        streamed = layout.host_layers > STAGING_SLOTS  # else the slots keep their layers
+        by_pcie = (1 - cpu_share) * host_rank / pcie_rate if streamed else 0.0
         host = max(by_cpu, by_pcie)
         step = max(device + by_cpu, by_pcie) + comm
     else:

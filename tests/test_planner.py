@@ -1,6 +1,7 @@
 """Planner invariants: never over budget, monotone in ctx, refuses when it should, fastest first."""
 
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -153,6 +154,31 @@ def test_split_share_balances_the_cpu_against_pcie(host_layers):
     for mode in ("prefetch", "cpu"):
         other = decode_breakdown(hardware, _layout(hardware, 256 * 1024, host_layers, mode))
         assert times["decode_step_s"] < 0.7 * other["decode_step_s"]
+
+
+def test_split_with_a_slow_cpu_streams_nearly_everything():
+    """A CPU at a tenth of PCIe's rate takes a small share, and split then predicts about what
+    prefetch does, never less than the PCIe part's time."""
+    slow_cpu = replace(load_hardware("1xH200-141GB"), cpu_attention_gbps=5.5)
+    for ctx, host_layers in ((256 * 1024, 4), (16 * 1024, 8)):
+        split = _layout(slow_cpu, ctx, host_layers, "split")
+        prefetch = decode_breakdown(slow_cpu, _layout(slow_cpu, ctx, host_layers, "prefetch"))
+        share = split_cpu_share(slow_cpu, split)
+        assert 0 < share < 0.1
+        times = decode_breakdown(slow_cpu, split)
+        assert times["decode_step_s"] == pytest.approx(prefetch["decode_step_s"], rel=0.1)
+
+
+def test_split_where_pcie_outpaces_the_gpu_leaves_the_cpu_nothing():
+    """With a link faster than the GPU's work between host layers, the CPU takes no rows and
+    every host row still crosses the link."""
+    fast_link = replace(load_hardware("1xH200-141GB"), host_device_gbps=4000.0,
+                        cpu_memory_gbps=10000.0)
+    split = _layout(fast_link, 256 * 1024, 4, "split")
+    assert split_cpu_share(fast_link, split) == 0.0
+    times = decode_breakdown(fast_link, split)
+    layer = 2 * 256 * 1024 * 32 * 128 * 2
+    assert times["decode_host_kv_s"] == pytest.approx(4 * layer / 4000e9)
 
 
 def test_split_leaves_the_cpu_nothing_where_the_slots_keep_their_layers():
