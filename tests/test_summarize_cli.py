@@ -13,6 +13,7 @@ import pytest
 
 from facli.errors import FacliError
 from facli.sampling import SamplingParams
+from facli.summarize.manifest import manifest_path
 from facli.summarize.run import SummarizeRequest, run_summarize
 from facli.summarize.strategies import Strategy
 
@@ -122,6 +123,21 @@ def test_rerun_skips_everything_and_other_settings_are_refused(mixed_run):
     assert out.read_bytes() == before
     with pytest.raises(FacliError, match="expected the seed of the run that wrote"):
         run_summarize(request(docs, out, sampling=SamplingParams(seed=1)))
+
+
+def test_fp8_kv_cache_summarizes_and_pins_the_output_to_it(tmp_path):
+    """--kv-dtype reaches the plan and the runtime; fp8 summaries are another kind of result, so
+    resuming their output without it is refused."""
+    docs, out = numbered_folder(tmp_path, count=2), tmp_path / "fp8.jsonl"
+    summary = run_summarize(request(docs, out, kv_dtype="fp8", decode_mode="split"))
+    assert (summary.done, summary.failed) == (2, 0)
+    manifest = json.loads(manifest_path(out).read_text())
+    assert manifest["settings"]["kv_dtype"] == "fp8"
+    assert manifest["plan"]["memory"]["kv_dtype"] == "fp8"
+    with pytest.raises(FacliError, match="expected the kv_dtype of the run that wrote"):
+        run_summarize(request(docs, out))
+    with pytest.raises(FacliError, match="--decode-mode one of auto, prefetch, cpu, split"):
+        request(docs, out, decode_mode="disk")
 
 
 def test_retry_failed_with_truncate_redoes_only_the_failed(mixed_run, tmp_path):

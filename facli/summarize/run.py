@@ -17,7 +17,8 @@ from facli.errors import FacliError
 from facli.parallel.comm import all_reduce_sum, barrier
 from facli.parallel.context import SINGLE_PROCESS, ParallelContext
 from facli.resolve import ResolvedModel, check_context, resolve_model
-from facli.runtime import Runtime, RuntimeOptions
+from facli.offload.planner import DECODE_MODE_CHOICES
+from facli.runtime import KV_DTYPES, Runtime, RuntimeOptions
 from facli.sampling import SamplingParams
 from facli.summarize import manifest as manifests
 from facli.summarize.documents import SourceFile, discover, read_documents
@@ -45,8 +46,15 @@ class SummarizeRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     retry_failed: bool = False
     allow_ctx_extension: bool = False
+    kv_dtype: str = "auto"  # auto (the weights'), bf16, fp16, fp32 or fp8
+    decode_mode: str = "auto"  # for host-resident KV: auto, prefetch, cpu or split
 
     def __post_init__(self):
+        if self.kv_dtype not in KV_DTYPES:
+            raise FacliError(f"expected --kv-dtype one of {', '.join(KV_DTYPES)}, got {self.kv_dtype!r}")
+        if self.decode_mode not in DECODE_MODE_CHOICES:
+            raise FacliError(f"expected --decode-mode one of {', '.join(DECODE_MODE_CHOICES)}, "
+                             f"got {self.decode_mode!r}")
         if self.max_new_tokens <= 0:
             raise FacliError(f"expected --max-new-tokens > 0, got {self.max_new_tokens}")
         if self.devices < 1:
@@ -82,6 +90,9 @@ def run_summarize(request: SummarizeRequest, parallel: ParallelContext = SINGLE_
         memory = _plan_memory(request, resolved, corpus.plan) if pending and writer else None
         if memory is not None:
             log(f"facli: {memory.summary_line()}")
+            for line in memory.explanation:
+                if line.startswith("hint: "):
+                    log(f"facli: {line}")
         manifest, entry = _open_manifest(request, resolved, corpus, memory, writer)
         if writer is not None:
             _prepare_output(writer, existing, pending, request.retry_failed)
@@ -140,6 +151,7 @@ def _runtime_options(request: SummarizeRequest, plan: CorpusPlan) -> RuntimeOpti
     return RuntimeOptions(
         model=request.model, device=request.device, dtype=request.dtype, ctx=plan.runtime_ctx,
         devices=request.devices, allow_ctx_extension=request.allow_ctx_extension,
+        kv_dtype=request.kv_dtype, decode_mode=request.decode_mode,
     )
 
 
@@ -154,7 +166,8 @@ def _prepare_output(writer: ResultWriter, existing: ExistingResults,
 def _plan_memory(request: SummarizeRequest, resolved: ResolvedModel, plan: CorpusPlan):
     return plan_memory(resolved.config, plan.runtime_ctx, model_name=resolved.name,
                        max_new_tokens=request.max_new_tokens, device=request.device,
-                       devices=request.devices, dtype=request.dtype)
+                       devices=request.devices, dtype=request.dtype,
+                       kv_dtype=request.kv_dtype, decode_mode=request.decode_mode)
 
 
 def _stop_agreement(parallel: ParallelContext, device):
@@ -195,6 +208,7 @@ def _result_settings(request: SummarizeRequest, template: str | None) -> dict:
         **dataclasses.asdict(request.sampling),
         "max_new_tokens": request.max_new_tokens,
         "dtype": request.dtype,
+        "kv_dtype": request.kv_dtype,
         "prompt_template": manifests.text_hash(template),
     }
 
