@@ -195,8 +195,22 @@ def _no_fit_message(model: ModelConfig, hardware: HardwareSpec, ctx: int, batch:
         f"{hardware.name}, got a need of {format_bytes(closest.need_bytes)} {where} with "
         f"{format_bytes(closest.has_bytes)} available: short by "
         f"{format_bytes(closest.shortfall_bytes)} ({closest.describe()}); {fits_line}; "
-        "lower --ctx or --batch, try --kv-dtype fp8, or use more GPUs (--hardware, --devices)"
+        f"{_no_fit_remedies(model, hardware, ctx, batch, options)}"
     )
+
+
+def _no_fit_remedies(model: ModelConfig, hardware: HardwareSpec, ctx: int, batch: int,
+                     options: PlanOptions) -> str:
+    """What to change, naming --kv-dtype fp8 only where it would make this context fit."""
+    lower, more = "lower --ctx or --batch", "use more GPUs (--hardware, --devices)"
+    if options.kv_dtype != "auto" or hardware.num_gpus == 0:
+        return f"{lower}, or {more}"
+    fp8 = replace(options, kv_dtype="fp8")
+    if fits_anywhere(model, hardware, ctx, batch, fp8):
+        return f"{lower}, use --kv-dtype fp8 (it fits; e4m3, half the KV bytes, lossy), or {more}"
+    largest = largest_fitting_ctx(model, hardware, batch, fp8, upper=ctx)
+    return (f"{lower} (with --kv-dtype fp8, up to {largest} tokens, {_ctx_words(largest)}), "
+            f"or {more}")
 
 
 def _ctx_words(tokens: int) -> str:

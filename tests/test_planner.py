@@ -101,6 +101,21 @@ def test_refuses_with_needs_has_short_by_and_largest_ctx():
         plan(config, hw, largest + 1, 1, options())
 
 
+def test_a_refusal_names_fp8_only_where_it_makes_the_context_fit():
+    h200, config = load_hardware("1xH200-141GB"), model("llama-7b")
+    with pytest.raises(OutOfMemoryPlanError, match=r"use --kv-dtype fp8 \(it fits"):
+        plan(config, h200, 512 * 1024, 1, options())
+    assert plan(config, h200, 512 * 1024, 1, options(kv_dtype="fp8")).fits
+    with pytest.raises(OutOfMemoryPlanError) as error:
+        plan(config, h200, 1 << 20, 1, options())
+    largest = largest_fitting_ctx(config, h200, 1, options(kv_dtype="fp8"))
+    assert f"with --kv-dtype fp8, up to {largest} tokens" in str(error.value)
+    assert not plan(config, h200, largest + 1, 1, options(kv_dtype="fp8", force=True)).fits
+    with pytest.raises(OutOfMemoryPlanError) as error:
+        plan(config, h200, 1 << 20, 1, options(kv_dtype="fp16"))
+    assert "fp8" not in str(error.value)
+
+
 def test_weights_that_do_not_fit_anywhere():
     with pytest.raises(OutOfMemoryPlanError, match="nothing fits here even at 1 token"):
         plan(model("llama-2-13b"), load_hardware("1xRTX4090-24GB"), 4096, 1, options())
