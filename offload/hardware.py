@@ -163,7 +163,10 @@ def _recipe_name(given: str) -> str:
     folded = given.lower()
     matches = ([n for n in names if n == given] or [n for n in names if n.lower() == folded]
                or [n for n in names if n.lower().startswith(folded)])
-    return matches[0] if len(matches) == 1 else given
+    if len(matches) > 1:
+        raise FacliError(f"expected one hardware recipe name, got {given!r}, which begins "
+                         f"{', '.join(matches)}; give more of the name")
+    return matches[0] if matches else given
 
 
 def _recipe_matching(device_name: str, count: int) -> dict | None:
