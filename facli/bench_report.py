@@ -176,10 +176,12 @@ def bandwidth_table(report: dict) -> str:
             rows.append([format_ctx(record["depth"])] + ["-"] * 6)
             continue
         fraction = bound["fraction_of_bound"]
+        mode = (record.get("plan") or {}).get("decode_mode")
+        host = str(bound["host_layers"]) + (f" ({mode} decode)" if bound["host_layers"] and mode else "")
         rows.append([format_ctx(record["depth"]), _gib(bound["bytes_per_step_per_rank"]),
                      _num(bound["hbm_gbps"], 0), _num(bound["bound_tokens_per_s"]),
                      _num(record["decode_tokens_per_s"]),
-                     "-" if fraction is None else f"{fraction * 100:.0f}%", str(bound["host_layers"])])
+                     "-" if fraction is None else f"{fraction * 100:.0f}%", host])
     return markdown_table(header, rows)
 
 

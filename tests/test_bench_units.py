@@ -9,6 +9,7 @@ from facli.bench_baseline import FirstTokenClock
 from facli.bench_report import (
     GIB,
     add_derived,
+    bandwidth_table,
     decode_bound,
     error_pct,
     format_report,
@@ -162,6 +163,16 @@ def test_add_derived_and_the_table():
     row_128k = next(line for line in lines if line.startswith("| 128k |"))
     assert row_128k.count("out of memory") == 2
     assert lines[-1] == "Largest context reached: facli 32k, transformers 8k (4.0x)"
+
+
+def test_bandwidth_table_names_the_decode_mode_of_host_layers():
+    report = _report()
+    offloading = _plan([21 * GIB, 21 * GIB], host=16 * GIB)
+    offloading.update(host_layers=4, decode_mode="split")
+    report["facli"]["depths"][0]["plan"] = offloading
+    text = bandwidth_table(add_derived(report, hbm_gbps=4200.0))
+    assert text.splitlines()[2].endswith("| 4 (split decode) |")
+    assert text.splitlines()[3].endswith("| 0 |")
 
 
 def test_table_without_baseline_has_no_transformers_columns():
