@@ -46,6 +46,7 @@ class BenchRequest:
     baseline: str = "transformers"
     kv_dtype: str = "auto"  # facli's KV cache; the baseline keeps its model dtype
     decode_mode: str = "auto"  # for host-resident KV: auto, prefetch, cpu or split
+    allreduce_tile_tokens: int | None = None  # None: the plan's
 
     def __post_init__(self):
         if self.model is not None and self.synthetic is not None:
@@ -131,6 +132,7 @@ def bench_rank(parallel: ParallelContext, request: BenchRequest) -> dict:
         model=request.model, device=request.device, dtype=runtime_dtype(request),
         ctx=request.depths[0], prefill_chunk=request.prefill_chunk, devices=request.devices,
         allow_ctx_extension=True, kv_dtype=request.kv_dtype, decode_mode=request.decode_mode,
+        allreduce_tile_tokens=request.allreduce_tile_tokens,
     )
     progress(f"loading {resolved.name} on {parallel.world_size} rank(s)", log)
     runtime = Runtime(resolved, options, parallel)

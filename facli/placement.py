@@ -25,11 +25,11 @@ def hardware_for(device: torch.device, hardware: str | None = None, margin=None)
 
 def plan_run(config: ModelConfig, name: str, hardware: HardwareSpec, *, ctx: int, world_size: int,
              dtype: str, kv_dtype: str, prefill_chunk: int | None, decode_mode: str,
-             force: bool) -> Plan:
+             force: bool, allreduce_tile_tokens: int | None = None) -> Plan:
     """The plan for one sequence of `ctx` tokens on `world_size` ranks (raises when nothing fits)."""
     options = PlanOptions(kv_dtype=kv_dtype, weight_dtype=dtype, devices=world_size,
                           prefill_chunk=prefill_chunk, decode_mode=decode_mode, force=force,
-                          model_name=name)
+                          allreduce_tile_tokens=allreduce_tile_tokens, model_name=name)
     return plan(config, hardware, ctx, 1, options)
 
 

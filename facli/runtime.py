@@ -52,6 +52,7 @@ class RuntimeOptions:
     kv_dtype: str = "auto"
     hardware: str | None = None  # a hardware recipe name; None or "auto" detects this machine
     cuda_graphs: bool = True  # capture decode steps in CUDA graphs (False: eager, for debugging)
+    allreduce_tile_tokens: int | None = None  # None: the plan's, from the hardware spec
 
     def __post_init__(self):
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -62,6 +63,8 @@ class RuntimeOptions:
             raise FacliError(f"expected --device cpu or cuda, got {self.device!r}")
         if self.prefill_chunk is not None and self.prefill_chunk <= 0:
             raise FacliError(f"expected --prefill-chunk > 0, got {self.prefill_chunk}")
+        if self.allreduce_tile_tokens is not None and self.allreduce_tile_tokens <= 0:
+            raise FacliError(f"expected --allreduce-tile-tokens > 0, got {self.allreduce_tile_tokens}")
         if self.devices < 1:
             raise FacliError(f"expected --devices >= 1, got {self.devices}")
 
@@ -111,7 +114,8 @@ class Runtime:
     def _plan(self, ctx: int, world_size: int, **overrides) -> Plan:
         choices = dict(dtype=self.options.dtype, kv_dtype=self.options.kv_dtype,
                        prefill_chunk=self.options.prefill_chunk,
-                       decode_mode=self.options.decode_mode, force=self.options.force)
+                       decode_mode=self.options.decode_mode, force=self.options.force,
+                       allreduce_tile_tokens=self.options.allreduce_tile_tokens)
         choices.update(overrides)
         return plan_run(self.config, self.resolved.name, self.hardware, ctx=ctx,
                         world_size=world_size, **choices)

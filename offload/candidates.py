@@ -200,9 +200,10 @@ def evaluate_cpu(model: ModelConfig, hardware: HardwareSpec, ctx: int, batch: in
     memory = device_memory(model, ctx=ctx, batch=batch, tp=tp, gpu_layers=layers,
                            host_layers=0, chunk=chunk, weight_dtype_bytes=wb, kv_dtype_bytes=kb)
     budget = (hardware.host_budget_bytes - hardware.safety_margin_bytes) // tp
-    layout = Layout(model, ctx, batch, tp, chunk, chunk, 0, "resident", wb, kb, on_cpu=True)
+    tile = min(options.allreduce_tile_tokens or chunk, chunk)
+    layout = Layout(model, ctx, batch, tp, chunk, tile, 0, "resident", wb, kb, on_cpu=True)
     times = {**prefill_breakdown(hardware, layout), **decode_breakdown(hardware, layout)}
-    return Candidate(tp, chunk, chunk, "resident", layers, 0, memory, budget, 0,
+    return Candidate(tp, chunk, tile, "resident", layers, 0, memory, budget, 0,
                      hardware.host_budget_bytes, on_cpu=True, times=times,
                      new_tokens=options.new_tokens)
 

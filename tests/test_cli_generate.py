@@ -36,6 +36,19 @@ def test_demo_model_generates_json(env):
     assert payload["plan"]["decode_mode"] == "resident" and payload["plan"]["host_cpu_share"] == 0.0
 
 
+def test_two_gloo_ranks_with_a_chosen_allreduce_tile_match_one_process(env):
+    common = ["generate", "--prompt", "Tiles of three tokens", "--max-new-tokens", "6", "--json",
+              "--device", "cpu", "--prefill-chunk", "8"]
+    one = facli(common, env)
+    two = facli(common + ["--devices", "2", "--allreduce-tile-tokens", "3"], env)
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr, two.stderr)
+    single, tiled = (json.loads(r.stdout.strip().splitlines()[-1]) for r in (one, two))
+    assert tiled["plan"]["allreduce_tile_tokens"] == 3 and tiled["devices"] == 2
+    assert tiled["token_ids"] == single["token_ids"]
+    bad = facli(common + ["--allreduce-tile-tokens", "0"], env)
+    assert bad.returncode == 1 and "expected --allreduce-tile-tokens > 0, got 0" in bad.stderr
+
+
 def test_greedy_is_deterministic_and_sampling_follows_seed(env):
     def run(*extra):
         out = facli(["generate", "--prompt", "abc", "--max-new-tokens", "10", "--json",

@@ -51,6 +51,12 @@ def test_decode_mode_option():
     assert json.loads(result.stdout.splitlines()[-1])["decode_mode"] == "cpu"
 
 
+def test_allreduce_tile_option():
+    result = run("plan-memory", "--model", "llama-7b", "--ctx", "32k", "--hardware", "2xH200",
+                 "--devices", "2", "--allreduce-tile-tokens", "2048", "--json")
+    assert json.loads(result.stdout.splitlines()[-1])["allreduce_tile_tokens"] == 2048
+
+
 def test_nothing_fits_is_one_line_and_exit_1():
     result = run("plan-memory", "--model", "llama-7b", "--ctx", "256k", "--hardware",
                  "1xRTX4090-24GB")

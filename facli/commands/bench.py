@@ -30,6 +30,7 @@ def command(
     prefill_chunk: Annotated[Optional[int], typer.Option(help="Prompt tokens per prefill step (default: from the plan).")] = None,
     kv_dtype: Annotated[str, typer.Option(help="facli's KV cache dtype: auto (the weights') or fp8 (e4m3, half the bytes); the baseline keeps its own.")] = "auto",
     decode_mode: Annotated[str, typer.Option(help="For host-resident KV: auto, prefetch, cpu or split.")] = "auto",
+    allreduce_tile_tokens: Annotated[Optional[int], typer.Option(help="Tokens per tiling-AllReduce tile with --devices > 1 (default: the plan's, from the hardware).")] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write every figure to this JSON file, and print it as one JSON object on the last stdout line.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write a PNG of tokens/s and peak memory against depth (needs matplotlib).")] = None,
 ):
@@ -42,7 +43,7 @@ def command(
     request = BenchRequest(
         depths=parse_depths(depth), model=model, synthetic=synthetic, decode_tokens=decode_tokens,
         devices=devices, device=device, dtype=dtype, prefill_chunk=prefill_chunk, baseline=baseline,
-        kv_dtype=kv_dtype, decode_mode=decode_mode,
+        kv_dtype=kv_dtype, decode_mode=decode_mode, allreduce_tile_tokens=allreduce_tile_tokens,
     )
     report = run_bench(request)
     print(format_report(report), flush=True)

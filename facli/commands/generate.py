@@ -51,6 +51,7 @@ def generate(
     devices: Annotated[int, typer.Option(help="Tensor-parallel ranks (GPUs, or gloo ranks with --device cpu).")] = 1,
     prefill_chunk: Annotated[Optional[int], typer.Option(help="Prompt tokens per prefill step (default: from the plan).")] = None,
     decode_mode: Annotated[str, typer.Option(help="For host-resident KV: auto, prefetch, cpu or split.")] = "auto",
+    allreduce_tile_tokens: Annotated[Optional[int], typer.Option(help="Tokens per tiling-AllReduce tile with --devices > 1 (default: the plan's, from the hardware).")] = None,
     allow_ctx_extension: Annotated[bool, typer.Option(help="Allow --ctx beyond the model's max_position_embeddings.")] = False,
     force: Annotated[bool, typer.Option(help="Run even when the plan says it will not fit.")] = False,
     eager: Annotated[bool, typer.Option(help="Run decode steps eagerly instead of replaying CUDA graphs.")] = False,
@@ -69,6 +70,7 @@ def generate(
         ctx=parse_ctx(ctx) if ctx is not None else 0, prefill_chunk=prefill_chunk,
         devices=devices, decode_mode=decode_mode, force=force,
         allow_ctx_extension=allow_ctx_extension, cuda_graphs=not eager,
+        allreduce_tile_tokens=allreduce_tile_tokens,
     )
     result = plan_and_generate(options, text, sampling, max_new_tokens, stream=not as_json)
     if as_json:
@@ -103,7 +105,7 @@ def plan_and_generate(options, text: str, sampling, max_new_tokens: int, *, stre
     plan = plan_run(resolved.config, resolved.name, hardware, ctx=options.ctx,
                     world_size=options.devices, dtype=options.dtype, kv_dtype=options.kv_dtype,
                     prefill_chunk=options.prefill_chunk, decode_mode=options.decode_mode,
-                    force=options.force)
+                    force=options.force, allreduce_tile_tokens=options.allreduce_tile_tokens)
     if prints_here():
         print(f"facli: {plan.summary_line()}", file=sys.stderr)
         for line in plan.explanation:
@@ -162,7 +164,8 @@ def generate_on_rank(parallel, request: GenerateRequest) -> dict:
         "plan": {"peak_gpu_bytes": plan.devices[parallel.rank].peak_bytes if plan.device_kind == "cuda" else None,
                  "ttft_s": plan.timing.ttft_s, "decode_tokens_per_s": plan.timing.decode_tokens_per_s,
                  "decode_mode": plan.decode_mode, "host_layers": list(plan.host.layers),
-                 "host_cpu_share": plan.host_cpu_share, "prefill_chunk": plan.prefill_chunk},
+                 "host_cpu_share": plan.host_cpu_share, "prefill_chunk": plan.prefill_chunk,
+                 "allreduce_tile_tokens": plan.allreduce_tile_tokens},
     }
 
 

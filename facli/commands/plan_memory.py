@@ -28,6 +28,8 @@ def command(
     decode_mode: Annotated[str, typer.Option(
         help="Decode of host-resident KV: auto, prefetch (stream to GPU), cpu (attend on "
              "the CPU) or split (both at once, each on part of every host layer).")] = "auto",
+    allreduce_tile_tokens: Annotated[int | None, typer.Option(
+        help="Tokens per tiling-AllReduce tile with --devices > 1 (default: the plan's, from the hardware).")] = None,
     margin: Annotated[str | None, typer.Option(
         help="Memory kept free on each GPU: 2GiB, 512MiB or 5% (default 3%).")] = None,
     json: Annotated[bool, typer.Option(
@@ -37,7 +39,8 @@ def command(
     name, config = resolve_model_config(model)
     spec = hardware_from_option(hardware, margin)
     options = PlanOptions(kv_dtype=kv_dtype, devices=devices, prefill_chunk=prefill_chunk,
-                          decode_mode=decode_mode, model_name=name)
+                          decode_mode=decode_mode, allreduce_tile_tokens=allreduce_tile_tokens,
+                          model_name=name)
     result = plan(config, spec, parse_ctx(ctx), batch, options)
     if json:
         print(result.to_json())

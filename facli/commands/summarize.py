@@ -28,6 +28,7 @@ def command(
     allow_ctx_extension: Annotated[bool, typer.Option(help="Allow --ctx beyond the model's max_position_embeddings.")] = False,
     kv_dtype: Annotated[str, typer.Option(help="KV cache dtype: auto (the weights'), bf16, fp16, fp32 or fp8 (e4m3, half the bytes, lossy).")] = "auto",
     decode_mode: Annotated[str, typer.Option(help="For host-resident KV: auto, prefetch, cpu or split.")] = "auto",
+    allreduce_tile_tokens: Annotated[Optional[int], typer.Option(help="Tokens per tiling-AllReduce tile with --devices > 1 (default: the plan's, from the hardware).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the run summary as one JSON object.")] = False,
 ):
     """Summarize documents; rerun the same command to resume after a crash or Ctrl-C."""
@@ -42,7 +43,7 @@ def command(
         ctx=parse_ctx(ctx) if ctx is not None else None, max_new_tokens=max_new_tokens,
         prompt_template=prompt_template, strategy=strategy, device=device, dtype=dtype,
         devices=devices, retry_failed=retry_failed, allow_ctx_extension=allow_ctx_extension,
-        kv_dtype=kv_dtype, decode_mode=decode_mode,
+        kv_dtype=kv_dtype, decode_mode=decode_mode, allreduce_tile_tokens=allreduce_tile_tokens,
         sampling=SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed),
     )
     device_type = resolve_device(device).type

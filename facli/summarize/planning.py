@@ -76,7 +76,8 @@ def check_budget(prompts: Prompts, budget: Budget) -> None:
 
 
 def plan_memory(config, ctx: int, *, model_name: str, max_new_tokens: int, device: str | None,
-                devices: int, dtype: str, kv_dtype: str = "auto", decode_mode: str = "auto"):
+                devices: int, dtype: str, kv_dtype: str = "auto", decode_mode: str = "auto",
+                allreduce_tile_tokens: int | None = None):
     """The memory plan (facli.offload.planner) for the longest prompt, before any weights load;
     raises OutOfMemoryPlanError when nothing fits."""
     from facli.offload.hardware import detect_hardware
@@ -86,5 +87,6 @@ def plan_memory(config, ctx: int, *, model_name: str, max_new_tokens: int, devic
     if device == "cpu":
         hardware = replace(hardware, devices=())
     options = PlanOptions(weight_dtype=dtype, kv_dtype=kv_dtype, decode_mode=decode_mode,
-                          devices=devices, new_tokens=max_new_tokens, model_name=model_name)
+                          allreduce_tile_tokens=allreduce_tile_tokens, devices=devices,
+                          new_tokens=max_new_tokens, model_name=model_name)
     return plan(config, hardware, ctx, 1, options)

@@ -48,6 +48,7 @@ class SummarizeRequest:
     allow_ctx_extension: bool = False
     kv_dtype: str = "auto"  # auto (the weights'), bf16, fp16, fp32 or fp8
     decode_mode: str = "auto"  # for host-resident KV: auto, prefetch, cpu or split
+    allreduce_tile_tokens: int | None = None  # None: the plan's
 
     def __post_init__(self):
         if self.kv_dtype not in KV_DTYPES:
@@ -152,6 +153,7 @@ def _runtime_options(request: SummarizeRequest, plan: CorpusPlan) -> RuntimeOpti
         model=request.model, device=request.device, dtype=request.dtype, ctx=plan.runtime_ctx,
         devices=request.devices, allow_ctx_extension=request.allow_ctx_extension,
         kv_dtype=request.kv_dtype, decode_mode=request.decode_mode,
+        allreduce_tile_tokens=request.allreduce_tile_tokens,
     )
 
 
@@ -167,7 +169,8 @@ def _plan_memory(request: SummarizeRequest, resolved: ResolvedModel, plan: Corpu
     return plan_memory(resolved.config, plan.runtime_ctx, model_name=resolved.name,
                        max_new_tokens=request.max_new_tokens, device=request.device,
                        devices=request.devices, dtype=request.dtype,
-                       kv_dtype=request.kv_dtype, decode_mode=request.decode_mode)
+                       kv_dtype=request.kv_dtype, decode_mode=request.decode_mode,
+                       allreduce_tile_tokens=request.allreduce_tile_tokens)
 
 
 def _stop_agreement(parallel: ParallelContext, device):
