@@ -33,6 +33,15 @@ def format_ctx(tokens: int) -> str:
     return str(tokens)
 
 
+def format_seconds(value: float) -> str:
+    """0.04 -> '40 ms', 12.3 -> '12.3 s', 600 -> '10.0 min'."""
+    if value < 1:
+        return f"{value * 1000:.0f} ms"
+    if value < 120:
+        return f"{value:.1f} s"
+    return f"{value / 60:.1f} min"
+
+
 def format_bytes(num_bytes: float) -> str:
     """Binary units: 1536 -> '1.5 KiB'."""
     value = float(num_bytes)

@@ -8,7 +8,7 @@ decode mode, AllReduce tile) and reports its measurements next to the prediction
 import json
 from dataclasses import asdict, dataclass, fields
 
-from facli.units import format_bytes, format_ctx
+from facli.units import format_bytes, format_ctx, format_seconds
 
 SCHEMA_VERSION = 1
 DECODE_MODES = ("resident", "prefetch", "cpu", "split")
@@ -154,7 +154,7 @@ class Plan:
             f"plan: {self.model} ctx {format_ctx(self.ctx)} batch {self.batch} on {self.hardware}: "
             f"TP {self.tp}, chunk {self.prefill_chunk}, {kv}, peak {format_bytes(peak)} of "
             f"{format_bytes(budget)} per {where} ({verdict}); time to first token "
-            f"~{_seconds(self.timing.ttft_s)}, decode ~{self.timing.decode_tokens_per_s:.1f} tok/s"
+            f"~{format_seconds(self.timing.ttft_s)}, decode ~{self.timing.decode_tokens_per_s:.1f} tok/s"
         )
 
 
@@ -165,10 +165,3 @@ def _lists(value):
         return [_lists(v) for v in value]
     return value
 
-
-def _seconds(value: float) -> str:
-    if value < 1:
-        return f"{value * 1000:.0f} ms"
-    if value < 120:
-        return f"{value:.1f} s"
-    return f"{value / 60:.1f} min"

@@ -19,8 +19,10 @@ from facli.offload.candidates import (
     tp_choices,
 )
 from facli.offload.hardware import HardwareSpec
+from facli.offload.memory_model import DTYPE_BYTES
 from facli.offload.plan import Plan
 from facli.offload.plan_builder import build_plan
+from facli.offload.time_model import Layout, decode_breakdown, prefill_breakdown
 from facli.units import format_bytes, format_ctx
 
 CHUNK_CHOICES = (256, 512, 1024, 2048, 4096, 8192, 16384)
@@ -146,6 +148,18 @@ def _fp8_hint(model: ModelConfig, hardware: HardwareSpec, ctx: int, batch: int,
             f"{where}: decode {batch / alt.times['decode_step_s']:.1f} tokens/s against "
             f"{batch / best.times['decode_step_s']:.1f}, time to first token "
             f"{alt.times['prefill_s']:.1f} s against {best.times['prefill_s']:.1f} s",)
+
+
+def predict_prompt(model: ModelConfig, hardware: HardwareSpec, run_plan: Plan,
+                   prompt_tokens: int) -> tuple[float, float]:
+    """(seconds to the first token, decode tokens/s) of `run_plan`'s placement for a prompt of
+    `prompt_tokens`; the plan's own figures are for a prompt that fills its context."""
+    layout = Layout(model, prompt_tokens, run_plan.batch, run_plan.tp, run_plan.prefill_chunk,
+                    run_plan.allreduce_tile_tokens, len(run_plan.host.layers),
+                    run_plan.decode_mode, DTYPE_BYTES[run_plan.weight_dtype],
+                    DTYPE_BYTES[run_plan.kv_dtype], on_cpu=run_plan.device_kind == "cpu")
+    step = decode_breakdown(hardware, layout)["decode_step_s"]
+    return prefill_breakdown(hardware, layout)["prefill_s"], run_plan.batch / step
 
 
 def fits_anywhere(model: ModelConfig, hardware: HardwareSpec, ctx: int, batch: int,

@@ -49,6 +49,17 @@ def test_two_gloo_ranks_with_a_chosen_allreduce_tile_match_one_process(env):
     assert bad.returncode == 1 and "expected --allreduce-tile-tokens > 0, got 0" in bad.stderr
 
 
+def test_a_short_prompt_in_a_large_context_gets_its_own_predictions(env):
+    large = facli(["generate", "--prompt", "hello", "--max-new-tokens", "3", "--ctx", "200000",
+                   "--device", "cpu", "--json"], env)
+    assert large.returncode == 0, large.stderr
+    assert "facli: this prompt (5 tokens): first token ~" in large.stderr
+    payload = json.loads(large.stdout.strip().splitlines()[-1])["plan"]
+    assert payload["prompt_ttft_s"] < payload["ttft_s"] / 100
+    fitting = facli(["generate", "--prompt", "hello", "--max-new-tokens", "3", "--device", "cpu"], env)
+    assert fitting.returncode == 0 and "this prompt" not in fitting.stderr
+
+
 def test_greedy_is_deterministic_and_sampling_follows_seed(env):
     def run(*extra):
         out = facli(["generate", "--prompt", "abc", "--max-new-tokens", "10", "--json",

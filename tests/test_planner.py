@@ -9,7 +9,13 @@ from facli.errors import FacliError, OutOfMemoryPlanError
 from facli.kv_cache import DeviceKVCache
 from facli.offload.hardware import GpuSpec, HardwareSpec, load_hardware
 from facli.offload.memory_model import workspace_bytes
-from facli.offload.planner import PlanOptions, candidates, largest_fitting_ctx, plan
+from facli.offload.planner import (
+    PlanOptions,
+    candidates,
+    largest_fitting_ctx,
+    plan,
+    predict_prompt,
+)
 from facli.offload.time_model import (
     CPU_ATTENTION_SYNC_S,
     CPU_FP8_ATTENTION_SHARE,
@@ -228,6 +234,17 @@ def test_a_plan_that_offloads_names_fp8_when_it_would_be_faster():
         assert not any(line.startswith("hint: ") for line in result.explanation)
     resident = plan(model("llama-7b"), h200, 32 * 1024, 1, options())
     assert not any(line.startswith("hint: ") for line in resident.explanation)
+
+
+@pytest.mark.parametrize("hardware, ctx", [("1xH200-141GB", 256 * 1024), ("1xH200-141GB", 32 * 1024),
+                                           ("8xV100-32GB", 256 * 1024)])
+def test_predictions_for_a_shorter_prompt_use_the_plans_placement(hardware, ctx):
+    spec, config = load_hardware(hardware), model("llama-7b")
+    result = plan(config, spec, ctx, 1, options())
+    full = predict_prompt(config, spec, result, ctx)
+    assert full == pytest.approx((result.timing.ttft_s, result.timing.decode_tokens_per_s))
+    short = predict_prompt(config, spec, result, ctx // 8)
+    assert short[0] < result.timing.ttft_s / 8 and short[1] >= result.timing.decode_tokens_per_s
 
 
 def test_fp8_kv_keeps_everything_on_one_h200():

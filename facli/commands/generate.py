@@ -113,9 +113,26 @@ def plan_and_generate(options, text: str, sampling, max_new_tokens: int, *, stre
                 print(f"facli: {line}", file=sys.stderr)
         if not plan.fits:
             print("facli: warning: --force: running a plan that does not fit", file=sys.stderr)
+        prompt_line = _prompt_prediction(resolved.config, hardware, plan, len(prompt_ids))
+        if prompt_line:
+            print(f"facli: {prompt_line}", file=sys.stderr)
     request = GenerateRequest(options, resolved, prompt_ids, sampling, max_new_tokens, stream,
                               hardware, tokenizer, plan)
     return launch(generate_on_rank, (request,), world_size=options.devices, device_type=device.type)
+
+
+def _prompt_prediction(config, hardware, plan, prompt_tokens: int) -> str | None:
+    """A line with the predictions for this prompt where they differ much from the plan's, which
+    are for a prompt that fills the context (a short prompt in a cache sized for 256K)."""
+    from facli.offload.planner import predict_prompt
+    from facli.units import format_ctx, format_seconds
+
+    ttft, rate = predict_prompt(config, hardware, plan, prompt_tokens)
+    if plan.timing.ttft_s < 1.0 or ttft > 0.5 * plan.timing.ttft_s:
+        return None
+    return (f"this prompt ({prompt_tokens} tokens): first token ~{format_seconds(ttft)}, decode "
+            f"~{rate:.1f} tok/s; the plan's figures are for a prompt filling ctx "
+            f"{format_ctx(plan.ctx)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +169,10 @@ def generate_on_rank(parallel, request: GenerateRequest) -> dict:
                                   sampling=request.sampling, on_text=on_text,
                                   on_progress=bar.update if bar else None)
     plan = runtime.plan
+    from facli.offload.planner import predict_prompt
+
+    prompt_ttft, prompt_rate = predict_prompt(request.resolved.config, runtime.hardware, plan,
+                                              prompt_tokens)
     return {
         "text": result.text,
         "token_ids": result.token_ids,
@@ -165,7 +186,8 @@ def generate_on_rank(parallel, request: GenerateRequest) -> dict:
                  "ttft_s": plan.timing.ttft_s, "decode_tokens_per_s": plan.timing.decode_tokens_per_s,
                  "decode_mode": plan.decode_mode, "host_layers": list(plan.host.layers),
                  "host_cpu_share": plan.host_cpu_share, "prefill_chunk": plan.prefill_chunk,
-                 "allreduce_tile_tokens": plan.allreduce_tile_tokens},
+                 "allreduce_tile_tokens": plan.allreduce_tile_tokens,
+                 "prompt_ttft_s": prompt_ttft, "prompt_decode_tokens_per_s": prompt_rate},
     }
 
 
