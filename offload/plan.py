@@ -111,6 +111,11 @@ class Plan:
         return self.host.layers
 
     @property
+    def hints(self) -> tuple[str, ...]:
+        """Explanation lines suggesting an option that would be faster ("hint: ...")."""
+        return tuple(line for line in self.explanation if line.startswith("hint: "))
+
+    @property
     def peak_bytes(self) -> int:
         return max(d.peak_bytes for d in self.devices)
 

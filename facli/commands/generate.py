@@ -108,9 +108,8 @@ def plan_and_generate(options, text: str, sampling, max_new_tokens: int, *, stre
                     force=options.force, allreduce_tile_tokens=options.allreduce_tile_tokens)
     if prints_here():
         print(f"facli: {plan.summary_line()}", file=sys.stderr)
-        for line in plan.explanation:
-            if line.startswith("hint: "):
-                print(f"facli: {line}", file=sys.stderr)
+        for line in plan.hints:
+            print(f"facli: {line}", file=sys.stderr)
         if not plan.fits:
             print("facli: warning: --force: running a plan that does not fit", file=sys.stderr)
         prompt_line = _prompt_prediction(resolved.config, hardware, plan, len(prompt_ids))
@@ -152,6 +151,7 @@ class GenerateRequest:
 
 def generate_on_rank(parallel, request: GenerateRequest) -> dict:
     """Load this rank's shard, prefill and decode; rank 0 streams the text."""
+    from facli.offload.planner import predict_prompt
     from facli.runtime import Runtime
 
     runtime = Runtime(request.resolved, request.options, parallel, tokenizer=request.tokenizer,
@@ -169,8 +169,6 @@ def generate_on_rank(parallel, request: GenerateRequest) -> dict:
                                   sampling=request.sampling, on_text=on_text,
                                   on_progress=bar.update if bar else None)
     plan = runtime.plan
-    from facli.offload.planner import predict_prompt
-
     prompt_ttft, prompt_rate = predict_prompt(request.resolved.config, runtime.hardware, plan,
                                               prompt_tokens)
     return {

@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 
 from facli.errors import FacliError
+from facli.offload.planner import DECODE_MODE_CHOICES
 from facli.parallel.comm import all_reduce_sum, barrier
 from facli.parallel.context import SINGLE_PROCESS, ParallelContext
 from facli.resolve import ResolvedModel, check_context, resolve_model
-from facli.offload.planner import DECODE_MODE_CHOICES
 from facli.runtime import KV_DTYPES, Runtime, RuntimeOptions
 from facli.sampling import SamplingParams
 from facli.summarize import manifest as manifests
@@ -91,9 +91,8 @@ def run_summarize(request: SummarizeRequest, parallel: ParallelContext = SINGLE_
         memory = _plan_memory(request, resolved, corpus.plan) if pending and writer else None
         if memory is not None:
             log(f"facli: {memory.summary_line()}")
-            for line in memory.explanation:
-                if line.startswith("hint: "):
-                    log(f"facli: {line}")
+            for line in memory.hints:
+                log(f"facli: {line}")
         manifest, entry = _open_manifest(request, resolved, corpus, memory, writer)
         if writer is not None:
             _prepare_output(writer, existing, pending, request.retry_failed)
