@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from facli.errors import FacliError, OutOfMemoryPlanError
-from facli.offload.planner import DECODE_MODE_CHOICES
+from facli.offload.planner import check_decode_mode
 from facli.parallel.comm import all_reduce_sum
 from facli.parallel.context import ParallelContext
 
@@ -51,9 +51,7 @@ class BenchRequest:
     def __post_init__(self):
         if self.model is not None and self.synthetic is not None:
             raise FacliError("expected at most one of --model and --synthetic, got both")
-        if self.decode_mode not in DECODE_MODE_CHOICES:
-            raise FacliError(f"expected --decode-mode one of {', '.join(DECODE_MODE_CHOICES)}, "
-                             f"got {self.decode_mode!r}")
+        check_decode_mode(self.decode_mode)
         if self.baseline not in BASELINES:
             raise FacliError(f"expected --baseline one of {', '.join(BASELINES)}, got {self.baseline!r}")
         if self.decode_tokens < 2:

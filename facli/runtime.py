@@ -38,6 +38,12 @@ from facli.tokenizer import TextStream
 KV_DTYPES = ("auto", "bf16", "fp16", "fp32", "fp8")
 
 
+def check_kv_dtype(kv_dtype: str) -> None:
+    """Raise a FacliError unless `kv_dtype` is a --kv-dtype choice."""
+    if kv_dtype not in KV_DTYPES:
+        raise FacliError(f"expected --kv-dtype one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
+
+
 @dataclass(frozen=True)
 class RuntimeOptions:
     model: str | None = None
@@ -57,8 +63,7 @@ class RuntimeOptions:
     def __post_init__(self):
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise FacliError(f"expected --dtype one of auto, {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.kv_dtype not in KV_DTYPES:
-            raise FacliError(f"expected --kv-dtype one of {', '.join(KV_DTYPES)}, got {self.kv_dtype!r}")
+        check_kv_dtype(self.kv_dtype)
         if self.device not in (None, "cpu", "cuda"):
             raise FacliError(f"expected --device cpu or cuda, got {self.device!r}")
         if self.prefill_chunk is not None and self.prefill_chunk <= 0:

@@ -68,7 +68,7 @@ from facli.offload.fp8 import FP8, dequantize_into
 from facli.offload.kv_parts import Chunk, KVPart, Slot
 from facli.offload.memory_model import FP8_PREFILL_TILE_ROWS
 from facli.offload.plan import READS_FP8_FROM
-from facli.offload.streams import CopyQueues, host_empty
+from facli.offload.streams import CopyQueues, host_empty, pinned_copy
 
 DECODE_MODES = ("prefetch", "cpu", "split")
 KV_DTYPES = (None, "fp8")
@@ -382,7 +382,7 @@ class OffloadedKVStore:
         queues.wait([self._layer_event[layer]])
         host.store(start - split, chunk, 0, 1)  # device to pinned host: queued, awaited below
         self.d2h_bytes += host.row_bytes()
-        q_host = _pinned_copy(q, self._pin)
+        q_host = pinned_copy(q, self._pin)
         copied = queues.mark()
         self._wrote(layer, start, stop, copied)
         gpu = gpu_part()
@@ -392,10 +392,10 @@ class OffloadedKVStore:
         out, lse = cpu_suffix_attention(q_host, host.k[:, rows], host.v[:, rows], stop,
                                         first_position=first, k_scales=scales[0],
                                         v_scales=scales[1], workspace=self._cpu_tiles)
-        out = _pinned_copy(out, self._pin).to(self.device, non_blocking=True)
+        out = pinned_copy(out, self._pin).to(self.device, non_blocking=True)
         if gpu is None:
             return out.to(q.dtype)
-        lse = _pinned_copy(lse, self._pin).to(self.device, non_blocking=True)
+        lse = pinned_copy(lse, self._pin).to(self.device, non_blocking=True)
         return merge_attention(gpu[0], gpu[1], out, lse)[0].to(q.dtype)
 
 
@@ -416,13 +416,4 @@ def _validate(num_layers, host_layers, decode_mode, kv_dtype, gpu_prefix_tokens,
         raise FacliError(f"expected gpu_prefix_tokens >= 0, got {gpu_prefix_tokens}")
     if not 0.0 <= cpu_share <= 1.0:
         raise FacliError(f"expected cpu_share between 0 and 1, got {cpu_share}")
-
-
-def _pinned_copy(tensor: torch.Tensor, pin: bool) -> torch.Tensor:
-    """A host copy of `tensor`; pinned and queued asynchronously when `pin`."""
-    if tensor.device.type == "cpu" and not pin:
-        return tensor
-    out = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=pin)
-    out.copy_(tensor, non_blocking=pin)
-    return out
 

@@ -45,17 +45,25 @@ class PlanOptions:
     model_name: str = "model"
 
     def __post_init__(self):
-        if self.decode_mode not in DECODE_MODE_CHOICES:
-            raise FacliError(
-                f"expected --decode-mode one of {', '.join(DECODE_MODE_CHOICES)}, "
-                f"got {self.decode_mode!r}"
-            )
+        check_decode_mode(self.decode_mode)
         for name in ("devices", "prefill_chunk", "allreduce_tile_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise FacliError(f"expected {name.replace('_', '-')} >= 1, got {value}")
         if self.new_tokens < 0:
             raise FacliError(f"expected new_tokens >= 0, got {self.new_tokens}")
+
+
+def check_decode_mode(mode: str) -> None:
+    """Raise a FacliError unless `mode` is a --decode-mode choice."""
+    if mode not in DECODE_MODE_CHOICES:
+        raise FacliError(f"expected --decode-mode one of {', '.join(DECODE_MODE_CHOICES)}, "
+                         f"got {mode!r}")
+
+
+def _ranking(candidate: Candidate) -> tuple:
+    """Fastest first; among equals the fewest ranks and the largest chunk."""
+    return candidate.total_s, candidate.tp, -candidate.chunk
 
 
 def _chunk_choices(ctx: int, options: PlanOptions) -> list[int]:
@@ -119,7 +127,7 @@ def plan(model: ModelConfig, hardware: HardwareSpec, ctx: int, batch: int = 1,
     found = candidates(model, hardware, ctx, batch, options)
     fitting = [c for c in found if c.fits]
     if fitting:
-        best = min(fitting, key=lambda c: (c.total_s, c.tp, -c.chunk))
+        best = min(fitting, key=_ranking)
     elif options.force:
         best = min(found, key=lambda c: (c.shortfall_bytes, c.total_s))
     else:
@@ -139,7 +147,7 @@ def _fp8_hint(model: ModelConfig, hardware: HardwareSpec, ctx: int, batch: int,
            if c.fits]
     if not fp8:
         return ()
-    alt = min(fp8, key=lambda c: (c.total_s, c.tp, -c.chunk))
+    alt = min(fp8, key=_ranking)
     if alt.total_s >= best.total_s:
         return ()
     where = (f"all {alt.gpu_layers} layers' KV on the GPU" if not alt.host_layers

@@ -75,3 +75,12 @@ def host_empty(shape, dtype: torch.dtype, pin: bool) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype, pin_memory=True)
     weakref.finalize(tensor, cudart.cudaHostUnregister, pointer)
     return tensor
+
+
+def pinned_copy(tensor: torch.Tensor, pin: bool) -> torch.Tensor:
+    """A host copy of `tensor`; pinned and queued asynchronously when `pin`."""
+    if tensor.device.type == "cpu" and not pin:
+        return tensor
+    out = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=pin)
+    out.copy_(tensor, non_blocking=pin)
+    return out

@@ -81,6 +81,7 @@ def generate(
 
 def plan_and_generate(options, text: str, sampling, max_new_tokens: int, *, stream: bool) -> dict:
     """Tokenize, plan (refusing what will not fit), then run on one process or N ranks."""
+    from facli.offload.planner import predict_prompt
     from facli.parallel.degrees import check_tensor_parallel
     from facli.parallel.launch import launch, prints_here
     from facli.placement import hardware_for, plan_run
@@ -106,27 +107,26 @@ def plan_and_generate(options, text: str, sampling, max_new_tokens: int, *, stre
                     world_size=options.devices, dtype=options.dtype, kv_dtype=options.kv_dtype,
                     prefill_chunk=options.prefill_chunk, decode_mode=options.decode_mode,
                     force=options.force, allreduce_tile_tokens=options.allreduce_tile_tokens)
+    prompt_prediction = predict_prompt(resolved.config, hardware, plan, len(prompt_ids))
     if prints_here():
         print(f"facli: {plan.summary_line()}", file=sys.stderr)
         for line in plan.hints:
             print(f"facli: {line}", file=sys.stderr)
         if not plan.fits:
             print("facli: warning: --force: running a plan that does not fit", file=sys.stderr)
-        prompt_line = _prompt_prediction(resolved.config, hardware, plan, len(prompt_ids))
+        prompt_line = _prompt_line(plan, len(prompt_ids), *prompt_prediction)
         if prompt_line:
             print(f"facli: {prompt_line}", file=sys.stderr)
     request = GenerateRequest(options, resolved, prompt_ids, sampling, max_new_tokens, stream,
-                              hardware, tokenizer, plan)
+                              hardware, tokenizer, plan, prompt_prediction)
     return launch(generate_on_rank, (request,), world_size=options.devices, device_type=device.type)
 
 
-def _prompt_prediction(config, hardware, plan, prompt_tokens: int) -> str | None:
+def _prompt_line(plan, prompt_tokens: int, ttft: float, rate: float) -> str | None:
     """A line with the predictions for this prompt where they differ much from the plan's, which
     are for a prompt that fills the context (a short prompt in a cache sized for 256K)."""
-    from facli.offload.planner import predict_prompt
     from facli.units import format_ctx, format_seconds
 
-    ttft, rate = predict_prompt(config, hardware, plan, prompt_tokens)
     if plan.timing.ttft_s < 1.0 or ttft > 0.5 * plan.timing.ttft_s:
         return None
     return (f"this prompt ({prompt_tokens} tokens): first token ~{format_seconds(ttft)}, decode "
@@ -147,11 +147,11 @@ class GenerateRequest:
     hardware: object
     tokenizer: object
     plan: object
+    prompt_prediction: tuple  # (seconds to the first token, decode tokens/s) for this prompt
 
 
 def generate_on_rank(parallel, request: GenerateRequest) -> dict:
     """Load this rank's shard, prefill and decode; rank 0 streams the text."""
-    from facli.offload.planner import predict_prompt
     from facli.runtime import Runtime
 
     runtime = Runtime(request.resolved, request.options, parallel, tokenizer=request.tokenizer,
@@ -169,8 +169,7 @@ def generate_on_rank(parallel, request: GenerateRequest) -> dict:
                                   sampling=request.sampling, on_text=on_text,
                                   on_progress=bar.update if bar else None)
     plan = runtime.plan
-    prompt_ttft, prompt_rate = predict_prompt(request.resolved.config, runtime.hardware, plan,
-                                              prompt_tokens)
+    prompt_ttft, prompt_rate = request.prompt_prediction
     return {
         "text": result.text,
         "token_ids": result.token_ids,

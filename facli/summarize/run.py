@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 
 from facli.errors import FacliError
-from facli.offload.planner import DECODE_MODE_CHOICES
+from facli.offload.planner import check_decode_mode
 from facli.parallel.comm import all_reduce_sum, barrier
 from facli.parallel.context import SINGLE_PROCESS, ParallelContext
 from facli.resolve import ResolvedModel, check_context, resolve_model
-from facli.runtime import KV_DTYPES, Runtime, RuntimeOptions
+from facli.runtime import Runtime, RuntimeOptions, check_kv_dtype
 from facli.sampling import SamplingParams
 from facli.summarize import manifest as manifests
 from facli.summarize.documents import SourceFile, discover, read_documents
@@ -51,11 +51,8 @@ class SummarizeRequest:
     allreduce_tile_tokens: int | None = None  # None: the plan's
 
     def __post_init__(self):
-        if self.kv_dtype not in KV_DTYPES:
-            raise FacliError(f"expected --kv-dtype one of {', '.join(KV_DTYPES)}, got {self.kv_dtype!r}")
-        if self.decode_mode not in DECODE_MODE_CHOICES:
-            raise FacliError(f"expected --decode-mode one of {', '.join(DECODE_MODE_CHOICES)}, "
-                             f"got {self.decode_mode!r}")
+        check_kv_dtype(self.kv_dtype)
+        check_decode_mode(self.decode_mode)
         if self.max_new_tokens <= 0:
             raise FacliError(f"expected --max-new-tokens > 0, got {self.max_new_tokens}")
         if self.devices < 1:
