@@ -47,6 +47,7 @@ class BenchRequest:
     kv_dtype: str = "auto"  # facli's KV cache; the baseline keeps its model dtype
     decode_mode: str = "auto"  # for host-resident KV: auto, prefetch, cpu or split
     allreduce_tile_tokens: int | None = None  # None: the plan's
+    ctx: int | None = None  # context to plan for at every depth; None: each depth's own
 
     def __post_init__(self):
         if self.model is not None and self.synthetic is not None:
@@ -66,6 +67,9 @@ class BenchRequest:
                 f"{PROMPT_SLACK} + a prompt), got {too_small[0]}; raise --depth or lower --decode-tokens"
             )
         object.__setattr__(self, "depths", tuple(sorted(set(self.depths))))
+        if self.ctx is not None and self.ctx < self.depths[-1]:
+            raise FacliError(f"expected --ctx >= every --depth ({self.depths[-1]}), got {self.ctx}; "
+                             f"raise --ctx or leave it out to plan each depth for itself")
 
 
 def prompt_length(depth: int, decode_tokens: int) -> int:
@@ -128,7 +132,7 @@ def bench_rank(parallel: ParallelContext, request: BenchRequest) -> dict:
     log = parallel.is_writer
     options = RuntimeOptions(
         model=request.model, device=request.device, dtype=runtime_dtype(request),
-        ctx=request.depths[0], prefill_chunk=request.prefill_chunk, devices=request.devices,
+        ctx=request.ctx or request.depths[0], prefill_chunk=request.prefill_chunk, devices=request.devices,
         allow_ctx_extension=True, kv_dtype=request.kv_dtype, decode_mode=request.decode_mode,
         allreduce_tile_tokens=request.allreduce_tile_tokens,
     )
@@ -160,8 +164,9 @@ def measure_depth(runtime, depth: int, prompt: list[int], request: BenchRequest)
     record = {"depth": depth, "prompt_tokens": n, "status": "ok", "error": None, "plan": None}
 
     def plan_for_depth():
-        runtime.set_context(depth)
-        record["plan"] = plan_record(runtime.plan)
+        runtime.set_context(request.ctx or depth)
+        larger = request.ctx is not None and runtime.plan is not None
+        record["plan"] = plan_record(runtime.plan, prompt_prediction(runtime, n) if larger else None)
 
     def run():
         warm_up(runtime, n)
@@ -237,12 +242,24 @@ def rank_figures(runtime, generated) -> dict:
     return {"peak_gpu_bytes": measured, "host_kv_bytes": sum(host), "host_rss_bytes": sum(rss_all)}
 
 
-def plan_record(plan) -> dict | None:
-    """The plan's predictions for the current context (None until the runtime carries a plan)."""
+def prompt_prediction(runtime, prompt_tokens: int) -> dict:
+    """The time model's TTFT, prefill and decode figures for this prompt on the runtime plan's
+    placement (the plan's own are for a prompt that fills its context)."""
+    from facli.offload.planner import predict_prompt
+
+    ttft, decode = predict_prompt(runtime.config, runtime.hardware, runtime.plan, prompt_tokens)
+    return {"ttft_s": ttft, "prefill_tokens_per_s": prompt_tokens / ttft if ttft > 0 else None,
+            "decode_tokens_per_s": decode}
+
+
+def plan_record(plan, for_prompt: dict | None = None) -> dict | None:
+    """The plan's predictions for the current context (None until the runtime carries a plan).
+    With for_prompt (prompt_prediction), the plan is for a larger context than the measured
+    prompt: its figures are the prompt's, and the context's own are kept beside them (ctx_*)."""
     if plan is None:
         return None
     timing = plan.timing
-    return {
+    record = {
         "peak_gpu_bytes": [d.peak_bytes for d in plan.devices],
         "ttft_s": timing.ttft_s,
         "prefill_tokens_per_s": plan.ctx / timing.prefill_s if timing.prefill_s > 0 else None,
@@ -254,6 +271,9 @@ def plan_record(plan) -> dict | None:
         "summary": plan.summary_line(),
         "plan": plan.to_dict(),
     }
+    if for_prompt is not None:
+        record.update({f"ctx_{key}": record[key] for key in for_prompt}, **for_prompt)
+    return record
 
 
 def decode_bytes(runtime) -> dict:

@@ -191,6 +191,8 @@ def heading(report: dict) -> str:
     commit = env["commit"] + (" (uncommitted changes)" if env.get("dirty") else "")
     kv = request.get("kv_dtype", "auto")
     kv = f", {kv} KV cache" if kv != "auto" else ""
+    if request.get("ctx"):
+        kv += f" planned for {format_ctx(request['ctx'])} at every depth"
     return (f"{facli['model']} {facli['dtype']}{kv} on {where}; {request['decode_tokens']} decode tokens; "
             f"torch {env['torch']}, CUDA {env['cuda']}, triton {env['triton']}, transformers "
             f"{env['transformers']}, Python {env['python']}; facli {commit}; {env['date_utc']}")

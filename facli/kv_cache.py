@@ -15,6 +15,9 @@ class KVStore(Protocol):
     """What the model needs from a cache. Shapes: q [B, T, Hq, D]; k, v [B, T, Hkv, D]."""
 
     capacity: int
+    # Layers whose single-token attend also takes `start` as a one-element device tensor and is
+    # then device work only: their decode steps can be captured in CUDA graphs (facli.graphs).
+    graph_layers: frozenset
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                start: int) -> torch.Tensor:
@@ -34,12 +37,11 @@ class DeviceKVCache:
     host value is read, so the whole step can be captured in a CUDA graph and replayed.
     """
 
-    graph_safe = True
-
     def __init__(self, num_layers: int, batch: int, capacity: int, kv_heads: int,
                  head_dim: int, dtype: torch.dtype, device: torch.device):
         shape = (num_layers, batch, capacity, kv_heads, head_dim)
         self.capacity = capacity
+        self.graph_layers = frozenset(range(num_layers))  # every layer takes tensor positions
         self.keys = torch.empty(shape, dtype=dtype, device=device)
         self.values = torch.empty(shape, dtype=dtype, device=device)
         self._lens = torch.zeros(batch, dtype=torch.int32, device=device)

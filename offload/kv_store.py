@@ -101,11 +101,16 @@ class OffloadedKVStore:
         self._split = [min(gpu_prefix_tokens, capacity) if layer in self.host_layers else capacity
                        for layer in range(num_layers)]
         shape = (batch, kv_heads, head_dim, dtype, self.fp8)
-        # All-GPU fp8 rows start as zeros: a decode step at a tensor position reads every row up
-        # to the capacity (masked by length), and the PyTorch reference would turn unwritten
-        # NaN bytes into NaN outputs (0 * NaN).
-        allocate = self._device_zeros if self.fp8 and not self.host_layers else self._device_empty
-        self._dev = [KVPart(batch, split, *shape[1:], allocate) for split in self._split]
+        # GPUs before READS_FP8_FROM dequantize fp8 rows in tiles chosen on the host.
+        old_gpu = self.fp8 and self.device.type == "cuda" and not _reads_fp8(self.device)
+        self.graph_layers = frozenset() if old_gpu else frozenset(
+            layer for layer in range(num_layers) if layer not in self.host_layers)
+        # Graph layers start as zeros: a decode step at a tensor position reads every row up to
+        # the capacity (masked by length), and the PyTorch reference would turn unwritten NaN
+        # bytes into NaN outputs (0 * NaN).
+        self._dev = [KVPart(batch, split, *shape[1:], self._device_zeros
+                            if layer in self.graph_layers else self._device_empty)
+                     for layer, split in enumerate(self._split)]
         self._host = [KVPart(batch, capacity - split, *shape[1:], self._host_empty)
                       if split < capacity else None for split in self._split]
         self._staged = [layer for layer in range(num_layers) if self._host[layer] is not None]
@@ -128,13 +133,6 @@ class OffloadedKVStore:
 
     def _device_zeros(self, shape, dtype):
         return torch.zeros(shape, dtype=dtype, device=self.device)
-
-    @property
-    def graph_safe(self) -> bool:
-        """Whether a decode step is device work only, so a CUDA graph can replay it: every layer
-        on the GPU and an fp8 cache the decode kernel reads directly. With host layers, steps
-        wait on the host (CPU attention) and choose copies by position in Python."""
-        return not self.host_layers and self.fp8 and _reads_fp8(self.device)
 
     def _host_empty(self, shape, dtype):
         return host_empty(shape, dtype, pin=self._pin)
@@ -172,9 +170,10 @@ class OffloadedKVStore:
         """Store k, v [B, T, Hkv, D] at start..start+T of `layer`; causal attention
         [B, T, Hq, D] of q [B, T, Hq, D] over positions 0..start+T.
 
-        `start` may be a one-element int64 device tensor for a decode step (T = 1) of an all-GPU
-        fp8 store: no host value is read, so the step can be captured in a CUDA graph. Such steps
-        skip the host's bookkeeping of written positions until the next reset (a prefill)."""
+        `start` may be a one-element int64 device tensor for a decode step (T = 1) of a layer in
+        `graph_layers` (a GPU layer, whose fp8 rows, if any, the decode kernel reads directly): no
+        host value is read, so the step can be captured in a CUDA graph. Such steps skip the
+        host's bookkeeping of that layer's written positions until the next reset (a prefill)."""
         if isinstance(start, torch.Tensor):
             return self._attend_at(layer, q, k, v, start)
         stop = start + k.shape[1]
@@ -191,19 +190,19 @@ class OffloadedKVStore:
         return out
 
     def _attend_at(self, layer, q, k, v, position: torch.Tensor):
-        if self.host_layers or not self.fp8 or q.shape[1] != 1:
-            raise FacliError("a tensor position is for single-token decode steps of an all-GPU "
-                             "fp8 store; pass the position as an int")
+        if layer not in self.graph_layers or q.shape[1] != 1:
+            raise FacliError(f"a tensor position is for single-token decode steps of the graph "
+                             f"layers {sorted(self.graph_layers)}; layer {layer} takes an int")
         part = self._dev[layer]
-        if part.k.is_cuda:
+        if self.fp8 and part.k.is_cuda:
             store_token_fp8_triton(k, v, part.k, part.v, part.k_scales, part.v_scales, position)
         else:
-            chunk = Chunk.encode(k, v, self.dtype, fp8=True)
+            chunk = Chunk.encode(k, v, self.dtype, self.fp8)
             for dst, src in zip(part.tensors(), chunk.tensors()):
                 if dst.dtype == FP8:  # index_copy_ has no float8 kernels: move the bytes
                     dst, src = dst.view(torch.uint8), src.view(torch.uint8)
                 dst.index_copy_(1, position, src)
-        if layer == 0:
+        if layer == min(self.graph_layers):
             self._graph_lens.copy_(position + 1)
         return decode_attention(q, part.k, part.v, self._graph_lens, k_scales=part.k_scales,
                                 v_scales=part.v_scales)

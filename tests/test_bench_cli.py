@@ -91,6 +91,22 @@ def test_fp8_kv_cache_is_planned_run_and_labelled(env, tmp_path):
     assert "fp8 KV cache" in result.stdout.splitlines()[0]
 
 
+def test_ctx_plans_every_depth_for_the_larger_context(env, tmp_path):
+    out = tmp_path / "ctx.json"
+    result = bench(["--depth", "64,128", "--ctx", "512", "--decode-tokens", "4", "--device", "cpu",
+                    "--baseline", "none", "--json", str(out)], env)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["request"]["ctx"] == 512
+    for record in report["facli"]["depths"]:
+        plan = record["plan"]
+        assert plan["plan"]["ctx"] == 512 and record["status"] == "ok"
+        # The prompt's own predictions, the context's kept beside them.
+        assert plan["ctx_ttft_s"] > plan["ttft_s"] > 0
+        assert plan["prefill_tokens_per_s"] == pytest.approx(record["prompt_tokens"] / plan["ttft_s"])
+    assert "planned for 512 at every depth" in result.stdout.splitlines()[0]
+
+
 def test_user_errors_are_one_line():
     result = run_in_process(["--depth", "8k,lots", "--device", "cpu"])
     assert result.exit_code == 1

@@ -50,6 +50,8 @@ def test_parse_depths_and_request_validation():
         BenchRequest(depths=(1024,), decode_mode="disk")
     with pytest.raises(FacliError, match=r"every --depth >= 73"):
         BenchRequest(depths=(72, 1024), decode_tokens=64)
+    with pytest.raises(FacliError, match=r"--ctx >= every --depth \(4096\), got 2048"):
+        BenchRequest(depths=(1024, 4096), ctx=2048)
 
 
 def test_prompt_fills_the_depth_exactly():

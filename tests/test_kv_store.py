@@ -221,6 +221,46 @@ def test_rejects_bad_arguments():
         store.attend(1, q, k, k, CAPACITY)
 
 
+@pytest.mark.parametrize("device, dtype", [
+    ("cpu", torch.float32),
+    pytest.param("cuda", torch.bfloat16, marks=requires_cuda),
+])
+@pytest.mark.parametrize("kv_dtype", [None, "fp8"])
+@pytest.mark.parametrize("host", [(), (0, 2), (3,)], ids=["none", "first-and-third", "last"])
+def test_graph_layers_decode_at_tensor_positions(host, kv_dtype, device, dtype):
+    """The graph layers' path (position on the device, every row read up to the capacity,
+    masked by length; on a GPU an fp8 token quantized and stored by one kernel) stores and
+    returns what the int path does, with host layers between them at int positions."""
+    steps = _steps(dtype, device)
+    by_int = _offloaded(host, "split", dtype, device, kv_dtype=kv_dtype)
+    by_tensor = OffloadedKVStore(LAYERS, BATCH, CAPACITY, KV_HEADS, HEAD_DIM, dtype,
+                                 torch.device(device), frozenset(host), "split", kv_dtype=kv_dtype)
+    assert by_tensor.graph_layers == set(range(LAYERS)) - set(host)
+    for index, (start, q, k, v) in enumerate(steps):
+        decode = index >= len(CHUNKS)
+        for layer in range(LAYERS):
+            at = start
+            if decode and layer in by_tensor.graph_layers:
+                at = torch.tensor([start], device=device)
+            want = by_int.attend(layer, q[layer], k[layer], v[layer], start)
+            got = by_tensor.attend(layer, q[layer], k[layer], v[layer], at)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    stop = steps[-1][0] + 1
+    for layer in by_tensor.graph_layers:
+        for a, b in zip(by_int._dev[layer].tensors(), by_tensor._dev[layer].tensors()):
+            assert torch.equal(a[:, :stop].view(torch.uint8), b[:, :stop].view(torch.uint8))
+
+
+def test_tensor_positions_only_in_graph_layers():
+    q, k = torch.randn(BATCH, 1, Q_HEADS, HEAD_DIM), torch.randn(BATCH, 1, KV_HEADS, HEAD_DIM)
+    store = _offloaded((1,), "prefetch")
+    with pytest.raises(FacliError, match=r"graph layers \[0, 2, 3\]; layer 1 takes an int"):
+        store.attend(1, q, k, k, torch.tensor([0]))
+    chunk = torch.randn(BATCH, 2, KV_HEADS, HEAD_DIM)
+    with pytest.raises(FacliError, match="single-token decode steps"):
+        store.attend(0, torch.randn(BATCH, 2, Q_HEADS, HEAD_DIM), chunk, chunk, torch.tensor([0]))
+
+
 @requires_cuda
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("kv_dtype", [None, "fp8"])

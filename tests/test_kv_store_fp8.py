@@ -5,7 +5,6 @@ import torch
 from test_kv_store import (
     BATCH,
     CAPACITY,
-    CHUNKS,
     HEAD_DIM,
     KV_HEADS,
     LAYERS,
@@ -15,9 +14,6 @@ from test_kv_store import (
     _steps,
 )
 
-from conftest import requires_cuda
-
-from facli.errors import FacliError
 from facli.offload import kv_store
 from facli.offload.fp8 import E4M3_MAX, dequantize, quantize
 
@@ -88,37 +84,3 @@ def test_fp8_bytes():
     assert store.gpu_bytes() == fp8_layer + slots + ring
 
 
-def _all_gpu_fp8(device="cpu", dtype=torch.float32):
-    return kv_store.OffloadedKVStore(LAYERS, BATCH, CAPACITY, KV_HEADS, HEAD_DIM, dtype,
-                                     torch.device(device), kv_dtype="fp8")
-
-
-@pytest.mark.parametrize("device, dtype", [
-    ("cpu", torch.float32),
-    pytest.param("cuda", torch.bfloat16, marks=requires_cuda),
-])
-def test_fp8_decode_at_a_tensor_position_matches_an_int_position(device, dtype):
-    """The graph-safe path (position on the device, every row read up to the capacity, masked by
-    length; on a GPU the token quantized and stored by one kernel) stores and returns what the
-    int path does, byte for byte."""
-    steps = _steps(dtype, device)
-    by_int = _offloaded((), "prefetch", dtype, device, kv_dtype="fp8")
-    by_tensor = _all_gpu_fp8(device, dtype)
-    for index, (start, q, k, v) in enumerate(steps):
-        at = torch.tensor([start], device=device) if index >= len(CHUNKS) else start  # decode
-        for layer in range(LAYERS):
-            want = by_int.attend(layer, q[layer], k[layer], v[layer], start)
-            got = by_tensor.attend(layer, q[layer], k[layer], v[layer], at)
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    stop = steps[-1][0] + 1
-    for part_int, part_tensor in zip(by_int._dev, by_tensor._dev):
-        for a, b in zip(part_int.tensors(), part_tensor.tensors()):
-            assert torch.equal(a[:, :stop].view(torch.uint8), b[:, :stop].view(torch.uint8))
-
-
-def test_tensor_positions_need_an_all_gpu_fp8_store():
-    q, k = torch.randn(BATCH, 1, 8, HEAD_DIM), torch.randn(BATCH, 1, KV_HEADS, HEAD_DIM)
-    for store in (_offloaded((1,), "prefetch", kv_dtype="fp8"), _offloaded((), "prefetch")):
-        with pytest.raises(FacliError, match="tensor position"):
-            store.attend(0, q, k, k, torch.tensor([0]))
-    assert not _all_gpu_fp8().graph_safe  # a CPU store: nothing to capture

@@ -83,29 +83,47 @@ def test_fp8_logits_close_to_float32(model, mode):
     assert ((got - want).norm() / want.norm()).item() < 3e-2
 
 
-@requires_cuda
-def test_fp8_decode_replays_a_cuda_graph_with_the_eager_tokens(tmp_path):
-    """An all-GPU fp8 store on a GPU whose decode kernel reads e4m3 is graph-safe: the engine
-    captures the decode step, and the replays give the tokens and logits of eager steps."""
-    if torch.cuda.get_device_capability() < (8, 9):
-        pytest.skip("the decode kernel reads fp8 from sm89 on")
-    build_checkpoint(tmp_path, "llama", num_hidden_layers=4, num_attention_heads=8,
+@pytest.fixture(scope="module")
+def gpu_model(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("llama-gqa4-bf16")
+    build_checkpoint(directory, "llama", num_hidden_layers=4, num_attention_heads=8,
                      num_key_value_heads=2, hidden_size=128)
-    config = ModelConfig.from_dir(tmp_path)
-    gpu_model = CausalLM(config, dtype=torch.bfloat16, device="cuda")
-    gpu_model.load(CheckpointReader(tmp_path))
+    config = ModelConfig.from_dir(directory)
+    model = CausalLM(config, dtype=torch.bfloat16, device="cuda")
+    model.load(CheckpointReader(directory))
+    return model
+
+
+@requires_cuda
+@pytest.mark.parametrize("kv_dtype, host, mode", [
+    ("fp8", (), "prefetch"),
+    (None, (0, 2), "prefetch"),
+    (None, (1,), "split"),
+    (None, (3,), "cpu"),
+    ("fp8", (1, 2), "split"),
+])
+def test_decode_replays_cuda_graphs_with_the_eager_tokens(gpu_model, kv_dtype, host, mode):
+    """The engine captures the GPU layers of a decode step (all of them with an all-GPU fp8
+    store whose e4m3 rows the decode kernel reads) and runs host layers eagerly between the
+    graphs: the replays give the tokens and logits of eager steps."""
+    if kv_dtype == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("the decode kernel reads fp8 from sm89 on")
+    config = gpu_model.config
     shape = (config.num_hidden_layers, 1, CAPACITY, config.num_key_value_heads, config.head_dim,
              torch.bfloat16, torch.device("cuda"))
     prompt = torch.randint(0, config.vocab_size, (PROMPT,)).tolist()
     runs = []
     for graphs in (True, False):
-        store = OffloadedKVStore(*shape, kv_dtype="fp8")
-        assert store.graph_safe
+        store = OffloadedKVStore(*shape, host_layers=frozenset(host), decode_mode=mode,
+                                 kv_dtype=kv_dtype)
         engine = Engine(gpu_model, store, prefill_chunk=CHUNK, use_graphs=graphs)
         assert (engine._graphed_step is not None) == graphs
         sampler = Sampler(SamplingParams(), torch.device("cuda"))
         runs.append(engine.generate(prompt, max_new_tokens=NEW, sampler=sampler).token_ids)
         logits = engine.decode_step(torch.tensor([runs[-1][-1]], device="cuda"), PROMPT + NEW - 1)
         runs.append(logits.float().cpu())
+        if graphs:
+            eager = [run for run in engine._graphed_step.runs if not run.graphed]
+            assert [layer for run in eager for layer in range(run.first, run.stop)] == list(host)
     assert runs[0] == runs[2] and len(runs[0]) == NEW
     torch.testing.assert_close(runs[1], runs[3], rtol=1e-2, atol=1e-2)

@@ -20,6 +20,7 @@ def parse_depths(text: str) -> tuple[int, ...]:
 
 def command(
     depth: Annotated[str, typer.Option(help="Context depths to measure, comma separated: 8k,32k,128k,256k (k = 1024).")] = "8k,32k",
+    ctx: Annotated[Optional[str], typer.Option(help="Plan and allocate the KV cache for this context at every depth (as `generate --ctx` does); default: each depth's own.")] = None,
     model: Annotated[Optional[str], typer.Option(help="Checkpoint directory or recipe name; default: the embedded demo model.")] = None,
     synthetic: Annotated[Optional[str], typer.Option(help="A model recipe (e.g. llama-7b) whose shape gets random weights made on the device: no checkpoint needed.")] = None,
     decode_tokens: Annotated[int, typer.Option(help="Tokens decoded at each depth (all of them: EOS is ignored).")] = 64,
@@ -44,6 +45,7 @@ def command(
         depths=parse_depths(depth), model=model, synthetic=synthetic, decode_tokens=decode_tokens,
         devices=devices, device=device, dtype=dtype, prefill_chunk=prefill_chunk, baseline=baseline,
         kv_dtype=kv_dtype, decode_mode=decode_mode, allreduce_tile_tokens=allreduce_tile_tokens,
+        ctx=parse_ctx(ctx) if ctx is not None else None,
     )
     report = run_bench(request)
     print(format_report(report), flush=True)
