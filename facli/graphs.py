@@ -4,13 +4,19 @@ At batch 1 a decode step of a 7B model is a few milliseconds of memory traffic s
 several hundred small kernels; launching them one by one from Python costs as much again.
 
 A KV store names the layers whose decode step is device work only (`graph_layers`): every layer
-of an all-GPU cache, the GPU layers of an offloaded one. The step is cut into runs: the
-embedding, the LM head and consecutive graph layers are captured together, one graph per run,
-and the layers between (host-resident KV, whose copies are chosen by position and whose
-attention may wait on the CPU) run eagerly from their graph's output.
+of an all-GPU cache, the GPU layers of an offloaded one. Only the KV store's part of the other
+layers (host-resident KV: copies chosen by position, attention that may wait on the CPU) runs
+eagerly. The step is cut at those attentions into segments, one graph each:
+
+    embedding, layers 0..h1-1, norm + q/k/v of h1     -> eager: h1's KV store attends
+    o_proj + MLP of h1, layers h1+1..h2-1, q/k/v of h2 -> eager: h2's KV store attends
+    ...
+    o_proj + MLP of hn, layers hn+1..L-1, norm + LM head
+
+so a host layer costs the host only its KV store's launches.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,45 +24,46 @@ from facli.model import CausalLM
 
 
 @dataclass
-class DecodeRun:
-    """Pieces first..stop of a decode step: -1 is the embedding, 0..L-1 the decoder layers and L
-    the final norm and LM head. A graphed run replays `graph` from `input` into `output`."""
+class Segment:
+    """Part of a decode step between two eager attentions. `after`: the host layer whose
+    attention output it starts from (None: from the token); `before`: the host layer whose
+    q, k, v it ends with (None: with the logits); `layers`: the whole layers in between."""
 
-    graphed: bool
-    first: int
-    stop: int
+    after: int | None
+    layers: range
+    before: int | None
     graph: object = None
-    input: torch.Tensor | None = None
-    output: torch.Tensor | None = None
+    inputs: tuple = ()
+    outputs: tuple = field(default_factory=tuple)
 
 
-def plan_runs(num_layers: int, graph_layers) -> list[DecodeRun]:
-    """Maximal runs of pieces that are all captured, or all eager (layers not in graph_layers)."""
-    runs: list[DecodeRun] = []
-    for piece in range(-1, num_layers + 1):
-        graphed = piece in (-1, num_layers) or piece in graph_layers
-        if runs and runs[-1].graphed == graphed:
-            runs[-1].stop = piece + 1
-        else:
-            runs.append(DecodeRun(graphed, piece, piece + 1))
-    return runs
+def plan_segments(num_layers: int, graph_layers) -> list[Segment]:
+    """One segment more than there are layers outside graph_layers."""
+    eager = [layer for layer in range(num_layers) if layer not in graph_layers]
+    bounds = [None, *eager, None]
+    return [Segment(after, range(0 if after is None else after + 1,
+                                 num_layers if before is None else before), before)
+            for after, before in zip(bounds, bounds[1:])]
 
 
 class GraphedDecodeStep:
     """Replays model(token, position, kv) for any position, with the token and position copied
     into static device tensors. Captured at the first call, from real inputs: the warm-up and
     the capture write K/V at the position the real step then writes again, so nothing in the
-    cache is disturbed; eager layers are not run until the real step."""
+    cache is disturbed; the eager attentions are not run until the real step."""
 
     def __init__(self, model: CausalLM, kv):
         self.model, self.kv = model, kv
-        self.token = torch.zeros(1, 1, dtype=torch.long, device=model.device)
-        self.position = torch.zeros(1, dtype=torch.long, device=model.device)
-        self.runs = plan_runs(len(model.layers), kv.graph_layers)
-        for run in self.runs:
-            if run.graphed:
-                run.input = self.token if run.first == -1 else torch.zeros(
-                    1, 1, model.config.hidden_size, dtype=model.dtype, device=model.device)
+        device = model.device
+        self.token = torch.zeros(1, 1, dtype=torch.long, device=device)
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.segments = plan_segments(len(model.layers), kv.graph_layers)
+        width = model.layers[0].self_attn.local_q_heads * model.config.head_dim
+        for segment in self.segments:
+            if segment.after is None:
+                segment.inputs = (self.token,)
+            else:  # the layer input comes from the previous graph's output, in place
+                segment.inputs = (None, torch.zeros(1, 1, width, dtype=model.dtype, device=device))
         self.captured = False
 
     @staticmethod
@@ -73,44 +80,66 @@ class GraphedDecodeStep:
         self.position.fill_(position)
         if not self.captured:
             self._capture()
-        x = None
-        for run in self.runs:
-            if not run.graphed:
-                x = self._execute(run, x, position)
-                continue
-            if run.input is not self.token:
-                run.input.copy_(x)
-            run.graph.replay()
-            x = run.output
-        return x
+        for segment in self.segments:
+            if segment.after is not None:
+                segment.inputs[1].copy_(self.attend(segment.after, previous.outputs, position))
+            segment.graph.replay()
+            previous = segment
+        return previous.outputs[0]
 
-    def _execute(self, run: DecodeRun, x, position):
-        """The run's pieces on x (token ids when it starts with the embedding)."""
-        model, last = self.model, len(self.model.layers)
-        if run.first == -1:
-            x = model.embed_tokens(x)
-        layers = range(max(run.first, 0), min(run.stop, last))
-        if layers:
-            x = model.run_layers(x, layers, self.kv, position)
-        if run.stop == last + 1:
-            x = model.head(x)[:, -1]
-        return x
+    def attend(self, layer: int, projected: tuple, position):
+        """The KV store's part of `layer`: its attention output [1, 1, local heads * D] for
+        projected = (x, q, k, v) of the segment before."""
+        _, q, k, v = projected
+        # The store may still be copying k, v to host memory on a side stream when the next
+        # replay rewrites the graph's outputs: it gets copies, which the allocator keeps alive.
+        return self.kv.attend(layer, q, k.clone(), v.clone(), position).reshape(1, 1, -1)
+
+    def execute(self, segment: Segment, inputs: tuple, position) -> tuple:
+        """The segment's pieces: (logits,) at the end of the step, else (x, q, k, v) of the
+        next host layer. inputs: (token,) or (layer input x, attention output)."""
+        model = self.model
+        if segment.after is None:
+            x = model.embed_tokens(inputs[0])
+        else:
+            x = model.layers[segment.after].tail(*inputs)
+        cos, sin = model.rotary.cos_sin(position, 1, model.dtype)
+        for index in segment.layers:
+            x = model.layers[index](x, cos, sin, self.kv, index, position)
+        if segment.before is None:
+            return (model.head(x)[:, -1],)
+        return (x, *model.layers[segment.before].project(x, cos, sin))
 
     def _capture(self) -> None:
         device = self.model.device
-        graphed = [run for run in self.runs if run.graphed]
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for _ in range(2):  # compile Triton kernels and settle allocations outside the graph
-                for run in graphed:
-                    self._execute(run, run.input, self.position)
+                self._run_segments(lambda segment: None)
         torch.cuda.current_stream(device).wait_stream(side)
-        # One pool: the graphs replay in capture order, one at a time, and each run's output
-        # stays alive until the next graph has read it.
+        # One pool: the graphs replay in capture order, one at a time, and what one hands the
+        # next (its outputs) stays allocated.
         pool = torch.cuda.graph_pool_handle()
-        for run in graphed:
-            run.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(run.graph, pool=pool):
-                run.output = self._execute(run, run.input, self.position)
+
+        def capture(segment):
+            segment.graph = torch.cuda.CUDAGraph()
+            return torch.cuda.graph(segment.graph, pool=pool)
+
+        self._run_segments(capture)
         self.captured = True
+
+    def _run_segments(self, context) -> None:
+        """Each segment on its static inputs inside context(segment) (when not None), the
+        previous segment's x output as the next one's layer input; no eager attention."""
+        previous = None
+        for segment in self.segments:
+            if segment.after is not None:
+                segment.inputs = (previous.outputs[0], segment.inputs[1])
+            manager = context(segment)
+            if manager is None:
+                segment.outputs = self.execute(segment, segment.inputs, self.position)
+            else:
+                with manager:
+                    segment.outputs = self.execute(segment, segment.inputs, self.position)
+            previous = segment

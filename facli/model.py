@@ -56,18 +56,19 @@ class Attention(nn.Module):
         self.qkv_proj.load(reader, tuple(f"{prefix}.{name}" for name in ("q_proj", "k_proj", "v_proj")))
         self.o_proj.load(reader, f"{prefix}.o_proj")
 
-    def forward(self, x, cos, sin, kv: KVStore, layer: int, start: int):
-        return self.o_proj(self.attend(x, cos, sin, kv, layer, start))
-
-    def attend(self, x, cos, sin, kv: KVStore, layer: int, start: int):
-        """This rank's attention heads before o_proj: [B, T, local heads * D]."""
+    def project(self, x, cos, sin):
+        """This rank's q [B, T, local q heads, D] and k, v [B, T, local KV heads, D], rotated."""
         batch, length, _ = x.shape
         q, k, v = self.qkv_proj(x)
         q = q.view(batch, length, self.local_q_heads, self.head_dim)
         k = k.view(batch, length, self.local_kv_heads, self.head_dim)
         v = v.view(batch, length, self.local_kv_heads, self.head_dim)
-        q, k = elementwise.apply_rotary(q, cos, sin), elementwise.apply_rotary(k, cos, sin)
-        return kv.attend(layer, q, k, v, start).reshape(batch, length, -1)
+        return elementwise.apply_rotary(q, cos, sin), elementwise.apply_rotary(k, cos, sin), v
+
+    def attend(self, x, cos, sin, kv: KVStore, layer: int, start: int):
+        """This rank's attention heads before o_proj: [B, T, local heads * D]."""
+        q, k, v = self.project(x, cos, sin)
+        return kv.attend(layer, q, k, v, start).reshape(*x.shape[:2], -1)
 
 
 class MLP(nn.Module):
@@ -105,12 +106,20 @@ class DecoderLayer(nn.Module):
         self.mlp.load(reader, f"{prefix}.mlp")
 
     def forward(self, x, cos, sin, kv, layer, start):
+        attn = self.self_attn.attend(self.input_layernorm(x), cos, sin, kv, layer, start)
         if overlap.pipelines(self.ctx, x):
-            attn = self.self_attn.attend(self.input_layernorm(x), cos, sin, kv, layer, start)
             return overlap.layer_tail(x, attn, self.self_attn.o_proj, self.post_attention_layernorm,
                                       self.mlp, self.ctx)
-        normed, x = self.post_attention_layernorm(
-            x, self.self_attn(self.input_layernorm(x), cos, sin, kv, layer, start))
+        return self.tail(x, attn)
+
+    def project(self, x, cos, sin):
+        """The layer up to its KV cache: q, k, v of the normalized input x [B, T, H]."""
+        return self.self_attn.project(self.input_layernorm(x), cos, sin)
+
+    def tail(self, x, attn):
+        """The layer after attention: x [B, T, H] (the layer input) plus o_proj(attn), plus the
+        MLP of that, normalized."""
+        normed, x = self.post_attention_layernorm(x, self.self_attn.o_proj(attn))
         return x + self.mlp(normed)
 
 

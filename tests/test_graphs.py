@@ -1,8 +1,9 @@
-"""How a decode step is cut into captured runs and eager host layers (facli.graphs), on the CPU.
+"""How a decode step is cut into captured segments and eager attentions of host layers
+(facli.graphs), on the CPU.
 
-CUDA graphs themselves are checked on a GPU (tests/test_kv_store_model.py); here the runs a
-graphed step replays are executed directly, with tensor positions in the graph layers, and
-must compose to the model's own eager step.
+CUDA graphs themselves are checked on a GPU (tests/test_kv_store_model.py); here the segments
+a graphed step replays are executed directly, with tensor positions in the graph layers and int
+positions in the host layers' KV store, and must compose to the model's own eager step.
 """
 
 import pytest
@@ -11,7 +12,7 @@ from checkpoints import build_checkpoint
 
 from facli.checkpoint import CheckpointReader
 from facli.config import ModelConfig
-from facli.graphs import GraphedDecodeStep, plan_runs
+from facli.graphs import GraphedDecodeStep, plan_segments
 from facli.kv_cache import DeviceKVCache
 from facli.model import CausalLM
 from facli.offload.kv_store import OffloadedKVStore
@@ -19,21 +20,20 @@ from facli.offload.kv_store import OffloadedKVStore
 CAPACITY, PROMPT, STEPS = 64, 23, 4
 
 
-def _runs(num_layers, graph_layers):
-    return [(run.graphed, run.first, run.stop) for run in plan_runs(num_layers, graph_layers)]
+def _segments(num_layers, graph_layers):
+    return [(s.after, (s.layers.start, s.layers.stop), s.before)
+            for s in plan_segments(num_layers, graph_layers)]
 
 
-def test_every_layer_graphed_is_one_run():
-    assert _runs(4, {0, 1, 2, 3}) == [(True, -1, 5)]
+def test_every_layer_graphed_is_one_segment():
+    assert _segments(4, {0, 1, 2, 3}) == [(None, (0, 4), None)]
 
 
-def test_host_layers_split_the_runs():
-    assert _runs(6, {0, 1, 3}) == [(True, -1, 2), (False, 2, 3), (True, 3, 4), (False, 4, 6),
-                                   (True, 6, 7)]
-    # The embedding and the head are captured on their own around eager end layers.
-    assert _runs(3, {1}) == [(True, -1, 0), (False, 0, 1), (True, 1, 2), (False, 2, 3),
-                             (True, 3, 4)]
-    assert _runs(2, set()) == [(True, -1, 0), (False, 0, 2), (True, 2, 3)]
+def test_host_layers_cut_the_step_at_their_attention():
+    assert _segments(6, {0, 1, 3}) == [(None, (0, 2), 2), (2, (3, 4), 4), (4, (5, 5), 5),
+                                       (5, (6, 6), None)]
+    assert _segments(3, {1}) == [(None, (0, 0), 0), (0, (1, 2), 2), (2, (3, 3), None)]
+    assert _segments(2, set()) == [(None, (0, 0), 0), (0, (1, 1), 1), (1, (2, 2), None)]
 
 
 @pytest.fixture(scope="module")
@@ -62,16 +62,17 @@ def test_runs_compose_to_the_model_step(model, host):
                               config.head_dim, torch.float32, torch.device("cpu"))
     store = _store(model, host)
     step = GraphedDecodeStep(model, store)
-    eager = [layer for run in step.runs if not run.graphed for layer in range(run.first, run.stop)]
-    assert eager == list(host)
+    assert [segment.before for segment in step.segments[:-1]] == list(host)
     model(prompt, 0, reference)
     model(prompt, 0, store)
     token = prompt[:, -1]
     for position in range(PROMPT, PROMPT + STEPS):
         want = model(token[:, None], position, reference)
-        x = token[:, None]
-        for run in step.runs:
-            at = torch.tensor([position]) if run.graphed else position
-            x = step._execute(run, x, at)
-        torch.testing.assert_close(x, want, rtol=1e-5, atol=1e-5)
+        at = torch.tensor([position])
+        outputs = (token[:, None],)
+        for segment in step.segments:
+            if segment.after is not None:  # the host layer's KV store, at an int position
+                outputs = (outputs[0], step.attend(segment.after, outputs, position))
+            outputs = step.execute(segment, outputs, at)
+        torch.testing.assert_close(outputs[0], want, rtol=1e-5, atol=1e-5)
         token = want.argmax(-1)

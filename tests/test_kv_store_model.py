@@ -103,8 +103,8 @@ def gpu_model(tmp_path_factory):
     ("fp8", (1, 2), "split"),
 ])
 def test_decode_replays_cuda_graphs_with_the_eager_tokens(gpu_model, kv_dtype, host, mode):
-    """The engine captures the GPU layers of a decode step (all of them with an all-GPU fp8
-    store whose e4m3 rows the decode kernel reads) and runs host layers eagerly between the
+    """The engine captures a decode step (all of it with an all-GPU fp8 store whose e4m3 rows
+    the decode kernel reads) but the host layers' KV store, which runs eagerly between the
     graphs: the replays give the tokens and logits of eager steps."""
     if kv_dtype == "fp8" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("the decode kernel reads fp8 from sm89 on")
@@ -123,7 +123,7 @@ def test_decode_replays_cuda_graphs_with_the_eager_tokens(gpu_model, kv_dtype, h
         logits = engine.decode_step(torch.tensor([runs[-1][-1]], device="cuda"), PROMPT + NEW - 1)
         runs.append(logits.float().cpu())
         if graphs:
-            eager = [run for run in engine._graphed_step.runs if not run.graphed]
-            assert [layer for run in eager for layer in range(run.first, run.stop)] == list(host)
+            segments = engine._graphed_step.segments
+            assert [segment.before for segment in segments[:-1]] == list(host)
     assert runs[0] == runs[2] and len(runs[0]) == NEW
     torch.testing.assert_close(runs[1], runs[3], rtol=1e-2, atol=1e-2)
