@@ -1,14 +1,17 @@
 """Decode in a KV cache planned for a long context, with host layers: the engine's graphs (GPU
-layers captured, host layers eager between them) against an all-eager step, in the same run.
+work captured, host layers' KV store eager between them) in each host decode mode, against the
+all-eager step in the plan's mode, in the same run.
 
 Usage: python benchmarks/offloaded_decode.py [--model llama-7b] [--ctx 256k] [--prompts 1k,32k]
        [--tokens 64] [--modes prefetch,cpu,split] [--out DIR]
 Builds the recipe's shape with random bf16 weights on one GPU and plans for --ctx (on an H200,
 Llama-7B at 256K keeps 4 layers' KV in pinned host memory). For each prompt length it decodes
---tokens greedy tokens after the prompt in each host decode mode (default: the plan's) twice,
-with the same model and KV store: through the graphed engine and through an eager one. Prints
-tok/s of each, the speedup and the plan's prediction for the prompt in that mode; full rows go
-to DIR/offloaded_decode.json.
+--tokens greedy tokens after the prompt, with the same model and KV store:
+  - eagerly, in the plan's mode and CPU share (what a step with host layers ran before graphs);
+  - graphed, in each of --modes, with the time model's CPU share for the prompt;
+  - graphed, in the mode the runtime picks for the prompt (`auto`).
+Prints tok/s with the time model's prediction for each; full rows go to
+DIR/offloaded_decode.json.
 """
 
 import argparse
@@ -45,7 +48,7 @@ def main():
     parser.add_argument("--ctx", default="256k")
     parser.add_argument("--prompts", default="1k,32k")
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--modes", default=None, help="host decode modes, comma separated")
+    parser.add_argument("--modes", default="prefetch,cpu,split", help="host decode modes, comma separated")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     env = environment()
@@ -57,39 +60,52 @@ def main():
     eager = Engine(runtime.model, runtime.kv, prefill_chunk=runtime.prefill_chunk, use_graphs=False)
     print(f"{plan.summary_line()}; host layers {sorted(plan.host.layers)}", flush=True)
     generator = torch.Generator().manual_seed(0)
-    modes = args.modes.split(",") if args.modes else [plan.decode_mode]
+    modes = args.modes.split(",")
     rows = []
+
+    def measure(engine, length, prompt, label, mode, share):
+        predicted = None  # the time model predicts graphed steps
+        if engine is graphed:
+            predicted = predict_prompt(runtime.config, runtime.hardware,
+                                       dataclasses.replace(plan, decode_mode=mode),
+                                       length).decode_tokens_per_s
+        runtime.kv.decode_mode, runtime.kv.cpu_share = mode, share
+        rate, tokens = decode_rate(engine, prompt, args.tokens)
+        rows.append({"prompt_tokens": length, "run": label, "decode_mode": mode, "cpu_share": share,
+                     "tokens_per_s": rate, "predicted_tokens_per_s": predicted, "tokens": tokens})
+        print(f"prompt {length}, {label} {mode} (CPU share {share:.2f}): {rate:.1f} tok/s, plan "
+              f"{predicted}", flush=True)
+
     for text in args.prompts.split(","):
         length = parse_ctx(text)
         prompt = torch.randint(0, runtime.config.vocab_size, (length,), generator=generator).tolist()
+        measure(eager, length, prompt, "eager", plan.decode_mode, plan.host_cpu_share)
         for mode in modes:
-            runtime.kv.decode_mode = mode  # the store's mode may change between steps
-            graph_rate, graph_tokens = decode_rate(graphed, prompt, args.tokens)
-            eager_rate, eager_tokens = decode_rate(eager, prompt, args.tokens)
-            mode_plan = dataclasses.replace(plan, decode_mode=mode)
-            _, predicted = predict_prompt(runtime.config, runtime.hardware, mode_plan, length)
-            same = sum(a == b for a, b in zip(graph_tokens, eager_tokens))
-            rows.append({"prompt_tokens": length, "decode_mode": mode,
-                         "graphed_tokens_per_s": graph_rate, "eager_tokens_per_s": eager_rate,
-                         "predicted_tokens_per_s": predicted, "same_tokens": same,
-                         "tokens": len(graph_tokens)})
-            print(f"prompt {length}, {mode}: graphed {graph_rate:.1f} tok/s, eager "
-                  f"{eager_rate:.1f}, plan {predicted:.1f}; {same}/{len(graph_tokens)} tokens "
-                  f"agree", flush=True)
+            share = predict_prompt(runtime.config, runtime.hardware,
+                                   dataclasses.replace(plan, decode_mode=mode), length).cpu_share
+            measure(graphed, length, prompt, "graphed", mode, share)
+        chosen = runtime.decode_for_prompt(length)
+        measure(graphed, length, prompt, "auto", chosen.decode_mode, chosen.cpu_share)
+    for row in rows:  # greedy tokens of every run of a prompt against its eager run's
+        reference = next(r["tokens"] for r in rows if r["prompt_tokens"] == row["prompt_tokens"])
+        row["same_tokens"] = sum(a == b for a, b in zip(row.pop("tokens"), reference))
     result = {"environment": env, "ctx": plan.ctx, "plan_decode_mode": plan.decode_mode,
               "host_layers": sorted(plan.host.layers), "cpu_share": plan.host_cpu_share,
               "tokens": args.tokens, "rows": rows}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "offloaded_decode.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\n{args.model} bf16, cache for {args.ctx}, {len(plan.host.layers)} host layers, "
-          f"CPU share {plan.host_cpu_share:.2f} in split mode")
-    print("| prompt | mode | graphed tok/s | eager tok/s | speedup | plan tok/s |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print(f"\n{args.model} bf16, cache planned for {args.ctx}: {len(plan.host.layers)} host layers, "
+          f"{plan.decode_mode} decode, CPU share {plan.host_cpu_share:.2f}")
+    print("| prompt | run | mode | CPU share | tok/s | plan tok/s | error | same tokens |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
-        print(f"| {row['prompt_tokens']} | {row['decode_mode']} | {row['graphed_tokens_per_s']:.1f} | "
-              f"{row['eager_tokens_per_s']:.1f} | "
-              f"{row['graphed_tokens_per_s'] / row['eager_tokens_per_s']:.2f}x | "
-              f"{row['predicted_tokens_per_s']:.1f} |")
+        predicted = row["predicted_tokens_per_s"]
+        plan_cells = "- | -"
+        if predicted is not None:
+            plan_cells = f"{predicted:.1f} | {(predicted - row['tokens_per_s']) / row['tokens_per_s']:+.1%}"
+        print(f"| {row['prompt_tokens']} | {row['run']} | {row['decode_mode']} | "
+              f"{row['cpu_share']:.2f} | {row['tokens_per_s']:.1f} | {plan_cells} | "
+              f"{row['same_tokens']}/{args.tokens} |")
 
 
 if __name__ == "__main__":

@@ -247,9 +247,12 @@ def prompt_prediction(runtime, prompt_tokens: int) -> dict:
     placement (the plan's own are for a prompt that fills its context)."""
     from facli.offload.planner import predict_prompt
 
-    ttft, decode = predict_prompt(runtime.config, runtime.hardware, runtime.plan, prompt_tokens)
+    prediction = predict_prompt(runtime.config, runtime.hardware, runtime.plan, prompt_tokens,
+                                choose_mode=runtime.options.decode_mode == "auto")
+    ttft = prediction.ttft_s
     return {"ttft_s": ttft, "prefill_tokens_per_s": prompt_tokens / ttft if ttft > 0 else None,
-            "decode_tokens_per_s": decode}
+            "decode_tokens_per_s": prediction.decode_tokens_per_s,
+            "decode_mode": prediction.decode_mode}
 
 
 def plan_record(plan, for_prompt: dict | None = None) -> dict | None:

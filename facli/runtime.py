@@ -168,6 +168,7 @@ class Runtime:
         check_prompt_fits(len(prompt_ids), self.ctx)
         if prefill_chunk is not None:
             self.reconfigure(prefill_chunk=prefill_chunk)
+        self.decode_for_prompt(len(prompt_ids))
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         stream = TextStream(self.tokenizer)
@@ -187,6 +188,19 @@ class Runtime:
             ttft_s=run.timings.ttft_s, decode_tokens_per_s=run.timings.decode_tokens_per_s,
             peak_gpu_bytes=peak, finish_reason=run.finish_reason,
         )
+
+    def decode_for_prompt(self, prompt_tokens: int):
+        """Set the host layers' decode mode (with --decode-mode auto) and split share that the
+        time model finds fastest for this prompt on the plan's KV store; the plan's are for a
+        prompt that fills the context. Returns the prediction (None without host layers)."""
+        if not self.plan.host.layers:
+            return None
+        from facli.offload.planner import predict_prompt
+
+        chosen = predict_prompt(self.config, self.hardware, self.plan, prompt_tokens,
+                                choose_mode=self.options.decode_mode == "auto")
+        self.kv.decode_mode, self.kv.cpu_share = chosen.decode_mode, chosen.cpu_share
+        return chosen
 
     def eos_ids(self) -> tuple[int, ...]:
         ids = set(self.config.eos_token_ids)

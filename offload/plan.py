@@ -24,10 +24,11 @@ def uses_offloaded_store(decode_mode: str, fp8_kv: bool) -> bool:
     return decode_mode != "resident" or fp8_kv
 
 
-def decodes_eagerly(decode_mode: str, fp8_kv: bool, gpu_reads_fp8: bool) -> bool:
-    """Whether decode steps run eagerly rather than as CUDA-graph replays: with host layers, or
-    with an fp8 cache on GPUs whose decode kernel cannot read e4m3 directly (before sm89)."""
-    return decode_mode != "resident" or (fp8_kv and not gpu_reads_fp8)
+def decodes_eagerly(fp8_kv: bool, gpu_reads_fp8: bool) -> bool:
+    """Whether decode steps run wholly eagerly rather than as CUDA-graph replays: with an fp8
+    cache on GPUs whose decode kernel cannot read e4m3 directly (before sm89). Elsewhere only
+    the KV store of host layers runs eagerly, between graphs (facli.graphs)."""
+    return fp8_kv and not gpu_reads_fp8
 
 
 @dataclass(frozen=True)

@@ -158,16 +158,38 @@ def _fp8_hint(model: ModelConfig, hardware: HardwareSpec, ctx: int, batch: int,
             f"{alt.times['prefill_s']:.1f} s against {best.times['prefill_s']:.1f} s",)
 
 
+@dataclass(frozen=True)
+class PromptPrediction:
+    """The time model's figures for one prompt on a plan's placement, and the host layers'
+    decode mode (with its CPU share) that gives them."""
+
+    ttft_s: float
+    decode_tokens_per_s: float
+    decode_mode: str
+    cpu_share: float
+
+
 def predict_prompt(model: ModelConfig, hardware: HardwareSpec, run_plan: Plan,
-                   prompt_tokens: int) -> tuple[float, float]:
-    """(seconds to the first token, decode tokens/s) of `run_plan`'s placement for a prompt of
-    `prompt_tokens`; the plan's own figures are for a prompt that fills its context."""
-    layout = Layout(model, prompt_tokens, run_plan.batch, run_plan.tp, run_plan.prefill_chunk,
-                    run_plan.allreduce_tile_tokens, len(run_plan.host.layers),
-                    run_plan.decode_mode, DTYPE_BYTES[run_plan.weight_dtype],
-                    DTYPE_BYTES[run_plan.kv_dtype], on_cpu=run_plan.device_kind == "cpu")
-    step = decode_breakdown(hardware, layout)["decode_step_s"]
-    return prefill_breakdown(hardware, layout)["prefill_s"], run_plan.batch / step
+                   prompt_tokens: int, *, choose_mode: bool = False) -> PromptPrediction:
+    """Predictions for a prompt of `prompt_tokens` on `run_plan`'s placement; the plan's own
+    figures are for a prompt that fills its context. With choose_mode and host layers, the
+    fastest decode mode for this prompt: every mode runs on the plan's KV store, and the best
+    at one length is not at another (a short prompt's host rows cross PCIe faster than the CPU
+    and the GPU can take turns). cpu_share is "split" mode's share for this prompt."""
+    modes = DECODE_MODE_CHOICES[1:] if choose_mode and run_plan.host.layers else (run_plan.decode_mode,)
+    best = None
+    for mode in modes:
+        layout = Layout(model, prompt_tokens, run_plan.batch, run_plan.tp, run_plan.prefill_chunk,
+                        run_plan.allreduce_tile_tokens, len(run_plan.host.layers), mode,
+                        DTYPE_BYTES[run_plan.weight_dtype], DTYPE_BYTES[run_plan.kv_dtype],
+                        on_cpu=run_plan.device_kind == "cpu")
+        times = decode_breakdown(hardware, layout)
+        if best is None or times["decode_step_s"] < best[0]["decode_step_s"]:
+            best = times, layout
+    times, layout = best
+    return PromptPrediction(prefill_breakdown(hardware, layout)["prefill_s"],
+                            run_plan.batch / times["decode_step_s"], layout.decode_mode,
+                            times["decode_host_cpu_share"])
 
 
 def fits_anywhere(model: ModelConfig, hardware: HardwareSpec, ctx: int, batch: int,

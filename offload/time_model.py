@@ -53,11 +53,16 @@ DECODE_READ_RATE = 1.08
 # (graph-replayed steps, the new token stored by one kernel per layer; commit d8f0629,
 # docs/benchmarks.md): within 1.1% at each depth.
 FP8_DECODE_READ_SHARE = 0.50
-# Per layer per decode step of an eager decode (host layers, or an fp8 cache the GPU cannot read
+# Per layer per decode step of a wholly eager decode (an fp8 cache the GPU cannot read
 # directly): the host's Python and launches for the layer. Fitted to one run (fp8 KV, all layers
 # on one H200, 256K, run eagerly before that layout replayed graphs: 48.3 ms per step); the host
 # then sets the pace whenever the GPU's share of a layer is shorter.
 EAGER_STORE_LAYER_HOST_S = 1.5e-3
+# Per host layer per decode step, beyond its bytes: the KV store's part runs eagerly between two
+# CUDA graphs (facli.graphs). On one H200, Llama-7B in a cache planned for 256K (4 host layers,
+# prefetch) decoded a 1K prompt in 4.96 ms per step against 4.85 predicted without it
+# (benchmarks/offloaded_decode.py, docs/benchmarks.md).
+HOST_LAYER_EAGER_S = 30e-6
 # fp8 prefill attends over the cached prefix in dequantized tiles of FP8_PREFILL_TILE_ROWS, merged
 # by log-sum-exp (offload.kv_store): attention time times this. Fitted to one H200 at 50688fe
 # with 64K-row tiles: TTFT 10.79 / 37.93 s predicted against 10.98 / 37.35 s measured at 128K /
@@ -75,7 +80,11 @@ COPY_ENGINE_HIDDEN = 0.5
 # (docs/benchmarks.md, "Four GPUs").
 NCCL_WAVES_HIDDEN = 0.4
 NCCL_TILING_HIDDEN = 0.1
-CPU_ATTENTION_SYNC_S = 20e-6  # per host layer per decode step: q to host, partials back, merge
+# Per host layer per decode step of CPU attention ("cpu" and "split"), beyond its bytes: the
+# host waits for q, the GPU for the CPU's partials, and the queue between them drains. Fitted
+# where the bytes are few: a 1K prompt in the 256K plan above decoded at 6.76 ms per step in
+# "cpu" mode, 6.15 predicted with 20 us here.
+CPU_ATTENTION_SYNC_S = 170e-6
 # CPU attention over fp8 rows, as a share of the spec's rate (bytes of cache per second): PyTorch
 # converts e4m3 to float32 tiles slowly on the CPU. On the 16-core H200 host an fp8 cache was
 # read at 1.9-2.1 GB/s against 43-46 GB/s for a bf16 cache through the flash kernel, in one call
@@ -232,7 +241,7 @@ def split_cpu_share(hw: HardwareSpec, layout: Layout) -> float:
     by_pcie, by_cpu = layer_kv / pcie, layer_kv * layout.tp / cpu  # one layer, all of it
     without_slots = _device_decode_seconds(hw, layout, 0)
     from_slot = _device_decode_seconds(hw, layout, 1) - without_slots  # one layer, all of it
-    between = without_slots / layout.host_layers + CPU_ATTENTION_SYNC_S
+    between = without_slots / layout.host_layers + HOST_LAYER_EAGER_S + CPU_ATTENTION_SYNC_S
     # between + (1 - share) * from_slot + share * by_cpu == (1 - share) * by_pcie
     share = (by_pcie - from_slot - between) / (by_pcie - from_slot + by_cpu)
     return min(1.0, max(0.0, share))
@@ -247,6 +256,8 @@ def decode_breakdown(hw: HardwareSpec, layout: Layout) -> dict[str, float]:
     # Host layers in prefetch (split) mode are read (in part) from their staging slot.
     staged = {"prefetch": 1.0, "split": 1.0 - cpu_share}.get(layout.decode_mode, 0.0)
     device = _device_decode_seconds(hw, layout, staged * layout.host_layers)
+    if not layout.on_cpu:
+        device += layout.host_layers * HOST_LAYER_EAGER_S
     comm = 0.0
     if t > 1 and not layout.on_cpu:
         one = np.array([b * c.hidden_size * layout.weight_dtype_bytes], dtype=np.float64)
@@ -273,8 +284,7 @@ def decode_breakdown(hw: HardwareSpec, layout: Layout) -> dict[str, float]:
         step = max(device + by_cpu, by_pcie) + comm
     else:
         step = device + comm
-    if not layout.on_cpu and decodes_eagerly(layout.decode_mode, layout.kv_dtype_bytes == 1,
-                                             _gpus_read_fp8(hw, layout)):
+    if not layout.on_cpu and decodes_eagerly(layout.kv_dtype_bytes == 1, _gpus_read_fp8(hw, layout)):
         step = max(step, layers * EAGER_STORE_LAYER_HOST_S)
     return {
         "decode_step_s": step,

@@ -99,6 +99,55 @@ def test_predictions_for_a_shorter_prompt_use_the_plans_placement(hardware, ctx)
     spec, config = load_hardware(hardware), model("llama-7b")
     result = plan(config, spec, ctx, 1, options())
     full = predict_prompt(config, spec, result, ctx)
-    assert full == pytest.approx((result.timing.ttft_s, result.timing.decode_tokens_per_s))
+    assert (full.ttft_s, full.decode_tokens_per_s) == pytest.approx(
+        (result.timing.ttft_s, result.timing.decode_tokens_per_s))
+    assert (full.decode_mode, full.cpu_share) == (result.decode_mode, result.host_cpu_share)
     short = predict_prompt(config, spec, result, ctx // 8)
-    assert short[0] < result.timing.ttft_s / 8 and short[1] >= result.timing.decode_tokens_per_s
+    assert short.ttft_s < result.timing.ttft_s / 8
+    assert short.decode_tokens_per_s >= result.timing.decode_tokens_per_s
+
+
+def test_each_prompt_gets_its_fastest_host_decode_mode():
+    """Llama-7B planned for 256K on one H200 keeps 4 layers' KV on the host and decodes them in
+    "split" mode. A 1K prompt's host rows cross PCIe in well under the GPU's work, so prefetch
+    is fastest for it, with no CPU syncs; at 32K split is again, with its own CPU share."""
+    spec, config = load_hardware("1xH200-141GB"), model("llama-7b")
+    result = plan(config, spec, 256 * 1024, 1, options())
+    assert len(result.host.layers) == 4 and result.decode_mode == "split"
+    at_full = predict_prompt(config, spec, result, 256 * 1024, choose_mode=True)
+    assert at_full.decode_mode == "split"
+    assert at_full.cpu_share == pytest.approx(result.host_cpu_share)
+    short = predict_prompt(config, spec, result, 1024, choose_mode=True)
+    pinned = predict_prompt(config, spec, result, 1024)
+    assert short.decode_mode == "prefetch" and pinned.decode_mode == "split"
+    assert short.decode_tokens_per_s > 1.1 * pinned.decode_tokens_per_s
+    middle = predict_prompt(config, spec, result, 32 * 1024, choose_mode=True)
+    assert middle.decode_mode == "split" and 0.2 < middle.cpu_share < result.host_cpu_share
+    # Without host layers there is nothing to choose.
+    small = plan(config, spec, 32 * 1024, 1, options())
+    assert predict_prompt(config, spec, small, 1024, choose_mode=True).decode_mode == "resident"
+
+
+def test_the_runtime_sets_each_prompts_mode_on_its_kv_store():
+    from types import SimpleNamespace
+
+    from facli.runtime import Runtime
+
+    spec, config = load_hardware("1xH200-141GB"), model("llama-7b")
+    result = plan(config, spec, 256 * 1024, 1, options())
+
+    def runtime(decode_mode):
+        kv = SimpleNamespace(decode_mode=result.decode_mode, cpu_share=result.host_cpu_share)
+        return SimpleNamespace(plan=result, config=config, hardware=spec, kv=kv,
+                               options=SimpleNamespace(decode_mode=decode_mode))
+
+    auto = runtime("auto")
+    assert Runtime.decode_for_prompt(auto, 1024).decode_mode == "prefetch"
+    assert auto.kv.decode_mode == "prefetch"
+    pinned = runtime("split")  # the mode stays; its CPU share follows the prompt
+    chosen = Runtime.decode_for_prompt(pinned, 32 * 1024)
+    assert pinned.kv.decode_mode == "split" and pinned.kv.cpu_share == chosen.cpu_share
+    assert chosen.cpu_share < result.host_cpu_share
+    resident = runtime("auto")
+    resident.plan = plan(config, spec, 32 * 1024, 1, options())
+    assert Runtime.decode_for_prompt(resident, 1024) is None

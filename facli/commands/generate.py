@@ -107,14 +107,15 @@ def plan_and_generate(options, text: str, sampling, max_new_tokens: int, *, stre
                     world_size=options.devices, dtype=options.dtype, kv_dtype=options.kv_dtype,
                     prefill_chunk=options.prefill_chunk, decode_mode=options.decode_mode,
                     force=options.force, allreduce_tile_tokens=options.allreduce_tile_tokens)
-    prompt_prediction = predict_prompt(resolved.config, hardware, plan, len(prompt_ids))
+    prompt_prediction = predict_prompt(resolved.config, hardware, plan, len(prompt_ids),
+                                       choose_mode=options.decode_mode == "auto")
     if prints_here():
         print(f"facli: {plan.summary_line()}", file=sys.stderr)
         for line in plan.hints:
             print(f"facli: {line}", file=sys.stderr)
         if not plan.fits:
             print("facli: warning: --force: running a plan that does not fit", file=sys.stderr)
-        prompt_line = _prompt_line(plan, len(prompt_ids), *prompt_prediction)
+        prompt_line = _prompt_line(plan, len(prompt_ids), prompt_prediction)
         if prompt_line:
             print(f"facli: {prompt_line}", file=sys.stderr)
     request = GenerateRequest(options, resolved, prompt_ids, sampling, max_new_tokens, stream,
@@ -122,16 +123,19 @@ def plan_and_generate(options, text: str, sampling, max_new_tokens: int, *, stre
     return launch(generate_on_rank, (request,), world_size=options.devices, device_type=device.type)
 
 
-def _prompt_line(plan, prompt_tokens: int, ttft: float, rate: float) -> str | None:
+def _prompt_line(plan, prompt_tokens: int, prediction) -> str | None:
     """A line with the predictions for this prompt where they differ much from the plan's, which
     are for a prompt that fills the context (a short prompt in a cache sized for 256K)."""
     from facli.units import format_ctx, format_seconds
 
-    if plan.timing.ttft_s < 1.0 or ttft > 0.5 * plan.timing.ttft_s:
+    if plan.timing.ttft_s < 1.0 or prediction.ttft_s > 0.5 * plan.timing.ttft_s:
         return None
-    return (f"this prompt ({prompt_tokens} tokens): first token ~{format_seconds(ttft)}, decode "
-            f"~{rate:.1f} tok/s; the plan's figures are for a prompt filling ctx "
-            f"{format_ctx(plan.ctx)}")
+    mode = ""
+    if plan.host.layers and prediction.decode_mode != plan.decode_mode:
+        mode = f" ({prediction.decode_mode} decode of host layers for it)"
+    return (f"this prompt ({prompt_tokens} tokens): first token ~{format_seconds(prediction.ttft_s)}, "
+            f"decode ~{prediction.decode_tokens_per_s:.1f} tok/s{mode}; the plan's figures are for "
+            f"a prompt filling ctx {format_ctx(plan.ctx)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +151,7 @@ class GenerateRequest:
     hardware: object
     tokenizer: object
     plan: object
-    prompt_prediction: tuple  # (seconds to the first token, decode tokens/s) for this prompt
+    prompt_prediction: object  # offload.planner.PromptPrediction for this prompt
 
 
 def generate_on_rank(parallel, request: GenerateRequest) -> dict:
@@ -169,7 +173,7 @@ def generate_on_rank(parallel, request: GenerateRequest) -> dict:
                                   sampling=request.sampling, on_text=on_text,
                                   on_progress=bar.update if bar else None)
     plan = runtime.plan
-    prompt_ttft, prompt_rate = request.prompt_prediction
+    prompt = request.prompt_prediction
     return {
         "text": result.text,
         "token_ids": result.token_ids,
@@ -184,7 +188,9 @@ def generate_on_rank(parallel, request: GenerateRequest) -> dict:
                  "decode_mode": plan.decode_mode, "host_layers": list(plan.host.layers),
                  "host_cpu_share": plan.host_cpu_share, "prefill_chunk": plan.prefill_chunk,
                  "allreduce_tile_tokens": plan.allreduce_tile_tokens,
-                 "prompt_ttft_s": prompt_ttft, "prompt_decode_tokens_per_s": prompt_rate},
+                 "prompt_ttft_s": prompt.ttft_s,
+                 "prompt_decode_tokens_per_s": prompt.decode_tokens_per_s,
+                 "prompt_decode_mode": prompt.decode_mode, "prompt_cpu_share": prompt.cpu_share},
     }
 
 
