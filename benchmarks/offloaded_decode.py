@@ -86,9 +86,12 @@ def main():
             measure(graphed, length, prompt, "graphed", mode, share)
         chosen = runtime.decode_for_prompt(length)
         measure(graphed, length, prompt, "auto", chosen.decode_mode, chosen.cpu_share)
+    eager_tokens = {r["prompt_tokens"]: r["tokens"] for r in rows if r["run"] == "eager"}
     for row in rows:  # greedy tokens of every run of a prompt against its eager run's
-        reference = next(r["tokens"] for r in rows if r["prompt_tokens"] == row["prompt_tokens"])
-        row["same_tokens"] = sum(a == b for a, b in zip(row.pop("tokens"), reference))
+        reference = eager_tokens[row["prompt_tokens"]]
+        row["same_tokens"] = sum(a == b for a, b in zip(row["tokens"], reference))
+    for row in rows:
+        del row["tokens"]
     result = {"environment": env, "ctx": plan.ctx, "plan_decode_mode": plan.decode_mode,
               "host_layers": sorted(plan.host.layers), "cpu_share": plan.host_cpu_share,
               "tokens": args.tokens, "rows": rows}

@@ -85,6 +85,11 @@ NCCL_TILING_HIDDEN = 0.1
 # where the bytes are few: a 1K prompt in the 256K plan above decoded at 6.76 ms per step in
 # "cpu" mode, 6.15 predicted with 20 us here.
 CPU_ATTENTION_SYNC_S = 170e-6
+# Per host layer per "split" decode step, beyond the above: the slot's wait, the GPU's partial
+# and the merge, which the GPU does between the CPU's part and the next layer. In the same
+# plan, split steps took 8.67 / 10.4 / 29.8 ms for 1K / 8K / 32K prompts, 0.4-0.75 ms per host
+# layer above the model without it (benchmarks/offloaded_decode.py).
+SPLIT_LAYER_S = 0.6e-3
 # CPU attention over fp8 rows, as a share of the spec's rate (bytes of cache per second): PyTorch
 # converts e4m3 to float32 tiles slowly on the CPU. On the 16-core H200 host an fp8 cache was
 # read at 1.9-2.1 GB/s against 43-46 GB/s for a bf16 cache through the flash kernel, in one call
@@ -241,7 +246,8 @@ def split_cpu_share(hw: HardwareSpec, layout: Layout) -> float:
     by_pcie, by_cpu = layer_kv / pcie, layer_kv * layout.tp / cpu  # one layer, all of it
     without_slots = _device_decode_seconds(hw, layout, 0)
     from_slot = _device_decode_seconds(hw, layout, 1) - without_slots  # one layer, all of it
-    between = without_slots / layout.host_layers + HOST_LAYER_EAGER_S + CPU_ATTENTION_SYNC_S
+    between = (without_slots / layout.host_layers + HOST_LAYER_EAGER_S + CPU_ATTENTION_SYNC_S
+               + SPLIT_LAYER_S)
     # between + (1 - share) * from_slot + share * by_cpu == (1 - share) * by_pcie
     share = (by_pcie - from_slot - between) / (by_pcie - from_slot + by_cpu)
     return min(1.0, max(0.0, share))
@@ -277,7 +283,8 @@ def decode_breakdown(hw: HardwareSpec, layout: Layout) -> dict[str, float]:
     elif layout.decode_mode == "split" and layout.host_layers:
         # The GPU waits for the CPU's parts; the PCIe parts stream beside them and the GPU work.
         pcie_rate, cpu_rate = _concurrent_host_rates(hw, layout)
-        by_cpu = cpu_share * host_total / cpu_rate + layout.host_layers * CPU_ATTENTION_SYNC_S
+        by_cpu = (cpu_share * host_total / cpu_rate
+                  + layout.host_layers * (CPU_ATTENTION_SYNC_S + SPLIT_LAYER_S))
         streamed = layout.host_layers > STAGING_SLOTS  # else the slots keep their layers
         by_pcie = (1 - cpu_share) * host_rank / pcie_rate if streamed else 0.0
         host = max(by_cpu, by_pcie)

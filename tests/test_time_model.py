@@ -10,6 +10,7 @@ from facli.offload.planner import PlanOptions, plan, predict_prompt
 from facli.offload.time_model import (
     CPU_ATTENTION_SYNC_S,
     CPU_FP8_ATTENTION_SHARE,
+    SPLIT_LAYER_S,
     Layout,
     decode_breakdown,
     split_cpu_share,
@@ -40,7 +41,7 @@ def test_split_share_balances_the_cpu_against_pcie(host_layers):
     layer = 2 * 256 * 1024 * 32 * 128 * 2
     pcie, cpu = (rate * 1e9 * 96 / (55 + 54) for rate in (55, 54))  # capped by host memory
     device = times["decode_device_s"]  # with (1 - share) of each host layer read from a slot
-    by_cpu = share * layer / cpu + CPU_ATTENTION_SYNC_S
+    by_cpu = share * layer / cpu + CPU_ATTENTION_SYNC_S + SPLIT_LAYER_S
     assert device / host_layers + by_cpu == pytest.approx((1 - share) * layer / pcie, rel=1e-6)
     assert times["decode_step_s"] == pytest.approx(host_layers * (1 - share) * layer / pcie)
     for mode in ("prefetch", "cpu"):
