@@ -51,6 +51,14 @@ Decode over a host layer, decode_mode="split" (both ways out of host memory at o
   read 96 GB/s while both run (copies 52, CPU 44) against 55 and 50 alone
   (benchmarks/offload.py), so the layer's host bytes take about 0.6 of either mode's time.
 
+Packed slots (pack_slots=True, the default), before any of the above: while no host layer holds
+more than packed_slot_rows positions (256K with 4 host layers: 128K), the two staging slots
+keep every host layer's rows at once, each in its own share of a slot's rows. Prefill chunks
+and decode tokens are written there and back to host memory, and attention reads them there:
+nothing is loaded over PCIe, whatever the decode mode, so a prompt much shorter than the
+capacity decodes at about the speed of an all-GPU cache. The first host layer to outgrow its
+share unpacks the store until the next reset; its rows are all in host memory by then.
+
 gpu_prefix_tokens > 0 keeps a host layer's first positions on the GPU: they are copied
 device-to-device into a slot (never over PCIe) when staging, and are the GPU's concurrent share
 in "cpu" mode. fp8 GPU rows are dequantized FP8_TILE rows at a time and the tiles merged by
@@ -66,7 +74,7 @@ from facli.kernels.fp8_kv import store_token_fp8_triton
 from facli.offload.cpu_attention import TileWorkspace, cpu_suffix_attention
 from facli.offload.fp8 import FP8, dequantize_into
 from facli.offload.kv_parts import Chunk, KVPart, Slot
-from facli.offload.memory_model import FP8_PREFILL_TILE_ROWS
+from facli.offload.memory_model import FP8_PREFILL_TILE_ROWS, packed_slot_rows
 from facli.offload.plan import READS_FP8_FROM
 from facli.offload.streams import CopyQueues, host_empty, pinned_copy
 
@@ -84,13 +92,15 @@ class OffloadedKVStore:
         "split" (each host layer's rows, part streamed and part attended on the CPU); an
         attribute that may be changed between steps, as may cpu_share.
     cpu_share: in "split" mode, the share of each host layer's host rows the CPU attends.
+    pack_slots: keep every host layer's rows in the staging slots while they fit (the module
+        docstring); an attribute that takes effect at the next reset.
     kv_dtype: None (store in `dtype`) or "fp8" (e4m3 with per-token-per-head scales).
     """
 
     def __init__(self, num_layers: int, batch: int, capacity: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device, host_layers: frozenset = frozenset(),
                  decode_mode: str = "prefetch", kv_dtype: str | None = None,
-                 gpu_prefix_tokens: int = 0, cpu_share: float = 0.5):
+                 gpu_prefix_tokens: int = 0, cpu_share: float = 0.5, pack_slots: bool = True):
         _validate(num_layers, host_layers, decode_mode, kv_dtype, gpu_prefix_tokens, cpu_share)
         self.capacity, self.dtype, self.device = capacity, dtype, torch.device(device)
         self.decode_mode, self.fp8 = decode_mode, kv_dtype == "fp8"
@@ -118,6 +128,10 @@ class OffloadedKVStore:
                               for _ in range(2)]) for _ in range(min(2, len(self._staged)))]
         self._raw = (KVPart(batch, min(RAW_ROWS, capacity), *shape[1:], self._device_empty)
                      if self.fp8 and self._staged else None)
+        self.pack_slots = pack_slots  # takes effect at the next reset
+        self._packed = pack_slots and bool(self._slots)
+        self._region_rows = packed_slot_rows(capacity, len(self._staged))
+        self._per_slot = -(-len(self._staged) // max(len(self._slots), 1))
         self._lens = torch.zeros(batch, dtype=torch.int32, device=self.device)
         self._prefix_lens = torch.zeros_like(self._lens)
         self._graph_lens = torch.zeros_like(self._lens)
@@ -152,12 +166,24 @@ class OffloadedKVStore:
         self._written = [0] * len(self._written)
         for slot in self._slots:
             slot.layer, slot.length = None, 0
+        self._packed = self.pack_slots and bool(self._slots)
+
+    @property
+    def packed(self) -> bool:
+        """Whether every host layer's rows sit in the staging slots at once (see the module
+        docstring): until a host layer holds more than packed_slot_rows, after a reset."""
+        return self._packed
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
         """Store k, v [B, T, Hkv, D] at start..start+T of `layer` without attending (restoring
         a saved prefix; benchmarks filling a long cache). Host rows are copied asynchronously."""
-        self._check(layer, start, start + k.shape[1])
-        self._write_back(layer, Chunk.encode(k, v, self.dtype, self.fp8), start, start + k.shape[1])
+        stop = start + k.shape[1]
+        self._check(layer, start, stop)
+        chunk = Chunk.encode(k, v, self.dtype, self.fp8)
+        region = self._region(layer, stop)
+        if region is not None:
+            self._into_rows(*region, chunk, start, stop)
+        self._write_back(layer, chunk, start, stop)
 
     def _check(self, layer, start, stop):
         if stop > self.capacity:
@@ -179,7 +205,10 @@ class OffloadedKVStore:
         stop = start + k.shape[1]
         self._check(layer, start, stop)
         chunk = Chunk.encode(k, v, self.dtype, self.fp8)
-        if stop <= self._split[layer]:
+        region = self._region(layer, stop)
+        if region is not None:
+            out = self._attend_packed(layer, q, chunk, start, stop, *region)
+        elif stop <= self._split[layer]:
             out = self._attend_on_device(layer, q, chunk, start, stop)
         elif q.shape[1] == 1 and self.decode_mode == "cpu":
             out = self._attend_on_cpu(layer, q, chunk, start, stop)
@@ -258,16 +287,50 @@ class OffloadedKVStore:
             if slot.layer == layer:
                 slot.length = min(slot.length, start)
 
+    # -- packed slots: every host layer's rows on the GPU while they fit -------------------------
+
+    def _region(self, layer, stop):
+        """(keys, values) of the slot rows that keep `layer`'s positions while the store is
+        packed and they hold `stop`; None for GPU layers and once unpacked. The first host
+        layer to outgrow its rows unpacks the store until the next reset."""
+        if not self._packed or self._host[layer] is None:
+            return None
+        if stop > self._region_rows:
+            self._unpack()
+            return None
+        slot_index, place = divmod(self._staged.index(layer), self._per_slot)
+        slot = self._slots[slot_index]
+        rows = slice(place * self._region_rows, (place + 1) * self._region_rows)
+        return slot.keys[:, rows], slot.values[:, rows]
+
+    def _unpack(self) -> None:
+        """From now on slots hold one layer each, loaded from host memory: prefetches may
+        overwrite the packed rows once the attention already queued on them has run."""
+        self._packed = False
+        freed = [self.queues.mark()]
+        for slot in self._slots:
+            slot.layer, slot.length, slot.free = None, 0, freed
+
+    def _attend_packed(self, layer, q, chunk, start, stop, keys, values):
+        self._into_rows(keys, values, chunk, start, stop)
+        self._write_back(layer, chunk, start, stop)
+        return self._gpu_attention(q, keys, values, start, stop)
+
     # -- staged path: prefill, and decode in "prefetch" mode ------------------------------------
+
+    def _into_rows(self, keys, values, chunk, start, stop):
+        """keys/values (model dtype) rows start..stop = the chunk as stored: fp8 is dequantized,
+        so the chunk attends to its own K/V as every later query will."""
+        if self.fp8:
+            dequantize_into(keys[:, start:stop], chunk.k, chunk.k_scales)
+            dequantize_into(values[:, start:stop], chunk.v, chunk.v_scales)
+        else:
+            keys[:, start:stop] = chunk.k
+            values[:, start:stop] = chunk.v
 
     def _attend_staged(self, layer, q, chunk, start, stop):
         slot = self._stage(layer, start)
-        if self.fp8:  # the chunk attends to its own K/V as stored, like every later query
-            dequantize_into(slot.keys[:, start:stop], chunk.k, chunk.k_scales)
-            dequantize_into(slot.values[:, start:stop], chunk.v, chunk.v_scales)
-        else:
-            slot.keys[:, start:stop] = chunk.k
-            slot.values[:, start:stop] = chunk.v
+        self._into_rows(slot.keys, slot.values, chunk, start, stop)
         self._write_back(layer, chunk, start, stop)
         slot.length = stop
         out = self._gpu_attention(q, slot.keys, slot.values, start, stop)

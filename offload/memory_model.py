@@ -158,6 +158,15 @@ def kv_layer_bytes(config: ModelConfig, ctx: int, batch: int, dtype_bytes: int,
     return 2 * batch * ctx * heads * per_head
 
 
+def packed_slot_rows(capacity: int, host_layers: int) -> int:
+    """Rows of each host layer that the staging slots keep at once, every host layer beside the
+    others (offload.kv_store), while no host layer holds more: the whole capacity for one or
+    two host layers, half of it for three or four, a quarter for up to eight."""
+    if host_layers == 0:
+        return 0
+    return capacity // -(-host_layers // STAGING_SLOTS)
+
+
 def staging_bytes(config: ModelConfig, ctx: int, batch: int, host_layers: int,
                   weight_dtype_bytes: int, kv_dtype_bytes: int, tp: int = 1) -> int:
     """GPU buffers for host-resident layers: staging slots in the model dtype, fp8 ring."""

@@ -22,7 +22,7 @@ from facli.offload.hardware import HardwareSpec
 from facli.offload.memory_model import DTYPE_BYTES
 from facli.offload.plan import Plan
 from facli.offload.plan_builder import build_plan
-from facli.offload.time_model import Layout, decode_breakdown, prefill_breakdown
+from facli.offload.time_model import Layout, decode_breakdown, packs_slots, prefill_breakdown
 from facli.units import format_bytes, format_ctx
 
 CHUNK_CHOICES = (256, 512, 1024, 2048, 4096, 8192, 16384)
@@ -167,6 +167,7 @@ class PromptPrediction:
     decode_tokens_per_s: float
     decode_mode: str
     cpu_share: float
+    packed: bool = False  # every host layer's rows fit the staging slots: none crosses PCIe
 
 
 def predict_prompt(model: ModelConfig, hardware: HardwareSpec, run_plan: Plan,
@@ -182,14 +183,14 @@ def predict_prompt(model: ModelConfig, hardware: HardwareSpec, run_plan: Plan,
         layout = Layout(model, prompt_tokens, run_plan.batch, run_plan.tp, run_plan.prefill_chunk,
                         run_plan.allreduce_tile_tokens, len(run_plan.host.layers), mode,
                         DTYPE_BYTES[run_plan.weight_dtype], DTYPE_BYTES[run_plan.kv_dtype],
-                        on_cpu=run_plan.device_kind == "cpu")
+                        on_cpu=run_plan.device_kind == "cpu", capacity=run_plan.ctx)
         times = decode_breakdown(hardware, layout)
         if best is None or times["decode_step_s"] < best[0]["decode_step_s"]:
             best = times, layout
     times, layout = best
     return PromptPrediction(prefill_breakdown(hardware, layout)["prefill_s"],
                             run_plan.batch / times["decode_step_s"], layout.decode_mode,
-                            times["decode_host_cpu_share"])
+                            times["decode_host_cpu_share"], packs_slots(layout))
 
 
 def fits_anywhere(model: ModelConfig, hardware: HardwareSpec, ctx: int, batch: int,

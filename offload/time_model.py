@@ -11,10 +11,8 @@ import numpy as np
 from facli.config import ModelConfig
 from facli.offload.hardware import HardwareSpec
 from facli.offload.plan import READS_FP8_FROM, decodes_eagerly, uses_offloaded_store
-# A staging slot keeps its layer across chunks and tokens (facli.offload.kv_store), so with at
-# most STAGING_SLOTS host layers their prefix is never reloaded, only new rows move.
 from facli.offload.memory_model import (
-    STAGING_SLOTS,
+    packed_slot_rows,
     activation_bytes,
     kv_layer_bytes,
     prefill_tile,
@@ -113,6 +111,16 @@ class Layout:
     weight_dtype_bytes: int
     kv_dtype_bytes: int
     on_cpu: bool = False  # a CPU-only plan: everything in host memory, computed by the CPU
+    capacity: int = 0  # positions the KV store holds, when more than ctx (a shorter prompt)
+
+
+def packs_slots(layout: Layout) -> bool:
+    """Whether the staging slots keep every host layer's rows at `ctx` positions (the offloaded
+    store's packed slots: always with one or two host layers), so no host row crosses PCIe
+    again and no mode attends on the CPU."""
+    if not layout.host_layers or layout.on_cpu:
+        return False
+    return layout.ctx <= packed_slot_rows(layout.capacity or layout.ctx, layout.host_layers)
 
 
 def _rates(hw: HardwareSpec, layout: Layout) -> tuple[float, float]:
@@ -183,8 +191,10 @@ def prefill_breakdown(hw: HardwareSpec, layout: Layout) -> dict[str, float]:
     transfer = np.zeros_like(sizes)
     if layout.host_layers and not layout.on_cpu:
         per_token_layer = kv_layer_bytes(c, 1, b, layout.kv_dtype_bytes, t)
-        reloaded = 0 if layout.host_layers <= STAGING_SLOTS else layout.host_layers
-        reload = reloaded * per_token_layer * starts  # prefix of each host layer, per chunk
+        # Each host layer's prefix is reloaded for each chunk once the slots no longer keep
+        # them all (packed_slot_rows).
+        packed = starts + sizes <= packed_slot_rows(layout.capacity or layout.ctx, layout.host_layers)
+        reload = np.where(packed, 0.0, layout.host_layers * per_token_layer * starts)
         write_back = layout.host_layers * per_token_layer * sizes
         link = np.maximum(reload, write_back) / (hw.host_device_gbps * 1e9)
         dram = (reload + write_back) * t / (hw.cpu_memory_gbps * 1e9)
@@ -238,8 +248,8 @@ def split_cpu_share(hw: HardwareSpec, layout: Layout) -> float:
     """Share of each host layer's rows that "split" decode leaves to the CPU. Per host layer, the
     GPU waits for the CPU's part, and the next host layer's PCIe part streams meanwhile (beside
     that wait and the GPU layers in between): the share makes the two equally long."""
-    if layout.decode_mode != "split" or layout.host_layers <= STAGING_SLOTS:
-        return 0.0  # slots keep up to STAGING_SLOTS layers: only new rows would cross PCIe
+    if layout.decode_mode != "split" or packs_slots(layout):
+        return 0.0
     layer_kv = kv_layer_bytes(layout.config, layout.ctx, layout.batch, layout.kv_dtype_bytes,
                               layout.tp)
     pcie, cpu = _concurrent_host_rates(hw, layout)
@@ -258,9 +268,10 @@ def decode_breakdown(hw: HardwareSpec, layout: Layout) -> dict[str, float]:
     c, t, b = layout.config, layout.tp, layout.batch
     layers = c.num_hidden_layers
     layer_kv = kv_layer_bytes(c, layout.ctx, b, layout.kv_dtype_bytes, t)
+    mode = "packed" if packs_slots(layout) else layout.decode_mode
     cpu_share = split_cpu_share(hw, layout)
     # Host layers in prefetch (split) mode are read (in part) from their staging slot.
-    staged = {"prefetch": 1.0, "split": 1.0 - cpu_share}.get(layout.decode_mode, 0.0)
+    staged = {"packed": 1.0, "prefetch": 1.0, "split": 1.0 - cpu_share}.get(mode, 0.0)
     device = _device_decode_seconds(hw, layout, staged * layout.host_layers)
     if not layout.on_cpu:
         device += layout.host_layers * HOST_LAYER_EAGER_S
@@ -271,22 +282,21 @@ def decode_breakdown(hw: HardwareSpec, layout: Layout) -> dict[str, float]:
     host_rank = layout.host_layers * layer_kv
     host_total = host_rank * t
     host = 0.0
-    if layout.decode_mode == "prefetch" and layout.host_layers > STAGING_SLOTS:
+    if mode == "prefetch":
         # Every host layer streams in per token, overlapped with the other layers' compute.
         host = max(host_rank / (hw.host_device_gbps * 1e9), host_total / (hw.cpu_memory_gbps * 1e9))
         step = max(device, host) + comm
-    elif layout.decode_mode == "cpu" and layout.host_layers:
+    elif mode == "cpu" and layout.host_layers:
         # The next layer needs this layer's output: the GPU waits for the CPU's part.
         host = host_total / _cpu_attention_rate(hw.cpu_attention_gbps * 1e9, layout)
         host += layout.host_layers * CPU_ATTENTION_SYNC_S
         step = device + host + comm
-    elif layout.decode_mode == "split" and layout.host_layers:
+    elif mode == "split" and layout.host_layers:
         # The GPU waits for the CPU's parts; the PCIe parts stream beside them and the GPU work.
         pcie_rate, cpu_rate = _concurrent_host_rates(hw, layout)
         by_cpu = (cpu_share * host_total / cpu_rate
                   + layout.host_layers * (CPU_ATTENTION_SYNC_S + SPLIT_LAYER_S))
-        streamed = layout.host_layers > STAGING_SLOTS  # else the slots keep their layers
-        by_pcie = (1 - cpu_share) * host_rank / pcie_rate if streamed else 0.0
+        by_pcie = (1 - cpu_share) * host_rank / pcie_rate
         host = max(by_cpu, by_pcie)
         step = max(device + by_cpu, by_pcie) + comm
     else:

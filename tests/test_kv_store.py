@@ -51,6 +51,8 @@ def _device_cache(dtype=torch.float32, device="cpu"):
 
 
 def _offloaded(host_layers, mode, dtype=torch.float32, device="cpu", **options):
+    """A poisoned store; unpacked unless asked, so that host rows take the mode's own path."""
+    options.setdefault("pack_slots", False)
     store = OffloadedKVStore(LAYERS, BATCH, CAPACITY, KV_HEADS, HEAD_DIM, dtype,
                              torch.device(device), frozenset(host_layers), mode, **options)
     _poison(store)
@@ -85,14 +87,48 @@ MODES = ["prefetch", "cpu", "split"]
 HOST_SETS = {"none": (), "one": (2,), "two": (0, 3), "three": (0, 1, 3), "all": (0, 1, 2, 3)}
 
 
+@pytest.mark.parametrize("pack", [False, True], ids=["unpacked", "packed"])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("host", list(HOST_SETS), ids=[f"host-{name}" for name in HOST_SETS])
 @pytest.mark.parametrize("prefix", [0, 5, 30], ids=lambda p: f"gpu-prefix-{p}")
-def test_same_attention_as_device_cache(mode, host, prefix):
+def test_same_attention_as_device_cache(mode, host, prefix, pack):
     steps = _steps()
     want = _run(_device_cache(), steps)
-    got = _run(_offloaded(HOST_SETS[host], mode, gpu_prefix_tokens=prefix), steps)
+    got = _run(_offloaded(HOST_SETS[host], mode, gpu_prefix_tokens=prefix, pack_slots=pack), steps)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_packed_slots_keep_every_host_layer_until_one_outgrows_its_rows(mode):
+    """Two host layers fit the two slots whole: nothing crosses PCIe host-to-device, whatever
+    the mode. Four share them at half the capacity each (27 rows here): the store unpacks at the
+    prefill chunk that passes 27 positions, and streams from then on."""
+    steps = _steps()
+    two = _offloaded((0, 3), mode, pack_slots=True)
+    assert two.packed
+    _run(two, steps)
+    assert two.packed and two.h2d_bytes == 0 and two.d2h_bytes > 0
+    four = _offloaded((0, 1, 2, 3), mode, pack_slots=True)
+    _run(four, steps[:3])  # 21 positions
+    assert four.packed and four.h2d_bytes == 0
+    _run(four, steps[3:4])  # 41 positions
+    assert not four.packed and four.h2d_bytes > 0
+    four.reset()
+    assert four.packed
+
+
+def test_packed_slots_take_written_rows():
+    """Positions stored with `write` while packed are in the slots for later decode steps."""
+    steps = _steps()
+    store, reference = _offloaded((0, 2), "cpu", pack_slots=True), _device_cache()
+    prompt = steps[:len(CHUNKS)]
+    for start, _, k, v in prompt:
+        for layer in range(LAYERS):
+            store.write(layer, k[layer], v[layer], start)
+    _run(reference, prompt)
+    decode = steps[len(prompt):]
+    torch.testing.assert_close(_run(store, decode), _run(reference, decode), rtol=1e-5, atol=1e-5)
+    assert store.packed and store.h2d_bytes == 0
 
 
 @pytest.mark.parametrize("share", [0.0, 0.3, 1.0])
@@ -262,13 +298,14 @@ def test_tensor_positions_only_in_graph_layers():
 
 
 @requires_cuda
+@pytest.mark.parametrize("pack", [False, True], ids=["unpacked", "packed"])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("kv_dtype", [None, "fp8"])
-def test_cuda_streams_and_pinned_memory(mode, kv_dtype):
+def test_cuda_streams_and_pinned_memory(mode, kv_dtype, pack):
     steps = _steps(torch.bfloat16, "cuda")
     want = _run(_offloaded((), mode, torch.bfloat16, "cuda", kv_dtype=kv_dtype), steps)
     store = _offloaded((0, 1, 3), mode, torch.bfloat16, "cuda", kv_dtype=kv_dtype,
-                       gpu_prefix_tokens=9)
+                       gpu_prefix_tokens=9, pack_slots=pack)
     assert store._host[1].k.is_pinned()
     got = _run(store, steps)
     torch.cuda.synchronize()

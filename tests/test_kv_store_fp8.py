@@ -53,12 +53,13 @@ def test_fp8_attention_error_against_float32(mode):
     assert bf16 < error < 5e-2
 
 
+@pytest.mark.parametrize("pack", [False, True], ids=["unpacked", "packed"])
 @pytest.mark.parametrize("mode", ["prefetch", "cpu", "split"])
 @pytest.mark.parametrize("host", [(0,), (1, 2), (0, 1, 2, 3)], ids=["one", "two", "all"])
-def test_fp8_same_wherever_layers_live(mode, host):
+def test_fp8_same_wherever_layers_live(mode, host, pack):
     steps = _steps()
     want = _run(_offloaded((), mode, kv_dtype="fp8"), steps)
-    got = _run(_offloaded(host, mode, kv_dtype="fp8", gpu_prefix_tokens=6), steps)
+    got = _run(_offloaded(host, mode, kv_dtype="fp8", gpu_prefix_tokens=6, pack_slots=pack), steps)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 

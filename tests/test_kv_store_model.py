@@ -54,10 +54,15 @@ def expected(model):
     return [(p, _generate(model, DeviceKVCache(*_shape(model)), p)) for p in prompts]
 
 
+@pytest.mark.parametrize("pack", [False, True], ids=["unpacked", "packed"])
 @pytest.mark.parametrize("mode", ["prefetch", "cpu", "split"])
 @pytest.mark.parametrize("host", [(3,), (0, 2), (0, 1, 2, 3)], ids=["one", "two", "all"])
-def test_same_greedy_tokens_as_all_gpu(model, expected, mode, host):
-    store = OffloadedKVStore(*_shape(model), host_layers=frozenset(host), decode_mode=mode)
+def test_same_greedy_tokens_as_all_gpu(model, expected, mode, host, pack):
+    """Packed, four host layers share the slots at 75 rows each: the first prompt unpacks the
+    store during its decode steps (61 + 16 positions), the second stays packed."""
+    layers, batch, _, *rest = _shape(model)
+    store = OffloadedKVStore(layers, batch, CAPACITY - 10, *rest, host_layers=frozenset(host),
+                             decode_mode=mode, pack_slots=pack)
     # The second prompt reuses the store: reset must leave nothing behind.
     for prompt, want in expected:
         assert _generate(model, store, prompt) == want
@@ -70,7 +75,7 @@ def test_fp8_logits_close_to_float32(model, mode):
     1e-2 on this model over several prompts)."""
     prompt = torch.randint(0, model.config.vocab_size, (1, PROMPT))
     store = OffloadedKVStore(*_shape(model), host_layers=frozenset({1, 3}), decode_mode=mode,
-                             kv_dtype="fp8")
+                             kv_dtype="fp8", pack_slots=False)
     for kv in (DeviceKVCache(*_shape(model)), store):
         engine = Engine(model, kv, prefill_chunk=CHUNK)
         logits = [engine.prefill(prompt)]
@@ -95,14 +100,15 @@ def gpu_model(tmp_path_factory):
 
 
 @requires_cuda
-@pytest.mark.parametrize("kv_dtype, host, mode", [
-    ("fp8", (), "prefetch"),
-    (None, (0, 2), "prefetch"),
-    (None, (1,), "split"),
-    (None, (3,), "cpu"),
-    ("fp8", (1, 2), "split"),
+@pytest.mark.parametrize("kv_dtype, host, mode, pack", [
+    ("fp8", (), "prefetch", False),
+    (None, (0, 2), "prefetch", False),
+    (None, (1,), "split", False),
+    (None, (3,), "cpu", False),
+    ("fp8", (1, 2), "split", False),
+    (None, (0, 1, 3), "split", True),
 ])
-def test_decode_replays_cuda_graphs_with_the_eager_tokens(gpu_model, kv_dtype, host, mode):
+def test_decode_replays_cuda_graphs_with_the_eager_tokens(gpu_model, kv_dtype, host, mode, pack):
     """The engine captures a decode step (all of it with an all-GPU fp8 store whose e4m3 rows
     the decode kernel reads) but the host layers' KV store, which runs eagerly between the
     graphs: the replays give the tokens and logits of eager steps."""
@@ -115,7 +121,7 @@ def test_decode_replays_cuda_graphs_with_the_eager_tokens(gpu_model, kv_dtype, h
     runs = []
     for graphs in (True, False):
         store = OffloadedKVStore(*shape, host_layers=frozenset(host), decode_mode=mode,
-                                 kv_dtype=kv_dtype)
+                                 kv_dtype=kv_dtype, pack_slots=pack)
         engine = Engine(gpu_model, store, prefill_chunk=CHUNK, use_graphs=graphs)
         assert (engine._graphed_step is not None) == graphs
         sampler = Sampler(SamplingParams(), torch.device("cuda"))

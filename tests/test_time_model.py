@@ -108,22 +108,37 @@ def test_predictions_for_a_shorter_prompt_use_the_plans_placement(hardware, ctx)
     assert short.decode_tokens_per_s >= result.timing.decode_tokens_per_s
 
 
-def test_each_prompt_gets_its_fastest_host_decode_mode():
-    """Llama-7B planned for 256K on one H200 keeps 4 layers' KV on the host and decodes them in
-    "split" mode. A 1K prompt's host rows cross PCIe in well under the GPU's work, so prefetch
-    is fastest for it, with no CPU syncs; at 32K split is again, with its own CPU share."""
+def test_a_shorter_prompt_keeps_every_host_layer_in_the_slots():
+    """Llama-7B planned for 256K on one H200 keeps 4 layers' KV on the host. The two staging
+    slots hold 128K rows of each at once: a prompt below that decodes about as fast as with
+    every layer's KV on the GPU, one above streams and splits again."""
     spec, config = load_hardware("1xH200-141GB"), model("llama-7b")
     result = plan(config, spec, 256 * 1024, 1, options())
     assert len(result.host.layers) == 4 and result.decode_mode == "split"
-    at_full = predict_prompt(config, spec, result, 256 * 1024, choose_mode=True)
-    assert at_full.decode_mode == "split"
-    assert at_full.cpu_share == pytest.approx(result.host_cpu_share)
-    short = predict_prompt(config, spec, result, 1024, choose_mode=True)
-    pinned = predict_prompt(config, spec, result, 1024)
-    assert short.decode_mode == "prefetch" and pinned.decode_mode == "split"
-    assert short.decode_tokens_per_s > 1.1 * pinned.decode_tokens_per_s
-    middle = predict_prompt(config, spec, result, 32 * 1024, choose_mode=True)
-    assert middle.decode_mode == "split" and 0.2 < middle.cpu_share < result.host_cpu_share
+    packed = predict_prompt(config, spec, result, 120_000, choose_mode=True)
+    assert packed.packed and packed.cpu_share == 0.0
+    resident = plan(config, spec, 120_000, 1, options())
+    assert not resident.host.layers
+    assert packed.decode_tokens_per_s == pytest.approx(resident.timing.decode_tokens_per_s, rel=0.05)
+    over = predict_prompt(config, spec, result, 140_000, choose_mode=True)
+    assert not over.packed and over.decode_mode == "split"
+    assert over.decode_tokens_per_s < packed.decode_tokens_per_s / 3
+    # Its first token comes without reloading any host layer's prefix.
+    assert packed.ttft_s == pytest.approx(resident.timing.ttft_s, rel=0.02)
+
+
+@pytest.mark.parametrize("prompt", [140_000, 200_000, 256 * 1024])
+def test_each_prompt_gets_its_fastest_host_decode_mode(prompt):
+    spec, config = load_hardware("1xH200-141GB"), model("llama-7b")
+    result = plan(config, spec, 256 * 1024, 1, options())
+    chosen = predict_prompt(config, spec, result, prompt, choose_mode=True)
+    pinned = {mode: predict_prompt(config, spec, replace(result, decode_mode=mode), prompt)
+              for mode in ("prefetch", "cpu", "split")}
+    fastest = max(pinned, key=lambda mode: pinned[mode].decode_tokens_per_s)
+    assert (chosen.decode_mode, chosen.decode_tokens_per_s) == (fastest, pinned[fastest].decode_tokens_per_s)
+    if prompt == 256 * 1024:
+        assert (chosen.decode_mode, chosen.cpu_share) == pytest.approx(
+            (result.decode_mode, result.host_cpu_share))
     # Without host layers there is nothing to choose.
     small = plan(config, spec, 32 * 1024, 1, options())
     assert predict_prompt(config, spec, small, 1024, choose_mode=True).decode_mode == "resident"
@@ -143,12 +158,13 @@ def test_the_runtime_sets_each_prompts_mode_on_its_kv_store():
                                options=SimpleNamespace(decode_mode=decode_mode))
 
     auto = runtime("auto")
-    assert Runtime.decode_for_prompt(auto, 1024).decode_mode == "prefetch"
-    assert auto.kv.decode_mode == "prefetch"
-    pinned = runtime("split")  # the mode stays; its CPU share follows the prompt
-    chosen = Runtime.decode_for_prompt(pinned, 32 * 1024)
-    assert pinned.kv.decode_mode == "split" and pinned.kv.cpu_share == chosen.cpu_share
-    assert chosen.cpu_share < result.host_cpu_share
+    chosen = Runtime.decode_for_prompt(auto, 140_000)
+    assert (auto.kv.decode_mode, auto.kv.cpu_share) == (chosen.decode_mode, chosen.cpu_share)
+    assert Runtime.decode_for_prompt(runtime("auto"), 1024).packed
+    pinned = runtime("prefetch")  # as asked, whatever would be faster
+    pinned.plan = replace(result, decode_mode="prefetch", host_cpu_share=0.0)
+    assert Runtime.decode_for_prompt(pinned, 140_000).decode_mode == "prefetch"
+    assert pinned.kv.decode_mode == "prefetch"
     resident = runtime("auto")
     resident.plan = plan(config, spec, 32 * 1024, 1, options())
     assert Runtime.decode_for_prompt(resident, 1024) is None

@@ -131,7 +131,9 @@ def _prompt_line(plan, prompt_tokens: int, prediction) -> str | None:
     if plan.timing.ttft_s < 1.0 or prediction.ttft_s > 0.5 * plan.timing.ttft_s:
         return None
     mode = ""
-    if plan.host.layers and prediction.decode_mode != plan.decode_mode:
+    if prediction.packed:
+        mode = " (the host layers' rows all fit on the GPU for it)"
+    elif plan.host.layers and prediction.decode_mode != plan.decode_mode:
         mode = f" ({prediction.decode_mode} decode of host layers for it)"
     return (f"this prompt ({prompt_tokens} tokens): first token ~{format_seconds(prediction.ttft_s)}, "
             f"decode ~{prediction.decode_tokens_per_s:.1f} tok/s{mode}; the plan's figures are for "
