@@ -270,7 +270,8 @@ def test_graph_layers_decode_at_tensor_positions(host, kv_dtype, device, dtype):
     steps = _steps(dtype, device)
     by_int = _offloaded(host, "split", dtype, device, kv_dtype=kv_dtype)
     by_tensor = OffloadedKVStore(LAYERS, BATCH, CAPACITY, KV_HEADS, HEAD_DIM, dtype,
-                                 torch.device(device), frozenset(host), "split", kv_dtype=kv_dtype)
+                                 torch.device(device), frozenset(host), "split", kv_dtype=kv_dtype,
+                                 pack_slots=False)
     assert by_tensor.graph_layers == set(range(LAYERS)) - set(host)
     for index, (start, q, k, v) in enumerate(steps):
         decode = index >= len(CHUNKS)
