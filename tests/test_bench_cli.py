@@ -80,23 +80,25 @@ def run_in_process(args):
     return CliRunner().invoke(app, ["bench", *args])
 
 
-def test_fp8_kv_cache_is_planned_run_and_labelled(env, tmp_path):
-    out = tmp_path / "fp8.json"
-    result = bench(["--depth", "128", "--decode-tokens", "4", "--device", "cpu", "--baseline", "none",
-                    "--kv-dtype", "fp8", "--json", str(out)], env)
+def bench_without_baseline(args, env, out):
+    """(completed process, JSON report) of a CPU bench of the demo model, 4 decode tokens."""
+    result = bench([*args, "--decode-tokens", "4", "--device", "cpu", "--baseline", "none",
+                    "--json", str(out)], env)
     assert result.returncode == 0, result.stderr
-    report = json.loads(out.read_text())
+    return result, json.loads(out.read_text())
+
+
+def test_fp8_kv_cache_is_planned_run_and_labelled(env, tmp_path):
+    result, report = bench_without_baseline(["--depth", "128", "--kv-dtype", "fp8"], env,
+                                            tmp_path / "fp8.json")
     assert report["request"]["kv_dtype"] == "fp8"
     assert report["facli"]["depths"][0]["plan"]["kv_dtype"] == "fp8"
     assert "fp8 KV cache" in result.stdout.splitlines()[0]
 
 
 def test_ctx_plans_every_depth_for_the_larger_context(env, tmp_path):
-    out = tmp_path / "ctx.json"
-    result = bench(["--depth", "64,128", "--ctx", "512", "--decode-tokens", "4", "--device", "cpu",
-                    "--baseline", "none", "--json", str(out)], env)
-    assert result.returncode == 0, result.stderr
-    report = json.loads(out.read_text())
+    result, report = bench_without_baseline(["--depth", "64,128", "--ctx", "512"], env,
+                                            tmp_path / "ctx.json")
     assert report["request"]["ctx"] == 512
     for record in report["facli"]["depths"]:
         plan = record["plan"]

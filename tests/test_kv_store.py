@@ -117,20 +117,6 @@ def test_packed_slots_keep_every_host_layer_until_one_outgrows_its_rows(mode):
     assert four.packed
 
 
-def test_packed_slots_take_written_rows():
-    """Positions stored with `write` while packed are in the slots for later decode steps."""
-    steps = _steps()
-    store, reference = _offloaded((0, 2), "cpu", pack_slots=True), _device_cache()
-    prompt = steps[:len(CHUNKS)]
-    for start, _, k, v in prompt:
-        for layer in range(LAYERS):
-            store.write(layer, k[layer], v[layer], start)
-    _run(reference, prompt)
-    decode = steps[len(prompt):]
-    torch.testing.assert_close(_run(store, decode), _run(reference, decode), rtol=1e-5, atol=1e-5)
-    assert store.packed and store.h2d_bytes == 0
-
-
 @pytest.mark.parametrize("share", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("host", ["one", "three", "all"])
 def test_split_decode_at_any_cpu_share(host, share):
@@ -182,11 +168,15 @@ def test_rewind_overwrites_positions():
     torch.testing.assert_close(_run(store, again), _run(reference, again), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("host, pack", [((0, 2, 3), False), ((0, 2), True)],
+                         ids=["unpacked", "packed"])
 @pytest.mark.parametrize("mode", MODES)
-def test_write_then_decode(mode):
-    """Positions stored with `write` (no attention) serve later decode steps."""
+def test_write_then_decode(mode, host, pack):
+    """Positions stored with `write` (no attention) serve later decode steps; packed, they are
+    in the slots, and nothing crosses PCIe host-to-device."""
     steps = _steps()
-    store, reference = _offloaded((0, 2, 3), mode, gpu_prefix_tokens=4), _device_cache()
+    store = _offloaded(host, mode, gpu_prefix_tokens=4, pack_slots=pack)
+    reference = _device_cache()
     prompt = steps[:len(CHUNKS)]
     for start, _, k, v in prompt:
         for layer in range(LAYERS):
@@ -194,6 +184,7 @@ def test_write_then_decode(mode):
     _run(reference, prompt)
     decode = steps[len(prompt):]
     torch.testing.assert_close(_run(store, decode), _run(reference, decode), rtol=1e-5, atol=1e-5)
+    assert store.packed == pack and (store.h2d_bytes == 0) == pack
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -21,15 +21,17 @@ from facli.sampling import Sampler, SamplingParams
 CAPACITY, PROMPT, CHUNK, NEW = 160, 61, 16, 16
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("llama-gqa4")
+def _small_llama(directory, dtype, device):
     build_checkpoint(directory, "llama", num_hidden_layers=4, num_attention_heads=8,
                      num_key_value_heads=2, hidden_size=128)
-    config = ModelConfig.from_dir(directory)
-    model = CausalLM(config, dtype=torch.float32, device="cpu")
+    model = CausalLM(ModelConfig.from_dir(directory), dtype=dtype, device=device)
     model.load(CheckpointReader(directory))
     return model
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return _small_llama(tmp_path_factory.mktemp("llama-gqa4"), torch.float32, "cpu")
 
 
 def _generate(model, store, prompt):
@@ -90,13 +92,7 @@ def test_fp8_logits_close_to_float32(model, mode):
 
 @pytest.fixture(scope="module")
 def gpu_model(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("llama-gqa4-bf16")
-    build_checkpoint(directory, "llama", num_hidden_layers=4, num_attention_heads=8,
-                     num_key_value_heads=2, hidden_size=128)
-    config = ModelConfig.from_dir(directory)
-    model = CausalLM(config, dtype=torch.bfloat16, device="cuda")
-    model.load(CheckpointReader(directory))
-    return model
+    return _small_llama(tmp_path_factory.mktemp("llama-gqa4-bf16"), torch.bfloat16, "cuda")
 
 
 @requires_cuda
