@@ -104,6 +104,7 @@ class Runtime:
         self.plan = plan or self._plan(options.ctx, parallel.world_size)
         self.parallel = parallel.with_settings(tensor_parallel_settings(self.plan))
         self.ctx = options.ctx
+        self.asked_decode_mode = options.decode_mode  # "auto" picks one per prompt
         self.dtype = weight_dtype(self.plan)
         self.prefill_chunk = self.plan.prefill_chunk
         self.tokenizer = tokenizer or tokenizer_for(resolved)
@@ -148,7 +149,10 @@ class Runtime:
         self._build_engine()
 
     def reconfigure(self, *, decode_mode: str | None = None, prefill_chunk: int | None = None) -> None:
-        """Run on with another decode mode (re-planned, KV store rebuilt) or prefill chunk."""
+        """Run on with another decode mode (re-planned, KV store rebuilt; "auto" lets each
+        prompt pick again) or prefill chunk."""
+        if decode_mode is not None:
+            self.asked_decode_mode = decode_mode
         if decode_mode is not None and decode_mode != self.plan.decode_mode:
             self.plan = self._plan(self.ctx, self.parallel.world_size, decode_mode=decode_mode,
                                    prefill_chunk=prefill_chunk or self.prefill_chunk)
@@ -190,15 +194,15 @@ class Runtime:
         )
 
     def decode_for_prompt(self, prompt_tokens: int):
-        """Set the host layers' decode mode (with --decode-mode auto) and split share that the
-        time model finds fastest for this prompt on the plan's KV store; the plan's are for a
+        """Set the host layers' decode mode (when the mode asked is "auto") and split share that
+        the time model finds fastest for this prompt on the plan's KV store; the plan's are for a
         prompt that fills the context. Returns the prediction (None without host layers)."""
         if not self.plan.host.layers:
             return None
         from facli.offload.planner import predict_prompt
 
         chosen = predict_prompt(self.config, self.hardware, self.plan, prompt_tokens,
-                                choose_mode=self.options.decode_mode == "auto")
+                                choose_mode=self.asked_decode_mode == "auto")
         self.kv.decode_mode, self.kv.cpu_share = chosen.decode_mode, chosen.cpu_share
         return chosen
 

@@ -155,7 +155,7 @@ def test_the_runtime_sets_each_prompts_mode_on_its_kv_store():
     def runtime(decode_mode):
         kv = SimpleNamespace(decode_mode=result.decode_mode, cpu_share=result.host_cpu_share)
         return SimpleNamespace(plan=result, config=config, hardware=spec, kv=kv,
-                               options=SimpleNamespace(decode_mode=decode_mode))
+                               asked_decode_mode=decode_mode)
 
     auto = runtime("auto")
     chosen = Runtime.decode_for_prompt(auto, 140_000)
