@@ -11,6 +11,7 @@ from torch import nn
 
 from facli.checkpoint import CheckpointReader, Shard
 from facli.errors import FacliError
+from facli.kernels import gemv
 from facli.parallel import comm
 from facli.parallel.context import ParallelContext
 
@@ -50,7 +51,7 @@ class MergedColumnParallelLinear(nn.Module):
                                         for prefix, size in zip(prefixes, self.out_features)])
 
     def forward(self, x):
-        return torch.split(F.linear(x, self.weight, self.bias), self.sizes, dim=-1)
+        return torch.split(gemv.linear(x, self.weight, self.bias), self.sizes, dim=-1)
 
 
 class RowParallelLinear(nn.Module):
@@ -118,5 +119,5 @@ class ParallelLMHead(nn.Module):
 
     def forward(self, hidden):
         weight = self.tied.weight if self.tied is not None else self.weight
-        logits = F.linear(hidden, weight).float()
+        logits = gemv.linear(hidden, weight).float()
         return comm.all_gather_last_dim(logits, self.ctx)

@@ -1,0 +1,56 @@
+"""Decode's matrix-vector kernel against a float64 product, and `linear`'s dispatch."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import requires_cuda
+from test_kernels_reference import poison_allocations
+
+from facli.kernels import gemv
+
+CPU_DTYPES = [torch.float32, torch.float16]  # the interpreter's bf16 arithmetic is wrong
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU tensors need the interpreter
+
+
+def check(n, k, dtype, device, bias, config=None, monkeypatch=None):
+    if monkeypatch is not None:
+        poison_allocations(monkeypatch)
+    generator = torch.Generator(device=device).manual_seed(n + k)
+    weight = (torch.randn(n, k, device=device, generator=generator) / k**0.5).to(dtype)
+    x = torch.randn(1, 1, k, device=device, generator=generator).to(dtype)
+    b = torch.randn(n, device=device, generator=generator).to(dtype) if bias else None
+    out = gemv.gemv_triton(x, weight, b, config)
+    want = F.linear(x.double(), weight.double(), None if b is None else b.double())
+    assert out.shape == (1, 1, n) and out.dtype == dtype
+    # float32 accumulation over K, then one rounding to the output dtype.
+    tolerance = 4 * torch.finfo(dtype).eps if dtype != torch.float32 else 1e-5
+    torch.testing.assert_close(out.double(), want, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("n, k", [(37, 96), (64, 1024), (5, 700)], ids=["ragged-rows", "even", "ragged-k"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_interpreted_against_float64(n, k, dtype, bias, monkeypatch):
+    config = gemv.GemvConfig(block_n=8, block_k=64, num_warps=4)
+    check(n, k, dtype, DEVICE, bias, config, monkeypatch)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n, k", [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008),
+                                  (32000, 4096), (1000, 4000)])
+def test_llama_projections_on_the_gpu(n, k, dtype, monkeypatch):
+    check(n, k, dtype, "cuda", bias=n == 1000, monkeypatch=monkeypatch)
+
+
+def test_linear_leaves_everything_but_one_gpu_row_to_torch():
+    weight, x = torch.randn(8, 16), torch.randn(3, 16)
+    assert torch.equal(gemv.linear(x, weight), F.linear(x, weight))
+    one = torch.randn(1, 1, 16)
+    assert torch.equal(gemv.linear(one, weight), F.linear(one, weight))  # a CPU row
+
+
+def test_rejects_more_than_one_row():
+    with pytest.raises(ValueError, match="one row of 16 features"):
+        gemv.gemv_triton(torch.randn(2, 16), torch.randn(8, 16))
