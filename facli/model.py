@@ -117,8 +117,8 @@ class DecoderLayer(nn.Module):
         return self.self_attn.project(self.input_layernorm(x), cos, sin)
 
     def tail(self, x, attn):
-        """The layer after attention: x [B, T, H] (the layer input) plus o_proj(attn), plus the
-        MLP of that, normalized."""
+        """The layer after its attention: h = x + o_proj(attn), then h + MLP(norm(h)), for the
+        layer input x [B, T, H]."""
         normed, x = self.post_attention_layernorm(x, self.self_attn.o_proj(attn))
         return x + self.mlp(normed)
 
