@@ -4,6 +4,7 @@ from facli.config import ModelConfig
 from facli.offload.candidates import Candidate, resolve_dtypes
 from facli.offload.hardware import HardwareSpec
 from facli.offload.memory_model import (
+    packed_slot_rows,
     prefills_in_waves,
     reserved_outside_allocator,
     splits_into_tiles,
@@ -57,17 +58,22 @@ def _timing(best: Candidate, batch: int) -> Timing:
                   new_tokens=best.new_tokens, total_s=best.total_s, terms=terms)
 
 
-def _kv_reason(model: ModelConfig, best: Candidate, hardware: HardwareSpec) -> str:
+def _kv_reason(model: ModelConfig, best: Candidate, hardware: HardwareSpec, ctx: int) -> str:
     layers = model.num_hidden_layers
     if not best.host_layers:
         where = "host memory (CPU-only plan)" if best.on_cpu else "the GPU"
         return f"KV: all {layers} layers on {where}; nothing is offloaded"
     layer = best.host_kv_bytes // max(best.host_layers, 1) // best.tp
+    packed = packed_slot_rows(ctx, best.host_layers)
+    kept = ("they keep the host layers' rows whole" if packed >= ctx else
+            f"a prompt of up to {format_ctx(packed)} tokens keeps every host layer's rows there, "
+            f"as fast as on the GPU")
     return (
         f"KV: {best.gpu_layers} of {layers} layers on the GPU (as many as fit), "
         f"{best.host_layers} in pinned host memory ({format_bytes(best.host_kv_bytes)} of "
         f"{format_bytes(best.host_budget_bytes)} pinnable); each needs "
-        f"{format_bytes(layer)} per GPU, plus 2 layers of GPU staging for write-back and prefetch"
+        f"{format_bytes(layer)} per GPU, plus 2 layers of GPU staging for write-back and "
+        f"prefetch: {kept}"
     )
 
 
@@ -120,7 +126,7 @@ def _explanation(model: ModelConfig, hardware: HardwareSpec, ctx: int, best: Can
         f"ranked by prefill + {best.new_tokens} decode steps",
         f"chosen: {best.describe()}; predicted prefill {best.times['prefill_s']:.2f} s, "
         f"decode step {best.times['decode_step_s'] * 1e3:.2f} ms",
-        _kv_reason(model, best, hardware),
+        _kv_reason(model, best, hardware, ctx),
     ]
     mode = _mode_reason(best, found, hardware, fp8_kv)
     if mode:

@@ -115,6 +115,8 @@ def test_a_shorter_prompt_keeps_every_host_layer_in_the_slots():
     spec, config = load_hardware("1xH200-141GB"), model("llama-7b")
     result = plan(config, spec, 256 * 1024, 1, options())
     assert len(result.host.layers) == 4 and result.decode_mode == "split"
+    assert any("a prompt of up to 128k tokens keeps every host layer's rows there" in line
+               for line in result.explanation)
     packed = predict_prompt(config, spec, result, 120_000, choose_mode=True)
     assert packed.packed and packed.cpu_share == 0.0
     resident = plan(config, spec, 120_000, 1, options())
