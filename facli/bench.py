@@ -252,7 +252,7 @@ def prompt_prediction(runtime, prompt_tokens: int) -> dict:
     ttft = prediction.ttft_s
     return {"ttft_s": ttft, "prefill_tokens_per_s": prompt_tokens / ttft if ttft > 0 else None,
             "decode_tokens_per_s": prediction.decode_tokens_per_s,
-            "decode_mode": prediction.decode_mode}
+            "decode_mode": prediction.decode_mode, "packed": prediction.packed}
 
 
 def plan_record(plan, for_prompt: dict | None = None) -> dict | None:
@@ -275,7 +275,8 @@ def plan_record(plan, for_prompt: dict | None = None) -> dict | None:
         "plan": plan.to_dict(),
     }
     if for_prompt is not None:
-        record.update({f"ctx_{key}": record[key] for key in for_prompt}, **for_prompt)
+        record.update({f"ctx_{key}": record[key] for key in for_prompt if key in record},
+                      **for_prompt)
     return record
 
 

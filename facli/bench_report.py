@@ -176,8 +176,10 @@ def bandwidth_table(report: dict) -> str:
             rows.append([format_ctx(record["depth"])] + ["-"] * 6)
             continue
         fraction = bound["fraction_of_bound"]
-        mode = (record.get("plan") or {}).get("decode_mode")
-        host = str(bound["host_layers"]) + (f" ({mode} decode)" if bound["host_layers"] and mode else "")
+        plan = record.get("plan") or {}
+        mode = "rows kept in the staging slots" if plan.get("packed") else (
+            f"{plan['decode_mode']} decode" if plan.get("decode_mode") else None)
+        host = str(bound["host_layers"]) + (f" ({mode})" if bound["host_layers"] and mode else "")
         rows.append([format_ctx(record["depth"]), _gib(bound["bytes_per_step_per_rank"]),
                      _num(bound["hbm_gbps"], 0), _num(bound["bound_tokens_per_s"]),
                      _num(record["decode_tokens_per_s"]),

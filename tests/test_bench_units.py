@@ -175,6 +175,9 @@ def test_bandwidth_table_names_the_decode_mode_of_host_layers():
     text = bandwidth_table(add_derived(report, hbm_gbps=4200.0))
     assert text.splitlines()[2].endswith("| 4 (split decode) |")
     assert text.splitlines()[3].endswith("| 0 |")
+    offloading["packed"] = True  # a prompt whose host rows all fit the staging slots
+    text = bandwidth_table(add_derived(report, hbm_gbps=4200.0))
+    assert text.splitlines()[2].endswith("| 4 (rows kept in the staging slots) |")
 
 
 def test_table_without_baseline_has_no_transformers_columns():
