@@ -126,3 +126,22 @@ def test_missing_model_directory(env, tmp_path):
     _one_line_error(facli(["generate", "--model", str(tmp_path / "nope"), "--prompt", "x"], env),
                     "does not exist")
     _one_line_error(facli(["generate", "--model", str(tmp_path), "--prompt", "x"], env), "config.json")
+
+
+def test_the_prompt_line_names_where_host_rows_go_for_this_prompt():
+    """Llama-7B planned for 256K on one H200: 4 host layers decoded in split mode. A 1K prompt
+    keeps their rows in the staging slots, and the line says so; a 200K prompt is near enough
+    the plan's own figures for no line."""
+    from facli.commands.generate import _prompt_line
+    from facli.offload.hardware import load_hardware
+    from facli.offload.planner import PlanOptions, plan, predict_prompt
+    from facli.recipe_loader import load_model_recipe
+
+    config, spec = load_model_recipe("llama-7b").config, load_hardware("1xH200-141GB")
+    result = plan(config, spec, 256 * 1024, 1, PlanOptions(model_name="llama-7b"))
+    short = predict_prompt(config, spec, result, 1024, choose_mode=True)
+    line = _prompt_line(result, 1024, short)
+    assert line.startswith("this prompt (1024 tokens): first token ~")
+    assert "(the host layers' rows all fit on the GPU for it)" in line
+    long = predict_prompt(config, spec, result, 200_000, choose_mode=True)
+    assert _prompt_line(result, 200_000, long) is None
