@@ -196,14 +196,25 @@ class Runtime:
     def decode_for_prompt(self, prompt_tokens: int):
         """Set the host layers' decode mode (when the mode asked is "auto") and split share that
         the time model finds fastest for this prompt on the plan's KV store; the plan's are for a
-        prompt that fills the context. Returns the prediction (None without host layers)."""
+        prompt that fills the context. Returns the prediction (None without host layers).
+
+        While the staging slots keep every host layer's rows (packed), no mode is used: the one
+        set is the fastest just past the packed length, for generation that goes beyond it."""
         if not self.plan.host.layers:
             return None
+        from facli.offload.memory_model import packed_slot_rows
         from facli.offload.planner import predict_prompt
 
-        chosen = predict_prompt(self.config, self.hardware, self.plan, prompt_tokens,
-                                choose_mode=self.asked_decode_mode == "auto")
-        self.kv.decode_mode, self.kv.cpu_share = chosen.decode_mode, chosen.cpu_share
+        def predict(tokens):
+            return predict_prompt(self.config, self.hardware, self.plan, tokens,
+                                  choose_mode=self.asked_decode_mode == "auto")
+
+        chosen = predict(prompt_tokens)
+        after = chosen
+        packed_rows = packed_slot_rows(self.plan.ctx, len(self.plan.host.layers))
+        if chosen.packed and packed_rows < self.plan.ctx:
+            after = predict(packed_rows + 1)
+        self.kv.decode_mode, self.kv.cpu_share = after.decode_mode, after.cpu_share
         return chosen
 
     def eos_ids(self) -> tuple[int, ...]:

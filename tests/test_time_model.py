@@ -162,7 +162,11 @@ def test_the_runtime_sets_each_prompts_mode_on_its_kv_store():
     auto = runtime("auto")
     chosen = Runtime.decode_for_prompt(auto, 140_000)
     assert (auto.kv.decode_mode, auto.kv.cpu_share) == (chosen.decode_mode, chosen.cpu_share)
-    assert Runtime.decode_for_prompt(runtime("auto"), 1024).packed
+    short = runtime("auto")  # packed: the mode set is for after the slots, at 128K
+    assert Runtime.decode_for_prompt(short, 1024).packed
+    past = predict_prompt(config, spec, result, 128 * 1024 + 1, choose_mode=True)
+    assert (short.kv.decode_mode, short.kv.cpu_share) == (past.decode_mode, past.cpu_share)
+    assert short.kv.decode_mode == "split" and short.kv.cpu_share > 0.3
     pinned = runtime("prefetch")  # as asked, whatever would be faster
     pinned.plan = replace(result, decode_mode="prefetch", host_cpu_share=0.0)
     assert Runtime.decode_for_prompt(pinned, 140_000).decode_mode == "prefetch"
