@@ -202,7 +202,6 @@ class Runtime:
         set is the fastest just past the packed length, for generation that goes beyond it."""
         if not self.plan.host.layers:
             return None
-        from facli.offload.memory_model import packed_slot_rows
         from facli.offload.planner import predict_prompt
 
         def predict(tokens):
@@ -211,7 +210,7 @@ class Runtime:
 
         chosen = predict(prompt_tokens)
         after = chosen
-        packed_rows = packed_slot_rows(self.plan.ctx, len(self.plan.host.layers))
+        packed_rows = self.plan.host.packed_prompt_tokens
         if chosen.packed and packed_rows < self.plan.ctx:
             after = predict(packed_rows + 1)
         self.kv.decode_mode, self.kv.cpu_share = after.decode_mode, after.cpu_share

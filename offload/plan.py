@@ -63,6 +63,9 @@ class HostPlan:
     budget_bytes: int
     kv_bytes: int
     layers: tuple[int, ...]
+    # The longest prompt (positions) whose host layers' rows all stay in the GPU's staging slots,
+    # read there without crossing PCIe (offload.kv_store's packed slots); 0 without host layers.
+    packed_prompt_tokens: int = 0
 
 
 @dataclass(frozen=True)

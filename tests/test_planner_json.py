@@ -18,7 +18,8 @@ DEVICE = {"index": int, "kind": str, "name": str, "capacity_bytes": int, "reserv
           "margin_bytes": int, "budget_bytes": int, "weights_bytes": int, "kv_bytes": int,
           "kv_staging_bytes": int, "activation_bytes": int, "comm_bytes": int,
           "workspace_bytes": int, "peak_bytes": int, "free_bytes": int}
-HOST = {"ram_bytes": int, "budget_bytes": int, "kv_bytes": int, "layers": list}
+HOST = {"ram_bytes": int, "budget_bytes": int, "kv_bytes": int, "layers": list,
+        "packed_prompt_tokens": int}
 TIMING = {"prefill_s": float, "ttft_s": float, "decode_step_s": float,
           "decode_tokens_per_s": float, "new_tokens": int, "total_s": float, "terms": dict}
 TERMS = {"prefill_matmul_s", "prefill_attention_s", "prefill_elementwise_and_overhead_s",
@@ -56,6 +57,7 @@ def test_schema(name, hardware, ctx):
     assert 0.0 <= raw["host_cpu_share"] <= 1.0
     assert (raw["host_cpu_share"] > 0) == (raw["decode_mode"] == "split")
     assert raw["host_layers"] == raw["host"]["layers"]
+    assert (raw["host"]["packed_prompt_tokens"] > 0) == bool(raw["host_layers"])
     assert all(isinstance(line, str) for line in raw["explanation"])
 
 

@@ -117,6 +117,7 @@ def test_a_shorter_prompt_keeps_every_host_layer_in_the_slots():
     assert len(result.host.layers) == 4 and result.decode_mode == "split"
     assert any("a prompt of up to 128k tokens keeps every host layer's rows there" in line
                for line in result.explanation)
+    assert result.host.packed_prompt_tokens == 128 * 1024
     packed = predict_prompt(config, spec, result, 120_000, choose_mode=True)
     assert packed.packed and packed.cpu_share == 0.0
     resident = plan(config, spec, 120_000, 1, options())
