@@ -62,7 +62,7 @@ EAGER_STORE_LAYER_HOST_S = 1.5e-3
 # Per host layer per decode step, beyond its bytes: the KV store's part runs eagerly between two
 # CUDA graphs (facli.graphs). On one H200, Llama-7B in a cache planned for 256K (4 host layers,
 # prefetch) decoded a 1K prompt in 4.96 ms per step against 4.85 predicted without it
-# (benchmarks/offloaded_decode.py, docs/benchmarks.md).
+# (benchmarks/offloaded_decode.py at 372e3b1, docs/benchmarks.md).
 HOST_LAYER_EAGER_S = 30e-6
 # fp8 prefill attends over the cached prefix in dequantized tiles of FP8_PREFILL_TILE_ROWS, merged
 # by log-sum-exp (offload.kv_store): attention time times this. Fitted to one H200 at 50688fe
@@ -89,7 +89,7 @@ CPU_ATTENTION_SYNC_S = 170e-6
 # Per host layer per "split" decode step, beyond the above: the slot's wait, the GPU's partial
 # and the merge, which the GPU does between the CPU's part and the next layer. In the same
 # plan, split steps took 8.67 / 10.4 / 29.8 ms for 1K / 8K / 32K prompts, 0.4-0.75 ms per host
-# layer above the model without it (benchmarks/offloaded_decode.py).
+# layer above the model without it (benchmarks/offloaded_decode.py at 35cc7cf).
 SPLIT_LAYER_S = 0.6e-3
 # CPU attention over fp8 rows, as a share of the spec's rate (bytes of cache per second): PyTorch
 # converts e4m3 to float32 tiles slowly on the CPU. On the 16-core H200 host an fp8 cache was
