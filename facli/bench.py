@@ -164,7 +164,9 @@ def measure_depth(runtime, depth: int, prompt: list[int], request: BenchRequest)
     record = {"depth": depth, "prompt_tokens": n, "status": "ok", "error": None, "plan": None}
 
     def plan_for_depth():
-        runtime.set_context(request.ctx or depth)
+        context = request.ctx or depth
+        if runtime.plan is None or runtime.ctx != context:  # one --ctx: one store for every depth
+            runtime.set_context(context)
         larger = request.ctx is not None and runtime.plan is not None
         record["plan"] = plan_record(runtime.plan, prompt_prediction(runtime, n) if larger else None)
 

@@ -227,9 +227,11 @@ class _FakeRuntime:
 
         self.failures, self.parallel, self.device = failures, SINGLE_PROCESS, torch.device("cpu")
         self.plan, self.kv, self.prefill_chunk, self.depth, self.calls = None, None, 512, None, []
+        self.ctx, self.contexts = None, []
 
     def set_context(self, depth):
-        self.depth = depth
+        self.depth = self.ctx = depth
+        self.contexts.append(depth)
         if self.failures.get(depth) == "plan":
             from facli.errors import OutOfMemoryPlanError
 
@@ -261,6 +263,28 @@ def test_measure_depth_turns_failures_into_statuses():
     assert oom["status"] == "out of memory" and "ttft_s" not in oom
     assert no_fit["status"] == "does not fit" and "4096" in no_fit["error"]
     assert [c[0] for c in runtime.calls] == [1024, 1024, 2048, 2048]  # nothing ran at 4096
+
+
+def test_one_ctx_keeps_one_store_for_every_depth():
+    """With --ctx the runtime is planned (and its KV store built) once: each depth's record
+    holds the plan's figures for its own prompt."""
+    from types import SimpleNamespace
+
+    from facli.bench import measure_depth
+    from facli.offload.hardware import load_hardware
+    from facli.offload.planner import PlanOptions, plan
+    from facli.recipe_loader import load_model_recipe
+
+    runtime = _FakeRuntime({})
+    runtime.config, runtime.hardware = load_model_recipe("llama-7b").config, load_hardware("1xH200")
+    runtime.plan = plan(runtime.config, runtime.hardware, 8192, 1, PlanOptions(model_name="m"))
+    runtime.ctx, runtime.depth = 8192, 8192
+    runtime.options = SimpleNamespace(decode_mode="auto")
+    request = BenchRequest(depths=(1024, 4096), decode_tokens=8, ctx=8192)
+    records = [measure_depth(runtime, d, list(range(5000)), request) for d in request.depths]
+    assert runtime.contexts == []
+    assert [r["status"] for r in records] == ["ok", "ok"]
+    assert records[0]["plan"]["ttft_s"] < records[1]["plan"]["ttft_s"] < records[1]["plan"]["ctx_ttft_s"]
 
 
 def test_commit_comes_from_the_environment_first(monkeypatch):
