@@ -247,10 +247,7 @@ def rank_figures(runtime, generated) -> dict:
 def prompt_prediction(runtime, prompt_tokens: int) -> dict:
     """The time model's TTFT, prefill and decode figures for this prompt on the runtime plan's
     placement (the plan's own are for a prompt that fills its context)."""
-    from facli.offload.planner import predict_prompt
-
-    prediction = predict_prompt(runtime.config, runtime.hardware, runtime.plan, prompt_tokens,
-                                choose_mode=runtime.options.decode_mode == "auto")
+    prediction = runtime.predict_prompt(prompt_tokens)
     ttft = prediction.ttft_s
     return {"ttft_s": ttft, "prefill_tokens_per_s": prompt_tokens / ttft if ttft > 0 else None,
             "decode_tokens_per_s": prediction.decode_tokens_per_s,

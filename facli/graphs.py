@@ -16,6 +16,7 @@ eagerly. The step is cut at those attentions into segments, one graph each:
 so a host layer costs the host only its KV store's launches.
 """
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -116,7 +117,7 @@ class GraphedDecodeStep:
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for _ in range(2):  # compile Triton kernels and settle allocations outside the graph
-                self._run_segments(lambda segment: None)
+                self._run_segments(lambda segment: nullcontext())
         torch.cuda.current_stream(device).wait_stream(side)
         # One pool: the graphs replay in capture order, one at a time, and what one hands the
         # next (its outputs) stays allocated.
@@ -130,16 +131,12 @@ class GraphedDecodeStep:
         self.captured = True
 
     def _run_segments(self, context) -> None:
-        """Each segment on its static inputs inside context(segment) (when not None), the
-        previous segment's x output as the next one's layer input; no eager attention."""
+        """Each segment on its static inputs inside context(segment), the previous segment's x
+        output as the next one's layer input; no eager attention."""
         previous = None
         for segment in self.segments:
             if segment.after is not None:
                 segment.inputs = (previous.outputs[0], segment.inputs[1])
-            manager = context(segment)
-            if manager is None:
+            with context(segment):
                 segment.outputs = self.execute(segment, segment.inputs, self.position)
-            else:
-                with manager:
-                    segment.outputs = self.execute(segment, segment.inputs, self.position)
             previous = segment

@@ -153,23 +153,16 @@ class CausalLM(nn.Module):
         """ids [B, T] at positions start..start+T -> float32 logits [B, V] of the last position
         ([B, T, V] with all_logits)."""
         x = self.embed_tokens(ids)
+        cos, sin = self.rotary.cos_sin(start, ids.shape[1], self.dtype)
         if waves.applies(self.ctx, x, kv):
-            cos, sin = self.rotary.cos_sin(start, ids.shape[1], self.dtype)
             x = waves.run_layers(self.layers, x, cos, sin, kv, start, self.ctx,
                                  waves.exchange_for(self.ctx, x))
         else:
-            x = self.run_layers(x, range(len(self.layers)), kv, start)
+            for index, layer in enumerate(self.layers):
+                x = layer(x, cos, sin, kv, index, start)
         if all_logits:
             return self.head(x)
         return self.head(x[:, -1:])[:, -1]
-
-    @torch.inference_mode()
-    def run_layers(self, x: torch.Tensor, indices: range, kv: KVStore, start) -> torch.Tensor:
-        """Decoder layers `indices` (consecutive) over hidden states x [B, T, H] at `start`."""
-        cos, sin = self.rotary.cos_sin(start, x.shape[1], self.dtype)
-        for index in indices:
-            x = self.layers[index](x, cos, sin, kv, index, start)
-        return x
 
     @torch.inference_mode()
     def head(self, x: torch.Tensor) -> torch.Tensor:

@@ -202,19 +202,20 @@ class Runtime:
         set is the fastest just past the packed length, for generation that goes beyond it."""
         if not self.plan.host.layers:
             return None
-        from facli.offload.planner import predict_prompt
-
-        def predict(tokens):
-            return predict_prompt(self.config, self.hardware, self.plan, tokens,
-                                  choose_mode=self.asked_decode_mode == "auto")
-
-        chosen = predict(prompt_tokens)
-        after = chosen
+        chosen = after = self.predict_prompt(prompt_tokens)
         packed_rows = self.plan.host.packed_prompt_tokens
         if chosen.packed and packed_rows < self.plan.ctx:
-            after = predict(packed_rows + 1)
+            after = self.predict_prompt(packed_rows + 1)
         self.kv.decode_mode, self.kv.cpu_share = after.decode_mode, after.cpu_share
         return chosen
+
+    def predict_prompt(self, prompt_tokens: int):
+        """The time model's figures for a prompt of this length on the plan's placement, in the
+        decode mode asked or (with "auto") the fastest for it: offload.planner.PromptPrediction."""
+        from facli.offload.planner import predict_prompt
+
+        return predict_prompt(self.config, self.hardware, self.plan, prompt_tokens,
+                              choose_mode=self.asked_decode_mode == "auto")
 
     def eos_ids(self) -> tuple[int, ...]:
         ids = set(self.config.eos_token_ids)

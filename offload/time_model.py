@@ -123,7 +123,12 @@ def packs_slots(layout: Layout) -> bool:
     again and no mode attends on the CPU."""
     if not layout.host_layers or layout.on_cpu:
         return False
-    return layout.ctx <= packed_slot_rows(layout.capacity or layout.ctx, layout.host_layers)
+    return layout.ctx <= _packed_rows(layout)
+
+
+def _packed_rows(layout: Layout) -> int:
+    """Positions of each host layer the staging slots keep while they keep every host layer."""
+    return packed_slot_rows(layout.capacity or layout.ctx, layout.host_layers)
 
 
 def _rates(hw: HardwareSpec, layout: Layout) -> tuple[float, float]:
@@ -196,7 +201,7 @@ def prefill_breakdown(hw: HardwareSpec, layout: Layout) -> dict[str, float]:
         per_token_layer = kv_layer_bytes(c, 1, b, layout.kv_dtype_bytes, t)
         # Each host layer's prefix is reloaded for each chunk once the slots no longer keep
         # them all (packed_slot_rows).
-        packed = starts + sizes <= packed_slot_rows(layout.capacity or layout.ctx, layout.host_layers)
+        packed = starts + sizes <= _packed_rows(layout)
         reload = np.where(packed, 0.0, layout.host_layers * per_token_layer * starts)
         write_back = layout.host_layers * per_token_layer * sizes
         link = np.maximum(reload, write_back) / (hw.host_device_gbps * 1e9)

@@ -229,6 +229,11 @@ class _FakeRuntime:
         self.plan, self.kv, self.prefill_chunk, self.depth, self.calls = None, None, 512, None, []
         self.ctx, self.contexts = None, []
 
+    def predict_prompt(self, prompt_tokens):
+        from facli.runtime import Runtime
+
+        return Runtime.predict_prompt(self, prompt_tokens)
+
     def set_context(self, depth):
         self.depth = self.ctx = depth
         self.contexts.append(depth)
@@ -268,8 +273,6 @@ def test_measure_depth_turns_failures_into_statuses():
 def test_one_ctx_keeps_one_store_for_every_depth():
     """With --ctx the runtime is planned (and its KV store built) once: each depth's record
     holds the plan's figures for its own prompt."""
-    from types import SimpleNamespace
-
     from facli.bench import measure_depth
     from facli.offload.hardware import load_hardware
     from facli.offload.planner import PlanOptions, plan
@@ -279,7 +282,7 @@ def test_one_ctx_keeps_one_store_for_every_depth():
     runtime.config, runtime.hardware = load_model_recipe("llama-7b").config, load_hardware("1xH200")
     runtime.plan = plan(runtime.config, runtime.hardware, 8192, 1, PlanOptions(model_name="m"))
     runtime.ctx, runtime.depth = 8192, 8192
-    runtime.options = SimpleNamespace(decode_mode="auto")
+    runtime.asked_decode_mode = "auto"
     request = BenchRequest(depths=(1024, 4096), decode_tokens=8, ctx=8192)
     records = [measure_depth(runtime, d, list(range(5000)), request) for d in request.depths]
     assert runtime.contexts == []

@@ -155,10 +155,14 @@ def test_the_runtime_sets_each_prompts_mode_on_its_kv_store():
     spec, config = load_hardware("1xH200-141GB"), model("llama-7b")
     result = plan(config, spec, 256 * 1024, 1, options())
 
+    class Loaded(SimpleNamespace):  # what decode_for_prompt uses of a Runtime
+        decode_for_prompt = Runtime.decode_for_prompt
+        predict_prompt = Runtime.predict_prompt
+
     def runtime(decode_mode):
         kv = SimpleNamespace(decode_mode=result.decode_mode, cpu_share=result.host_cpu_share)
-        return SimpleNamespace(plan=result, config=config, hardware=spec, kv=kv,
-                               asked_decode_mode=decode_mode)
+        return Loaded(plan=result, config=config, hardware=spec, kv=kv,
+                      asked_decode_mode=decode_mode)
 
     auto = runtime("auto")
     chosen = Runtime.decode_for_prompt(auto, 140_000)
