@@ -31,7 +31,24 @@ class TokenRun:
     timings: Timings = field(default_factory=Timings)
 
 
-def _sync(device: torch.device) -> None:
+def prefill(model: CausalLM, kv: KVStore, ids: torch.Tensor, chunk: int,
+            on_progress=None) -> torch.Tensor:
+    """ids [B, T] -> logits [B, V] of the last position, with `kv` reset and then holding the T
+    positions. Activation memory is bounded by the chunk size, not the prompt length."""
+    kv.reset()
+    length = ids.shape[1]
+    if length > kv.capacity:
+        raise ValueError(f"prompt of {length} tokens exceeds cache capacity {kv.capacity}")
+    logits = None
+    for start in range(0, length, chunk):
+        stop = min(start + chunk, length)
+        logits = model(ids[:, start:stop], start, kv)
+        if on_progress is not None:
+            on_progress(stop - start)
+    return logits
+
+
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -49,25 +66,13 @@ class Engine:
         self.token_sync = token_sync or (lambda tokens: tokens)
 
     def prefill(self, ids: torch.Tensor, on_progress=None) -> torch.Tensor:
-        """ids [B, T] -> logits [B, V] of the last position; the cache then holds T positions.
+        """ids [B, T] -> logits [B, V] of the last position; the cache then holds T positions."""
+        return prefill(self.model, self.kv, ids, self.prefill_chunk, on_progress)
 
-        Activation memory is bounded by the chunk size, not the prompt length.
-        """
-        self.kv.reset()
-        length = ids.shape[1]
-        if length > self.kv.capacity:
-            raise ValueError(f"prompt of {length} tokens exceeds cache capacity {self.kv.capacity}")
-        logits = None
-        for start in range(0, length, self.prefill_chunk):
-            stop = min(start + self.prefill_chunk, length)
-            logits = self.model(ids[:, start:stop], start, self.kv)
-            if on_progress is not None:
-                on_progress(stop - start)
-        return logits
-
-    def decode_step(self, tokens: torch.Tensor, position: int) -> torch.Tensor:
-        """tokens [B] at `position` -> logits [B, V] for the next one."""
-        if self._graphed_step is not None and tokens.shape[0] == 1:
+    def decode_step(self, tokens: torch.Tensor, position) -> torch.Tensor:
+        """tokens [B] at `position` (an int, or a [B] device tensor: one per sequence) -> logits
+        [B, V] for the next one."""
+        if self._graphed_step is not None and tokens.shape[0] == self._graphed_step.batch:
             return self._graphed_step(tokens, position)
         return self.model(tokens[:, None], position, self.kv)
 
@@ -108,7 +113,7 @@ class Engine:
                 run.finish_reason = "eos"
                 break
         if decode_started is not None:
-            _sync(self.device)
+            sync(self.device)
             run.timings.decode_s = time.perf_counter() - decode_started
             run.timings.decode_steps = len(run.token_ids) - timed_from
         return run

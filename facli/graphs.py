@@ -48,23 +48,26 @@ def plan_segments(num_layers: int, graph_layers) -> list[Segment]:
 
 
 class GraphedDecodeStep:
-    """Replays model(token, position, kv) for any position, with the token and position copied
-    into static device tensors. Captured at the first call, from real inputs: the warm-up and
-    the capture write K/V at the position the real step then writes again, so nothing in the
-    cache is disturbed; the eager attentions are not run until the real step."""
+    """Replays model(tokens, positions, kv) for the kv store's B sequences at any positions,
+    with tokens and positions copied into static device tensors. Captured at the first call,
+    from real inputs: the warm-up and the capture write K/V at the positions the real step then
+    writes again, so nothing in the cache is disturbed; the eager attentions are not run until
+    the real step."""
 
     def __init__(self, model: CausalLM, kv):
         self.model, self.kv = model, kv
         device = model.device
-        self.token = torch.zeros(1, 1, dtype=torch.long, device=device)
-        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.batch = getattr(kv, "batch", 1)
+        self.token = torch.zeros(self.batch, 1, dtype=torch.long, device=device)
+        self.position = torch.zeros(self.batch, dtype=torch.long, device=device)
         self.segments = plan_segments(len(model.layers), kv.graph_layers)
         width = model.layers[0].self_attn.local_q_heads * model.config.head_dim
         for segment in self.segments:
             if segment.after is None:
                 segment.inputs = (self.token,)
             else:  # the layer input comes from the previous graph's output, in place
-                segment.inputs = (None, torch.zeros(1, 1, width, dtype=model.dtype, device=device))
+                segment.inputs = (None, torch.zeros(self.batch, 1, width, dtype=model.dtype,
+                                                    device=device))
         self.captured = False
 
     @staticmethod
@@ -76,9 +79,13 @@ class GraphedDecodeStep:
         return model.device.type == "cuda" and half and bool(getattr(kv, "graph_layers", ()))
 
     @torch.inference_mode()
-    def __call__(self, tokens: torch.Tensor, position: int) -> torch.Tensor:
-        self.token.copy_(tokens.view(1, 1))
-        self.position.fill_(position)
+    def __call__(self, tokens: torch.Tensor, position) -> torch.Tensor:
+        """tokens [B] at `position`: an int (every sequence there) or a [B] device tensor."""
+        self.token.copy_(tokens.view(self.batch, 1))
+        if isinstance(position, torch.Tensor):
+            self.position.copy_(position)
+        else:
+            self.position.fill_(position)
         if not self.captured:
             self._capture()
         for segment in self.segments:
@@ -89,12 +96,12 @@ class GraphedDecodeStep:
         return previous.outputs[0]
 
     def attend(self, layer: int, projected: tuple, position):
-        """The KV store's part of `layer`: its attention output [1, 1, local heads * D] for
+        """The KV store's part of `layer`: its attention output [B, 1, local heads * D] for
         projected = (x, q, k, v) of the segment before."""
         _, q, k, v = projected
         # The store may still be copying k, v to host memory on a side stream when the next
         # replay rewrites the graph's outputs: it gets copies, which the allocator keeps alive.
-        return self.kv.attend(layer, q, k.clone(), v.clone(), position).reshape(1, 1, -1)
+        return self.kv.attend(layer, q, k.clone(), v.clone(), position).reshape(self.batch, 1, -1)
 
     def execute(self, segment: Segment, inputs: tuple, position) -> tuple:
         """The segment's pieces: (logits,) at the end of the step, else (x, q, k, v) of the

@@ -33,22 +33,35 @@ class KVStore(Protocol):
 class DeviceKVCache:
     """Preallocated [B, capacity, Hkv, D] K and V per layer on one device.
 
-    `start` may also be a one-element int64 device tensor for a decode step (T = 1): then no
-    host value is read, so the whole step can be captured in a CUDA graph and replayed.
+    `start` may also be an int64 device tensor [B] for a decode step (T = 1), one position per
+    sequence: then no host value is read, so the whole step can be captured in a CUDA graph and
+    replayed, and the B sequences of a batch may each be at their own length.
     """
 
     def __init__(self, num_layers: int, batch: int, capacity: int, kv_heads: int,
                  head_dim: int, dtype: torch.dtype, device: torch.device):
         shape = (num_layers, batch, capacity, kv_heads, head_dim)
-        self.capacity = capacity
-        self.graph_layers = frozenset(range(num_layers))  # every layer takes tensor positions
-        self.keys = torch.empty(shape, dtype=dtype, device=device)
-        self.values = torch.empty(shape, dtype=dtype, device=device)
-        self._lens = torch.zeros(batch, dtype=torch.int32, device=device)
+        self._use(torch.empty(shape, dtype=dtype, device=device),
+                  torch.empty(shape, dtype=dtype, device=device),
+                  torch.zeros(batch, dtype=torch.int32, device=device))
+
+    def _use(self, keys: torch.Tensor, values: torch.Tensor, lens: torch.Tensor) -> None:
+        self.keys, self.values, self._lens = keys, values, lens
+        self.batch, self.capacity = keys.shape[1], keys.shape[2]
+        self.graph_layers = frozenset(range(keys.shape[0]))  # every layer takes tensor positions
+        self._rows = torch.arange(self.batch, device=keys.device)
 
     @staticmethod
     def bytes_needed(num_layers, batch, capacity, kv_heads, head_dim, element_size) -> int:
         return 2 * num_layers * batch * capacity * kv_heads * head_dim * element_size
+
+    def row(self, index: int) -> "DeviceKVCache":
+        """Sequence `index` of the batch as a cache of its own (batch 1), sharing this one's
+        memory: a prompt is prefilled into one row while the others wait mid-generation."""
+        view = DeviceKVCache.__new__(DeviceKVCache)
+        rows = slice(index, index + 1)
+        view._use(self.keys[:, rows], self.values[:, rows], self._lens[rows])
+        return view
 
     def attend(self, layer, q, k, v, start):
         if isinstance(start, torch.Tensor):
@@ -64,13 +77,13 @@ class DeviceKVCache:
             return decode_attention(q, keys[:, :stop], values[:, :stop], self._lens)
         return prefill_attention(q, keys[:, :stop], values[:, :stop], causal=True, q_offset=start)
 
-    def _attend_at(self, layer, q, k, v, position: torch.Tensor):
+    def _attend_at(self, layer, q, k, v, positions: torch.Tensor):
         assert q.shape[1] == 1, "tensor positions are for single-token decode steps"
         keys, values = self.keys[layer], self.values[layer]
-        keys.index_copy_(1, position, k)
-        values.index_copy_(1, position, v)
+        keys.index_put_((self._rows, positions), k[:, 0])
+        values.index_put_((self._rows, positions), v[:, 0])
         if layer == 0:
-            self._lens.copy_(position + 1)
+            self._lens.copy_(positions + 1)
         return decode_attention(q, keys, values, self._lens)
 
     def reset(self):

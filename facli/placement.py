@@ -25,12 +25,13 @@ def hardware_for(device: torch.device, hardware: str | None = None, margin=None)
 
 def plan_run(config: ModelConfig, name: str, hardware: HardwareSpec, *, ctx: int, world_size: int,
              dtype: str, kv_dtype: str, prefill_chunk: int | None, decode_mode: str,
-             force: bool, allreduce_tile_tokens: int | None = None) -> Plan:
-    """The plan for one sequence of `ctx` tokens on `world_size` ranks (raises when nothing fits)."""
+             force: bool, allreduce_tile_tokens: int | None = None, batch: int = 1) -> Plan:
+    """The plan for `batch` sequences of `ctx` tokens on `world_size` ranks (raises when nothing
+    fits)."""
     options = PlanOptions(kv_dtype=kv_dtype, weight_dtype=dtype, devices=world_size,
                           prefill_chunk=prefill_chunk, decode_mode=decode_mode, force=force,
                           allreduce_tile_tokens=allreduce_tile_tokens, model_name=name)
-    return plan(config, hardware, ctx, 1, options)
+    return plan(config, hardware, ctx, batch, options)
 
 
 def weight_dtype(run_plan: Plan) -> torch.dtype:
@@ -60,10 +61,17 @@ def build_kv_store(run_plan: Plan, config: ModelConfig, world_size: int, device:
             f"expected --kv-dtype equal to the weight dtype ({run_plan.weight_dtype}) or fp8, "
             f"got {run_plan.kv_dtype}"
         )
-    shape = (config.num_hidden_layers, 1, run_plan.ctx, config.num_key_value_heads // world_size,
-             config.head_dim)
+    shape = (config.num_hidden_layers, run_plan.batch, run_plan.ctx,
+             config.num_key_value_heads // world_size, config.head_dim)
     if not uses_offloaded_store(run_plan.decode_mode, run_plan.kv_dtype == "fp8"):
         return DeviceKVCache(*shape, dtype, device)
+    if run_plan.batch > 1:
+        raise FacliError(
+            f"expected the KV cache of batch {run_plan.batch} at ctx {run_plan.ctx} to fit on the "
+            f"GPUs in the weights' dtype (decoding rows together needs that), got a plan with "
+            f"decode mode {run_plan.decode_mode} and KV dtype {run_plan.kv_dtype}; lower --batch "
+            "or --ctx"
+        )
     from facli.offload.kv_store import OffloadedKVStore
 
     mode = run_plan.decode_mode if run_plan.decode_mode != "resident" else "prefetch"

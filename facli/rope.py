@@ -42,9 +42,14 @@ class RotaryEmbedding:
         self.inv_freq = inverse_frequencies(config).to(device)
 
     def cos_sin(self, start, length: int, dtype: torch.dtype):
-        """cos, sin [length, D] for positions start .. start+length; start is an int or a
-        one-element device tensor (CUDA-graph replays move it without recapturing)."""
-        positions = torch.arange(length, device=self.inv_freq.device, dtype=torch.float32) + start
-        freqs = torch.outer(positions, self.inv_freq)
-        angles = torch.cat((freqs, freqs), dim=-1)
+        """cos, sin for `length` positions from `start`: [length, D] when start is an int;
+        [B, length, D] when it is a [B] device tensor, one start per sequence (CUDA-graph
+        replays move it without recapturing)."""
+        offsets = torch.arange(length, device=self.inv_freq.device, dtype=torch.float32)
+        if isinstance(start, torch.Tensor):
+            positions = start.to(torch.float32)[:, None] + offsets
+        else:
+            positions = offsets + start
+        angles = positions[..., None] * self.inv_freq
+        angles = torch.cat((angles, angles), dim=-1)
         return angles.cos().to(dtype), angles.sin().to(dtype)

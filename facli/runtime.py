@@ -4,13 +4,15 @@ The runtime executes the plan it is given (device, dtype, TP tile, prefill chunk
 and reports measured peak memory and time next to the plan's predictions.
 """
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
 import torch
 
 from facli.checkpoint import CheckpointReader
-from facli.engine import Engine
+from facli.batching import BatchedEngine, BatchStats, RowRequest
+from facli.engine import Engine, TokenRun
 from facli.errors import FacliError
 from facli.model import CausalLM
 from facli.offload.hardware import HardwareSpec
@@ -59,6 +61,7 @@ class RuntimeOptions:
     hardware: str | None = None  # a hardware recipe name; None or "auto" detects this machine
     cuda_graphs: bool = True  # capture decode steps in CUDA graphs (False: eager, for debugging)
     allreduce_tile_tokens: int | None = None  # None: the plan's, from the hardware spec
+    batch: int = 1  # rows of the KV cache: prompts decoded together (generate_rows)
 
     def __post_init__(self):
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -72,6 +75,8 @@ class RuntimeOptions:
             raise FacliError(f"expected --allreduce-tile-tokens > 0, got {self.allreduce_tile_tokens}")
         if self.devices < 1:
             raise FacliError(f"expected --devices >= 1, got {self.devices}")
+        if self.batch < 1:
+            raise FacliError(f"expected --batch >= 1, got {self.batch}")
 
 
 @dataclass
@@ -121,18 +126,27 @@ class Runtime:
         choices = dict(dtype=self.options.dtype, kv_dtype=self.options.kv_dtype,
                        prefill_chunk=self.options.prefill_chunk,
                        decode_mode=self.options.decode_mode, force=self.options.force,
-                       allreduce_tile_tokens=self.options.allreduce_tile_tokens)
+                       allreduce_tile_tokens=self.options.allreduce_tile_tokens,
+                       batch=self.options.batch)
         choices.update(overrides)
         return plan_run(self.config, self.resolved.name, self.hardware, ctx=ctx,
                         world_size=world_size, **choices)
 
+    @property
+    def rows(self) -> int:
+        """Prompts the KV cache holds at once: generate_rows decodes them together."""
+        return self.plan.batch
+
     def _build_engine(self) -> None:
-        self.kv = self.engine = None
+        self.kv = self.engine = self.batched = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         self.kv = build_kv_store(self.plan, self.config, self.parallel.world_size, self.device)
-        self.engine = Engine(self.model, self.kv, prefill_chunk=self.prefill_chunk,
-                             token_sync=self._token_sync(), use_graphs=self.options.cuda_graphs)
+        sync = dict(token_sync=self._token_sync(), use_graphs=self.options.cuda_graphs)
+        single = self.kv if self.rows == 1 else self.kv.row(0)
+        self.engine = Engine(self.model, single, prefill_chunk=self.prefill_chunk, **sync)
+        if self.rows > 1:
+            self.batched = BatchedEngine(self.model, self.kv, prefill_chunk=self.prefill_chunk, **sync)
 
     def _token_sync(self):
         if not self.parallel.is_distributed:
@@ -159,6 +173,15 @@ class Runtime:
             self._build_engine()
         if prefill_chunk is not None:
             self.prefill_chunk = self.engine.prefill_chunk = prefill_chunk
+            if self.batched is not None:
+                self.batched.prefill_chunk = prefill_chunk
+
+    def set_batch(self, rows: int) -> None:
+        """Re-plan for `rows` prompts at once and rebuild the KV store; weights stay."""
+        self.options = dataclasses.replace(self.options, batch=rows)
+        self.plan = self._plan(self.ctx, self.parallel.world_size)
+        self.prefill_chunk = self.plan.prefill_chunk
+        self._build_engine()
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text).input_ids
@@ -192,6 +215,30 @@ class Runtime:
             ttft_s=run.timings.ttft_s, decode_tokens_per_s=run.timings.decode_tokens_per_s,
             peak_gpu_bytes=peak, finish_reason=run.finish_reason,
         )
+
+    def generate_rows(self, next_request, on_done, *, sampling: SamplingParams,
+                      ignore_eos: bool = False) -> BatchStats:
+        """Run prompts from next_request() (a RowRequest, or None when there is none for now)
+        in the KV cache's rows, decoded together; on_done(request, GenerationResult) as each
+        one ends. Needs a runtime of two rows or more (RuntimeOptions.batch); with one, call
+        `generate` per prompt."""
+        assert self.batched is not None, "generate_rows needs a runtime with batch > 1"
+        eos_ids = () if ignore_eos else self.eos_ids()
+
+        def finished(request: RowRequest, run: TokenRun) -> None:
+            on_done(request, GenerationResult(
+                token_ids=run.token_ids, prompt_tokens=len(request.prompt_ids),
+                text=self.tokenizer.decode(run.token_ids, skip_special_tokens=True),
+                ttft_s=run.timings.ttft_s, decode_tokens_per_s=0.0, peak_gpu_bytes=None,
+                finish_reason=run.finish_reason))
+
+        def checked():
+            request = next_request()
+            if request is not None:
+                check_prompt_fits(len(request.prompt_ids), self.ctx)
+            return request
+
+        return self.batched.run(checked, finished, sampling=sampling, eos_ids=eos_ids)
 
     def decode_for_prompt(self, prompt_tokens: int):
         """Set the host layers' decode mode (when the mode asked is "auto") and split share that

@@ -156,7 +156,7 @@ def pair_sum_triton(first, second, *, residual=None, norm_weight=None, eps=0.0, 
 
 @triton.jit
 def _rotary_kernel(X, COS, SIN, Y, seq_len, heads, stride_xb, stride_xt, stride_xh,
-                   stride_yb, stride_yt, stride_yh, stride_c,
+                   stride_yb, stride_yt, stride_yh, stride_cb, stride_c,
                    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
     token = tl.program_id(0)
     b = (token // seq_len).to(tl.int64)
@@ -166,12 +166,13 @@ def _rotary_kernel(X, COS, SIN, Y, seq_len, heads, stride_xb, stride_xt, stride_
     mask = (offs_h[:, None] < heads) & (offs_d[None, :] < HALF)
     x_row = X + b * stride_xb + t * stride_xt + offs_h[:, None] * stride_xh + offs_d[None, :]
     y_row = Y + b * stride_yb + t * stride_yt + offs_h[:, None] * stride_yh + offs_d[None, :]
+    cs = b * stride_cb + t * stride_c
     x1 = tl.load(x_row, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(x_row + HALF, mask=mask, other=0.0).to(tl.float32)
-    c1 = tl.load(COS + t * stride_c + offs_d, mask=offs_d < HALF, other=0.0).to(tl.float32)[None, :]
-    c2 = tl.load(COS + t * stride_c + HALF + offs_d, mask=offs_d < HALF, other=0.0).to(tl.float32)[None, :]
-    s1 = tl.load(SIN + t * stride_c + offs_d, mask=offs_d < HALF, other=0.0).to(tl.float32)[None, :]
-    s2 = tl.load(SIN + t * stride_c + HALF + offs_d, mask=offs_d < HALF, other=0.0).to(tl.float32)[None, :]
+    c1 = tl.load(COS + cs + offs_d, mask=offs_d < HALF, other=0.0).to(tl.float32)[None, :]
+    c2 = tl.load(COS + cs + HALF + offs_d, mask=offs_d < HALF, other=0.0).to(tl.float32)[None, :]
+    s1 = tl.load(SIN + cs + offs_d, mask=offs_d < HALF, other=0.0).to(tl.float32)[None, :]
+    s2 = tl.load(SIN + cs + HALF + offs_d, mask=offs_d < HALF, other=0.0).to(tl.float32)[None, :]
     dtype = Y.dtype.element_ty
     # x * cos + cat(-x2, x1) * sin with each product and the sum rounded to the model dtype, as
     # PyTorch's three kernels do (the launch also forbids fusing them into FMAs).
@@ -182,14 +183,15 @@ def _rotary_kernel(X, COS, SIN, Y, seq_len, heads, stride_xb, stride_xt, stride_
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, T, H, D] rotated by cos, sin [T, D] (halves layout, as in Hugging Face Llama)."""
+    """x [B, T, H, D] rotated by cos, sin [T, D] (one set for every sequence) or [B, T, D] (halves
+    layout, as in Hugging Face Llama)."""
     return (apply_rotary_triton if x.is_cuda else apply_rotary_reference)(x, cos, sin)
 
 
 def apply_rotary_reference(x, cos, sin):
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+    return x * cos[..., None, :] + rotated * sin[..., None, :]
 
 
 def apply_rotary_triton(x, cos, sin):
@@ -197,13 +199,15 @@ def apply_rotary_triton(x, cos, sin):
     if x.stride(-1) != 1:
         x = x.contiguous()
     cos, sin = cos.contiguous(), sin.contiguous()
+    per_sequence = cos.dim() == 3
     out = common.empty(*x.shape, dtype=x.dtype, device=x.device)
     if x.numel():
         block_h = triton.next_power_of_2(heads)
         block_d = triton.next_power_of_2(dim // 2)
         _rotary_kernel[(batch * seq_len,)](
             x, cos, sin, out, seq_len, heads, x.stride(0), x.stride(1), x.stride(2),
-            out.stride(0), out.stride(1), out.stride(2), cos.stride(0),
+            out.stride(0), out.stride(1), out.stride(2),
+            cos.stride(0) if per_sequence else 0, cos.stride(-2),
             HALF=dim // 2, BLOCK_H=block_h, BLOCK_D=block_d,
             num_warps=min(8, max(1, block_h * block_d // 256)), enable_fp_fusion=False)
     return out

@@ -38,6 +38,9 @@ def attention_with_lse(q, k, v, *, causal=True, q_offset=0, scale=None, key_lens
     vh = v.to(acc).permute(0, 2, 1, 3).unsqueeze(2)
     offsets = torch.as_tensor(q_offset, device=q.device).reshape(-1, 1, 1).expand(batch, 1, 1)
     key_pos = torch.arange(k_len, device=q.device)
+    if key_lens is not None:  # hidden rows may be unwritten memory: NaN * 0 would still be NaN
+        hidden = key_pos.view(1, -1) >= key_lens.to(q.device).view(-1, 1)
+        vh = vh.masked_fill(hidden[:, None, None, :, None], 0.0)
     out = torch.empty(batch, kv_heads, group, q_len, head_dim, dtype=acc, device=q.device)
     lse = torch.empty(batch, kv_heads, group, q_len, dtype=acc, device=q.device)
     block = max(1, min(QUERY_BLOCK, SCORE_BUDGET // max(1, batch * q_heads * k_len)))

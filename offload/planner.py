@@ -20,7 +20,7 @@ from facli.offload.candidates import (
 )
 from facli.offload.hardware import HardwareSpec
 from facli.offload.memory_model import DTYPE_BYTES
-from facli.offload.plan import Plan
+from facli.offload.plan import Plan, uses_offloaded_store
 from facli.offload.plan_builder import build_plan
 from facli.offload.time_model import Layout, decode_breakdown, packs_slots, prefill_breakdown
 from facli.units import format_bytes, format_ctx
@@ -191,6 +191,29 @@ def predict_prompt(model: ModelConfig, hardware: HardwareSpec, run_plan: Plan,
     return PromptPrediction(prefill_breakdown(hardware, layout)["prefill_s"],
                             run_plan.batch / times["decode_step_s"], layout.decode_mode,
                             times["decode_host_cpu_share"], packs_slots(layout))
+
+
+def largest_resident_batch(model: ModelConfig, hardware: HardwareSpec, ctx: int,
+                           options: PlanOptions = PlanOptions(), limit: int = 64) -> int:
+    """The most sequences of `ctx` tokens, up to `limit`, whose plan keeps the whole KV cache
+    in device memory in the weights' dtype (so they decode together as rows of one cache); 1
+    when not even two fit. Binary search: such a fit is monotone in the batch."""
+
+    def resident(batch: int) -> bool:
+        try:
+            found = plan(model, hardware, ctx, batch, replace(options, force=False))
+        except OutOfMemoryPlanError:
+            return False
+        return not uses_offloaded_store(found.decode_mode, found.kv_dtype == "fp8")
+
+    low, high = 1, limit + 1  # resident(low) is taken as true, resident(high) as false
+    while high - low > 1:
+        middle = (low + high) // 2
+        if resident(middle):
+            low = middle
+        else:
+            high = middle
+    return low
 
 
 def fits_anywhere(model: ModelConfig, hardware: HardwareSpec, ctx: int, batch: int,

@@ -37,15 +37,19 @@ def check_rms_norm(device, dtype, rows, cols, monkeypatch):
         within_two_roundings(normed, hf(x + residual))
 
 
-def check_rotary(device, dtype, batch, seq, heads, dim, monkeypatch):
+def check_rotary(device, dtype, batch, seq, heads, dim, monkeypatch, per_sequence=False):
+    """per_sequence: cos, sin [B, T, D], each sequence at its own positions; else [T, D]."""
     poison_allocations(monkeypatch)
     # q as the model makes it: a [B, T, H, D] view of a projection's [B, T, H * D] output.
     x = torch.randn(batch, seq, heads * dim, device=device).to(dtype).view(batch, seq, heads, dim)
-    angles = torch.randn(seq, dim // 2, device=device) * 4
+    angles = torch.randn(*((batch,) if per_sequence else ()), seq, dim // 2, device=device) * 4
     cos, sin = torch.cat((angles, angles), -1).cos().to(dtype), torch.cat((angles, angles), -1).sin().to(dtype)
-    ref, _ = apply_rotary_pos_emb(x.transpose(1, 2), x.transpose(1, 2), cos[None], sin[None])
+    hf_cos, hf_sin = (cos, sin) if per_sequence else (cos[None], sin[None])
+    ref, _ = apply_rotary_pos_emb(x.transpose(1, 2), x.transpose(1, 2), hf_cos, hf_sin)
     out = elementwise.apply_rotary_triton(x, cos, sin)
     assert torch.equal(out, ref.transpose(1, 2)), (out - ref.transpose(1, 2)).abs().max()
+    if device == "cpu":
+        assert torch.equal(elementwise.apply_rotary_reference(x, cos, sin), ref.transpose(1, 2))
 
 
 def check_silu_mul(device, dtype, shape, monkeypatch):
@@ -97,6 +101,12 @@ def test_rotary(dtype, batch, seq, heads, dim, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("batch,seq", [(1, 1), (5, 1), (3, 4)])
+def test_rotary_at_positions_per_sequence(dtype, batch, seq, monkeypatch):
+    check_rotary(DEVICE, dtype, batch, seq, 4, 64, monkeypatch, per_sequence=True)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(1, 1), (3, 700), (5, 4097), (2, 3, 300)])
 def test_silu_mul(dtype, shape, monkeypatch):
     check_silu_mul(DEVICE, dtype, shape, monkeypatch)
@@ -114,5 +124,6 @@ def test_elementwise_gpu(dtype, monkeypatch):
     check_rms_norm("cuda", dtype, 3, 5120, monkeypatch)
     check_rotary("cuda", dtype, 2, 1000, 32, 128, monkeypatch)
     check_rotary("cuda", dtype, 1, 7, 5, 80, monkeypatch)
+    check_rotary("cuda", dtype, 48, 1, 32, 128, monkeypatch, per_sequence=True)
     check_silu_mul("cuda", dtype, (4099, 5504), monkeypatch)
     check_pair_sum("cuda", dtype, 4099, 4096, monkeypatch)

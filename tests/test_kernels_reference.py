@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from facli.kernels import common, merge_attention, reference
-from facli.kernels.reference import attention_with_lse
+from facli.kernels.reference import attention_with_lse, decode_attention_reference
 
 
 def poison_allocations(monkeypatch):
@@ -88,3 +88,17 @@ def test_merge_is_exact_and_ignores_empty_parts():
     torch.testing.assert_close(lse, full[1])
     empty = (torch.zeros_like(a[0]), torch.full_like(a[1], float("-inf")))
     torch.testing.assert_close(merge_attention(*a, *empty)[0], a[0])
+
+
+def test_keys_past_each_length_are_ignored_even_when_unwritten():
+    """Decode over a whole preallocated cache: positions past a sequence's length hold whatever
+    the memory held, NaN included, and must not reach the output."""
+    q = torch.randn(2, 1, 4, 16, dtype=torch.float64)
+    k, v = torch.randn(2, 10, 2, 16, dtype=torch.float64), torch.randn(2, 10, 2, 16, dtype=torch.float64)
+    lens = torch.tensor([3, 7])
+    want = [decode_attention_reference(q[b:b + 1], k[b:b + 1, :n], v[b:b + 1, :n], lens[b:b + 1])
+            for b, n in enumerate(lens.tolist())]
+    for b, n in enumerate(lens.tolist()):
+        k[b, n:], v[b, n:] = float("nan"), float("inf")
+    got = decode_attention_reference(q, k, v, lens)
+    assert torch.equal(got, torch.cat(want))

@@ -8,7 +8,13 @@ from facli.errors import FacliError, OutOfMemoryPlanError
 from facli.kv_cache import DeviceKVCache
 from facli.offload.hardware import GpuSpec, HardwareSpec, load_hardware
 from facli.offload.memory_model import workspace_bytes
-from facli.offload.planner import PlanOptions, candidates, largest_fitting_ctx, plan
+from facli.offload.planner import (
+    PlanOptions,
+    candidates,
+    largest_fitting_ctx,
+    largest_resident_batch,
+    plan,
+)
 from facli.offload.time_model import EAGER_STORE_LAYER_HOST_S
 from facli.recipe_loader import load_model_recipe
 from facli.units import GIB, parse_ctx
@@ -359,3 +365,29 @@ def test_prefill_attention_time_follows_the_kernel_of_the_architecture():
         hw = HardwareSpec("one", (gpu,), 256 * GIB, 25.0, 100.0, 20.0, 1.0, 0.0, 0.0, GIB)
         seconds[capability] = prefill_breakdown(hw, layout)["prefill_attention_s"]
     assert seconds[(8, 0)] / seconds[(9, 0)] == pytest.approx(HOPPER_ATTENTION_EFFICIENCY / ATTENTION_EFFICIENCY)
+
+
+@pytest.mark.parametrize("name,hardware", [("llama-7b", "1xH200-141GB"), ("llama-3-8b", "1xA100-80GB"),
+                                           ("llama-2-13b", "2xH200")])
+@pytest.mark.parametrize("ctx", ["2k", "8k", "32k"])
+def test_largest_resident_batch_is_the_edge_of_an_all_device_cache(name, hardware, ctx):
+    config, spec, tokens = model(name), load_hardware(hardware), parse_ctx(ctx)
+    rows = largest_resident_batch(config, spec, tokens, options(), limit=64)
+
+    def resident(batch):
+        try:
+            found = plan(config, spec, tokens, batch, options())
+        except OutOfMemoryPlanError:
+            return False
+        return found.decode_mode == "resident" and found.kv_dtype != "fp8"
+
+    assert 1 <= rows <= 64
+    assert rows == 1 or resident(rows)
+    assert rows == 64 or not resident(rows + 1)
+
+
+def test_largest_resident_batch_with_an_fp8_cache_is_one():
+    # fp8 KV lives in the offloaded store, which holds one sequence.
+    config, spec = model("llama-7b"), load_hardware("1xH200-141GB")
+    assert largest_resident_batch(config, spec, 2048, options(kv_dtype="fp8"), limit=64) == 1
+    assert largest_resident_batch(config, spec, 2048, options(), limit=5) == 5

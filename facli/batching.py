@@ -1,0 +1,146 @@
+"""Continuous batching: many prompts decoded together, each in its own row of one KV cache.
+
+At batch 1 a decode step reads every weight once for one token. With B rows the same weight
+traffic makes B tokens, so a job of many prompts (summarize) runs several times faster. Rows are
+independent: each holds its own prompt at its own length, and a row whose generation ends takes
+the next prompt (prefilled into that row alone) while the others wait, then rejoin the steps.
+"""
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from facli.engine import Engine, TokenRun, prefill
+from facli.kv_cache import DeviceKVCache
+from facli.model import CausalLM
+from facli.sampling import Sampler, SamplingParams
+
+
+@dataclass
+class RowRequest:
+    """One prompt to run; `key` is the caller's, handed back with its result."""
+
+    prompt_ids: list[int]
+    max_new_tokens: int
+    key: object = None
+
+
+@dataclass
+class BatchStats:
+    prompts: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    decode_steps: int = 0
+    decode_tokens: int = 0  # over all rows: steps x rows busy in each
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+
+@dataclass
+class _Row:
+    request: RowRequest
+    sampler: Sampler
+    budget: int
+    position: int
+    run: TokenRun = field(default_factory=TokenRun)
+
+
+class BatchedEngine:
+    """Runs prompts in the rows of a DeviceKVCache of batch B, B at a time."""
+
+    def __init__(self, model: CausalLM, kv: DeviceKVCache, *, prefill_chunk: int,
+                 token_sync=None, use_graphs: bool = True):
+        self.model, self.kv, self.prefill_chunk = model, kv, prefill_chunk
+        self.rows = kv.batch
+        self.device = model.device
+        self.engine = Engine(model, kv, prefill_chunk=prefill_chunk, use_graphs=use_graphs)
+        # Called on each step's sampled tokens; tensor parallelism makes all ranks agree here.
+        self.token_sync = token_sync or (lambda tokens: tokens)
+        self._row_caches = [kv.row(index) for index in range(self.rows)]
+
+    def run(self, next_request: Callable[[], RowRequest | None],
+            on_done: Callable[[RowRequest, TokenRun], None], *, sampling: SamplingParams,
+            eos_ids: tuple[int, ...] = ()) -> BatchStats:
+        """Take requests from next_request() (None: no more for now) into free rows until it has
+        none and every row is done; on_done(request, run) as each one ends (EOS, its token
+        budget, or a full row). next_request is asked again whenever a row is free, so it may
+        hand out prompts that depend on earlier results."""
+        stats = BatchStats()
+        rows: list[_Row | None] = [None] * self.rows
+        while True:
+            self._fill(rows, next_request, on_done, sampling, eos_ids, stats)
+            busy = [index for index, row in enumerate(rows) if row is not None]
+            if not busy:
+                return stats
+            started = time.perf_counter()
+            tokens = self._step(rows)
+            stats.decode_steps += 1
+            stats.decode_tokens += len(busy)
+            for index in busy:
+                row = rows[index]
+                row.position += 1
+                if self._accept(row, tokens[index], eos_ids):
+                    on_done(row.request, row.run)
+                    rows[index] = None
+            stats.decode_s += time.perf_counter() - started
+
+    def _fill(self, rows, next_request, on_done, sampling, eos_ids, stats: BatchStats) -> None:
+        """Prefill a request into each free row; one that ends at its first token frees the
+        row again at once."""
+        for index in range(self.rows):
+            while rows[index] is None:
+                request = next_request()
+                if request is None:
+                    return
+                row, first = self._start(index, request, sampling, stats)
+                if first is not None and not self._accept(row, first, eos_ids):
+                    rows[index] = row
+                else:
+                    on_done(request, row.run)
+
+    def _start(self, index: int, request: RowRequest, sampling: SamplingParams,
+               stats: BatchStats) -> tuple[_Row, int | None]:
+        """Prefill into row `index`: the row and its first token (None: no room to generate)."""
+        cache = self._row_caches[index]
+        length = len(request.prompt_ids)
+        row = _Row(request, Sampler(sampling, self.device),
+                   budget=min(request.max_new_tokens, cache.capacity - length + 1), position=length)
+        stats.prompts += 1
+        if row.budget <= 0:
+            return row, None
+        started = time.perf_counter()
+        ids = torch.tensor([request.prompt_ids], dtype=torch.long, device=self.device)
+        logits = prefill(self.model, cache, ids, self.prefill_chunk)
+        first = int(self.token_sync(row.sampler(logits))[0])
+        row.run.timings.ttft_s = time.perf_counter() - started
+        stats.prefill_s += row.run.timings.ttft_s
+        return row, first
+
+    @staticmethod
+    def _accept(row: _Row, token: int, eos_ids) -> bool:
+        """Append `token` to the row's run; whether the row is done."""
+        row.run.token_ids.append(token)
+        if token in eos_ids:
+            row.run.finish_reason = "eos"
+            return True
+        return len(row.run.token_ids) >= row.budget
+
+    def _step(self, rows: list[_Row | None]) -> list[int]:
+        """One decode step of every row (a free row decodes a dummy token at position 0, which
+        the next prompt in it overwrites); the sampled token of each busy row."""
+        last = [row.run.token_ids[-1] if row else 0 for row in rows]
+        positions = [row.position if row else 0 for row in rows]
+        host = torch.tensor([last, positions], dtype=torch.long)
+        tokens, positions = host.to(self.device, non_blocking=True).unbind(0)
+        logits = self.engine.decode_step(tokens, positions)
+        if all(row is None or row.sampler.params.greedy for row in rows):
+            chosen = logits.argmax(dim=-1)
+        else:  # each row from its own seeded generator, as when it runs alone
+            chosen = torch.stack([row.sampler(logits[index:index + 1])[0] if row else
+                                  torch.zeros((), dtype=torch.long, device=self.device)
+                                  for index, row in enumerate(rows)])
+        return self.token_sync(chosen).tolist()
