@@ -164,6 +164,35 @@ def test_map_reduce_summarizes_a_document_longer_than_the_context(mixed_run, tmp
     assert NEW < row["generated_tokens"] <= 4 * NEW
 
 
+@pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=1.0, seed=7)])
+def test_documents_decoded_together_give_the_records_of_one_at_a_time(tmp_path, sampling):
+    docs = numbered_folder(tmp_path)
+    mixed = mixed_folder(tmp_path)
+    found = {}
+    for batch in (1, 3, None):  # None: as many as the plan holds (every document)
+        out = tmp_path / f"batch-{batch}.jsonl"
+        for inputs in (docs, mixed):
+            run_summarize(request(inputs, out, sampling=sampling, batch=batch,
+                                  strategy=Strategy.MAP_REDUCE))
+        found[batch] = comparable(by_id(out))
+        runs = json.loads(manifest_path(out).read_text())["runs"]
+        # Every first prompt in a row of its own: 8 documents; 4 fitting, 1 long in 3 chunks.
+        assert [run["batch"] for run in runs] == ([batch] * 2 if batch else [8, 7])
+    assert found[1] == found[3] == found[None]
+    assert sum(row["status"] == "ok" for row in found[1].values()) == 8 + 5
+
+
+def test_two_ranks_decode_rows_together_as_one_process_does(tmp_path, numbered_reference):
+    docs, out = numbered_folder(tmp_path), tmp_path / "r.jsonl"
+    command = [FACLI, "summarize", str(docs), "--out", str(out), "--ctx", str(CTX),
+               "--max-new-tokens", str(NEW), "--device", "cpu", "--devices", "2", "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    assert "decoding up to 8 prompts together" in done.stderr
+    assert comparable(by_id(out)) == numbered_reference
+
+
 def test_sampled_summaries_are_deterministic_for_a_fixed_seed(mixed_run, tmp_path):
     docs = mixed_run[0]
     summaries = []
@@ -175,9 +204,11 @@ def test_sampled_summaries_are_deterministic_for_a_fixed_seed(mixed_run, tmp_pat
     assert summaries[0] == summaries[1] != summaries[2]
 
 
-def start(docs: Path, out: Path, stderr: Path) -> subprocess.Popen:
+def start(docs: Path, out: Path, stderr: Path, batch: int = 2) -> subprocess.Popen:
+    """A summarize process of `batch` rows: fewer than the documents, so that some are still to
+    start when it is stopped."""
     command = [FACLI, "summarize", str(docs), "--out", str(out), "--ctx", str(CTX),
-               "--max-new-tokens", str(NEW), "--device", "cpu", "--json"]
+               "--max-new-tokens", str(NEW), "--device", "cpu", "--batch", str(batch), "--json"]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr.open("wb"),
                             text=True, start_new_session=True)
 
@@ -199,14 +230,15 @@ def finish(docs: Path, out: Path, stderr: Path) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-def test_sigint_saves_what_is_done_and_the_rerun_completes(tmp_path, numbered_reference):
+@pytest.mark.parametrize("batch", [1, 2])
+def test_sigint_saves_what_is_done_and_the_rerun_completes(tmp_path, numbered_reference, batch):
     docs, out, log = numbered_folder(tmp_path), tmp_path / "r.jsonl", tmp_path / "stderr.txt"
-    process = start(docs, out, log)
+    process = start(docs, out, log, batch)
     wait_for_lines(out, 1, process)
     process.send_signal(signal.SIGINT)
     stdout, _ = process.communicate(timeout=120)
     assert process.returncode == 130, log.read_text()
-    assert "stopping after the current document" in log.read_text()
+    assert "stopping after the documents in progress" in log.read_text()
     assert "Traceback" not in log.read_text()
     interrupted = json.loads(stdout.strip().splitlines()[-1])
     saved = by_id(out)

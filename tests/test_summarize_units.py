@@ -2,6 +2,7 @@
 the loop, with a character tokenizer and a fake runtime (no model)."""
 
 import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -65,6 +66,36 @@ class FakeRuntime:
 
     def reconfigure(self, *, decode_mode=None, prefill_chunk=None):
         self.reconfigured.append((decode_mode, prefill_chunk))
+
+
+class FakeRowsRuntime(FakeRuntime):
+    """`rows` prompts at a time: fills its rows from next_request, then ends the newest first
+    (so records come out of input order); out of memory after `oom_after` prompts have ended."""
+
+    def __init__(self, rows, oom_after=None, on_finish=None, **kwargs):
+        super().__init__(**kwargs)
+        self.rows, self.oom_after, self.on_finish = rows, oom_after, on_finish
+        self.batches, self.ended = [], 0
+
+    def generate_rows(self, next_request, on_done, *, sampling):
+        busy = []
+        while True:
+            while len(busy) < self.rows and (request := next_request()) is not None:
+                busy.append(request)
+            if not busy:
+                return
+            self.batches.append(len(busy))
+            if self.ended == self.oom_after:
+                raise torch.OutOfMemoryError("CUDA out of memory (fake)")
+            request = busy.pop()
+            self.ended += 1
+            if self.on_finish:
+                self.on_finish()
+            on_done(request, self.generate(request.prompt_ids, max_new_tokens=request.max_new_tokens,
+                                           sampling=sampling))
+
+    def set_batch(self, rows):
+        self.rows = rows
 
 
 def write(path: Path, data: bytes | str) -> Path:
@@ -373,3 +404,61 @@ def test_second_interrupt_abandons_the_current_document(tmp_path):
         summary = run_documents(FakeRuntime(interrupt_at=2), prepared, writer, settings)
     assert summary.interrupted and summary.done == 1
     assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 1
+
+
+def _records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _order(path):
+    """The documents' numbers in the order of their records."""
+    return [int(r["id"].split("/")[1][:2]) for r in _records(path)]
+
+
+def test_rows_run_documents_side_by_side_and_record_them_as_they_finish(tmp_path):
+    prepared, settings = _job(tmp_path, ["one", "", "x" * 500, "four", "five"])
+    runtime = FakeRowsRuntime(rows=2)
+    with ResultWriter(tmp_path / "r.jsonl") as writer:
+        summary = run_documents(runtime, prepared, writer, settings)
+    records = _records(tmp_path / "r.jsonl")
+    # "" and the too-long document are recorded as they are reached; of two in rows, the newest
+    # ends first.
+    assert _order(tmp_path / "r.jsonl") == [1, 2, 3, 4, 0]
+    assert [r["status"] for r in records] == ["failed", "failed", "ok", "ok", "ok"]
+    assert runtime.batches[0] == 2 and len(runtime.calls) == 3
+    assert (summary.done, summary.failed, summary.interrupted) == (3, 2, False)
+
+
+def test_rows_out_of_memory_goes_on_one_document_at_a_time(tmp_path):
+    prepared, settings = _job(tmp_path, ["one", "two", "three", "four"])
+    runtime = FakeRowsRuntime(rows=3, oom_after=1)
+    with ResultWriter(tmp_path / "r.jsonl") as writer:
+        summary = run_documents(runtime, prepared, writer, settings)
+    records = _records(tmp_path / "r.jsonl")
+    assert runtime.rows == 1 and summary.done == 4
+    # The one that ended in rows (the third), then the two in progress again, then the last.
+    assert _order(tmp_path / "r.jsonl") == [2, 0, 1, 3]
+    assert all(r["status"] == "ok" for r in records)
+
+
+def test_stop_request_with_rows_finishes_the_documents_in_progress(tmp_path):
+    prepared, settings = _job(tmp_path, ["one", "two", "three", "four", "five"])
+    stop = StopRequest(announce=False)
+    runtime = FakeRowsRuntime(rows=2, on_finish=lambda: setattr(stop, "requested", True))
+    with ResultWriter(tmp_path / "r.jsonl") as writer:
+        summary = run_documents(runtime, prepared, writer, settings, stop=stop)
+    assert summary.interrupted and summary.done == 2
+    assert _order(tmp_path / "r.jsonl") == [1, 0]
+
+
+def test_map_reduce_chunks_of_one_document_share_the_rows(tmp_path):
+    prepared, settings = _job(tmp_path, ["y" * 450])
+    settings = JobSettings(Strategy.MAP_REDUCE, settings.budget, settings.prompts, settings.sampling)
+    runtime = FakeRowsRuntime(rows=8, reply="s")
+    with ResultWriter(tmp_path / "r.jsonl") as writer:
+        summary = run_documents(runtime, prepared, writer, settings)
+    (record,) = _records(tmp_path / "r.jsonl")
+    chunks = math.ceil(450 / settings.budget.document_tokens(settings.prompts.summarize))
+    assert chunks >= 3 and runtime.batches[0] == chunks  # every chunk in a row at once
+    assert runtime.batches[-1] == 1 and len(runtime.calls) == chunks + 1  # then the combined
+    assert record["status"] == "ok" and summary.done == 1

@@ -11,7 +11,7 @@ from facli.summarize.strategies import Strategy
 
 def command(
     inputs: Annotated[list[Path], typer.Argument(help="Files and folders: .txt, .md, and .jsonl with a \"text\" field (and optional \"id\"); folders are searched recursively.")],
-    out: Annotated[Path, typer.Option(help="Results file: one JSON line per document, appended as each finishes.")],
+    out: Annotated[Path, typer.Option(help="Results file: one JSON line per document, appended as each finishes (in the order they finish).")],
     model: Annotated[Optional[str], typer.Option(help="Checkpoint directory or recipe name; default: the embedded demo model.")] = None,
     ctx: Annotated[Optional[str], typer.Option(help="Context per prompt: 4096, 32k, 256k, 1m. Default: the model's max_position_embeddings.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Longest summary, in tokens.")] = 256,
@@ -29,6 +29,7 @@ def command(
     kv_dtype: Annotated[str, typer.Option(help="KV cache dtype: auto (the weights'), bf16, fp16, fp32 or fp8 (e4m3, half the bytes, lossy).")] = "auto",
     decode_mode: Annotated[str, typer.Option(help="For host-resident KV: auto, prefetch, cpu or split.")] = "auto",
     allreduce_tile_tokens: Annotated[Optional[int], typer.Option(help="Tokens per tiling-AllReduce tile with --devices > 1 (default: the plan's, from the hardware).")] = None,
+    batch: Annotated[Optional[int], typer.Option(help="Prompts decoded together, each in its own row of the KV cache (default: as many as fit in GPU memory with the whole cache there, up to 64; 1 runs documents one after another).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the run summary as one JSON object.")] = False,
 ):
     """Summarize documents; rerun the same command to resume after a crash or Ctrl-C."""
@@ -44,7 +45,7 @@ def command(
         prompt_template=prompt_template, strategy=strategy, device=device, dtype=dtype,
         devices=devices, retry_failed=retry_failed, allow_ctx_extension=allow_ctx_extension,
         kv_dtype=kv_dtype, decode_mode=decode_mode, allreduce_tile_tokens=allreduce_tile_tokens,
-        sampling=SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed),
+        batch=batch, sampling=SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed),
     )
     device_type = resolve_device(device).type
     summary = launch(summarize_on_rank, (request,), world_size=devices, device_type=device_type)

@@ -1,4 +1,4 @@
-"""Ctrl-C during a batch: the first finishes the current document, the second abandons it.
+"""Ctrl-C during a batch: the first finishes the documents in progress, the second abandons them.
 
 Either way the loop stops with every finished document already saved. SIGTERM counts as Ctrl-C.
 """
@@ -24,7 +24,7 @@ class StopRequest:
             raise KeyboardInterrupt
         self.requested = True
         if self.announce:
-            print("\nfacli: stopping after the current document; press Ctrl-C again to abandon it",
+            print("\nfacli: stopping after the documents in progress; press Ctrl-C again to abandon them",
                   file=sys.stderr, flush=True)
 
     @contextmanager

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from facli.errors import FacliError
 from facli.summarize import strategies
+from facli.summarize.batched import run_batched
 from facli.summarize.faults import OomGuard
 from facli.summarize.interrupt import StopRequest
 from facli.summarize.output import ResultWriter, make_record
@@ -37,6 +38,7 @@ class JobSummary:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     seconds: float = 0.0
+    generation_s: float = 0.0  # in the document loop: the model loaded, documents running
     interrupted: bool = False
 
     def add(self, record: dict) -> None:
@@ -48,7 +50,8 @@ class JobSummary:
         self.generated_tokens += record["generated_tokens"]
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "seconds": round(self.seconds, 3)}
+        return {**asdict(self), "seconds": round(self.seconds, 3),
+                "generation_s": round(self.generation_s, 3)}
 
     def line(self) -> str:
         stopped = "; interrupted, rerun the same command to resume" if self.interrupted else ""
@@ -62,52 +65,72 @@ class JobSummary:
 def run_documents(runtime, items: Sequence[PreparedDocument], writer: ResultWriter | None,
                   settings: JobSettings, *, stop: StopRequest | None = None,
                   is_writer: bool = True, agree: Callable[[bool], bool] | None = None) -> JobSummary:
-    """Summarize `items` in order, appending one record per document as it finishes.
+    """Summarize `items`, appending one record per document as it finishes.
 
-    A first Ctrl-C (see StopRequest) ends the loop after the current document; a second abandons
-    it. Either way the summary comes back with `interrupted` set and nothing half-written.
-    `agree(requested) -> bool` (a collective, with several ranks) makes every rank stop together.
+    With a runtime of several rows (runtime.rows) documents run side by side and their records
+    come in the order they finish; otherwise one after another. A first Ctrl-C (see
+    StopRequest) starts no new document and ends the loop once those in progress are recorded;
+    a second abandons them. Either way the summary comes back with `interrupted` set and
+    nothing half-written. `agree(requested) -> bool` (a collective, with several ranks) makes
+    every rank stop together.
     """
     assert writer is not None or not is_writer, "the writer rank needs a ResultWriter"
     stop = stop or StopRequest()
     summary = JobSummary()
-    generate = OomGuard(runtime, max_new_tokens=settings.budget.max_new_tokens,
-                        sampling=settings.sampling, log=is_writer)
     bar = tqdm(total=len(items), unit="doc", desc="summarize", file=sys.stderr,
                disable=not is_writer, dynamic_ncols=True)
     started = time.perf_counter()
+
+    def record(entry: dict) -> None:
+        with stop.deferred():
+            if is_writer:
+                writer.append(entry)
+            summary.add(entry)
+        _advance(bar, summary, time.perf_counter() - started)
+
+    def stop_agreed() -> bool:
+        summary.interrupted = agree(stop.requested) if agree else stop.requested
+        return summary.interrupted
+
     try:
-        for item in items:
-            record = summarize_document(item, settings, generate)
-            with stop.deferred():
-                if is_writer:
-                    writer.append(record)
-                summary.add(record)
-            _advance(bar, summary, time.perf_counter() - started)
-            if agree(stop.requested) if agree else stop.requested:
-                summary.interrupted = True
+        remaining = list(items)
+        if getattr(runtime, "rows", 1) > 1:
+            remaining = run_batched(
+                runtime, remaining, settings,
+                on_outcome=lambda item, outcome, since: record(document_record(item, outcome, since)),
+                may_start=lambda: not stop_agreed(), log=bar.write if is_writer else None)
+        generate = OomGuard(runtime, max_new_tokens=settings.budget.max_new_tokens,
+                            sampling=settings.sampling, log=is_writer)
+        for item in remaining:
+            if summary.interrupted:
                 break
+            record(summarize_document(item, settings, generate))
+            stop_agreed()
     except KeyboardInterrupt:
         summary.interrupted = True
         if is_writer:
-            bar.write("facli: abandoned the current document", file=sys.stderr)
+            bar.write("facli: abandoned the documents in progress", file=sys.stderr)
     finally:
         bar.close()
+        summary.generation_s = time.perf_counter() - started
     return summary
 
 
 def summarize_document(item: PreparedDocument, settings: JobSettings, generate) -> dict:
     """One record for one document; failures of this document are recorded, not raised."""
-    doc = item.document
     started = time.perf_counter()
     if item.ids is None:
-        outcome = Outcome(None, 0, 0, doc.error)
-    else:
-        try:
-            outcome = strategies.summarize(settings.strategy, list(item.ids), settings.prompts,
-                                           settings.budget, generate)
-        except (DocumentFailed, FacliError) as exc:
-            outcome = Outcome(None, len(item.ids) + settings.prompts.summarize.overhead, 0, str(exc))
+        return document_record(item, Outcome(None, 0, 0, item.document.error), started)
+    try:
+        outcome = strategies.summarize(settings.strategy, list(item.ids), settings.prompts,
+                                       settings.budget, generate)
+    except (DocumentFailed, FacliError) as exc:
+        outcome = strategies.failure(item.ids, settings.prompts, exc)
+    return document_record(item, outcome, started)
+
+
+def document_record(item: PreparedDocument, outcome: Outcome, started: float) -> dict:
+    doc = item.document
     return make_record(
         doc.id, doc.source, summary=outcome.summary, prompt_tokens=outcome.prompt_tokens,
         generated_tokens=outcome.generated_tokens, seconds=time.perf_counter() - started,

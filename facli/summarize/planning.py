@@ -1,11 +1,16 @@
 """The corpus plan: tokenize every document before the model is loaded and size the context."""
 
+import math
 from dataclasses import asdict, dataclass, replace
 
 from facli.errors import FacliError
 from facli.summarize.documents import Document
 from facli.summarize.prompting import Prompts
 from facli.summarize.strategies import Budget, Strategy
+
+# The most prompts decoded together when --batch is not given. Each row holds a whole context
+# of KV; the measured gain per row is in docs/benchmarks.md (summarize by rows).
+MAX_AUTO_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,17 @@ def plan_corpus(prepared: list[PreparedDocument], prompts: Prompts, budget: Budg
     )
 
 
+def first_prompts(pending: list[PreparedDocument], prompts: Prompts, budget: Budget,
+                  strategy: Strategy) -> int:
+    """How many prompts the usable documents start with: one each, and with map-reduce one per
+    chunk of a document longer than the context."""
+    usable = [len(p.ids) for p in pending if p.ids is not None]
+    if strategy is not Strategy.MAP_REDUCE:
+        return len(usable)
+    limit = budget.document_tokens(prompts.summarize)
+    return sum(max(1, math.ceil(length / limit)) for length in usable)
+
+
 def check_budget(prompts: Prompts, budget: Budget) -> None:
     for builder in (prompts.summarize, prompts.combine):
         if budget.document_tokens(builder) < 1:
@@ -77,16 +93,39 @@ def check_budget(prompts: Prompts, budget: Budget) -> None:
 
 def plan_memory(config, ctx: int, *, model_name: str, max_new_tokens: int, device: str | None,
                 devices: int, dtype: str, kv_dtype: str = "auto", decode_mode: str = "auto",
-                allreduce_tile_tokens: int | None = None):
-    """The memory plan (facli.offload.planner) for the longest prompt, before any weights load;
-    raises OutOfMemoryPlanError when nothing fits."""
+                allreduce_tile_tokens: int | None = None, batch: int = 1):
+    """The memory plan (facli.offload.planner) for `batch` of the longest prompt, before any
+    weights load; raises OutOfMemoryPlanError when nothing fits."""
+    from facli.offload.planner import plan
+
+    options = _plan_options(model_name, max_new_tokens, devices, dtype, kv_dtype, decode_mode,
+                            allreduce_tile_tokens)
+    return plan(config, _hardware(device), ctx, batch, options)
+
+
+def choose_rows(config, ctx: int, *, model_name: str, max_new_tokens: int, device: str | None,
+                devices: int, dtype: str, kv_dtype: str, limit: int) -> int:
+    """How many prompts of `ctx` tokens to decode together: the most, up to `limit`, whose KV
+    cache fits in device memory beside the weights (offload.planner.largest_resident_batch)."""
+    from facli.offload.planner import largest_resident_batch
+
+    if limit < 2:
+        return 1
+    options = _plan_options(model_name, max_new_tokens, devices, dtype, kv_dtype)
+    return largest_resident_batch(config, _hardware(device), ctx, options, limit)
+
+
+def _hardware(device: str | None):
     from facli.offload.hardware import detect_hardware
-    from facli.offload.planner import PlanOptions, plan
 
     hardware = detect_hardware()
-    if device == "cpu":
-        hardware = replace(hardware, devices=())
-    options = PlanOptions(weight_dtype=dtype, kv_dtype=kv_dtype, decode_mode=decode_mode,
-                          allreduce_tile_tokens=allreduce_tile_tokens, devices=devices,
-                          new_tokens=max_new_tokens, model_name=model_name)
-    return plan(config, hardware, ctx, 1, options)
+    return replace(hardware, devices=()) if device == "cpu" else hardware
+
+
+def _plan_options(model_name, max_new_tokens, devices, dtype, kv_dtype, decode_mode="auto",
+                  allreduce_tile_tokens=None):
+    from facli.offload.planner import PlanOptions
+
+    return PlanOptions(weight_dtype=dtype, kv_dtype=kv_dtype, decode_mode=decode_mode,
+                       allreduce_tile_tokens=allreduce_tile_tokens, devices=devices,
+                       new_tokens=max_new_tokens, model_name=model_name)

@@ -15,9 +15,9 @@ import torch
 
 from facli.errors import FacliError
 from facli.offload.planner import check_decode_mode
-from facli.parallel.comm import all_reduce_sum, barrier
+from facli.parallel.comm import all_reduce_sum, barrier, broadcast_tokens
 from facli.parallel.context import SINGLE_PROCESS, ParallelContext
-from facli.resolve import ResolvedModel, check_context, resolve_model
+from facli.resolve import ResolvedModel, check_context, resolve_device, resolve_model
 from facli.runtime import Runtime, RuntimeOptions, check_kv_dtype
 from facli.sampling import SamplingParams
 from facli.summarize import manifest as manifests
@@ -25,7 +25,16 @@ from facli.summarize.documents import SourceFile, discover, read_documents
 from facli.summarize.interrupt import StopRequest
 from facli.summarize.job import JobSettings, JobSummary, run_documents
 from facli.summarize.output import ExistingResults, ResultWriter, read_results
-from facli.summarize.planning import CorpusPlan, PreparedDocument, plan_corpus, plan_memory, tokenize
+from facli.summarize.planning import (
+    MAX_AUTO_ROWS,
+    CorpusPlan,
+    PreparedDocument,
+    choose_rows,
+    first_prompts,
+    plan_corpus,
+    plan_memory,
+    tokenize,
+)
 from facli.summarize.prompting import make_prompts, read_template
 from facli.summarize.strategies import Budget, Strategy
 from facli.tokenizer import load_tokenizer
@@ -49,6 +58,7 @@ class SummarizeRequest:
     kv_dtype: str = "auto"  # auto (the weights'), bf16, fp16, fp32 or fp8
     decode_mode: str = "auto"  # for host-resident KV: auto, prefetch, cpu or split
     allreduce_tile_tokens: int | None = None  # None: the plan's
+    batch: int | None = None  # documents decoded together; None: as many as the GPUs hold
 
     def __post_init__(self):
         check_kv_dtype(self.kv_dtype)
@@ -57,6 +67,8 @@ class SummarizeRequest:
             raise FacliError(f"expected --max-new-tokens > 0, got {self.max_new_tokens}")
         if self.devices < 1:
             raise FacliError(f"expected --devices >= 1, got {self.devices}")
+        if self.batch is not None and self.batch < 1:
+            raise FacliError(f"expected --batch >= 1, got {self.batch}")
 
 
 @dataclass(frozen=True)
@@ -85,18 +97,23 @@ def run_summarize(request: SummarizeRequest, parallel: ParallelContext = SINGLE_
         existing = read_results(request.out)
         pending, skipped = select_pending(corpus.prepared, existing, request.retry_failed)
         barrier(parallel)  # every rank has read the output before rank 0 changes it
-        memory = _plan_memory(request, resolved, corpus.plan) if pending and writer else None
+        rows = _rows(request, resolved, corpus, pending, parallel) if pending else 1
+        memory = _plan_memory(request, resolved, corpus.plan, rows) if pending and writer else None
         if memory is not None:
             log(f"facli: {memory.summary_line()}")
             for line in memory.hints:
                 log(f"facli: {line}")
-        manifest, entry = _open_manifest(request, resolved, corpus, memory, writer)
+        if rows > 1:
+            log(f"facli: decoding up to {rows} prompts together (--batch); records come in the "
+                "order documents finish")
+        manifest, entry = _open_manifest(request, resolved, corpus, memory, writer, rows)
         if writer is not None:
             _prepare_output(writer, existing, pending, request.retry_failed)
         log(f"facli: {len(pending)} to summarize, {skipped} already in {request.out}")
         summary = JobSummary()
         if pending:
-            runtime = Runtime(resolved, _runtime_options(request, corpus.plan), parallel, tokenizer)
+            runtime = Runtime(resolved, _runtime_options(request, corpus.plan, rows), parallel,
+                              tokenizer)
             summary = _run_loop(runtime, pending, writer, corpus.settings, parallel, stop)
         summary.skipped = skipped
         summary.seconds = time.perf_counter() - started
@@ -144,8 +161,27 @@ def select_pending(prepared: list[PreparedDocument], existing: ExistingResults,
     return pending, len(prepared) - len(pending)
 
 
-def _runtime_options(request: SummarizeRequest, plan: CorpusPlan) -> RuntimeOptions:
+def _rows(request: SummarizeRequest, resolved: ResolvedModel, corpus: Corpus,
+          pending: list[PreparedDocument], parallel: ParallelContext) -> int:
+    """--batch, or the most prompts of the planned context that decode together on this
+    hardware, and no more than the documents' first prompts. Every rank takes rank 0's."""
+    if request.batch is not None:
+        return request.batch
+    settings = corpus.settings
+    limit = first_prompts(pending, settings.prompts, settings.budget, settings.strategy)
+    rows = choose_rows(resolved.config, corpus.plan.runtime_ctx, model_name=resolved.name,
+                       max_new_tokens=request.max_new_tokens, device=request.device,
+                       devices=request.devices, dtype=request.dtype, kv_dtype=request.kv_dtype,
+                       limit=min(limit, MAX_AUTO_ROWS))
+    if not parallel.is_distributed:
+        return rows
+    agreed = torch.tensor([rows], dtype=torch.long, device=resolve_device(request.device, parallel))
+    return int(broadcast_tokens(agreed, parallel)[0])
+
+
+def _runtime_options(request: SummarizeRequest, plan: CorpusPlan, rows: int) -> RuntimeOptions:
     return RuntimeOptions(
+        batch=rows,
         model=request.model, device=request.device, dtype=request.dtype, ctx=plan.runtime_ctx,
         devices=request.devices, allow_ctx_extension=request.allow_ctx_extension,
         kv_dtype=request.kv_dtype, decode_mode=request.decode_mode,
@@ -161,8 +197,8 @@ def _prepare_output(writer: ResultWriter, existing: ExistingResults,
         writer.drop(existing.ids_with_status("failed") & {p.document.id for p in pending})
 
 
-def _plan_memory(request: SummarizeRequest, resolved: ResolvedModel, plan: CorpusPlan):
-    return plan_memory(resolved.config, plan.runtime_ctx, model_name=resolved.name,
+def _plan_memory(request: SummarizeRequest, resolved: ResolvedModel, plan: CorpusPlan, rows: int):
+    return plan_memory(resolved.config, plan.runtime_ctx, batch=rows, model_name=resolved.name,
                        max_new_tokens=request.max_new_tokens, device=request.device,
                        devices=request.devices, dtype=request.dtype,
                        kv_dtype=request.kv_dtype, decode_mode=request.decode_mode,
@@ -182,7 +218,7 @@ def _stop_agreement(parallel: ParallelContext, device):
 
 
 def _open_manifest(request: SummarizeRequest, resolved: ResolvedModel, corpus: Corpus, memory,
-                   writer: ResultWriter | None) -> tuple[dict, dict]:
+                   writer: ResultWriter | None, rows: int) -> tuple[dict, dict]:
     """Check that the output was made with the same settings, then record this run's start."""
     path = manifests.manifest_path(request.out)
     previous = manifests.read_manifest(path)
@@ -194,7 +230,8 @@ def _open_manifest(request: SummarizeRequest, resolved: ResolvedModel, corpus: C
     manifest = manifests.new_manifest(previous, model=model, settings=settings, plan=plan)
     entry = manifests.start_run(manifest, {
         "argv": sys.argv, "strategy": request.strategy.value, "ctx": corpus.plan.ctx,
-        "device": request.device, "devices": request.devices, "retry_failed": request.retry_failed,
+        "device": request.device, "devices": request.devices, "batch": rows,
+        "retry_failed": request.retry_failed,
     })
     if writer is not None:
         manifests.write_manifest(path, manifest)

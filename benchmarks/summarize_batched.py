@@ -1,0 +1,96 @@
+"""`facli summarize` over many documents: one at a time against decoded together in rows.
+
+Usage: python benchmarks/summarize_batched.py [--documents 48] [--shortest 1024] [--longest 4096]
+    [--new-tokens 128] [--batches 1,8,auto] [--out DIR]
+Builds a Llama-7B-shaped random bf16 checkpoint (benchmarks/common.py), writes documents of
+random ASCII with lengths spread evenly between --shortest and --longest tokens (one token per
+character under its byte-level tokenizer), and runs `facli summarize --json` on the folder as
+a fresh process once per --batches entry, each into its own output. A random model hardly ever
+samples EOS, so every document generates --new-tokens. Prints documents/s and tokens/s per
+batch, and how many summaries equal the one-at-a-time run's (bf16 GEMMs over several rows round
+differently from one row's, so greedy paths may part).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import LLAMA_7B, print_environment, random_text, write_random_checkpoint  # noqa: E402
+
+TEMPLATE_TOKENS = 256  # room left for the prompt template
+
+
+def write_corpus(folder: Path, count: int, shortest: int, longest: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        length = shortest + (longest - shortest) * index // max(count - 1, 1)
+        (folder / f"doc-{index:03d}.txt").write_text(random_text(length - TEMPLATE_TOKENS, seed=index))
+
+
+def run(corpus: Path, checkpoint: Path, out: Path, batch: str, ctx: int, new_tokens: int) -> dict:
+    results = out / f"summaries-batch-{batch}.jsonl"
+    command = [sys.executable, "-m", "facli.cli", "summarize", str(corpus), "--model",
+               str(checkpoint), "--out", str(results), "--ctx", str(ctx),
+               "--max-new-tokens", str(new_tokens), "--allow-ctx-extension", "--json"]
+    if batch != "auto":
+        command += ["--batch", batch]
+    began = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, cwd=out)
+    wall = time.perf_counter() - began
+    (out / f"stderr-batch-{batch}.txt").write_text(done.stderr)
+    if done.returncode != 0:
+        sys.stderr.write(done.stderr[-4000:])
+        raise SystemExit(f"facli summarize --batch {batch} failed with exit code {done.returncode}")
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    records = {r["id"]: r for r in map(json.loads, results.read_text().splitlines())}
+    rows = next((line for line in done.stderr.splitlines() if "prompts together" in line), "")
+    return {"batch": batch, "summary": summary, "records": records, "wall_s": wall,
+            "rows_line": rows}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--documents", type=int, default=48)
+    parser.add_argument("--shortest", type=int, default=1024)
+    parser.add_argument("--longest", type=int, default=4096)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--batches", default="1,8,auto")
+    parser.add_argument("--checkpoint", default="/tmp/llama-7b-random")
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--model-config", default=None, help="JSON of config.json values (tests)")
+    args = parser.parse_args()
+    env = print_environment()
+    config = json.loads(args.model_config) if args.model_config else LLAMA_7B
+    checkpoint = write_random_checkpoint(Path(args.checkpoint), config)
+    out = Path(args.out)
+    corpus = out / "corpus"
+    write_corpus(corpus, args.documents, args.shortest, args.longest)
+    ctx = args.longest + args.new_tokens
+    runs = [run(corpus, checkpoint, out, batch, ctx, args.new_tokens)
+            for batch in args.batches.split(",")]
+    (out / "summarize_batched.json").write_text(json.dumps(
+        {"env": env, "args": vars(args), "runs": runs}, indent=2))
+    reference = runs[0]["records"]
+    # Seconds of the document loop (the model loaded); the wall time adds start-up and loading.
+    print(f"\n{'batch':>6}{'docs':>6}{'new tok':>9}{'seconds':>9}{'wall s':>8}{'docs/s':>8}"
+          f"{'tok/s':>9}{'speedup':>9}{'same as ' + runs[0]['batch']:>11}")
+    for result in runs:
+        summary, records = result["summary"], result["records"]
+        seconds = summary["generation_s"]
+        same = sum(records[key]["summary"] == reference[key]["summary"] for key in reference)
+        print(f"{result['batch']:>6}{summary['done']:>6}{summary['generated_tokens']:>9}"
+              f"{seconds:>9.1f}{result['wall_s']:>8.1f}{summary['done'] / seconds:>8.2f}"
+              f"{summary['generated_tokens'] / seconds:>9.0f}"
+              f"{runs[0]['summary']['generation_s'] / seconds:>8.2f}x{same:>7}/{len(reference)}")
+    for result in runs:
+        if result["rows_line"]:
+            print(f"--batch {result['batch']}: {result['rows_line']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Documents summarized side by side: their prompts share the rows of one batch.
+
+Each document runs its strategy's steps (facli.summarize.strategies): the prompts of a round go
+into the queue, free rows of the runtime take prompts from it, and when a document's round is
+complete its steps get the results and hand out the next round or the outcome. A new document
+starts only when the queue is empty, so documents in progress finish first.
+"""
+
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from facli.batching import RowRequest
+from facli.errors import FacliError
+from facli.summarize import strategies
+from facli.summarize.faults import free_memory, is_out_of_memory
+from facli.summarize.planning import PreparedDocument
+from facli.summarize.strategies import DocumentFailed, Outcome
+
+
+@dataclass
+class _InProgress:
+    item: PreparedDocument
+    steps: strategies.Steps
+    started: float
+    results: list = field(default_factory=list)
+    missing: int = 0
+
+
+def run_batched(runtime, items: list[PreparedDocument], settings, *,
+                on_outcome: Callable[[PreparedDocument, Outcome, float], None],
+                may_start: Callable[[], bool], log=None) -> list[PreparedDocument]:
+    """Summarize `items` in the runtime's rows; on_outcome(item, outcome, started) as each
+    document ends; may_start() before each new document (False: start no more). Returns the
+    documents left to run one at a time: none, unless the rows ran out of memory, after which
+    the runtime has one row and the documents in progress start again."""
+    queue: deque[RowRequest] = deque()
+    upcoming = deque(items)
+    in_progress: dict[str, _InProgress] = {}
+
+    def advance(doc: _InProgress, results) -> None:
+        try:
+            prompts = next(doc.steps) if results is None else doc.steps.send(results)
+        except StopIteration as finished:
+            return finish(doc, finished.value)
+        except (DocumentFailed, FacliError) as exc:
+            return finish(doc, strategies.failure(doc.item.ids, settings.prompts, exc))
+        doc.results, doc.missing = [None] * len(prompts), len(prompts)
+        queue.extend(RowRequest(list(prompt), settings.budget.max_new_tokens, key=(doc, index))
+                     for index, prompt in enumerate(prompts))
+
+    def finish(doc: _InProgress, outcome: Outcome) -> None:
+        in_progress.pop(doc.item.document.id, None)
+        on_outcome(doc.item, outcome, doc.started)
+
+    def next_request() -> RowRequest | None:
+        while not queue:
+            if not upcoming or not may_start():
+                return None
+            item = upcoming.popleft()
+            started = time.perf_counter()
+            if item.ids is None:
+                on_outcome(item, Outcome(None, 0, 0, item.document.error), started)
+                continue
+            doc = _InProgress(item, strategies.steps(settings.strategy, list(item.ids),
+                                                     settings.prompts, settings.budget), started)
+            in_progress[item.document.id] = doc
+            advance(doc, None)
+        return queue.popleft()
+
+    def on_done(request: RowRequest, result) -> None:
+        doc, index = request.key
+        doc.results[index] = result
+        doc.missing -= 1
+        if doc.missing == 0:
+            advance(doc, doc.results)
+
+    try:
+        runtime.generate_rows(next_request, on_done, sampling=settings.sampling)
+    except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled, the rest re-raised
+        if not is_out_of_memory(exc):
+            raise
+        rows = runtime.rows
+        free_memory()
+        runtime.set_batch(1)
+        if log is not None:
+            log(f"facli: out of memory with {rows} documents at once; going on one at a time",
+                file=sys.stderr)
+        return [doc.item for doc in in_progress.values()] + list(upcoming)
+    return []
