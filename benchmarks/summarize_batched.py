@@ -1,19 +1,22 @@
 """`facli summarize` over many documents: one at a time against decoded together in rows.
 
 Usage: python benchmarks/summarize_batched.py [--documents 48] [--shortest 1024] [--longest 4096]
-    [--new-tokens 128] [--batches 1,8,auto] [--out DIR]
+    [--new-tokens 128] [--batches 1,8,auto] [--transformers-batch 8] [--out DIR]
 Builds a Llama-7B-shaped random bf16 checkpoint (benchmarks/common.py), writes documents of
 random ASCII with lengths spread evenly between --shortest and --longest tokens (one token per
 character under its byte-level tokenizer), and runs `facli summarize --json` on the folder as
 a fresh process once per --batches entry, each into its own output. A random model hardly ever
 samples EOS, so every document generates --new-tokens. Prints documents/s and tokens/s per
 batch, and how many summaries equal the one-at-a-time run's (bf16 GEMMs over several rows round
-differently from one row's, so greedy paths may part).
+differently from one row's, so greedy paths may part). The baseline in the same run: Hugging
+Face transformers' `generate` on the same prompt ids, --transformers-batch documents at a time
+with left padding (0: not run).
 """
 
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -33,7 +36,10 @@ def write_corpus(folder: Path, count: int, shortest: int, longest: int) -> None:
 
 
 def run(corpus: Path, checkpoint: Path, out: Path, batch: str, ctx: int, new_tokens: int) -> dict:
-    results = out / f"summaries-batch-{batch}.jsonl"
+    folder = out / f"batch-{batch}"
+    shutil.rmtree(folder, ignore_errors=True)  # a fresh output: nothing to resume
+    folder.mkdir(parents=True)
+    results = folder / "summaries.jsonl"
     command = [sys.executable, "-m", "facli.cli", "summarize", str(corpus), "--model",
                str(checkpoint), "--out", str(results), "--ctx", str(ctx),
                "--max-new-tokens", str(new_tokens), "--allow-ctx-extension", "--json"]
@@ -42,7 +48,7 @@ def run(corpus: Path, checkpoint: Path, out: Path, batch: str, ctx: int, new_tok
     began = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, cwd=out)
     wall = time.perf_counter() - began
-    (out / f"stderr-batch-{batch}.txt").write_text(done.stderr)
+    (folder / "stderr.txt").write_text(done.stderr)
     if done.returncode != 0:
         sys.stderr.write(done.stderr[-4000:])
         raise SystemExit(f"facli summarize --batch {batch} failed with exit code {done.returncode}")
@@ -53,6 +59,47 @@ def run(corpus: Path, checkpoint: Path, out: Path, batch: str, ctx: int, new_tok
             "rows_line": rows}
 
 
+def run_transformers(corpus: Path, checkpoint: Path, batch: int, new_tokens: int) -> dict:
+    """The documents' summarize prompts (facli's template, so the same ids) through
+    transformers' generate, `batch` at a time, left-padded; seconds from the model loaded."""
+    import torch
+    import transformers
+
+    from facli.summarize.documents import discover, read_documents
+    from facli.summarize.planning import tokenize
+    from facli.summarize.prompting import make_prompts
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
+    prompts = make_prompts(tokenizer, None)
+    prepared = tokenize(read_documents(discover([corpus]), lambda *_: None), prompts)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        checkpoint, dtype=torch.bfloat16, attn_implementation="sdpa").to(device)
+    model.generation_config.eos_token_id = None
+    records = {}
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    began = time.perf_counter()
+    for start in range(0, len(prepared), batch):
+        group = prepared[start:start + batch]
+        ids = [prompts.summarize.build(list(item.ids)) for item in group]
+        width = max(map(len, ids))
+        padded = torch.tensor([[0] * (width - len(row)) + row for row in ids], device=device)
+        mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in ids], device=device)
+        try:
+            out = model.generate(padded, attention_mask=mask, max_new_tokens=new_tokens,
+                                 do_sample=False, pad_token_id=0)
+        except torch.OutOfMemoryError:
+            return {"batch": batch, "error": "out of memory"}
+        for item, row in zip(group, out[:, width:].tolist()):
+            records[item.document.id] = {"summary": tokenizer.decode(row, skip_special_tokens=True),
+                                         "generated_tokens": len(row)}
+    sync()
+    seconds = time.perf_counter() - began
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+    return {"batch": batch, "seconds": seconds, "records": records, "peak_gpu_bytes": peak}
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--documents", type=int, default=48)
@@ -60,6 +107,8 @@ def main():
     parser.add_argument("--longest", type=int, default=4096)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--batches", default="1,8,auto")
+    parser.add_argument("--transformers-batch", type=int, default=8)
+    parser.add_argument("--corpus", default="/tmp/summarize-corpus")
     parser.add_argument("--checkpoint", default="/tmp/llama-7b-random")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--model-config", default=None, help="JSON of config.json values (tests)")
@@ -68,13 +117,15 @@ def main():
     config = json.loads(args.model_config) if args.model_config else LLAMA_7B
     checkpoint = write_random_checkpoint(Path(args.checkpoint), config)
     out = Path(args.out)
-    corpus = out / "corpus"
+    corpus = Path(args.corpus)
     write_corpus(corpus, args.documents, args.shortest, args.longest)
     ctx = args.longest + args.new_tokens
     runs = [run(corpus, checkpoint, out, batch, ctx, args.new_tokens)
             for batch in args.batches.split(",")]
+    baseline = (run_transformers(corpus, checkpoint, args.transformers_batch, args.new_tokens)
+                if args.transformers_batch else None)
     (out / "summarize_batched.json").write_text(json.dumps(
-        {"env": env, "args": vars(args), "runs": runs}, indent=2))
+        {"env": env, "args": vars(args), "runs": runs, "transformers": baseline}, indent=2))
     reference = runs[0]["records"]
     # Seconds of the document loop (the model loaded); the wall time adds start-up and loading.
     print(f"\n{'batch':>6}{'docs':>6}{'new tok':>9}{'seconds':>9}{'wall s':>8}{'docs/s':>8}"
@@ -87,6 +138,16 @@ def main():
               f"{seconds:>9.1f}{result['wall_s']:>8.1f}{summary['done'] / seconds:>8.2f}"
               f"{summary['generated_tokens'] / seconds:>9.0f}"
               f"{runs[0]['summary']['generation_s'] / seconds:>8.2f}x{same:>7}/{len(reference)}")
+    if baseline and "error" in baseline:
+        print(f"transformers batch {baseline['batch']}: {baseline['error']}")
+    elif baseline:
+        records, seconds = baseline["records"], baseline["seconds"]
+        tokens = sum(r["generated_tokens"] for r in records.values())
+        same = sum(records[key]["summary"] == reference[key]["summary"] for key in reference)
+        print(f"transformers generate, {baseline['batch']} at a time (left-padded): {len(records)} "
+              f"docs, {tokens} new tokens in {seconds:.1f} s, {len(records) / seconds:.2f} docs/s, "
+              f"{tokens / seconds:.0f} tok/s, {same}/{len(reference)} same as facli --batch "
+              f"{runs[0]['batch']}")
     for result in runs:
         if result["rows_line"]:
             print(f"--batch {result['batch']}: {result['rows_line']}")
