@@ -32,8 +32,13 @@ def print_environment(file=sys.stdout) -> dict:
     return env
 
 
-def write_random_checkpoint(directory: Path, config: dict = LLAMA_7B, seed: int = 0) -> Path:
-    """A random bf16 checkpoint of `config`'s shape in HF format, with facli's byte tokenizer."""
+def write_random_checkpoint(directory: Path, config: dict = LLAMA_7B, seed: int = 0,
+                            decodable: bool = False) -> Path:
+    """A random bf16 checkpoint of `config`'s shape in HF format, with facli's byte tokenizer.
+
+    Its byte tokenizer has a few hundred ids, so a random model's tokens mostly decode to
+    nothing. decodable: LM-head rows past the tokenizer's ids are zero, so greedy tokens (whose
+    logits are the largest of hundreds of random ones, almost surely above 0) are text."""
     import transformers
 
     from facli.demo import byte_level_tokenizer
@@ -45,11 +50,14 @@ def write_random_checkpoint(directory: Path, config: dict = LLAMA_7B, seed: int 
     torch.manual_seed(seed)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = transformers.LlamaForCausalLM(hf_config).to(torch.bfloat16)
+    tokenizer = byte_level_tokenizer()
     with torch.no_grad():
         for param in model.parameters():
             param.normal_(0.0, 0.02)
+        if decodable:
+            model.lm_head.weight[len(tokenizer):] = 0
     model.save_pretrained(directory, safe_serialization=True, max_shard_size="5GB")
-    byte_level_tokenizer().save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))
     del model
     torch.cuda.empty_cache()
     return directory

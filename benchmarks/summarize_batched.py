@@ -5,8 +5,9 @@ Usage: python benchmarks/summarize_batched.py [--documents 48] [--shortest 1024]
 Builds a Llama-7B-shaped random bf16 checkpoint (benchmarks/common.py), writes documents of
 random ASCII with lengths spread evenly between --shortest and --longest tokens (one token per
 character under its byte-level tokenizer), and runs `facli summarize --json` on the folder as
-a fresh process once per --batches entry, each into its own output. A random model hardly ever
-samples EOS, so every document generates --new-tokens. Prints documents/s and tokens/s per
+a fresh process once per --batches entry, each into its own output. The checkpoint's greedy
+tokens are all text (write_random_checkpoint's `decodable`), and EOS, one id of hundreds, hardly
+ever comes, so every document generates --new-tokens. Prints documents/s and tokens/s per
 batch, and how many summaries equal the one-at-a-time run's (bf16 GEMMs over several rows round
 differently from one row's, so greedy paths may part). The baseline in the same run: Hugging
 Face transformers' `generate` on the same prompt ids, --transformers-batch documents at a time
@@ -109,13 +110,13 @@ def main():
     parser.add_argument("--batches", default="1,8,auto")
     parser.add_argument("--transformers-batch", type=int, default=8)
     parser.add_argument("--corpus", default="/tmp/summarize-corpus")
-    parser.add_argument("--checkpoint", default="/tmp/llama-7b-random")
+    parser.add_argument("--checkpoint", default="/tmp/llama-7b-random-decodable")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--model-config", default=None, help="JSON of config.json values (tests)")
     args = parser.parse_args()
     env = print_environment()
     config = json.loads(args.model_config) if args.model_config else LLAMA_7B
-    checkpoint = write_random_checkpoint(Path(args.checkpoint), config)
+    checkpoint = write_random_checkpoint(Path(args.checkpoint), config, decodable=True)
     out = Path(args.out)
     corpus = Path(args.corpus)
     write_corpus(corpus, args.documents, args.shortest, args.longest)
