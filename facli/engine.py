@@ -48,7 +48,7 @@ def prefill(model: CausalLM, kv: KVStore, ids: torch.Tensor, chunk: int,
     return logits
 
 
-def sync(device: torch.device) -> None:
+def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -113,7 +113,7 @@ class Engine:
                 run.finish_reason = "eos"
                 break
         if decode_started is not None:
-            sync(self.device)
+            _sync(self.device)
             run.timings.decode_s = time.perf_counter() - decode_started
             run.timings.decode_steps = len(run.token_ids) - timed_from
         return run

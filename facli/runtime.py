@@ -85,7 +85,7 @@ class GenerationResult:
     text: str
     prompt_tokens: int
     ttft_s: float
-    decode_tokens_per_s: float
+    decode_tokens_per_s: float | None  # None for a row of generate_rows: its batch shares steps
     peak_gpu_bytes: int | None
     finish_reason: str  # "eos" | "length"
 
@@ -142,11 +142,12 @@ class Runtime:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         self.kv = build_kv_store(self.plan, self.config, self.parallel.world_size, self.device)
-        sync = dict(token_sync=self._token_sync(), use_graphs=self.options.cuda_graphs)
+        shared = dict(token_sync=self._token_sync(), use_graphs=self.options.cuda_graphs)
         single = self.kv if self.rows == 1 else self.kv.row(0)
-        self.engine = Engine(self.model, single, prefill_chunk=self.prefill_chunk, **sync)
+        self.engine = Engine(self.model, single, prefill_chunk=self.prefill_chunk, **shared)
         if self.rows > 1:
-            self.batched = BatchedEngine(self.model, self.kv, prefill_chunk=self.prefill_chunk, **sync)
+            self.batched = BatchedEngine(self.model, self.kv, prefill_chunk=self.prefill_chunk,
+                                         **shared)
 
     def _token_sync(self):
         if not self.parallel.is_distributed:
@@ -229,7 +230,7 @@ class Runtime:
             on_done(request, GenerationResult(
                 token_ids=run.token_ids, prompt_tokens=len(request.prompt_ids),
                 text=self.tokenizer.decode(run.token_ids, skip_special_tokens=True),
-                ttft_s=run.timings.ttft_s, decode_tokens_per_s=0.0, peak_gpu_bytes=None,
+                ttft_s=run.timings.ttft_s, decode_tokens_per_s=None, peak_gpu_bytes=None,
                 finish_reason=run.finish_reason))
 
         def checked():

@@ -40,3 +40,16 @@ def build_checkpoint(directory: Path, model_type: str = "llama", seed: int = 0, 
             param.normal_(0.0, 0.08)
     model.save_pretrained(directory, safe_serialization=True)
     return model
+
+
+def load_llama(directory: Path, dtype: torch.dtype, device, **overrides):
+    """facli's CausalLM of a random llama checkpoint written to `directory` (shape: BASE with
+    `overrides`)."""
+    from facli.checkpoint import CheckpointReader
+    from facli.config import ModelConfig
+    from facli.model import CausalLM
+
+    build_checkpoint(directory, "llama", **overrides)
+    model = CausalLM(ModelConfig.from_dir(directory), dtype=dtype, device=device)
+    model.load(CheckpointReader(directory))
+    return model

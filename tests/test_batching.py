@@ -4,15 +4,13 @@ lands in, the order rows free up, or how many rows there are."""
 
 import pytest
 import torch
-from checkpoints import build_checkpoint
+from checkpoints import load_llama
 
 from conftest import requires_cuda
 from facli.batching import BatchedEngine, RowRequest
-from facli.checkpoint import CheckpointReader
 from facli.config import ModelConfig
 from facli.engine import Engine
 from facli.kv_cache import DeviceKVCache
-from facli.model import CausalLM
 from facli.rope import RotaryEmbedding
 from facli.sampling import Sampler, SamplingParams
 
@@ -22,11 +20,8 @@ NEW_TOKENS = (6, 3, 10, 4, 8, 1, 5, 20)  # the last is cut by the row's capacity
 
 
 def _model(directory, dtype, device):
-    build_checkpoint(directory, "llama", num_hidden_layers=3, num_attention_heads=4,
-                     num_key_value_heads=2, hidden_size=64)
-    model = CausalLM(ModelConfig.from_dir(directory), dtype=dtype, device=device)
-    model.load(CheckpointReader(directory))
-    return model
+    return load_llama(directory, dtype, device, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, hidden_size=64)
 
 
 @pytest.fixture(scope="module")

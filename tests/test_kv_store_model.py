@@ -7,14 +7,11 @@ as a plan for a small device budget would place it: some or all layers on the ho
 
 import pytest
 import torch
-from checkpoints import build_checkpoint
+from checkpoints import load_llama
 from conftest import requires_cuda
 
-from facli.checkpoint import CheckpointReader
-from facli.config import ModelConfig
 from facli.engine import Engine
 from facli.kv_cache import DeviceKVCache
-from facli.model import CausalLM
 from facli.offload.kv_store import OffloadedKVStore
 from facli.sampling import Sampler, SamplingParams
 
@@ -22,11 +19,8 @@ CAPACITY, PROMPT, CHUNK, NEW = 160, 61, 16, 16
 
 
 def _small_llama(directory, dtype, device):
-    build_checkpoint(directory, "llama", num_hidden_layers=4, num_attention_heads=8,
-                     num_key_value_heads=2, hidden_size=128)
-    model = CausalLM(ModelConfig.from_dir(directory), dtype=dtype, device=device)
-    model.load(CheckpointReader(directory))
-    return model
+    return load_llama(directory, dtype, device, num_hidden_layers=4, num_attention_heads=8,
+                      num_key_value_heads=2, hidden_size=128)
 
 
 @pytest.fixture(scope="module")

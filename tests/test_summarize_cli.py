@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from facli.errors import FacliError
 from facli.sampling import SamplingParams
@@ -277,3 +278,21 @@ def test_cli_user_error_is_one_line_and_usage_error_exits_2(tmp_path):
         f"facli: error: expected an existing file or directory, got '{tmp_path / 'nope'}'; check the path"]
     usage = runner.invoke(app, ["summarize", str(tmp_path), "--out", "r.jsonl", "--strategy", "all"])
     assert usage.exit_code == 2 and "'all' is not one of" in usage.stderr
+    rows = runner.invoke(app, ["summarize", str(tmp_path), "--out", "r.jsonl", "--batch", "0"])
+    assert rows.exit_code == 1 and rows.stderr.strip().splitlines() == [
+        "facli: error: expected --batch >= 1, got 0"]
+
+
+def test_rows_that_cannot_stay_on_the_gpus_are_refused_in_one_line():
+    """Rows decode together only from an all-device cache; an fp8 cache lives in the offloaded
+    store, which holds one sequence."""
+    from facli.placement import build_kv_store
+    from facli.offload.hardware import load_hardware
+    from facli.offload.planner import PlanOptions, plan
+    from facli.recipe_loader import load_model_recipe
+
+    config = load_model_recipe("llama-7b").config
+    fp8 = plan(config, load_hardware("1xH200-141GB"), 4096, 4, PlanOptions(kv_dtype="fp8"))
+    with pytest.raises(FacliError, match=r"^expected the KV cache of batch 4 at ctx 4096 to fit "
+                                         r"on the GPUs in the weights' dtype .*; lower --batch or --ctx$"):
+        build_kv_store(fp8, config, 1, torch.device("cpu"))
