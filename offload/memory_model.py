@@ -254,10 +254,12 @@ class MemoryBreakdown:
 def device_memory(config: ModelConfig, *, ctx: int, batch: int, tp: int, gpu_layers: int,
                   host_layers: int, chunk: int, weight_dtype_bytes: int,
                   kv_dtype_bytes: int, copy_inboxes: bool = False) -> MemoryBreakdown:
-    """Peak bytes on one rank. Host layers need GPU staging (see staging_bytes); the decode
-    step's activations are far smaller than a prefill chunk's, so the prefill chunk sets the
-    peak. NCCL's AllReduce tiles cost no memory (views of the projection output); copy-engine
-    tiles need their inboxes (copy_inboxes, comm_bytes)."""
+    """Peak bytes on one rank. Host layers need GPU staging (see staging_bytes). The runtime
+    prefills one sequence at a time (a batch's sequences are rows that then decode together,
+    facli.batching), so the activations are the larger of one sequence's prefill chunk and a
+    decode step of `batch` tokens; the chunk's nearly always. NCCL's AllReduce tiles cost no
+    memory (views of the projection output); copy-engine tiles need their inboxes
+    (copy_inboxes, comm_bytes)."""
     layer_kv = kv_layer_bytes(config, ctx, batch, kv_dtype_bytes, tp)
     workspace = workspace_bytes(config, ctx, batch, tp)
     if kv_dtype_bytes == 1 and gpu_layers:
@@ -267,8 +269,10 @@ def device_memory(config: ModelConfig, *, ctx: int, batch: int, tp: int, gpu_lay
         kv=gpu_layers * layer_kv,
         kv_staging=staging_bytes(config, ctx, batch, host_layers, weight_dtype_bytes,
                                  kv_dtype_bytes, tp),
-        activations=activation_bytes(config, max(chunk, 1), batch, weight_dtype_bytes, tp),
-        comm=comm_bytes(config, chunk, batch, weight_dtype_bytes, tp, copy_inboxes),
+        activations=max(activation_bytes(config, max(chunk, 1), 1, weight_dtype_bytes, tp),
+                        activation_bytes(config, 1, batch, weight_dtype_bytes, tp)),
+        comm=max(comm_bytes(config, chunk, 1, weight_dtype_bytes, tp, copy_inboxes),
+                 comm_bytes(config, 1, batch, weight_dtype_bytes, tp, copy_inboxes)),
         workspace=workspace,
     )
 

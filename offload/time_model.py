@@ -171,21 +171,22 @@ def _chunks(ctx: int, chunk: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def prefill_breakdown(hw: HardwareSpec, layout: Layout) -> dict[str, float]:
-    """Seconds of the prefill of `ctx` tokens in chunks, with the terms that make it up."""
-    c, t, b = layout.config, layout.tp, layout.batch
+    """Seconds of the prefill of `ctx` tokens in chunks, with the terms that make it up; for a
+    batch, its sequences one after another (as the runtime prefills the rows of a batch)."""
+    c, t = layout.config, layout.tp
     matmul_rate, mem_rate = _rates(hw, layout)
     starts, sizes = _chunks(layout.ctx, layout.chunk)
-    tokens = sizes * b
+    tokens = sizes
     efficiency = tokens / (tokens + MATMUL_HALF_EFFICIENCY_TOKENS)
     flops = 2 * _linear_params(c, t) * tokens
     weights = weight_bytes(c, layout.weight_dtype_bytes, t)
     gemm = np.maximum(flops / (matmul_rate * MATMUL_EFFICIENCY * efficiency), weights / mem_rate)
     pairs = sizes * starts + sizes * (sizes + 1) / 2
-    attn_flops = 4 * c.head_dim * (c.num_attention_heads / t) * b * c.num_hidden_layers * pairs
+    attn_flops = 4 * c.head_dim * (c.num_attention_heads / t) * c.num_hidden_layers * pairs
     attention = attn_flops / (matmul_rate * _attention_efficiency(hw, layout))
     if layout.kv_dtype_bytes == 1 and not layout.on_cpu:
         attention = attention * FP8_PREFILL_ATTENTION_FACTOR
-    per_chunk_act = activation_bytes(c, layout.chunk, b, layout.weight_dtype_bytes, t)
+    per_chunk_act = activation_bytes(c, layout.chunk, 1, layout.weight_dtype_bytes, t)
     elementwise = (ELEMENTWISE_PASSES * per_chunk_act * c.num_hidden_layers / mem_rate
                    * sizes / layout.chunk)
     overhead = np.full_like(sizes, c.num_hidden_layers * LAYER_OVERHEAD_S)
@@ -198,7 +199,7 @@ def prefill_breakdown(hw: HardwareSpec, layout: Layout) -> dict[str, float]:
         comm = np.where(tiled, (1 - _hidden_share(layout)) * single, single)
     transfer = np.zeros_like(sizes)
     if layout.host_layers and not layout.on_cpu:
-        per_token_layer = kv_layer_bytes(c, 1, b, layout.kv_dtype_bytes, t)
+        per_token_layer = kv_layer_bytes(c, 1, 1, layout.kv_dtype_bytes, t)
         # Each host layer's prefix is reloaded for each chunk once the slots no longer keep
         # them all (packed_slot_rows).
         packed = starts + sizes <= _packed_rows(layout)
@@ -208,15 +209,16 @@ def prefill_breakdown(hw: HardwareSpec, layout: Layout) -> dict[str, float]:
         dram = (reload + write_back) * t / (hw.cpu_memory_gbps * 1e9)
         transfer = np.maximum(link, dram)
     busy = compute + comm
-    lm_head = 2 * c.vocab_size * c.hidden_size * b / t / matmul_rate
-    return {
-        "prefill_s": float(np.maximum(busy, transfer).sum() + lm_head),
-        "prefill_matmul_s": float(gemm.sum() + lm_head),
-        "prefill_attention_s": float(attention.sum()),
-        "prefill_elementwise_and_overhead_s": float((elementwise + overhead).sum()),
-        "prefill_comm_exposed_s": float(comm.sum()),
-        "prefill_host_transfer_exposed_s": float(np.maximum(transfer - busy, 0).sum()),
+    lm_head = 2 * c.vocab_size * c.hidden_size / t / matmul_rate
+    one_sequence = {
+        "prefill_s": np.maximum(busy, transfer).sum() + lm_head,
+        "prefill_matmul_s": gemm.sum() + lm_head,
+        "prefill_attention_s": attention.sum(),
+        "prefill_elementwise_and_overhead_s": (elementwise + overhead).sum(),
+        "prefill_comm_exposed_s": comm.sum(),
+        "prefill_host_transfer_exposed_s": np.maximum(transfer - busy, 0).sum(),
     }
+    return {name: float(seconds * layout.batch) for name, seconds in one_sequence.items()}
 
 
 def _device_decode_seconds(hw: HardwareSpec, layout: Layout, staged_layers: float) -> float:

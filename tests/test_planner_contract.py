@@ -67,3 +67,13 @@ def test_activation_terms_are_named_and_linear_in_the_chunk():
     fixed = terms["logits"]
     assert activation_bytes(config, 2048, 1, 2) - fixed == 2 * (activation_bytes(config, 1024, 1, 2) - fixed)
     assert activation_bytes(config, 1024, 1, 2, tp=4) < activation_bytes(config, 1024, 1, 2)
+
+
+def test_a_batch_is_prefilled_one_sequence_at_a_time():
+    """Rows of a batch are prefilled one after another (facli.batching): the peak activations
+    are one sequence's chunk, while the KV cache holds every row."""
+    config = load_model_recipe("llama-7b").config
+    shape = dict(ctx=4096, tp=1, gpu_layers=32, host_layers=0, chunk=2048, weight_dtype_bytes=2,
+                 kv_dtype_bytes=2)
+    one, many = device_memory(config, batch=1, **shape), device_memory(config, batch=16, **shape)
+    assert many.activations == one.activations and many.kv == 16 * one.kv

@@ -13,6 +13,7 @@ from facli.offload.time_model import (
     SPLIT_LAYER_S,
     Layout,
     decode_breakdown,
+    prefill_breakdown,
     split_cpu_share,
 )
 from facli.recipe_loader import load_model_recipe
@@ -179,3 +180,10 @@ def test_the_runtime_sets_each_prompts_mode_on_its_kv_store():
     resident = runtime("auto")
     resident.plan = plan(config, spec, 32 * 1024, 1, options())
     assert Runtime.decode_for_prompt(resident, 1024) is None
+
+
+def test_a_batch_prefills_its_sequences_one_after_another():
+    hardware = load_hardware("1xH200-141GB")
+    one = prefill_breakdown(hardware, Layout(model("llama-7b"), 8192, 1, 1, 4096, 4096, 0, "resident", 2, 2))
+    five = prefill_breakdown(hardware, Layout(model("llama-7b"), 8192, 5, 1, 4096, 4096, 0, "resident", 2, 2))
+    assert five == pytest.approx({name: 5 * seconds for name, seconds in one.items()})
