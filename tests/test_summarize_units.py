@@ -72,9 +72,9 @@ class FakeRowsRuntime(FakeRuntime):
     """`rows` prompts at a time: fills its rows from next_request, then ends the newest first
     (so records come out of input order); out of memory after `oom_after` prompts have ended."""
 
-    def __init__(self, rows, oom_after=None, on_finish=None, **kwargs):
+    def __init__(self, rows, oom_after=None, on_finish=None, ctx=200, **kwargs):
         super().__init__(**kwargs)
-        self.rows, self.oom_after, self.on_finish = rows, oom_after, on_finish
+        self.rows, self.oom_after, self.on_finish, self.ctx = rows, oom_after, on_finish, ctx
         self.batches, self.ended = [], 0
 
     def generate_rows(self, next_request, on_done, *, sampling):
@@ -462,3 +462,13 @@ def test_map_reduce_chunks_of_one_document_share_the_rows(tmp_path):
     assert chunks >= 3 and runtime.batches[0] == chunks  # every chunk in a row at once
     assert runtime.batches[-1] == 1 and len(runtime.calls) == chunks + 1  # then the combined
     assert record["status"] == "ok" and summary.done == 1
+
+
+def test_rows_fail_a_prompt_longer_than_the_runtime_context_alone(tmp_path):
+    prepared, settings = _job(tmp_path, ["one", "x" * 80, "three"])  # fits ctx 200, not 100
+    runtime = FakeRowsRuntime(rows=2, ctx=100)
+    with ResultWriter(tmp_path / "r.jsonl") as writer:
+        summary = run_documents(runtime, prepared, writer, settings)
+    status = {n: r["status"] for n, r in zip(_order(tmp_path / "r.jsonl"), _records(tmp_path / "r.jsonl"))}
+    assert status == {0: "ok", 1: "failed", 2: "ok"} and summary.done == 2
+    assert "expected a prompt shorter than --ctx (100 tokens)" in _records(tmp_path / "r.jsonl")[0]["error"]

@@ -14,6 +14,7 @@ from typing import Callable
 
 from facli.batching import RowRequest
 from facli.errors import FacliError
+from facli.resolve import check_prompt_fits
 from facli.summarize import strategies
 from facli.summarize.faults import free_memory, is_out_of_memory
 from facli.summarize.planning import PreparedDocument
@@ -43,6 +44,8 @@ def run_batched(runtime, items: list[PreparedDocument], settings, *,
     def advance(doc: _InProgress, results) -> None:
         try:
             prompts = next(doc.steps) if results is None else doc.steps.send(results)
+            for prompt in prompts:  # as `generate` would refuse it, for this document alone
+                check_prompt_fits(len(prompt), runtime.ctx)
         except StopIteration as finished:
             return finish(doc, finished.value)
         except (DocumentFailed, FacliError) as exc:
