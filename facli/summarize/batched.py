@@ -37,51 +37,9 @@ def run_batched(runtime, items: list[PreparedDocument], settings, *,
     document ends; may_start() before each new document (False: start no more). Returns the
     documents left to run one at a time: none, unless the rows ran out of memory, after which
     the runtime has one row and the documents in progress start again."""
-    queue: deque[RowRequest] = deque()
-    upcoming = deque(items)
-    in_progress: dict[str, _InProgress] = {}
-
-    def advance(doc: _InProgress, results) -> None:
-        try:
-            prompts = next(doc.steps) if results is None else doc.steps.send(results)
-            for prompt in prompts:  # as `generate` would refuse it, for this document alone
-                check_prompt_fits(len(prompt), runtime.ctx)
-        except StopIteration as finished:
-            return finish(doc, finished.value)
-        except (DocumentFailed, FacliError) as exc:
-            return finish(doc, strategies.failure(doc.item.ids, settings.prompts, exc))
-        doc.results, doc.missing = [None] * len(prompts), len(prompts)
-        queue.extend(RowRequest(list(prompt), settings.budget.max_new_tokens, key=(doc, index))
-                     for index, prompt in enumerate(prompts))
-
-    def finish(doc: _InProgress, outcome: Outcome) -> None:
-        in_progress.pop(doc.item.document.id, None)
-        on_outcome(doc.item, outcome, doc.started)
-
-    def next_request() -> RowRequest | None:
-        while not queue:
-            if not upcoming or not may_start():
-                return None
-            item = upcoming.popleft()
-            started = time.perf_counter()
-            if item.ids is None:
-                on_outcome(item, Outcome(None, 0, 0, item.document.error), started)
-                continue
-            doc = _InProgress(item, strategies.steps(settings.strategy, list(item.ids),
-                                                     settings.prompts, settings.budget), started)
-            in_progress[item.document.id] = doc
-            advance(doc, None)
-        return queue.popleft()
-
-    def on_done(request: RowRequest, result) -> None:
-        doc, index = request.key
-        doc.results[index] = result
-        doc.missing -= 1
-        if doc.missing == 0:
-            advance(doc, doc.results)
-
+    documents = _DocumentQueue(items, settings, runtime.ctx, on_outcome, may_start)
     try:
-        runtime.generate_rows(next_request, on_done, sampling=settings.sampling)
+        runtime.generate_rows(documents.next_request, documents.on_done, sampling=settings.sampling)
     except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled, the rest re-raised
         if not is_out_of_memory(exc):
             raise
@@ -91,5 +49,63 @@ def run_batched(runtime, items: list[PreparedDocument], settings, *,
         if log is not None:
             log(f"facli: out of memory with {rows} documents at once; going on one at a time",
                 file=sys.stderr)
-        return [doc.item for doc in in_progress.values()] + list(upcoming)
+        return documents.unfinished()
     return []
+
+
+class _DocumentQueue:
+    """The prompts of the documents in progress, handed to rows as they free up."""
+
+    def __init__(self, items, settings, ctx: int, on_outcome, may_start):
+        self.settings, self.ctx = settings, ctx
+        self.on_outcome, self.may_start = on_outcome, may_start
+        self.upcoming = deque(items)
+        self.prompts: deque[RowRequest] = deque()
+        self.in_progress: dict[str, _InProgress] = {}
+
+    def next_request(self) -> RowRequest | None:
+        """The next prompt of a document in progress, else the first of a new document."""
+        while not self.prompts:
+            if not self.upcoming or not self.may_start():
+                return None
+            self._start(self.upcoming.popleft())
+        return self.prompts.popleft()
+
+    def on_done(self, request: RowRequest, result) -> None:
+        doc, index = request.key
+        doc.results[index] = result
+        doc.missing -= 1
+        if doc.missing == 0:
+            self._advance(doc, doc.results)
+
+    def unfinished(self) -> list[PreparedDocument]:
+        return [doc.item for doc in self.in_progress.values()] + list(self.upcoming)
+
+    def _start(self, item: PreparedDocument) -> None:
+        started = time.perf_counter()
+        if item.ids is None:
+            self.on_outcome(item, Outcome(None, 0, 0, item.document.error), started)
+            return
+        settings = self.settings
+        steps = strategies.steps(settings.strategy, list(item.ids), settings.prompts, settings.budget)
+        doc = self.in_progress[item.document.id] = _InProgress(item, steps, started)
+        self._advance(doc, None)
+
+    def _advance(self, doc: _InProgress, results) -> None:
+        """Send the document its round's results; queue its next round, or record it."""
+        try:
+            prompts = next(doc.steps) if results is None else doc.steps.send(results)
+            for prompt in prompts:  # as `generate` would refuse it, for this document alone
+                check_prompt_fits(len(prompt), self.ctx)
+        except StopIteration as finished:
+            return self._finish(doc, finished.value)
+        except (DocumentFailed, FacliError) as exc:
+            return self._finish(doc, strategies.failure(doc.item.ids, self.settings.prompts, exc))
+        doc.results, doc.missing = [None] * len(prompts), len(prompts)
+        new_tokens = self.settings.budget.max_new_tokens
+        self.prompts.extend(RowRequest(list(prompt), new_tokens, key=(doc, index))
+                            for index, prompt in enumerate(prompts))
+
+    def _finish(self, doc: _InProgress, outcome: Outcome) -> None:
+        del self.in_progress[doc.item.document.id]
+        self.on_outcome(doc.item, outcome, doc.started)
