@@ -162,9 +162,17 @@ class Plan:
         return (
             f"plan: {self.model} ctx {format_ctx(self.ctx)} batch {self.batch} on {self.hardware}: "
             f"TP {self.tp}, chunk {self.prefill_chunk}, {kv}, peak {format_bytes(peak)} of "
-            f"{format_bytes(budget)} per {where} ({verdict}); time to first token "
+            f"{format_bytes(budget)} per {where} ({verdict}); {self.prefill_phrase} "
             f"~{format_seconds(self.timing.ttft_s)}, decode ~{self.timing.decode_tokens_per_s:.1f} tok/s"
         )
+
+    @property
+    def prefill_phrase(self) -> str:
+        """What timing.ttft_s measures: one prompt's first token, or a batch's prefills (the
+        runtime prefills its prompts one after another)."""
+        if self.batch == 1:
+            return "time to first token"
+        return f"prefill of {self.batch} prompts, one after another,"
 
 
 def _lists(value):

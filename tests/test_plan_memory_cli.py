@@ -116,3 +116,18 @@ def test_console_script():
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.splitlines()[-1])["model"] == "qwen2-7b"
+
+
+def test_a_batch_plan_says_its_prompts_prefill_one_after_another():
+    one = run("plan-memory", "--model", "llama-7b", "--ctx", "4k", "--hardware", "1xH200-141GB")
+    eight = run("plan-memory", "--model", "llama-7b", "--ctx", "4k", "--batch", "8", "--hardware",
+                "1xH200-141GB")
+    assert one.exit_code == eight.exit_code == 0
+
+    def seconds(output, phrase):
+        line = next(line for line in output.splitlines() if line.startswith("predicted:"))
+        assert line.startswith(f"predicted: {phrase} ")
+        return float(line[len(f"predicted: {phrase} "):].split(" s,")[0])
+
+    assert seconds(eight.stdout, "prefill of 8 prompts, one after another,") == pytest.approx(
+        8 * seconds(one.stdout, "time to first token"), rel=0.02)

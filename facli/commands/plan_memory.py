@@ -76,7 +76,7 @@ def render(result: Plan) -> str:
         "",
         f"tensor parallel {result.tp}, prefill chunk {result.prefill_chunk} tokens, "
         f"AllReduce tile {result.allreduce_tile_tokens} tokens, decode mode {result.decode_mode}",
-        f"predicted: time to first token {result.timing.ttft_s:.2f} s, decode "
+        f"predicted: {result.prefill_phrase} {result.timing.ttft_s:.2f} s, decode "
         f"{result.timing.decode_tokens_per_s:.1f} tokens/s ({result.timing.decode_step_s * 1e3:.1f} "
         "ms per step)",
         "fits" if result.fits else "DOES NOT FIT",
