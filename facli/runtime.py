@@ -158,10 +158,7 @@ class Runtime:
 
     def set_context(self, ctx: int) -> None:
         """Re-plan for another context length and rebuild the KV store; weights stay."""
-        check_context(self.config, ctx, self.options.allow_ctx_extension, warn=False)
-        self.plan = self._plan(ctx, self.parallel.world_size)
-        self.ctx, self.prefill_chunk = ctx, self.plan.prefill_chunk
-        self._build_engine()
+        self._replan(ctx, self.options.batch)
 
     def reconfigure(self, *, decode_mode: str | None = None, prefill_chunk: int | None = None) -> None:
         """Run on with another decode mode (re-planned, KV store rebuilt; "auto" lets each
@@ -177,11 +174,18 @@ class Runtime:
             if self.batched is not None:
                 self.batched.prefill_chunk = prefill_chunk
 
-    def set_batch(self, rows: int) -> None:
-        """Re-plan for `rows` prompts at once and rebuild the KV store; weights stay."""
+    def reshape(self, *, ctx: int | None = None, rows: int | None = None) -> None:
+        """Re-plan for `rows` prompts of `ctx` tokens at once (None: as now) and rebuild the KV
+        store; weights stay. Nothing happens when both are as now."""
+        ctx, rows = ctx or self.ctx, rows or self.rows
+        if (ctx, rows) != (self.ctx, self.rows):
+            self._replan(ctx, rows)
+
+    def _replan(self, ctx: int, rows: int) -> None:
+        check_context(self.config, ctx, self.options.allow_ctx_extension, warn=False)
         self.options = dataclasses.replace(self.options, batch=rows)
-        self.plan = self._plan(self.ctx, self.parallel.world_size)
-        self.prefill_chunk = self.plan.prefill_chunk
+        self.plan = self._plan(ctx, self.parallel.world_size)
+        self.ctx, self.prefill_chunk = ctx, self.plan.prefill_chunk
         self._build_engine()
 
     def encode(self, text: str) -> list[int]:

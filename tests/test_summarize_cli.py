@@ -178,9 +178,28 @@ def test_documents_decoded_together_give_the_records_of_one_at_a_time(tmp_path, 
         found[batch] = comparable(by_id(out))
         runs = json.loads(manifest_path(out).read_text())["runs"]
         # Every first prompt in a row of its own: 8 documents; 4 fitting, 1 long in 3 chunks.
-        assert [run["batch"] for run in runs] == ([batch] * 2 if batch else [8, 7])
+        assert [[group["rows"] for group in run["rows"]] for run in runs] == \
+            ([[batch]] * 2 if batch else [[8], [7]])
     assert found[1] == found[3] == found[None]
     assert sum(row["status"] == "ok" for row in found[1].values()) == 8 + 5
+
+
+def test_short_documents_run_in_their_own_wider_group(tmp_path, monkeypatch):
+    """When the longest document's context holds few rows, the short ones run first in a
+    shorter context with more rows; the records are those of one document at a time."""
+    docs = numbered_folder(tmp_path)
+    write(docs / "zz-long.txt", "A longer document. " * 8)
+    import facli.summarize.run as run_module
+
+    monkeypatch.setattr(run_module, "choose_rows", lambda config, ctx, **_: 64 if ctx <= 128 else 1)
+    grouped, alone = tmp_path / "grouped.jsonl", tmp_path / "alone.jsonl"
+    run_summarize(request(docs, grouped))
+    run_summarize(request(docs, alone, batch=1))
+    (run,) = json.loads(manifest_path(grouped).read_text())["runs"]
+    assert [(g["ctx"], g["rows"], g["documents"]) for g in run["rows"]] == \
+        [(128, 8, 8), (run["rows"][1]["ctx"], 1, 1)]
+    assert 128 < run["rows"][1]["ctx"] <= CTX
+    assert comparable(by_id(grouped)) == comparable(by_id(alone))
 
 
 def test_two_ranks_decode_rows_together_as_one_process_does(tmp_path, numbered_reference):
@@ -190,7 +209,7 @@ def test_two_ranks_decode_rows_together_as_one_process_does(tmp_path, numbered_r
     done = subprocess.run(command, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr
-    assert "decoding up to 8 prompts together" in done.stderr
+    assert "8 documents in 8 rows of 104 tokens" in done.stderr
     assert comparable(by_id(out)) == numbered_reference
 
 

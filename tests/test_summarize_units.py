@@ -17,6 +17,7 @@ from facli.summarize.documents import discover, read_documents
 from facli.summarize.faults import Attempt, OomGuard, attempts
 from facli.summarize.interrupt import StopRequest
 from facli.summarize.job import JobSettings, run_documents
+from facli.summarize.row_groups import context_needed, length_buckets, merge_buckets
 from facli.summarize.output import ResultWriter, make_record, read_results
 from facli.summarize.planning import plan_corpus, tokenize
 from facli.summarize.prompting import make_builder, make_prompts, read_template
@@ -94,8 +95,8 @@ class FakeRowsRuntime(FakeRuntime):
             on_done(request, self.generate(request.prompt_ids, max_new_tokens=request.max_new_tokens,
                                            sampling=sampling))
 
-    def set_batch(self, rows):
-        self.rows = rows
+    def reshape(self, *, ctx=None, rows=None):
+        self.rows = rows or self.rows
 
 
 def write(path: Path, data: bytes | str) -> Path:
@@ -472,3 +473,54 @@ def test_rows_fail_a_prompt_longer_than_the_runtime_context_alone(tmp_path):
     status = {n: r["status"] for n, r in zip(_order(tmp_path / "r.jsonl"), _records(tmp_path / "r.jsonl"))}
     assert status == {0: "ok", 1: "failed", 2: "ok"} and summary.done == 2
     assert "expected a prompt shorter than --ctx (100 tokens)" in _records(tmp_path / "r.jsonl")[0]["error"]
+
+
+# documents grouped by length for rows
+
+
+def _group_job(tmp_path, lengths, strategy=Strategy.FIT, ctx=2000):
+    texts = ["x" * n for n in lengths]
+    prepared, settings = _job(tmp_path, texts)
+    settings = JobSettings(strategy, Budget(ctx=ctx, max_new_tokens=4), settings.prompts, settings.sampling)
+    return prepared, settings
+
+
+def test_context_needed_by_strategy(tmp_path):
+    prepared, settings = _group_job(tmp_path, [10, 5000, 0])
+    overhead = settings.prompts.summarize.overhead
+    assert context_needed(prepared[0], settings, 1500) == 10 + overhead + 4
+    assert context_needed(prepared[1], settings, 1500) == 0  # fit: recorded as failed, no prompt
+    assert context_needed(prepared[2], settings, 1500) == 0  # empty: unusable
+    truncate = JobSettings(Strategy.TRUNCATE, settings.budget, settings.prompts, settings.sampling)
+    assert context_needed(prepared[1], truncate, 1500) == 1500
+
+
+def test_length_buckets_are_powers_of_two_shortest_first(tmp_path):
+    prepared, settings = _group_job(tmp_path, [0, 900, 10, 20, 1700, 300])
+    buckets = length_buckets(prepared, settings, 1800)
+    overhead = settings.prompts.summarize.overhead
+    assert [ctx for ctx, _ in buckets] == [
+        1 << (10 + overhead + 4 - 1).bit_length(), 512, 1024, 1800]
+    # The empty document joins the first bucket, beside the two shortest.
+    assert sorted(len(items) for _, items in buckets) == [1, 1, 1, 3]
+    assert len(buckets[0][1]) == 3 and buckets[0][1][0].ids is None
+
+
+def test_buckets_split_only_where_the_shorter_group_runs_wider(tmp_path):
+    prepared, settings = _group_job(tmp_path, [10] * 5 + [300] * 2 + [1700])
+    buckets = length_buckets(prepared, settings, 1800)
+    assert [len(items) for _, items in buckets] == [5, 2, 1]
+    shortest = buckets[0][0]
+    # 512 holds 7 rows: the first two buckets run as one group; 1800 holds only 3.
+    groups = merge_buckets(buckets, [64, 7, 3], settings, cap=64)
+    assert [(g.ctx, g.rows, len(g.items)) for g in groups] == [(512, 7, 7), (1800, 1, 1)]
+    # 6 rows at 512 still beat the 5 documents alone; then 3 rows at 1800 lose to 6.
+    groups = merge_buckets(buckets, [64, 6, 3], settings, cap=64)
+    assert [(g.ctx, g.rows, len(g.items)) for g in groups] == [(512, 6, 7), (1800, 1, 1)]
+    # 4 rows at 512 lose to the 5 short documents in rows of their own.
+    groups = merge_buckets(buckets, [64, 4, 3], settings, cap=64)
+    assert [(g.ctx, g.rows, len(g.items)) for g in groups] == [(shortest, 5, 5), (1800, 3, 3)]
+    # The cap: at most `cap` rows, so wider short groups buy nothing.
+    groups = merge_buckets(buckets, [64, 4, 4], settings, cap=4)
+    assert [(g.rows, len(g.items)) for g in groups] == [(4, 8)]
+    assert "8 documents in 4 rows of 1800 tokens" == groups[0].describe()

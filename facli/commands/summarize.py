@@ -29,7 +29,7 @@ def command(
     kv_dtype: Annotated[str, typer.Option(help="KV cache dtype: auto (the weights'), bf16, fp16, fp32 or fp8 (e4m3, half the bytes, lossy).")] = "auto",
     decode_mode: Annotated[str, typer.Option(help="For host-resident KV: auto, prefetch, cpu or split.")] = "auto",
     allreduce_tile_tokens: Annotated[Optional[int], typer.Option(help="Tokens per tiling-AllReduce tile with --devices > 1 (default: the plan's, from the hardware).")] = None,
-    batch: Annotated[Optional[int], typer.Option(help="Prompts decoded together, each in its own row of the KV cache (default: as many as fit in GPU memory with the whole cache there, up to 64; 1 runs documents one after another).")] = None,
+    batch: Annotated[Optional[int], typer.Option(help="Prompts decoded together, each in its own row of the KV cache (default: documents grouped by length, each group in as many rows as fit in GPU memory with the whole cache there, up to 64; 1 runs documents one after another).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the run summary as one JSON object.")] = False,
 ):
     """Summarize documents; rerun the same command to resume after a crash or Ctrl-C."""

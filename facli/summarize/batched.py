@@ -45,7 +45,7 @@ def run_batched(runtime, items: list[PreparedDocument], settings, *,
             raise
         rows = runtime.rows
         free_memory()
-        runtime.set_batch(1)
+        runtime.reshape(rows=1)
         if log is not None:
             log(f"facli: out of memory with {rows} documents at once; going on one at a time",
                 file=sys.stderr)

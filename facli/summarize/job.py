@@ -49,6 +49,13 @@ class JobSummary:
         self.prompt_tokens += record["prompt_tokens"]
         self.generated_tokens += record["generated_tokens"]
 
+    def merge(self, other: "JobSummary") -> None:
+        """Add the counts and seconds of a later part of the same run."""
+        for name in ("done", "failed", "skipped", "prompt_tokens", "generated_tokens",
+                     "seconds", "generation_s"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.interrupted = self.interrupted or other.interrupted
+
     def as_dict(self) -> dict:
         return {**asdict(self), "seconds": round(self.seconds, 3),
                 "generation_s": round(self.generation_s, 3)}
@@ -64,7 +71,8 @@ class JobSummary:
 
 def run_documents(runtime, items: Sequence[PreparedDocument], writer: ResultWriter | None,
                   settings: JobSettings, *, stop: StopRequest | None = None,
-                  is_writer: bool = True, agree: Callable[[bool], bool] | None = None) -> JobSummary:
+                  is_writer: bool = True, agree: Callable[[bool], bool] | None = None,
+                  label: str = "summarize") -> JobSummary:
     """Summarize `items`, appending one record per document as it finishes.
 
     With a runtime of several rows (runtime.rows) documents run side by side and their records
@@ -77,7 +85,7 @@ def run_documents(runtime, items: Sequence[PreparedDocument], writer: ResultWrit
     assert writer is not None or not is_writer, "the writer rank needs a ResultWriter"
     stop = stop or StopRequest()
     summary = JobSummary()
-    bar = tqdm(total=len(items), unit="doc", desc="summarize", file=sys.stderr,
+    bar = tqdm(total=len(items), unit="doc", desc=label, file=sys.stderr,
                disable=not is_writer, dynamic_ncols=True)
     started = time.perf_counter()
 

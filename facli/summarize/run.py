@@ -30,11 +30,11 @@ from facli.summarize.planning import (
     CorpusPlan,
     PreparedDocument,
     choose_rows,
-    first_prompts,
     plan_corpus,
     plan_memory,
     tokenize,
 )
+from facli.summarize.row_groups import RowGroup, length_buckets, merge_buckets
 from facli.summarize.prompting import make_prompts, read_template
 from facli.summarize.strategies import Budget, Strategy
 from facli.tokenizer import load_tokenizer
@@ -97,24 +97,24 @@ def run_summarize(request: SummarizeRequest, parallel: ParallelContext = SINGLE_
         existing = read_results(request.out)
         pending, skipped = select_pending(corpus.prepared, existing, request.retry_failed)
         barrier(parallel)  # every rank has read the output before rank 0 changes it
-        rows = _rows(request, resolved, corpus, pending, parallel) if pending else 1
-        memory = _plan_memory(request, resolved, corpus.plan, rows) if pending and writer else None
+        groups = _row_groups(request, resolved, corpus, pending, parallel) if pending else []
+        widest = groups[-1] if groups else None
+        memory = _plan_memory(request, resolved, widest) if widest and writer else None
         if memory is not None:
             log(f"facli: {memory.summary_line()}")
             for line in memory.hints:
                 log(f"facli: {line}")
-        if rows > 1:
-            log(f"facli: decoding up to {rows} prompts together (--batch); records come in the "
-                "order documents finish")
-        manifest, entry = _open_manifest(request, resolved, corpus, memory, writer, rows)
+        if any(group.rows > 1 for group in groups):
+            log(f"facli: rows decoded together (--batch): {'; then '.join(g.describe() for g in groups)}"
+                "; records come in the order documents finish")
+        manifest, entry = _open_manifest(request, resolved, corpus, memory, writer, groups)
         if writer is not None:
             _prepare_output(writer, existing, pending, request.retry_failed)
         log(f"facli: {len(pending)} to summarize, {skipped} already in {request.out}")
         summary = JobSummary()
-        if pending:
-            runtime = Runtime(resolved, _runtime_options(request, corpus.plan, rows), parallel,
-                              tokenizer)
-            summary = _run_loop(runtime, pending, writer, corpus.settings, parallel, stop)
+        if groups:
+            runtime = Runtime(resolved, _runtime_options(request, groups[0]), parallel, tokenizer)
+            summary = _run_groups(runtime, groups, writer, corpus.settings, parallel, stop)
         summary.skipped = skipped
         summary.seconds = time.perf_counter() - started
         if writer is not None:
@@ -129,13 +129,22 @@ def summarize_on_rank(parallel: ParallelContext, request: SummarizeRequest) -> J
     return run_summarize(request, parallel)
 
 
-def _run_loop(runtime, pending: list[PreparedDocument], writer: ResultWriter | None,
-              settings: JobSettings, parallel: ParallelContext, stop: StopRequest | None) -> JobSummary:
+def _run_groups(runtime, groups: list[RowGroup], writer: ResultWriter | None,
+                settings: JobSettings, parallel: ParallelContext,
+                stop: StopRequest | None) -> JobSummary:
+    """Each group's documents with the runtime reshaped for the group's rows and context."""
     stop = stop or StopRequest(announce=parallel.is_writer)
+    summary = JobSummary()
     with stop.installed():
-        return run_documents(runtime, pending, writer, settings, stop=stop,
-                             is_writer=parallel.is_writer,
-                             agree=_stop_agreement(parallel, runtime.device))
+        for index, group in enumerate(groups):
+            runtime.reshape(ctx=group.ctx, rows=group.rows)
+            label = f"summarize {index + 1}/{len(groups)}" if len(groups) > 1 else "summarize"
+            summary.merge(run_documents(runtime, list(group.items), writer, settings, stop=stop,
+                                        is_writer=parallel.is_writer, label=label,
+                                        agree=_stop_agreement(parallel, runtime.device)))
+            if summary.interrupted:
+                break
+    return summary
 
 
 def prepare_corpus(request: SummarizeRequest, files: list[SourceFile], template: str | None,
@@ -161,28 +170,31 @@ def select_pending(prepared: list[PreparedDocument], existing: ExistingResults,
     return pending, len(prepared) - len(pending)
 
 
-def _rows(request: SummarizeRequest, resolved: ResolvedModel, corpus: Corpus,
-          pending: list[PreparedDocument], parallel: ParallelContext) -> int:
-    """--batch, or the most prompts of the planned context that decode together on this
-    hardware, and no more than the documents' first prompts. Every rank takes rank 0's."""
+def _row_groups(request: SummarizeRequest, resolved: ResolvedModel, corpus: Corpus,
+                pending: list[PreparedDocument], parallel: ParallelContext) -> list[RowGroup]:
+    """With --batch, every document in that many rows of the planned context. Otherwise the
+    documents grouped by length (facli.summarize.row_groups), each group in the most rows that
+    fit beside the weights at its context; every rank takes rank 0's rows."""
+    runtime_ctx, settings = corpus.plan.runtime_ctx, corpus.settings
     if request.batch is not None:
-        return request.batch
-    settings = corpus.settings
-    limit = first_prompts(pending, settings.prompts, settings.budget, settings.strategy)
-    rows = choose_rows(resolved.config, corpus.plan.runtime_ctx, model_name=resolved.name,
-                       max_new_tokens=request.max_new_tokens, device=request.device,
-                       devices=request.devices, dtype=request.dtype, kv_dtype=request.kv_dtype,
-                       limit=min(limit, MAX_AUTO_ROWS))
-    if not parallel.is_distributed:
-        return rows
-    agreed = torch.tensor([rows], dtype=torch.long, device=resolve_device(request.device, parallel))
-    return int(broadcast_tokens(agreed, parallel)[0])
+        return [RowGroup(runtime_ctx, request.batch, tuple(pending))]
+    buckets = length_buckets(pending, settings, runtime_ctx)
+    resident = [choose_rows(resolved.config, ctx, model_name=resolved.name,
+                            max_new_tokens=request.max_new_tokens, device=request.device,
+                            devices=request.devices, dtype=request.dtype,
+                            kv_dtype=request.kv_dtype, limit=MAX_AUTO_ROWS)
+                for ctx, _ in buckets]
+    if parallel.is_distributed:
+        agreed = torch.tensor(resident, dtype=torch.long,
+                              device=resolve_device(request.device, parallel))
+        resident = broadcast_tokens(agreed, parallel).tolist()
+    return merge_buckets(buckets, resident, settings, MAX_AUTO_ROWS)
 
 
-def _runtime_options(request: SummarizeRequest, plan: CorpusPlan, rows: int) -> RuntimeOptions:
+def _runtime_options(request: SummarizeRequest, group: RowGroup) -> RuntimeOptions:
     return RuntimeOptions(
-        batch=rows,
-        model=request.model, device=request.device, dtype=request.dtype, ctx=plan.runtime_ctx,
+        batch=group.rows,
+        model=request.model, device=request.device, dtype=request.dtype, ctx=group.ctx,
         devices=request.devices, allow_ctx_extension=request.allow_ctx_extension,
         kv_dtype=request.kv_dtype, decode_mode=request.decode_mode,
         allreduce_tile_tokens=request.allreduce_tile_tokens,
@@ -197,8 +209,8 @@ def _prepare_output(writer: ResultWriter, existing: ExistingResults,
         writer.drop(existing.ids_with_status("failed") & {p.document.id for p in pending})
 
 
-def _plan_memory(request: SummarizeRequest, resolved: ResolvedModel, plan: CorpusPlan, rows: int):
-    return plan_memory(resolved.config, plan.runtime_ctx, batch=rows, model_name=resolved.name,
+def _plan_memory(request: SummarizeRequest, resolved: ResolvedModel, group: RowGroup):
+    return plan_memory(resolved.config, group.ctx, batch=group.rows, model_name=resolved.name,
                        max_new_tokens=request.max_new_tokens, device=request.device,
                        devices=request.devices, dtype=request.dtype,
                        kv_dtype=request.kv_dtype, decode_mode=request.decode_mode,
@@ -218,7 +230,7 @@ def _stop_agreement(parallel: ParallelContext, device):
 
 
 def _open_manifest(request: SummarizeRequest, resolved: ResolvedModel, corpus: Corpus, memory,
-                   writer: ResultWriter | None, rows: int) -> tuple[dict, dict]:
+                   writer: ResultWriter | None, groups: list[RowGroup]) -> tuple[dict, dict]:
     """Check that the output was made with the same settings, then record this run's start."""
     path = manifests.manifest_path(request.out)
     previous = manifests.read_manifest(path)
@@ -230,7 +242,8 @@ def _open_manifest(request: SummarizeRequest, resolved: ResolvedModel, corpus: C
     manifest = manifests.new_manifest(previous, model=model, settings=settings, plan=plan)
     entry = manifests.start_run(manifest, {
         "argv": sys.argv, "strategy": request.strategy.value, "ctx": corpus.plan.ctx,
-        "device": request.device, "devices": request.devices, "batch": rows,
+        "device": request.device, "devices": request.devices,
+        "rows": [{"ctx": g.ctx, "rows": g.rows, "documents": len(g.items)} for g in groups],
         "retry_failed": request.retry_failed,
     })
     if writer is not None:
