@@ -22,7 +22,8 @@ class RowGroup:
 
     def describe(self) -> str:
         count = len(self.items)
-        return f"{count} document{'s' if count != 1 else ''} in {self.rows} rows of {self.ctx} tokens"
+        return (f"{count} document{'s' if count != 1 else ''} in {self.rows} "
+                f"row{'s' if self.rows != 1 else ''} of {self.ctx} tokens")
 
 
 def context_needed(item: PreparedDocument, settings, runtime_ctx: int) -> int:
