@@ -54,7 +54,8 @@ def _sync(device: torch.device) -> None:
 
 
 class Engine:
-    """Runs a CausalLM over a KVStore. Batch 1 is the usual case; shapes keep the batch axis."""
+    """Runs a CausalLM over a KVStore, one prompt at a time; shapes keep the batch axis, and
+    decode_step steps every sequence of the store (facli.batching runs prompts in rows)."""
 
     def __init__(self, model: CausalLM, kv: KVStore, *, prefill_chunk: int,
                  token_sync=None, use_graphs: bool = True):
