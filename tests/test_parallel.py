@@ -5,6 +5,7 @@ import torch
 
 from facli.checkpoint import CheckpointReader
 from facli.config import ModelConfig
+from facli.batching import BatchedEngine, RowRequest
 from facli.engine import Engine
 from facli.errors import FacliError
 from facli.kv_cache import DeviceKVCache
@@ -47,7 +48,8 @@ def checkpoints(tmp_path_factory):
 
 
 def _run_model(ctx: ParallelContext, directory, settings):
-    """Chunked prefill logits [T, V] of a fixed prompt, then greedy tokens through the engine."""
+    """Chunked prefill logits [T, V] of a fixed prompt, greedy tokens through the engine, and
+    greedy tokens of several prompts decoded together in rows (facli.batching)."""
     config = ModelConfig.from_dir(directory)
     ctx = ctx.with_settings(settings)
     model = CausalLM(config, dtype=torch.float32, device="cpu", ctx=ctx)
@@ -61,7 +63,24 @@ def _run_model(ctx: ParallelContext, directory, settings):
     engine = Engine(model, kv, prefill_chunk=PREFILL_CHUNK,
                     token_sync=lambda tokens: comm.broadcast_tokens(tokens, ctx))
     run = engine.generate(ids[0].tolist(), max_new_tokens=NEW_TOKENS, sampler=Sampler(SamplingParams(), model.device))
-    return torch.cat(logits), run.token_ids
+    return torch.cat(logits), run.token_ids, _rows_tokens(model, ctx, ids[0].tolist())
+
+
+def _rows_tokens(model, ctx: ParallelContext, prompt: list[int]) -> list[list[int]]:
+    """Five prompts in 4 rows: a decode step of 4 tokens is cut into tiles of TILE."""
+    config = model.config
+    rows = DeviceKVCache(config.num_hidden_layers, 4, PROMPT_LEN + NEW_TOKENS,
+                         config.num_key_value_heads // ctx.world_size, config.head_dim,
+                         torch.float32, torch.device("cpu"))
+    batched = BatchedEngine(model, rows, prefill_chunk=PREFILL_CHUNK,
+                            token_sync=lambda tokens: comm.broadcast_tokens(tokens, ctx))
+    queue = [RowRequest(prompt[:length], 6, key=index)
+             for index, length in enumerate((5, PROMPT_LEN, 11, 3, 16))]
+    found = {}
+    batched.run(lambda: queue.pop(0) if queue else None,
+                lambda request, run: found.setdefault(request.key, run.token_ids),
+                sampling=SamplingParams())
+    return [found[index] for index in range(5)]
 
 
 def _row_parallel_cases(ctx: ParallelContext):
@@ -102,13 +121,14 @@ def parallel(request, checkpoints):
 @pytest.mark.parametrize("name", list(MODELS))
 def test_ranks_match_one_process(single, parallel, name, tiling):
     world, (results, _) = parallel
-    logits, tokens = results[name, tiling]
-    expected_logits, expected_tokens = single[0][name, "untiled"]
+    logits, tokens, rows = results[name, tiling]
+    expected_logits, expected_tokens, expected_rows = single[0][name, "untiled"]
     scale = expected_logits.abs().max().item()
     # Only the summation order differs: a few float32 roundings of the largest logit.
     assert (logits - expected_logits).abs().max().item() <= 64 * torch.finfo(torch.float32).eps * scale
     assert tokens == expected_tokens
     assert len(tokens) == NEW_TOKENS
+    assert rows == expected_rows and [len(row) for row in rows] == [6] * 5
 
 
 def test_row_parallel_tiles_match_full_product(parallel):
@@ -139,12 +159,13 @@ def test_eight_ranks_match_one_process(tmp_path):
                      num_key_value_heads=8)
     single = launch(_eight_rank_checks, (tmp_path,), world_size=1)
     eight = launch(_eight_rank_checks, (tmp_path,), world_size=8)
-    expected_logits, expected_tokens = single["untiled"]
+    expected_logits, expected_tokens, expected_rows = single["untiled"]
     scale = expected_logits.abs().max().item()
     for tiling in EIGHT_RANK_TILINGS:
-        logits, tokens = eight[tiling]
+        logits, tokens, rows = eight[tiling]
         assert (logits - expected_logits).abs().max().item() <= 64 * torch.finfo(torch.float32).eps * scale
         assert tokens == expected_tokens and len(tokens) == NEW_TOKENS
+        assert rows == expected_rows
 
 
 def _raise_on_rank_one(ctx, kind, marker_dir):

@@ -78,3 +78,5 @@ def test_waves_need_two_ranks_the_setting_a_whole_cache_and_two_tiles():
     assert not waves.applies(ParallelContext(rank=0, world_size=2), x, kv)  # setting off
     assert not waves.applies(two, x[:, :7], kv)  # 7 tokens: one tile of 4
     assert not waves.applies(two, x, object())  # a cache that is not all on the device
+    rows = DeviceKVCache(1, 64, 64, 2, 16, torch.float32, torch.device("cpu"))
+    assert not waves.applies(two, torch.zeros(64, 1, 32), rows)  # a decode step of 64 rows

@@ -35,8 +35,11 @@ INBOXES = 4  # projections in flight: o_proj and down_proj of each half
 
 def applies(ctx: ParallelContext, x: torch.Tensor, kv) -> bool:
     """Whether the prefill of x [B, T, H] runs in two waves: ctx.settings.waves, more than one
-    rank, a KV cache that holds every layer (DeviceKVCache), and a chunk that holds two tiles."""
+    rank, a KV cache that holds every layer (DeviceKVCache), and a chunk that holds two tiles.
+    A decode step (T = 1, however many rows) never does."""
     if not (ctx.is_distributed and ctx.settings.waves and isinstance(kv, DeviceKVCache)):
+        return False
+    if x.shape[1] == 1:
         return False
     if x.is_cuda and torch.cuda.is_current_stream_capturing():
         return False
