@@ -16,6 +16,7 @@ from facli.summarize import manifest as manifests
 from facli.summarize.documents import discover, read_documents
 from facli.summarize.faults import Attempt, OomGuard, attempts
 from facli.summarize.interrupt import StopRequest
+from facli.batching import BatchStats
 from facli.summarize.job import JobSettings, run_documents
 from facli.summarize.row_groups import context_needed, length_buckets, merge_buckets
 from facli.summarize.output import ResultWriter, make_record, read_results
@@ -84,7 +85,8 @@ class FakeRowsRuntime(FakeRuntime):
             while len(busy) < self.rows and (request := next_request()) is not None:
                 busy.append(request)
             if not busy:
-                return
+                return BatchStats(prompts=self.ended, decode_steps=len(self.batches),
+                                  decode_tokens=sum(self.batches))
             self.batches.append(len(busy))
             if self.ended == self.oom_after:
                 raise torch.OutOfMemoryError("CUDA out of memory (fake)")
@@ -416,7 +418,7 @@ def _order(path):
     return [int(r["id"].split("/")[1][:2]) for r in _records(path)]
 
 
-def test_rows_run_documents_side_by_side_and_record_them_as_they_finish(tmp_path):
+def test_rows_run_documents_side_by_side_and_record_them_as_they_finish(tmp_path, capsys):
     prepared, settings = _job(tmp_path, ["one", "", "x" * 500, "four", "five"])
     runtime = FakeRowsRuntime(rows=2)
     with ResultWriter(tmp_path / "r.jsonl") as writer:
@@ -428,6 +430,9 @@ def test_rows_run_documents_side_by_side_and_record_them_as_they_finish(tmp_path
     assert [r["status"] for r in records] == ["failed", "failed", "ok", "ok", "ok"]
     assert runtime.batches[0] == 2 and len(runtime.calls) == 3
     assert (summary.done, summary.failed, summary.interrupted) == (3, 2, False)
+    # Steps of 2, 2 and 1 busy rows (the fake ends one prompt per step).
+    assert "facli: 2 rows: 3 prompts, 0.0 s of prefill, 3 decode steps with 1.7 rows busy on " \
+        "average" in capsys.readouterr().err
 
 
 def test_rows_out_of_memory_goes_on_one_document_at_a_time(tmp_path):

@@ -39,7 +39,8 @@ def run_batched(runtime, items: list[PreparedDocument], settings, *,
     the runtime has one row and the documents in progress start again."""
     documents = _DocumentQueue(items, settings, runtime.ctx, on_outcome, may_start)
     try:
-        runtime.generate_rows(documents.next_request, documents.on_done, sampling=settings.sampling)
+        stats = runtime.generate_rows(documents.next_request, documents.on_done,
+                                      sampling=settings.sampling)
     except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled, the rest re-raised
         if not is_out_of_memory(exc):
             raise
@@ -50,6 +51,11 @@ def run_batched(runtime, items: list[PreparedDocument], settings, *,
             log(f"facli: out of memory with {rows} documents at once; going on one at a time",
                 file=sys.stderr)
         return documents.unfinished()
+    if log is not None and stats.decode_steps:
+        log(f"facli: {runtime.rows} rows: {stats.prompts} prompts, {stats.prefill_s:.1f} s of "
+            f"prefill, {stats.decode_steps} decode steps with "
+            f"{stats.decode_tokens / stats.decode_steps:.1f} rows busy on average, "
+            f"{stats.decode_tokens_per_s:.0f} tokens/s in decode", file=sys.stderr)
     return []
 
 
