@@ -84,6 +84,9 @@ class DeviceKVCache:
         values.index_put_((self._rows, positions), v[:, 0])
         if layer == 0:
             self._lens.copy_(positions + 1)
+        if not keys.is_cuda:  # no graph to keep static: read no further than the longest row
+            stop = int(positions.max()) + 1
+            keys, values = keys[:, :stop], values[:, :stop]
         return decode_attention(q, keys, values, self._lens)
 
     def reset(self):

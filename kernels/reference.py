@@ -40,7 +40,8 @@ def attention_with_lse(q, k, v, *, causal=True, q_offset=0, scale=None, key_lens
     key_pos = torch.arange(k_len, device=q.device)
     if key_lens is not None:  # hidden rows may be unwritten memory: NaN * 0 would still be NaN
         hidden = key_pos.view(1, -1) >= key_lens.to(q.device).view(-1, 1)
-        vh = vh.masked_fill(hidden[:, None, None, :, None], 0.0)
+        if hidden.any():
+            vh = vh.masked_fill(hidden[:, None, None, :, None], 0.0)
     out = torch.empty(batch, kv_heads, group, q_len, head_dim, dtype=acc, device=q.device)
     lse = torch.empty(batch, kv_heads, group, q_len, dtype=acc, device=q.device)
     block = max(1, min(QUERY_BLOCK, SCORE_BUDGET // max(1, batch * q_heads * k_len)))
