@@ -191,7 +191,8 @@ def test_short_documents_run_in_their_own_wider_group(tmp_path, monkeypatch):
     write(docs / "zz-long.txt", "A longer document. " * 8)
     import facli.summarize.run as run_module
 
-    monkeypatch.setattr(run_module, "choose_rows", lambda config, ctx, **_: 64 if ctx <= 128 else 1)
+    monkeypatch.setattr(run_module, "choose_rows",
+                        lambda config, ctx, hardware, **_: 64 if ctx <= 128 else 1)
     grouped, alone = tmp_path / "grouped.jsonl", tmp_path / "alone.jsonl"
     run_summarize(request(docs, grouped))
     run_summarize(request(docs, alone, batch=1))

@@ -36,6 +36,7 @@ def command(
     from facli.parallel.launch import launch
     from facli.resolve import resolve_device
     from facli.sampling import SamplingParams
+    from facli.summarize.planning import summarize_hardware
     from facli.summarize.run import SummarizeRequest, summarize_on_rank
     from facli.units import parse_ctx
 
@@ -45,7 +46,8 @@ def command(
         prompt_template=prompt_template, strategy=strategy, device=device, dtype=dtype,
         devices=devices, retry_failed=retry_failed, allow_ctx_extension=allow_ctx_extension,
         kv_dtype=kv_dtype, decode_mode=decode_mode, allreduce_tile_tokens=allreduce_tile_tokens,
-        batch=batch, sampling=SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed),
+        batch=batch, hardware=summarize_hardware(device),
+        sampling=SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed),
     )
     device_type = resolve_device(device).type
     summary = launch(summarize_on_rank, (request,), world_size=devices, device_type=device_type)

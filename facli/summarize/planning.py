@@ -92,7 +92,16 @@ def check_budget(prompts: Prompts, budget: Budget) -> None:
             )
 
 
-def plan_memory(config, ctx: int, *, model_name: str, max_new_tokens: int, device: str | None,
+def summarize_hardware(device: str | None):
+    """This machine as the planner sees it (offload.hardware.detect_hardware), without GPUs for
+    --device cpu. Detected once, before any rank starts, and shared by all of them."""
+    from facli.offload.hardware import detect_hardware
+
+    hardware = detect_hardware()
+    return replace(hardware, devices=()) if device == "cpu" else hardware
+
+
+def plan_memory(config, ctx: int, hardware, *, model_name: str, max_new_tokens: int,
                 devices: int, dtype: str, kv_dtype: str = "auto", decode_mode: str = "auto",
                 allreduce_tile_tokens: int | None = None, batch: int = 1):
     """The memory plan (facli.offload.planner) for `batch` of the longest prompt, before any
@@ -101,10 +110,10 @@ def plan_memory(config, ctx: int, *, model_name: str, max_new_tokens: int, devic
 
     options = _plan_options(model_name, max_new_tokens, devices, dtype, kv_dtype, decode_mode,
                             allreduce_tile_tokens)
-    return plan(config, _hardware(device), ctx, batch, options)
+    return plan(config, hardware, ctx, batch, options)
 
 
-def choose_rows(config, ctx: int, *, model_name: str, max_new_tokens: int, device: str | None,
+def choose_rows(config, ctx: int, hardware, *, model_name: str, max_new_tokens: int,
                 devices: int, dtype: str, kv_dtype: str, limit: int) -> int:
     """How many prompts of `ctx` tokens to decode together: the most, up to `limit`, whose KV
     cache fits in device memory beside the weights (offload.planner.largest_resident_batch)."""
@@ -113,14 +122,7 @@ def choose_rows(config, ctx: int, *, model_name: str, max_new_tokens: int, devic
     if limit < 2:
         return 1
     options = _plan_options(model_name, max_new_tokens, devices, dtype, kv_dtype)
-    return largest_resident_batch(config, _hardware(device), ctx, options, limit)
-
-
-def _hardware(device: str | None):
-    from facli.offload.hardware import detect_hardware
-
-    hardware = detect_hardware()
-    return replace(hardware, devices=()) if device == "cpu" else hardware
+    return largest_resident_batch(config, hardware, ctx, options, limit)
 
 
 def _plan_options(model_name, max_new_tokens, devices, dtype, kv_dtype, decode_mode="auto",

@@ -32,6 +32,7 @@ from facli.summarize.planning import (
     choose_rows,
     plan_corpus,
     plan_memory,
+    summarize_hardware,
     tokenize,
 )
 from facli.summarize.row_groups import RowGroup, length_buckets, merge_buckets
@@ -59,6 +60,7 @@ class SummarizeRequest:
     decode_mode: str = "auto"  # for host-resident KV: auto, prefetch, cpu or split
     allreduce_tile_tokens: int | None = None  # None: the plan's
     batch: int | None = None  # documents decoded together; None: as many as the GPUs hold
+    hardware: object = None  # the HardwareSpec to plan on; None detects it (summarize_hardware)
 
     def __post_init__(self):
         check_kv_dtype(self.kv_dtype)
@@ -86,6 +88,8 @@ def run_summarize(request: SummarizeRequest, parallel: ParallelContext = SINGLE_
     Every tensor-parallel rank calls this with its own `parallel`; rank 0 alone writes files."""
     started = time.perf_counter()
     log = _logger(parallel.is_writer)
+    if request.hardware is None:
+        request = dataclasses.replace(request, hardware=summarize_hardware(request.device))
     files = discover(request.inputs, exclude=[request.out])
     template = read_template(request.prompt_template)
     resolved = resolve_model(request.model)
@@ -113,7 +117,8 @@ def run_summarize(request: SummarizeRequest, parallel: ParallelContext = SINGLE_
         log(f"facli: {len(pending)} to summarize, {skipped} already in {request.out}")
         summary = JobSummary()
         if groups:
-            runtime = Runtime(resolved, _runtime_options(request, groups[0]), parallel, tokenizer)
+            runtime = Runtime(resolved, _runtime_options(request, groups[0]), parallel, tokenizer,
+                              hardware=request.hardware)
             summary = _run_groups(runtime, groups, writer, corpus.settings, parallel, stop)
         summary.skipped = skipped
         summary.seconds = time.perf_counter() - started
@@ -179,10 +184,9 @@ def _row_groups(request: SummarizeRequest, resolved: ResolvedModel, corpus: Corp
     if request.batch is not None:
         return [RowGroup(runtime_ctx, request.batch, tuple(pending))]
     buckets = length_buckets(pending, settings, runtime_ctx)
-    resident = [choose_rows(resolved.config, ctx, model_name=resolved.name,
-                            max_new_tokens=request.max_new_tokens, device=request.device,
-                            devices=request.devices, dtype=request.dtype,
-                            kv_dtype=request.kv_dtype, limit=MAX_AUTO_ROWS)
+    resident = [choose_rows(resolved.config, ctx, request.hardware, model_name=resolved.name,
+                            max_new_tokens=request.max_new_tokens, devices=request.devices,
+                            dtype=request.dtype, kv_dtype=request.kv_dtype, limit=MAX_AUTO_ROWS)
                 for ctx, _ in buckets]
     if parallel.is_distributed:
         agreed = torch.tensor(resident, dtype=torch.long,
@@ -210,8 +214,8 @@ def _prepare_output(writer: ResultWriter, existing: ExistingResults,
 
 
 def _plan_memory(request: SummarizeRequest, resolved: ResolvedModel, group: RowGroup):
-    return plan_memory(resolved.config, group.ctx, batch=group.rows, model_name=resolved.name,
-                       max_new_tokens=request.max_new_tokens, device=request.device,
+    return plan_memory(resolved.config, group.ctx, request.hardware, batch=group.rows,
+                       model_name=resolved.name, max_new_tokens=request.max_new_tokens,
                        devices=request.devices, dtype=request.dtype,
                        kv_dtype=request.kv_dtype, decode_mode=request.decode_mode,
                        allreduce_tile_tokens=request.allreduce_tile_tokens)
