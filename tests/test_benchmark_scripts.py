@@ -25,3 +25,23 @@ def test_tensor_parallel_smoke_run_measures_every_mode_and_checks_generate(tmp_p
     check = [r for r in records if r["kind"] == "generate-check"]
     assert check and check[0]["ok"], check
     assert "| prefill 128 |" in (tmp_path / "tensor_parallel_table.md").read_text()
+
+
+def test_summarize_batched_runs_each_batch_and_the_transformers_baseline(tmp_path):
+    tiny = {"model_type": "llama", "vocab_size": 600, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 4096, "bos_token_id": 1, "eos_token_id": 2}
+    env = {**os.environ, "FACLI_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "summarize_batched.py"), "--documents", "5",
+         "--shortest", "300", "--longest", "400", "--new-tokens", "4", "--batches", "1,2,auto",
+         "--transformers-batch", "3", "--corpus", str(tmp_path / "corpus"),
+         "--checkpoint", str(tmp_path / "checkpoint"), "--out", str(tmp_path / "out"),
+         "--model-config", json.dumps(tiny)],
+        env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    found = json.loads((tmp_path / "out" / "summarize_batched.json").read_text())
+    assert [run["batch"] for run in found["runs"]] == ["1", "2", "auto"]
+    assert all(run["summary"]["done"] == 5 for run in found["runs"])
+    assert len(found["transformers"]["records"]) == 5
+    assert "5 docs, 20 new tokens" in result.stdout
