@@ -182,10 +182,12 @@ class Runtime:
             self._replan(ctx, rows)
 
     def _replan(self, ctx: int, rows: int) -> None:
+        """A plan that raises leaves the runtime as it was; a store that cannot be built leaves
+        it without one, to be reshaped again."""
         check_context(self.config, ctx, self.options.allow_ctx_extension, warn=False)
-        self.options = dataclasses.replace(self.options, batch=rows)
-        self.plan = self._plan(ctx, self.parallel.world_size)
-        self.ctx, self.prefill_chunk = ctx, self.plan.prefill_chunk
+        plan = self._plan(ctx, self.parallel.world_size, batch=rows)
+        self.options, self.plan = dataclasses.replace(self.options, batch=rows), plan
+        self.ctx, self.prefill_chunk = ctx, plan.prefill_chunk
         self._build_engine()
 
     def encode(self, text: str) -> list[int]:

@@ -203,6 +203,28 @@ def test_short_documents_run_in_their_own_wider_group(tmp_path, monkeypatch):
     assert comparable(by_id(grouped)) == comparable(by_id(alone))
 
 
+def test_rows_the_runtime_cannot_keep_on_the_device_fall_back_to_one(tmp_path, monkeypatch,
+                                                                     numbered_reference, capfd):
+    """The runtime ranks placements its own way: should its plan for the chosen rows keep part
+    of the cache off the device, the group runs one document at a time instead."""
+    import facli.runtime as runtime_module
+
+    real = runtime_module.build_kv_store
+
+    def one_row_only(plan, *args):
+        if plan.batch > 1:
+            raise FacliError(f"expected the KV cache of batch {plan.batch} to fit (test)")
+        return real(plan, *args)
+
+    monkeypatch.setattr(runtime_module, "build_kv_store", one_row_only)
+    out = tmp_path / "r.jsonl"
+    run_summarize(request(numbered_folder(tmp_path), out))
+    assert "(test); running these 8 documents one at a time" in capfd.readouterr().err
+    assert comparable(by_id(out)) == numbered_reference
+    with pytest.raises(FacliError, match=r"batch 3 to fit \(test\)"):  # --batch as asked
+        run_summarize(request(numbered_folder(tmp_path), tmp_path / "asked.jsonl", batch=3))
+
+
 def test_two_ranks_decode_rows_together_as_one_process_does(tmp_path, numbered_reference):
     docs, out = numbered_folder(tmp_path), tmp_path / "r.jsonl"
     command = [FACLI, "summarize", str(docs), "--out", str(out), "--ctx", str(CTX),

@@ -119,7 +119,9 @@ def run_summarize(request: SummarizeRequest, parallel: ParallelContext = SINGLE_
         if groups:
             runtime = Runtime(resolved, _runtime_options(request, groups[0]), parallel, tokenizer,
                               hardware=request.hardware)
-            summary = _run_groups(runtime, groups, writer, corpus.settings, parallel, stop)
+            shape = _shape_exactly if request.batch is not None else _shape_or_one_row
+            summary = _run_groups(runtime, groups, writer, corpus.settings, parallel, stop,
+                                  lambda group: shape(runtime, group, log))
         summary.skipped = skipped
         summary.seconds = time.perf_counter() - started
         if writer is not None:
@@ -135,14 +137,14 @@ def summarize_on_rank(parallel: ParallelContext, request: SummarizeRequest) -> J
 
 
 def _run_groups(runtime, groups: list[RowGroup], writer: ResultWriter | None,
-                settings: JobSettings, parallel: ParallelContext,
-                stop: StopRequest | None) -> JobSummary:
-    """Each group's documents with the runtime reshaped for the group's rows and context."""
+                settings: JobSettings, parallel: ParallelContext, stop: StopRequest | None,
+                shape) -> JobSummary:
+    """Each group's documents with the runtime reshaped for the group (shape(group))."""
     stop = stop or StopRequest(announce=parallel.is_writer)
     summary = JobSummary()
     with stop.installed():
         for index, group in enumerate(groups):
-            runtime.reshape(ctx=group.ctx, rows=group.rows)
+            shape(group)
             label = f"summarize {index + 1}/{len(groups)}" if len(groups) > 1 else "summarize"
             summary.merge(run_documents(runtime, list(group.items), writer, settings, stop=stop,
                                         is_writer=parallel.is_writer, label=label,
@@ -150,6 +152,23 @@ def _run_groups(runtime, groups: list[RowGroup], writer: ResultWriter | None,
             if summary.interrupted:
                 break
     return summary
+
+
+def _shape_exactly(runtime, group: RowGroup, log) -> None:
+    """--batch as asked: a plan that cannot keep those rows on the GPUs is the user's to fix."""
+    runtime.reshape(ctx=group.ctx, rows=group.rows)
+
+
+def _shape_or_one_row(runtime, group: RowGroup, log) -> None:
+    """The rows chosen from the planner's figures; should the runtime's own plan for them keep
+    part of the cache off the GPUs (it ranks placements its own way), one row instead."""
+    try:
+        runtime.reshape(ctx=group.ctx, rows=group.rows)
+    except FacliError as exc:
+        if group.rows == 1:
+            raise
+        log(f"facli: {exc}; running these {len(group.items)} documents one at a time")
+        runtime.reshape(ctx=group.ctx, rows=1)
 
 
 def prepare_corpus(request: SummarizeRequest, files: list[SourceFile], template: str | None,
@@ -196,8 +215,9 @@ def _row_groups(request: SummarizeRequest, resolved: ResolvedModel, corpus: Corp
 
 
 def _runtime_options(request: SummarizeRequest, group: RowGroup) -> RuntimeOptions:
+    """One row at the first group's context; _run_groups then shapes it for each group."""
     return RuntimeOptions(
-        batch=group.rows,
+        batch=1,
         model=request.model, device=request.device, dtype=request.dtype, ctx=group.ctx,
         devices=request.devices, allow_ctx_extension=request.allow_ctx_extension,
         kv_dtype=request.kv_dtype, decode_mode=request.decode_mode,
