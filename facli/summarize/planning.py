@@ -119,8 +119,6 @@ def choose_rows(config, ctx: int, hardware, *, model_name: str, max_new_tokens: 
     cache fits in device memory beside the weights (offload.planner.largest_resident_batch)."""
     from facli.offload.planner import largest_resident_batch
 
-    if limit < 2:
-        return 1
     options = _plan_options(model_name, max_new_tokens, devices, dtype, kv_dtype)
     return largest_resident_batch(config, hardware, ctx, options, limit)
 

@@ -40,18 +40,14 @@ def context_needed(item: PreparedDocument, settings, runtime_ctx: int) -> int:
 def length_buckets(items: list[PreparedDocument], settings,
                    runtime_ctx: int) -> list[tuple[int, list[PreparedDocument]]]:
     """(context, documents) by the power of two that holds each document's context (capped at
-    runtime_ctx), shortest first; documents that run no prompt join the first."""
+    runtime_ctx), shortest first; documents that run no prompt join the shortest."""
+    needs = [context_needed(item, settings, runtime_ctx) for item in items]
+    idle = min((needed for needed in needs if needed), default=runtime_ctx)
     buckets: dict[int, list[PreparedDocument]] = {}
-    for item in items:
-        needed = context_needed(item, settings, runtime_ctx)
-        ctx = min(runtime_ctx, 1 << math.ceil(math.log2(needed))) if needed else 0
+    for item, needed in zip(items, needs):
+        ctx = min(runtime_ctx, 1 << math.ceil(math.log2(needed or idle)))
         buckets.setdefault(ctx, []).append(item)
-    ordered = sorted(buckets.items())
-    if ordered and ordered[0][0] == 0:
-        idle = ordered.pop(0)[1]
-        ctx, first = ordered.pop(0) if ordered else (runtime_ctx, [])
-        ordered.insert(0, (ctx, idle + first))
-    return ordered
+    return sorted(buckets.items())
 
 
 def merge_buckets(buckets: list[tuple[int, list[PreparedDocument]]], resident_rows: list[int],

@@ -119,9 +119,8 @@ def run_summarize(request: SummarizeRequest, parallel: ParallelContext = SINGLE_
         if groups:
             runtime = Runtime(resolved, _runtime_options(request, groups[0]), parallel, tokenizer,
                               hardware=request.hardware)
-            shape = _shape_exactly if request.batch is not None else _shape_or_one_row
             summary = _run_groups(runtime, groups, writer, corpus.settings, parallel, stop,
-                                  lambda group: shape(runtime, group, log))
+                                  fall_back=request.batch is None, log=log)
         summary.skipped = skipped
         summary.seconds = time.perf_counter() - started
         if writer is not None:
@@ -137,14 +136,14 @@ def summarize_on_rank(parallel: ParallelContext, request: SummarizeRequest) -> J
 
 
 def _run_groups(runtime, groups: list[RowGroup], writer: ResultWriter | None,
-                settings: JobSettings, parallel: ParallelContext, stop: StopRequest | None,
-                shape) -> JobSummary:
-    """Each group's documents with the runtime reshaped for the group (shape(group))."""
+                settings: JobSettings, parallel: ParallelContext, stop: StopRequest | None, *,
+                fall_back: bool, log) -> JobSummary:
+    """Each group's documents with the runtime reshaped for the group (_shape)."""
     stop = stop or StopRequest(announce=parallel.is_writer)
     summary = JobSummary()
     with stop.installed():
         for index, group in enumerate(groups):
-            shape(group)
+            _shape(runtime, group, fall_back, log)
             label = f"summarize {index + 1}/{len(groups)}" if len(groups) > 1 else "summarize"
             summary.merge(run_documents(runtime, list(group.items), writer, settings, stop=stop,
                                         is_writer=parallel.is_writer, label=label,
@@ -154,18 +153,14 @@ def _run_groups(runtime, groups: list[RowGroup], writer: ResultWriter | None,
     return summary
 
 
-def _shape_exactly(runtime, group: RowGroup, log) -> None:
-    """--batch as asked: a plan that cannot keep those rows on the GPUs is the user's to fix."""
-    runtime.reshape(ctx=group.ctx, rows=group.rows)
-
-
-def _shape_or_one_row(runtime, group: RowGroup, log) -> None:
-    """The rows chosen from the planner's figures; should the runtime's own plan for them keep
-    part of the cache off the GPUs (it ranks placements its own way), one row instead."""
+def _shape(runtime, group: RowGroup, fall_back: bool, log) -> None:
+    """The runtime for the group's rows and context. Rows chosen from the planner's figures
+    (fall_back) become one row should the runtime's own plan for them keep part of the cache
+    off the GPUs (it ranks placements its own way); --batch as asked is the user's to fix."""
     try:
         runtime.reshape(ctx=group.ctx, rows=group.rows)
     except FacliError as exc:
-        if group.rows == 1:
+        if not fall_back or group.rows == 1:
             raise
         log(f"facli: {exc}; running these {len(group.items)} documents one at a time")
         runtime.reshape(ctx=group.ctx, rows=1)
