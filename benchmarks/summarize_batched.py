@@ -1,10 +1,12 @@
 """`facli summarize` over many documents: one at a time against decoded together in rows.
 
 Usage: python benchmarks/summarize_batched.py [--documents 48] [--shortest 1024] [--longest 4096]
-    [--new-tokens 128] [--batches 1,8,auto] [--transformers-batch 8] [--out DIR]
+    [--new-tokens 128] [--batches 1,8,auto] [--transformers-batch 8] [--extra-lengths 32768]
+    [--out DIR]
 Builds a Llama-7B-shaped random bf16 checkpoint (benchmarks/common.py), writes documents of
 random ASCII with lengths spread evenly between --shortest and --longest tokens (one token per
-character under its byte-level tokenizer), and runs `facli summarize --json` on the folder as
+character under its byte-level tokenizer), plus one document per --extra-lengths entry (a mixed
+corpus: the short ones and a few long ones), and runs `facli summarize --json` on the folder as
 a fresh process once per --batches entry, each into its own output. The checkpoint's greedy
 tokens are all text (write_random_checkpoint's `decodable`), and EOS, one id of hundreds, hardly
 ever comes, so every document generates --new-tokens. Prints documents/s and tokens/s per
@@ -29,10 +31,12 @@ from common import LLAMA_7B, print_environment, random_text, write_random_checkp
 TEMPLATE_TOKENS = 256  # room left for the prompt template
 
 
-def write_corpus(folder: Path, count: int, shortest: int, longest: int) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for index in range(count):
-        length = shortest + (longest - shortest) * index // max(count - 1, 1)
+def write_corpus(folder: Path, count: int, shortest: int, longest: int,
+                 extra_lengths: list[int]) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    lengths = [shortest + (longest - shortest) * index // max(count - 1, 1) for index in range(count)]
+    for index, length in enumerate(lengths + extra_lengths):
         (folder / f"doc-{index:03d}.txt").write_text(random_text(length - TEMPLATE_TOKENS, seed=index))
 
 
@@ -109,6 +113,8 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--batches", default="1,8,auto")
     parser.add_argument("--transformers-batch", type=int, default=8)
+    parser.add_argument("--extra-lengths", default="", help="comma-separated token lengths of "
+                        "documents added to the evenly spread ones")
     parser.add_argument("--corpus", default="/tmp/summarize-corpus")
     parser.add_argument("--checkpoint", default="/tmp/llama-7b-random-decodable")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -119,8 +125,9 @@ def main():
     checkpoint = write_random_checkpoint(Path(args.checkpoint), config, decodable=True)
     out = Path(args.out)
     corpus = Path(args.corpus)
-    write_corpus(corpus, args.documents, args.shortest, args.longest)
-    ctx = args.longest + args.new_tokens
+    extra = [int(length) for length in args.extra_lengths.split(",") if length]
+    write_corpus(corpus, args.documents, args.shortest, args.longest, extra)
+    ctx = max([args.longest] + extra) + args.new_tokens
     runs = [run(corpus, checkpoint, out, batch, ctx, args.new_tokens)
             for batch in args.batches.split(",")]
     baseline = (run_transformers(corpus, checkpoint, args.transformers_batch, args.new_tokens)
