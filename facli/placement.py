@@ -9,7 +9,7 @@ from facli.errors import FacliError
 from facli.kv_cache import DeviceKVCache
 from facli.offload.hardware import HardwareSpec, hardware_from_option
 from facli.offload.memory_model import prefills_in_waves, splits_into_tiles, sums_with_copy_engines
-from facli.offload.plan import Plan, uses_offloaded_store
+from facli.offload.plan import READS_FP8_FROM, Plan, holds_rows, uses_offloaded_store
 from facli.offload.planner import PlanOptions, plan
 from facli.parallel.context import TensorParallelSettings
 from facli.resolve import DTYPES
@@ -63,14 +63,17 @@ def build_kv_store(run_plan: Plan, config: ModelConfig, world_size: int, device:
         )
     shape = (config.num_hidden_layers, run_plan.batch, run_plan.ctx,
              config.num_key_value_heads // world_size, config.head_dim)
-    if not uses_offloaded_store(run_plan.decode_mode, run_plan.kv_dtype == "fp8"):
+    fp8 = run_plan.kv_dtype == "fp8"
+    if not uses_offloaded_store(run_plan.decode_mode, fp8):
         return DeviceKVCache(*shape, dtype, device)
-    if run_plan.batch > 1:
+    reads_fp8 = device.type != "cuda" or torch.cuda.get_device_capability(device) >= READS_FP8_FROM
+    if run_plan.batch > 1 and not holds_rows(run_plan.decode_mode, fp8, reads_fp8):
+        where = ("on a GPU whose decode kernel reads fp8 (compute capability 8.9 or later)"
+                 if run_plan.decode_mode == "resident" else "on the GPUs")
         raise FacliError(
-            f"expected the KV cache of batch {run_plan.batch} at ctx {run_plan.ctx} to fit on the "
-            f"GPUs in the weights' dtype (decoding rows together needs that), got a plan with "
-            f"decode mode {run_plan.decode_mode} and KV dtype {run_plan.kv_dtype}; lower --batch "
-            "or --ctx"
+            f"expected the KV cache of batch {run_plan.batch} at ctx {run_plan.ctx} to stay wholly "
+            f"{where} (decoding rows together needs that), got a plan with decode mode "
+            f"{run_plan.decode_mode} and KV dtype {run_plan.kv_dtype}; lower --batch or --ctx"
         )
     from facli.offload.kv_store import OffloadedKVStore
 

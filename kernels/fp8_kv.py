@@ -27,14 +27,14 @@ def _quantize_row(x_row, values_row, scale_at, offs, ok):
 
 
 @triton.jit
-def _store_token_kernel(K, V, KQ, VQ, KS, VS, POS,
+def _store_token_kernel(K, V, KQ, VQ, KS, VS, POS, stride_pos,
                         stride_kb, stride_kh, stride_vb, stride_vh,
                         stride_cb, stride_ct, stride_ch, stride_sb, stride_st, stride_sh,
                         kv_heads, head_dim, BLOCK_D: tl.constexpr):
     bh = tl.program_id(0)
     b = (bh // kv_heads).to(tl.int64)
     h = (bh % kv_heads).to(tl.int64)
-    pos = tl.load(POS).to(tl.int64)
+    pos = tl.load(POS + b * stride_pos).to(tl.int64)
     offs = tl.arange(0, BLOCK_D)
     ok = offs < head_dim
     cache_at = b * stride_cb + pos * stride_ct + h * stride_ch
@@ -45,7 +45,8 @@ def _store_token_kernel(K, V, KQ, VQ, KS, VS, POS,
 
 def store_token_fp8_triton(k, v, k_cache, v_cache, k_scales, v_scales, position):
     """k, v [B, 1, Hkv, D] -> k_cache, v_cache [B, T, Hkv, D] float8_e4m3fn and their float32
-    scales [B, T, Hkv] at `position`, a one-element integer tensor on the caches' device."""
+    scales [B, T, Hkv] at `position`, an integer tensor on the caches' device: one element (every
+    sequence at that position) or B (one position per sequence)."""
     batch, steps, kv_heads, head_dim = k.shape
     if steps != 1 or v.shape != k.shape:
         raise ValueError(f"expected k and v [B, 1, Hkv, D], got {tuple(k.shape)} and {tuple(v.shape)}")
@@ -53,10 +54,12 @@ def store_token_fp8_triton(k, v, k_cache, v_cache, k_scales, v_scales, position)
         raise ValueError("expected the K and V caches (and their scales) with the same strides")
     if k.stride(-1) != 1 or v.stride(-1) != 1 or k_cache.stride(-1) != 1:
         raise ValueError("expected a unit stride in the head dim")
-    if position.numel() != 1 or position.device != k_cache.device:
-        raise ValueError(f"expected a one-element position on {k_cache.device}")
+    if position.numel() not in (1, batch) or position.device != k_cache.device:
+        raise ValueError(f"expected 1 or {batch} positions on {k_cache.device}, got "
+                         f"{position.numel()} on {position.device}")
     _store_token_kernel[(batch * kv_heads,)](
         k, v, k_cache, v_cache, k_scales, v_scales, position,
+        position.stride(0) if position.numel() > 1 else 0,
         k.stride(0), k.stride(2), v.stride(0), v.stride(2),
         *k_cache.stride()[:3], *k_scales.stride(), kv_heads, head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim), num_warps=1)

@@ -58,6 +58,15 @@ class KVPart:
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.k, self.v, self.k_scales, self.v_scales) if t is not None]
 
+    def row(self, index: int) -> "KVPart":
+        """Sequence `index` as a part of batch 1, sharing this part's memory."""
+        view = KVPart.__new__(KVPart)
+        view.fp8 = self.fp8
+        view.k, view.v, view.k_scales, view.v_scales = (
+            None if t is None else t[index:index + 1]
+            for t in (self.k, self.v, self.k_scales, self.v_scales))
+        return view
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 

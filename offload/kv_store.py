@@ -51,6 +51,8 @@ LSE, so no bf16 copy of a whole layer is made; host fp8 rows cross PCIe as fp8 a
 dequantized on the GPU into the slot (through a ring of 8192 rows).
 """
 
+import copy
+
 import torch
 
 from facli.errors import FacliError
@@ -88,7 +90,8 @@ class OffloadedKVStore(CooperativeDecode):
                  decode_mode: str = "prefetch", kv_dtype: str | None = None,
                  gpu_prefix_tokens: int = 0, cpu_share: float = 0.5, pack_slots: bool = True):
         _validate(num_layers, host_layers, decode_mode, kv_dtype, gpu_prefix_tokens, cpu_share)
-        self.capacity, self.dtype, self.device = capacity, dtype, torch.device(device)
+        self.batch, self.capacity, self.dtype = batch, capacity, dtype
+        self.device = torch.device(device)
         self.decode_mode, self.fp8 = decode_mode, kv_dtype == "fp8"
         self.cpu_share = cpu_share
         self.host_layers = frozenset(host_layers)
@@ -137,6 +140,23 @@ class OffloadedKVStore(CooperativeDecode):
     def _host_empty(self, shape, dtype):
         return host_empty(shape, dtype, pin=self._pin)
 
+    def row(self, index: int) -> "OffloadedKVStore":
+        """Sequence `index` of the batch as a store of its own (batch 1), sharing this one's
+        memory, as DeviceKVCache.row: a prompt is prefilled into one row while the others wait
+        mid-generation. Only for stores without host layers: rows decode together only from a
+        cache wholly on the GPUs."""
+        if self._staged:
+            raise FacliError("expected a KV store without host layers for a row view, got host "
+                             f"layers {sorted(self.host_layers)}")
+        view = copy.copy(self)
+        view.batch = 1
+        view._dev = [part.row(index) for part in self._dev]
+        view._lens, view._prefix_lens, view._graph_lens = (
+            lens[index:index + 1] for lens in (self._lens, self._prefix_lens, self._graph_lens))
+        view._written = [0] * len(self._written)
+        view._layer_event = [None] * len(self._layer_event)
+        return view
+
     def gpu_bytes(self) -> int:
         """Bytes this store holds on the GPU: GPU rows, staging slots, fp8 ring."""
         parts = self._dev + ([self._raw] if self._raw is not None else [])
@@ -182,10 +202,11 @@ class OffloadedKVStore(CooperativeDecode):
         """Store k, v [B, T, Hkv, D] at start..start+T of `layer`; causal attention
         [B, T, Hq, D] of q [B, T, Hq, D] over positions 0..start+T.
 
-        `start` may be a one-element int64 device tensor for a decode step (T = 1) of a layer in
-        `graph_layers` (a GPU layer, whose fp8 rows, if any, the decode kernel reads directly): no
-        host value is read, so the step can be captured in a CUDA graph. Such steps skip the
-        host's bookkeeping of that layer's written positions until the next reset (a prefill)."""
+        `start` may be an int64 device tensor [B] for a decode step (T = 1) of a layer in
+        `graph_layers` (a GPU layer, whose fp8 rows, if any, the decode kernel reads directly),
+        one position per sequence: no host value is read, so the step can be captured in a CUDA
+        graph, and the sequences may each be at their own length. Such steps skip the host's
+        bookkeeping of that layer's written positions until the next reset (a prefill)."""
         if isinstance(start, torch.Tensor):
             return self._attend_at(layer, q, k, v, start)
         stop = start + k.shape[1]
@@ -213,14 +234,20 @@ class OffloadedKVStore(CooperativeDecode):
             store_token_fp8_triton(k, v, part.k, part.v, part.k_scales, part.v_scales, position)
         else:
             chunk = Chunk.encode(k, v, self.dtype, self.fp8)
+            at = (torch.arange(self.batch, device=position.device), position.expand(self.batch))
             for dst, src in zip(part.tensors(), chunk.tensors()):
-                if dst.dtype == FP8:  # index_copy_ has no float8 kernels: move the bytes
+                if dst.dtype == FP8:  # index_put_ has no float8 kernels: move the bytes
                     dst, src = dst.view(torch.uint8), src.view(torch.uint8)
-                dst.index_copy_(1, position, src)
+                dst.index_put_(at, src[:, 0])
         if layer == min(self.graph_layers):
             self._graph_lens.copy_(position + 1)
-        return decode_attention(q, part.k, part.v, self._graph_lens, k_scales=part.k_scales,
-                                v_scales=part.v_scales)
+        tensors = part.tensors()
+        if not part.k.is_cuda:  # no graph to keep static: read no further than the longest row
+            stop = int(position.max()) + 1
+            tensors = [tensor[:, :stop] for tensor in tensors]
+        keys, values, *scales = tensors
+        return decode_attention(q, keys, values, self._graph_lens, k_scales=scales[0] if scales
+                                else None, v_scales=scales[1] if scales else None)
 
     def _gpu_attention(self, q, keys, values, start, stop):
         if q.shape[1] == 1:

@@ -31,6 +31,18 @@ def decodes_eagerly(fp8_kv: bool, gpu_reads_fp8: bool) -> bool:
     return fp8_kv and not gpu_reads_fp8
 
 
+def gpus_read_fp8(gpus) -> bool:
+    """Whether the decode kernel reads an fp8 cache directly on all these GPUs (hardware specs)."""
+    return all(tuple(g.compute_capability) >= READS_FP8_FROM for g in gpus)
+
+
+def holds_rows(decode_mode: str, fp8_kv: bool, gpu_reads_fp8: bool) -> bool:
+    """Whether this placement's cache can hold several sequences decoded together, as rows
+    stepped by one graph: every layer's KV on the devices and, for an fp8 cache, a decode
+    kernel that reads e4m3 directly (a row's decode step takes its position as a tensor)."""
+    return decode_mode == "resident" and not decodes_eagerly(fp8_kv, gpu_reads_fp8)
+
+
 @dataclass(frozen=True)
 class DevicePlan:
     """One rank's device and its predicted peak bytes (what max_memory_allocated measures)."""

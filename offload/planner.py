@@ -20,7 +20,7 @@ from facli.offload.candidates import (
 )
 from facli.offload.hardware import HardwareSpec
 from facli.offload.memory_model import DTYPE_BYTES
-from facli.offload.plan import Plan, uses_offloaded_store
+from facli.offload.plan import Plan, gpus_read_fp8, holds_rows
 from facli.offload.plan_builder import build_plan
 from facli.offload.time_model import Layout, decode_breakdown, packs_slots, prefill_breakdown
 from facli.units import format_bytes, format_ctx
@@ -196,15 +196,16 @@ def predict_prompt(model: ModelConfig, hardware: HardwareSpec, run_plan: Plan,
 def largest_resident_batch(model: ModelConfig, hardware: HardwareSpec, ctx: int,
                            options: PlanOptions = PlanOptions(), limit: int = 64) -> int:
     """The most sequences of `ctx` tokens, up to `limit`, whose plan keeps the whole KV cache
-    in device memory in the weights' dtype (so they decode together as rows of one cache); 1
-    when not even two fit. Binary search: such a fit is monotone in the batch."""
+    in device memory (so they decode together as rows of one cache, plan.holds_rows); 1 when
+    not even two fit. Binary search: such a fit is monotone in the batch."""
 
     def resident(batch: int) -> bool:
         try:
             found = plan(model, hardware, ctx, batch, replace(options, force=False))
         except OutOfMemoryPlanError:
             return False
-        return not uses_offloaded_store(found.decode_mode, found.kv_dtype == "fp8")
+        return holds_rows(found.decode_mode, found.kv_dtype == "fp8",
+                          gpus_read_fp8(hardware.devices[:found.tp]))
 
     low, high = 1, limit + 1  # resident(low) is taken as true, resident(high) as false
     while high - low > 1:

@@ -10,7 +10,7 @@ import numpy as np
 
 from facli.config import ModelConfig
 from facli.offload.hardware import HardwareSpec
-from facli.offload.plan import READS_FP8_FROM, decodes_eagerly, uses_offloaded_store
+from facli.offload.plan import decodes_eagerly, gpus_read_fp8, uses_offloaded_store
 from facli.offload.memory_model import (
     packed_slot_rows,
     activation_bytes,
@@ -140,7 +140,7 @@ def _rates(hw: HardwareSpec, layout: Layout) -> tuple[float, float]:
 
 
 def _gpus_read_fp8(hw: HardwareSpec, layout: Layout) -> bool:
-    return all(tuple(g.compute_capability) >= READS_FP8_FROM for g in hw.devices[: layout.tp])
+    return gpus_read_fp8(hw.devices[: layout.tp])
 
 
 def _attention_efficiency(hw: HardwareSpec, layout: Layout) -> float:

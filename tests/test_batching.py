@@ -10,7 +10,9 @@ from conftest import requires_cuda
 from facli.batching import BatchedEngine, RowRequest
 from facli.config import ModelConfig
 from facli.engine import Engine
+from facli.errors import FacliError
 from facli.kv_cache import DeviceKVCache
+from facli.offload.kv_store import OffloadedKVStore
 from facli.rope import RotaryEmbedding
 from facli.sampling import Sampler, SamplingParams
 
@@ -29,10 +31,15 @@ def model(tmp_path_factory):
     return _model(tmp_path_factory.mktemp("llama-3-layers"), torch.float32, "cpu")
 
 
-def _cache(model, batch):
+def _cache(model, batch, store="device"):
+    """The all-device cache in the model's dtype, or ("fp8") the fp8 store with every layer on
+    the device."""
     config = model.config
-    return DeviceKVCache(config.num_hidden_layers, batch, CAPACITY, config.num_key_value_heads,
-                         config.head_dim, model.dtype, model.device)
+    shape = (config.num_hidden_layers, batch, CAPACITY, config.num_key_value_heads,
+             config.head_dim, model.dtype, model.device)
+    if store == "fp8":
+        return OffloadedKVStore(*shape, kv_dtype="fp8")
+    return DeviceKVCache(*shape)
 
 
 def _requests(model, seed=0):
@@ -42,31 +49,32 @@ def _requests(model, seed=0):
             for index, (length, new) in enumerate(zip(PROMPT_LENGTHS, NEW_TOKENS))]
 
 
-def _one_at_a_time(model, requests, sampling, eos_ids=()):
+def _one_at_a_time(model, requests, sampling, eos_ids=(), store="device"):
     runs = {}
     for request in requests:
-        engine = Engine(model, _cache(model, 1), prefill_chunk=8)
+        engine = Engine(model, _cache(model, 1, store), prefill_chunk=8)
         runs[request.key] = engine.generate(request.prompt_ids, max_new_tokens=request.max_new_tokens,
                                             sampler=Sampler(sampling, model.device), eos_ids=eos_ids)
     return runs
 
 
-def _together(model, requests, sampling, rows, eos_ids=()):
+def _together(model, requests, sampling, rows, eos_ids=(), store="device"):
     queue, runs = list(requests), {}
-    engine = BatchedEngine(model, _cache(model, rows), prefill_chunk=8)
+    engine = BatchedEngine(model, _cache(model, rows, store), prefill_chunk=8)
     stats = engine.run(lambda: queue.pop(0) if queue else None,
                        lambda request, run: runs.setdefault(request.key, run),
                        sampling=sampling, eos_ids=eos_ids)
     return runs, stats
 
 
-@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("rows, store", [(1, "device"), (3, "device"), (8, "device"),
+                                         (3, "fp8"), (8, "fp8")])
 @pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=0.9, top_k=20, seed=3)],
                          ids=["greedy", "sampled"])
-def test_rows_give_the_tokens_of_one_at_a_time(model, rows, sampling):
+def test_rows_give_the_tokens_of_one_at_a_time(model, rows, store, sampling):
     requests = _requests(model)
-    want = _one_at_a_time(model, requests, sampling)
-    got, stats = _together(model, requests, sampling, rows)
+    want = _one_at_a_time(model, requests, sampling, store=store)
+    got, stats = _together(model, requests, sampling, rows, store=store)
     assert {key: run.token_ids for key, run in got.items()} == \
         {key: run.token_ids for key, run in want.items()}
     assert [len(got[key].token_ids) for key in sorted(got)] == [6, 3, 10, 4, 8, 1, 5, CAPACITY - 44 + 1]
@@ -114,6 +122,23 @@ def test_a_row_view_is_that_row_of_the_cache(model):
     assert row.keys.data_ptr() == cache.keys[:, 1].data_ptr() and row.graph_layers == cache.graph_layers
 
 
+def test_an_fp8_row_view_is_that_row_of_the_store(model):
+    store = _cache(model, 3, "fp8")
+    row = store.row(2)
+    assert (row.batch, row.capacity, row.graph_layers) == (1, CAPACITY, store.graph_layers)
+    for whole, part in zip(store._dev[1].tensors(), row._dev[1].tensors()):
+        assert part.data_ptr() == whole[2:].data_ptr() and part.shape[0] == 1
+
+
+def test_a_store_with_host_layers_has_no_row_views(model):
+    config = model.config
+    store = OffloadedKVStore(config.num_hidden_layers, 2, CAPACITY, config.num_key_value_heads,
+                             config.head_dim, model.dtype, model.device, host_layers=frozenset({1}))
+    with pytest.raises(FacliError, match=r"^expected a KV store without host layers for a row "
+                                         r"view, got host layers \[1\]$"):
+        store.row(0)
+
+
 def test_rotary_per_sequence_matches_each_start():
     config = ModelConfig.from_dict({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
                                     "num_hidden_layers": 1, "intermediate_size": 128,
@@ -127,19 +152,20 @@ def test_rotary_per_sequence_matches_each_start():
 
 
 @requires_cuda
+@pytest.mark.parametrize("store", ["device", "fp8"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_rows_on_the_gpu_with_graphs(tmp_path, dtype):
+def test_rows_on_the_gpu_with_graphs(tmp_path, dtype, store):
     """bf16/fp16 on a GPU: the graphed step of 8 rows against each prompt alone. Batched GEMMs
     round differently from the one-row kernel, so logits are compared, not whole generations."""
     model = _model(tmp_path, dtype, "cuda")
     requests = _requests(model)
-    cache = _cache(model, len(requests))
+    cache = _cache(model, len(requests), store)
     steps = Engine(model, cache, prefill_chunk=8)
     singles = []
     for index, request in enumerate(requests):
         ids = torch.tensor([request.prompt_ids], device="cuda")
         model(ids, 0, cache.row(index))
-        alone = _cache(model, 1)
+        alone = _cache(model, 1, store)
         model(ids, 0, alone)
         singles.append(alone)
     tokens = torch.tensor([r.prompt_ids[-1] for r in requests], device="cuda")

@@ -41,11 +41,33 @@ def test_same_bytes_and_scales_as_quantize(dtype, head_dim):
         assert (cache[:, others].view(torch.uint8) == 0x55).all() and (scales[:, others] == -1).all()
 
 
+@requires_cuda
+def test_one_position_per_sequence():
+    """Rows of a batch at their own lengths (decoding together) each store at their position."""
+    batch, length, kv_heads, head_dim = 4, 50, 2, 128
+    k, v = (torch.randn(batch, 1, kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+            for _ in range(2))
+    positions = torch.tensor([0, 49, 17, 18], device="cuda")
+    (k_cache, v_cache), (k_scales, v_scales) = caches(batch, length, kv_heads, head_dim, "cuda")
+    store_token_fp8_triton(k, v, k_cache, v_cache, k_scales, v_scales, positions)
+    for cache, scales, x in ((k_cache, k_scales, k), (v_cache, v_scales, v)):
+        values, expected_scales = quantize(x)
+        for row, position in enumerate(positions.tolist()):
+            assert torch.equal(cache[row, position].view(torch.uint8), values[row, 0].view(torch.uint8))
+            assert torch.equal(scales[row, position], expected_scales[row, 0])
+            others = torch.ones(length, dtype=torch.bool)
+            others[position] = False
+            assert (cache[row, others].view(torch.uint8) == 0x55).all()
+
+
 def test_refuses_more_than_one_token():
     (k_cache, v_cache), (k_scales, v_scales) = caches(1, 8, 2, 64, "cpu")
     k = torch.randn(1, 2, 2, 64)
     with pytest.raises(ValueError, match=r"\[B, 1, Hkv, D\]"):
         store_token_fp8_triton(k, k, k_cache, v_cache, k_scales, v_scales, torch.tensor([0]))
+    with pytest.raises(ValueError, match=r"expected 1 or 1 positions"):
+        store_token_fp8_triton(k[:, :1], k[:, :1], k_cache, v_cache, k_scales, v_scales,
+                               torch.tensor([0, 1]))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

@@ -370,24 +370,29 @@ def test_prefill_attention_time_follows_the_kernel_of_the_architecture():
 @pytest.mark.parametrize("name,hardware", [("llama-7b", "1xH200-141GB"), ("llama-3-8b", "1xA100-80GB"),
                                            ("llama-2-13b", "2xH200")])
 @pytest.mark.parametrize("ctx", ["2k", "8k", "32k"])
-def test_largest_resident_batch_is_the_edge_of_an_all_device_cache(name, hardware, ctx):
+@pytest.mark.parametrize("kv_dtype", ["auto", "fp8"])
+def test_largest_resident_batch_is_the_edge_of_an_all_device_cache(name, hardware, ctx, kv_dtype):
     config, spec, tokens = model(name), load_hardware(hardware), parse_ctx(ctx)
-    rows = largest_resident_batch(config, spec, tokens, options(), limit=64)
+    rows = largest_resident_batch(config, spec, tokens, options(kv_dtype=kv_dtype), limit=64)
+    reads_fp8 = all(gpu.compute_capability >= (8, 9) for gpu in spec.devices)
 
     def resident(batch):
         try:
-            found = plan(config, spec, tokens, batch, options())
+            found = plan(config, spec, tokens, batch, options(kv_dtype=kv_dtype))
         except OutOfMemoryPlanError:
             return False
-        return found.decode_mode == "resident" and found.kv_dtype != "fp8"
+        return found.decode_mode == "resident" and (found.kv_dtype != "fp8" or reads_fp8)
 
     assert 1 <= rows <= 64
     assert rows == 1 or resident(rows)
     assert rows == 64 or not resident(rows + 1)
 
 
-def test_largest_resident_batch_with_an_fp8_cache_is_one():
-    # fp8 KV lives in the offloaded store, which holds one sequence.
-    config, spec = model("llama-7b"), load_hardware("1xH200-141GB")
-    assert largest_resident_batch(config, spec, 2048, options(kv_dtype="fp8"), limit=64) == 1
-    assert largest_resident_batch(config, spec, 2048, options(), limit=5) == 5
+def test_an_fp8_cache_holds_about_twice_the_rows_where_the_decode_kernel_reads_it():
+    config = model("llama-7b")
+    h200, a100 = load_hardware("1xH200-141GB"), load_hardware("1xA100-80GB")
+    assert largest_resident_batch(config, h200, 32 * 1024, options(), limit=64) == 7
+    assert largest_resident_batch(config, h200, 32 * 1024, options(kv_dtype="fp8"), limit=64) == 14
+    # Before sm89 an fp8 cache decodes eagerly, over dequantized tiles: one sequence at a time.
+    assert largest_resident_batch(config, a100, 2048, options(kv_dtype="fp8"), limit=64) == 1
+    assert largest_resident_batch(config, h200, 2048, options(), limit=5) == 5

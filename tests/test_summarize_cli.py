@@ -184,6 +184,19 @@ def test_documents_decoded_together_give_the_records_of_one_at_a_time(tmp_path, 
     assert sum(row["status"] == "ok" for row in found[1].values()) == 8 + 5
 
 
+def test_an_fp8_cache_decodes_documents_together_as_one_at_a_time(tmp_path):
+    docs = numbered_folder(tmp_path)
+    found = {}
+    for batch in (1, 3, None):
+        out = tmp_path / f"fp8-{batch}.jsonl"
+        run_summarize(request(docs, out, batch=batch, kv_dtype="fp8"))
+        found[batch] = comparable(by_id(out))
+        (run,) = json.loads(manifest_path(out).read_text())["runs"]
+        assert [group["rows"] for group in run["rows"]] == [batch or 8]
+    assert found[1] == found[3] == found[None]
+    assert all(row["status"] == "ok" for row in found[1].values())
+
+
 def test_short_documents_run_in_their_own_wider_group(tmp_path, monkeypatch):
     """When the longest document's context holds few rows, the short ones run first in a
     shorter context with more rows; the records are those of one document at a time."""
@@ -326,15 +339,19 @@ def test_cli_user_error_is_one_line_and_usage_error_exits_2(tmp_path):
 
 
 def test_rows_that_cannot_stay_on_the_gpus_are_refused_in_one_line():
-    """Rows decode together only from an all-device cache; an fp8 cache lives in the offloaded
-    store, which holds one sequence."""
+    """Rows decode together only from a cache wholly on the devices, in the weights' dtype or
+    fp8: two rows of 128K keep four layers' KV in host memory."""
     from facli.placement import build_kv_store
     from facli.offload.hardware import load_hardware
     from facli.offload.planner import PlanOptions, plan
     from facli.recipe_loader import load_model_recipe
 
     config = load_model_recipe("llama-7b").config
-    fp8 = plan(config, load_hardware("1xH200-141GB"), 4096, 4, PlanOptions(kv_dtype="fp8"))
-    with pytest.raises(FacliError, match=r"^expected the KV cache of batch 4 at ctx 4096 to fit "
-                                         r"on the GPUs in the weights' dtype .*; lower --batch or --ctx$"):
-        build_kv_store(fp8, config, 1, torch.device("cpu"))
+    h200 = load_hardware("1xH200-141GB")
+    offloaded = plan(config, h200, 128 * 1024, 2, PlanOptions())
+    assert offloaded.host.layers
+    with pytest.raises(FacliError, match=r"^expected the KV cache of batch 2 at ctx 131072 to stay "
+                                         r"wholly on the GPUs \(decoding rows together needs that\), "
+                                         r"got a plan with decode mode split and KV dtype fp16; lower "
+                                         r"--batch or --ctx$"):
+        build_kv_store(offloaded, config, 1, torch.device("cpu"))
