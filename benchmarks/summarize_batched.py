@@ -1,13 +1,14 @@
 """`facli summarize` over many documents: one at a time against decoded together in rows.
 
 Usage: python benchmarks/summarize_batched.py [--documents 48] [--shortest 1024] [--longest 4096]
-    [--new-tokens 128] [--batches 1,8,auto] [--transformers-batch 8] [--extra-lengths 32768]
+    [--new-tokens 128] [--batches 1,8,auto,auto:fp8] [--transformers-batch 8] [--extra-lengths 32768]
     [--out DIR]
 Builds a Llama-7B-shaped random bf16 checkpoint (benchmarks/common.py), writes documents of
 random ASCII with lengths spread evenly between --shortest and --longest tokens (one token per
 character under its byte-level tokenizer), plus one document per --extra-lengths entry (a mixed
 corpus: the short ones and a few long ones), and runs `facli summarize --json` on the folder as
-a fresh process once per --batches entry, each into its own output. The checkpoint's greedy
+a fresh process once per --batches entry (a batch, or auto; ":fp8" adds --kv-dtype fp8), each
+into its own output. The checkpoint's greedy
 tokens are all text (write_random_checkpoint's `decodable`), and EOS, one id of hundreds, hardly
 ever comes, so every document generates --new-tokens. Prints documents/s and tokens/s per
 batch, and how many summaries equal the one-at-a-time run's (bf16 GEMMs over several rows round
@@ -40,8 +41,10 @@ def write_corpus(folder: Path, count: int, shortest: int, longest: int,
         (folder / f"doc-{index:03d}.txt").write_text(random_text(length - TEMPLATE_TOKENS, seed=index))
 
 
-def run(corpus: Path, checkpoint: Path, out: Path, batch: str, ctx: int, new_tokens: int) -> dict:
-    folder = out / f"batch-{batch}"
+def run(corpus: Path, checkpoint: Path, out: Path, entry: str, ctx: int, new_tokens: int) -> dict:
+    """One --batches entry: a batch (a number or auto), with ":fp8" for an fp8 KV cache."""
+    batch, _, kv_dtype = entry.partition(":")
+    folder = out / f"batch-{entry.replace(':', '-')}"
     shutil.rmtree(folder, ignore_errors=True)  # a fresh output: nothing to resume
     folder.mkdir(parents=True)
     results = folder / "summaries.jsonl"
@@ -50,17 +53,19 @@ def run(corpus: Path, checkpoint: Path, out: Path, batch: str, ctx: int, new_tok
                "--max-new-tokens", str(new_tokens), "--allow-ctx-extension", "--json"]
     if batch != "auto":
         command += ["--batch", batch]
+    if kv_dtype:
+        command += ["--kv-dtype", kv_dtype]
     began = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, cwd=out)
     wall = time.perf_counter() - began
     (folder / "stderr.txt").write_text(done.stderr)
     if done.returncode != 0:
         sys.stderr.write(done.stderr[-4000:])
-        raise SystemExit(f"facli summarize --batch {batch} failed with exit code {done.returncode}")
+        raise SystemExit(f"facli summarize --batch {entry} failed with exit code {done.returncode}")
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     records = {r["id"]: r for r in map(json.loads, results.read_text().splitlines())}
     rows = next((line for line in done.stderr.splitlines() if "prompts together" in line), "")
-    return {"batch": batch, "summary": summary, "records": records, "wall_s": wall,
+    return {"batch": entry, "summary": summary, "records": records, "wall_s": wall,
             "rows_line": rows}
 
 
