@@ -41,10 +41,12 @@ def write_corpus(folder: Path, count: int, shortest: int, longest: int,
         (folder / f"doc-{index:03d}.txt").write_text(random_text(length - TEMPLATE_TOKENS, seed=index))
 
 
-def run(corpus: Path, checkpoint: Path, out: Path, entry: str, ctx: int, new_tokens: int) -> dict:
-    """One --batches entry: a batch (a number or auto), with ":fp8" for an fp8 KV cache."""
+def run(corpus: Path, checkpoint: Path, out: Path, entry: str, ctx: int, new_tokens: int,
+        index: int) -> dict:
+    """The index-th --batches entry: a batch (a number or auto), with ":fp8" for an fp8 KV
+    cache. An entry may come twice: the second run finds the kernels compiled."""
     batch, _, kv_dtype = entry.partition(":")
-    folder = out / f"batch-{entry.replace(':', '-')}"
+    folder = out / f"run-{index}-batch-{entry.replace(':', '-')}"
     shutil.rmtree(folder, ignore_errors=True)  # a fresh output: nothing to resume
     folder.mkdir(parents=True)
     results = folder / "summaries.jsonl"
@@ -64,7 +66,8 @@ def run(corpus: Path, checkpoint: Path, out: Path, entry: str, ctx: int, new_tok
         raise SystemExit(f"facli summarize --batch {entry} failed with exit code {done.returncode}")
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     records = {r["id"]: r for r in map(json.loads, results.read_text().splitlines())}
-    rows = next((line for line in done.stderr.splitlines() if "prompts together" in line), "")
+    rows = "\n".join(line for line in done.stderr.splitlines()
+                     if "rows decoded together" in line or "decode steps with" in line)
     return {"batch": entry, "summary": summary, "records": records, "wall_s": wall,
             "rows_line": rows}
 
@@ -133,8 +136,8 @@ def main():
     extra = [int(length) for length in args.extra_lengths.split(",") if length]
     write_corpus(corpus, args.documents, args.shortest, args.longest, extra)
     ctx = max([args.longest] + extra) + args.new_tokens
-    runs = [run(corpus, checkpoint, out, batch, ctx, args.new_tokens)
-            for batch in args.batches.split(",")]
+    runs = [run(corpus, checkpoint, out, entry, ctx, args.new_tokens, index)
+            for index, entry in enumerate(args.batches.split(","))]
     baseline = (run_transformers(corpus, checkpoint, args.transformers_batch, args.new_tokens)
                 if args.transformers_batch else None)
     (out / "summarize_batched.json").write_text(json.dumps(
@@ -162,8 +165,8 @@ def main():
               f"{tokens / seconds:.0f} tok/s, {same}/{len(reference)} same as facli --batch "
               f"{runs[0]['batch']}")
     for result in runs:
-        if result["rows_line"]:
-            print(f"--batch {result['batch']}: {result['rows_line']}")
+        for line in result["rows_line"].splitlines():
+            print(f"--batch {result['batch']}: {line}")
 
 
 if __name__ == "__main__":

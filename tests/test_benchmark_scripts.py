@@ -34,14 +34,15 @@ def test_summarize_batched_runs_each_batch_and_the_transformers_baseline(tmp_pat
     env = {**os.environ, "FACLI_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
         [sys.executable, str(BENCHMARKS / "summarize_batched.py"), "--documents", "5",
-         "--shortest", "300", "--longest", "400", "--extra-lengths", "900", "--new-tokens", "4", "--batches", "1,2,auto,2:fp8",
+         "--shortest", "300", "--longest", "400", "--extra-lengths", "900", "--new-tokens", "4", "--batches", "1,2,auto,2:fp8,2:fp8",
          "--transformers-batch", "3", "--corpus", str(tmp_path / "corpus"),
          "--checkpoint", str(tmp_path / "checkpoint"), "--out", str(tmp_path / "out"),
          "--model-config", json.dumps(tiny)],
         env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     found = json.loads((tmp_path / "out" / "summarize_batched.json").read_text())
-    assert [run["batch"] for run in found["runs"]] == ["1", "2", "auto", "2:fp8"]
+    assert [run["batch"] for run in found["runs"]] == ["1", "2", "auto", "2:fp8", "2:fp8"]
     assert all(run["summary"]["done"] == 6 for run in found["runs"])
     assert len(found["transformers"]["records"]) == 6
     assert "6 docs, 24 new tokens" in result.stdout
+    assert "--batch 2:fp8: facli: 2 rows: 6 prompts" in result.stdout
