@@ -20,6 +20,7 @@ from facli.errors import FacliError, OutOfMemoryPlanError
 from facli.offload.planner import check_decode_mode
 from facli.parallel.comm import all_reduce_sum
 from facli.parallel.context import ParallelContext
+from facli.sampling import SamplingParams
 
 SCHEMA = "facli.bench/1"
 BASELINES = ("transformers", "none")
@@ -28,6 +29,7 @@ PROMPT_SLACK = 8  # context left empty beyond prompt + decode tokens
 WARM_UP_NEW_TOKENS = {"cuda": 17, "cpu": 2}
 OUT_OF_MEMORY = "out of memory"
 DOES_NOT_FIT = "does not fit"  # the plan found no placement; nothing was run
+GREEDY = SamplingParams(temperature=0.0)
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,7 @@ class BenchRequest:
     decode_mode: str = "auto"  # for host-resident KV: auto, prefetch, cpu or split
     allreduce_tile_tokens: int | None = None  # None: the plan's
     ctx: int | None = None  # context to plan for at every depth; None: each depth's own
+    batch: int = 1  # prompts decoded together, one per row of the KV cache
 
     def __post_init__(self):
         if self.model is not None and self.synthetic is not None:
@@ -57,6 +60,8 @@ class BenchRequest:
             raise FacliError(f"expected --baseline one of {', '.join(BASELINES)}, got {self.baseline!r}")
         if self.decode_tokens < 2:
             raise FacliError(f"expected --decode-tokens >= 2 (decode speed needs two tokens), got {self.decode_tokens}")
+        if self.batch < 1:
+            raise FacliError(f"expected --batch >= 1, got {self.batch}")
         if not self.depths:
             raise FacliError("expected at least one --depth, such as 8k,32k, got none")
         smallest = self.decode_tokens + PROMPT_SLACK + 1
@@ -134,7 +139,7 @@ def bench_rank(parallel: ParallelContext, request: BenchRequest) -> dict:
         model=request.model, device=request.device, dtype=runtime_dtype(request),
         ctx=request.ctx or request.depths[0], prefill_chunk=request.prefill_chunk, devices=request.devices,
         allow_ctx_extension=True, kv_dtype=request.kv_dtype, decode_mode=request.decode_mode,
-        allreduce_tile_tokens=request.allreduce_tile_tokens,
+        allreduce_tile_tokens=request.allreduce_tile_tokens, batch=request.batch,
     )
     progress(f"loading {resolved.name} on {parallel.world_size} rank(s)", log)
     runtime = Runtime(resolved, options, parallel)
@@ -157,9 +162,8 @@ def bench_rank(parallel: ParallelContext, request: BenchRequest) -> dict:
 
 
 def measure_depth(runtime, depth: int, prompt: list[int], request: BenchRequest) -> dict:
-    """Re-plan for `depth`, warm up, then one measured generate; failures become a status."""
-    from facli.sampling import SamplingParams
-
+    """Re-plan for `depth`, warm up, then one measured generate (with rows: one generate_rows
+    of a prompt per row); failures become a status."""
     n = prompt_length(depth, request.decode_tokens)
     record = {"depth": depth, "prompt_tokens": n, "status": "ok", "error": None, "plan": None}
 
@@ -172,8 +176,13 @@ def measure_depth(runtime, depth: int, prompt: list[int], request: BenchRequest)
 
     def run():
         warm_up(runtime, n)
-        return runtime.generate(prompt[:n], max_new_tokens=request.decode_tokens,
-                                sampling=SamplingParams(temperature=0.0), ignore_eos=True)
+        if runtime.rows > 1:
+            return measure_rows(runtime, prompt[:n], request.decode_tokens)
+        generated = runtime.generate(prompt[:n], max_new_tokens=request.decode_tokens,
+                                     sampling=GREEDY, ignore_eos=True)
+        return {"new_tokens": len(generated.token_ids), "ttft_s": generated.ttft_s,
+                "decode_tokens_per_s": generated.decode_tokens_per_s,
+                "peak_gpu_bytes": generated.peak_gpu_bytes}
 
     attempt(plan_for_depth, record, runtime)
     generated = None
@@ -183,12 +192,41 @@ def measure_depth(runtime, depth: int, prompt: list[int], request: BenchRequest)
         record.update(status="error", error="another rank could not set up this depth")
     record.update(rank_figures(runtime, generated))
     if generated is not None:
+        ttft = generated["ttft_s"]
         record.update(
-            new_tokens=len(generated.token_ids), ttft_s=generated.ttft_s,
-            prefill_tokens_per_s=n / generated.ttft_s if generated.ttft_s > 0 else None,
-            decode_tokens_per_s=generated.decode_tokens_per_s,
+            rows=runtime.rows, new_tokens=generated["new_tokens"], ttft_s=ttft,
+            prefill_tokens_per_s=n * runtime.rows / ttft if ttft > 0 else None,
+            decode_tokens_per_s=generated["decode_tokens_per_s"],
         )
     return record
+
+
+def measure_rows(runtime, ids: list[int], new_tokens: int) -> dict:
+    """The prompt in every row of the runtime's cache: each prefilled in turn, then all decoded
+    together. TTFT is the last row's (every prefill), decode tokens/s counts every row's."""
+    from facli.batching import RowRequest
+
+    warm_up_rows(runtime)
+    if runtime.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(runtime.device)
+    queue = [RowRequest(ids, new_tokens, key=row) for row in range(runtime.rows)]
+    lengths = []
+    stats = runtime.generate_rows(lambda: queue.pop() if queue else None,
+                                  lambda request, result: lengths.append(len(result.token_ids)),
+                                  sampling=GREEDY, ignore_eos=True)
+    peak = torch.cuda.max_memory_allocated(runtime.device) if runtime.device.type == "cuda" else None
+    return {"new_tokens": min(lengths), "ttft_s": stats.prefill_s,
+            "decode_tokens_per_s": stats.decode_tokens_per_s, "peak_gpu_bytes": peak}
+
+
+def warm_up_rows(runtime) -> None:
+    """Capture the decode graph of every row (a step of the batch) outside the measurement."""
+    from facli.batching import RowRequest
+
+    queue = [RowRequest([65] * 16, WARM_UP_NEW_TOKENS[runtime.device.type], key=row)
+             for row in range(runtime.rows)]
+    runtime.generate_rows(lambda: queue.pop() if queue else None, lambda *_: None,
+                          sampling=GREEDY, ignore_eos=True)
 
 
 def attempt(step, record: dict, runtime):
@@ -222,10 +260,8 @@ def warm_up(runtime, prompt_tokens: int) -> None:
     chunk = runtime.plan.prefill_chunk if runtime.plan is not None else runtime.prefill_chunk
     tail = prompt_tokens % chunk or chunk
     length = min(prompt_tokens, chunk + tail) if prompt_tokens > chunk else prompt_tokens
-    from facli.sampling import SamplingParams
-
     runtime.generate([65] * length, max_new_tokens=WARM_UP_NEW_TOKENS[runtime.device.type],
-                     sampling=SamplingParams(temperature=0.0), ignore_eos=True)
+                     sampling=GREEDY, ignore_eos=True)
 
 
 def rank_figures(runtime, generated) -> dict:
@@ -233,7 +269,7 @@ def rank_figures(runtime, generated) -> dict:
     import psutil
 
     parallel = runtime.parallel
-    peak = generated.peak_gpu_bytes if generated is not None and generated.peak_gpu_bytes else -1
+    peak = generated["peak_gpu_bytes"] if generated is not None and generated["peak_gpu_bytes"] else -1
     host_kv = runtime.kv.host_bytes() if hasattr(runtime.kv, "host_bytes") else 0
     rss = psutil.Process().memory_info().rss
     table = torch.zeros(3, parallel.world_size, dtype=torch.int64, device=runtime.device)
@@ -302,7 +338,8 @@ def describe_facli(record: dict) -> str:
     plan = record["plan"]
     if plan is not None:
         peak += f" (plan {max(plan['peak_gpu_bytes']) / 2**30:.1f} GiB, TTFT {plan['ttft_s']:.2f} s)"
-    return (f"depth {record['depth']}: facli TTFT {record['ttft_s']:.2f} s, prefill "
+    rows = f" ({record['rows']} rows)" if record.get("rows", 1) > 1 else ""
+    return (f"depth {record['depth']}{rows}: facli TTFT {record['ttft_s']:.2f} s, prefill "
             f"{record['prefill_tokens_per_s']:.0f} tok/s, decode {record['decode_tokens_per_s']:.1f} "
             f"tok/s{peak}")
 

@@ -2,7 +2,9 @@
 shape), device and prompts, timed the way facli is timed.
 
 One `generate` call per depth: a streamer stamps the first new token (time to first token),
-the rest gives decode tokens/s. Out of memory at a depth is a result, not an error.
+the rest gives decode tokens/s. With a batch, the prompt is in every row of one `generate` call
+(the same length, so nothing is padded) and tokens/s count every row's tokens. Out of memory at
+a depth is a result, not an error.
 """
 
 import time
@@ -79,9 +81,11 @@ def build_model(resolved: ResolvedModel, dtype: torch.dtype, device: torch.devic
 
 
 @torch.inference_mode()
-def timed_generate(model, ids: list[int], new_tokens: int, device: torch.device) -> dict:
-    """Greedy generate of `new_tokens` after `ids`: TTFT, decode tokens/s, peak GPU bytes."""
-    inputs = torch.tensor([ids], dtype=torch.long, device=device)
+def timed_generate(model, ids: list[int], new_tokens: int, device: torch.device,
+                   batch: int = 1) -> dict:
+    """Greedy generate of `new_tokens` after `ids` in `batch` rows: TTFT, prefill and decode
+    tokens/s over all rows, peak GPU bytes."""
+    inputs = torch.tensor([ids] * batch, dtype=torch.long, device=device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         torch.cuda.synchronize(device)
@@ -95,17 +99,20 @@ def timed_generate(model, ids: list[int], new_tokens: int, device: torch.device)
     ttft = clock.first_token_at - clock.started
     decode_s = finished - clock.first_token_at
     return {
-        "new_tokens": generated, "ttft_s": ttft, "prefill_tokens_per_s": len(ids) / ttft,
-        "decode_tokens_per_s": (generated - 1) / decode_s if generated > 1 and decode_s > 0 else None,
+        "rows": batch, "new_tokens": generated, "ttft_s": ttft,
+        "prefill_tokens_per_s": batch * len(ids) / ttft,
+        "decode_tokens_per_s": (batch * (generated - 1) / decode_s
+                                if generated > 1 and decode_s > 0 else None),
         "peak_gpu_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
     }
 
 
-def measure(model, ids: list[int], depth: int, new_tokens: int, device: torch.device) -> dict:
+def measure(model, ids: list[int], depth: int, new_tokens: int, device: torch.device,
+            batch: int = 1) -> dict:
     record = {"depth": depth, "prompt_tokens": len(ids), "status": "ok", "error": None}
     out_of_memory = False
     try:
-        record.update(timed_generate(model, ids, new_tokens, device))
+        record.update(timed_generate(model, ids, new_tokens, device, batch))
     except torch.cuda.OutOfMemoryError:
         out_of_memory = True
     if out_of_memory:  # outside the handler: its traceback no longer pins the activations
@@ -135,10 +142,11 @@ def run_baseline(request, resolved: ResolvedModel, prompt: list[int], dtype_name
         result["depths"] = [{"depth": d, "status": OUT_OF_MEMORY, "error": "out of memory loading the weights"}
                             for d in request.depths]
         return result
-    measure(model, prompt[:32], 0, WARM_UP_NEW_TOKENS[device.type], device)  # kernels and allocator warm
+    # kernels and allocator warm
+    measure(model, prompt[:32], 0, WARM_UP_NEW_TOKENS[device.type], device, request.batch)
     for depth in request.depths:
         record = measure(model, prompt[:prompt_length(depth, request.decode_tokens)], depth,
-                         request.decode_tokens, device)
+                         request.decode_tokens, device, request.batch)
         result["depths"].append(record)
         progress(describe(record))
         release_memory(device)

@@ -53,10 +53,11 @@ def decode_bound(record: dict, decode_bytes: dict, hbm_gbps: float | None) -> di
     if record["status"] != "ok":
         return None
     plan = record.get("plan") or {}
+    rows = record.get("rows", 1)  # a step makes one token per row, and reads each row's KV
     element = 1 if plan.get("kv_dtype") == "fp8" else decode_bytes["kv_element_bytes"]
-    cached = record["prompt_tokens"] + record["new_tokens"] / 2
+    cached = rows * (record["prompt_tokens"] + record["new_tokens"] / 2)
     step = decode_bytes["weights_per_rank"] + decode_bytes["kv_elements_per_token_per_rank"] * element * cached
-    bound = hbm_gbps * 1e9 / step if hbm_gbps else None
+    bound = rows * hbm_gbps * 1e9 / step if hbm_gbps else None
     return {
         "bytes_per_step_per_rank": int(step), "hbm_gbps": hbm_gbps, "bound_tokens_per_s": bound,
         "fraction_of_bound": ratio(record["decode_tokens_per_s"], bound),
@@ -195,7 +196,10 @@ def heading(report: dict) -> str:
     kv = f", {kv} KV cache" if kv != "auto" else ""
     if request.get("ctx"):
         kv += f" planned for {format_ctx(request['ctx'])} at every depth"
-    return (f"{facli['model']} {facli['dtype']}{kv} on {where}; {request['decode_tokens']} decode tokens; "
+    batch = request.get("batch", 1)
+    rows = (f"; {batch} rows decoded together (prefilled one after another; TTFT is the last "
+            f"row's, tokens/s count every row's)" if batch > 1 else "")
+    return (f"{facli['model']} {facli['dtype']}{kv} on {where}; {request['decode_tokens']} decode tokens{rows}; "
             f"torch {env['torch']}, CUDA {env['cuda']}, triton {env['triton']}, transformers "
             f"{env['transformers']}, Python {env['python']}; facli {commit}; {env['date_utc']}")
 

@@ -96,6 +96,27 @@ def test_fp8_kv_cache_is_planned_run_and_labelled(env, tmp_path):
     assert "fp8 KV cache" in result.stdout.splitlines()[0]
 
 
+def test_rows_decode_together_next_to_transformers_in_one_batch(env, tmp_path):
+    out = tmp_path / "rows.json"
+    result = bench(["--depth", "128", "--decode-tokens", "4", "--device", "cpu", "--batch", "3",
+                    "--json", str(out)], env)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    (facli,), (hf,) = report["facli"]["depths"], report["transformers"]["depths"]
+    assert facli["status"] == hf["status"] == "ok" and facli["rows"] == hf["rows"] == 3
+    for record in (facli, hf):
+        assert record["new_tokens"] == 4 and record["decode_tokens_per_s"] > 0
+        assert record["prefill_tokens_per_s"] == pytest.approx(3 * 116 / record["ttft_s"])
+    assert facli["plan"]["plan"]["batch"] == 3
+    sizes = report["facli"]["decode_bytes"]
+    kv_per_token = sizes["kv_elements_per_token_per_rank"] * sizes["kv_element_bytes"]
+    # One step reads the weights once and each of the 3 rows' KV, at the mean decode length.
+    assert facli["bandwidth"]["bytes_per_step_per_rank"] == \
+        int(sizes["weights_per_rank"] + 3 * kv_per_token * (116 + 4 / 2))
+    assert "3 rows decoded together" in result.stdout.splitlines()[0]
+    assert "facli bench: depth 128 (3 rows): facli TTFT" in result.stderr
+
+
 def test_ctx_plans_every_depth_for_the_larger_context(env, tmp_path):
     result, report = bench_without_baseline(["--depth", "64,128", "--ctx", "512"], env,
                                             tmp_path / "ctx.json")
@@ -115,6 +136,9 @@ def test_user_errors_are_one_line():
     assert result.output.strip() == "facli: error: expected a context length such as 4096, 32k, 256k or 1m, got 'lots'"
     result = run_in_process(["--depth", "16", "--device", "cpu"])
     assert result.exit_code == 1 and "expected every --depth >= 73" in result.output
+    result = run_in_process(["--depth", "128", "--device", "cpu", "--batch", "0"])
+    assert result.exit_code == 1
+    assert result.output.strip() == "facli: error: expected --batch >= 1, got 0"
 
 
 @pytest.mark.skipif(HAS_MATPLOTLIB, reason="checks the message shown without matplotlib")

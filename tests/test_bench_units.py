@@ -143,6 +143,15 @@ def test_decode_bound_counts_weights_and_kv_at_the_mean_length():
     assert decode_bound(record, decode, None)["bound_tokens_per_s"] is None
 
 
+def test_decode_bound_with_rows_reads_the_weights_once_and_every_row_s_kv():
+    record = {**_facli(8192, [1], _plan([1])), "rows": 4}
+    decode = {"weights_per_rank": 10**9, "kv_elements_per_token_per_rank": 1000, "kv_element_bytes": 2}
+    bound = decode_bound(record, decode, hbm_gbps=4000.0)
+    step = 10**9 + 4 * 2000 * (8192 - 72 + 32)
+    assert bound["bytes_per_step_per_rank"] == step
+    assert bound["bound_tokens_per_s"] == pytest.approx(4 * 4000e9 / step)
+
+
 def test_speedups_need_both_sides():
     both = speedups(_facli(8192, [1]), _baseline(8192))
     assert both["prefill_tokens_per_s"] == pytest.approx(2.0) and both["ttft"] == pytest.approx(2.0)
@@ -227,7 +236,7 @@ class _FakeRuntime:
 
         self.failures, self.parallel, self.device = failures, SINGLE_PROCESS, torch.device("cpu")
         self.plan, self.kv, self.prefill_chunk, self.depth, self.calls = None, None, 512, None, []
-        self.ctx, self.contexts = None, []
+        self.ctx, self.contexts, self.rows = None, [], 1
 
     def predict_prompt(self, prompt_tokens):
         from facli.runtime import Runtime
