@@ -8,8 +8,7 @@ fastest SDPA backend, facli's own choice (`decode_config` and `choose_num_splits
 multiprocessor. Caches rotate over >= 1 GiB so they come from HBM. SDPA is timed before and after
 facli's rows, so drift within the run shows. --fp8 sweeps e4m3 caches with per-token scales (as
 the fp8 KV store holds them; SDPA and facli's default on bf16 caches of the same shape are the
-baselines), with FP8_GRID (some entries loading each next tile into registers ahead) and split
-counts filling one wave.
+baselines), with FP8_GRID and split counts of one or two programs per multiprocessor.
 """
 
 import argparse
@@ -31,10 +30,8 @@ SHAPES = [(32 * 1024, 8), (32 * 1024, 32), (256 * 1024, 8), (256 * 1024, 32)]
 # the Hopper default before this sweep.
 GRID = [(64, 4, 3, 1), (64, 4, 4, 1), (128, 4, 3, 1), (128, 8, 3, 1), (128, 8, 4, 1),
         (64, 4, 3, 2), (32, 4, 4, 2), (32, 4, 5, 2)]
-# fp8 entries may add a fifth field: 1 loads each next tile into registers ahead
-# (DecodeConfig.register_prefetch).
-FP8_GRID = [(64, 4, 3, 2), (64, 4, 3, 2, 1), (64, 4, 2, 2, 1), (128, 4, 2, 2, 1),
-            (64, 4, 3, 1, 1), (128, 8, 3, 1, 1), (64, 4, 2, 3, 1), (32, 4, 3, 4, 1)]
+FP8_GRID = [(128, 8, 3, 1), (64, 4, 3, 1), (64, 4, 3, 2), (128, 4, 2, 2), (64, 4, 2, 3),
+            (64, 4, 2, 4)]
 
 
 def sdpa_us(q, caches):
@@ -75,8 +72,8 @@ def sweep_shape(cache_len, kv_heads, grid, use_fp8):
         caches = [quantized(k, v) for k, v in bf16_caches]
         row["fp8_default"] = default_row(q, caches, lens, cache_len, kv_heads, use_fp8=True)
     row["grid"] = []
-    for block_n, warps, stages, per_sm, *prefetch in grid:
-        cfg = DecodeConfig(block_n, warps, stages, per_sm, register_prefetch=bool(prefetch))
+    for block_n, warps, stages, per_sm in grid:
+        cfg = DecodeConfig(block_n, warps, stages, per_sm)
         splits = max(1, per_sm * num_sms(device) // kv_heads)
         try:
             us = facli_us(q, caches, lens, cfg, splits)
@@ -84,8 +81,7 @@ def sweep_shape(cache_len, kv_heads, grid, use_fp8):
             log(f"  {cfg}: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}")
             torch.cuda.synchronize()
             us = None
-        row["grid"].append({"config": [block_n, warps, stages, per_sm, *prefetch], "splits": splits,
-                            "us": us})
+        row["grid"].append({"config": [block_n, warps, stages, per_sm], "splits": splits, "us": us})
         log(f"T={cache_len} Hkv={kv_heads} {cfg} splits {splits}: {us} us")
     row["sdpa_after_us"] = sdpa_us(q, bf16_caches)
     return row
@@ -123,10 +119,9 @@ def main():
         if key in res["rows"][0]:
             print(f"| {name} | " + " | ".join(
                 f"{r[key]['us']:.1f} ({r[key]['splits']})" for r in res["rows"]) + " |")
-    for i, (block_n, warps, stages, per_sm, *prefetch) in enumerate(grid):
+    for i, (block_n, warps, stages, per_sm) in enumerate(grid):
         cells = [f"{fmt(r['grid'][i]['us'])} ({r['grid'][i]['splits']})" for r in res["rows"]]
-        ahead = " ahead" if prefetch and prefetch[0] else ""
-        print(f"| {block_n}/{warps}/{stages}/{per_sm}{ahead} | " + " | ".join(cells) + " |")
+        print(f"| {block_n}/{warps}/{stages}/{per_sm} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -37,8 +37,6 @@ class DecodeConfig:
     # More than one program per SM only where each split still streams this many tiles: bf16
     # caches are bound by bytes and short splits pay their start-up; fp8 caches by latency.
     long_split_tiles: int = 32
-    # fp8 caches: load the next tile into registers while this one converts (decode.py).
-    register_prefetch: bool = False
 
 
 # (compute capability major, head-dim bucket) -> prefill config. The head-dim bucket is the

@@ -92,24 +92,6 @@ def _tile(k_base, v_base, n, stride_kt, stride_vt, stop, offs_n, offs_d, d_ok, q
           ks_base, vs_base, stride_st, SCALED: tl.constexpr, ASM: tl.constexpr,
           BLOCK_N: tl.constexpr):
     """Keys n..n+BLOCK_N: positions, K and V in q's dtype, and K/V scales (fp8 caches; else 1)."""
-    keys, k, v = _kv_tile(k_base, v_base, n, stride_kt, stride_vt, stop, offs_n, offs_d, d_ok,
-                          BLOCK_N)
-    # One return statement: the compiler types every return of a function alike, even under a
-    # constexpr branch.
-    if SCALED:
-        # e4m3 values convert exactly; their per-token scale multiplies the scores (K) and the
-        # probabilities (V) instead of every element of the tile.
-        ks, vs = _scale_tile(ks_base, vs_base, keys, stop, stride_st)
-        k, v = _from_e4m3(k, q.dtype, ASM), _from_e4m3(v, q.dtype, ASM)
-    else:
-        ks, vs = 1.0, 1.0
-    return keys, k, v, ks, vs
-
-
-@triton.jit
-def _kv_tile(k_base, v_base, n, stride_kt, stride_vt, stop, offs_n, offs_d, d_ok,
-             BLOCK_N: tl.constexpr):
-    """Keys n..n+BLOCK_N: positions, and K and V as stored (zeros past `stop`)."""
     n = tl.multiple_of(n, BLOCK_N)
     keys = n + offs_n
     kv_ok = (keys[:, None] < stop) & d_ok
@@ -118,25 +100,18 @@ def _kv_tile(k_base, v_base, n, stride_kt, stride_vt, stop, offs_n, offs_d, d_ok
                 mask=kv_ok, other=0.0)
     v = tl.load(v_base + n.to(tl.int64) * stride_vt + offs_n[:, None] * stride_vt + offs_d[None, :],
                 mask=kv_ok, other=0.0)
-    return keys, k, v
-
-
-@triton.jit
-def _fp8_tile(k_base, v_base, n, stride_kt, stride_vt, stop, offs_n, offs_d, d_ok, ks_base,
-              vs_base, stride_st, BLOCK_N: tl.constexpr):
-    """_kv_tile's positions, e4m3 K and V bytes, and the tile's K and V scales."""
-    keys, k, v = _kv_tile(k_base, v_base, n, stride_kt, stride_vt, stop, offs_n, offs_d, d_ok,
-                          BLOCK_N)
-    ks, vs = _scale_tile(ks_base, vs_base, keys, stop, stride_st)
+    # One return statement: the compiler types every return of a function alike, even under a
+    # constexpr branch.
+    if SCALED:
+        # e4m3 values convert exactly; their per-token scale multiplies the scores (K) and the
+        # probabilities (V) instead of every element of the tile.
+        key_ok = keys < stop
+        ks = tl.load(ks_base + keys.to(tl.int64) * stride_st, mask=key_ok, other=0.0)
+        vs = tl.load(vs_base + keys.to(tl.int64) * stride_st, mask=key_ok, other=0.0)
+        k, v = _from_e4m3(k, q.dtype, ASM), _from_e4m3(v, q.dtype, ASM)
+    else:
+        ks, vs = 1.0, 1.0
     return keys, k, v, ks, vs
-
-
-@triton.jit
-def _scale_tile(ks_base, vs_base, keys, stop, stride_st):
-    key_ok = keys < stop
-    ks = tl.load(ks_base + keys.to(tl.int64) * stride_st, mask=key_ok, other=0.0)
-    vs = tl.load(vs_base + keys.to(tl.int64) * stride_st, mask=key_ok, other=0.0)
-    return ks, vs
 
 
 @triton.jit
@@ -192,12 +167,9 @@ def _split(q, k_base, v_base, stride_kt, stride_vt, start, stop, q_pos, phi, qk_
 @triton.jit
 def _split_keys_major(q, k_base, v_base, stride_kt, stride_vt, start, stop, q_pos, phi, qk_scale,
                       head_dim, ks_base, vs_base, stride_st, ASM: tl.constexpr,
-                      PREFETCH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_D: tl.constexpr):
+                      BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """_split's asynchronous path for an fp8 cache, with the scores held keys x rows (K is the
-    first MMA operand): the max and sum stay per element until the loop ends. PREFETCH: each
-    iteration issues the next tile's loads into registers before converting its own, so their
-    latency overlaps this tile's conversion and products."""
+    first MMA operand): the max and sum stay per element until the loop ends."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < head_dim
@@ -205,20 +177,9 @@ def _split_keys_major(q, k_base, v_base, stride_kt, stride_vt, start, stop, q_po
     m = tl.full([BLOCK_N, BLOCK_R], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_N, BLOCK_R], tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-    if PREFETCH:
-        keys_n, k_n, v_n, ks_n, vs_n = _fp8_tile(k_base, v_base, start, stride_kt, stride_vt,
-                                                 stop, offs_n, offs_d, d_ok, ks_base, vs_base,
-                                                 stride_st, BLOCK_N)
     for n in range(start, stop, BLOCK_N):
-        if PREFETCH:
-            keys, k, v, ks, vs = keys_n, k_n, v_n, ks_n, vs_n
-            keys_n, k_n, v_n, ks_n, vs_n = _fp8_tile(k_base, v_base, n + BLOCK_N, stride_kt,
-                                                     stride_vt, stop, offs_n, offs_d, d_ok,
-                                                     ks_base, vs_base, stride_st, BLOCK_N)
-        else:
-            keys, k, v, ks, vs = _fp8_tile(k_base, v_base, n, stride_kt, stride_vt, stop, offs_n,
-                                           offs_d, d_ok, ks_base, vs_base, stride_st, BLOCK_N)
-        k, v = _from_e4m3(k, q.dtype, ASM), _from_e4m3(v, q.dtype, ASM)
+        keys, k, v, ks, vs = _tile(k_base, v_base, n, stride_kt, stride_vt, stop, offs_n, offs_d,
+                                   d_ok, q, ks_base, vs_base, stride_st, True, ASM, BLOCK_N)
         s_t = tl.dot(k, q_t) * (ks * qk_scale)[:, None]
         visible = (keys[:, None] < stop) & (keys[:, None] <= q_pos[None, :])
         s_t = tl.where(visible, s_t, float("-inf"))
@@ -235,7 +196,7 @@ def _split_kernel(Q, K, V, KS, VS, LENS, PHI, O_PART, LSE_PART, FALLBACK,
                   stride_vb, stride_vt, stride_vh, stride_sb, stride_st, stride_sh,
                   kv_heads, q_len, group, qk_scale, head_dim,
                   GIVEN_PHI: tl.constexpr, ASYNC: tl.constexpr, SCALED: tl.constexpr,
-                  ASM: tl.constexpr, PREFETCH: tl.constexpr, WINDOW: tl.constexpr,
+                  ASM: tl.constexpr, WINDOW: tl.constexpr,
                   BLOCK_R: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     split = tl.program_id(0)
@@ -278,7 +239,7 @@ def _split_kernel(Q, K, V, KS, VS, LENS, PHI, O_PART, LSE_PART, FALLBACK,
         if SCALED:
             acc, l_i, m = _split_keys_major(q, k_base, v_base, stride_kt, stride_vt, start, stop,
                                             q_pos, phi, qk_scale, head_dim, ks_base, vs_base,
-                                            stride_st, ASM, PREFETCH, BLOCK_R, BLOCK_N, BLOCK_D)
+                                            stride_st, ASM, BLOCK_R, BLOCK_N, BLOCK_D)
         else:
             acc, l_i, m = _split(q, k_base, v_base, stride_kt, stride_vt, start, stop, q_pos, phi,
                                  qk_scale, head_dim, ks_base, vs_base, stride_st, False, False,
@@ -424,7 +385,7 @@ def decode_attention_triton(q, k_cache, v_cache, cache_lens, *, scale=None, retu
         k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), *scale_strides,
         kv_heads, q_len, group, scale * LOG2E, head_dim,
         GIVEN_PHI=unified_max is not None, ASYNC=q.dtype != torch.float16, SCALED=scaled,
-        ASM=asm, PREFETCH=cfg.register_prefetch, WINDOW=WINDOW,
+        ASM=asm, WINDOW=WINDOW,
         BLOCK_R=max(16, triton.next_power_of_2(group * q_len)), BLOCK_N=cfg.block_n,
         BLOCK_D=block_d, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

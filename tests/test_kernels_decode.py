@@ -220,7 +220,7 @@ def fp8_cache(batch, cache_len, kv_heads, head_dim, device):
     return values, scales
 
 
-def check_fp8_decode(case, device, *, scores_scale=1.0, config=None):
+def check_fp8_decode(case, device, *, scores_scale=1.0):
     """The kernel on e4m3 K/V with scales against attention over the dequantized cache in
     float64, within twice the error PyTorch makes on that cache in q's dtype. Returns the
     fallback flags."""
@@ -237,7 +237,7 @@ def check_fp8_decode(case, device, *, scores_scale=1.0, config=None):
     same_dtype = decode_attention(q, k_deq.to(dtype), v_deq.to(dtype), lens, backend="reference")
     flags = torch.full((batch * kv_heads * MAX_SPLITS,), -1, dtype=torch.int32, device=device)
     out = decode_attention_triton(q, k8, v8, lens, k_scales=k_scales, v_scales=v_scales,
-                                  fallback_out=flags, config=config)
+                                  fallback_out=flags)
     assert not out.isnan().any()
     error = (out.double() - expected).norm() / expected.norm()
     torch_error = (same_dtype.double() - expected).norm() / expected.norm()
@@ -256,21 +256,6 @@ def test_decode_reads_fp8_cache_with_scales(case, monkeypatch):
 def test_decode_reads_fp8_cache_gpu(case, monkeypatch):
     poison_allocations(monkeypatch)
     check_fp8_decode(case, "cuda")
-
-
-@pytest.mark.parametrize("case", list(FP8_CASES.values())[:2], ids=list(FP8_CASES)[:2])
-def test_fp8_decode_with_the_next_tile_loaded_ahead(case, monkeypatch):
-    poison_allocations(monkeypatch)
-    check_fp8_decode(case, DEVICE, config=DecodeConfig(block_n=32, num_warps=4, num_stages=1,
-                                                       programs_per_sm=1, register_prefetch=True))
-
-
-@requires_cuda
-@pytest.mark.parametrize("case", list(FP8_GPU_CASES.values()), ids=list(FP8_GPU_CASES))
-def test_fp8_decode_with_the_next_tile_loaded_ahead_gpu(case, monkeypatch):
-    poison_allocations(monkeypatch)
-    default = decode_config(torch.device("cuda"), case[4], fp8=True)
-    check_fp8_decode(case, "cuda", config=replace(default, register_prefetch=True))
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
