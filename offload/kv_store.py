@@ -57,7 +57,7 @@ import torch
 
 from facli.errors import FacliError
 from facli.kernels import decode_attention, merge_attention, prefill_attention
-from facli.kernels.fp8_kv import store_token_fp8_triton
+from facli.kernels.fp8_kv import store_rows_fp8_triton, store_token_fp8_triton
 from facli.offload.cooperative_decode import CooperativeDecode
 from facli.offload.cpu_attention import TileWorkspace
 from facli.offload.fp8 import FP8, dequantize_into
@@ -211,12 +211,12 @@ class OffloadedKVStore(CooperativeDecode):
             return self._attend_at(layer, q, k, v, start)
         stop = start + k.shape[1]
         self._check(layer, start, stop)
-        chunk = Chunk.encode(k, v, self.dtype, self.fp8)
         region = self._region(layer, stop)
+        if region is None and stop <= self._split[layer]:
+            return self._attend_on_device(layer, q, k, v, start, stop)
+        chunk = Chunk.encode(k, v, self.dtype, self.fp8)
         if region is not None:
             out = self._attend_packed(layer, q, chunk, start, stop, *region)
-        elif stop <= self._split[layer]:
-            out = self._attend_on_device(layer, q, chunk, start, stop)
         elif q.shape[1] == 1 and self.decode_mode == "cpu":
             out = self._attend_on_cpu(layer, q, chunk, start, stop)
         elif q.shape[1] == 1 and self.decode_mode == "split":
@@ -256,9 +256,13 @@ class OffloadedKVStore(CooperativeDecode):
             return decode_attention(q, keys[:, :stop], values[:, :stop], self._lens)
         return prefill_attention(q, keys[:, :stop], values[:, :stop], causal=True, q_offset=start)
 
-    def _attend_on_device(self, layer, q, chunk, start, stop):
+    def _attend_on_device(self, layer, q, k, v, start, stop):
         part = self._dev[layer]
-        part.store(start, chunk, 0, stop - start)
+        # Quantized straight into the rows in one pass; Triton casts to e4m3 from sm89 on.
+        if self.fp8 and _reads_fp8(part.k.device):
+            store_rows_fp8_triton(k, v, part.k, part.v, part.k_scales, part.v_scales, start)
+        else:
+            part.store(start, Chunk.encode(k, v, self.dtype, self.fp8), 0, stop - start)
         self._wrote(layer, start, stop, self.queues.mark() if self._host[layer] else None)
         if self.fp8:
             return self._fp8_attention(q, part, start, stop)
