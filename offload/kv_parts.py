@@ -60,11 +60,17 @@ class KVPart:
 
     def row(self, index: int) -> "KVPart":
         """Sequence `index` as a part of batch 1, sharing this part's memory."""
+        return self._view((slice(index, index + 1),))
+
+    def first(self, stop: int) -> "KVPart":
+        """Positions 0..stop of every sequence, sharing this part's memory."""
+        return self._view((slice(None), slice(0, stop)))
+
+    def _view(self, at: tuple) -> "KVPart":
         view = KVPart.__new__(KVPart)
         view.fp8 = self.fp8
         view.k, view.v, view.k_scales, view.v_scales = (
-            None if t is None else t[index:index + 1]
-            for t in (self.k, self.v, self.k_scales, self.v_scales))
+            None if t is None else t[at] for t in (self.k, self.v, self.k_scales, self.v_scales))
         return view
 
     def nbytes(self) -> int:

@@ -241,13 +241,10 @@ class OffloadedKVStore(CooperativeDecode):
                 dst.index_put_(at, src[:, 0])
         if layer == min(self.graph_layers):
             self._graph_lens.copy_(position + 1)
-        tensors = part.tensors()
         if not part.k.is_cuda:  # no graph to keep static: read no further than the longest row
-            stop = int(position.max()) + 1
-            tensors = [tensor[:, :stop] for tensor in tensors]
-        keys, values, *scales = tensors
-        return decode_attention(q, keys, values, self._graph_lens, k_scales=scales[0] if scales
-                                else None, v_scales=scales[1] if scales else None)
+            part = part.first(int(position.max()) + 1)
+        return decode_attention(q, part.k, part.v, self._graph_lens, k_scales=part.k_scales,
+                                v_scales=part.v_scales)
 
     def _gpu_attention(self, q, keys, values, start, stop):
         if q.shape[1] == 1:
