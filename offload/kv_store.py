@@ -63,6 +63,7 @@ from facli.offload.cpu_attention import TileWorkspace
 from facli.offload.fp8 import FP8, dequantize_into
 from facli.offload.kv_parts import Chunk, KVPart, Slot
 from facli.offload.memory_model import FP8_PREFILL_TILE_ROWS, packed_slot_rows
+from facli.offload.packed_slots import PackedSlots
 from facli.offload.plan import READS_FP8_FROM
 from facli.offload.streams import CopyQueues, host_empty
 
@@ -72,7 +73,7 @@ RAW_ROWS = 8192
 FP8_TILE = FP8_PREFILL_TILE_ROWS
 
 
-class OffloadedKVStore(CooperativeDecode):
+class OffloadedKVStore(CooperativeDecode, PackedSlots):
     """KV cache with GPU layers and host layers; see the module docstring for the data flow.
 
     host_layers: layers whose positions from `gpu_prefix_tokens` on live in host memory.
@@ -173,12 +174,6 @@ class OffloadedKVStore(CooperativeDecode):
         for slot in self._slots:
             slot.layer, slot.length = None, 0
         self._packed = self.pack_slots and bool(self._slots)
-
-    @property
-    def packed(self) -> bool:
-        """Whether every host layer's rows sit in the staging slots at once (see the module
-        docstring): until a host layer holds more than packed_slot_rows, after a reset."""
-        return self._packed
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
         """Store k, v [B, T, Hkv, D] at start..start+T of `layer` without attending (restoring
@@ -300,35 +295,6 @@ class OffloadedKVStore(CooperativeDecode):
         for slot in self._slots:
             if slot.layer == layer:
                 slot.length = min(slot.length, start)
-
-    # -- packed slots: every host layer's rows on the GPU while they fit -------------------------
-
-    def _region(self, layer, stop):
-        """(keys, values) of the slot rows that keep `layer`'s positions while the store is
-        packed and they hold `stop`; None for GPU layers and once unpacked. The first host
-        layer to outgrow its rows unpacks the store until the next reset."""
-        if not self._packed or self._host[layer] is None:
-            return None
-        if stop > self._region_rows:
-            self._unpack()
-            return None
-        slot_index, place = divmod(self._staged.index(layer), self._per_slot)
-        slot = self._slots[slot_index]
-        rows = slice(place * self._region_rows, (place + 1) * self._region_rows)
-        return slot.keys[:, rows], slot.values[:, rows]
-
-    def _unpack(self) -> None:
-        """From now on slots hold one layer each, loaded from host memory: prefetches may
-        overwrite the packed rows once the attention already queued on them has run."""
-        self._packed = False
-        freed = [self.queues.mark()]
-        for slot in self._slots:
-            slot.layer, slot.length, slot.free = None, 0, freed
-
-    def _attend_packed(self, layer, q, chunk, start, stop, keys, values):
-        self._into_rows(keys, values, chunk, start, stop)
-        self._write_back(layer, chunk, start, stop)
-        return self._gpu_attention(q, keys, values, start, stop)
 
     # -- staged path: prefill, and decode in "prefetch" mode ------------------------------------
 
