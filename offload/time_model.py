@@ -42,6 +42,10 @@ LAYER_OVERHEAD_S = 30e-6  # per layer per prefill step: kernel launches in eager
 # Llama-7B layer faster than cuBLAS on an H200). With it, 8K and 32K decode measured 188.0 and
 # 122.0 tok/s against 188.9 and 122.9 predicted (docs/benchmarks.md, 000001e).
 DECODE_LAYER_OVERHEAD_S = 43e-6
+# With rows (batch > 1) the projections run as cuBLAS GEMMs, not facli's one-row matrix-vector
+# kernel: 117 us per Llama-7B layer against 104 on an H200 (docs/benchmarks.md, 000001e), so the
+# weights stream at this share of the one-row rate.
+ROWS_WEIGHT_READ_SHARE = 104 / 117
 # Decode's reads (the split-KV attention kernel, cuBLAS's GEMVs) stream faster than the spec's
 # achievable rate, which a copy measures: on an H200 facli's decode kernel read 4.41-4.60 TB/s
 # where torch.sum read 4.11-4.15 in the same calls. Fitted over the runs on 1, 2 and 4 H200s
@@ -234,6 +238,8 @@ def _device_decode_seconds(hw: HardwareSpec, layout: Layout, staged_layers: floa
     gpu_kv = (layers - layout.host_layers) * layer_kv
     if layout.kv_dtype_bytes == 1:
         gpu_kv /= FP8_DECODE_READ_SHARE
+    if b > 1 and not layout.on_cpu:
+        weights /= ROWS_WEIGHT_READ_SHARE
     device = (weights + gpu_kv + staged_layers * slot_kv) / (mem_rate * DECODE_READ_RATE)
     return device + layers * DECODE_LAYER_OVERHEAD_S
 

@@ -274,6 +274,16 @@ def test_decode_prediction_matches_a_measured_h200_run(ctx, measured_tokens_per_
     assert result.timing.decode_tokens_per_s == pytest.approx(measured_tokens_per_s, rel=0.03)
 
 
+@pytest.mark.parametrize("ctx, kv_dtype, measured_tokens_per_s", [
+    (4096, "auto", 891.7), (16384, "auto", 397.3), (4096, "fp8", 935.1), (16384, "fp8", 397.6)])
+def test_decode_prediction_for_rows_matches_a_measured_h200_run(ctx, kv_dtype, measured_tokens_per_s):
+    # `facli bench --synthetic llama-7b --batch 8` on one H200:
+    # docs/results/e2e-rows8-bf16-1xH200-61a0c14.json, docs/results/e2e-rows8-fp8-1xH200-9966f81.json.
+    result = plan(model("llama-7b"), load_hardware("1xH200-141GB"), ctx, 8,
+                  options(weight_dtype="bf16", kv_dtype=kv_dtype))
+    assert result.timing.decode_tokens_per_s == pytest.approx(measured_tokens_per_s, rel=0.06)
+
+
 def test_sliding_window_is_noted():
     result = plan(model("mistral-7b"), load_hardware("1xH100-80GB"), 32 * 1024, 1, options())
     assert any("sliding_window" in line for line in result.explanation)
