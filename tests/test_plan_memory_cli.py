@@ -131,3 +131,23 @@ def test_a_batch_plan_says_its_prompts_prefill_one_after_another():
 
     assert seconds(eight.stdout, "prefill of 8 prompts, one after another,") == pytest.approx(
         8 * seconds(one.stdout, "time to first token"), rel=0.02)
+
+
+def test_a_batch_plan_says_whether_its_rows_decode_together():
+    """Rows (summarize --batch, bench --batch) need the whole cache on the GPUs: 10 rows of 32K
+    keep 10 layers in host memory on one H200, where 7 rows would not."""
+    def rows_line(batch, *extra):
+        result = run("plan-memory", "--model", "llama-7b", "--ctx", "32k", "--batch", str(batch),
+                     "--hardware", "1xH200-141GB", *extra)
+        assert result.exit_code == 0, result.output
+        return [line for line in result.stdout.splitlines() if line.startswith("rows:")]
+
+    assert rows_line(10) == ["rows: summarize --batch and bench --batch decode sequences together "
+                             "only with the whole KV cache on the GPUs, which this plan does not "
+                             "keep; up to 7 rows keep it there at ctx 32k"]
+    assert rows_line(4) == ["rows: the 4 sequences decode together from one cache on the GPUs "
+                            "(summarize --batch, bench --batch)"]
+    assert rows_line(10, "--kv-dtype", "fp8") == [
+        "rows: the 10 sequences decode together from one cache on the GPUs (summarize --batch, "
+        "bench --batch)"]
+    assert rows_line(1) == []

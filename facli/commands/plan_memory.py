@@ -5,8 +5,8 @@ from typing import Annotated
 import typer
 
 from facli.offload.hardware import hardware_from_option
-from facli.offload.plan import Plan
-from facli.offload.planner import PlanOptions, plan
+from facli.offload.plan import Plan, gpus_read_fp8, holds_rows
+from facli.offload.planner import PlanOptions, largest_resident_batch, plan
 from facli.recipe_loader import resolve_model_config
 from facli.units import format_bytes, format_ctx, parse_ctx
 
@@ -45,11 +45,27 @@ def command(
     if json:
         print(result.to_json())
     else:
-        print(render(result))
+        print(render(result, rows_note(config, spec, result, options)))
 
 
-def render(result: Plan) -> str:
-    """The readable table of a plan."""
+def rows_note(config, spec, result: Plan, options: PlanOptions) -> str | None:
+    """For a batch, whether facli's rows (summarize --batch, bench --batch) can run this plan:
+    they need the whole KV cache on the GPUs; if it is not, how many rows keep it there."""
+    if result.batch == 1:
+        return None
+    reads_fp8 = gpus_read_fp8(spec.devices[:result.tp])
+    if holds_rows(result.decode_mode, result.kv_dtype == "fp8", reads_fp8):
+        return (f"rows: the {result.batch} sequences decode together from one cache on the GPUs "
+                "(summarize --batch, bench --batch)")
+    most = largest_resident_batch(config, spec, result.ctx, options, limit=result.batch - 1)
+    fit = (f"up to {most} rows keep it there at ctx {format_ctx(result.ctx)}" if most > 1 else
+           f"not even 2 rows keep it there at ctx {format_ctx(result.ctx)}")
+    return (f"rows: summarize --batch and bench --batch decode sequences together only with the "
+            f"whole KV cache on the GPUs, which this plan does not keep; {fit}")
+
+
+def render(result: Plan, note: str | None = None) -> str:
+    """The readable table of a plan, with `note` (rows_note) under its verdict."""
     lines = [
         f"{result.model}: ctx {format_ctx(result.ctx)} x batch {result.batch} on "
         f"{result.hardware} (weights {result.weight_dtype}, KV {result.kv_dtype})",
@@ -80,6 +96,7 @@ def render(result: Plan) -> str:
         f"{result.timing.decode_tokens_per_s:.1f} tokens/s ({result.timing.decode_step_s * 1e3:.1f} "
         "ms per step)",
         "fits" if result.fits else "DOES NOT FIT",
+        *([note] if note else []),
         "",
         "why:",
     ]
