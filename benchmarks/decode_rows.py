@@ -1,5 +1,9 @@
 """Decode attention over the rows of a batch: split counts against the chooser's.
 
+With more (row, KV head) programs than one wave holds, `choose_num_splits` takes 1 split, and
+the last wave may run part-filled (7 rows of 32 heads: 224 programs on 132 SMs). This measures
+whether more splits, filling the waves, read faster.
+
     python benchmarks/decode_rows.py [--rows 5,7,13,24] [--lengths 16k,32k] [--out DIR]
 
 Rows of one cache as continuous batching steps them (B rows, Tq=1, Hq=Hkv=32, D=128: Llama-7B's

@@ -41,7 +41,6 @@ from facli.kernels.configs import DecodeConfig, decode_config, num_sms
 LOG2E = 1.4426950408889634
 WINDOW = 64.0
 MAX_SPLITS = 128
-ROW_SPLITS = 8  # most splits for rows that take several waves
 
 # e4m3 bytes -> bfloat16, four per 32-bit register. Byte b becomes (b & 0x80) << 8 |
 # (b & 0x7F) << 4: e4m3's sign, exponent and mantissa read with bfloat16's exponent bias, i.e. the
@@ -318,14 +317,8 @@ def choose_num_splits(batch: int, kv_heads: int, cache_len: int, device, cfg: De
     cfg.long_split_tiles tiles, else fewer per multiprocessor (down to one), never below 4 tiles per
     split. Measured on an H200 (docs/benchmarks.md): a part-filled second wave costs up to 9%,
     and short splits pay their start-up and their share of the merge.
-
-    Rows of a batch (more sequences x KV heads than one wave holds) run in several waves; their
-    splits are the fewest that fill the waves (see _fullest_waves).
     """
     most = max(1, min(MAX_SPLITS, triton.cdiv(cache_len, 4 * cfg.block_n)))
-    slots = cfg.programs_per_sm * num_sms(device)
-    if batch * kv_heads > slots:
-        return _fullest_waves(batch * kv_heads, slots, most)
 
     def one_wave(per_sm):
         return max(1, min(most, per_sm * num_sms(device) // (batch * kv_heads)))
@@ -334,22 +327,6 @@ def choose_num_splits(batch: int, kv_heads: int, cache_len: int, device, cfg: De
         if cache_len >= one_wave(per_sm) * cfg.long_split_tiles * cfg.block_n:
             return one_wave(per_sm)
     return one_wave(1)
-
-
-def _fullest_waves(programs: int, slots: int, most: int, fill: float = 0.95,
-                   cap: int = ROW_SPLITS) -> int:
-    """The fewest splits (up to min(most, cap)) whose programs * splits fill their last wave of
-    `slots` to `fill` at least, else the fullest. 7 rows of 32 KV heads on 132 slots leave the
-    second wave of 224 programs 70% idle (85% filled in all); 4 splits fill 97%."""
-    best, best_fill = 1, 0.0
-    for splits in range(1, min(most, cap) + 1):
-        total = programs * splits
-        filled = total / (triton.cdiv(total, slots) * slots)
-        if filled >= fill:
-            return splits
-        if filled > best_fill:
-            best, best_fill = splits, filled
-    return best
 
 
 def decode_attention_triton(q, k_cache, v_cache, cache_lens, *, scale=None, return_lse=False,
