@@ -346,6 +346,7 @@ def describe_facli(record: dict) -> str:
 
 def run_bench(request: BenchRequest) -> dict:
     """facli on `devices` ranks, then the baseline here; returns the whole JSON-ready report."""
+    from facli.bench_environment import environment, hbm_gbps
     from facli.bench_report import add_derived
     from facli.parallel.launch import launch
     from facli.resolve import resolve_device
@@ -369,59 +370,3 @@ def run_bench(request: BenchRequest) -> dict:
         "wall_s": time.time() - started,
     }
     return add_derived(report, hbm_gbps(device))
-
-
-def hbm_gbps(device: torch.device) -> float | None:
-    """Achievable device memory GB/s of this GPU from its hardware recipe (None on CPUs)."""
-    if device.type != "cuda":
-        return None
-    from facli.offload.hardware import detect_hardware
-
-    spec = detect_hardware()
-    return spec.devices[0].hbm_gbps if spec.devices else None
-
-
-def environment(device: torch.device, devices: int) -> dict:
-    """Device names, software versions, the facli commit and the date."""
-    import platform
-
-    import facli
-
-    versions = {}
-    for name in ("triton", "transformers"):
-        try:
-            versions[name] = __import__(name).__version__
-        except ImportError:
-            versions[name] = None
-    gpus = [torch.cuda.get_device_name(i) for i in range(devices)] if device.type == "cuda" else []
-    return {
-        "device": device.type, "gpus": gpus, "cpu": platform.processor() or platform.machine(),
-        "torch": torch.__version__, "cuda": torch.version.cuda, **versions,
-        "python": platform.python_version(), "facli": facli.__version__, **git_commit(),
-        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-
-
-def git_commit() -> dict:
-    """The commit being measured: $FACLI_COMMIT when set (a copied or installed tree), else the
-    facli checkout's commit and whether it has uncommitted changes, else "unknown"."""
-    import os
-    import subprocess
-    from pathlib import Path
-
-    if os.environ.get("FACLI_COMMIT"):
-        return {"commit": os.environ["FACLI_COMMIT"], "dirty": None}
-    root = Path(__file__).resolve().parent.parent
-    if not (root / ".git").exists():  # an installed copy has no checkout of its own
-        return {"commit": "unknown", "dirty": None}
-
-    def git(*args):
-        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
-        return done.stdout.strip() if done.returncode == 0 else None
-
-    try:
-        commit = git("rev-parse", "--short", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = None, None
-    return {"commit": commit or "unknown", "dirty": dirty}

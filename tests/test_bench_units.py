@@ -300,7 +300,7 @@ def test_one_ctx_keeps_one_store_for_every_depth():
 
 
 def test_commit_comes_from_the_environment_first(monkeypatch):
-    from facli.bench import git_commit
+    from facli.bench_environment import git_commit
 
     monkeypatch.setenv("FACLI_COMMIT", "feedbee")
     assert git_commit()["commit"] == "feedbee"
