@@ -30,6 +30,7 @@ WARM_UP_NEW_TOKENS = {"cuda": 17, "cpu": 2}
 OUT_OF_MEMORY = "out of memory"
 DOES_NOT_FIT = "does not fit"  # the plan found no placement; nothing was run
 GREEDY = SamplingParams(temperature=0.0)
+AUTO_ROWS = 64  # the most rows --batch auto takes
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,9 @@ class BenchRequest:
     decode_mode: str = "auto"  # for host-resident KV: auto, prefetch, cpu or split
     allreduce_tile_tokens: int | None = None  # None: the plan's
     ctx: int | None = None  # context to plan for at every depth; None: each depth's own
-    batch: int = 1  # prompts decoded together, one per row of the KV cache
+    # Prompts decoded together, one per row of the KV cache; None: at each depth as many as
+    # keep the cache on the GPUs (Runtime.resident_rows), up to AUTO_ROWS.
+    batch: int | None = 1
 
     def __post_init__(self):
         if self.model is not None and self.synthetic is not None:
@@ -60,8 +63,8 @@ class BenchRequest:
             raise FacliError(f"expected --baseline one of {', '.join(BASELINES)}, got {self.baseline!r}")
         if self.decode_tokens < 2:
             raise FacliError(f"expected --decode-tokens >= 2 (decode speed needs two tokens), got {self.decode_tokens}")
-        if self.batch < 1:
-            raise FacliError(f"expected --batch >= 1, got {self.batch}")
+        if self.batch is not None and self.batch < 1:
+            raise FacliError(f"expected --batch >= 1 or auto, got {self.batch}")
         if not self.depths:
             raise FacliError("expected at least one --depth, such as 8k,32k, got none")
         smallest = self.decode_tokens + PROMPT_SLACK + 1
@@ -139,7 +142,7 @@ def bench_rank(parallel: ParallelContext, request: BenchRequest) -> dict:
         model=request.model, device=request.device, dtype=runtime_dtype(request),
         ctx=request.ctx or request.depths[0], prefill_chunk=request.prefill_chunk, devices=request.devices,
         allow_ctx_extension=True, kv_dtype=request.kv_dtype, decode_mode=request.decode_mode,
-        allreduce_tile_tokens=request.allreduce_tile_tokens, batch=request.batch,
+        allreduce_tile_tokens=request.allreduce_tile_tokens, batch=request.batch or 1,
     )
     progress(f"loading {resolved.name} on {parallel.world_size} rank(s)", log)
     runtime = Runtime(resolved, options, parallel)
@@ -169,8 +172,11 @@ def measure_depth(runtime, depth: int, prompt: list[int], request: BenchRequest)
 
     def plan_for_depth():
         context = request.ctx or depth
-        if runtime.plan is None or runtime.ctx != context:  # one --ctx: one store for every depth
-            runtime.set_context(context)
+        rows = request.batch or runtime.resident_rows(context, AUTO_ROWS)
+        record["rows"] = rows
+        # One --ctx and --batch: one store for every depth.
+        if runtime.plan is None or (runtime.ctx, runtime.rows) != (context, rows):
+            runtime.reshape(ctx=context, rows=rows)
         larger = request.ctx is not None and runtime.plan is not None
         record["plan"] = plan_record(runtime.plan, prompt_prediction(runtime, n) if larger else None)
 
@@ -360,7 +366,9 @@ def run_bench(request: BenchRequest) -> dict:
     if request.baseline == "transformers":
         from facli.bench_baseline import run_baseline
 
-        baseline = run_baseline(request, resolve(request), prompt, facli_result["dtype"], device)
+        rows = {r["depth"]: r.get("rows") or request.batch or 1 for r in facli_result["depths"]}
+        baseline = run_baseline(request, resolve(request), prompt, facli_result["dtype"], device,
+                                rows)
     report = {
         "schema": SCHEMA,
         "environment": environment(device, request.devices),

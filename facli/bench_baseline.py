@@ -122,9 +122,9 @@ def measure(model, ids: list[int], depth: int, new_tokens: int, device: torch.de
 
 
 def run_baseline(request, resolved: ResolvedModel, prompt: list[int], dtype_name: str,
-                 device: torch.device) -> dict:
+                 device: torch.device, rows: dict[int, int]) -> dict:
     """Every depth of `request` through transformers on `device`, with prefixes of facli's
-    `prompt` ids; facli's memory must be free."""
+    `prompt` ids, in a batch of rows[depth] copies; facli's memory must be free."""
     import transformers
 
     dtype = TORCH_DTYPES[dtype_name]
@@ -143,10 +143,10 @@ def run_baseline(request, resolved: ResolvedModel, prompt: list[int], dtype_name
                             for d in request.depths]
         return result
     # kernels and allocator warm
-    measure(model, prompt[:32], 0, WARM_UP_NEW_TOKENS[device.type], device, request.batch)
+    measure(model, prompt[:32], 0, WARM_UP_NEW_TOKENS[device.type], device, max(rows.values()))
     for depth in request.depths:
         record = measure(model, prompt[:prompt_length(depth, request.decode_tokens)], depth,
-                         request.decode_tokens, device, request.batch)
+                         request.decode_tokens, device, rows[depth])
         result["depths"].append(record)
         progress(describe(record))
         release_memory(device)

@@ -148,7 +148,9 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def main_table(report: dict) -> str:
-    header = ["depth", "prompt tok", "TTFT s", "prefill tok/s", "decode tok/s",
+    by_rows = report["request"].get("batch", 1) != 1
+    header = ["depth", *(["rows"] if by_rows else []), "prompt tok", "TTFT s", "prefill tok/s",
+              "decode tok/s",
               "peak GiB (plan, err)", "TTFT plan s (err)", "decode plan tok/s (err)",
               "host KV GiB (plan)"]
     baseline = report["transformers"]
@@ -158,7 +160,9 @@ def main_table(report: dict) -> str:
     by_depth = {r["depth"]: r for r in baseline["depths"]} if baseline else {}
     rows = []
     for index, record in enumerate(report["facli"]["depths"]):
-        row = [format_ctx(record["depth"]), str(record["prompt_tokens"]), *facli_cells(record)]
+        rows_cell = [str(record.get("rows", "-"))] if by_rows else []
+        row = [format_ctx(record["depth"]), *rows_cell, str(record["prompt_tokens"]),
+               *facli_cells(record)]
         if baseline is not None:
             speed = report["comparison"][index] or {}
             row += baseline_cells(by_depth.get(record["depth"]))
@@ -197,8 +201,9 @@ def heading(report: dict) -> str:
     if request.get("ctx"):
         kv += f" planned for {format_ctx(request['ctx'])} at every depth"
     batch = request.get("batch", 1)
-    rows = (f"; {batch} rows decoded together (prefilled one after another; TTFT is the last "
-            f"row's, tokens/s count every row's)" if batch > 1 else "")
+    count = "as many rows as keep the cache on the devices" if batch is None else f"{batch} rows"
+    rows = (f"; {count} decoded together (prefilled one after another; TTFT is the last "
+            f"row's, tokens/s count every row's)" if batch != 1 else "")
     return (f"{facli['model']} {facli['dtype']}{kv} on {where}; {request['decode_tokens']} decode tokens{rows}; "
             f"torch {env['torch']}, CUDA {env['cuda']}, triton {env['triton']}, transformers "
             f"{env['transformers']}, Python {env['python']}; facli {commit}; {env['date_utc']}")

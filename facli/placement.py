@@ -28,10 +28,19 @@ def plan_run(config: ModelConfig, name: str, hardware: HardwareSpec, *, ctx: int
              force: bool, allreduce_tile_tokens: int | None = None, batch: int = 1) -> Plan:
     """The plan for `batch` sequences of `ctx` tokens on `world_size` ranks (raises when nothing
     fits)."""
-    options = PlanOptions(kv_dtype=kv_dtype, weight_dtype=dtype, devices=world_size,
+    options = run_options(name, world_size=world_size, dtype=dtype, kv_dtype=kv_dtype,
                           prefill_chunk=prefill_chunk, decode_mode=decode_mode, force=force,
-                          allreduce_tile_tokens=allreduce_tile_tokens, model_name=name)
+                          allreduce_tile_tokens=allreduce_tile_tokens)
     return plan(config, hardware, ctx, batch, options)
+
+
+def run_options(name: str, *, world_size: int, dtype: str, kv_dtype: str,
+                prefill_chunk: int | None, decode_mode: str, force: bool,
+                allreduce_tile_tokens: int | None = None) -> PlanOptions:
+    """The planner's options for a run on `world_size` ranks with these choices."""
+    return PlanOptions(kv_dtype=kv_dtype, weight_dtype=dtype, devices=world_size,
+                       prefill_chunk=prefill_chunk, decode_mode=decode_mode, force=force,
+                       allreduce_tile_tokens=allreduce_tile_tokens, model_name=name)
 
 
 def weight_dtype(run_plan: Plan) -> torch.dtype:

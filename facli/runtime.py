@@ -22,6 +22,7 @@ from facli.placement import (
     build_kv_store,
     hardware_for,
     plan_run,
+    run_options,
     tensor_parallel_settings,
     weight_dtype,
 )
@@ -123,14 +124,26 @@ class Runtime:
         self._build_engine()
 
     def _plan(self, ctx: int, world_size: int, **overrides) -> Plan:
-        choices = dict(dtype=self.options.dtype, kv_dtype=self.options.kv_dtype,
-                       prefill_chunk=self.options.prefill_chunk,
-                       decode_mode=self.options.decode_mode, force=self.options.force,
-                       allreduce_tile_tokens=self.options.allreduce_tile_tokens,
-                       batch=self.options.batch)
+        choices = dict(self._choices(), batch=self.options.batch)
         choices.update(overrides)
         return plan_run(self.config, self.resolved.name, self.hardware, ctx=ctx,
                         world_size=world_size, **choices)
+
+    def _choices(self) -> dict:
+        return dict(dtype=self.options.dtype, kv_dtype=self.options.kv_dtype,
+                    prefill_chunk=self.options.prefill_chunk,
+                    decode_mode=self.options.decode_mode, force=self.options.force,
+                    allreduce_tile_tokens=self.options.allreduce_tile_tokens)
+
+    def resident_rows(self, ctx: int, limit: int = 64) -> int:
+        """The most prompts of `ctx` tokens, up to `limit`, that this runtime can decode
+        together: their plan keeps the whole KV cache on the devices
+        (offload.planner.largest_resident_batch, with this runtime's choices)."""
+        from facli.offload.planner import largest_resident_batch
+
+        options = run_options(self.resolved.name, world_size=self.parallel.world_size,
+                              **dict(self._choices(), force=False))
+        return largest_resident_batch(self.config, self.hardware, ctx, options, limit)
 
     @property
     def rows(self) -> int:

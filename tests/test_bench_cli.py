@@ -117,6 +117,20 @@ def test_rows_decode_together_next_to_transformers_in_one_batch(env, tmp_path):
     assert "facli bench: depth 128 (3 rows): facli TTFT" in result.stderr
 
 
+def test_auto_rows_are_the_most_that_keep_the_cache_on_the_device(env, tmp_path):
+    """--batch auto: at each depth the runtime's resident_rows, capped at 64; transformers
+    generates the same number at once."""
+    result, report = bench_without_baseline(["--depth", "96,160", "--batch", "auto"], env,
+                                            tmp_path / "auto.json")
+    for record in report["facli"]["depths"]:
+        assert record["status"] == "ok" and record["plan"]["plan"]["batch"] == record["rows"]
+        assert 1 < record["rows"] <= 64
+    lines = result.stdout.splitlines()
+    assert "as many rows as keep the cache on the devices decoded together" in lines[0]
+    header = next(line for line in lines if line.startswith("| depth |"))
+    assert header.startswith("| depth | rows | prompt tok |")
+
+
 def test_ctx_plans_every_depth_for_the_larger_context(env, tmp_path):
     result, report = bench_without_baseline(["--depth", "64,128", "--ctx", "512"], env,
                                             tmp_path / "ctx.json")
@@ -138,7 +152,10 @@ def test_user_errors_are_one_line():
     assert result.exit_code == 1 and "expected every --depth >= 73" in result.output
     result = run_in_process(["--depth", "128", "--device", "cpu", "--batch", "0"])
     assert result.exit_code == 1
-    assert result.output.strip() == "facli: error: expected --batch >= 1, got 0"
+    assert result.output.strip() == "facli: error: expected --batch >= 1 or auto, got 0"
+    result = run_in_process(["--depth", "128", "--device", "cpu", "--batch", "many"])
+    assert result.exit_code == 1
+    assert result.output.strip() == "facli: error: expected --batch a number >= 1 or auto, got 'many'"
 
 
 @pytest.mark.skipif(HAS_MATPLOTLIB, reason="checks the message shown without matplotlib")

@@ -243,13 +243,14 @@ class _FakeRuntime:
 
         return Runtime.predict_prompt(self, prompt_tokens)
 
-    def set_context(self, depth):
-        self.depth = self.ctx = depth
-        self.contexts.append(depth)
-        if self.failures.get(depth) == "plan":
+    def reshape(self, *, ctx, rows):
+        self.depth = self.ctx = ctx
+        self.contexts.append(ctx)
+        if self.failures.get(ctx) == "plan":
             from facli.errors import OutOfMemoryPlanError
 
-            raise OutOfMemoryPlanError(f"expected {depth} to fit, it does not")
+            raise OutOfMemoryPlanError(f"expected {ctx} to fit, it does not")
+        self.rows = rows
 
     def generate(self, ids, *, max_new_tokens, sampling, ignore_eos):
         import torch

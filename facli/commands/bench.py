@@ -18,6 +18,16 @@ def parse_depths(text: str) -> tuple[int, ...]:
     return tuple(parse_ctx(part) for part in parts)
 
 
+def parse_batch(text: str) -> int | None:
+    """`8` -> 8, `auto` -> None (as many rows as fit at each depth)."""
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise FacliError(f"expected --batch a number >= 1 or auto, got {text!r}") from None
+
+
 def command(
     depth: Annotated[str, typer.Option(help="Context depths to measure, comma separated: 8k,32k,128k,256k (k = 1024).")] = "8k,32k",
     ctx: Annotated[Optional[str], typer.Option(help="Plan and allocate the KV cache for this context at every depth (as `generate --ctx` does); default: each depth's own.")] = None,
@@ -32,7 +42,7 @@ def command(
     kv_dtype: Annotated[str, typer.Option(help="facli's KV cache dtype: auto (the weights') or fp8 (e4m3, half the bytes); the baseline keeps its own.")] = "auto",
     decode_mode: Annotated[str, typer.Option(help="For host-resident KV: auto, prefetch, cpu or split.")] = "auto",
     allreduce_tile_tokens: Annotated[Optional[int], typer.Option(help="Tokens per tiling-AllReduce tile with --devices > 1 (default: the plan's, from the hardware).")] = None,
-    batch: Annotated[int, typer.Option(help="Prompts decoded together at each depth, one per row of the KV cache (the baseline generates them as one batch); tokens/s then count every row's.")] = 1,
+    batch: Annotated[str, typer.Option(help="Prompts decoded together at each depth, one per row of the KV cache (the baseline generates them as one batch); tokens/s then count every row's. auto: as many as keep the cache on the GPUs at each depth (up to 64).")] = "1",
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write every figure to this JSON file, and print it as one JSON object on the last stdout line.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write a PNG of tokens/s and peak memory against depth (needs matplotlib).")] = None,
 ):
@@ -46,7 +56,7 @@ def command(
         depths=parse_depths(depth), model=model, synthetic=synthetic, decode_tokens=decode_tokens,
         devices=devices, device=device, dtype=dtype, prefill_chunk=prefill_chunk, baseline=baseline,
         kv_dtype=kv_dtype, decode_mode=decode_mode, allreduce_tile_tokens=allreduce_tile_tokens,
-        ctx=parse_ctx(ctx) if ctx is not None else None, batch=batch,
+        ctx=parse_ctx(ctx) if ctx is not None else None, batch=parse_batch(batch),
     )
     report = run_bench(request)
     print(format_report(report), flush=True)
