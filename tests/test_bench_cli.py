@@ -183,6 +183,15 @@ def test_two_gloo_ranks(env):
     assert "2 x CPU" in result.stdout.splitlines()[0]
 
 
+def test_two_gloo_ranks_decode_rows_together(env, tmp_path):
+    result = bench(["--depth", "64", "--decode-tokens", "4", "--device", "cpu", "--devices", "2",
+                    "--batch", "auto", "--baseline", "none", "--json", str(tmp_path / "r.json")],
+                   env)
+    assert result.returncode == 0, result.stderr
+    (record,) = json.loads(result.stdout.strip().splitlines()[-1])["facli"]["depths"]
+    assert record["status"] == "ok" and record["rows"] > 1 and record["new_tokens"] == 4
+
+
 def test_synthetic_weights_on_both_sides(monkeypatch):
     """--synthetic: facli fills random weights itself, transformers builds the shape from config."""
     import facli.resolve
