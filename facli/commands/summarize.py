@@ -30,7 +30,8 @@ def command(
     decode_mode: Annotated[str, typer.Option(help="For host-resident KV: auto, prefetch, cpu or split.")] = "auto",
     allreduce_tile_tokens: Annotated[Optional[int], typer.Option(help="Tokens per tiling-AllReduce tile with --devices > 1 (default: the plan's, from the hardware).")] = None,
     batch: Annotated[Optional[int], typer.Option(help="Prompts decoded together, each in its own row of the KV cache (default: documents grouped by length, each group in as many rows as fit in GPU memory with the whole cache there, up to 64; 1 runs documents one after another).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the run summary as one JSON object.")] = False,
+    plan_only: Annotated[bool, typer.Option(help="Print the documents still to do, their groups and rows, each group's memory plan and predicted time, and stop: no weights are read and nothing is written.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the run summary (or with --plan-only, the plan) as one JSON object.")] = False,
 ):
     """Summarize documents; rerun the same command to resume after a crash or Ctrl-C."""
     from facli.parallel.launch import launch
@@ -49,9 +50,25 @@ def command(
         batch=batch, hardware=summarize_hardware(device),
         sampling=SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed),
     )
+    if plan_only:
+        _print_forecast(request, as_json)
+        return
     device_type = resolve_device(device).type
     summary = launch(summarize_on_rank, (request,), world_size=devices, device_type=device_type)
     if as_json:
         print(json.dumps({"output": str(out), **summary.as_dict()}))
     if summary.interrupted:
         raise typer.Exit(code=130)
+
+
+def _print_forecast(request, as_json: bool) -> None:
+    from facli.summarize.forecast import forecast_run, format_forecast
+
+    forecasts, pending, skipped = forecast_run(request)
+    print(format_forecast(forecasts, pending, skipped, request.out))
+    if as_json:
+        groups = [f.to_dict() for f in forecasts]
+        print(json.dumps({"output": str(request.out), "to_summarize": pending, "skipped": skipped,
+                          "groups": groups, "prefill_s": sum(g["prefill_s"] for g in groups),
+                          "decode_s_full_summaries": sum(g["decode_s_full_summaries"]
+                                                         for g in groups)}))

@@ -88,22 +88,16 @@ def run_summarize(request: SummarizeRequest, parallel: ParallelContext = SINGLE_
     Every tensor-parallel rank calls this with its own `parallel`; rank 0 alone writes files."""
     started = time.perf_counter()
     log = _logger(parallel.is_writer)
-    if request.hardware is None:
-        request = dataclasses.replace(request, hardware=summarize_hardware(request.device))
-    files = discover(request.inputs, exclude=[request.out])
-    template = read_template(request.prompt_template)
-    resolved = resolve_model(request.model)
-    tokenizer = load_tokenizer(resolved.path)
-    corpus = prepare_corpus(request, files, template, resolved, tokenizer, log)
+    request, resolved, tokenizer, corpus = open_corpus(request, log)
     log(f"facli: corpus: {corpus.plan.describe()}")
     writer = ResultWriter(request.out) if parallel.is_writer else None
     with writer or nullcontext():
         existing = read_results(request.out)
         pending, skipped = select_pending(corpus.prepared, existing, request.retry_failed)
         barrier(parallel)  # every rank has read the output before rank 0 changes it
-        groups = _row_groups(request, resolved, corpus, pending, parallel) if pending else []
+        groups = corpus_row_groups(request, resolved, corpus, pending, parallel) if pending else []
         widest = groups[-1] if groups else None
-        memory = _plan_memory(request, resolved, widest) if widest and writer else None
+        memory = group_plan(request, resolved, widest) if widest and writer else None
         if memory is not None:
             log(f"facli: {memory.summary_line()}")
             for line in memory.hints:
@@ -128,6 +122,19 @@ def run_summarize(request: SummarizeRequest, parallel: ParallelContext = SINGLE_
             manifests.write_manifest(manifests.manifest_path(request.out), manifest)
     log(summary.line())
     return summary
+
+
+def open_corpus(request: SummarizeRequest, log=print):
+    """Everything before the weights: (the request with its hardware spec, the model, its
+    tokenizer, the corpus read, tokenized and planned)."""
+    if request.hardware is None:
+        request = dataclasses.replace(request, hardware=summarize_hardware(request.device))
+    files = discover(request.inputs, exclude=[request.out])
+    template = read_template(request.prompt_template)
+    resolved = resolve_model(request.model)
+    tokenizer = load_tokenizer(resolved.path)
+    return request, resolved, tokenizer, prepare_corpus(request, files, template, resolved,
+                                                         tokenizer, log)
 
 
 def summarize_on_rank(parallel: ParallelContext, request: SummarizeRequest) -> JobSummary:
@@ -189,8 +196,8 @@ def select_pending(prepared: list[PreparedDocument], existing: ExistingResults,
     return pending, len(prepared) - len(pending)
 
 
-def _row_groups(request: SummarizeRequest, resolved: ResolvedModel, corpus: Corpus,
-                pending: list[PreparedDocument], parallel: ParallelContext) -> list[RowGroup]:
+def corpus_row_groups(request: SummarizeRequest, resolved: ResolvedModel, corpus: Corpus,
+                      pending: list[PreparedDocument], parallel: ParallelContext) -> list[RowGroup]:
     """With --batch, every document in that many rows of the planned context. Otherwise the
     documents grouped by length (facli.summarize.row_groups), each group in the most rows that
     fit beside the weights at its context; every rank takes rank 0's rows."""
@@ -228,7 +235,8 @@ def _prepare_output(writer: ResultWriter, existing: ExistingResults,
         writer.drop(existing.ids_with_status("failed") & {p.document.id for p in pending})
 
 
-def _plan_memory(request: SummarizeRequest, resolved: ResolvedModel, group: RowGroup):
+def group_plan(request: SummarizeRequest, resolved: ResolvedModel, group: RowGroup):
+    """The memory plan for the group's rows at its context (facli.offload.planner)."""
     return plan_memory(resolved.config, group.ctx, request.hardware, batch=group.rows,
                        model_name=resolved.name, max_new_tokens=request.max_new_tokens,
                        devices=request.devices, dtype=request.dtype,

@@ -1,0 +1,85 @@
+"""facli summarize --plan-only: groups, rows, memory and time for the documents still to do,
+with nothing loaded or written; against the time model's own figures and a real run."""
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+from typer.testing import CliRunner
+
+from facli.cli import app
+from facli.offload.hardware import load_hardware
+from facli.offload.planner import predict_prompt
+from facli.resolve import resolve_model
+from facli.summarize.forecast import forecast_run, prompt_lengths
+from facli.summarize.planning import PreparedDocument
+from facli.summarize.run import run_summarize
+from facli.summarize.prompting import make_prompts
+from facli.summarize.strategies import Budget, Strategy
+from facli.tokenizer import load_tokenizer
+from test_summarize_cli import CTX, NEW, mixed_folder, numbered_folder, request
+
+
+def test_every_pending_document_is_forecast_and_nothing_is_written(tmp_path):
+    docs, out = numbered_folder(tmp_path), tmp_path / "out" / "r.jsonl"
+    forecasts, pending, skipped = forecast_run(request(docs, out))
+    assert (pending, skipped) == (8, 0) and not out.parent.exists()
+    assert sum(len(f.group.items) for f in forecasts) == 8
+    for f in forecasts:
+        assert (f.plan.batch, f.plan.ctx) == (f.group.rows, f.group.ctx)
+        assert f.decode_s == pytest.approx(
+            math.ceil(len(f.prompt_lengths) / f.group.rows) * NEW * f.plan.timing.decode_step_s)
+        assert f.prefill_s > 0
+    run_summarize(request(docs, out))
+    assert forecast_run(request(docs, out))[1:] == (0, 8)
+    assert forecast_run(request(docs, out))[0] == []
+
+
+def test_prefill_is_each_prompt_s_own_at_the_group_s_placement(tmp_path):
+    h200 = load_hardware("1xH200-141GB")
+    forecasts, pending, _ = forecast_run(request(mixed_folder(tmp_path), tmp_path / "r.jsonl",
+                                                 hardware=h200, strategy=Strategy.MAP_REDUCE))
+    model = resolve_model(None).config
+    for f in forecasts:
+        one_by_one = sum(predict_prompt(model, h200, f.plan, n).ttft_s for n in f.prompt_lengths)
+        assert f.prefill_s == pytest.approx(one_by_one / f.plan.batch)
+    settings = SimpleNamespace(strategy=Strategy.MAP_REDUCE, prompts=make_prompts(
+        load_tokenizer(resolve_model(None).path), None), budget=Budget(ctx=CTX, max_new_tokens=NEW))
+    counts = sorted(len(prompt_lengths(item, settings)) for f in forecasts for item in f.group.items)
+    # Empty and latin-1 files run no prompt; four short ones one each; the long one in parts
+    # and a combine prompt.
+    assert pending == 7 and counts[:6] == [0, 0, 1, 1, 1, 1] and counts[6] >= 3
+
+
+def _settings(strategy):
+    """A budget of 100 tokens with 10 for the summary, under templates of 5 tokens."""
+    template = SimpleNamespace(overhead=5)
+    return SimpleNamespace(strategy=strategy, budget=Budget(ctx=100, max_new_tokens=10),
+                           prompts=SimpleNamespace(summarize=template, combine=template))
+
+
+@pytest.mark.parametrize("strategy, length, expected", [
+    (Strategy.FIT, 60, [65]),
+    (Strategy.FIT, 200, []),
+    (Strategy.TRUNCATE, 200, [85 + 5]),
+    (Strategy.MAP_REDUCE, 200, [67 + 5] * 3 + [3 * 10 + 5]),  # 85 tokens a part: 3 parts
+])
+def test_prompt_lengths_follow_the_strategy(strategy, length, expected):
+    item = PreparedDocument(document=None, ids=tuple(range(length)))
+    assert prompt_lengths(item, _settings(strategy)) == expected
+    assert prompt_lengths(PreparedDocument(document=None, ids=None), _settings(strategy)) == []
+
+
+def test_cli_plan_only_prints_the_table_and_one_json_line(tmp_path):
+    docs, out = numbered_folder(tmp_path), tmp_path / "r.jsonl"
+    result = CliRunner().invoke(app, ["summarize", str(docs), "--out", str(out), "--ctx", str(CTX),
+                                      "--max-new-tokens", str(NEW), "--device", "cpu",
+                                      "--plan-only", "--json"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()
+    assert lines[0] == f"facli summarize plan: 8 documents to summarize, 0 already in {out}"
+    assert any(line.startswith("| 1 | ") for line in lines)
+    report = json.loads(lines[-1])
+    assert report["to_summarize"] == 8 and sum(g["documents"] for g in report["groups"]) == 8
+    assert report["prefill_s"] > 0 and not out.exists()
