@@ -12,7 +12,7 @@ from facli.cli import app
 from facli.offload.hardware import load_hardware
 from facli.offload.planner import predict_prompt
 from facli.resolve import resolve_model
-from facli.summarize.forecast import forecast_run, prompt_lengths
+from facli.summarize.forecast import forecast_run, predicted_line, prompt_lengths
 from facli.summarize.planning import PreparedDocument
 from facli.summarize.run import run_summarize
 from facli.summarize.prompting import make_prompts
@@ -21,7 +21,7 @@ from facli.tokenizer import load_tokenizer
 from test_summarize_cli import CTX, NEW, mixed_folder, numbered_folder, request
 
 
-def test_every_pending_document_is_forecast_and_nothing_is_written(tmp_path):
+def test_every_pending_document_is_forecast_and_nothing_is_written(tmp_path, capsys):
     docs, out = numbered_folder(tmp_path), tmp_path / "out" / "r.jsonl"
     forecasts, pending, skipped = forecast_run(request(docs, out))
     assert (pending, skipped) == (8, 0) and not out.parent.exists()
@@ -32,6 +32,8 @@ def test_every_pending_document_is_forecast_and_nothing_is_written(tmp_path):
             math.ceil(len(f.prompt_lengths) / f.group.rows) * NEW * f.plan.timing.decode_step_s)
         assert f.prefill_s > 0
     run_summarize(request(docs, out))
+    # The run itself says the same prediction before it loads the model.
+    assert f"facli: {predicted_line(forecasts)}\n" in capsys.readouterr().err
     assert forecast_run(request(docs, out))[1:] == (0, 8)
     assert forecast_run(request(docs, out))[0] == []
 

@@ -67,15 +67,13 @@ def forecast_run(request) -> tuple[list[GroupForecast], int, int]:
     SummarizeRequest, as run_summarize would group them."""
     from facli.parallel.context import SINGLE_PROCESS
     from facli.summarize.output import read_results
-    from facli.summarize.run import corpus_row_groups, group_plan, open_corpus, select_pending
+    from facli.summarize.run import corpus_row_groups, group_forecasts, open_corpus, select_pending
 
     request, resolved, _, corpus = open_corpus(request, log=lambda message: None)
     pending, skipped = select_pending(corpus.prepared, read_results(request.out),
                                       request.retry_failed)
     groups = corpus_row_groups(request, resolved, corpus, pending, SINGLE_PROCESS) if pending else []
-    forecasts = [forecast_group(group, group_plan(request, resolved, group), resolved.config,
-                                request.hardware, corpus.settings) for group in groups]
-    return forecasts, len(pending), skipped
+    return group_forecasts(request, resolved, corpus, groups), len(pending), skipped
 
 
 def format_forecast(forecasts: list[GroupForecast], pending: int, skipped: int, out) -> str:
@@ -88,9 +86,12 @@ def format_forecast(forecasts: list[GroupForecast], pending: int, skipped: int, 
         lines.append(f"| {index} | {row['ctx']} | {row['rows']} | {row['documents']} | "
                      f"{row['prompts']} | {row['prompt_tokens']:,} | "
                      f"{row['peak_gpu_bytes'] / 2**30:.1f} | {f.prefill_s:.1f} | {f.decode_s:.1f} |")
+    lines += ["", predicted_line(forecasts) + "; nothing was loaded or written"]
+    return "\n".join(lines)
+
+
+def predicted_line(forecasts: list[GroupForecast]) -> str:
     prefill = sum(f.prefill_s for f in forecasts)
     decode = sum(f.decode_s for f in forecasts)
-    lines += ["", f"predicted: {prefill:.1f} s of prefill and up to {decode:.1f} s of decode "
-              "(every summary --max-new-tokens long), after the weights load and a warm-up per "
-              "group; nothing was loaded or written"]
-    return "\n".join(lines)
+    return (f"predicted: {prefill:.1f} s of prefill and up to {decode:.1f} s of decode (every "
+            "summary --max-new-tokens long), after the weights load and a warm-up per group")

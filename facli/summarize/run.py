@@ -22,6 +22,7 @@ from facli.runtime import Runtime, RuntimeOptions, check_kv_dtype
 from facli.sampling import SamplingParams
 from facli.summarize import manifest as manifests
 from facli.summarize.documents import SourceFile, discover, read_documents
+from facli.summarize.forecast import GroupForecast, forecast_group, predicted_line
 from facli.summarize.interrupt import StopRequest
 from facli.summarize.job import JobSettings, JobSummary, run_documents
 from facli.summarize.output import ExistingResults, ResultWriter, read_results
@@ -96,8 +97,8 @@ def run_summarize(request: SummarizeRequest, parallel: ParallelContext = SINGLE_
         pending, skipped = select_pending(corpus.prepared, existing, request.retry_failed)
         barrier(parallel)  # every rank has read the output before rank 0 changes it
         groups = corpus_row_groups(request, resolved, corpus, pending, parallel) if pending else []
-        widest = groups[-1] if groups else None
-        memory = group_plan(request, resolved, widest) if widest and writer else None
+        forecasts = group_forecasts(request, resolved, corpus, groups) if writer else []
+        memory = forecasts[-1].plan if forecasts else None  # the widest group's
         if memory is not None:
             log(f"facli: {memory.summary_line()}")
             for line in memory.hints:
@@ -105,6 +106,8 @@ def run_summarize(request: SummarizeRequest, parallel: ParallelContext = SINGLE_
         if any(group.rows > 1 for group in groups):
             log(f"facli: rows decoded together (--batch): {'; then '.join(g.describe() for g in groups)}"
                 "; records come in the order documents finish")
+        if forecasts:
+            log(f"facli: {predicted_line(forecasts)}")
         manifest, entry = _open_manifest(request, resolved, corpus, memory, writer, groups)
         if writer is not None:
             _prepare_output(writer, existing, pending, request.retry_failed)
@@ -233,6 +236,13 @@ def _prepare_output(writer: ResultWriter, existing: ExistingResults,
     writer.repair(existing)
     if retry_failed:
         writer.drop(existing.ids_with_status("failed") & {p.document.id for p in pending})
+
+
+def group_forecasts(request: SummarizeRequest, resolved: ResolvedModel, corpus: Corpus,
+                    groups: list[RowGroup]) -> list[GroupForecast]:
+    """Each group's plan and predicted time (facli.summarize.forecast)."""
+    return [forecast_group(group, group_plan(request, resolved, group), resolved.config,
+                           request.hardware, corpus.settings) for group in groups]
 
 
 def group_plan(request: SummarizeRequest, resolved: ResolvedModel, group: RowGroup):
