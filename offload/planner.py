@@ -171,16 +171,20 @@ class PromptPrediction:
 
 
 def predict_prompt(model: ModelConfig, hardware: HardwareSpec, run_plan: Plan,
-                   prompt_tokens: int, *, choose_mode: bool = False) -> PromptPrediction:
+                   prompt_tokens: int, *, choose_mode: bool = False,
+                   batch: int | None = None) -> PromptPrediction:
     """Predictions for a prompt of `prompt_tokens` on `run_plan`'s placement; the plan's own
     figures are for a prompt that fills its context. With choose_mode and host layers, the
     fastest decode mode for this prompt: every mode runs on the plan's KV store, and the best
     at one length is not at another (a short prompt's host rows cross PCIe faster than the CPU
-    and the GPU can take turns). cpu_share is "split" mode's share for this prompt."""
+    and the GPU can take turns). cpu_share is "split" mode's share for this prompt. batch:
+    sequences of that length (default the plan's), prefilled one after another and decoded
+    together."""
+    batch = batch or run_plan.batch
     modes = DECODE_MODE_CHOICES[1:] if choose_mode and run_plan.host.layers else (run_plan.decode_mode,)
     best = None
     for mode in modes:
-        layout = Layout(model, prompt_tokens, run_plan.batch, run_plan.tp, run_plan.prefill_chunk,
+        layout = Layout(model, prompt_tokens, batch, run_plan.tp, run_plan.prefill_chunk,
                         run_plan.allreduce_tile_tokens, len(run_plan.host.layers), mode,
                         DTYPE_BYTES[run_plan.weight_dtype], DTYPE_BYTES[run_plan.kv_dtype],
                         on_cpu=run_plan.device_kind == "cpu", capacity=run_plan.ctx)
@@ -189,7 +193,7 @@ def predict_prompt(model: ModelConfig, hardware: HardwareSpec, run_plan: Plan,
             best = times, layout
     times, layout = best
     return PromptPrediction(prefill_breakdown(hardware, layout)["prefill_s"],
-                            run_plan.batch / times["decode_step_s"], layout.decode_mode,
+                            batch / times["decode_step_s"], layout.decode_mode,
                             times["decode_host_cpu_share"], packs_slots(layout))
 
 

@@ -2,12 +2,14 @@
 memory plan and how long it should take, from the tokenizer and the planner alone (no weights
 are read and nothing is written).
 
-Time per group: the time model's prefill of every prompt, one after another, and
-ceil(prompts / rows) rounds of --max-new-tokens decode steps, each at the plan's step time with
-every row full: decode as long as it can be. Summaries that end early (EOS) and rows shorter
-than the context make it shorter; loading, a warm-up per group (graph capture, kernel
-compilation) and the host's share of each step are not counted. A map-reduce document's combine
-prompt is counted once, with a summary per part.
+Time per group, from the time model (offload.planner.predict_prompt) on the group's placement:
+- prefill: every prompt's own, one after another;
+- decode: with every summary --max-new-tokens long, the rows run in rounds of `rows` prompts
+  that start and end together, as the runtime hands them out. A round's steps read the weights
+  once and each row's cache at its mean length over the round.
+Summaries that end early (EOS) make decode shorter. Loading, a warm-up per group (graph
+capture, kernel compilation) and the host's share of each step are not counted. A map-reduce
+document's combine prompt is counted once, with a summary per part.
 """
 
 import math
@@ -26,13 +28,13 @@ class GroupForecast:
     prompt_lengths: tuple[int, ...]  # tokens of every prompt the group's documents run
     plan: Plan
     prefill_s: float
-    decode_s: float  # with every summary --max-new-tokens long and every row full
+    decode_s: float  # with every summary --max-new-tokens long
 
     def to_dict(self) -> dict:
         return {"ctx": self.group.ctx, "rows": self.group.rows, "documents": len(self.group.items),
                 "prompts": len(self.prompt_lengths), "prompt_tokens": sum(self.prompt_lengths),
                 "peak_gpu_bytes": max(d.peak_bytes for d in self.plan.devices),
-                "prefill_s": self.prefill_s, "decode_s_full_summaries": self.decode_s}
+                "prefill_s": self.prefill_s, "decode_s": self.decode_s}
 
 
 def prompt_lengths(item: PreparedDocument, settings) -> list[int]:
@@ -55,10 +57,15 @@ def prompt_lengths(item: PreparedDocument, settings) -> list[int]:
 
 def forecast_group(group: RowGroup, plan: Plan, config, hardware, settings) -> GroupForecast:
     lengths = tuple(n for item in group.items for n in prompt_lengths(item, settings))
-    # predict_prompt's prefill is the plan's batch of such prompts, one after another.
-    prefill = sum(predict_prompt(config, hardware, plan, n).ttft_s for n in lengths) / plan.batch
-    rounds = math.ceil(len(lengths) / group.rows)
-    decode = rounds * settings.budget.max_new_tokens * plan.timing.decode_step_s
+    prefill = sum(predict_prompt(config, hardware, plan, n, batch=1).ttft_s for n in lengths)
+    new_tokens = settings.budget.max_new_tokens
+    decode = 0.0
+    for first in range(0, len(lengths), group.rows):
+        rows = lengths[first:first + group.rows]
+        # The first token comes with the prefill; each of the others is one step of the round.
+        mean = round(sum(rows) / len(rows) + new_tokens / 2)
+        rate = predict_prompt(config, hardware, plan, min(mean, plan.ctx), batch=len(rows))
+        decode += (new_tokens - 1) * len(rows) / rate.decode_tokens_per_s
     return GroupForecast(group, lengths, plan, prefill, decode)
 
 
@@ -80,7 +87,7 @@ def format_forecast(forecasts: list[GroupForecast], pending: int, skipped: int, 
     lines = [f"facli summarize plan: {pending} documents to summarize, {skipped} already in {out}"]
     if forecasts:
         lines += ["", "| group | context | rows | documents | prompts | prompt tokens | peak GiB "
-                  "(plan) | prefill s | decode s (full summaries) |", "|" + " --- |" * 9]
+                  "(plan) | prefill s | decode s |", "|" + " --- |" * 9]
     for index, f in enumerate(forecasts, 1):
         row = f.to_dict()
         lines.append(f"| {index} | {row['ctx']} | {row['rows']} | {row['documents']} | "
@@ -93,5 +100,5 @@ def format_forecast(forecasts: list[GroupForecast], pending: int, skipped: int, 
 def predicted_line(forecasts: list[GroupForecast]) -> str:
     prefill = sum(f.prefill_s for f in forecasts)
     decode = sum(f.decode_s for f in forecasts)
-    return (f"predicted: {prefill:.1f} s of prefill and up to {decode:.1f} s of decode (every "
-            "summary --max-new-tokens long), after the weights load and a warm-up per group")
+    return (f"predicted: {prefill:.1f} s of prefill and {decode:.1f} s of decode (every summary "
+            "--max-new-tokens long), after the weights load and a warm-up per group")
