@@ -80,6 +80,21 @@ def test_prompt_lengths_follow_the_strategy(strategy, length, expected):
     assert prompt_lengths(PreparedDocument(document=None, ids=None), _settings(strategy)) == []
 
 
+def test_plan_only_for_a_hardware_recipe_and_not_for_a_run(tmp_path):
+    docs, out = numbered_folder(tmp_path), tmp_path / "r.jsonl"
+    args = ["summarize", str(docs), "--out", str(out), "--ctx", str(CTX), "--max-new-tokens",
+            str(NEW), "--hardware", "1xH200-141GB"]
+    planned = CliRunner().invoke(app, [*args, "--plan-only", "--json"])
+    assert planned.exit_code == 0, planned.output
+    (group,) = json.loads(planned.stdout.strip().splitlines()[-1])["groups"]
+    assert group["rows"] == 8  # the H200 recipe keeps every document's row on its GPU
+    run = CliRunner().invoke(app, args)
+    assert run.exit_code == 1 and run.output.strip() == (
+        "facli: error: expected --hardware only with --plan-only, got --hardware 1xH200-141GB "
+        "for a run; a run plans on the machine it runs on")
+    assert not out.exists()
+
+
 def test_cli_plan_only_prints_the_table_and_one_json_line(tmp_path):
     docs, out = numbered_folder(tmp_path), tmp_path / "r.jsonl"
     result = CliRunner().invoke(app, ["summarize", str(docs), "--out", str(out), "--ctx", str(CTX),

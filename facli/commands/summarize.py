@@ -6,6 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from facli.errors import FacliError
 from facli.summarize.strategies import Strategy
 
 
@@ -31,15 +32,19 @@ def command(
     allreduce_tile_tokens: Annotated[Optional[int], typer.Option(help="Tokens per tiling-AllReduce tile with --devices > 1 (default: the plan's, from the hardware).")] = None,
     batch: Annotated[Optional[int], typer.Option(help="Prompts decoded together, each in its own row of the KV cache (default: documents grouped by length, each group in as many rows as fit in GPU memory with the whole cache there, up to 64; 1 runs documents one after another).")] = None,
     plan_only: Annotated[bool, typer.Option(help="Print the documents still to do, their groups and rows, each group's memory plan and predicted time, and stop: no weights are read and nothing is written.")] = False,
+    hardware: Annotated[Optional[str], typer.Option(help="With --plan-only: plan for this hardware recipe (see `facli recipes`) instead of this machine.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the run summary (or with --plan-only, the plan) as one JSON object.")] = False,
 ):
     """Summarize documents; rerun the same command to resume after a crash or Ctrl-C."""
     from facli.parallel.launch import launch
     from facli.resolve import resolve_device
     from facli.sampling import SamplingParams
-    from facli.summarize.planning import summarize_hardware
     from facli.summarize.run import SummarizeRequest, summarize_on_rank
     from facli.units import parse_ctx
+
+    if hardware is not None and not plan_only:
+        raise FacliError(f"expected --hardware only with --plan-only, got --hardware {hardware} "
+                         "for a run; a run plans on the machine it runs on")
 
     request = SummarizeRequest(
         inputs=tuple(inputs), out=out, model=model,
@@ -47,7 +52,7 @@ def command(
         prompt_template=prompt_template, strategy=strategy, device=device, dtype=dtype,
         devices=devices, retry_failed=retry_failed, allow_ctx_extension=allow_ctx_extension,
         kv_dtype=kv_dtype, decode_mode=decode_mode, allreduce_tile_tokens=allreduce_tile_tokens,
-        batch=batch, hardware=summarize_hardware(device),
+        batch=batch, hardware=_hardware(hardware, device),
         sampling=SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed),
     )
     if plan_only:
@@ -71,3 +76,14 @@ def _print_forecast(request, as_json: bool) -> None:
         print(json.dumps({"output": str(request.out), "to_summarize": pending, "skipped": skipped,
                           "groups": groups, "prefill_s": sum(g["prefill_s"] for g in groups),
                           "decode_s": sum(g["decode_s"] for g in groups)}))
+
+
+def _hardware(recipe: str | None, device: str | None):
+    """The spec to plan on: a named recipe (--plan-only), else this machine (summarize_hardware)."""
+    from facli.summarize.planning import summarize_hardware
+
+    if recipe is None:
+        return summarize_hardware(device)
+    from facli.offload.hardware import load_hardware
+
+    return load_hardware(recipe)

@@ -20,6 +20,7 @@ from facli.offload.planner import predict_prompt
 from facli.summarize.planning import PreparedDocument
 from facli.summarize.row_groups import RowGroup
 from facli.summarize.strategies import Strategy
+from facli.units import format_bytes, format_seconds
 
 
 @dataclass(frozen=True)
@@ -86,13 +87,14 @@ def forecast_run(request) -> tuple[list[GroupForecast], int, int]:
 def format_forecast(forecasts: list[GroupForecast], pending: int, skipped: int, out) -> str:
     lines = [f"facli summarize plan: {pending} documents to summarize, {skipped} already in {out}"]
     if forecasts:
-        lines += ["", "| group | context | rows | documents | prompts | prompt tokens | peak GiB "
-                  "(plan) | prefill s | decode s |", "|" + " --- |" * 9]
+        lines += ["", "| group | context | rows | documents | prompts | prompt tokens | peak "
+                  "(plan) | prefill | decode |", "|" + " --- |" * 9]
     for index, f in enumerate(forecasts, 1):
         row = f.to_dict()
         lines.append(f"| {index} | {row['ctx']} | {row['rows']} | {row['documents']} | "
                      f"{row['prompts']} | {row['prompt_tokens']:,} | "
-                     f"{row['peak_gpu_bytes'] / 2**30:.1f} | {f.prefill_s:.1f} | {f.decode_s:.1f} |")
+                     f"{format_bytes(row['peak_gpu_bytes'])} | {format_seconds(f.prefill_s)} | "
+                     f"{format_seconds(f.decode_s)} |")
     lines += ["", predicted_line(forecasts) + "; nothing was loaded or written"]
     return "\n".join(lines)
 
@@ -100,5 +102,6 @@ def format_forecast(forecasts: list[GroupForecast], pending: int, skipped: int, 
 def predicted_line(forecasts: list[GroupForecast]) -> str:
     prefill = sum(f.prefill_s for f in forecasts)
     decode = sum(f.decode_s for f in forecasts)
-    return (f"predicted: {prefill:.1f} s of prefill and {decode:.1f} s of decode (every summary "
-            "--max-new-tokens long), after the weights load and a warm-up per group")
+    return (f"predicted: {format_seconds(prefill)} of prefill and {format_seconds(decode)} of "
+            "decode (every summary --max-new-tokens long), after the weights load and a warm-up "
+            "per group")
