@@ -18,7 +18,7 @@ import torch
 
 from facli.errors import FacliError, OutOfMemoryPlanError
 from facli.offload.planner import check_decode_mode
-from facli.parallel.comm import all_reduce_sum
+from facli.parallel.comm import all_reduce_sum, broadcast_tokens
 from facli.parallel.context import ParallelContext
 from facli.sampling import SamplingParams
 
@@ -172,7 +172,7 @@ def measure_depth(runtime, depth: int, prompt: list[int], request: BenchRequest)
 
     def plan_for_depth():
         context = request.ctx or depth
-        rows = request.batch or runtime.resident_rows(context, AUTO_ROWS)
+        rows = request.batch or rank_zeros(runtime, runtime.resident_rows(context, AUTO_ROWS))
         record["rows"] = rows
         # One --ctx and --batch: one store for every depth.
         if runtime.plan is None or (runtime.ctx, runtime.rows) != (context, rows):
@@ -205,6 +205,13 @@ def measure_depth(runtime, depth: int, prompt: list[int], request: BenchRequest)
             decode_tokens_per_s=generated["decode_tokens_per_s"],
         )
     return record
+
+
+def rank_zeros(runtime, value: int) -> int:
+    """Rank 0's value on every rank: each rank plans on the free memory it detected itself, and
+    all must run the same rows."""
+    agreed = torch.tensor([value], dtype=torch.long, device=runtime.device)
+    return int(broadcast_tokens(agreed, runtime.parallel)[0])
 
 
 def measure_rows(runtime, ids: list[int], new_tokens: int) -> dict:
