@@ -39,6 +39,7 @@ class GpuSpec:
     matmul_tflops: float  # achievable dense matmul TFLOP/s in bf16 (fp16 on Volta)
     hbm_gbps: float  # achievable device memory GB/s
     compute_capability: tuple[int, int]
+    sms: int = 0  # streaming multiprocessors; 0: unknown (decode's wave fill is not modelled)
 
     def __post_init__(self):
         if self.memory_bytes <= 0 or self.matmul_tflops <= 0 or self.hbm_gbps <= 0:
@@ -130,6 +131,7 @@ def _gpu_from_table(table: dict, name: str | None = None) -> GpuSpec:
         matmul_tflops=float(table["matmul_tflops"]),
         hbm_gbps=float(table["hbm_gbps"]),
         compute_capability=tuple(int(v) for v in table["compute_capability"]),
+        sms=int(table.get("sms", 0)),
     )
 
 
@@ -208,7 +210,8 @@ def detect_hardware(margin=None) -> HardwareSpec:
             matmul, hbm = float(recipe["gpu"]["matmul_tflops"]), float(recipe["gpu"]["hbm_gbps"])
         else:
             matmul, hbm = _fallback_gpu_rates(capability)
-        devices.append(GpuSpec(name, int(free), 0, matmul, hbm, capability))
+        sms = torch.cuda.get_device_properties(index).multi_processor_count
+        devices.append(GpuSpec(name, int(free), 0, matmul, hbm, capability, sms))
     cores = psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
     cpu_memory = _FALLBACK_CPU_MEMORY_GBPS_PER_CORE * cores
     host = recipe["host"] if recipe else {}

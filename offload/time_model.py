@@ -42,6 +42,13 @@ LAYER_OVERHEAD_S = 30e-6  # per layer per prefill step: kernel launches in eager
 # Llama-7B layer faster than cuBLAS on an H200). With it, 8K and 32K decode measured 188.0 and
 # 122.0 tok/s against 188.9 and 122.9 predicted (docs/benchmarks.md, 000001e).
 DECODE_LAYER_OVERHEAD_S = 43e-6
+# Decode attention programs per SM (facli.kernels.configs' decode tables): on Hopper one per SM
+# for a 16-bit cache and two for fp8, four on older GPUs. With rows, more (sequence, KV head)
+# programs than the SMs hold at once run in waves, and the last may run part-filled: the cache
+# reads stretch by the filled share (docs/benchmarks.md, rows: 7 rows of 32 KV heads on 132 SMs
+# stepped in 20.4 ms where full waves model 17.3, and fill 85% gives 19.7).
+DECODE_PROGRAMS_PER_SM = {(9, False): 1, (9, True): 2}
+DECODE_PROGRAMS_PER_SM_OLDER = 4
 # With rows (batch > 1) the projections run as cuBLAS GEMMs, not facli's one-row matrix-vector
 # kernel: 117 us per Llama-7B layer against 104 on an H200 (docs/benchmarks.md, 000001e), so the
 # weights stream at this share of the one-row rate.
@@ -240,8 +247,25 @@ def _device_decode_seconds(hw: HardwareSpec, layout: Layout, staged_layers: floa
         gpu_kv /= FP8_DECODE_READ_SHARE
     if b > 1 and not layout.on_cpu:
         weights /= ROWS_WEIGHT_READ_SHARE
+        gpu_kv /= decode_wave_fill(hw, layout)
     device = (weights + gpu_kv + staged_layers * slot_kv) / (mem_rate * DECODE_READ_RATE)
     return device + layers * DECODE_LAYER_OVERHEAD_S
+
+
+def decode_wave_fill(hw: HardwareSpec, layout: Layout) -> float:
+    """Share of the decode kernel's waves that its rows' programs fill (1 when they fit in one
+    wave, where the kernel's split count fills it, or when the SM count is unknown)."""
+    gpu = hw.devices[0]
+    if not gpu.sms:
+        return 1.0
+    major = min(gpu.compute_capability[0], 9)
+    per_sm = DECODE_PROGRAMS_PER_SM.get((major, layout.kv_dtype_bytes == 1),
+                                        DECODE_PROGRAMS_PER_SM_OLDER)
+    programs = layout.batch * max(1, layout.config.num_key_value_heads // layout.tp)
+    slots = gpu.sms * per_sm
+    if programs <= slots:
+        return 1.0
+    return programs / (-(-programs // slots) * slots)
 
 
 def _concurrent_host_rates(hw: HardwareSpec, layout: Layout) -> tuple[float, float]:

@@ -1,5 +1,7 @@
 """Hardware specs: named recipes, detection (real on this machine, faked GPUs), margins."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -28,6 +30,7 @@ def test_every_hardware_recipe_loads(name):
     assert spec.cpu_attention_gbps <= spec.cpu_memory_gbps
     assert (spec.inter_gpu_gbps > 0) == (count > 1)
     assert spec.gpu_budget_bytes(0) < spec.devices[0].memory_bytes
+    assert all(g.sms > 0 for g in spec.devices)
 
 
 def test_h200_uses_the_measured_rates():
@@ -97,8 +100,11 @@ def test_detect_reads_free_memory_and_matches_rates_by_name(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (free - i * GIB, 140 * GIB))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "NVIDIA H200")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: SimpleNamespace(multi_processor_count=132))
     spec = detect_hardware(margin="1GiB")
     assert [g.memory_bytes for g in spec.devices] == [free, free - GIB]
+    assert [g.sms for g in spec.devices] == [132, 132]
     assert all(g.reserved_bytes == 0 and g.matmul_tflops == 787.0 for g in spec.devices)
     assert spec.inter_gpu_gbps == load_hardware("2xH200").inter_gpu_gbps
     assert spec.gpu_budget_bytes(1) == free - 2 * GIB
@@ -110,6 +116,8 @@ def test_unknown_gpu_gets_conservative_rates(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (10 * GIB, 16 * GIB))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "Mystery GPU")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: SimpleNamespace(multi_processor_count=40))
     gpu = detect_hardware().devices[0]
     assert gpu.name == "Mystery GPU" and 0 < gpu.matmul_tflops < 100 and not gpu.supports_bf16
 

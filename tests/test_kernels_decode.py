@@ -162,6 +162,18 @@ def test_split_counts_fill_one_wave_with_whole_tiles(monkeypatch, per_sm, batch,
         assert splits <= two_per_sm
 
 
+@pytest.mark.parametrize("capability", [(9, 0), (8, 0), (8, 9), (7, 0)])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_the_time_model_knows_the_decode_programs_per_sm(monkeypatch, capability, fp8):
+    """offload.time_model's wave fill counts the programs per SM of these tables."""
+    from facli.offload.time_model import DECODE_PROGRAMS_PER_SM, DECODE_PROGRAMS_PER_SM_OLDER
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    cfg = decode_config(torch.device("cuda"), 128, fp8=fp8)
+    major = min(capability[0], 9)
+    assert cfg.programs_per_sm == DECODE_PROGRAMS_PER_SM.get((major, fp8), DECODE_PROGRAMS_PER_SM_OLDER)
+
+
 @pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 256])
 def test_hopper_decode_stages_fit_shared_memory(monkeypatch, head_dim):
     cfg = hopper_decode_config(monkeypatch, head_dim)

@@ -13,6 +13,7 @@ from facli.offload.time_model import (
     SPLIT_LAYER_S,
     Layout,
     decode_breakdown,
+    decode_wave_fill,
     prefill_breakdown,
     split_cpu_share,
 )
@@ -187,3 +188,20 @@ def test_a_batch_prefills_its_sequences_one_after_another():
     one = prefill_breakdown(hardware, Layout(model("llama-7b"), 8192, 1, 1, 4096, 4096, 0, "resident", 2, 2))
     five = prefill_breakdown(hardware, Layout(model("llama-7b"), 8192, 5, 1, 4096, 4096, 0, "resident", 2, 2))
     assert five == pytest.approx({name: 5 * seconds for name, seconds in one.items()})
+
+
+@pytest.mark.parametrize("rows, kv_dtype_bytes, fill", [
+    (1, 2, 1.0),        # one sequence: the split count fills one wave
+    (4, 2, 1.0),        # 128 programs on 132 SMs
+    (7, 2, 224 / 264),  # a second wave of 92 on 132
+    (8, 2, 256 / 264),
+    (8, 1, 1.0),        # fp8: two programs per SM, 256 in 264
+    (9, 1, 288 / 528),
+])
+def test_rows_beyond_one_wave_read_their_cache_at_the_filled_share(rows, kv_dtype_bytes, fill):
+    h200 = load_hardware("1xH200-141GB")
+    layout = Layout(model("llama-7b"), 32768, rows, 1, 4096, 4096, 0, "resident", 2,
+                    kv_dtype_bytes)
+    assert decode_wave_fill(h200, layout) == pytest.approx(fill)
+    unknown = replace(h200, devices=(replace(h200.devices[0], sms=0),))
+    assert decode_wave_fill(unknown, layout) == 1.0
