@@ -24,6 +24,19 @@ def parse_ctx(text: str | int) -> int:
     return value
 
 
+def parse_batch(text: str) -> int | None:
+    """`--batch`: `8` -> 8, `auto` -> None (as many rows as keep the cache on the devices)."""
+    if text == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise FacliError(f"expected --batch a number >= 1 or auto, got {text!r}")
+    return value
+
+
 def format_ctx(tokens: int) -> str:
     """262144 -> '256k'; lengths that are not whole multiples of 1024 print as numbers."""
     if tokens % (1024 * 1024) == 0:

@@ -152,7 +152,7 @@ def test_user_errors_are_one_line():
     assert result.exit_code == 1 and "expected every --depth >= 73" in result.output
     result = run_in_process(["--depth", "128", "--device", "cpu", "--batch", "0"])
     assert result.exit_code == 1
-    assert result.output.strip() == "facli: error: expected --batch >= 1 or auto, got 0"
+    assert result.output.strip() == "facli: error: expected --batch a number >= 1 or auto, got '0'"
     result = run_in_process(["--depth", "128", "--device", "cpu", "--batch", "many"])
     assert result.exit_code == 1
     assert result.output.strip() == "facli: error: expected --batch a number >= 1 or auto, got 'many'"

@@ -151,3 +151,14 @@ def test_a_batch_plan_says_whether_its_rows_decode_together():
         "rows: the 10 sequences decode together from one cache on the GPUs (summarize --batch, "
         "bench --batch)"]
     assert rows_line(1) == []
+
+
+def test_batch_auto_plans_the_most_rows_that_stay_on_the_gpus():
+    auto = run("plan-memory", "--model", "llama-7b", "--ctx", "32k", "--batch", "auto",
+               "--hardware", "1xH200-141GB")
+    assert auto.exit_code == 0, auto.output
+    assert auto.stdout.splitlines()[0].startswith("llama-7b: ctx 32k x batch 7 on 1xH200-141GB")
+    assert "rows: the 7 sequences decode together" in auto.stdout
+    wrong = run("plan-memory", "--model", "llama-7b", "--batch", "some")
+    assert wrong.exit_code == 1
+    assert wrong.output.strip() == "facli: error: expected --batch a number >= 1 or auto, got 'some'"

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from facli.errors import FacliError
-from facli.units import parse_ctx
+from facli.units import parse_batch, parse_ctx
 
 
 def parse_depths(text: str) -> tuple[int, ...]:
@@ -16,16 +16,6 @@ def parse_depths(text: str) -> tuple[int, ...]:
     if not parts:
         raise FacliError(f"expected --depth as a comma list such as 8k,32k,128k, got {text!r}")
     return tuple(parse_ctx(part) for part in parts)
-
-
-def parse_batch(text: str) -> int | None:
-    """`8` -> 8, `auto` -> None (as many rows as fit at each depth)."""
-    if text == "auto":
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise FacliError(f"expected --batch a number >= 1 or auto, got {text!r}") from None
 
 
 def command(

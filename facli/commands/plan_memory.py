@@ -8,7 +8,9 @@ from facli.offload.hardware import hardware_from_option
 from facli.offload.plan import Plan, gpus_read_fp8, holds_rows
 from facli.offload.planner import PlanOptions, largest_resident_batch, plan
 from facli.recipe_loader import resolve_model_config
-from facli.units import format_bytes, format_ctx, parse_ctx
+
+AUTO_ROWS = 64  # the most rows --batch auto plans
+from facli.units import format_bytes, format_ctx, parse_batch, parse_ctx
 
 
 def command(
@@ -16,7 +18,7 @@ def command(
         help="Checkpoint directory (with config.json) or recipe name (see `facli recipes`); "
              "left out: the embedded demo model.")] = None,
     ctx: Annotated[str, typer.Option(help="Context length: 4096, 32k, 256k, 1m (k = 1024).")] = "32k",
-    batch: Annotated[int, typer.Option(help="Sequences decoded together.")] = 1,
+    batch: Annotated[str, typer.Option(help="Sequences decoded together; auto: as many as keep the whole KV cache on the GPUs (up to 64).")] = "1",
     hardware: Annotated[str, typer.Option(
         help="'auto' (this machine) or a hardware recipe such as 8xV100-32GB.")] = "auto",
     devices: Annotated[int | None, typer.Option(
@@ -41,7 +43,10 @@ def command(
     options = PlanOptions(kv_dtype=kv_dtype, devices=devices, prefill_chunk=prefill_chunk,
                           decode_mode=decode_mode, allreduce_tile_tokens=allreduce_tile_tokens,
                           model_name=name)
-    result = plan(config, spec, parse_ctx(ctx), batch, options)
+    tokens, rows = parse_ctx(ctx), parse_batch(batch)
+    if rows is None:
+        rows = largest_resident_batch(config, spec, tokens, options, limit=AUTO_ROWS)
+    result = plan(config, spec, tokens, rows, options)
     if json:
         print(result.to_json())
     else:
