@@ -30,7 +30,6 @@ WARM_UP_NEW_TOKENS = {"cuda": 17, "cpu": 2}
 OUT_OF_MEMORY = "out of memory"
 DOES_NOT_FIT = "does not fit"  # the plan found no placement; nothing was run
 GREEDY = SamplingParams(temperature=0.0)
-AUTO_ROWS = 64  # the most rows --batch auto takes
 
 
 @dataclass(frozen=True)
@@ -52,7 +51,7 @@ class BenchRequest:
     allreduce_tile_tokens: int | None = None  # None: the plan's
     ctx: int | None = None  # context to plan for at every depth; None: each depth's own
     # Prompts decoded together, one per row of the KV cache; None: at each depth as many as
-    # keep the cache on the GPUs (Runtime.resident_rows), up to AUTO_ROWS.
+    # keep the cache on the GPUs (Runtime.resident_rows).
     batch: int | None = 1
 
     def __post_init__(self):
@@ -172,7 +171,7 @@ def measure_depth(runtime, depth: int, prompt: list[int], request: BenchRequest)
 
     def plan_for_depth():
         context = request.ctx or depth
-        rows = request.batch or rank_zeros(runtime, runtime.resident_rows(context, AUTO_ROWS))
+        rows = request.batch or rank_zeros(runtime, runtime.resident_rows(context))
         record["rows"] = rows
         # One --ctx and --batch: one store for every depth.
         if runtime.plan is None or (runtime.ctx, runtime.rows) != (context, rows):

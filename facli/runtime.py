@@ -135,15 +135,15 @@ class Runtime:
                     decode_mode=self.options.decode_mode, force=self.options.force,
                     allreduce_tile_tokens=self.options.allreduce_tile_tokens)
 
-    def resident_rows(self, ctx: int, limit: int = 64) -> int:
-        """The most prompts of `ctx` tokens, up to `limit`, that this runtime can decode
-        together: their plan keeps the whole KV cache on the devices
-        (offload.planner.largest_resident_batch, with this runtime's choices)."""
+    def resident_rows(self, ctx: int) -> int:
+        """The most prompts of `ctx` tokens that this runtime can decode together: their plan
+        keeps the whole KV cache on the devices (offload.planner.largest_resident_batch, with
+        this runtime's choices)."""
         from facli.offload.planner import largest_resident_batch
 
         options = run_options(self.resolved.name, world_size=self.parallel.world_size,
                               **dict(self._choices(), force=False))
-        return largest_resident_batch(self.config, self.hardware, ctx, options, limit)
+        return largest_resident_batch(self.config, self.hardware, ctx, options)
 
     @property
     def rows(self) -> int:
@@ -168,10 +168,6 @@ class Runtime:
         from facli.parallel.comm import broadcast_tokens
 
         return lambda tokens: broadcast_tokens(tokens, self.parallel)
-
-    def set_context(self, ctx: int) -> None:
-        """Re-plan for another context length and rebuild the KV store; weights stay."""
-        self._replan(ctx, self.options.batch)
 
     def reconfigure(self, *, decode_mode: str | None = None, prefill_chunk: int | None = None) -> None:
         """Run on with another decode mode (re-planned, KV store rebuilt; "auto" lets each

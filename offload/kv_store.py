@@ -142,10 +142,8 @@ class OffloadedKVStore(CooperativeDecode, PackedSlots):
         return host_empty(shape, dtype, pin=self._pin)
 
     def row(self, index: int) -> "OffloadedKVStore":
-        """Sequence `index` of the batch as a store of its own (batch 1), sharing this one's
-        memory, as DeviceKVCache.row: a prompt is prefilled into one row while the others wait
-        mid-generation. Only for stores without host layers: rows decode together only from a
-        cache wholly on the GPUs."""
+        """Sequence `index` as a store of batch 1 sharing this one's memory (DeviceKVCache.row);
+        only without host layers, as rows decode together only from a cache on the GPUs."""
         if self._staged:
             raise FacliError("expected a KV store without host layers for a row view, got host "
                              f"layers {sorted(self.host_layers)}")

@@ -158,6 +158,11 @@ def _fp8_hint(model: ModelConfig, hardware: HardwareSpec, ctx: int, batch: int,
             f"{alt.times['prefill_s']:.1f} s against {best.times['prefill_s']:.1f} s",)
 
 
+# The most rows an automatic choice takes (summarize, bench --batch auto, plan-memory --batch
+# auto); each row holds a whole context of KV.
+MOST_ROWS = 64
+
+
 @dataclass(frozen=True)
 class PromptPrediction:
     """The time model's figures for one prompt on a plan's placement, and the host layers'
@@ -198,7 +203,7 @@ def predict_prompt(model: ModelConfig, hardware: HardwareSpec, run_plan: Plan,
 
 
 def largest_resident_batch(model: ModelConfig, hardware: HardwareSpec, ctx: int,
-                           options: PlanOptions = PlanOptions(), limit: int = 64) -> int:
+                           options: PlanOptions = PlanOptions(), limit: int = MOST_ROWS) -> int:
     """The most sequences of `ctx` tokens, up to `limit`, whose plan keeps the whole KV cache
     in device memory (so they decode together as rows of one cache, plan.holds_rows); 1 when
     not even two fit. Binary search: such a fit is monotone in the batch."""

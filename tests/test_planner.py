@@ -12,7 +12,6 @@ from facli.offload.planner import (
     PlanOptions,
     candidates,
     largest_fitting_ctx,
-    largest_resident_batch,
     plan,
 )
 from facli.offload.time_model import EAGER_STORE_LAYER_HOST_S
@@ -274,16 +273,6 @@ def test_decode_prediction_matches_a_measured_h200_run(ctx, measured_tokens_per_
     assert result.timing.decode_tokens_per_s == pytest.approx(measured_tokens_per_s, rel=0.03)
 
 
-@pytest.mark.parametrize("ctx, kv_dtype, measured_tokens_per_s", [
-    (4096, "auto", 891.7), (16384, "auto", 397.3), (4096, "fp8", 935.1), (16384, "fp8", 397.6)])
-def test_decode_prediction_for_rows_matches_a_measured_h200_run(ctx, kv_dtype, measured_tokens_per_s):
-    # `facli bench --synthetic llama-7b --batch 8` on one H200:
-    # docs/results/e2e-rows8-bf16-1xH200-61a0c14.json, docs/results/e2e-rows8-fp8-1xH200-9966f81.json.
-    result = plan(model("llama-7b"), load_hardware("1xH200-141GB"), ctx, 8,
-                  options(weight_dtype="bf16", kv_dtype=kv_dtype))
-    assert result.timing.decode_tokens_per_s == pytest.approx(measured_tokens_per_s, rel=0.06)
-
-
 def test_sliding_window_is_noted():
     result = plan(model("mistral-7b"), load_hardware("1xH100-80GB"), 32 * 1024, 1, options())
     assert any("sliding_window" in line for line in result.explanation)
@@ -375,34 +364,3 @@ def test_prefill_attention_time_follows_the_kernel_of_the_architecture():
         hw = HardwareSpec("one", (gpu,), 256 * GIB, 25.0, 100.0, 20.0, 1.0, 0.0, 0.0, GIB)
         seconds[capability] = prefill_breakdown(hw, layout)["prefill_attention_s"]
     assert seconds[(8, 0)] / seconds[(9, 0)] == pytest.approx(HOPPER_ATTENTION_EFFICIENCY / ATTENTION_EFFICIENCY)
-
-
-@pytest.mark.parametrize("name,hardware", [("llama-7b", "1xH200-141GB"), ("llama-3-8b", "1xA100-80GB"),
-                                           ("llama-2-13b", "2xH200")])
-@pytest.mark.parametrize("ctx", ["2k", "8k", "32k"])
-@pytest.mark.parametrize("kv_dtype", ["auto", "fp8"])
-def test_largest_resident_batch_is_the_edge_of_an_all_device_cache(name, hardware, ctx, kv_dtype):
-    config, spec, tokens = model(name), load_hardware(hardware), parse_ctx(ctx)
-    rows = largest_resident_batch(config, spec, tokens, options(kv_dtype=kv_dtype), limit=64)
-    reads_fp8 = all(gpu.compute_capability >= (8, 9) for gpu in spec.devices)
-
-    def resident(batch):
-        try:
-            found = plan(config, spec, tokens, batch, options(kv_dtype=kv_dtype))
-        except OutOfMemoryPlanError:
-            return False
-        return found.decode_mode == "resident" and (found.kv_dtype != "fp8" or reads_fp8)
-
-    assert 1 <= rows <= 64
-    assert rows == 1 or resident(rows)
-    assert rows == 64 or not resident(rows + 1)
-
-
-def test_an_fp8_cache_holds_about_twice_the_rows_where_the_decode_kernel_reads_it():
-    config = model("llama-7b")
-    h200, a100 = load_hardware("1xH200-141GB"), load_hardware("1xA100-80GB")
-    assert largest_resident_batch(config, h200, 32 * 1024, options(), limit=64) == 7
-    assert largest_resident_batch(config, h200, 32 * 1024, options(kv_dtype="fp8"), limit=64) == 14
-    # Before sm89 an fp8 cache decodes eagerly, over dequantized tiles: one sequence at a time.
-    assert largest_resident_batch(config, a100, 2048, options(kv_dtype="fp8"), limit=64) == 1
-    assert largest_resident_batch(config, h200, 2048, options(), limit=5) == 5

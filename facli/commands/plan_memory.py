@@ -8,8 +8,6 @@ from facli.offload.hardware import hardware_from_option
 from facli.offload.plan import Plan, gpus_read_fp8, holds_rows
 from facli.offload.planner import PlanOptions, largest_resident_batch, plan
 from facli.recipe_loader import resolve_model_config
-
-AUTO_ROWS = 64  # the most rows --batch auto plans
 from facli.units import format_bytes, format_ctx, parse_batch, parse_ctx
 
 
@@ -45,7 +43,7 @@ def command(
                           model_name=name)
     tokens, rows = parse_ctx(ctx), parse_batch(batch)
     if rows is None:
-        rows = largest_resident_batch(config, spec, tokens, options, limit=AUTO_ROWS)
+        rows = largest_resident_batch(config, spec, tokens, options)
     result = plan(config, spec, tokens, rows, options)
     if json:
         print(result.to_json())

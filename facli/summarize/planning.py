@@ -8,12 +8,6 @@ from facli.summarize.documents import Document
 from facli.summarize.prompting import Prompts
 from facli.summarize.strategies import Budget, Strategy
 
-# The most prompts decoded together when --batch is not given; each row holds a whole context
-# of KV. 48 rows ran 7.4x one at a time on short documents (docs/benchmarks.md, "documents
-# decoded together").
-MAX_AUTO_ROWS = 64
-
-
 @dataclass(frozen=True)
 class PreparedDocument:
     """A document and its tokens (None for a document that cannot be used)."""
@@ -114,13 +108,15 @@ def plan_memory(config, ctx: int, hardware, *, model_name: str, max_new_tokens: 
 
 
 def choose_rows(config, ctx: int, hardware, *, model_name: str, max_new_tokens: int,
-                devices: int, dtype: str, kv_dtype: str, limit: int) -> int:
-    """How many prompts of `ctx` tokens to decode together: the most, up to `limit`, whose KV
-    cache fits in device memory beside the weights (offload.planner.largest_resident_batch)."""
+                devices: int, dtype: str, kv_dtype: str) -> int:
+    """How many prompts of `ctx` tokens to decode together when --batch is not given: the most,
+    up to offload.planner.MOST_ROWS, whose KV cache fits in device memory beside the weights
+    (largest_resident_batch). 48 rows ran 7.4x one at a time on short documents
+    (docs/benchmarks.md, "documents decoded together")."""
     from facli.offload.planner import largest_resident_batch
 
     options = _plan_options(model_name, max_new_tokens, devices, dtype, kv_dtype)
-    return largest_resident_batch(config, hardware, ctx, options, limit)
+    return largest_resident_batch(config, hardware, ctx, options)
 
 
 def _plan_options(model_name, max_new_tokens, devices, dtype, kv_dtype, decode_mode="auto",

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from facli.errors import FacliError
-from facli.offload.planner import check_decode_mode
+from facli.offload.planner import MOST_ROWS, check_decode_mode
 from facli.parallel.comm import all_reduce_sum, barrier, broadcast_tokens
 from facli.parallel.context import SINGLE_PROCESS, ParallelContext
 from facli.resolve import ResolvedModel, check_context, resolve_device, resolve_model
@@ -27,7 +27,6 @@ from facli.summarize.interrupt import StopRequest
 from facli.summarize.job import JobSettings, JobSummary, run_documents
 from facli.summarize.output import ExistingResults, ResultWriter, read_results
 from facli.summarize.planning import (
-    MAX_AUTO_ROWS,
     CorpusPlan,
     PreparedDocument,
     choose_rows,
@@ -210,13 +209,13 @@ def corpus_row_groups(request: SummarizeRequest, resolved: ResolvedModel, corpus
     buckets = length_buckets(pending, settings, runtime_ctx)
     resident = [choose_rows(resolved.config, ctx, request.hardware, model_name=resolved.name,
                             max_new_tokens=request.max_new_tokens, devices=request.devices,
-                            dtype=request.dtype, kv_dtype=request.kv_dtype, limit=MAX_AUTO_ROWS)
+                            dtype=request.dtype, kv_dtype=request.kv_dtype)
                 for ctx, _ in buckets]
     if parallel.is_distributed:
         agreed = torch.tensor(resident, dtype=torch.long,
                               device=resolve_device(request.device, parallel))
         resident = broadcast_tokens(agreed, parallel).tolist()
-    return merge_buckets(buckets, resident, settings, MAX_AUTO_ROWS)
+    return merge_buckets(buckets, resident, settings, MOST_ROWS)
 
 
 def _runtime_options(request: SummarizeRequest, group: RowGroup) -> RuntimeOptions:

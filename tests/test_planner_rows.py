@@ -1,0 +1,51 @@
+"""The planner for rows (several sequences decoded together from one cache): how many stay on
+the devices, and their decode predictions against measured runs."""
+
+import pytest
+
+from facli.errors import OutOfMemoryPlanError
+from facli.offload.hardware import load_hardware
+from facli.offload.planner import largest_resident_batch, plan
+from facli.units import parse_ctx
+from test_planner import model, options
+
+
+@pytest.mark.parametrize("name,hardware", [("llama-7b", "1xH200-141GB"), ("llama-3-8b", "1xA100-80GB"),
+                                           ("llama-2-13b", "2xH200")])
+@pytest.mark.parametrize("ctx", ["2k", "8k", "32k"])
+@pytest.mark.parametrize("kv_dtype", ["auto", "fp8"])
+def test_largest_resident_batch_is_the_edge_of_an_all_device_cache(name, hardware, ctx, kv_dtype):
+    config, spec, tokens = model(name), load_hardware(hardware), parse_ctx(ctx)
+    rows = largest_resident_batch(config, spec, tokens, options(kv_dtype=kv_dtype), limit=64)
+    reads_fp8 = all(gpu.compute_capability >= (8, 9) for gpu in spec.devices)
+
+    def resident(batch):
+        try:
+            found = plan(config, spec, tokens, batch, options(kv_dtype=kv_dtype))
+        except OutOfMemoryPlanError:
+            return False
+        return found.decode_mode == "resident" and (found.kv_dtype != "fp8" or reads_fp8)
+
+    assert 1 <= rows <= 64
+    assert rows == 1 or resident(rows)
+    assert rows == 64 or not resident(rows + 1)
+
+
+def test_an_fp8_cache_holds_about_twice_the_rows_where_the_decode_kernel_reads_it():
+    config = model("llama-7b")
+    h200, a100 = load_hardware("1xH200-141GB"), load_hardware("1xA100-80GB")
+    assert largest_resident_batch(config, h200, 32 * 1024, options(), limit=64) == 7
+    assert largest_resident_batch(config, h200, 32 * 1024, options(kv_dtype="fp8"), limit=64) == 14
+    # Before sm89 an fp8 cache decodes eagerly, over dequantized tiles: one sequence at a time.
+    assert largest_resident_batch(config, a100, 2048, options(kv_dtype="fp8"), limit=64) == 1
+    assert largest_resident_batch(config, h200, 2048, options(), limit=5) == 5
+
+
+@pytest.mark.parametrize("ctx, kv_dtype, measured_tokens_per_s", [
+    (4096, "auto", 891.7), (16384, "auto", 397.3), (4096, "fp8", 935.1), (16384, "fp8", 397.6)])
+def test_decode_prediction_for_rows_matches_a_measured_h200_run(ctx, kv_dtype, measured_tokens_per_s):
+    # `facli bench --synthetic llama-7b --batch 8` on one H200:
+    # docs/results/e2e-rows8-bf16-1xH200-61a0c14.json, docs/results/e2e-rows8-fp8-1xH200-9966f81.json.
+    result = plan(model("llama-7b"), load_hardware("1xH200-141GB"), ctx, 8,
+                  options(weight_dtype="bf16", kv_dtype=kv_dtype))
+    assert result.timing.decode_tokens_per_s == pytest.approx(measured_tokens_per_s, rel=0.06)
