@@ -1,8 +1,8 @@
 """Decode attention over the rows of a batch: split counts against the chooser's.
 
-With more (row, KV head) programs than one wave holds, `choose_num_splits` takes 1 split, and
-the last wave may run part-filled (7 rows of 32 heads: 224 programs on 132 SMs). This measures
-whether more splits, filling the waves, read faster.
+With more (row, KV head) programs than one wave holds, the last wave may run part-filled (7 rows
+of 32 heads: 224 programs on 132 SMs). This measures every split count from 1 to 8 against the
+one `choose_num_splits` takes, the fewest that fill the waves.
 
     python benchmarks/decode_rows.py [--rows 5,7,13,24] [--lengths 16k,32k] [--out DIR]
 

@@ -83,6 +83,33 @@ _DECODE_FP8 = {
                            long_split_tiles=4),
 }
 
+# Rows of a batch: (row, KV head) programs beyond half a wave of programs_per_sm * SMs take the
+# fewest splits (up to ROW_SPLITS) whose last wave is at least WAVE_FILL full. On an H200 at 32K
+# (docs/benchmarks.md, "Decode splits over rows"), one split per program left 5 and 13 bf16 rows
+# 28% and 12% slower than 4 splits, and 5-13 fp8 rows 19-41% slower than 5-8 splits.
+WAVE_FILL = 0.95
+ROW_SPLITS = 8
+
+
+def filled_share(programs: int, slots: int) -> float:
+    """Share of the waves of `slots` programs each that `programs` programs fill."""
+    return programs / (-(-programs // slots) * slots)
+
+
+def splits_filling_waves(programs: int, slots: int, most: int) -> int:
+    """The fewest splits, up to min(most, ROW_SPLITS), that fill the last wave to WAVE_FILL,
+    else the ones that fill it most. 7 rows of 32 KV heads on 132 slots: one split leaves the
+    second wave 70% idle, 4 splits fill 97% of 7 waves."""
+    best, best_fill = 1, 0.0
+    for splits in range(1, max(1, min(most, ROW_SPLITS)) + 1):
+        fill = filled_share(programs * splits, slots)
+        if fill >= WAVE_FILL:
+            return splits
+        if fill > best_fill:
+            best, best_fill = splits, fill
+    return best
+
+
 # Causal prefill with short queries (chunks of a few hundred tokens, or the interpreter) does
 # not need the large outer block; used below this many queries.
 SMALL_QUERIES = 64

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from facli.config import ModelConfig
+from facli.kernels.configs import ROW_SPLITS, filled_share, splits_filling_waves
 from facli.offload.hardware import HardwareSpec
 from facli.offload.plan import decodes_eagerly, gpus_read_fp8, uses_offloaded_store
 from facli.offload.memory_model import (
@@ -43,10 +44,9 @@ LAYER_OVERHEAD_S = 30e-6  # per layer per prefill step: kernel launches in eager
 # 122.0 tok/s against 188.9 and 122.9 predicted (docs/benchmarks.md, 000001e).
 DECODE_LAYER_OVERHEAD_S = 43e-6
 # Decode attention programs per SM (facli.kernels.configs' decode tables): on Hopper one per SM
-# for a 16-bit cache and two for fp8, four on older GPUs. With rows, more (sequence, KV head)
-# programs than the SMs hold at once run in waves, and the last may run part-filled: the cache
-# reads stretch by the filled share (docs/benchmarks.md, rows: 7 rows of 32 KV heads on 132 SMs
-# stepped in 20.4 ms where full waves model 17.3, and fill 85% gives 19.7).
+# for a 16-bit cache and two for fp8, four on older GPUs. With rows, the (sequence, KV head,
+# split) programs run in waves, and the last may run part-filled: the cache reads stretch by the
+# filled share at the kernel's split count (configs.splits_filling_waves).
 DECODE_PROGRAMS_PER_SM = {(9, False): 1, (9, True): 2}
 DECODE_PROGRAMS_PER_SM_OLDER = 4
 # With rows (batch > 1) the projections run as cuBLAS GEMMs, not facli's one-row matrix-vector
@@ -253,8 +253,9 @@ def _device_decode_seconds(hw: HardwareSpec, layout: Layout, staged_layers: floa
 
 
 def decode_wave_fill(hw: HardwareSpec, layout: Layout) -> float:
-    """Share of the decode kernel's waves that its rows' programs fill (1 when they fit in one
-    wave, where the kernel's split count fills it, or when the SM count is unknown)."""
+    """Share of the decode kernel's waves that its rows' programs fill at the kernel's split
+    count (1 when one sequence's splits fill one wave, or when the SM count is unknown). The
+    contexts planned are long enough for every split count the rows may take."""
     gpu = hw.devices[0]
     if not gpu.sms:
         return 1.0
@@ -263,9 +264,9 @@ def decode_wave_fill(hw: HardwareSpec, layout: Layout) -> float:
                                         DECODE_PROGRAMS_PER_SM_OLDER)
     programs = layout.batch * max(1, layout.config.num_key_value_heads // layout.tp)
     slots = gpu.sms * per_sm
-    if programs <= slots:
+    if 2 * programs <= slots:
         return 1.0
-    return programs / (-(-programs // slots) * slots)
+    return filled_share(programs * splits_filling_waves(programs, slots, ROW_SPLITS), slots)
 
 
 def _concurrent_host_rates(hw: HardwareSpec, layout: Layout) -> tuple[float, float]:

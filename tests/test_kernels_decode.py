@@ -8,7 +8,13 @@ from test_kernels_reference import assert_within_torch_error, oracle, poison_all
 
 from facli.kernels import decode_attention, decode_attention_triton
 from facli.kernels import decode as decode_module
-from facli.kernels.configs import DecodeConfig, decode_config
+from facli.kernels.configs import (
+    WAVE_FILL,
+    DecodeConfig,
+    decode_config,
+    filled_share,
+    splits_filling_waves,
+)
 from facli.kernels.decode import MAX_SPLITS, choose_num_splits
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -155,11 +161,43 @@ def test_split_counts_fill_one_wave_with_whole_tiles(monkeypatch, per_sm, batch,
     cfg = DecodeConfig(block_n=64, num_warps=4, num_stages=3, programs_per_sm=per_sm)
     splits = choose_num_splits(batch, kv_heads, cache_len, None, cfg)
     assert 1 <= splits <= MAX_SPLITS
-    assert splits == 1 or batch * kv_heads * splits <= per_sm * 132
+    if 2 * batch * kv_heads <= per_sm * 132:  # more programs than half a wave: next test
+        assert splits == 1 or batch * kv_heads * splits <= per_sm * 132
     assert splits <= -(-cache_len // (4 * 64))  # at least 4 tiles of 64 keys, rounding up
     two_per_sm = choose_num_splits(batch, kv_heads, cache_len, None, replace(cfg, programs_per_sm=2))
     if per_sm == 4 and cache_len < two_per_sm * 32 * 64:  # short splits: fewer programs per SM
         assert splits <= two_per_sm
+
+
+@pytest.mark.parametrize("rows, per_sm, expected", [
+    (5, 1, 4),    # 160 programs on 132 slots: 4 splits fill 640 of 660 (measured best, H200)
+    (7, 1, 4),    # 224: one split leaves the second wave 70% idle
+    (8, 1, 1),    # 256 of 264 already
+    (13, 1, 4),   # 1664 of 1716
+    (24, 1, 1),   # 768 of 792
+    (5, 2, 8),    # fp8's two programs per SM: 160 of 264 in one wave, 1280 of 1320 in five
+    (7, 2, 7),
+    (13, 2, 5),   # 2080 of 2112
+    (48, 1, 1),
+])
+def test_rows_beyond_half_a_wave_take_the_fewest_splits_that_fill_their_waves(
+        monkeypatch, rows, per_sm, expected):
+    monkeypatch.setattr(decode_module, "num_sms", lambda device: 132)
+    cfg = DecodeConfig(block_n=64, num_warps=4, num_stages=3, programs_per_sm=per_sm)
+    splits = choose_num_splits(rows, 32, 32 * 1024, None, cfg)
+    assert splits == expected
+    total = rows * 32 * splits
+    assert total / (-(-total // (per_sm * 132)) * per_sm * 132) >= WAVE_FILL
+    # Short caches keep at least 4 tiles per split.
+    assert choose_num_splits(rows, 32, 512, None, cfg) <= 2
+
+
+def test_rows_that_no_split_count_fills_take_the_fullest():
+    # 100 programs on 128 slots: 1 -> 78%, 2 -> 78%, 3 -> 78%, 4 -> 78%, 5 -> 98%; capped at 3.
+    assert splits_filling_waves(100, 128, 3) == 1
+    assert splits_filling_waves(100, 128, 8) == 5
+    assert splits_filling_waves(150, 128, 2) == 2  # 300 of 384 beats 150 of 256
+    assert filled_share(224, 132) == pytest.approx(224 / 264)
 
 
 @pytest.mark.parametrize("capability", [(9, 0), (8, 0), (8, 9), (7, 0)])

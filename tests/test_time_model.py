@@ -192,13 +192,13 @@ def test_a_batch_prefills_its_sequences_one_after_another():
 
 @pytest.mark.parametrize("rows, kv_dtype_bytes, fill", [
     (1, 2, 1.0),        # one sequence: the split count fills one wave
-    (4, 2, 1.0),        # 128 programs on 132 SMs
-    (7, 2, 224 / 264),  # a second wave of 92 on 132
+    (2, 2, 1.0),        # 64 programs on 132 SMs: 2 splits each
+    (7, 2, 896 / 924),  # 224 programs: 4 splits fill 7 waves (1 split: 224 of 264)
     (8, 2, 256 / 264),
-    (8, 1, 1.0),        # fp8: two programs per SM, 256 in 264
-    (9, 1, 288 / 528),
+    (8, 1, 256 / 264),  # fp8: two programs per SM, 256 in 264
+    (9, 1, 2016 / 2112),  # 288 programs: 7 splits are the fewest that fill 95%
 ])
-def test_rows_beyond_one_wave_read_their_cache_at_the_filled_share(rows, kv_dtype_bytes, fill):
+def test_rows_beyond_half_a_wave_read_their_cache_at_the_filled_share(rows, kv_dtype_bytes, fill):
     h200 = load_hardware("1xH200-141GB")
     layout = Layout(model("llama-7b"), 32768, rows, 1, 4096, 4096, 0, "resident", 2,
                     kv_dtype_bytes)
