@@ -108,6 +108,10 @@ def test_rows_decode_together_next_to_transformers_in_one_batch(env, tmp_path):
         assert record["new_tokens"] == 4 and record["decode_tokens_per_s"] > 0
         assert record["prefill_tokens_per_s"] == pytest.approx(3 * 116 / record["ttft_s"])
     assert facli["plan"]["plan"]["batch"] == 3
+    # The plan's rate counts every row's prompt, as the measured one does.
+    plan = facli["plan"]
+    assert plan["prefill_tokens_per_s"] == pytest.approx(
+        3 * plan["plan"]["ctx"] / plan["plan"]["timing"]["prefill_s"])
     sizes = report["facli"]["decode_bytes"]
     kv_per_token = sizes["kv_elements_per_token_per_rank"] * sizes["kv_element_bytes"]
     # One step reads the weights once and each of the 3 rows' KV, at the mean decode length.
