@@ -37,6 +37,8 @@ class DecodeConfig:
     # More than one program per SM only where each split still streams this many tiles: bf16
     # caches are bound by bytes and short splits pay their start-up; fp8 caches by latency.
     long_split_tiles: int = 32
+    # Rows beyond half a wave take at least this many splits (splits_filling_waves).
+    least_row_splits: int = 1
 
 
 # (compute capability major, head-dim bucket) -> prefill config. The head-dim bucket is the
@@ -73,14 +75,16 @@ _DECODE = {
 # fp8 caches on Hopper: the loop converts every byte, and is bound by instruction latency rather
 # than by bytes; two 4-warp programs per SM with 64-key tiles were fastest, even with splits of 16
 # tiles (docs/benchmarks.md: a sweep at 32K and 256K, 8 and 32 KV heads). D=256 halves the tile
-# so that two programs fit.
+# so that two programs fit. Rows of different lengths leave the last programs of a wave running
+# alone; quarter-row splits shorten that tail: 16-48 ragged rows at 16K decoded 4-17% faster in
+# 4 splits than in 1, and full rows no slower (docs/benchmarks.md, "Decode splits over rows").
 _DECODE_FP8 = {
     (9, 64): DecodeConfig(block_n=64, num_warps=4, num_stages=3, programs_per_sm=2,
-                          long_split_tiles=4),
+                          long_split_tiles=4, least_row_splits=4),
     (9, 128): DecodeConfig(block_n=64, num_warps=4, num_stages=3, programs_per_sm=2,
-                           long_split_tiles=4),
+                           long_split_tiles=4, least_row_splits=4),
     (9, 256): DecodeConfig(block_n=32, num_warps=4, num_stages=3, programs_per_sm=2,
-                           long_split_tiles=4),
+                           long_split_tiles=4, least_row_splits=4),
 }
 
 # Rows of a batch: (row, KV head) programs beyond half a wave of programs_per_sm * SMs take the
@@ -96,12 +100,13 @@ def filled_share(programs: int, slots: int) -> float:
     return programs / (-(-programs // slots) * slots)
 
 
-def splits_filling_waves(programs: int, slots: int, most: int) -> int:
-    """The fewest splits, up to min(most, ROW_SPLITS), that fill the last wave to WAVE_FILL,
-    else the ones that fill it most. 7 rows of 32 KV heads on 132 slots: one split leaves the
-    second wave 70% idle, 4 splits fill 97% of 7 waves."""
+def splits_filling_waves(programs: int, slots: int, most: int, least: int = 1) -> int:
+    """The fewest splits from `least`, up to min(most, ROW_SPLITS), that fill the last wave to
+    WAVE_FILL, else the ones that fill it most. 7 rows of 32 KV heads on 132 slots: one split
+    leaves the second wave 70% idle, 4 splits fill 97% of 7 waves."""
+    top = max(1, min(most, ROW_SPLITS))
     best, best_fill = 1, 0.0
-    for splits in range(1, max(1, min(most, ROW_SPLITS)) + 1):
+    for splits in range(min(least, top), top + 1):
         fill = filled_share(programs * splits, slots)
         if fill >= WAVE_FILL:
             return splits
@@ -144,7 +149,12 @@ def decode_config(device, head_dim: int, *, fp8: bool = False) -> DecodeConfig:
     """The decode block sizes for this device, head dim and cache dtype (fp8: e4m3 K/V)."""
     if device is None or device.type != "cuda":
         return DecodeConfig(block_n=32, num_warps=4, num_stages=1, programs_per_sm=1)
-    key = (_arch_major(device), head_dim_bucket(head_dim))
+    return arch_decode_config(_arch_major(device), head_dim, fp8=fp8)
+
+
+def arch_decode_config(major: int, head_dim: int, *, fp8: bool = False) -> DecodeConfig:
+    """decode_config for a GPU of this compute capability major, without one at hand."""
+    key = (min(max(major, 7), 9), head_dim_bucket(head_dim))
     if fp8 and key in _DECODE_FP8:
         return _DECODE_FP8[key]
     return _DECODE[key]

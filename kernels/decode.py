@@ -323,7 +323,7 @@ def choose_num_splits(batch: int, kv_heads: int, cache_len: int, device, cfg: De
     programs = batch * kv_heads
     slots = cfg.programs_per_sm * num_sms(device)
     if 2 * programs > slots:
-        return splits_filling_waves(programs, slots, most)
+        return splits_filling_waves(programs, slots, most, cfg.least_row_splits)
 
     def one_wave(per_sm):
         return max(1, min(most, per_sm * num_sms(device) // programs))

@@ -9,7 +9,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from facli.config import ModelConfig
-from facli.kernels.configs import ROW_SPLITS, filled_share, splits_filling_waves
+from facli.kernels.configs import (
+    ROW_SPLITS,
+    arch_decode_config,
+    filled_share,
+    splits_filling_waves,
+)
 from facli.offload.hardware import HardwareSpec
 from facli.offload.plan import decodes_eagerly, gpus_read_fp8, uses_offloaded_store
 from facli.offload.memory_model import (
@@ -43,12 +48,6 @@ LAYER_OVERHEAD_S = 30e-6  # per layer per prefill step: kernel launches in eager
 # Llama-7B layer faster than cuBLAS on an H200). With it, 8K and 32K decode measured 188.0 and
 # 122.0 tok/s against 188.9 and 122.9 predicted (docs/benchmarks.md, 000001e).
 DECODE_LAYER_OVERHEAD_S = 43e-6
-# Decode attention programs per SM (facli.kernels.configs' decode tables): on Hopper one per SM
-# for a 16-bit cache and two for fp8, four on older GPUs. With rows, the (sequence, KV head,
-# split) programs run in waves, and the last may run part-filled: the cache reads stretch by the
-# filled share at the kernel's split count (configs.splits_filling_waves).
-DECODE_PROGRAMS_PER_SM = {(9, False): 1, (9, True): 2}
-DECODE_PROGRAMS_PER_SM_OLDER = 4
 # With rows (batch > 1) the projections run as cuBLAS GEMMs, not facli's one-row matrix-vector
 # kernel: 117 us per Llama-7B layer against 104 on an H200 (docs/benchmarks.md, 000001e), so the
 # weights stream at this share of the one-row rate.
@@ -254,19 +253,21 @@ def _device_decode_seconds(hw: HardwareSpec, layout: Layout, staged_layers: floa
 
 def decode_wave_fill(hw: HardwareSpec, layout: Layout) -> float:
     """Share of the decode kernel's waves that its rows' programs fill at the kernel's split
-    count (1 when one sequence's splits fill one wave, or when the SM count is unknown). The
-    contexts planned are long enough for every split count the rows may take."""
+    count (1 when one sequence's splits fill one wave, or when the SM count is unknown). With
+    rows, the (sequence, KV head, split) programs run in waves of programs_per_sm per SM, and
+    the last may run part-filled: the cache reads stretch by the filled share. The contexts
+    planned are long enough for every split count the rows may take."""
     gpu = hw.devices[0]
     if not gpu.sms:
         return 1.0
-    major = min(gpu.compute_capability[0], 9)
-    per_sm = DECODE_PROGRAMS_PER_SM.get((major, layout.kv_dtype_bytes == 1),
-                                        DECODE_PROGRAMS_PER_SM_OLDER)
-    programs = layout.batch * max(1, layout.config.num_key_value_heads // layout.tp)
-    slots = gpu.sms * per_sm
+    c = layout.config
+    cfg = arch_decode_config(gpu.compute_capability[0], c.head_dim, fp8=layout.kv_dtype_bytes == 1)
+    programs = layout.batch * max(1, c.num_key_value_heads // layout.tp)
+    slots = gpu.sms * cfg.programs_per_sm
     if 2 * programs <= slots:
         return 1.0
-    return filled_share(programs * splits_filling_waves(programs, slots, ROW_SPLITS), slots)
+    splits = splits_filling_waves(programs, slots, ROW_SPLITS, cfg.least_row_splits)
+    return filled_share(programs * splits, slots)
 
 
 def _concurrent_host_rates(hw: HardwareSpec, layout: Layout) -> tuple[float, float]:

@@ -195,7 +195,7 @@ def test_a_batch_prefills_its_sequences_one_after_another():
     (2, 2, 1.0),        # 64 programs on 132 SMs: 2 splits each
     (7, 2, 896 / 924),  # 224 programs: 4 splits fill 7 waves (1 split: 224 of 264)
     (8, 2, 256 / 264),
-    (8, 1, 256 / 264),  # fp8: two programs per SM, 256 in 264
+    (8, 1, 1024 / 1056),  # fp8: two programs per SM, at least 4 splits per row
     (9, 1, 2016 / 2112),  # 288 programs: 7 splits are the fewest that fill 95%
 ])
 def test_rows_beyond_half_a_wave_read_their_cache_at_the_filled_share(rows, kv_dtype_bytes, fill):
