@@ -64,6 +64,11 @@ DECODE_READ_RATE = 1.08
 # (graph-replayed steps, the new token stored by one kernel per layer; commit d8f0629,
 # docs/benchmarks.md): within 1.1% at each depth.
 FP8_DECODE_READ_SHARE = 0.50
+# Rows of an fp8 cache, in waves their splits fill, read at this share instead: the kernel read
+# 2.40-2.48 TB/s over 5-48 full rows at 16K and 32K where the bf16 path read 4.43-4.60
+# (benchmarks/decode_rows.py). `facli bench --kv-dtype fp8` with 8, 13 and 27 rows at 4K-32K on
+# one H200 (commits 3127cef, 46fbc43; docs/benchmarks.md) fit 0.56: within 3% at each.
+FP8_ROWS_DECODE_READ_SHARE = 0.56
 # Per layer per decode step of a wholly eager decode (an fp8 cache the GPU cannot read
 # directly): the host's Python and launches for the layer. Fitted to one run (fp8 KV, all layers
 # on one H200, 256K, run eagerly before that layout replayed graphs: 48.3 ms per step); the host
@@ -242,9 +247,10 @@ def _device_decode_seconds(hw: HardwareSpec, layout: Layout, staged_layers: floa
     slot_kv = kv_layer_bytes(c, layout.ctx, b, layout.weight_dtype_bytes, t)
     # GPU-resident fp8 rows go through the decode kernel's e4m3 path, at its own rate.
     gpu_kv = (layers - layout.host_layers) * layer_kv
+    rows = b > 1 and not layout.on_cpu
     if layout.kv_dtype_bytes == 1:
-        gpu_kv /= FP8_DECODE_READ_SHARE
-    if b > 1 and not layout.on_cpu:
+        gpu_kv /= FP8_ROWS_DECODE_READ_SHARE if rows else FP8_DECODE_READ_SHARE
+    if rows:
         weights /= ROWS_WEIGHT_READ_SHARE
         gpu_kv /= decode_wave_fill(hw, layout)
     device = (weights + gpu_kv + staged_layers * slot_kv) / (mem_rate * DECODE_READ_RATE)

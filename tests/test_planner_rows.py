@@ -41,11 +41,15 @@ def test_an_fp8_cache_holds_about_twice_the_rows_where_the_decode_kernel_reads_i
     assert largest_resident_batch(config, h200, 2048, options(), limit=5) == 5
 
 
-@pytest.mark.parametrize("ctx, kv_dtype, measured_tokens_per_s", [
-    (4096, "auto", 891.7), (16384, "auto", 397.3), (4096, "fp8", 935.1), (16384, "fp8", 397.6)])
-def test_decode_prediction_for_rows_matches_a_measured_h200_run(ctx, kv_dtype, measured_tokens_per_s):
-    # `facli bench --synthetic llama-7b --batch 8` on one H200:
-    # docs/results/e2e-rows8-bf16-1xH200-61a0c14.json, docs/results/e2e-rows8-fp8-1xH200-9966f81.json.
-    result = plan(model("llama-7b"), load_hardware("1xH200-141GB"), ctx, 8,
+@pytest.mark.parametrize("ctx, rows, kv_dtype, measured_tokens_per_s", [
+    (4096, 8, "auto", 891.7), (16384, 8, "auto", 397.3), (16384, 15, "auto", 440.6),
+    (32768, 5, "auto", 206.1), (4096, 8, "fp8", 934.6), (16384, 8, "fp8", 413.5),
+    (16384, 27, "fp8", 514.2), (32768, 13, "fp8", 254.8)])
+def test_decode_prediction_for_rows_matches_a_measured_h200_run(ctx, rows, kv_dtype,
+                                                                measured_tokens_per_s):
+    # `facli bench --synthetic llama-7b --batch N` on one H200: docs/results/e2e-rows8-bf16-1xH200-61a0c14.json,
+    # e2e-rows5-bf16-1xH200-3127cef.json, e2e-rowsauto-fp8-1xH200-3127cef.json, and
+    # e2e-rows8-fp8, e2e-rowsauto16k-{fp8,bf16}-1xH200-46fbc43.json.
+    result = plan(model("llama-7b"), load_hardware("1xH200-141GB"), ctx, rows,
                   options(weight_dtype="bf16", kv_dtype=kv_dtype))
     assert result.timing.decode_tokens_per_s == pytest.approx(measured_tokens_per_s, rel=0.06)
