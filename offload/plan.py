@@ -184,7 +184,7 @@ class Plan:
         runtime prefills its prompts one after another)."""
         if self.batch == 1:
             return "time to first token"
-        return f"prefill of {self.batch} prompts, one after another,"
+        return f"prefill of {self.batch} full-context prompts, one after another,"
 
 
 def _lists(value):

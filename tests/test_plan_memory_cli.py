@@ -129,7 +129,7 @@ def test_a_batch_plan_says_its_prompts_prefill_one_after_another():
         assert line.startswith(f"predicted: {phrase} ")
         return float(line[len(f"predicted: {phrase} "):].split(" s,")[0])
 
-    assert seconds(eight.stdout, "prefill of 8 prompts, one after another,") == pytest.approx(
+    assert seconds(eight.stdout, "prefill of 8 full-context prompts, one after another,") == pytest.approx(
         8 * seconds(one.stdout, "time to first token"), rel=0.02)
 
 
