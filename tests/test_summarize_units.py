@@ -16,7 +16,7 @@ from facli.summarize.documents import discover, read_documents
 from facli.summarize.faults import Attempt, OomGuard, attempts
 from facli.summarize.interrupt import StopRequest
 from facli.summarize.job import JobSettings, run_documents
-from facli.summarize.output import ResultWriter, make_record, read_results
+from facli.summarize.output import ResultWriter, check_writable, make_record, read_results
 from facli.summarize.planning import plan_corpus, tokenize
 from facli.summarize.prompting import make_builder, make_prompts, read_template
 from facli.summarize.strategies import Budget, DocumentFailed, Strategy, cut_middle, split_even, summarize
@@ -272,6 +272,29 @@ def test_second_writer_on_the_same_output_is_refused(tmp_path):
     with ResultWriter(tmp_path / "r.jsonl"):
         with pytest.raises(FacliError, match="no other run writing"):
             ResultWriter(tmp_path / "r.jsonl")
+
+
+@pytest.mark.parametrize("out, reason", [
+    ("folder", "Is a directory"),
+    ("file.txt/results.jsonl", "Not a directory"),
+])
+def test_an_output_that_cannot_be_written_fails_before_any_document_is_read(
+        tmp_path, monkeypatch, out, reason):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file.txt").write_text("a document\n")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs/a.txt").write_text("a document\n")
+    from facli.summarize import run as summarize_run
+
+    monkeypatch.setattr(summarize_run, "open_corpus", lambda *args, **kwargs: pytest.fail("read"))
+    with pytest.raises(FacliError) as err:
+        summarize_run.run_summarize(summarize_run.SummarizeRequest(
+            inputs=(tmp_path / "docs",), out=tmp_path / out, device="cpu"))
+    assert str(err.value) == (f"expected a writable --out file, got {tmp_path / out}: {reason}; "
+                              "choose another path")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs", "file.txt", "folder"]
+    check_writable(tmp_path / "new/deeper/results.jsonl")  # folders to make are fine
+    check_writable(tmp_path / "docs/a.txt")
 
 
 def test_manifest_path_and_resume_check(tmp_path):

@@ -6,6 +6,7 @@ appending. Rewrites (dropping failed records for --retry-failed) go to a tempora
 replaces the output atomically. A lock file beside the output keeps two runs from writing it.
 """
 
+import errno
 import fcntl
 import json
 import os
@@ -125,6 +126,19 @@ class ResultWriter:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def check_writable(path: Path) -> None:
+    """Fail before any work when `path` cannot become the output: a folder, or a file or first
+    existing folder above it that this process may not write. Creates nothing."""
+    path = Path(path)
+    if path.is_dir():
+        raise _not_writable(path, IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR)))
+    target = path if path.exists() else next(p for p in path.absolute().parents if p.exists())
+    if not target.is_dir() and target != path:
+        raise _not_writable(path, NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)))
+    if not os.access(target, os.W_OK):
+        raise _not_writable(path, PermissionError(errno.EACCES, os.strerror(errno.EACCES)))
 
 
 def _not_writable(path: Path, exc: OSError) -> FacliError:

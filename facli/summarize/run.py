@@ -25,7 +25,7 @@ from facli.summarize.documents import SourceFile, discover, read_documents
 from facli.summarize.forecast import GroupForecast, forecast_group, predicted_line
 from facli.summarize.interrupt import StopRequest
 from facli.summarize.job import JobSettings, JobSummary, run_documents
-from facli.summarize.output import ExistingResults, ResultWriter, read_results
+from facli.summarize.output import ExistingResults, ResultWriter, check_writable, read_results
 from facli.summarize.planning import (
     CorpusPlan,
     PreparedDocument,
@@ -88,6 +88,8 @@ def run_summarize(request: SummarizeRequest, parallel: ParallelContext = SINGLE_
     Every tensor-parallel rank calls this with its own `parallel`; rank 0 alone writes files."""
     started = time.perf_counter()
     log = _logger(parallel.is_writer)
+    if parallel.is_writer:
+        check_writable(request.out)  # before the corpus is read and tokenized
     request, resolved, tokenizer, corpus = open_corpus(request, log)
     log(f"facli: corpus: {corpus.plan.describe()}")
     writer = ResultWriter(request.out) if parallel.is_writer else None
