@@ -179,11 +179,11 @@ def staging_bytes(config: ModelConfig, ctx: int, batch: int, host_layers: int,
     return staged
 
 
-def fp8_tile_bytes(config: ModelConfig, ctx: int, batch: int, weight_dtype_bytes: int,
-                   tp: int = 1) -> int:
+def fp8_tile_bytes(config: ModelConfig, ctx: int, weight_dtype_bytes: int, tp: int = 1) -> int:
     """The dequantized K and V tile that prefill over GPU-resident fp8 rows reads (workspace:
-    allocated per prefill step, not held by the store)."""
-    return kv_layer_bytes(config, min(ctx, FP8_PREFILL_TILE_ROWS), batch, weight_dtype_bytes, tp)
+    allocated per prefill step, not held by the store). One sequence's: the runtime prefills
+    the rows of a batch one at a time."""
+    return kv_layer_bytes(config, min(ctx, FP8_PREFILL_TILE_ROWS), 1, weight_dtype_bytes, tp)
 
 
 def workspace_bytes(config: ModelConfig, ctx: int, batch: int, tp: int = 1) -> int:
@@ -263,7 +263,7 @@ def device_memory(config: ModelConfig, *, ctx: int, batch: int, tp: int, gpu_lay
     layer_kv = kv_layer_bytes(config, ctx, batch, kv_dtype_bytes, tp)
     workspace = workspace_bytes(config, ctx, batch, tp)
     if kv_dtype_bytes == 1 and gpu_layers:
-        workspace += fp8_tile_bytes(config, ctx, batch, weight_dtype_bytes, tp)
+        workspace += fp8_tile_bytes(config, ctx, weight_dtype_bytes, tp)
     return MemoryBreakdown(
         weights=weight_bytes(config, weight_dtype_bytes, tp),
         kv=gpu_layers * layer_kv,

@@ -169,6 +169,11 @@ def test_fp8_kv_keeps_everything_on_one_h200():
     tile = 2 * 65536 * 32 * 128 * 2
     assert result.devices[0].kv_staging_bytes == 0
     assert result.devices[0].workspace_bytes == workspace_bytes(model("llama-7b"), 256 * 1024, 1) + tile
+    # Rows prefill one at a time: one row's tile, however many rows.
+    rows = plan(model("llama-7b"), load_hardware("1xH200-141GB"), 32 * 1024, 4,
+                options(kv_dtype="fp8"))
+    row_tile = 2 * 32768 * 32 * 128 * 2
+    assert rows.devices[0].workspace_bytes == workspace_bytes(model("llama-7b"), 32 * 1024, 4) + row_tile
 
 
 @pytest.mark.parametrize("ctx, measured_tokens_per_s", [(32768, 122.6), (131072, 50.7),
