@@ -12,12 +12,13 @@ from facli.cli import app
 from facli.offload.hardware import load_hardware
 from facli.offload.planner import predict_prompt
 from facli.resolve import resolve_model
-from facli.summarize.forecast import forecast_run, predicted_line, prompt_lengths
+from facli.summarize.forecast import GROUP_WARMUP_S, forecast_run, predicted_line, prompt_lengths
 from facli.summarize.planning import PreparedDocument
 from facli.summarize.run import run_summarize
 from facli.summarize.prompting import make_prompts
 from facli.summarize.strategies import Budget, Strategy
 from facli.tokenizer import load_tokenizer
+from facli.units import format_seconds
 from test_summarize_cli import CTX, NEW, mixed_folder, numbered_folder, request
 
 
@@ -28,7 +29,10 @@ def test_every_pending_document_is_forecast_and_nothing_is_written(tmp_path, cap
     assert sum(len(f.group.items) for f in forecasts) == 8
     for f in forecasts:
         assert (f.plan.batch, f.plan.ctx) == (f.group.rows, f.group.ctx)
-        assert f.prefill_s > 0 and f.decode_s > 0
+        assert f.prefill_s > 0 and f.decode_s > 0 and f.warmup_s == 0  # a CPU run
+    line = predicted_line(forecasts)
+    total = sum(f.prefill_s + f.decode_s for f in forecasts)
+    assert line.startswith(f"predicted: {format_seconds(total)} (") and "warm-up" not in line
     run_summarize(request(docs, out))
     # The run itself says the same prediction before it loads the model.
     assert f"facli: {predicted_line(forecasts)}\n" in capsys.readouterr().err
@@ -53,6 +57,8 @@ def test_prefill_is_each_prompt_s_own_at_the_group_s_placement(tmp_path):
         assert f.decode_s == pytest.approx(sum(steps))
         assert f.decode_s <= math.ceil(len(f.prompt_lengths) / f.group.rows) * NEW * \
             f.plan.timing.decode_step_s  # rows full at the whole context: the most it can take
+        # A GPU group pays one warm-up; one without prompts runs nothing.
+        assert f.warmup_s == (GROUP_WARMUP_S if f.prompt_lengths else 0.0)
     settings = SimpleNamespace(strategy=Strategy.MAP_REDUCE, prompts=make_prompts(
         load_tokenizer(resolve_model(None).path), None), budget=Budget(ctx=CTX, max_new_tokens=NEW))
     counts = sorted(len(prompt_lengths(item, settings)) for f in forecasts for item in f.group.items)

@@ -7,8 +7,10 @@ Time per group, from the time model (offload.planner.predict_prompt) on the grou
 - decode: with every summary --max-new-tokens long, the rows run in rounds of `rows` prompts
   that start and end together, as the runtime hands them out. A round's steps read the weights
   once and each row's cache at its mean length over the round.
-Summaries that end early (EOS) make decode shorter. Loading, a warm-up per group (graph
-capture, kernel compilation) and the host's share of each step are not counted. A map-reduce
+- warm-up: on a GPU, GROUP_WARMUP_S per group (its first prefill and decode step load the
+  kernels and capture the step's CUDA graph).
+Summaries that end early (EOS) make decode shorter. Loading the weights, compiling kernels
+never compiled on the machine and the host's share of each step are not counted. A map-reduce
 document's combine prompt is counted once, with a summary per part.
 """
 
@@ -22,6 +24,13 @@ from facli.summarize.row_groups import RowGroup
 from facli.summarize.strategies import Strategy
 from facli.units import format_bytes, format_seconds
 
+# What each group's documents take beyond the time model's prefill and decode, on a GPU with
+# the kernels compiled before (Triton's cache). Four warm runs on one H200 (docs/benchmarks.md,
+# "summarize --plan-only against these runs") took 0.8-1.3 s per group more than their forecast:
+# 48 documents in one group, 16 long ones with a bf16 and with an fp8 cache, and a mixed corpus
+# in two groups. In-sample: the runs fitted it.
+GROUP_WARMUP_S = 1.0
+
 
 @dataclass(frozen=True)
 class GroupForecast:
@@ -30,12 +39,13 @@ class GroupForecast:
     plan: Plan
     prefill_s: float
     decode_s: float  # with every summary --max-new-tokens long
+    warmup_s: float
 
     def to_dict(self) -> dict:
         return {"ctx": self.group.ctx, "rows": self.group.rows, "documents": len(self.group.items),
                 "prompts": len(self.prompt_lengths), "prompt_tokens": sum(self.prompt_lengths),
                 "peak_gpu_bytes": max(d.peak_bytes for d in self.plan.devices),
-                "prefill_s": self.prefill_s, "decode_s": self.decode_s}
+                "prefill_s": self.prefill_s, "decode_s": self.decode_s, "warmup_s": self.warmup_s}
 
 
 def prompt_lengths(item: PreparedDocument, settings) -> list[int]:
@@ -67,7 +77,8 @@ def forecast_group(group: RowGroup, plan: Plan, config, hardware, settings) -> G
         mean = round(sum(rows) / len(rows) + new_tokens / 2)
         rate = predict_prompt(config, hardware, plan, min(mean, plan.ctx), batch=len(rows))
         decode += (new_tokens - 1) * len(rows) / rate.decode_tokens_per_s
-    return GroupForecast(group, lengths, plan, prefill, decode)
+    warmup = GROUP_WARMUP_S if plan.device_kind == "cuda" and lengths else 0.0
+    return GroupForecast(group, lengths, plan, prefill, decode, warmup)
 
 
 def forecast_run(request) -> tuple[list[GroupForecast], int, int]:
@@ -88,13 +99,13 @@ def format_forecast(forecasts: list[GroupForecast], pending: int, skipped: int, 
     lines = [f"facli summarize plan: {pending} documents to summarize, {skipped} already in {out}"]
     if forecasts:
         lines += ["", "| group | context | rows | documents | prompts | prompt tokens | peak "
-                  "(plan) | prefill | decode |", "|" + " --- |" * 9]
+                  "(plan) | prefill | decode | warm-up |", "|" + " --- |" * 10]
     for index, f in enumerate(forecasts, 1):
         row = f.to_dict()
         lines.append(f"| {index} | {row['ctx']} | {row['rows']} | {row['documents']} | "
                      f"{row['prompts']} | {row['prompt_tokens']:,} | "
                      f"{format_bytes(row['peak_gpu_bytes'])} | {format_seconds(f.prefill_s)} | "
-                     f"{format_seconds(f.decode_s)} |")
+                     f"{format_seconds(f.decode_s)} | {format_seconds(f.warmup_s)} |")
     lines += ["", predicted_line(forecasts) + "; nothing was loaded or written"]
     return "\n".join(lines)
 
@@ -102,6 +113,9 @@ def format_forecast(forecasts: list[GroupForecast], pending: int, skipped: int, 
 def predicted_line(forecasts: list[GroupForecast]) -> str:
     prefill = sum(f.prefill_s for f in forecasts)
     decode = sum(f.decode_s for f in forecasts)
-    return (f"predicted: {format_seconds(prefill)} of prefill and {format_seconds(decode)} of "
-            "decode (every summary --max-new-tokens long), after the weights load and a warm-up "
-            "per group")
+    warmup = sum(f.warmup_s for f in forecasts)
+    parts = f"{format_seconds(prefill)} of prefill, {format_seconds(decode)} of decode"
+    if warmup:
+        parts += f", {format_seconds(warmup)} of warm-up"
+    return (f"predicted: {format_seconds(prefill + decode + warmup)} ({parts}; every summary "
+            "--max-new-tokens long), after the weights load")
