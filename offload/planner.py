@@ -161,6 +161,9 @@ def _fp8_hint(model: ModelConfig, hardware: HardwareSpec, ctx: int, batch: int,
 # The most rows an automatic choice takes (summarize, bench --batch auto, plan-memory --batch
 # auto); each row holds a whole context of KV.
 MOST_ROWS = 64
+# Rows hint at an fp8 cache only for this much more decode throughput: fp8 is lossy, and the
+# time model's rows figures are within about 4% of measured runs (docs/benchmarks.md).
+FP8_ROWS_HINT_GAIN = 1.10
 
 
 @dataclass(frozen=True)
@@ -224,6 +227,33 @@ def largest_resident_batch(model: ModelConfig, hardware: HardwareSpec, ctx: int,
         else:
             high = middle
     return low
+
+
+def with_fp8_rows_hint(model: ModelConfig, hardware: HardwareSpec, run_plan: Plan,
+                       options: PlanOptions) -> Plan:
+    """run_plan for rows (several sequences decoded together) with a hint naming --kv-dtype fp8
+    when the KV dtype was left to the planner, the GPUs' decode kernel reads fp8, the rows
+    fill the GPUs with the weights' dtype, and an fp8 cache holds more rows whose steps make
+    FP8_ROWS_HINT_GAIN times the tokens per second or more. fp8 is lossy, so it is never
+    chosen alone."""
+    if (run_plan.batch == 1 or options.kv_dtype != "auto" or run_plan.device_kind != "cuda"
+            or not gpus_read_fp8(hardware.devices[:run_plan.tp])):
+        return run_plan
+    ctx, batch = run_plan.ctx, run_plan.batch
+    if largest_resident_batch(model, hardware, ctx, options, limit=batch + 1) > batch:
+        return run_plan  # more rows of this cache fit: --batch auto comes first
+    fp8_options = replace(options, kv_dtype="fp8", force=False)
+    rows = largest_resident_batch(model, hardware, ctx, fp8_options)
+    if rows <= batch:
+        return run_plan
+    alt = plan(model, hardware, ctx, rows, fp8_options)
+    if alt.timing.decode_tokens_per_s < FP8_ROWS_HINT_GAIN * run_plan.timing.decode_tokens_per_s:
+        return run_plan
+    hint = (f"hint: --kv-dtype fp8 (e4m3 with a scale per token and head, lossy) would keep "
+            f"{rows} rows of ctx {format_ctx(run_plan.ctx)} on the GPUs: decode "
+            f"{alt.timing.decode_tokens_per_s:.1f} tokens/s against "
+            f"{run_plan.timing.decode_tokens_per_s:.1f} for these {batch}")
+    return replace(run_plan, explanation=run_plan.explanation + (hint,))
 
 
 def fits_anywhere(model: ModelConfig, hardware: HardwareSpec, ctx: int, batch: int,

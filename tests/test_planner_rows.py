@@ -5,7 +5,7 @@ import pytest
 
 from facli.errors import OutOfMemoryPlanError
 from facli.offload.hardware import load_hardware
-from facli.offload.planner import largest_resident_batch, plan
+from facli.offload.planner import FP8_ROWS_HINT_GAIN, largest_resident_batch, plan, with_fp8_rows_hint
 from facli.units import parse_ctx
 from test_planner import model, options
 
@@ -65,3 +65,29 @@ def test_decode_prediction_for_rows_matches_a_measured_h200_run(ctx, rows, kv_dt
     result = plan(model("llama-7b"), load_hardware("1xH200-141GB"), ctx, rows,
                   options(weight_dtype="bf16", kv_dtype=kv_dtype))
     assert result.timing.decode_tokens_per_s == pytest.approx(measured_tokens_per_s, rel=0.06)
+
+
+@pytest.mark.parametrize("hardware, ctx, rows, kv_dtype, fp8_rows", [
+    ("1xH200-141GB", 16384, 15, "auto", 29),  # measured 512.1 tok/s against 440.6: hint
+    ("1xH200-141GB", 32768, 7, "auto", 14),   # 254.7 against 213.9: hint
+    ("1xH200-141GB", 16384, 8, "auto", None),  # 15 bf16 rows fit: --batch auto comes first
+    ("1xH200-141GB", 4096, 61, "auto", None),  # 64 fp8 rows, under 10% faster
+    ("1xH200-141GB", 16384, 29, "fp8", None),  # fp8 already
+    ("1xH200-141GB", 16384, 1, "auto", None),  # one sequence: the offload hint's business
+    ("1xA100-80GB", 16384, 2, "auto", None),   # before sm89 fp8 rows do not decode together
+])
+def test_rows_hint_at_an_fp8_cache_only_where_its_rows_are_clearly_faster(hardware, ctx, rows,
+                                                                         kv_dtype, fp8_rows):
+    spec, chosen = load_hardware(hardware), options(kv_dtype=kv_dtype)
+    found = plan(model("llama-7b"), spec, ctx, rows, chosen)
+    hinted = with_fp8_rows_hint(model("llama-7b"), spec, found, chosen)
+    if fp8_rows is None:
+        assert hinted == found
+        return
+    (hint,) = set(hinted.hints) - set(found.hints)
+    alt = plan(model("llama-7b"), spec, ctx, fp8_rows, options(kv_dtype="fp8"))
+    assert alt.timing.decode_tokens_per_s >= FP8_ROWS_HINT_GAIN * found.timing.decode_tokens_per_s
+    assert hint == (f"hint: --kv-dtype fp8 (e4m3 with a scale per token and head, lossy) would "
+                    f"keep {fp8_rows} rows of ctx {ctx // 1024}k on the GPUs: decode "
+                    f"{alt.timing.decode_tokens_per_s:.1f} tokens/s against "
+                    f"{found.timing.decode_tokens_per_s:.1f} for these {rows}")

@@ -11,11 +11,20 @@ from typer.testing import CliRunner
 from facli.cli import app
 from facli.offload.hardware import load_hardware
 from facli.offload.planner import predict_prompt
+from facli.recipe_loader import load_model_recipe
 from facli.resolve import resolve_model
-from facli.summarize.forecast import GROUP_WARMUP_S, forecast_run, predicted_line, prompt_lengths
-from facli.summarize.planning import PreparedDocument
-from facli.summarize.run import run_summarize
+from facli.summarize.forecast import (
+    GROUP_WARMUP_S,
+    GroupForecast,
+    format_forecast,
+    forecast_run,
+    predicted_line,
+    prompt_lengths,
+)
+from facli.summarize.planning import PreparedDocument, plan_memory
 from facli.summarize.prompting import make_prompts
+from facli.summarize.row_groups import RowGroup
+from facli.summarize.run import run_summarize
 from facli.summarize.strategies import Budget, Strategy
 from facli.tokenizer import load_tokenizer
 from facli.units import format_seconds
@@ -113,3 +122,18 @@ def test_cli_plan_only_prints_the_table_and_one_json_line(tmp_path):
     report = json.loads(lines[-1])
     assert report["to_summarize"] == 8 and sum(g["documents"] for g in report["groups"]) == 8
     assert report["prefill_s"] > 0 and not out.exists()
+
+
+def test_rows_chosen_by_the_planner_name_fp8_where_it_holds_clearly_faster_rows():
+    """The long corpus's group on the lent H200: 7 bf16 rows of 32,696 tokens, where an fp8
+    cache holds 14 that decode 1.19x faster (docs/benchmarks.md)."""
+    config, h200 = load_model_recipe("llama-7b").config, load_hardware("1xH200-141GB")
+    settings = dict(model_name="m", max_new_tokens=128, devices=None, dtype="auto", batch=7)
+    hinted = plan_memory(config, 32696, h200, rows_hint=True, **settings)
+    plain = plan_memory(config, 32696, h200, **settings)
+    assert hinted.hints[:-1] == plain.hints
+    assert hinted.hints[-1].startswith("hint: --kv-dtype fp8 (e4m3 with a scale per token and "
+                                       "head, lossy) would keep 14 rows of ctx")
+    group = RowGroup(32696, 7, ())
+    text = format_forecast([GroupForecast(group, (32000,), hinted, 1.0, 2.0, 1.0)], 7, 0, "o")
+    assert f"group 1: {hinted.hints[-1]}" in text.splitlines()

@@ -6,7 +6,7 @@ import typer
 
 from facli.offload.hardware import hardware_from_option
 from facli.offload.plan import Plan, gpus_read_fp8, holds_rows
-from facli.offload.planner import PlanOptions, largest_resident_batch, plan
+from facli.offload.planner import PlanOptions, largest_resident_batch, plan, with_fp8_rows_hint
 from facli.recipe_loader import resolve_model_config
 from facli.units import format_bytes, format_ctx, parse_batch, parse_ctx
 
@@ -44,7 +44,7 @@ def command(
     tokens, rows = parse_ctx(ctx), parse_batch(batch)
     if rows is None:
         rows = largest_resident_batch(config, spec, tokens, options)
-    result = plan(config, spec, tokens, rows, options)
+    result = with_fp8_rows_hint(config, spec, plan(config, spec, tokens, rows, options), options)
     if json:
         print(result.to_json())
     else:

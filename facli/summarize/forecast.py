@@ -106,6 +106,8 @@ def format_forecast(forecasts: list[GroupForecast], pending: int, skipped: int, 
                      f"{row['prompts']} | {row['prompt_tokens']:,} | "
                      f"{format_bytes(row['peak_gpu_bytes'])} | {format_seconds(f.prefill_s)} | "
                      f"{format_seconds(f.decode_s)} | {format_seconds(f.warmup_s)} |")
+    lines += [f"group {index}: {hint}" for index, f in enumerate(forecasts, 1)
+              for hint in f.plan.hints]
     lines += ["", predicted_line(forecasts) + "; nothing was loaded or written"]
     return "\n".join(lines)
 

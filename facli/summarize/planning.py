@@ -97,14 +97,18 @@ def summarize_hardware(device: str | None):
 
 def plan_memory(config, ctx: int, hardware, *, model_name: str, max_new_tokens: int,
                 devices: int, dtype: str, kv_dtype: str = "auto", decode_mode: str = "auto",
-                allreduce_tile_tokens: int | None = None, batch: int = 1):
+                allreduce_tile_tokens: int | None = None, batch: int = 1,
+                rows_hint: bool = False):
     """The memory plan (facli.offload.planner) for `batch` of the longest prompt, before any
-    weights load; raises OutOfMemoryPlanError when nothing fits."""
-    from facli.offload.planner import plan
+    weights load; raises OutOfMemoryPlanError when nothing fits. rows_hint: rows chosen by the
+    planner, whose plan names --kv-dtype fp8 where it holds clearly faster rows
+    (offload.planner.with_fp8_rows_hint)."""
+    from facli.offload.planner import plan, with_fp8_rows_hint
 
     options = _plan_options(model_name, max_new_tokens, devices, dtype, kv_dtype, decode_mode,
                             allreduce_tile_tokens)
-    return plan(config, hardware, ctx, batch, options)
+    found = plan(config, hardware, ctx, batch, options)
+    return with_fp8_rows_hint(config, hardware, found, options) if rows_hint else found
 
 
 def choose_rows(config, ctx: int, hardware, *, model_name: str, max_new_tokens: int,

@@ -252,7 +252,8 @@ def group_plan(request: SummarizeRequest, resolved: ResolvedModel, group: RowGro
                        model_name=resolved.name, max_new_tokens=request.max_new_tokens,
                        devices=request.devices, dtype=request.dtype,
                        kv_dtype=request.kv_dtype, decode_mode=request.decode_mode,
-                       allreduce_tile_tokens=request.allreduce_tile_tokens)
+                       allreduce_tile_tokens=request.allreduce_tile_tokens,
+                       rows_hint=request.batch is None)
 
 
 def _stop_agreement(parallel: ParallelContext, device):
