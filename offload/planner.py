@@ -137,6 +137,10 @@ def plan(model: ModelConfig, hardware: HardwareSpec, ctx: int, batch: int = 1,
     return build_plan(model, hardware, ctx, batch, options, best, found, notes + hints)
 
 
+# How the planner's hints at an fp8 cache start (offload layers kept on the GPU, or more rows).
+FP8_HINT = "hint: --kv-dtype fp8 (e4m3 with a scale per token and head, lossy) would keep"
+
+
 def _fp8_hint(model: ModelConfig, hardware: HardwareSpec, ctx: int, batch: int,
               options: PlanOptions, best: Candidate) -> tuple[str, ...]:
     """A line naming --kv-dtype fp8 when the KV dtype was left to the planner, some KV goes to
@@ -152,9 +156,8 @@ def _fp8_hint(model: ModelConfig, hardware: HardwareSpec, ctx: int, batch: int,
         return ()
     where = (f"all {alt.gpu_layers} layers' KV on the GPU" if not alt.host_layers
              else f"{alt.host_layers} layers' KV on host instead of {best.host_layers}")
-    return (f"hint: --kv-dtype fp8 (e4m3 with a scale per token and head, lossy) would keep "
-            f"{where}: decode {batch / alt.times['decode_step_s']:.1f} tokens/s against "
-            f"{batch / best.times['decode_step_s']:.1f}, time to first token "
+    return (f"{FP8_HINT} {where}: decode {batch / alt.times['decode_step_s']:.1f} tokens/s "
+            f"against {batch / best.times['decode_step_s']:.1f}, time to first token "
             f"{alt.times['prefill_s']:.1f} s against {best.times['prefill_s']:.1f} s",)
 
 
@@ -249,8 +252,7 @@ def with_fp8_rows_hint(model: ModelConfig, hardware: HardwareSpec, run_plan: Pla
     alt = plan(model, hardware, ctx, rows, fp8_options)
     if alt.timing.decode_tokens_per_s < FP8_ROWS_HINT_GAIN * run_plan.timing.decode_tokens_per_s:
         return run_plan
-    hint = (f"hint: --kv-dtype fp8 (e4m3 with a scale per token and head, lossy) would keep "
-            f"{rows} rows of ctx {format_ctx(run_plan.ctx)} on the GPUs: decode "
+    hint = (f"{FP8_HINT} {rows} rows of ctx {format_ctx(ctx)} on the GPUs: decode "
             f"{alt.timing.decode_tokens_per_s:.1f} tokens/s against "
             f"{run_plan.timing.decode_tokens_per_s:.1f} for these {batch}")
     return replace(run_plan, explanation=run_plan.explanation + (hint,))

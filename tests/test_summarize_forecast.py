@@ -6,6 +6,7 @@ import math
 from types import SimpleNamespace
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from facli.cli import app
@@ -16,10 +17,12 @@ from facli.resolve import resolve_model
 from facli.summarize.forecast import (
     GROUP_WARMUP_S,
     GroupForecast,
+    RunForecast,
     format_forecast,
     forecast_run,
     predicted_line,
     prompt_lengths,
+    total_seconds,
 )
 from facli.summarize.planning import PreparedDocument, plan_memory
 from facli.summarize.prompting import make_prompts
@@ -33,8 +36,9 @@ from test_summarize_cli import CTX, NEW, mixed_folder, numbered_folder, request
 
 def test_every_pending_document_is_forecast_and_nothing_is_written(tmp_path, capsys):
     docs, out = numbered_folder(tmp_path), tmp_path / "out" / "r.jsonl"
-    forecasts, pending, skipped = forecast_run(request(docs, out))
-    assert (pending, skipped) == (8, 0) and not out.parent.exists()
+    run = forecast_run(request(docs, out))
+    forecasts = run.groups
+    assert (run.pending, run.skipped, run.fp8_groups) == (8, 0, None) and not out.parent.exists()
     assert sum(len(f.group.items) for f in forecasts) == 8
     for f in forecasts:
         assert (f.plan.batch, f.plan.ctx) == (f.group.rows, f.group.ctx)
@@ -45,14 +49,15 @@ def test_every_pending_document_is_forecast_and_nothing_is_written(tmp_path, cap
     run_summarize(request(docs, out))
     # The run itself says the same prediction before it loads the model.
     assert f"facli: {predicted_line(forecasts)}\n" in capsys.readouterr().err
-    assert forecast_run(request(docs, out))[1:] == (0, 8)
-    assert forecast_run(request(docs, out))[0] == []
+    done = forecast_run(request(docs, out))
+    assert (done.groups, done.pending, done.skipped) == ([], 0, 8)
 
 
 def test_prefill_is_each_prompt_s_own_at_the_group_s_placement(tmp_path):
     h200 = load_hardware("1xH200-141GB")
-    forecasts, pending, _ = forecast_run(request(mixed_folder(tmp_path), tmp_path / "r.jsonl",
-                                                 hardware=h200, strategy=Strategy.MAP_REDUCE))
+    run = forecast_run(request(mixed_folder(tmp_path), tmp_path / "r.jsonl", hardware=h200,
+                               strategy=Strategy.MAP_REDUCE))
+    forecasts, pending = run.groups, run.pending
     model = resolve_model(None).config
     for f in forecasts:
         one_by_one = sum(predict_prompt(model, h200, f.plan, n).ttft_s for n in f.prompt_lengths)
@@ -122,6 +127,9 @@ def test_cli_plan_only_prints_the_table_and_one_json_line(tmp_path):
     report = json.loads(lines[-1])
     assert report["to_summarize"] == 8 and sum(g["documents"] for g in report["groups"]) == 8
     assert report["prefill_s"] > 0 and not out.exists()
+    assert report["total_s"] == pytest.approx(report["prefill_s"] + report["decode_s"] +
+                                              report["warmup_s"])
+    assert report["with_fp8_kv"] is None  # no fp8 hint on a CPU
 
 
 def test_rows_chosen_by_the_planner_name_fp8_where_it_holds_clearly_faster_rows():
@@ -135,5 +143,43 @@ def test_rows_chosen_by_the_planner_name_fp8_where_it_holds_clearly_faster_rows(
     assert hinted.hints[-1].startswith("hint: --kv-dtype fp8 (e4m3 with a scale per token and "
                                        "head, lossy) would keep 14 rows of ctx")
     group = RowGroup(32696, 7, ())
-    text = format_forecast([GroupForecast(group, (32000,), hinted, 1.0, 2.0, 1.0)], 7, 0, "o")
-    assert f"group 1: {hinted.hints[-1]}" in text.splitlines()
+    hinted_group = GroupForecast(group, (32000,), hinted, 1.0, 2.0, 1.0)
+    fp8_group = GroupForecast(RowGroup(32696, 14, ()), (32000,), hinted, 1.0, 1.5, 1.0)
+    lines = format_forecast(RunForecast([hinted_group], 7, 0, [fp8_group]), "o").splitlines()
+    assert f"group 1: {hinted.hints[-1]}" in lines
+    assert "with --kv-dtype fp8 (lossy): 3.5 s in all, in 14 rows, against 4.0 s" in lines
+    assert total_seconds([hinted_group, fp8_group]) == pytest.approx(7.5)
+
+
+def llama_7b_shape(directory):
+    """Llama-7B's config and the byte tokenizer, without weights: --plan-only reads none."""
+    import transformers
+    from safetensors.torch import save_file
+
+    from facli.demo import byte_level_tokenizer
+
+    transformers.LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                             num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                             max_position_embeddings=32768).save_pretrained(directory)
+    byte_level_tokenizer().save_pretrained(str(directory))
+    save_file({"unread": torch.zeros(1)}, str(directory / "model.safetensors"))
+    return directory
+
+
+def test_plan_only_forecasts_the_fp8_alternative_where_a_group_hints_at_it(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for index in range(8):
+        (docs / f"d{index}.txt").write_text(f"{index} " + "long text " * 3240)  # ~32K bytes
+    checkpoint = llama_7b_shape(tmp_path / "llama-7b-shape")
+    run = forecast_run(request(docs, tmp_path / "r.jsonl", model=str(checkpoint), ctx=32768,
+                               max_new_tokens=128, device=None,
+                               hardware=load_hardware("1xH200-141GB")))
+    (bf16,) = run.groups
+    assert bf16.group.rows == 7 and bf16.plan.kv_dtype == "bf16"
+    assert any("would keep 14 rows" in hint for hint in bf16.plan.hints)
+    (fp8,) = run.fp8_groups
+    assert fp8.group.rows == 8 and fp8.plan.kv_dtype == "fp8"  # every document in one round
+    assert total_seconds(run.fp8_groups) < total_seconds(run.groups)
+    assert f"in 8 rows, against {format_seconds(total_seconds(run.groups))}" in \
+        format_forecast(run, "r.jsonl")

@@ -15,10 +15,10 @@ document's combine prompt is counted once, with a summary per part.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from facli.offload.plan import Plan
-from facli.offload.planner import predict_prompt
+from facli.offload.planner import FP8_HINT, predict_prompt
 from facli.summarize.planning import PreparedDocument
 from facli.summarize.row_groups import RowGroup
 from facli.summarize.strategies import Strategy
@@ -81,9 +81,23 @@ def forecast_group(group: RowGroup, plan: Plan, config, hardware, settings) -> G
     return GroupForecast(group, lengths, plan, prefill, decode, warmup)
 
 
-def forecast_run(request) -> tuple[list[GroupForecast], int, int]:
-    """(a forecast per group, documents to summarize, documents already in the output) for a
-    SummarizeRequest, as run_summarize would group them."""
+@dataclass(frozen=True)
+class RunForecast:
+    """What --plan-only prints: a forecast per group for the documents still to do; with
+    fp8_groups, the same documents with --kv-dtype fp8, where a group's plan hints at it."""
+
+    groups: list[GroupForecast]
+    pending: int  # documents to summarize
+    skipped: int  # documents already in the output
+    fp8_groups: list[GroupForecast] | None = None
+
+
+def total_seconds(forecasts: list[GroupForecast]) -> float:
+    return sum(f.prefill_s + f.decode_s + f.warmup_s for f in forecasts)
+
+
+def forecast_run(request) -> RunForecast:
+    """The forecast of a SummarizeRequest, grouped as run_summarize would group it."""
     from facli.parallel.context import SINGLE_PROCESS
     from facli.summarize.output import read_results
     from facli.summarize.run import corpus_row_groups, group_forecasts, open_corpus, select_pending
@@ -91,12 +105,23 @@ def forecast_run(request) -> tuple[list[GroupForecast], int, int]:
     request, resolved, _, corpus = open_corpus(request, log=lambda message: None)
     pending, skipped = select_pending(corpus.prepared, read_results(request.out),
                                       request.retry_failed)
-    groups = corpus_row_groups(request, resolved, corpus, pending, SINGLE_PROCESS) if pending else []
-    return group_forecasts(request, resolved, corpus, groups), len(pending), skipped
+
+    def forecasts(chosen):
+        if not pending:
+            return []
+        groups = corpus_row_groups(chosen, resolved, corpus, pending, SINGLE_PROCESS)
+        return group_forecasts(chosen, resolved, corpus, groups)
+
+    groups = forecasts(request)
+    fp8_hinted = any(FP8_HINT in hint for f in groups for hint in f.plan.hints)
+    fp8_groups = forecasts(replace(request, kv_dtype="fp8")) if fp8_hinted else None
+    return RunForecast(groups, len(pending), skipped, fp8_groups)
 
 
-def format_forecast(forecasts: list[GroupForecast], pending: int, skipped: int, out) -> str:
-    lines = [f"facli summarize plan: {pending} documents to summarize, {skipped} already in {out}"]
+def format_forecast(run: RunForecast, out) -> str:
+    forecasts = run.groups
+    lines = [f"facli summarize plan: {run.pending} documents to summarize, {run.skipped} already "
+             f"in {out}"]
     if forecasts:
         lines += ["", "| group | context | rows | documents | prompts | prompt tokens | peak "
                   "(plan) | prefill | decode | warm-up |", "|" + " --- |" * 10]
@@ -108,6 +133,11 @@ def format_forecast(forecasts: list[GroupForecast], pending: int, skipped: int, 
                      f"{format_seconds(f.decode_s)} | {format_seconds(f.warmup_s)} |")
     lines += [f"group {index}: {hint}" for index, f in enumerate(forecasts, 1)
               for hint in f.plan.hints]
+    if run.fp8_groups is not None:
+        rows = ", then ".join(str(f.group.rows) for f in run.fp8_groups)
+        fp8_total = format_seconds(total_seconds(run.fp8_groups))
+        lines.append(f"with --kv-dtype fp8 (lossy): {fp8_total} in all, in {rows} rows, against "
+                     f"{format_seconds(total_seconds(forecasts))}")
     lines += ["", predicted_line(forecasts) + "; nothing was loaded or written"]
     return "\n".join(lines)
 
@@ -119,5 +149,5 @@ def predicted_line(forecasts: list[GroupForecast]) -> str:
     parts = f"{format_seconds(prefill)} of prefill, {format_seconds(decode)} of decode"
     if warmup:
         parts += f", {format_seconds(warmup)} of warm-up"
-    return (f"predicted: {format_seconds(prefill + decode + warmup)} ({parts}; every summary "
+    return (f"predicted: {format_seconds(total_seconds(forecasts))} ({parts}; every summary "
             "--max-new-tokens long), after the weights load")
