@@ -66,10 +66,14 @@ def run(corpus: Path, checkpoint: Path, out: Path, entry: str, ctx: int, new_tok
         raise SystemExit(f"facli summarize --batch {entry} failed with exit code {done.returncode}")
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     records = {r["id"]: r for r in map(json.loads, results.read_text().splitlines())}
-    rows = "\n".join(line for line in done.stderr.splitlines()
+    lines = done.stderr.splitlines()
+    rows = "\n".join(line for line in lines
                      if "rows decoded together" in line or "decode steps with" in line)
+    # The run's own plan (budget as detected) and forecast, for calibrating the planner.
+    plan = "\n".join(line for line in lines
+                     if line.startswith(("facli: plan:", "facli: predicted:", "facli: hint:")))
     return {"batch": entry, "summary": summary, "records": records, "wall_s": wall,
-            "rows_line": rows}
+            "rows_line": rows, "plan_lines": plan}
 
 
 def run_transformers(corpus: Path, checkpoint: Path, batch: int, new_tokens: int) -> dict:

@@ -43,6 +43,9 @@ def test_summarize_batched_runs_each_batch_and_the_transformers_baseline(tmp_pat
     found = json.loads((tmp_path / "out" / "summarize_batched.json").read_text())
     assert [run["batch"] for run in found["runs"]] == ["1", "2", "auto", "2:fp8", "2:fp8"]
     assert all(run["summary"]["done"] == 6 for run in found["runs"])
+    for run in found["runs"]:  # each run's own plan and forecast, kept for calibration
+        assert [line.split(":")[1] for line in run["plan_lines"].splitlines()][:2] == \
+            [" plan", " predicted"]
     assert len(found["transformers"]["records"]) == 6
     assert "6 docs, 24 new tokens" in result.stdout
     assert "--batch 2:fp8: facli: 2 rows: 6 prompts" in result.stdout
