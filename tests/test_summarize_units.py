@@ -297,6 +297,26 @@ def test_an_output_that_cannot_be_written_fails_before_any_document_is_read(
     check_writable(tmp_path / "docs/a.txt")
 
 
+def test_a_second_run_on_the_same_output_stops_before_reading_the_corpus(tmp_path, monkeypatch):
+    from facli.summarize import run as summarize_run
+
+    (tmp_path / "docs").mkdir()
+    out = tmp_path / "r.jsonl"
+    request = summarize_run.SummarizeRequest(inputs=(tmp_path / "docs",), out=out, device="cpu")
+    monkeypatch.setattr(summarize_run, "open_corpus", lambda *args, **kwargs: pytest.fail("read"))
+    with ResultWriter(out):
+        with pytest.raises(FacliError, match="no other run writing"):
+            summarize_run.run_summarize(request)
+
+    def bad_corpus(*args, **kwargs):
+        raise FacliError("expected documents")
+
+    monkeypatch.setattr(summarize_run, "open_corpus", bad_corpus)
+    with pytest.raises(FacliError, match="expected documents"):
+        summarize_run.run_summarize(request)
+    assert not out.exists()  # the output is created with its first record, not before
+
+
 def test_manifest_path_and_resume_check(tmp_path):
     assert manifests.manifest_path(tmp_path / "results.jsonl") == tmp_path / "results.manifest.json"
     model = {"name": "m", "path": "/m", "config_hash": "sha256:1"}

@@ -76,7 +76,9 @@ def make_record(doc_id: str, source: str, *, summary: str | None, prompt_tokens:
 
 
 class ResultWriter:
-    """Appends records to the output; holds the output's lock until closed."""
+    """Appends records to the output; holds the output's lock until closed. The output itself
+    is opened (and created) when first written, so a run that stops before its first record
+    leaves no empty output behind."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -85,11 +87,16 @@ class ResultWriter:
             self._lock = _acquire_lock(lock_path(self.path))
         except OSError as exc:
             raise _not_writable(self.path, exc) from None
-        try:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        except OSError as exc:
-            os.close(self._lock)
-            raise _not_writable(self.path, exc) from None
+        self._opened: int | None = None
+
+    @property
+    def _fd(self) -> int:
+        if self._opened is None:
+            try:
+                self._opened = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise _not_writable(self.path, exc) from None
+        return self._opened
 
     def repair(self, existing: ExistingResults) -> None:
         """Cut off a partial last line so that the next record starts on a line of its own."""
@@ -107,8 +114,9 @@ class ResultWriter:
         lines = self.path.read_bytes().splitlines(keepends=True)
         kept = [line for line in lines if (_parse_line(line) or {}).get("id") not in ids]
         write_atomic(self.path, b"".join(kept))
-        os.close(self._fd)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        if self._opened is not None:
+            os.close(self._opened)
+        self._opened = os.open(self.path, os.O_WRONLY | os.O_APPEND)
 
     def append(self, record: dict) -> None:
         data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
@@ -118,7 +126,8 @@ class ResultWriter:
         os.fsync(self._fd)
 
     def close(self) -> None:
-        os.close(self._fd)
+        if self._opened is not None:
+            os.close(self._opened)
         os.close(self._lock)
 
     def __enter__(self) -> "ResultWriter":

@@ -89,11 +89,13 @@ def run_summarize(request: SummarizeRequest, parallel: ParallelContext = SINGLE_
     started = time.perf_counter()
     log = _logger(parallel.is_writer)
     if parallel.is_writer:
-        check_writable(request.out)  # before the corpus is read and tokenized
-    request, resolved, tokenizer, corpus = open_corpus(request, log)
-    log(f"facli: corpus: {corpus.plan.describe()}")
+        check_writable(request.out)
+    # The output's lock before the corpus is read and tokenized: a second run on the same
+    # output stops at once.
     writer = ResultWriter(request.out) if parallel.is_writer else None
     with writer or nullcontext():
+        request, resolved, tokenizer, corpus = open_corpus(request, log)
+        log(f"facli: corpus: {corpus.plan.describe()}")
         existing = read_results(request.out)
         pending, skipped = select_pending(corpus.prepared, existing, request.retry_failed)
         barrier(parallel)  # every rank has read the output before rank 0 changes it
