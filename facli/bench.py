@@ -216,29 +216,25 @@ def rank_zeros(runtime, value: int) -> int:
 def measure_rows(runtime, ids: list[int], new_tokens: int) -> dict:
     """The prompt in every row of the runtime's cache: each prefilled in turn, then all decoded
     together. TTFT is the last row's (every prefill), decode tokens/s counts every row's."""
-    from facli.batching import RowRequest
-
-    warm_up_rows(runtime)
+    # Warm-up: the decode graph of every row (a step of the batch) captured outside the timing.
+    every_row(runtime, [65] * 16, WARM_UP_NEW_TOKENS[runtime.device.type])
     if runtime.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(runtime.device)
-    queue = [RowRequest(ids, new_tokens, key=row) for row in range(runtime.rows)]
     lengths = []
-    stats = runtime.generate_rows(lambda: queue.pop() if queue else None,
-                                  lambda request, result: lengths.append(len(result.token_ids)),
-                                  sampling=GREEDY, ignore_eos=True)
+    stats = every_row(runtime, ids, new_tokens,
+                      on_done=lambda request, result: lengths.append(len(result.token_ids)))
     peak = torch.cuda.max_memory_allocated(runtime.device) if runtime.device.type == "cuda" else None
     return {"new_tokens": min(lengths), "ttft_s": stats.prefill_s,
             "decode_tokens_per_s": stats.decode_tokens_per_s, "peak_gpu_bytes": peak}
 
 
-def warm_up_rows(runtime) -> None:
-    """Capture the decode graph of every row (a step of the batch) outside the measurement."""
+def every_row(runtime, ids: list[int], new_tokens: int, on_done=lambda *_: None):
+    """`ids` in each row of the runtime's cache, greedy to `new_tokens`: batching.BatchStats."""
     from facli.batching import RowRequest
 
-    queue = [RowRequest([65] * 16, WARM_UP_NEW_TOKENS[runtime.device.type], key=row)
-             for row in range(runtime.rows)]
-    runtime.generate_rows(lambda: queue.pop() if queue else None, lambda *_: None,
-                          sampling=GREEDY, ignore_eos=True)
+    queue = [RowRequest(ids, new_tokens, key=row) for row in range(runtime.rows)]
+    return runtime.generate_rows(lambda: queue.pop() if queue else None, on_done,
+                                 sampling=GREEDY, ignore_eos=True)
 
 
 def attempt(step, record: dict, runtime):

@@ -100,6 +100,16 @@ def filled_share(programs: int, slots: int) -> float:
     return programs / (-(-programs // slots) * slots)
 
 
+def row_splits(cfg: DecodeConfig, programs: int, sms: int, most: int) -> int | None:
+    """Splits for (row, KV head) programs beyond half a wave of cfg.programs_per_sm * sms:
+    splits_filling_waves from cfg.least_row_splits. None for fewer programs, which one
+    sequence's one-wave rule splits (decode.choose_num_splits)."""
+    slots = cfg.programs_per_sm * sms
+    if 2 * programs <= slots:
+        return None
+    return splits_filling_waves(programs, slots, most, cfg.least_row_splits)
+
+
 def splits_filling_waves(programs: int, slots: int, most: int, least: int = 1) -> int:
     """The fewest splits from `least`, up to min(most, ROW_SPLITS), that fill the last wave to
     WAVE_FILL, else the ones that fill it most. 7 rows of 32 KV heads on 132 slots: one split

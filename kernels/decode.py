@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from facli.kernels import common
-from facli.kernels.configs import DecodeConfig, decode_config, num_sms, splits_filling_waves
+from facli.kernels.configs import DecodeConfig, decode_config, num_sms, row_splits
 
 LOG2E = 1.4426950408889634
 WINDOW = 64.0
@@ -317,13 +317,13 @@ def choose_num_splits(batch: int, kv_heads: int, cache_len: int, device, cfg: De
     cfg.long_split_tiles tiles, else fewer per multiprocessor (down to one), never below 4 tiles per
     split. Measured on an H200 (docs/benchmarks.md): a part-filled second wave costs up to 9%,
     and short splits pay their start-up and their share of the merge. Rows of a batch with more
-    programs than half a wave take the splits that fill their waves (configs.splits_filling_waves).
+    programs than half a wave take the splits that fill their waves (configs.row_splits).
     """
     most = max(1, min(MAX_SPLITS, triton.cdiv(cache_len, 4 * cfg.block_n)))
     programs = batch * kv_heads
-    slots = cfg.programs_per_sm * num_sms(device)
-    if 2 * programs > slots:
-        return splits_filling_waves(programs, slots, most, cfg.least_row_splits)
+    rows = row_splits(cfg, programs, num_sms(device), most)
+    if rows is not None:
+        return rows
 
     def one_wave(per_sm):
         return max(1, min(most, per_sm * num_sms(device) // programs))

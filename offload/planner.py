@@ -213,23 +213,25 @@ def largest_resident_batch(model: ModelConfig, hardware: HardwareSpec, ctx: int,
     """The most sequences of `ctx` tokens, up to `limit`, whose plan keeps the whole KV cache
     in device memory (so they decode together as rows of one cache, plan.holds_rows); 1 when
     not even two fit. Binary search: such a fit is monotone in the batch."""
-
-    def resident(batch: int) -> bool:
-        try:
-            found = plan(model, hardware, ctx, batch, replace(options, force=False))
-        except OutOfMemoryPlanError:
-            return False
-        return holds_rows(found.decode_mode, found.kv_dtype == "fp8",
-                          gpus_read_fp8(hardware.devices[:found.tp]))
-
     low, high = 1, limit + 1  # resident(low) is taken as true, resident(high) as false
     while high - low > 1:
         middle = (low + high) // 2
-        if resident(middle):
+        if _resident(model, hardware, ctx, middle, options):
             low = middle
         else:
             high = middle
     return low
+
+
+def _resident(model: ModelConfig, hardware: HardwareSpec, ctx: int, batch: int,
+              options: PlanOptions) -> bool:
+    """Whether `batch` sequences of `ctx` tokens have a plan that holds them as rows."""
+    try:
+        found = plan(model, hardware, ctx, batch, replace(options, force=False))
+    except OutOfMemoryPlanError:
+        return False
+    return holds_rows(found.decode_mode, found.kv_dtype == "fp8",
+                      gpus_read_fp8(hardware.devices[:found.tp]))
 
 
 def with_fp8_rows_hint(model: ModelConfig, hardware: HardwareSpec, run_plan: Plan,
@@ -243,7 +245,7 @@ def with_fp8_rows_hint(model: ModelConfig, hardware: HardwareSpec, run_plan: Pla
             or not gpus_read_fp8(hardware.devices[:run_plan.tp])):
         return run_plan
     ctx, batch = run_plan.ctx, run_plan.batch
-    if largest_resident_batch(model, hardware, ctx, options, limit=batch + 1) > batch:
+    if _resident(model, hardware, ctx, batch + 1, options):
         return run_plan  # more rows of this cache fit: --batch auto comes first
     fp8_options = replace(options, kv_dtype="fp8", force=False)
     rows = largest_resident_batch(model, hardware, ctx, fp8_options)

@@ -9,12 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from facli.config import ModelConfig
-from facli.kernels.configs import (
-    ROW_SPLITS,
-    arch_decode_config,
-    filled_share,
-    splits_filling_waves,
-)
+from facli.kernels.configs import ROW_SPLITS, arch_decode_config, filled_share, row_splits
 from facli.offload.hardware import HardwareSpec
 from facli.offload.plan import decodes_eagerly, gpus_read_fp8, uses_offloaded_store
 from facli.offload.memory_model import (
@@ -269,11 +264,8 @@ def decode_wave_fill(hw: HardwareSpec, layout: Layout) -> float:
     c = layout.config
     cfg = arch_decode_config(gpu.compute_capability[0], c.head_dim, fp8=layout.kv_dtype_bytes == 1)
     programs = layout.batch * max(1, c.num_key_value_heads // layout.tp)
-    slots = gpu.sms * cfg.programs_per_sm
-    if 2 * programs <= slots:
-        return 1.0
-    splits = splits_filling_waves(programs, slots, ROW_SPLITS, cfg.least_row_splits)
-    return filled_share(programs * splits, slots)
+    splits = row_splits(cfg, programs, gpu.sms, ROW_SPLITS)
+    return 1.0 if splits is None else filled_share(programs * splits, gpu.sms * cfg.programs_per_sm)
 
 
 def _concurrent_host_rates(hw: HardwareSpec, layout: Layout) -> tuple[float, float]:

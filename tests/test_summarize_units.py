@@ -1,5 +1,6 @@
-"""facli summarize, piece by piece: documents, prompts, strategies, output file, OOM fallbacks and
-the loop, with a character tokenizer and a fake runtime (no model)."""
+"""facli summarize, piece by piece: documents, prompts, strategies, the manifest, OOM fallbacks
+and the loop, with a character tokenizer and a fake runtime (no model). The output file:
+tests/test_summarize_output.py."""
 
 import json
 from pathlib import Path
@@ -16,7 +17,7 @@ from facli.summarize.documents import discover, read_documents
 from facli.summarize.faults import Attempt, OomGuard, attempts
 from facli.summarize.interrupt import StopRequest
 from facli.summarize.job import JobSettings, run_documents
-from facli.summarize.output import ResultWriter, check_writable, make_record, read_results
+from facli.summarize.output import ResultWriter
 from facli.summarize.planning import plan_corpus, tokenize
 from facli.summarize.prompting import make_builder, make_prompts, read_template
 from facli.summarize.strategies import Budget, DocumentFailed, Strategy, cut_middle, split_even, summarize
@@ -232,89 +233,6 @@ def test_plan_counts_fitting_documents_and_sizes_the_runtime_context(tmp_path):
 
 
 # output file and manifest
-
-
-def _record(doc_id, status="ok"):
-    return make_record(doc_id, "src", summary="s" if status == "ok" else None, prompt_tokens=1,
-                       generated_tokens=1, seconds=0.5, error=None if status == "ok" else "bad")
-
-
-def test_partial_last_line_is_ignored_and_cut_before_appending(tmp_path):
-    out = tmp_path / "r.jsonl"
-    with ResultWriter(out) as writer:
-        writer.append(_record("a"))
-    with open(out, "ab") as handle:
-        handle.write(b'{"id": "b", "source": "src", "summ')
-    existing = read_results(out)
-    assert set(existing.records) == {"a"} and existing.partial_bytes > 0
-    with ResultWriter(out) as writer:
-        writer.repair(existing)
-        writer.append(_record("b"))
-    lines = out.read_text().splitlines()
-    assert [json.loads(line)["id"] for line in lines] == ["a", "b"]
-    assert list(json.loads(lines[0])) == ["id", "source", "summary", "prompt_tokens",
-                                          "generated_tokens", "seconds", "status", "error"]
-
-
-def test_drop_rewrites_without_the_records_and_appends_after(tmp_path):
-    out = tmp_path / "r.jsonl"
-    with ResultWriter(out) as writer:
-        for doc_id, status in (("a", "ok"), ("b", "failed"), ("c", "failed")):
-            writer.append(_record(doc_id, status))
-        assert read_results(out).ids_with_status("failed") == {"b", "c"}
-        writer.drop({"b"})
-        writer.append(_record("b"))
-    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["a", "c", "b"]
-    assert not list(tmp_path.glob(".*.tmp"))
-
-
-def test_second_writer_on_the_same_output_is_refused(tmp_path):
-    with ResultWriter(tmp_path / "r.jsonl"):
-        with pytest.raises(FacliError, match="no other run writing"):
-            ResultWriter(tmp_path / "r.jsonl")
-
-
-@pytest.mark.parametrize("out, reason", [
-    ("folder", "Is a directory"),
-    ("file.txt/results.jsonl", "Not a directory"),
-])
-def test_an_output_that_cannot_be_written_fails_before_any_document_is_read(
-        tmp_path, monkeypatch, out, reason):
-    (tmp_path / "folder").mkdir()
-    (tmp_path / "file.txt").write_text("a document\n")
-    (tmp_path / "docs").mkdir()
-    (tmp_path / "docs/a.txt").write_text("a document\n")
-    from facli.summarize import run as summarize_run
-
-    monkeypatch.setattr(summarize_run, "open_corpus", lambda *args, **kwargs: pytest.fail("read"))
-    with pytest.raises(FacliError) as err:
-        summarize_run.run_summarize(summarize_run.SummarizeRequest(
-            inputs=(tmp_path / "docs",), out=tmp_path / out, device="cpu"))
-    assert str(err.value) == (f"expected a writable --out file, got {tmp_path / out}: {reason}; "
-                              "choose another path")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs", "file.txt", "folder"]
-    check_writable(tmp_path / "new/deeper/results.jsonl")  # folders to make are fine
-    check_writable(tmp_path / "docs/a.txt")
-
-
-def test_a_second_run_on_the_same_output_stops_before_reading_the_corpus(tmp_path, monkeypatch):
-    from facli.summarize import run as summarize_run
-
-    (tmp_path / "docs").mkdir()
-    out = tmp_path / "r.jsonl"
-    request = summarize_run.SummarizeRequest(inputs=(tmp_path / "docs",), out=out, device="cpu")
-    monkeypatch.setattr(summarize_run, "open_corpus", lambda *args, **kwargs: pytest.fail("read"))
-    with ResultWriter(out):
-        with pytest.raises(FacliError, match="no other run writing"):
-            summarize_run.run_summarize(request)
-
-    def bad_corpus(*args, **kwargs):
-        raise FacliError("expected documents")
-
-    monkeypatch.setattr(summarize_run, "open_corpus", bad_corpus)
-    with pytest.raises(FacliError, match="expected documents"):
-        summarize_run.run_summarize(request)
-    assert not out.exists()  # the output is created with its first record, not before
 
 
 def test_manifest_path_and_resume_check(tmp_path):

@@ -67,20 +67,12 @@ def command(
 
 
 def _print_forecast(request, as_json: bool) -> None:
-    from facli.summarize.forecast import forecast_run, format_forecast, total_seconds
+    from facli.summarize.forecast import forecast_run, format_forecast
 
     run = forecast_run(request)
     print(format_forecast(run, request.out))
     if as_json:
-        groups = [f.to_dict() for f in run.groups]
-        fp8 = None if run.fp8_groups is None else {
-            "groups": [f.to_dict() for f in run.fp8_groups], "total_s": total_seconds(run.fp8_groups)}
-        print(json.dumps({"output": str(request.out), "to_summarize": run.pending,
-                          "skipped": run.skipped, "groups": groups,
-                          "prefill_s": sum(g["prefill_s"] for g in groups),
-                          "decode_s": sum(g["decode_s"] for g in groups),
-                          "warmup_s": sum(g["warmup_s"] for g in groups),
-                          "total_s": total_seconds(run.groups), "with_fp8_kv": fp8}))
+        print(json.dumps(run.to_dict(request.out)))
 
 
 def _hardware(recipe: str | None, device: str | None):

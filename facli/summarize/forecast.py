@@ -91,6 +91,16 @@ class RunForecast:
     skipped: int  # documents already in the output
     fp8_groups: list[GroupForecast] | None = None
 
+    def to_dict(self, out) -> dict:
+        groups = [f.to_dict() for f in self.groups]
+        fp8 = None if self.fp8_groups is None else {
+            "groups": [f.to_dict() for f in self.fp8_groups],
+            "total_s": total_seconds(self.fp8_groups)}
+        return {"output": str(out), "to_summarize": self.pending, "skipped": self.skipped,
+                "groups": groups, **{key: sum(g[key] for g in groups)
+                                     for key in ("prefill_s", "decode_s", "warmup_s")},
+                "total_s": total_seconds(self.groups), "with_fp8_kv": fp8}
+
 
 def total_seconds(forecasts: list[GroupForecast]) -> float:
     return sum(f.prefill_s + f.decode_s + f.warmup_s for f in forecasts)
@@ -113,7 +123,7 @@ def forecast_run(request) -> RunForecast:
         return group_forecasts(chosen, resolved, corpus, groups)
 
     groups = forecasts(request)
-    fp8_hinted = any(FP8_HINT in hint for f in groups for hint in f.plan.hints)
+    fp8_hinted = any(hint.startswith(FP8_HINT) for f in groups for hint in f.plan.hints)
     fp8_groups = forecasts(replace(request, kv_dtype="fp8")) if fp8_hinted else None
     return RunForecast(groups, len(pending), skipped, fp8_groups)
 
