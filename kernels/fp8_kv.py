@@ -115,8 +115,8 @@ def store_rows_fp8_triton(k, v, k_cache, v_cache, k_scales, v_scales, start: int
 
 
 @triton.jit
-def _dequantize_kernel(VALUES, SCALES, OUT, stride_vb, stride_sb, stride_ob, rows, head_dim,
-                       BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def _dequantize_kernel(VALUES, SCALES, OUT, stride_vb, stride_sb, stride_st, stride_sh, stride_ob,
+                       rows, heads, head_dim, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """Program (row block, b): rows (t, h) of one sequence, D values each."""
     b = tl.program_id(1).to(tl.int64)
     offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -124,7 +124,8 @@ def _dequantize_kernel(VALUES, SCALES, OUT, stride_vb, stride_sb, stride_ob, row
     ok = (offs_r[:, None] < rows) & (offs_d[None, :] < head_dim)
     at = offs_r[:, None] * head_dim + offs_d[None, :]
     x = tl.load(VALUES + b * stride_vb + at, mask=ok, other=0.0).to(tl.float32)
-    scale = tl.load(SCALES + b * stride_sb + offs_r, mask=offs_r < rows, other=0.0)
+    scale_at = b * stride_sb + (offs_r // heads) * stride_st + (offs_r % heads) * stride_sh
+    scale = tl.load(SCALES + scale_at, mask=offs_r < rows, other=0.0)
     tl.store(OUT + b * stride_ob + at, (x * scale[:, None]).to(OUT.dtype.element_ty), mask=ok)
 
 
@@ -136,15 +137,14 @@ def _rows_packed(t, heads, head_dim):
 
 def dequantize_rows_triton(out, values, scales) -> bool:
     """out[:] = values * scales[..., None], rounded once to out's dtype: values [B, T, H, D]
-    float8_e4m3fn, scales [B, T, H] float32, out [B, T, H, D] on the same GPU. Returns False
-    (and does nothing) for layouts whose rows are not packed per sequence."""
+    float8_e4m3fn, scales [B, T, H] float32 (any strides), out [B, T, H, D] on the same GPU.
+    Returns False (and does nothing) where values' or out's rows are not packed per sequence."""
     batch, length, heads, head_dim = values.shape
-    if not (_rows_packed(values, heads, head_dim) and _rows_packed(out, heads, head_dim)
-            and _rows_packed(scales.unsqueeze(-1), heads, 1)):
+    if not (_rows_packed(values, heads, head_dim) and _rows_packed(out, heads, head_dim)):
         return False
     rows = length * heads
     block_r = 64
     _dequantize_kernel[(triton.cdiv(rows, block_r), batch)](
-        values, scales, out, values.stride(0), scales.stride(0), out.stride(0), rows, head_dim,
-        BLOCK_R=block_r, BLOCK_D=triton.next_power_of_2(head_dim), num_warps=4)
+        values, scales, out, values.stride(0), *scales.stride(), out.stride(0), rows, heads,
+        head_dim, BLOCK_R=block_r, BLOCK_D=triton.next_power_of_2(head_dim), num_warps=4)
     return True

@@ -109,7 +109,8 @@ class OffloadedKVStore(CooperativeDecode, PackedSlots):
         # the capacity (masked by length), and the PyTorch reference would turn unwritten NaN
         # bytes into NaN outputs (0 * NaN).
         self._dev = [KVPart(batch, split, *shape[1:], self._device_zeros
-                            if layer in self.graph_layers else self._device_empty)
+                            if layer in self.graph_layers else self._device_empty,
+                            head_major_scales=True)
                      for layer, split in enumerate(self._split)]
         self._host = [KVPart(batch, capacity - split, *shape[1:], self._host_empty)
                       if split < capacity else None for split in self._split]

@@ -296,15 +296,19 @@ def fp8_cache(batch, cache_len, kv_heads, head_dim, device):
     return values, scales
 
 
-def check_fp8_decode(case, device, *, scores_scale=1.0):
+def check_fp8_decode(case, device, *, scores_scale=1.0, head_major_scales=False):
     """The kernel on e4m3 K/V with scales against attention over the dequantized cache in
     float64, within twice the error PyTorch makes on that cache in q's dtype. Returns the
-    fallback flags."""
+    fallback flags. head_major_scales: scales [B, T, Hkv] stored [B, Hkv, T], as a GPU KV
+    store holds them."""
     batch, q_len, q_heads, kv_heads, head_dim, cache_len, dtype = case
     if device == "cuda" and dtype == torch.float32:
         dtype = torch.float16  # float32 is the CPU lane's dtype
     k8, k_scales = fp8_cache(batch, cache_len, kv_heads, head_dim, device)
     v8, v_scales = fp8_cache(batch, cache_len, kv_heads, head_dim, device)
+    if head_major_scales:
+        k_scales, v_scales = (s.transpose(1, 2).contiguous().transpose(1, 2)
+                              for s in (k_scales, v_scales))
     q = (torch.randn(batch, q_len, q_heads, head_dim, device=device) * scores_scale).to(dtype)
     lens = ragged_lens(batch, q_len, cache_len, device)
     k_deq = k8.double() * k_scales.double().unsqueeze(-1)
@@ -327,11 +331,18 @@ def test_decode_reads_fp8_cache_with_scales(case, monkeypatch):
     check_fp8_decode(case, DEVICE)
 
 
-@requires_cuda
-@pytest.mark.parametrize("case", list(FP8_GPU_CASES.values()), ids=list(FP8_GPU_CASES))
-def test_decode_reads_fp8_cache_gpu(case, monkeypatch):
+@pytest.mark.parametrize("case", list(FP8_CASES.values()), ids=list(FP8_CASES))
+def test_decode_reads_fp8_scales_stored_by_head(case, monkeypatch):
     poison_allocations(monkeypatch)
-    check_fp8_decode(case, "cuda")
+    check_fp8_decode(case, DEVICE, head_major_scales=True)
+
+
+@requires_cuda
+@pytest.mark.parametrize("head_major_scales", [False, True], ids=["by-position", "by-head"])
+@pytest.mark.parametrize("case", list(FP8_GPU_CASES.values()), ids=list(FP8_GPU_CASES))
+def test_decode_reads_fp8_cache_gpu(case, head_major_scales, monkeypatch):
+    poison_allocations(monkeypatch)
+    check_fp8_decode(case, "cuda", head_major_scales=head_major_scales)
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")

@@ -116,15 +116,19 @@ def test_refuses_more_than_one_token():
                                torch.tensor([0, 1]))
 
 
+@pytest.mark.parametrize("head_major_scales", [False, True], ids=["by-position", "by-head"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_dequantize_rows_as_pytorch(dtype):
-    """Rows of a cache slice (the layout the prefill reads), against values * scales in PyTorch."""
+def test_dequantize_rows_as_pytorch(dtype, head_major_scales):
+    """Rows of a cache slice (the layout the prefill reads), against values * scales in PyTorch;
+    scales stored by position or by head (as a GPU KV store holds them)."""
     if DEVICE == "cpu" and dtype != torch.float32:
         pytest.skip("the interpreted lane runs float32")
     batch, capacity, heads, head_dim, first, stop = 2, 300, 3, 80, 37, 251
     values = (torch.randn(batch, capacity, heads, head_dim, device=DEVICE) * 100).clamp(-448, 448)
     values = values.to(FP8)
     scales = torch.rand(batch, capacity, heads, device=DEVICE) * 10 + 1e-3
+    if head_major_scales:
+        scales = scales.transpose(1, 2).contiguous().transpose(1, 2)
     slot = torch.full((batch, capacity, heads, head_dim), float("nan"), dtype=dtype, device=DEVICE)
     out = slot[:, first:stop]
     assert dequantize_rows_triton(out, values[:, first:stop], scales[:, first:stop])

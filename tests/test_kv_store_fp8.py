@@ -76,6 +76,17 @@ def test_fp8_small_tiles_and_ring(monkeypatch, mode):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_gpu_parts_store_scales_by_head_and_host_parts_by_position():
+    """The decode kernel reads one head's scales a tile of positions at a time: on the GPU they
+    lie together; host parts copy contiguous runs of positions."""
+    store = _offloaded((1, 2), "prefetch", kv_dtype="fp8")
+    for part in store._dev:
+        assert part.k_scales.shape == (BATCH, part.k.shape[1], KV_HEADS)
+        assert part.k_scales.stride(1) == 1 and part.v_scales.stride() == part.k_scales.stride()
+    for part in (store._host[1], store._host[2], store._raw):
+        assert part.k_scales.is_contiguous() and part.v_scales.is_contiguous()
+
+
 def test_fp8_bytes():
     fp8_layer = 2 * BATCH * CAPACITY * KV_HEADS * (HEAD_DIM + 4)  # 1-byte values + f32 scales
     store = _offloaded((1, 2, 3), "prefetch", kv_dtype="fp8")
