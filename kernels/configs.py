@@ -101,13 +101,20 @@ def filled_share(programs: int, slots: int) -> float:
 
 
 def row_splits(cfg: DecodeConfig, programs: int, sms: int, most: int) -> int | None:
-    """Splits for (row, KV head) programs beyond half a wave of cfg.programs_per_sm * sms:
-    splits_filling_waves from cfg.least_row_splits. None for fewer programs, which one
-    sequence's one-wave rule splits (decode.choose_num_splits)."""
+    """Splits for (row, KV head) programs whose waves one even share per slot would leave
+    part-filled: splits_filling_waves from cfg.least_row_splits. None where one wave's even share
+    (decode.choose_num_splits' one-sequence rule) fills at least as well, or WAVE_FILL.
+    3 fp8 rows of 32 heads at 256K: 2 splits fill 73% of one wave and took 3.8 ms, 8 splits fill
+    97% of three and took 2.7 ms (docs/benchmarks.md, "fp8 scales by head")."""
     slots = cfg.programs_per_sm * sms
-    if 2 * programs <= slots:
+    if 2 * programs > slots:
+        return splits_filling_waves(programs, slots, most, cfg.least_row_splits)
+    one_wave = max(1, min(most, slots // programs))
+    one_wave_fill = filled_share(programs * one_wave, slots)
+    if one_wave_fill >= WAVE_FILL:
         return None
-    return splits_filling_waves(programs, slots, most, cfg.least_row_splits)
+    splits = splits_filling_waves(programs, slots, most, cfg.least_row_splits)
+    return splits if filled_share(programs * splits, slots) > one_wave_fill else None
 
 
 def splits_filling_waves(programs: int, slots: int, most: int, least: int = 1) -> int:
