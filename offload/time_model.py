@@ -54,16 +54,15 @@ ROWS_WEIGHT_READ_SHARE = 104 / 117
 DECODE_READ_RATE = 1.08
 # The decode kernel reads an fp8 cache (e4m3 values, a float32 scale per token and head) at this
 # share of the bf16 path's rate: it converts every byte in registers and is bound by instruction
-# latency, not by memory, so it takes about as long as over a bf16 cache of the same length.
-# Fitted to `facli bench --synthetic llama-7b --kv-dtype fp8` at 32K, 128K and 256K on one H200
-# (graph-replayed steps, the new token stored by one kernel per layer; commit d8f0629,
-# docs/benchmarks.md): within 1.1% at each depth.
-FP8_DECODE_READ_SHARE = 0.50
+# latency, not by memory. Fitted to `facli bench --synthetic llama-7b --kv-dtype fp8` at 32K,
+# 128K and 256K on one H200 with the scales stored by head (commit 9a496df,
+# docs/benchmarks.md, "fp8 scales by head"): within 1.1% at each depth.
+FP8_DECODE_READ_SHARE = 0.57
 # Rows of an fp8 cache, in waves their splits fill, read at this share instead: the kernel read
-# 2.40-2.48 TB/s over 5-48 full rows at 16K and 32K where the bf16 path read 4.43-4.60
-# (benchmarks/decode_rows.py). `facli bench --kv-dtype fp8` with 8, 13 and 27 rows at 4K-32K on
-# one H200 (commits 3127cef, 46fbc43; docs/benchmarks.md) fit 0.56: within 3% at each.
-FP8_ROWS_DECODE_READ_SHARE = 0.56
+# 2.65-2.71 TB/s over 7-24 full rows at 32K where the bf16 path read 4.43-4.60
+# (benchmarks/decode_rows.py, scales stored by head). Fitted to `facli bench --kv-dtype fp8
+# --batch 14` at 32K on one H200 (commit 9a496df): within 0.1%.
+FP8_ROWS_DECODE_READ_SHARE = 0.60
 # Per layer per decode step of a wholly eager decode (an fp8 cache the GPU cannot read
 # directly): the host's Python and launches for the layer. Fitted to one run (fp8 KV, all layers
 # on one H200, 256K, run eagerly before that layout replayed graphs: 48.3 ms per step); the host
