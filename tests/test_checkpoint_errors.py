@@ -88,14 +88,20 @@ def test_sharded_checkpoint_loads_like_single_file(tmp_path):
     ids = torch.randint(0, 384, (1, 9))
     from facli.kv_cache import DeviceKVCache
 
-    outputs = []
+    outputs, weights = [], []
     for directory in (single, sharded):
         loaded = _load(directory)
         config = loaded.config
         cache = DeviceKVCache(config.num_hidden_layers, 1, 16, config.num_key_value_heads,
                               config.head_dim, torch.float32, torch.device("cpu"))
         outputs.append(loaded(ids, 0, cache))
-    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+        weights.append(loaded.state_dict())
+    assert weights[0].keys() == weights[1].keys()
+    for name, tensor in weights[0].items():
+        assert torch.equal(tensor, weights[1][name]), name
+    # The same weights at other addresses: the CPU's GEMMs may take other code paths (alignment),
+    # so the logits agree to float32 rounding rather than bit for bit.
+    torch.testing.assert_close(outputs[0], outputs[1])
 
 
 def test_shard_reads_only_a_slice(checkpoint):
