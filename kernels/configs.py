@@ -37,7 +37,7 @@ class DecodeConfig:
     # More than one program per SM only where each split still streams this many tiles: bf16
     # caches are bound by bytes and short splits pay their start-up; fp8 caches by latency.
     long_split_tiles: int = 32
-    # Rows beyond half a wave take at least this many splits (splits_filling_waves).
+    # Rows that row_splits splits take at least this many splits (splits_filling_waves).
     least_row_splits: int = 1
 
 
@@ -87,10 +87,12 @@ _DECODE_FP8 = {
                            long_split_tiles=4, least_row_splits=4),
 }
 
-# Rows of a batch: (row, KV head) programs beyond half a wave of programs_per_sm * SMs take the
-# fewest splits (up to ROW_SPLITS) whose last wave is at least WAVE_FILL full. On an H200 at 32K
-# (docs/benchmarks.md, "Decode splits over rows"), one split per program left 5 and 13 bf16 rows
-# 28% and 12% slower than 4 splits, and 5-13 fp8 rows 19-41% slower than 5-8 splits.
+# Rows of a batch: (row, KV head) programs beyond half a wave of programs_per_sm * SMs, or fewer
+# that one wave's even share would leave part-filled, take the fewest splits (up to ROW_SPLITS)
+# whose last wave is at least WAVE_FILL full. On an H200 at 32K (docs/benchmarks.md, "Decode
+# splits over rows"), one split per program left 5 and 13 bf16 rows 28% and 12% slower than 4
+# splits, and 5-13 fp8 rows 19-41% slower than 5-8 splits; 3 ragged rows took 1.6x (bf16) and
+# 2.1x (fp8) as long in one wave's even share ("fp8 scales stored by head").
 WAVE_FILL = 0.95
 ROW_SPLITS = 8
 
@@ -105,7 +107,7 @@ def row_splits(cfg: DecodeConfig, programs: int, sms: int, most: int) -> int | N
     part-filled: splits_filling_waves from cfg.least_row_splits. None where one wave's even share
     (decode.choose_num_splits' one-sequence rule) fills at least as well, or WAVE_FILL.
     3 fp8 rows of 32 heads at 256K: 2 splits fill 73% of one wave and took 3.8 ms, 8 splits fill
-    97% of three and took 2.7 ms (docs/benchmarks.md, "fp8 scales by head")."""
+    97% of three and took 2.7 ms (docs/benchmarks.md, "fp8 scales stored by head")."""
     slots = cfg.programs_per_sm * sms
     if 2 * programs > slots:
         return splits_filling_waves(programs, slots, most, cfg.least_row_splits)

@@ -50,7 +50,7 @@ class KVPart:
 
     head_major_scales stores the scales [B, Hkv, length] behind the same view, so that one head's
     scales lie together: the decode kernel reads them a tile of positions at a time, and a
-    position-major layout spends a 32-byte memory sector on each 4-byte scale (5-11% of an fp8
+    position-major layout spends a 32-byte memory sector on each 4-byte scale (6-13% of an fp8
     decode on an H200, docs/benchmarks.md). Host parts keep position-major scales: their copies
     to and from the GPU go by contiguous runs of positions.
     """

@@ -56,7 +56,7 @@ DECODE_READ_RATE = 1.08
 # share of the bf16 path's rate: it converts every byte in registers and is bound by instruction
 # latency, not by memory. Fitted to `facli bench --synthetic llama-7b --kv-dtype fp8` at 32K,
 # 128K and 256K on one H200 with the scales stored by head (commit 9a496df,
-# docs/benchmarks.md, "fp8 scales by head"): within 1.1% at each depth.
+# docs/benchmarks.md, "fp8 scales stored by head"): within 1.1% at each depth.
 FP8_DECODE_READ_SHARE = 0.57
 # Rows of an fp8 cache, in waves their splits fill, read at this share instead: the kernel read
 # 2.65-2.71 TB/s over 7-24 full rows at 32K where the bf16 path read 4.43-4.60
