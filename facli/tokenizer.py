@@ -19,6 +19,27 @@ def load_tokenizer(path: Path):
         ) from None
 
 
+def render_chat(tokenizer, messages: list[dict]) -> str:
+    """`messages` through the tokenizer's chat template, ending where the assistant's reply
+    starts (the template writes any BOS itself: encode the text without special tokens)."""
+    from jinja2.exceptions import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except TemplateError as exc:
+        raise FacliError(f"the model's chat template refused the messages: {exc}") from None
+
+
+def chat_prompt_ids(tokenizer, text: str, system: str | None = None) -> list[int]:
+    """Token ids of `text` as a user message (after `system`, if given) under the chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise FacliError("expected a tokenizer with a chat template for --chat, this model has "
+                         "none; drop --chat and write the whole prompt")
+    messages = [{"role": "system", "content": system}] if system else []
+    rendered = render_chat(tokenizer, messages + [{"role": "user", "content": text}])
+    return list(tokenizer.encode(rendered, add_special_tokens=False))
+
+
 class TextStream:
     """Turns a growing list of token ids into the newly finished text, one piece at a time.
 

@@ -145,3 +145,72 @@ def test_the_prompt_line_names_where_host_rows_go_for_this_prompt():
     assert "(the host layers' rows all fit on the GPU for it)" in line
     long = predict_prompt(config, spec, result, 200_000, choose_mode=True)
     assert _prompt_line(result, 200_000, long) is None
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}</{{ m.role }}>{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+NO_SYSTEM_TEMPLATE = ("{% if messages[0].role == 'system' %}{{ raise_exception('no system role') }}"
+                      "{% endif %}" + CHAT_TEMPLATE)
+
+
+def _chat_tokenizer(template=CHAT_TEMPLATE):
+    from facli.demo import byte_level_tokenizer
+
+    tokenizer = byte_level_tokenizer()
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("chat")
+    build_checkpoint(directory, "llama")
+    _chat_tokenizer().save_pretrained(str(directory))
+    return directory
+
+
+def _json_run(env, args, **kwargs):
+    result = facli(["generate", "--max-new-tokens", "4", "--json", "--device", "cpu"] + args, env,
+                   **kwargs)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_prompt_from_standard_input(env):
+    piped = _json_run(env, ["--prompt-file", "-"], input="Hello there")
+    given = _json_run(env, ["--prompt", "Hello there"])
+    assert piped["prompt_tokens"] == len("Hello there")
+    assert piped["token_ids"] == given["token_ids"]
+    _one_line_error(facli(["generate", "--prompt-file", "-"], env, input=""), "standard input is empty")
+
+
+@pytest.mark.parametrize("system", [None, "Answer in one word."])
+def test_chat_prompt_is_the_tokenizers_own_chat_rendering(env, chat_model, system):
+    messages = ([{"role": "system", "content": system}] if system else [])
+    messages.append({"role": "user", "content": "What is facli?"})
+    tokenizer = _chat_tokenizer()
+    expected = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    args = ["--model", str(chat_model), "--prompt", "What is facli?", "--chat"]
+    chat = _json_run(env, args + (["--system", system] if system else []))
+    assert chat["prompt_tokens"] == len(expected["input_ids"])
+    plain = _json_run(env, ["--model", str(chat_model), "--prompt", rendered])
+    assert chat["token_ids"] == plain["token_ids"]
+
+
+def test_chat_needs_a_template_and_system_needs_chat(env):
+    _one_line_error(facli(["generate", "--prompt", "x", "--chat", "--device", "cpu"], env),
+                    "chat template for --chat")
+    _one_line_error(facli(["generate", "--prompt", "x", "--system", "s", "--device", "cpu"], env),
+                    "--system together with --chat")
+
+
+def test_a_template_that_refuses_the_messages_is_a_user_error():
+    from facli.errors import FacliError
+    from facli.tokenizer import chat_prompt_ids
+
+    tokenizer = _chat_tokenizer(NO_SYSTEM_TEMPLATE)
+    assert chat_prompt_ids(tokenizer, "hi") == tokenizer.encode("<user>hi</user><assistant>",
+                                                                add_special_tokens=False)
+    with pytest.raises(FacliError, match="chat template refused the messages: no system role"):
+        chat_prompt_ids(tokenizer, "hi", system="be brief")

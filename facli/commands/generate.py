@@ -21,23 +21,34 @@ def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
         if not prompt:
             raise FacliError("expected a non-empty --prompt, got an empty string")
         return prompt
-    if not prompt_file.is_file():
+    from_stdin = str(prompt_file) == "-"
+    source = "standard input" if from_stdin else str(prompt_file)
+    if not from_stdin and not prompt_file.is_file():
         raise FacliError(f"expected --prompt-file to be a readable file, {prompt_file} does not exist")
     try:
-        text = prompt_file.read_bytes().decode("utf-8")
+        text = (sys.stdin.buffer.read() if from_stdin else prompt_file.read_bytes()).decode("utf-8")
     except UnicodeDecodeError as exc:
         raise FacliError(
-            f"expected UTF-8 text in {prompt_file}, got an invalid byte at offset {exc.start}; "
-            "convert the file to UTF-8"
+            f"expected UTF-8 text in {source}, got an invalid byte at offset {exc.start}; "
+            "convert it to UTF-8"
         ) from None
     if not text.strip():
-        raise FacliError(f"expected a non-empty prompt file, {prompt_file} is empty")
+        raise FacliError(f"expected a non-empty prompt, {source} is empty")
     return text
+
+
+def encode_prompt(tokenizer, text: str, *, chat: bool = False, system: str | None = None) -> list[int]:
+    """The prompt's token ids: as written, or as a user message under the chat template."""
+    from facli.tokenizer import chat_prompt_ids
+
+    return chat_prompt_ids(tokenizer, text, system) if chat else tokenizer(text).input_ids
 
 
 def generate(
     prompt: Annotated[Optional[str], typer.Option(help="Prompt text.")] = None,
-    prompt_file: Annotated[Optional[Path], typer.Option(help="Read the prompt from this UTF-8 file.")] = None,
+    prompt_file: Annotated[Optional[Path], typer.Option(help="Read the prompt from this UTF-8 file (- reads standard input).")] = None,
+    chat: Annotated[bool, typer.Option(help="Send the prompt as a user message through the model's chat template (instruction-tuned models).")] = False,
+    system: Annotated[Optional[str], typer.Option(help="With --chat: a system message before the prompt.")] = None,
     model: Annotated[Optional[str], typer.Option(help="Checkpoint directory or recipe name (see `facli recipes`); default: the embedded demo model.")] = None,
     ctx: Annotated[Optional[str], typer.Option(help="Context to plan for: 4096, 32k, 256k, 1m. Default: prompt + new tokens.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Stop after this many new tokens.")] = 64,
@@ -63,6 +74,9 @@ def generate(
 
     if max_new_tokens <= 0:
         raise FacliError(f"expected --max-new-tokens > 0, got {max_new_tokens}")
+    if system is not None and not chat:
+        raise FacliError("expected --system together with --chat; add --chat to use the model's "
+                         "chat template")
     text = read_prompt(prompt, prompt_file)
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     options = RuntimeOptions(
@@ -72,15 +86,18 @@ def generate(
         allow_ctx_extension=allow_ctx_extension, cuda_graphs=not eager,
         allreduce_tile_tokens=allreduce_tile_tokens,
     )
-    result = plan_and_generate(options, text, sampling, max_new_tokens, stream=not as_json)
+    result = plan_and_generate(options, text, sampling, max_new_tokens, stream=not as_json,
+                               chat=chat, system=system)
     if as_json:
         print(json.dumps(result))
     else:
         print()
 
 
-def plan_and_generate(options, text: str, sampling, max_new_tokens: int, *, stream: bool) -> dict:
-    """Tokenize, plan (refusing what will not fit), then run on one process or N ranks."""
+def plan_and_generate(options, text: str, sampling, max_new_tokens: int, *, stream: bool,
+                      chat: bool = False, system: str | None = None) -> dict:
+    """Tokenize (under the chat template with `chat`), plan (refusing what will not fit), then
+    run on one process or N ranks."""
     from facli.offload.planner import predict_prompt
     from facli.parallel.degrees import check_tensor_parallel
     from facli.parallel.launch import launch, prints_here
@@ -95,7 +112,7 @@ def plan_and_generate(options, text: str, sampling, max_new_tokens: int, *, stre
 
     resolved = resolve_model(options.model)
     tokenizer = tokenizer_for(resolved)
-    prompt_ids = tokenizer(text).input_ids
+    prompt_ids = encode_prompt(tokenizer, text, chat=chat, system=system)
     if options.ctx == 0:
         options = dataclasses.replace(options, ctx=len(prompt_ids) + max_new_tokens)
     check_prompt_fits(len(prompt_ids), options.ctx)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from facli.errors import FacliError
+from facli.tokenizer import render_chat
 
 PLACEHOLDER = "{document}"
 SUMMARIZE_MESSAGE = "Summarize the following document concisely.\n\n{document}"
@@ -76,9 +77,7 @@ def make_builder(tokenizer, message: str, *, plain: bool = True) -> PromptBuilde
     """Render `message` (holding `{document}`) into token ids before and after the document."""
     marked = message.replace(PLACEHOLDER, _MARKER)
     if getattr(tokenizer, "chat_template", None):
-        rendered = tokenizer.apply_chat_template(
-            [{"role": "user", "content": marked}], tokenize=False, add_generation_prompt=True
-        )
+        rendered = render_chat(tokenizer, [{"role": "user", "content": marked}])
         bos = []
     else:
         rendered = marked + (PLAIN_SUFFIX if plain else "")
