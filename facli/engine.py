@@ -79,7 +79,8 @@ class Engine:
 
     def generate(self, prompt_ids: list[int], *, max_new_tokens: int, sampler: Sampler,
                  eos_ids: tuple[int, ...] = (), on_token=None, on_progress=None) -> TokenRun:
-        """Prefill `prompt_ids`, then sample until EOS, max_new_tokens, or a full cache."""
+        """Prefill `prompt_ids`, then sample until EOS, max_new_tokens, or a full cache, or until
+        on_token(token id) returns True (finish reason "stop")."""
         run = TokenRun()
         ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
         budget = min(max_new_tokens, self.kv.capacity - len(prompt_ids) + 1)
@@ -91,8 +92,9 @@ class Engine:
         first = int(token[0])
         run.timings.ttft_s = time.perf_counter() - started
         run.token_ids.append(first)
-        if on_token is not None:
-            on_token(first)
+        if on_token is not None and on_token(first):
+            run.finish_reason = "stop"
+            return run
         if first in eos_ids:
             run.finish_reason = "eos"
             return run
@@ -108,8 +110,9 @@ class Engine:
             run.token_ids.append(value)
             if decode_started is None:
                 decode_started, timed_from = time.perf_counter(), len(run.token_ids)
-            if on_token is not None:
-                on_token(value)
+            if on_token is not None and on_token(value):
+                run.finish_reason = "stop"
+                break
             if value in eos_ids:
                 run.finish_reason = "eos"
                 break

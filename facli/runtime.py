@@ -36,7 +36,7 @@ from facli.resolve import (
     tokenizer_for,
 )
 from facli.sampling import Sampler, SamplingParams
-from facli.tokenizer import TextStream
+from facli.tokenizer import StopText, TextStream
 
 KV_DTYPES = ("auto", "bf16", "fp16", "fp32", "fp8")
 
@@ -88,7 +88,7 @@ class GenerationResult:
     ttft_s: float
     decode_tokens_per_s: float | None  # None for a row of generate_rows: its batch shares steps
     peak_gpu_bytes: int | None
-    finish_reason: str  # "eos" | "length"
+    finish_reason: str  # "eos" | "length" | "stop"
 
 
 class Runtime:
@@ -204,8 +204,9 @@ class Runtime:
 
     def generate(self, prompt_ids: list[int], *, max_new_tokens: int, sampling: SamplingParams,
                  prefill_chunk: int | None = None, on_text=None, on_progress=None,
-                 ignore_eos: bool = False) -> GenerationResult:
-        """ignore_eos: decode all max_new_tokens even past an EOS token (benchmarks)."""
+                 ignore_eos: bool = False, stop: tuple[str, ...] = ()) -> GenerationResult:
+        """ignore_eos: decode all max_new_tokens even past an EOS token (benchmarks). stop: end
+        at the first of these strings; the text ends before it (its tokens stay in token_ids)."""
         if not prompt_ids:
             raise FacliError("expected a non-empty prompt, got 0 tokens; give --prompt or --prompt-file")
         check_prompt_fits(len(prompt_ids), self.ctx)
@@ -214,20 +215,25 @@ class Runtime:
         self.decode_for_prompt(len(prompt_ids))
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        stream = TextStream(self.tokenizer)
+        stream, stopper = TextStream(self.tokenizer), StopText(stop)
 
-        def on_token(token_id: int) -> None:
-            piece = stream.push(token_id)
+        def on_token(token_id: int) -> bool:
+            piece = stopper.push(stream.push(token_id))
             if piece and on_text is not None:
                 on_text(piece)
+            return stopper.stopped
 
         run = self.engine.generate(
             prompt_ids, max_new_tokens=max_new_tokens, sampler=Sampler(sampling, self.device),
             eos_ids=() if ignore_eos else self.eos_ids(), on_token=on_token, on_progress=on_progress,
         )
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+        tail = stopper.flush()
+        if tail and on_text is not None:
+            on_text(tail)
         return GenerationResult(
-            token_ids=run.token_ids, text=stream.text(), prompt_tokens=len(prompt_ids),
+            token_ids=run.token_ids, text=stopper.text if stop else stream.text(),
+            prompt_tokens=len(prompt_ids),
             ttft_s=run.timings.ttft_s, decode_tokens_per_s=run.timings.decode_tokens_per_s,
             peak_gpu_bytes=peak, finish_reason=run.finish_reason,
         )

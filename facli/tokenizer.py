@@ -62,3 +62,40 @@ class TextStream:
 
     def text(self) -> str:
         return self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+
+
+class StopText:
+    """Generated text cut before the first of `stops`. Pieces come in as a TextStream makes
+    them; up to the longest stop's length minus one character is held back, so that no part of
+    a stop string is ever emitted."""
+
+    def __init__(self, stops: tuple[str, ...] = ()):
+        if any(not stop for stop in stops):
+            raise FacliError("expected non-empty --stop strings")
+        self.stops = stops
+        self.hold = max((len(stop) for stop in stops), default=1) - 1
+        self.text = ""
+        self.emitted = 0
+        self.stopped = False
+
+    def push(self, piece: str) -> str:
+        """The text now safe to emit; sets `stopped` once a stop string appears."""
+        if self.stopped or not piece:
+            return ""
+        searched_from = max(0, len(self.text) - self.hold)
+        self.text += piece
+        hits = [at for at in (self.text.find(stop, searched_from) for stop in self.stops) if at >= 0]
+        if hits:
+            self.stopped = True
+            self.text = self.text[:min(hits)]
+            return self._emit(len(self.text))
+        return self._emit(len(self.text) - self.hold)
+
+    def flush(self) -> str:
+        """What is held back, once generation has ended."""
+        return self._emit(len(self.text))
+
+    def _emit(self, upto: int) -> str:
+        piece = self.text[self.emitted:max(upto, self.emitted)]
+        self.emitted += len(piece)
+        return piece

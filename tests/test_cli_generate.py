@@ -214,3 +214,23 @@ def test_a_template_that_refuses_the_messages_is_a_user_error():
                                                                 add_special_tokens=False)
     with pytest.raises(FacliError, match="chat template refused the messages: no system role"):
         chat_prompt_ids(tokenizer, "hi", system="be brief")
+
+
+def test_stop_strings_end_the_text_before_them_on_one_rank_and_on_two(env):
+    common = ["generate", "--prompt", "Hello there", "--max-new-tokens", "12", "--device", "cpu"]
+    free = json.loads(facli(common + ["--json"], env).stdout.strip().splitlines()[-1])
+    text = free["text"]
+    stop = text[5:7]  # greedy text of the demo model: the stop appears, first at text.find(stop)
+    expected = text[:text.find(stop)]
+    stopped = facli(common + ["--json", "--stop", stop, "--stop", "never seen"], env)
+    payload = json.loads(stopped.stdout.strip().splitlines()[-1])
+    assert payload["text"] == expected and payload["finish_reason"] == "stop"
+    assert payload["token_ids"] == free["token_ids"][:len(payload["token_ids"])]
+    assert len(payload["token_ids"]) < 12
+    streamed = facli(common + ["--stop", stop], env)
+    assert streamed.returncode == 0 and streamed.stdout == expected + "\n"
+    two = facli(common + ["--json", "--stop", stop, "--devices", "2"], env)
+    assert json.loads(two.stdout.strip().splitlines()[-1])["token_ids"] == payload["token_ids"]
+    first = json.loads(facli(common + ["--json", "--stop", text[0]], env).stdout.strip().splitlines()[-1])
+    assert first["text"] == "" and first["token_ids"] == free["token_ids"][:1]
+    _one_line_error(facli(common + ["--stop", ""], env), "non-empty --stop")

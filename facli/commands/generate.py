@@ -52,6 +52,7 @@ def generate(
     model: Annotated[Optional[str], typer.Option(help="Checkpoint directory or recipe name (see `facli recipes`); default: the embedded demo model.")] = None,
     ctx: Annotated[Optional[str], typer.Option(help="Context to plan for: 4096, 32k, 256k, 1m. Default: prompt + new tokens.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Stop after this many new tokens.")] = 64,
+    stop: Annotated[Optional[list[str]], typer.Option(help="Stop before this text (repeat for several); it is not printed.")] = None,
     temperature: Annotated[float, typer.Option(help="0 is greedy decoding.")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling threshold (1 keeps all).")] = 1.0,
     top_k: Annotated[int, typer.Option(help="Sample from the k most likely tokens (0 keeps all).")] = 0,
@@ -74,6 +75,9 @@ def generate(
 
     if max_new_tokens <= 0:
         raise FacliError(f"expected --max-new-tokens > 0, got {max_new_tokens}")
+    stops = tuple(stop or ())
+    if any(not text for text in stops):
+        raise FacliError("expected a non-empty --stop string; drop the empty one")
     if system is not None and not chat:
         raise FacliError("expected --system together with --chat; add --chat to use the model's "
                          "chat template")
@@ -87,7 +91,7 @@ def generate(
         allreduce_tile_tokens=allreduce_tile_tokens,
     )
     result = plan_and_generate(options, text, sampling, max_new_tokens, stream=not as_json,
-                               chat=chat, system=system)
+                               chat=chat, system=system, stop=stops)
     if as_json:
         print(json.dumps(result))
     else:
@@ -95,7 +99,8 @@ def generate(
 
 
 def plan_and_generate(options, text: str, sampling, max_new_tokens: int, *, stream: bool,
-                      chat: bool = False, system: str | None = None) -> dict:
+                      chat: bool = False, system: str | None = None,
+                      stop: tuple[str, ...] = ()) -> dict:
     """Tokenize (under the chat template with `chat`), plan (refusing what will not fit), then
     run on one process or N ranks."""
     from facli.offload.planner import predict_prompt
@@ -136,7 +141,7 @@ def plan_and_generate(options, text: str, sampling, max_new_tokens: int, *, stre
         if prompt_line:
             print(f"facli: {prompt_line}", file=sys.stderr)
     request = GenerateRequest(options, resolved, prompt_ids, sampling, max_new_tokens, stream,
-                              hardware, tokenizer, plan, prompt_prediction)
+                              hardware, tokenizer, plan, prompt_prediction, stop)
     return launch(generate_on_rank, (request,), world_size=options.devices, device_type=device.type)
 
 
@@ -171,6 +176,7 @@ class GenerateRequest:
     tokenizer: object
     plan: object
     prompt_prediction: object  # offload.planner.PromptPrediction for this prompt
+    stop: tuple = ()  # strings that end generation before them
 
 
 def generate_on_rank(parallel, request: GenerateRequest) -> dict:
@@ -190,7 +196,7 @@ def generate_on_rank(parallel, request: GenerateRequest) -> dict:
     with _prefill_bar(prompt_tokens, enabled=writer and prompt_tokens >= LONG_PROMPT_TOKENS) as bar:
         result = runtime.generate(request.prompt_ids, max_new_tokens=request.max_new_tokens,
                                   sampling=request.sampling, on_text=on_text,
-                                  on_progress=bar.update if bar else None)
+                                  on_progress=bar.update if bar else None, stop=request.stop)
     plan = runtime.plan
     prompt = request.prompt_prediction
     return {
