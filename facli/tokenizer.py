@@ -65,13 +65,11 @@ class TextStream:
 
 
 class StopText:
-    """Generated text cut before the first of `stops`. Pieces come in as a TextStream makes
-    them; up to the longest stop's length minus one character is held back, so that no part of
-    a stop string is ever emitted."""
+    """Generated text cut before the first of `stops` (non-empty strings). Pieces come in as a
+    TextStream makes them; up to the longest stop's length minus one character is held back, so
+    that no part of a stop string is ever emitted."""
 
     def __init__(self, stops: tuple[str, ...] = ()):
-        if any(not stop for stop in stops):
-            raise FacliError("expected non-empty --stop strings")
         self.stops = stops
         self.hold = max((len(stop) for stop in stops), default=1) - 1
         self.text = ""
