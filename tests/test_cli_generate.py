@@ -192,10 +192,15 @@ def test_chat_prompt_is_the_tokenizers_own_chat_rendering(env, chat_model, syste
     expected = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     args = ["--model", str(chat_model), "--prompt", "What is facli?", "--chat"]
-    chat = _json_run(env, args + (["--system", system] if system else []))
+    with_chat = facli(["generate", "--max-new-tokens", "4", "--json", "--device", "cpu"] + args
+                      + (["--system", system] if system else []), env)
+    assert with_chat.returncode == 0 and "chat template" not in with_chat.stderr
+    chat = json.loads(with_chat.stdout.strip().splitlines()[-1])
     assert chat["prompt_tokens"] == len(expected["input_ids"])
-    plain = _json_run(env, ["--model", str(chat_model), "--prompt", rendered])
-    assert chat["token_ids"] == plain["token_ids"]
+    plain = facli(["generate", "--max-new-tokens", "4", "--json", "--device", "cpu", "--model",
+                   str(chat_model), "--prompt", rendered], env)
+    assert json.loads(plain.stdout.strip().splitlines()[-1])["token_ids"] == chat["token_ids"]
+    assert "hint: this model has a chat template; --chat" in plain.stderr
 
 
 def test_chat_needs_a_template_and_system_needs_chat(env):

@@ -135,6 +135,9 @@ def plan_and_generate(options, text: str, sampling, max_new_tokens: int, *, stre
         print(f"facli: {plan.summary_line()}", file=sys.stderr)
         for line in plan.hints:
             print(f"facli: {line}", file=sys.stderr)
+        if not chat and getattr(tokenizer, "chat_template", None):
+            print("facli: hint: this model has a chat template; --chat sends the prompt through "
+                  "it as a user message", file=sys.stderr)
         if not plan.fits:
             print("facli: warning: --force: running a plan that does not fit", file=sys.stderr)
         prompt_line = _prompt_line(plan, len(prompt_ids), prompt_prediction)
