@@ -1,7 +1,7 @@
 """ModelConfig: the architecture of a Llama-family checkpoint, read from config.json or a recipe."""
 
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from facli.errors import FacliError
@@ -131,11 +131,22 @@ class ModelConfig:
                 f"expected config.json in {directory}, found none; point --model at a Hugging Face "
                 "checkpoint directory"
             )
-        try:
-            raw = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise FacliError(f"expected valid JSON in {path}, got a parse error: {exc}") from None
-        return cls.from_dict(raw)
+        config = cls.from_dict(_read_json(path))
+        # Chat checkpoints often end a turn with a token that only generation_config.json names
+        # (Llama 3 Instruct's <|eot_id|>); transformers' generate stops at those too.
+        generation = Path(directory) / "generation_config.json"
+        if generation.is_file():
+            extra = _as_tuple(_read_json(generation).get("eos_token_id"))
+            merged = tuple(dict.fromkeys(config.eos_token_ids + extra))
+            config = replace(config, eos_token_ids=merged)
+        return config
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FacliError(f"expected valid JSON in {path}, got a parse error: {exc}") from None
 
 
 def _as_tuple(value) -> tuple[int, ...]:

@@ -119,3 +119,13 @@ def test_mistral_sliding_window_limits_ctx(tmp_path):
     config.check_sliding_window(256)
     with pytest.raises(FacliError, match="sliding_window \\(256\\).*got 257"):
         config.check_sliding_window(257)
+
+
+def test_generation_config_adds_end_of_turn_ids(tmp_path):
+    """Ids that only generation_config.json names end generation too, as in transformers."""
+    build_checkpoint(tmp_path, "llama")
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 9]}))
+    assert ModelConfig.from_dir(tmp_path).eos_token_ids == (2, 9)
+    (tmp_path / "generation_config.json").write_text("{not json")
+    with pytest.raises(FacliError, match="generation_config.json"):
+        ModelConfig.from_dir(tmp_path)

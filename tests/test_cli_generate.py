@@ -239,3 +239,17 @@ def test_stop_strings_end_the_text_before_them_on_one_rank_and_on_two(env):
     first = json.loads(facli(common + ["--json", "--stop", text[0]], env).stdout.strip().splitlines()[-1])
     assert first["text"] == "" and first["token_ids"] == free["token_ids"][:1]
     _one_line_error(facli(common + ["--stop", ""], env), "non-empty --stop")
+
+
+def test_an_end_of_turn_id_from_generation_config_ends_generation(env, tmp_path):
+    build_checkpoint(tmp_path, "llama")
+    from facli.demo import byte_level_tokenizer
+
+    byte_level_tokenizer().save_pretrained(str(tmp_path))
+    (tmp_path / "generation_config.json").unlink(missing_ok=True)
+    args = ["--model", str(tmp_path), "--prompt", "Hello there", "--max-new-tokens", "8"]
+    free = _json_run(env, args)["token_ids"]
+    end = free[2]
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [end]}))
+    ended = _json_run(env, args)
+    assert ended["finish_reason"] == "eos" and ended["token_ids"] == free[:free.index(end) + 1]
