@@ -38,6 +38,24 @@ def check_attention_inputs(q, k, v, *, fp8_cache: bool = False):
         raise ValueError("expected k and v with a unit stride in the head dim")
 
 
+def check_fp8_scales(k_cache, v_cache, k_scales, v_scales) -> bool:
+    """True for an fp8 cache with its scales (float32 [B, T, Hkv], any strides, the same for
+    both); raises on a half-given or misshapen pair."""
+    if k_scales is None and v_scales is None:
+        return False
+    if k_scales is None or v_scales is None:
+        raise ValueError("expected both k_scales and v_scales, or neither")
+    if k_cache.dtype != torch.float8_e4m3fn or v_cache.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"expected float8_e4m3fn caches with scales, got {k_cache.dtype}")
+    expected = tuple(k_cache.shape[:3])
+    for name, scales in (("k_scales", k_scales), ("v_scales", v_scales)):
+        if tuple(scales.shape) != expected or scales.dtype != torch.float32:
+            raise ValueError(f"expected {name} float32 {expected}, got {scales.dtype} {tuple(scales.shape)}")
+    if k_scales.stride() != v_scales.stride():
+        raise ValueError("expected k_scales and v_scales with the same strides")
+    return True
+
+
 def check_q_offset(q_offset):
     """The Triton prefill kernels take the chunk's first position as a Python int."""
     if not isinstance(q_offset, int) or q_offset < 0:

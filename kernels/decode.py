@@ -293,23 +293,6 @@ def _merge_kernel(O_PART, LSE_PART, O, LSE, stride_ob, stride_ot, stride_oh,
                                      float("-inf")))
 
 
-def _check_scales(q, k_cache, v_cache, k_scales, v_scales) -> bool:
-    """True for an fp8 cache with its scales; raises on a half-given or misshapen pair."""
-    if k_scales is None and v_scales is None:
-        return False
-    if k_scales is None or v_scales is None:
-        raise ValueError("expected both k_scales and v_scales, or neither")
-    if k_cache.dtype != torch.float8_e4m3fn or v_cache.dtype != torch.float8_e4m3fn:
-        raise ValueError(f"expected float8_e4m3fn caches with scales, got {k_cache.dtype}")
-    expected = tuple(k_cache.shape[:3])
-    for name, scales in (("k_scales", k_scales), ("v_scales", v_scales)):
-        if tuple(scales.shape) != expected or scales.dtype != torch.float32:
-            raise ValueError(f"expected {name} float32 {expected}, got {scales.dtype} {tuple(scales.shape)}")
-    if k_scales.stride() != v_scales.stride():
-        raise ValueError("expected k_scales and v_scales with the same strides")
-    return True
-
-
 def choose_num_splits(batch: int, kv_heads: int, cache_len: int, device, cfg: DecodeConfig) -> int:
     """Splits per (sequence, KV head), from shapes only (no look at cache_lens: graph-safe).
 
@@ -350,7 +333,7 @@ def decode_attention_triton(q, k_cache, v_cache, cache_lens, *, scale=None, retu
     per (b, kv head, split), set where the exact fallback ran (num_splits <= MAX_SPLITS).
     Returns out [B, Tq, Hq, D], or (out, lse [B, Hq, Tq] float32, natural log).
     """
-    scaled = _check_scales(q, k_cache, v_cache, k_scales, v_scales)
+    scaled = common.check_fp8_scales(k_cache, v_cache, k_scales, v_scales)
     common.check_attention_inputs(q, k_cache, v_cache, fp8_cache=scaled)
     if common.interpreted() and q.dtype == torch.bfloat16:
         cast = (lambda t: t) if scaled else (lambda t: t.float())
