@@ -1,13 +1,13 @@
 """How fast a KV cache's layout can be read, apart from attention's arithmetic.
 
-    python benchmarks/kv_read.py [--length 256k] [--heads 32] [--out DIR]
+    python benchmarks/kv_read.py [--length 256k] [--heads 32] [--splits 8,12] [--out DIR]
 
 Programs as the decode kernel lays them out (split, KV head), each streaming its keys in tiles of
 64 keys x 128 dims, xor-folding the words it loads so that almost no arithmetic remains. Caches:
 fp8 (128 bytes per key and head) and bf16 (256), token-major as facli stores them ([B, T, Hkv, D]:
 one head's keys Hkv * D elements apart) and head-major ([B, Hkv, T, D]: contiguous), fp8 with
-and without its per-token float32 scales ([B, T, Hkv] or [B, Hkv, T]). us per call in one CUDA graph of 8 calls over caches
-rotated through >= 1 GiB; GB/s counts the bytes of K, V and scales.
+and without its per-token float32 scales ([B, T, Hkv] or [B, Hkv, T]). us per call in one CUDA
+graph of 8 calls over caches rotated through >= 1 GiB; GB/s counts the bytes of K, V and scales.
 """
 
 import argparse
@@ -52,27 +52,27 @@ def _read_kernel(K, V, KS, VS, OUT, stride_t, stride_h, stride_st, stride_sh, le
 
 
 def caches(length, heads, dtype, head_major, copies):
-    """`copies` (k, v, k_scales, v_scales) sets in the given layout, viewed as int32 words."""
-    shape = (heads, length, 128) if head_major else (length, heads, 128)
-    scale_shape = (heads, length) if head_major else (length, heads)
+    """`copies` (k, v, k_scales, v_scales) sets viewed [T, H, words] and [T, H] (int32 words),
+    stored in the given layout."""
+    words = 128 * dtype.itemsize // 4
+    order = (lambda t: t.transpose(0, 1)) if head_major else (lambda t: t)
+    shape = (heads, length) if head_major else (length, heads)  # storage order
     out = []
     for _ in range(copies):
-        k, v = (torch.randint(0, 2**31 - 1, shape[:-1] + (128 * dtype.itemsize // 4,),
-                              dtype=torch.int32, device="cuda") for _ in range(2))
-        ks, vs = (torch.rand(scale_shape, device="cuda").view(torch.int32) for _ in range(2))
+        k, v = (order(torch.randint(0, 2**31 - 1, shape + (words,), dtype=torch.int32,
+                                    device="cuda")) for _ in range(2))
+        ks, vs = (order(torch.rand(shape, device="cuda").view(torch.int32)) for _ in range(2))
         out.append((k, v, ks, vs))
     return out
 
 
-def read_us(sets, length, heads, head_major, scales, splits):
+def read_us(sets, length, heads, scales, splits):
     out = torch.empty(heads * splits, dtype=torch.int32, device="cuda")
 
     def call(k, v, ks, vs):
-        stride_t, stride_h = (k.stride(1), k.stride(0)) if head_major else (k.stride(0), k.stride(1))
-        stride_st, stride_sh = (ks.stride(1), ks.stride(0)) if head_major else (ks.stride(0), ks.stride(1))
-        _read_kernel[(splits, heads)](k, v, ks, vs, out, stride_t, stride_h, stride_st, stride_sh,
-                                      length, SCALES=scales, BLOCK_N=BLOCK_N, WORDS=k.shape[-1],
-                                      num_warps=4, num_stages=3)
+        _read_kernel[(splits, heads)](k, v, ks, vs, out, k.stride(0), k.stride(1), ks.stride(0),
+                                      ks.stride(1), length, SCALES=scales, BLOCK_N=BLOCK_N,
+                                      WORDS=k.shape[-1], num_warps=4, num_stages=3)
 
     return 1e3 * sequence_graph_ms([lambda s=s: call(*s) for s in sets])
 
@@ -95,7 +95,7 @@ def main():
             for scales in ((False, True) if name == "fp8" else (False,)):
                 nbytes = 2 * length * heads * (128 * dtype.itemsize + (4 if scales else 0))
                 for splits in map(int, args.splits.split(",")):
-                    us = read_us(sets, length, heads, head_major, scales, splits)
+                    us = read_us(sets, length, heads, scales, splits)
                     rows.append({"cache": name, "layout": "head-major" if head_major else "token-major",
                                  "scales": scales, "splits": splits, "us": us,
                                  "gbs": nbytes / us / 1e3})

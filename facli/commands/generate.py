@@ -37,13 +37,6 @@ def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
     return text
 
 
-def encode_prompt(tokenizer, text: str, *, chat: bool = False, system: str | None = None) -> list[int]:
-    """The prompt's token ids: as written, or as a user message under the chat template."""
-    from facli.tokenizer import chat_prompt_ids
-
-    return chat_prompt_ids(tokenizer, text, system) if chat else tokenizer(text).input_ids
-
-
 def generate(
     prompt: Annotated[Optional[str], typer.Option(help="Prompt text.")] = None,
     prompt_file: Annotated[Optional[Path], typer.Option(help="Read the prompt from this UTF-8 file (- reads standard input).")] = None,
@@ -114,10 +107,11 @@ def plan_and_generate(options, text: str, sampling, max_new_tokens: int, *, stre
         resolve_model,
         tokenizer_for,
     )
+    from facli.tokenizer import chat_prompt_ids
 
     resolved = resolve_model(options.model)
     tokenizer = tokenizer_for(resolved)
-    prompt_ids = encode_prompt(tokenizer, text, chat=chat, system=system)
+    prompt_ids = chat_prompt_ids(tokenizer, text, system) if chat else tokenizer(text).input_ids
     if options.ctx == 0:
         options = dataclasses.replace(options, ctx=len(prompt_ids) + max_new_tokens)
     check_prompt_fits(len(prompt_ids), options.ctx)
