@@ -36,8 +36,10 @@ class BatchStats:
     decode_tokens: int = 0  # over all rows: steps x rows busy in each
 
     @property
-    def decode_tokens_per_s(self) -> float:
-        return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
+    def decode_tokens_per_s(self) -> float | None:
+        """None (not measured) when fewer than two decode steps ran."""
+        measured = self.decode_steps >= 2 and self.decode_s > 0
+        return self.decode_tokens / self.decode_s if measured else None
 
 
 @dataclass
@@ -64,15 +66,18 @@ class BatchedEngine:
 
     def run(self, next_request: Callable[[], RowRequest | None],
             on_done: Callable[[RowRequest, TokenRun], None], *, sampling: SamplingParams,
-            eos_ids: tuple[int, ...] = ()) -> BatchStats:
+            eos_ids: tuple[int, ...] = (),
+            on_progress: Callable[[int, int], None] | None = None) -> BatchStats:
         """Take requests from next_request() (None: no more for now) into free rows until it has
         none and every row is done; on_done(request, run) as each one ends (EOS, its token
         budget, or a full row). next_request is asked again whenever a row is free, so it may
-        hand out prompts that depend on earlier results."""
+        hand out prompts that depend on earlier results. on_progress(prefilled, decoded) after
+        each prefill chunk (its tokens, 0) and each decode step (0, its busy rows)."""
+        progress = on_progress or (lambda prefilled, decoded: None)
         stats = BatchStats()
         rows: list[_Row | None] = [None] * self.rows
         while True:
-            self._fill(rows, next_request, on_done, sampling, eos_ids, stats)
+            self._fill(rows, next_request, on_done, sampling, eos_ids, stats, progress)
             busy = [index for index, row in enumerate(rows) if row is not None]
             if not busy:
                 return stats
@@ -87,8 +92,10 @@ class BatchedEngine:
                     on_done(row.request, row.run)
                     rows[index] = None
             stats.decode_s += time.perf_counter() - started
+            progress(0, len(busy))
 
-    def _fill(self, rows, next_request, on_done, sampling, eos_ids, stats: BatchStats) -> None:
+    def _fill(self, rows, next_request, on_done, sampling, eos_ids, stats: BatchStats,
+              progress) -> None:
         """Prefill a request into each free row; one that ends at its first token frees the
         row again at once."""
         for index in range(self.rows):
@@ -96,14 +103,14 @@ class BatchedEngine:
                 request = next_request()
                 if request is None:
                     return
-                row, first = self._start(index, request, sampling, stats)
+                row, first = self._start(index, request, sampling, stats, progress)
                 if first is not None and not self._accept(row, first, eos_ids):
                     rows[index] = row
                 else:
                     on_done(request, row.run)
 
     def _start(self, index: int, request: RowRequest, sampling: SamplingParams,
-               stats: BatchStats) -> tuple[_Row, int | None]:
+               stats: BatchStats, progress) -> tuple[_Row, int | None]:
         """Prefill into row `index`: the row and its first token (None: no room to generate)."""
         cache = self._row_caches[index]
         length = len(request.prompt_ids)
@@ -114,7 +121,8 @@ class BatchedEngine:
             return row, None
         started = time.perf_counter()
         ids = torch.tensor([request.prompt_ids], dtype=torch.long, device=self.device)
-        logits = prefill(self.model, cache, ids, self.prefill_chunk)
+        logits = prefill(self.model, cache, ids, self.prefill_chunk,
+                         on_progress=lambda tokens: progress(tokens, 0))
         first = int(self.token_sync(row.sampler(logits))[0])
         row.run.timings.ttft_s = time.perf_counter() - started
         stats.prefill_s += row.run.timings.ttft_s

@@ -348,9 +348,10 @@ def describe_facli(record: dict) -> str:
     if plan is not None:
         peak += f" (plan {max(plan['peak_gpu_bytes']) / 2**30:.1f} GiB, TTFT {plan['ttft_s']:.2f} s)"
     rows = f" ({record['rows']} rows)" if record.get("rows", 1) > 1 else ""
+    decode = record["decode_tokens_per_s"]  # None: fewer than two decode steps ran
+    decode = "not measured" if decode is None else f"{decode:.1f} tok/s"
     return (f"depth {record['depth']}{rows}: facli TTFT {record['ttft_s']:.2f} s, prefill "
-            f"{record['prefill_tokens_per_s']:.0f} tok/s, decode {record['decode_tokens_per_s']:.1f} "
-            f"tok/s{peak}")
+            f"{record['prefill_tokens_per_s']:.0f} tok/s, decode {decode}{peak}")
 
 
 def run_bench(request: BenchRequest) -> dict:

@@ -158,6 +158,7 @@ def run_baseline(request, resolved: ResolvedModel, prompt: list[int], dtype_name
 def describe(record: dict) -> str:
     if record["status"] != "ok":
         return f"depth {record['depth']}: transformers {record['error']}"
-    decode = record["decode_tokens_per_s"] or 0.0
+    decode = record["decode_tokens_per_s"]  # None: fewer than two decode steps ran
+    decode = "not measured" if decode is None else f"{decode:.1f} tok/s"
     return (f"depth {record['depth']}: transformers TTFT {record['ttft_s']:.2f} s, prefill "
-            f"{record['prefill_tokens_per_s']:.0f} tok/s, decode {decode:.1f} tok/s")
+            f"{record['prefill_tokens_per_s']:.0f} tok/s, decode {decode}")

@@ -18,8 +18,11 @@ class Timings:
     decode_steps: int = 0
 
     @property
-    def decode_tokens_per_s(self) -> float:
-        return self.decode_steps / self.decode_s if self.decode_s > 0 else 0.0
+    def decode_tokens_per_s(self) -> float | None:
+        """Timed from the end of the first decode step: None (not measured) when fewer than two
+        decode steps ran."""
+        measured = self.decode_steps > 0 and self.decode_s > 0
+        return self.decode_steps / self.decode_s if measured else None
 
 
 @dataclass

@@ -86,9 +86,13 @@ class GenerationResult:
     text: str
     prompt_tokens: int
     ttft_s: float
-    decode_tokens_per_s: float | None  # None for a row of generate_rows: its batch shares steps
+    # None: not measured (fewer than two decode steps ran, or a row of generate_rows, whose
+    # batch shares its steps)
+    decode_tokens_per_s: float | None
     peak_gpu_bytes: int | None
     finish_reason: str  # "eos" | "length" | "stop"
+    decode_steps: int = 0  # the timed decode steps (after the first) and their seconds
+    decode_s: float = 0.0
 
 
 class Runtime:
@@ -236,14 +240,16 @@ class Runtime:
             prompt_tokens=len(prompt_ids),
             ttft_s=run.timings.ttft_s, decode_tokens_per_s=run.timings.decode_tokens_per_s,
             peak_gpu_bytes=peak, finish_reason=run.finish_reason,
+            decode_steps=run.timings.decode_steps, decode_s=run.timings.decode_s,
         )
 
     def generate_rows(self, next_request, on_done, *, sampling: SamplingParams,
-                      ignore_eos: bool = False) -> BatchStats:
+                      ignore_eos: bool = False, on_progress=None) -> BatchStats:
         """Run prompts from next_request() (a RowRequest, or None when there is none for now)
         in the KV cache's rows, decoded together; on_done(request, GenerationResult) as each
-        one ends. Needs a runtime of two rows or more (RuntimeOptions.batch); with one, call
-        `generate` per prompt."""
+        one ends; on_progress(prefilled, decoded) as each prefill chunk and decode step runs
+        (BatchedEngine.run). Needs a runtime of two rows or more (RuntimeOptions.batch); with
+        one, call `generate` per prompt."""
         assert self.batched is not None, "generate_rows needs a runtime with batch > 1"
         eos_ids = () if ignore_eos else self.eos_ids()
 
@@ -260,7 +266,8 @@ class Runtime:
                 check_prompt_fits(len(request.prompt_ids), self.ctx)
             return request
 
-        return self.batched.run(checked, finished, sampling=sampling, eos_ids=eos_ids)
+        return self.batched.run(checked, finished, sampling=sampling, eos_ids=eos_ids,
+                                on_progress=on_progress)
 
     def decode_for_prompt(self, prompt_tokens: int):
         """Set the host layers' decode mode (when the mode asked is "auto") and split share that

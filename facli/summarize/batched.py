@@ -52,10 +52,12 @@ def run_batched(runtime, items: list[PreparedDocument], settings, *,
                 file=sys.stderr)
         return documents.unfinished()
     if log is not None and stats.decode_steps:
+        rate = stats.decode_tokens_per_s  # None: fewer than two decode steps ran
+        rate = "decode rate not measured" if rate is None else f"{rate:.0f} tokens/s in decode"
         log(f"facli: {runtime.rows} rows: {stats.prompts} prompts, {stats.prefill_s:.1f} s of "
             f"prefill, {stats.decode_steps} decode steps with "
-            f"{stats.decode_tokens / stats.decode_steps:.1f} rows busy on average, "
-            f"{stats.decode_tokens_per_s:.0f} tokens/s in decode", file=sys.stderr)
+            f"{stats.decode_tokens / stats.decode_steps:.1f} rows busy on average, {rate}",
+            file=sys.stderr)
     return []
 
 
