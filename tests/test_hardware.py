@@ -58,7 +58,7 @@ def test_hardware_names_match_regardless_of_case_or_by_a_unique_prefix(given):
 
 
 def test_an_ambiguous_prefix_names_its_matches():
-    with pytest.raises(FacliError, match="got '8x', which begins 8xA100-80GB, 8xH200, "
+    with pytest.raises(FacliError, match="got '8x', which begins 8xA100-80GB, 8xH200-141GB, "
                                          "8xV100-32GB; give more of the name"):
         load_hardware("8x")
 
@@ -106,7 +106,7 @@ def test_detect_reads_free_memory_and_matches_rates_by_name(monkeypatch):
     assert [g.memory_bytes for g in spec.devices] == [free, free - GIB]
     assert [g.sms for g in spec.devices] == [132, 132]
     assert all(g.reserved_bytes == 0 and g.matmul_tflops == 787.0 for g in spec.devices)
-    assert spec.inter_gpu_gbps == load_hardware("2xH200").inter_gpu_gbps
+    assert spec.inter_gpu_gbps == load_hardware("2xH200-141GB").inter_gpu_gbps
     assert spec.gpu_budget_bytes(1) == free - 2 * GIB
 
 

@@ -37,7 +37,7 @@ def test_fastattention_setup_fits_llama_7b_at_256k_on_8_v100():
 
 GRID = [
     ("llama-7b", "8xV100-32GB"), ("llama-7b", "1xH200-141GB"), ("llama-7b", "1xRTX4090-24GB"),
-    ("llama-3-8b", "1xA100-80GB"), ("llama-2-13b", "2xH200"), ("qwen2-7b", "8xH200"),
+    ("llama-3-8b", "1xA100-80GB"), ("llama-2-13b", "2xH200-141GB"), ("qwen2-7b", "8xH200-141GB"),
     ("mistral-7b", "1xH100-80GB"),
 ]
 CTXS = ["4k", "32k", "100k", "128k", "256k", "1m"]
@@ -213,8 +213,8 @@ def test_resident_kv_is_what_the_runtime_allocates():
 
 def test_tensor_parallel_splits_kv_and_weights():
     config = model("llama-7b")
-    one = plan(config, load_hardware("8xH200"), 32 * 1024, 1, options(devices=1))
-    four = plan(config, load_hardware("8xH200"), 32 * 1024, 1, options(devices=4))
+    one = plan(config, load_hardware("8xH200-141GB"), 32 * 1024, 1, options(devices=1))
+    four = plan(config, load_hardware("8xH200-141GB"), 32 * 1024, 1, options(devices=4))
     assert four.tp == 4 and len(four.devices) == 4
     assert four.devices[0].kv_bytes * 4 == one.devices[0].kv_bytes
     assert four.devices[0].weights_bytes * 4 == pytest.approx(one.devices[0].weights_bytes, rel=0.01)
@@ -226,7 +226,7 @@ def test_fixed_choices_are_respected():
     result = plan(model("llama-7b"), hw, 256 * 1024, 1,
                   options(prefill_chunk=2048, decode_mode="cpu"))
     assert result.prefill_chunk == 2048 and result.decode_mode == "cpu"
-    tiled = plan(model("llama-7b"), load_hardware("8xH200"), 64 * 1024, 1,
+    tiled = plan(model("llama-7b"), load_hardware("8xH200-141GB"), 64 * 1024, 1,
                  options(devices=8, allreduce_tile_tokens=2048))
     assert tiled.tp == 8 and tiled.allreduce_tile_tokens == 2048
 
@@ -234,11 +234,11 @@ def test_fixed_choices_are_respected():
 @pytest.mark.parametrize(("devices", "match"), [(3, "dividing"), (16, "at most")])
 def test_invalid_tp_degree_is_a_user_error(devices, match):
     with pytest.raises(FacliError, match=match):
-        plan(model("llama-7b"), load_hardware("8xH200"), 4096, 1, options(devices=devices))
+        plan(model("llama-7b"), load_hardware("8xH200-141GB"), 4096, 1, options(devices=devices))
 
 
 def test_tp_degrees_searched_divide_the_heads():
-    found = candidates(model("qwen2-7b"), load_hardware("8xH200"), 8192, 1, options())
+    found = candidates(model("qwen2-7b"), load_hardware("8xH200-141GB"), 8192, 1, options())
     assert {c.tp for c in found} == {1, 2, 4}  # 28 query heads, 4 KV heads
 
 
@@ -310,7 +310,7 @@ def test_gpu_ranks_tile_prefill_for_the_copy_engines_and_budget_their_inboxes():
 
     assert COPY_ENGINE_INBOXES == copy_engine.INBOXES
     config = model("llama-7b")
-    two = load_hardware("2xH200")
+    two = load_hardware("2xH200-141GB")
     tiled = plan(config, two, 32768, 1, options(devices=2, prefill_chunk=32768))
     untiled = plan(config, two, 32768, 1, options(devices=2, prefill_chunk=32768,
                                                   allreduce_tile_tokens=32768))
@@ -335,7 +335,7 @@ def test_more_than_two_gpu_ranks_prefill_in_two_waves_where_the_cache_is_on_the_
     from facli.offload.memory_model import WAVES_TILE_TOKENS
     from facli.placement import tensor_parallel_settings
 
-    config, eight = model("llama-7b"), load_hardware("8xH200")
+    config, eight = model("llama-7b"), load_hardware("8xH200-141GB")
     waves = plan(config, eight, 32768, 1, options(devices=4, prefill_chunk=32768))
     assert waves.tp == 4 and waves.allreduce_tile_tokens == WAVES_TILE_TOKENS
     settings = tensor_parallel_settings(waves)
@@ -350,7 +350,7 @@ def test_more_than_two_gpu_ranks_prefill_in_two_waves_where_the_cache_is_on_the_
 
 
 def test_nccl_tiles_budget_no_copy_engine_inboxes():
-    config, eight = model("llama-7b"), load_hardware("8xH200")
+    config, eight = model("llama-7b"), load_hardware("8xH200-141GB")
     tiled = plan(config, eight, 32768, 1, options(devices=4, prefill_chunk=32768, allreduce_tile_tokens=4096))
     untiled = plan(config, eight, 32768, 1, options(devices=4, prefill_chunk=32768, allreduce_tile_tokens=32768))
     assert tiled.allreduce_tile_tokens == 4096

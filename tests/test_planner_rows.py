@@ -11,7 +11,7 @@ from test_planner import model, options
 
 
 @pytest.mark.parametrize("name,hardware", [("llama-7b", "1xH200-141GB"), ("llama-3-8b", "1xA100-80GB"),
-                                           ("llama-2-13b", "2xH200")])
+                                           ("llama-2-13b", "2xH200-141GB")])
 @pytest.mark.parametrize("ctx", ["2k", "8k", "32k"])
 @pytest.mark.parametrize("kv_dtype", ["auto", "fp8"])
 def test_largest_resident_batch_is_the_edge_of_an_all_device_cache(name, hardware, ctx, kv_dtype):

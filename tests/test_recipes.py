@@ -12,6 +12,7 @@ from facli.recipe_loader import (
     list_hardware_recipes,
     list_model_recipes,
     load_model_recipe,
+    read_recipe,
     resolve_model_config,
     resolve_weights_dir,
 )
@@ -134,9 +135,34 @@ def test_model_option_takes_a_directory_or_a_recipe(tmp_path):
         resolve_model_config(str(tmp_path / "not-there"))
 
 
+HARDWARE = ("1xA100-80GB", "1xH100-80GB", "1xH200-141GB", "1xRTX4090-24GB", "2xH200-141GB",
+            "8xA100-80GB", "8xH200-141GB", "8xV100-32GB")
+DESCRIPTION = re.compile(r"(\d+) x NVIDIA (.+?) (\d+) GB, (.+), (\d+) CPU cores, (\d+) GiB host memory"
+                         r"( \(.+\))?")
+
+
 def test_hardware_recipes_listed():
-    assert {"8xV100-32GB", "1xA100-80GB", "1xH100-80GB", "1xH200-141GB", "2xH200", "8xH200",
-            "1xRTX4090-24GB"} <= set(list_hardware_recipes())
+    assert set(HARDWARE) == set(list_hardware_recipes())
+
+
+@pytest.mark.parametrize("name", HARDWARE)
+def test_a_hardware_name_and_its_description_say_the_same_hardware(name):
+    """Names are <count>x<GPU>-<memory>GB; the description is about the hardware alone:
+    GPUs, link, CPU cores and host memory, agreeing with the recipe's own values."""
+    raw = read_recipe("hardware", name)
+    count, gpu, gigabytes = re.fullmatch(r"(\d+)x([A-Z0-9]+)-(\d+)GB", name, re.I).groups()
+    words = DESCRIPTION.fullmatch(raw["description"])
+    assert words, raw["description"]
+    assert int(words[1]) == raw["count"] == int(count)
+    assert gpu in words[2].replace(" ", "") and words[3] == gigabytes
+    assert int(words[6]) == raw["host"]["ram_gib"]
+
+
+@pytest.mark.parametrize(("old", "new"), [("2xH200", "2xH200-141GB"), ("8xH200", "8xH200-141GB")])
+def test_the_former_hardware_names_still_name_their_recipes(old, new):
+    from facli.offload.hardware import load_hardware
+
+    assert load_hardware(old).name == new
 
 
 def test_recipe_functions_import_from_the_recipes_package():
