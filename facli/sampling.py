@@ -4,7 +4,9 @@ from dataclasses import dataclass
 
 import torch
 
-from facli.errors import FacliError
+from facli.units import check_count, check_number
+
+SEED_LIMIT = 1 << 64  # torch.Generator.manual_seed takes 64-bit seeds
 
 
 @dataclass(frozen=True)
@@ -17,12 +19,10 @@ class SamplingParams:
     seed: int = 0
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise FacliError(f"expected --temperature >= 0 (0 is greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise FacliError(f"expected --top-p in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise FacliError(f"expected --top-k >= 0 (0 keeps all tokens), got {self.top_k}")
+        check_number(self.temperature, "--temperature", low=0, note=" (0 is greedy)")
+        check_number(self.top_p, "--top-p", low=0, high=1, low_open=True)
+        check_count(self.top_k, "--top-k", low=0)
+        check_count(self.seed, "--seed", low=0, high=SEED_LIMIT - 1)
 
     @property
     def greedy(self) -> bool:
@@ -38,7 +38,9 @@ class Sampler:
         """logits [B, V] float32 -> token ids [B] int64."""
         if self.params.greedy:
             return logits.argmax(dim=-1)
-        logits = logits / self.params.temperature
+        # Shifted so the largest is 0 before scaling: a tiny temperature then sends the others
+        # to -inf, never the largest to inf (whose softmax would be nan).
+        logits = (logits - logits.max(dim=-1, keepdim=True).values) / self.params.temperature
         if self.params.top_k:
             kth = torch.topk(logits, min(self.params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
