@@ -22,7 +22,7 @@ from facli.units import parse_ctx  # noqa: E402
 
 
 def run_facli(checkpoint: Path, prompt_file: Path, ctx: int, new_tokens: int, extra: list[str]) -> dict:
-    command = [sys.executable, "-m", "facli.cli", "generate", "--model", str(checkpoint),
+    command = [sys.executable, "-P", "-m", "facli.cli", "generate", "--model", str(checkpoint),
                "--prompt-file", str(prompt_file), "--ctx", str(ctx), "--max-new-tokens",
                str(new_tokens), "--json", *extra]
     result = subprocess.run(command, capture_output=True, text=True)

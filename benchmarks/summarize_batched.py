@@ -50,7 +50,7 @@ def run(corpus: Path, checkpoint: Path, out: Path, entry: str, ctx: int, new_tok
     shutil.rmtree(folder, ignore_errors=True)  # a fresh output: nothing to resume
     folder.mkdir(parents=True)
     results = folder / "summaries.jsonl"
-    command = [sys.executable, "-m", "facli.cli", "summarize", str(corpus), "--model",
+    command = [sys.executable, "-P", "-m", "facli.cli", "summarize", str(corpus), "--model",
                str(checkpoint), "--out", str(results), "--ctx", str(ctx),
                "--max-new-tokens", str(new_tokens), "--allow-ctx-extension", "--json"]
     if batch != "auto":

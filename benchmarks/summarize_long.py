@@ -44,7 +44,7 @@ def main():
     corpus = out / "corpus"
     write_corpus(corpus, lengths, args.new_tokens)
     results = out / "summaries.jsonl"
-    command = [sys.executable, "-m", "facli.cli", "summarize", str(corpus), "--model",
+    command = [sys.executable, "-P", "-m", "facli.cli", "summarize", str(corpus), "--model",
                str(checkpoint), "--out", str(results), "--ctx", str(max(lengths)),
                "--max-new-tokens", str(args.new_tokens), "--allow-ctx-extension", "--json"]
     began = time.perf_counter()

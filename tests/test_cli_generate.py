@@ -9,7 +9,7 @@ import pytest
 
 from checkpoints import build_checkpoint
 
-FACLI = [sys.executable, "-m", "facli.cli"]
+FACLI = [sys.executable, "-P", "-m", "facli.cli"]  # -P: the repo root stays off sys.path
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ def _generate(devices: int, tmp_path, *extra) -> dict:
     env = {**os.environ, "FACLI_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1",
            "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "facli.cli", "generate", "--prompt", "tensor parallel " * 40,
+        [sys.executable, "-P", "-m", "facli.cli", "generate", "--prompt", "tensor parallel " * 40,
          "--max-new-tokens", "48", "--device", "cuda", "--devices", str(devices), "--json", *extra], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])

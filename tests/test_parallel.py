@@ -260,7 +260,9 @@ def test_generate_under_torchrun_reports_once_and_matches_one_process(tmp_path):
     import subprocess
     import sys
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "FACLI_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    # PYTHONSAFEPATH: `-m facli.cli` must not put the working folder on sys.path.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FACLI_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1",
+           "PYTHONSAFEPATH": "1"}
     command = ["-m", "facli.cli", "generate", "--prompt", "tensor parallel", "--max-new-tokens", "6",
                "--device", "cpu", "--json"]
     ranks = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
