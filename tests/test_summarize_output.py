@@ -50,12 +50,14 @@ def test_second_writer_on_the_same_output_is_refused(tmp_path):
             ResultWriter(tmp_path / "r.jsonl")
 
 
-@pytest.mark.parametrize("out, reason", [
-    ("folder", "Is a directory"),
-    ("file.txt/results.jsonl", "Not a directory"),
+@pytest.mark.parametrize("out, message", [
+    ("folder", "expected a regular file for --out, got {out}: a directory; give a path for a "
+               "results file such as results.jsonl"),
+    ("file.txt/results.jsonl", "expected a writable --out file, got {out}: Not a directory; "
+                               "choose another path"),
 ])
 def test_an_output_that_cannot_be_written_fails_before_any_document_is_read(
-        tmp_path, monkeypatch, out, reason):
+        tmp_path, monkeypatch, out, message):
     (tmp_path / "folder").mkdir()
     (tmp_path / "file.txt").write_text("a document\n")
     (tmp_path / "docs").mkdir()
@@ -64,8 +66,7 @@ def test_an_output_that_cannot_be_written_fails_before_any_document_is_read(
     with pytest.raises(FacliError) as err:
         summarize_run.run_summarize(summarize_run.SummarizeRequest(
             inputs=(tmp_path / "docs",), out=tmp_path / out, device="cpu"))
-    assert str(err.value) == (f"expected a writable --out file, got {tmp_path / out}: {reason}; "
-                              "choose another path")
+    assert str(err.value) == message.format(out=tmp_path / out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["docs", "file.txt", "folder"]
     check_writable(tmp_path / "new/deeper/results.jsonl")  # folders to make are fine
     check_writable(tmp_path / "docs/a.txt")

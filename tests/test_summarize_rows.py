@@ -24,15 +24,18 @@ class FakeRowsRuntime(FakeRuntime):
         self.rows, self.oom_after, self.on_finish, self.ctx = rows, oom_after, on_finish, ctx
         self.batches, self.ended = [], 0
 
-    def generate_rows(self, next_request, on_done, *, sampling):
+    def generate_rows(self, next_request, on_done, *, sampling, on_progress=None):
+        progress = on_progress or (lambda prefilled, decoded: None)
         busy = []
         while True:
             while len(busy) < self.rows and (request := next_request()) is not None:
                 busy.append(request)
+                progress(len(request.prompt_ids), 0)
             if not busy:
                 return BatchStats(prompts=self.ended, decode_steps=len(self.batches),
-                                  decode_tokens=sum(self.batches))
+                                  decode_tokens=sum(self.batches), decode_s=0.1 * len(self.batches))
             self.batches.append(len(busy))
+            progress(0, len(busy))
             if self.ended == self.oom_after:
                 raise torch.OutOfMemoryError("CUDA out of memory (fake)")
             request = busy.pop()

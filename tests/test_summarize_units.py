@@ -54,15 +54,27 @@ class FakeRuntime:
         self.options = SimpleNamespace(decode_mode="auto")
         self.calls, self.reconfigured = [], []
 
-    def generate(self, prompt_ids, *, max_new_tokens, sampling, prefill_chunk=None, on_text=None):
+    def generate(self, prompt_ids, *, max_new_tokens, sampling, prefill_chunk=None, on_text=None,
+                 on_progress=None):
+        """As Runtime.generate: on_progress per prefill chunk, on_text per decoded piece."""
         self.calls.append((len(prompt_ids), prefill_chunk))
         if len(self.calls) == self.interrupt_at:
             raise KeyboardInterrupt
         if self.ooms:
             self.ooms -= 1
             raise torch.OutOfMemoryError("CUDA out of memory (fake)")
+        chunk = prefill_chunk or self.prefill_chunk
+        for start in range(0, len(prompt_ids), chunk):
+            if on_progress is not None:
+                on_progress(min(chunk, len(prompt_ids) - start))
         ids = self.tokenizer.encode(self.reply, add_special_tokens=False)[:max_new_tokens]
-        return GenerationResult(ids, self.tokenizer.decode(ids), len(prompt_ids), 0.0, 0.0, None, "length")
+        for token in ids:
+            if on_text is not None:
+                on_text(self.tokenizer.decode([token]))
+        steps = max(0, len(ids) - 2)  # timed from the end of the first decode step
+        return GenerationResult(ids, self.tokenizer.decode(ids), len(prompt_ids), 0.0,
+                                steps / 0.5 if steps else None, None, "length",
+                                decode_steps=steps, decode_s=0.5 if steps else 0.0)
 
     def reconfigure(self, *, decode_mode=None, prefill_chunk=None):
         self.reconfigured.append((decode_mode, prefill_chunk))
@@ -108,11 +120,12 @@ def test_bad_documents_are_failed_records_not_errors(tmp_path):
 def test_unreadable_file_is_a_failed_document(tmp_path, monkeypatch):
     path = write(tmp_path / "secret.txt", "x")
 
-    def refuse(self):
+    def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(Path, "read_bytes", refuse)
-    (doc,) = read_documents(discover([path]))
+    files = discover([path])
+    monkeypatch.setattr("facli.summarize.files.os.open", refuse)  # root may read a chmod 000 file
+    (doc,) = read_documents(files)
     assert doc.text is None and doc.error == "unreadable: Permission denied"
     assert doc.id == "secret.txt#unreadable"
 
@@ -258,7 +271,7 @@ def test_attempts_shrink_the_prefill_chunk_then_change_the_decode_mode():
 
 def test_oom_retries_then_succeeds_and_restores_the_runtime():
     runtime = FakeRuntime(ooms=3)
-    guard = OomGuard(runtime, max_new_tokens=4, sampling=SamplingParams(), log=False)
+    guard = OomGuard(runtime, max_new_tokens=4, sampling=SamplingParams())
     result = guard(list(range(3000)))
     assert result.text == "shor"
     assert [chunk for _, chunk in runtime.calls] == [None, 512, 256, 256]
@@ -267,7 +280,7 @@ def test_oom_retries_then_succeeds_and_restores_the_runtime():
 
 def test_oom_on_every_attempt_fails_the_document():
     runtime = FakeRuntime(ooms=100)
-    guard = OomGuard(runtime, max_new_tokens=4, sampling=SamplingParams(), log=False)
+    guard = OomGuard(runtime, max_new_tokens=4, sampling=SamplingParams())
     with pytest.raises(DocumentFailed, match="out of memory"):
         guard(list(range(3000)))
     assert len(runtime.calls) == 5
@@ -277,7 +290,7 @@ def test_other_errors_are_not_swallowed():
     runtime = FakeRuntime()
     runtime.generate = lambda *a, **k: (_ for _ in ()).throw(ValueError("a bug"))
     with pytest.raises(ValueError, match="a bug"):
-        OomGuard(runtime, max_new_tokens=4, sampling=SamplingParams(), log=False)([1, 2, 3])
+        OomGuard(runtime, max_new_tokens=4, sampling=SamplingParams())([1, 2, 3])
 
 
 # the loop

@@ -6,13 +6,12 @@ complete its steps get the results and hand out the next round or the outcome. A
 starts only when the queue is empty, so documents in progress finish first.
 """
 
-import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from facli.batching import RowRequest
+from facli.batching import BatchStats, RowRequest
 from facli.errors import FacliError
 from facli.resolve import check_prompt_fits
 from facli.summarize import strategies
@@ -32,15 +31,19 @@ class _InProgress:
 
 def run_batched(runtime, items: list[PreparedDocument], settings, *,
                 on_outcome: Callable[[PreparedDocument, Outcome, float], None],
-                may_start: Callable[[], bool], log=None) -> list[PreparedDocument]:
+                may_start: Callable[[], bool], log: Callable[[str], None] | None = None,
+                on_progress: Callable[[int, int], None] | None = None,
+                ) -> tuple[list[PreparedDocument], BatchStats | None]:
     """Summarize `items` in the runtime's rows; on_outcome(item, outcome, started) as each
-    document ends; may_start() before each new document (False: start no more). Returns the
-    documents left to run one at a time: none, unless the rows ran out of memory, after which
-    the runtime has one row and the documents in progress start again."""
+    document ends; may_start() before each new document (False: start no more);
+    on_progress(prefilled, decoded) as each prefill chunk and decode step runs. Returns the
+    documents left to run one at a time and the rows' BatchStats: no documents, unless the
+    rows ran out of memory (then no stats), after which the runtime has one row and the
+    documents in progress start again."""
     documents = _DocumentQueue(items, settings, runtime.ctx, on_outcome, may_start)
     try:
         stats = runtime.generate_rows(documents.next_request, documents.on_done,
-                                      sampling=settings.sampling)
+                                      sampling=settings.sampling, on_progress=on_progress)
     except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled, the rest re-raised
         if not is_out_of_memory(exc):
             raise
@@ -48,17 +51,15 @@ def run_batched(runtime, items: list[PreparedDocument], settings, *,
         free_memory()
         runtime.reshape(rows=1)
         if log is not None:
-            log(f"facli: out of memory with {rows} documents at once; going on one at a time",
-                file=sys.stderr)
-        return documents.unfinished()
+            log(f"facli: out of memory with {rows} documents at once; going on one at a time")
+        return documents.unfinished(), None
     if log is not None and stats.decode_steps:
         rate = stats.decode_tokens_per_s  # None: fewer than two decode steps ran
         rate = "decode rate not measured" if rate is None else f"{rate:.0f} tokens/s in decode"
         log(f"facli: {runtime.rows} rows: {stats.prompts} prompts, {stats.prefill_s:.1f} s of "
             f"prefill, {stats.decode_steps} decode steps with "
-            f"{stats.decode_tokens / stats.decode_steps:.1f} rows busy on average, {rate}",
-            file=sys.stderr)
-    return []
+            f"{stats.decode_tokens / stats.decode_steps:.1f} rows busy on average, {rate}")
+    return [], stats
 
 
 class _DocumentQueue:

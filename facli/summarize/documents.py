@@ -1,7 +1,9 @@
 """Finding the documents to summarize, giving each a stable id, and reading them.
 
-A document that cannot be used (unreadable, not UTF-8, empty, a bad JSONL record) comes back as
-a `Document` with `error` set, so that one bad file never stops the batch.
+A document that cannot be used (unreadable, not UTF-8, empty, larger than its limit, a bad JSONL
+record) comes back as a `Document` with `error` set, so that one bad file never stops the batch.
+Each read is bounded (facli.summarize.files): a .txt or .md file up to DOCUMENT_LIMIT, a .jsonl
+file up to JSONL_LIMIT.
 """
 
 import hashlib
@@ -11,6 +13,15 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from facli.errors import FacliError
+from facli.summarize.files import (
+    DOCUMENT_LIMIT,
+    JSONL_LIMIT,
+    NotRegularError,
+    TooLargeError,
+    kind_of,
+    read_regular,
+)
+from facli.units import format_bytes
 
 SUFFIXES = (".txt", ".md", ".jsonl")
 
@@ -47,6 +58,9 @@ def discover(inputs: Sequence[Path], exclude: Iterable[Path] = ()) -> list[Sourc
             _check_suffix(path)
             if path.resolve() not in excluded:
                 found.append(SourceFile(path, path.name))
+        elif path.exists():
+            raise FacliError(f"expected a regular file or directory, got {str(path)!r}: "
+                             f"{kind_of(path.stat().st_mode)}; save the documents to files")
         else:
             raise FacliError(f"expected an existing file or directory, got {str(path)!r}; check the path")
     if not found:
@@ -89,9 +103,14 @@ def read_documents(files: Sequence[SourceFile], log: Callable[[str], None] = pri
     return unique(documents, log)
 
 
-def _read_bytes(path: Path) -> tuple[bytes | None, str | None]:
+def _read_bytes(path: Path, limit: int) -> tuple[bytes | None, str | None]:
     try:
-        return path.read_bytes(), None
+        return read_regular(path, limit), None
+    except TooLargeError as exc:
+        return None, (f"expected a file of at most {format_bytes(limit)}, got "
+                      f"{exc.describe()}; split it into smaller files")
+    except NotRegularError as exc:
+        return None, f"expected a regular file, got {exc.kind}"
     except OSError as exc:
         return None, f"unreadable: {exc.strerror or exc}"
 
@@ -110,7 +129,7 @@ def _decode(data: bytes) -> tuple[str | None, str | None]:
 
 
 def _read_text(source: SourceFile) -> Document:
-    data, error = _read_bytes(source.path)
+    data, error = _read_bytes(source.path, DOCUMENT_LIMIT)
     if data is None:
         return Document(f"{source.name}#unreadable", str(source.path), None, error)
     text, error = _decode(data)
@@ -118,7 +137,7 @@ def _read_text(source: SourceFile) -> Document:
 
 
 def _read_jsonl(source: SourceFile) -> list[Document]:
-    data, error = _read_bytes(source.path)
+    data, error = _read_bytes(source.path, JSONL_LIMIT)
     if data is None:
         return [Document(f"{source.name}#unreadable", str(source.path), None, error)]
     documents = []
@@ -133,6 +152,10 @@ def _read_jsonl(source: SourceFile) -> list[Document]:
 def _parse_record(source: SourceFile, number: int, line: bytes) -> Document:
     where = f"{source.path}:{number}"
     fallback_id = f"{source.name}:{number}#{content_hash(line)}"
+    if len(line) > DOCUMENT_LIMIT:
+        return Document(fallback_id, where, None, f"expected a record of at most "
+                        f"{format_bytes(DOCUMENT_LIMIT)}, got {format_bytes(len(line))}; split "
+                        "its text into smaller records")
     text, error = _decode(line)
     if text is None:
         return Document(fallback_id, where, None, error)

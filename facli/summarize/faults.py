@@ -4,11 +4,12 @@ Only when every step runs out of memory does the document fail (the batch goes o
 """
 
 import gc
-import sys
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
+from facli.summarize.progress import Progress, PromptProgress
 from facli.summarize.strategies import DocumentFailed
 
 # Decode modes after "auto", each needing less GPU memory than the one before.
@@ -51,13 +52,17 @@ def attempts(prefill_chunk: int, prompt_tokens: int, decode_mode: str = "auto") 
 
 
 class OomGuard:
-    """Runs `runtime.generate` through the attempts; restores the runtime's settings afterwards."""
+    """Runs `runtime.generate` through the attempts; restores the runtime's settings afterwards.
+    log(message) says when an attempt ran out of memory (None: silent); `progress` counts each
+    attempt's prefill chunks and decoded tokens."""
 
-    def __init__(self, runtime, *, max_new_tokens: int, sampling, log: bool = True):
+    def __init__(self, runtime, *, max_new_tokens: int, sampling,
+                 log: Callable[[str], None] | None = None, progress: Progress | None = None):
         self.runtime = runtime
         self.max_new_tokens = max_new_tokens
         self.sampling = sampling
         self.log = log
+        self.progress = progress
 
     def __call__(self, prompt_ids: list[int]):
         mode = getattr(getattr(self.runtime, "options", None), "decode_mode", "auto")
@@ -82,17 +87,23 @@ class OomGuard:
         )
 
     def _try(self, prompt_ids: list[int], attempt: Attempt):
+        tracker = PromptProgress(self.progress) if self.progress is not None else None
+        callbacks = dict(on_progress=tracker.on_progress, on_text=tracker.on_text) if tracker else {}
         try:
-            return self.runtime.generate(
+            result = self.runtime.generate(
                 prompt_ids, max_new_tokens=self.max_new_tokens, sampling=self.sampling,
-                prefill_chunk=attempt.prefill_chunk,
+                prefill_chunk=attempt.prefill_chunk, **callbacks,
             )
         except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled, the rest re-raised
             if not is_out_of_memory(exc):
                 raise
+        else:
+            if tracker is not None:
+                tracker.finish(result.token_ids)
+            return result
         free_memory()
-        if self.log:
-            print(f"facli: out of memory with {attempt.describe()}; retrying", file=sys.stderr)
+        if self.log is not None:
+            self.log(f"facli: out of memory with {attempt.describe()}; retrying")
         return None
 
 

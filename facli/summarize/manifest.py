@@ -12,6 +12,7 @@ from pathlib import Path
 
 import facli
 from facli.errors import FacliError
+from facli.summarize.files import MANIFEST_LIMIT, read_user_file
 from facli.summarize.output import write_atomic
 
 
@@ -33,16 +34,24 @@ def text_hash(text: str | None) -> str | None:
 
 
 def read_manifest(path: Path) -> dict | None:
+    """The manifest at `path` (None when there is none); one FacliError line for one that is no
+    manifest, or larger than files.MANIFEST_LIMIT."""
     path = Path(path)
     if not path.exists():
         return None
+    fix = "delete it or choose another --out"
+    data = read_user_file(path, MANIFEST_LIMIT, "run manifest", fix)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FacliError(
-            f"expected a JSON run manifest at {path}, got an unreadable file ({exc}); "
-            "delete it or choose another --out"
-        ) from None
+        manifest = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FacliError(f"expected a JSON run manifest at {path}, got an unreadable file ({exc}); "
+                         f"{fix}") from None
+    shapes = {"model": dict, "settings": dict, "runs": list}
+    if not isinstance(manifest, dict) or any(
+            not isinstance(manifest.get(key, kind()), kind) for key, kind in shapes.items()):
+        raise FacliError(f"expected a run manifest at {path} (a JSON object with model, settings "
+                         f"and runs), got {type(manifest).__name__} of another shape; {fix}")
+    return manifest
 
 
 def check_resumable(previous: dict | None, model: dict, settings: dict, output: Path) -> None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from facli.errors import FacliError
+from facli.summarize.files import TEMPLATE_LIMIT, read_user_file
 from facli.tokenizer import render_chat
 
 PLACEHOLDER = "{document}"
@@ -51,10 +52,13 @@ def read_template(path: Path | None) -> str | None:
     """The text of a user template file, which must hold `{document}` exactly once."""
     if path is None:
         return None
+    data = read_user_file(path, TEMPLATE_LIMIT, "--prompt-template",
+                          f"give a UTF-8 text file with {PLACEHOLDER} where the document goes")
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise FacliError(f"expected a readable UTF-8 prompt template, got {path}: {exc}") from None
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FacliError(f"expected a UTF-8 prompt template, got {path}: byte "
+                         f"0x{data[exc.start]:02x} at offset {exc.start}; convert it to UTF-8") from None
     count = text.count(PLACEHOLDER)
     if count != 1:
         raise FacliError(

@@ -22,6 +22,7 @@ from facli.runtime import Runtime, RuntimeOptions, check_kv_dtype
 from facli.sampling import SamplingParams
 from facli.summarize import manifest as manifests
 from facli.summarize.documents import SourceFile, discover, read_documents
+from facli.summarize.files import check_output_path
 from facli.summarize.forecast import GroupForecast, forecast_group, predicted_line
 from facli.summarize.interrupt import StopRequest
 from facli.summarize.job import JobSettings, JobSummary, run_documents
@@ -63,6 +64,7 @@ class SummarizeRequest:
     hardware: object = None  # the HardwareSpec to plan on; None detects it (summarize_hardware)
 
     def __post_init__(self):
+        check_output_path(self.out)  # before anything is read, locked or created
         check_kv_dtype(self.kv_dtype)
         check_decode_mode(self.decode_mode)
         if self.max_new_tokens <= 0:
@@ -85,18 +87,20 @@ def run_summarize(request: SummarizeRequest, parallel: ParallelContext = SINGLE_
                   stop: StopRequest | None = None) -> JobSummary:
     """Summarize every document not already in the output; returns this run's counts.
 
-    Every tensor-parallel rank calls this with its own `parallel`; rank 0 alone writes files."""
+    Every tensor-parallel rank calls this with its own `parallel`; rank 0 alone writes files.
+    Nothing is written before the model has loaded and a document is about to be recorded
+    (or the output repaired): a run that fails before leaves no output, manifest or lock."""
     started = time.perf_counter()
     log = _logger(parallel.is_writer)
     if parallel.is_writer:
         check_writable(request.out)
     # The output's lock before the corpus is read and tokenized: a second run on the same
-    # output stops at once.
+    # output stops at once, and so does an output that is not summarize's results.
     writer = ResultWriter(request.out) if parallel.is_writer else None
     with writer or nullcontext():
+        existing = read_results(request.out)
         request, resolved, tokenizer, corpus = open_corpus(request, log)
         log(f"facli: corpus: {corpus.plan.describe()}")
-        existing = read_results(request.out)
         pending, skipped = select_pending(corpus.prepared, existing, request.retry_failed)
         barrier(parallel)  # every rank has read the output before rank 0 changes it
         groups = corpus_row_groups(request, resolved, corpus, pending, parallel) if pending else []
@@ -111,21 +115,26 @@ def run_summarize(request: SummarizeRequest, parallel: ParallelContext = SINGLE_
                 "; records come in the order documents finish")
         if forecasts:
             log(f"facli: {predicted_line(forecasts)}")
-        manifest, entry = _open_manifest(request, resolved, corpus, memory, writer, groups)
+        manifest, entry = _open_manifest(request, resolved, corpus, memory, groups)
+        path = manifests.manifest_path(request.out)
         if writer is not None:
-            _prepare_output(writer, existing, pending, request.retry_failed)
+            writer.before_first_write = lambda: manifests.write_manifest(path, manifest)
         log(f"facli: {len(pending)} to summarize, {skipped} already in {request.out}")
         summary = JobSummary()
         if groups:
             runtime = Runtime(resolved, _runtime_options(request, groups[0]), parallel, tokenizer,
                               hardware=request.hardware)
+            if writer is not None:
+                _prepare_output(writer, existing, pending, request.retry_failed)
             summary = _run_groups(runtime, groups, writer, corpus.settings, parallel, stop,
                                   fall_back=request.batch is None, log=log)
         summary.skipped = skipped
+        summary.skipped_ok = len(existing.ids_with_status("ok")
+                                 & {p.document.id for p in corpus.prepared})
         summary.seconds = time.perf_counter() - started
-        if writer is not None:
+        if writer is not None and (writer.written or request.out.exists()):
             manifests.finish_run(entry, summary.as_dict())
-            manifests.write_manifest(manifests.manifest_path(request.out), manifest)
+            manifests.write_manifest(path, manifest)
     log(summary.line())
     return summary
 
@@ -271,8 +280,9 @@ def _stop_agreement(parallel: ParallelContext, device):
 
 
 def _open_manifest(request: SummarizeRequest, resolved: ResolvedModel, corpus: Corpus, memory,
-                   writer: ResultWriter | None, groups: list[RowGroup]) -> tuple[dict, dict]:
-    """Check that the output was made with the same settings, then record this run's start."""
+                   groups: list[RowGroup]) -> tuple[dict, dict]:
+    """Check that the output was made with the same settings; the manifest with this run's
+    start, written when the output first changes (ResultWriter.before_first_write)."""
     path = manifests.manifest_path(request.out)
     previous = manifests.read_manifest(path)
     model = {"name": resolved.name, "path": str(resolved.path),
@@ -287,8 +297,6 @@ def _open_manifest(request: SummarizeRequest, resolved: ResolvedModel, corpus: C
         "rows": [{"ctx": g.ctx, "rows": g.rows, "documents": len(g.items)} for g in groups],
         "retry_failed": request.retry_failed,
     })
-    if writer is not None:
-        manifests.write_manifest(path, manifest)
     return manifest, entry
 
 
