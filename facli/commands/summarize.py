@@ -36,6 +36,9 @@ def command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the run summary (or with --plan-only, the plan) as one JSON object.")] = False,
 ):
     """Summarize documents; rerun the same command to resume after a crash or Ctrl-C."""
+    from facli.summarize.files import check_output_path
+
+    check_output_path(out)  # before any model, hardware or document is looked at
     from facli.parallel.launch import launch
     from facli.resolve import resolve_device
     from facli.sampling import SamplingParams
@@ -64,6 +67,8 @@ def command(
         print(json.dumps({"output": str(out), **summary.as_dict()}))
     if summary.interrupted:
         raise typer.Exit(code=130)
+    if summary.none_succeeded:  # the records of the failures stay in the output
+        raise FacliError(summary.failure_line(out))
 
 
 def _print_forecast(request, as_json: bool) -> None:
