@@ -14,7 +14,7 @@ import os
 import torch
 
 from common import print_environment
-from facli.kernels import elementwise
+from facli.kernels import elementwise, elementwise_triton
 from gpu_timing import median_ms
 
 
@@ -29,13 +29,13 @@ def cases(tokens):
     gate, up = torch.randn(tokens, 11008, **bf16), torch.randn(tokens, 11008, **bf16)
     size = lambda *ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
     return [
-        ("rms_norm", size(x, x), lambda: elementwise.rms_norm_triton(x, w, 1e-5),
+        ("rms_norm", size(x, x), lambda: elementwise_triton.rms_norm_triton(x, w, 1e-5),
          lambda: elementwise.rms_norm_reference(x, w, 1e-5)),
-        ("add + rms_norm", size(x, r, x, x), lambda: elementwise.rms_norm_triton(x, w, 1e-5, r),
+        ("add + rms_norm", size(x, r, x, x), lambda: elementwise_triton.rms_norm_triton(x, w, 1e-5, r),
          lambda: elementwise.rms_norm_reference(x, w, 1e-5, r)),
-        ("rotary (q)", size(q, q), lambda: elementwise.apply_rotary_triton(q, cos, sin),
+        ("rotary (q)", size(q, q), lambda: elementwise_triton.apply_rotary_triton(q, cos, sin),
          lambda: elementwise.apply_rotary_reference(q, cos, sin)),
-        ("silu(gate) * up", size(gate, up, up), lambda: elementwise.silu_mul_triton(gate, up),
+        ("silu(gate) * up", size(gate, up, up), lambda: elementwise_triton.silu_mul_triton(gate, up),
          lambda: elementwise.silu_mul_reference(gate, up)),
     ]
 

@@ -1,4 +1,4 @@
-"""Decode's matrix-vector products: cuBLAS against facli's kernel (facli.kernels.gemv).
+"""Decode's matrix-vector products: cuBLAS against facli's kernel (facli.kernels.gemv_triton).
 
 Usage: python benchmarks/gemv.py [--model llama-7b] [--tp 1] [--calls 16] [--sweep] [--out DIR]
 For each projection of the recipe's layer (merged qkv, o_proj, merged gate_up, down_proj) and
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment  # noqa: E402
 
-from facli.kernels.gemv import GemvConfig, gemv_config, gemv_triton  # noqa: E402
+from facli.kernels.gemv_triton import GemvConfig, gemv_config, gemv_triton  # noqa: E402
 from facli.recipe_loader import load_model_recipe  # noqa: E402
 
 L2_BYTES = 60 * 1024**2  # more than an H100's or H200's 50 MiB

@@ -4,14 +4,14 @@ CUDA tensors in float16/bfloat16 go to the Triton kernels (prefill on Hopper to 
 of `prefill_hopper` where it takes the shapes); everything else (CPU tensors, float32) to the
 plain-PyTorch reference. `backend="triton"` forces the kernels, which on a CPU run only
 under TRITON_INTERPRET=1 (the tests' lane); `backend="reference"` forces the reference.
+The Triton modules (`prefill`, `prefill_hopper`, `decode`) are imported on the first call that
+takes them: Triton is installed on Linux only, and the CPU path runs without it.
 """
 
 import torch
 
-from facli.kernels import prefill_hopper
+from facli.kernels import common
 from facli.kernels.configs import SMALL_QUERIES
-from facli.kernels.decode import decode_attention_triton
-from facli.kernels.prefill import prefill_attention_triton
 from facli.kernels.reference import (
     attention_with_lse,
     decode_attention_reference,
@@ -45,9 +45,12 @@ def prefill_attention(q, k, v, *, causal=True, q_offset=0, scale=None, return_ls
     """
     if _use_triton(q, backend):
         kwargs = {"causal": causal, "q_offset": q_offset, "scale": scale, "return_lse": return_lse}
-        if q.shape[1] > SMALL_QUERIES and prefill_hopper.supports(q, k, v):
-            return prefill_hopper.prefill_or_fall_back(prefill_attention_triton, q, k, v, **kwargs)
-        return prefill_attention_triton(q, k, v, **kwargs)
+        triton_prefill = common.triton_module("prefill").prefill_attention_triton
+        if q.shape[1] > SMALL_QUERIES:
+            hopper = common.triton_module("prefill_hopper")
+            if hopper.supports(q, k, v):
+                return hopper.prefill_or_fall_back(triton_prefill, q, k, v, **kwargs)
+        return triton_prefill(q, k, v, **kwargs)
     if return_lse:
         return attention_with_lse(q, k, v, causal=causal, q_offset=q_offset, scale=scale)
     return prefill_attention_reference(q, k, v, causal=causal, q_offset=q_offset, scale=scale)
@@ -66,8 +69,9 @@ def decode_attention(q, k_cache, v_cache, cache_lens, *, scale=None, return_lse=
     vector is multiplied by its scale (the Triton kernel reads e4m3 directly).
     """
     if _use_triton(q, backend):
-        return decode_attention_triton(q, k_cache, v_cache, cache_lens, scale=scale,
-                                       return_lse=return_lse, k_scales=k_scales, v_scales=v_scales)
+        return common.triton_module("decode").decode_attention_triton(
+            q, k_cache, v_cache, cache_lens, scale=scale, return_lse=return_lse,
+            k_scales=k_scales, v_scales=v_scales)
     if k_scales is not None:
         k_cache = (k_cache.float() * k_scales.unsqueeze(-1)).to(q.dtype)
         v_cache = (v_cache.float() * v_scales.unsqueeze(-1)).to(q.dtype)
@@ -82,9 +86,7 @@ __all__ = [
     "attention_with_lse",
     "decode_attention",
     "decode_attention_reference",
-    "decode_attention_triton",
     "merge_attention",
     "prefill_attention",
     "prefill_attention_reference",
-    "prefill_attention_triton",
 ]

@@ -1,8 +1,29 @@
-"""Checks and allocation shared by the attention launchers."""
+"""Checks and allocation shared by the Triton launchers, and `triton_module`, through which
+facli's dispatchers import them: Triton is published for Linux only, and the CPU path must
+import and run without it."""
 
+import functools
+import importlib
 import os
 
 import torch
+
+from facli.errors import FacliError
+
+NO_TRITON = ("expected the triton package for facli's GPU kernels, got none installed; on Linux "
+             "install it (pip install triton), elsewhere run on the CPU (--device cpu)")
+
+
+@functools.cache
+def triton_module(name: str):
+    """The Triton module facli.kernels.<name> (its @triton.jit kernels and launchers), imported
+    on first use. Raises FacliError where the triton package is not installed."""
+    try:
+        return importlib.import_module(f"facli.kernels.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name != "triton":
+            raise
+        raise FacliError(NO_TRITON) from None
 
 
 def empty(*shape, dtype, device):

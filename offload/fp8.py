@@ -9,7 +9,7 @@ a per-chunk scale stored per position and does not depend on how a prompt was ch
 
 import torch
 
-from facli.kernels.fp8_kv import dequantize_rows_triton
+from facli.kernels import common
 
 FP8 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -39,8 +39,24 @@ def dequantize_into(out: torch.Tensor, values: torch.Tensor, scales: torch.Tenso
     out; elsewhere this works over `block` positions at a time so the float32 temporary stays
     small (a whole 256K-token layer would need 4 GiB of it).
     """
-    if out.is_cuda and dequantize_rows_triton(out, values, scales):
+    if out.is_cuda and common.triton_module("fp8_kv").dequantize_rows_triton(out, values, scales):
         return
     for start in range(0, values.shape[1], block):
         stop = min(start + block, values.shape[1])
         out[:, start:stop] = values[:, start:stop].float() * scales[:, start:stop].unsqueeze(-1)
+
+
+def store_token_fp8(k, v, k_cache, v_cache, k_scales, v_scales, position: torch.Tensor) -> None:
+    """k, v [B, 1, Hkv, D] quantized as `quantize` makes them on the GPU and stored in the caches
+    [B, T, Hkv, D] (scales [B, T, Hkv]) at `position`, a tensor on the caches' GPU: one Triton
+    kernel (facli.kernels.fp8_kv.store_token_fp8_triton), so a CUDA graph can capture it."""
+    common.triton_module("fp8_kv").store_token_fp8_triton(k, v, k_cache, v_cache, k_scales,
+                                                          v_scales, position)
+
+
+def store_rows_fp8(k, v, k_cache, v_cache, k_scales, v_scales, start: int) -> None:
+    """k, v [B, T, Hkv, D] quantized as `quantize` makes them on the GPU and stored in the caches
+    at positions start..start+T, in one pass over the chunk on a GPU that converts to e4m3
+    (facli.kernels.fp8_kv.store_rows_fp8_triton)."""
+    common.triton_module("fp8_kv").store_rows_fp8_triton(k, v, k_cache, v_cache, k_scales,
+                                                         v_scales, start)

@@ -57,10 +57,9 @@ import torch
 
 from facli.errors import FacliError
 from facli.kernels import decode_attention, merge_attention, prefill_attention
-from facli.kernels.fp8_kv import store_rows_fp8_triton, store_token_fp8_triton
 from facli.offload.cooperative_decode import CooperativeDecode
 from facli.offload.cpu_attention import TileWorkspace
-from facli.offload.fp8 import FP8, dequantize_into
+from facli.offload.fp8 import FP8, dequantize_into, store_rows_fp8, store_token_fp8
 from facli.offload.kv_parts import Chunk, KVPart, Slot
 from facli.offload.memory_model import FP8_PREFILL_TILE_ROWS, packed_slot_rows
 from facli.offload.packed_slots import PackedSlots
@@ -225,7 +224,7 @@ class OffloadedKVStore(CooperativeDecode, PackedSlots):
                              f"layers {sorted(self.graph_layers)}; layer {layer} takes an int")
         part = self._dev[layer]
         if self.fp8 and part.k.is_cuda:
-            store_token_fp8_triton(k, v, part.k, part.v, part.k_scales, part.v_scales, position)
+            store_token_fp8(k, v, part.k, part.v, part.k_scales, part.v_scales, position)
         else:
             chunk = Chunk.encode(k, v, self.dtype, self.fp8)
             at = (torch.arange(self.batch, device=position.device), position.expand(self.batch))
@@ -251,7 +250,7 @@ class OffloadedKVStore(CooperativeDecode, PackedSlots):
         part = self._dev[layer]
         # Quantized straight into the rows in one pass; Triton casts to e4m3 from sm89 on.
         if self.fp8 and _reads_fp8(part.k.device):
-            store_rows_fp8_triton(k, v, part.k, part.v, part.k_scales, part.v_scales, start)
+            store_rows_fp8(k, v, part.k, part.v, part.k_scales, part.v_scales, start)
         else:
             part.store(start, Chunk.encode(k, v, self.dtype, self.fp8), 0, stop - start)
         self._wrote(layer, start, stop, self.queues.mark() if self._host[layer] else None)

@@ -6,7 +6,7 @@ import torch
 from conftest import requires_cuda
 from test_kernels_reference import assert_within_torch_error, oracle, poison_allocations, sdpa_same_dtype
 
-from facli.kernels import decode_attention, decode_attention_triton
+from facli.kernels import decode_attention
 from facli.kernels import decode as decode_module
 from facli.kernels.configs import (
     WAVE_FILL,
@@ -15,7 +15,7 @@ from facli.kernels.configs import (
     filled_share,
     splits_filling_waves,
 )
-from facli.kernels.decode import MAX_SPLITS, choose_num_splits
+from facli.kernels.decode import MAX_SPLITS, choose_num_splits, decode_attention_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

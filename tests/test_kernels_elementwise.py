@@ -9,7 +9,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_
 from conftest import requires_cuda
 from test_kernels_reference import poison_allocations
 
-from facli.kernels import elementwise
+from facli.kernels import elementwise, elementwise_triton
 
 CPU_DTYPES = [torch.float32, torch.float16]  # the interpreter's bf16 arithmetic is wrong
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU tensors need the interpreter
@@ -31,8 +31,8 @@ def check_rms_norm(device, dtype, rows, cols, monkeypatch):
     hf = LlamaRMSNorm(cols, eps=1e-5).to(device=device, dtype=dtype)
     hf.weight.data = torch.randn(cols, device=device).to(dtype)
     with torch.no_grad():
-        within_two_roundings(elementwise.rms_norm_triton(x, hf.weight, 1e-5), hf(x))
-        normed, summed = elementwise.rms_norm_triton(x, hf.weight, 1e-5, residual)
+        within_two_roundings(elementwise_triton.rms_norm_triton(x, hf.weight, 1e-5), hf(x))
+        normed, summed = elementwise_triton.rms_norm_triton(x, hf.weight, 1e-5, residual)
         assert torch.equal(summed, x + residual)
         within_two_roundings(normed, hf(x + residual))
 
@@ -46,7 +46,7 @@ def check_rotary(device, dtype, batch, seq, heads, dim, monkeypatch, per_sequenc
     cos, sin = torch.cat((angles, angles), -1).cos().to(dtype), torch.cat((angles, angles), -1).sin().to(dtype)
     hf_cos, hf_sin = (cos, sin) if per_sequence else (cos[None], sin[None])
     ref, _ = apply_rotary_pos_emb(x.transpose(1, 2), x.transpose(1, 2), hf_cos, hf_sin)
-    out = elementwise.apply_rotary_triton(x, cos, sin)
+    out = elementwise_triton.apply_rotary_triton(x, cos, sin)
     assert torch.equal(out, ref.transpose(1, 2)), (out - ref.transpose(1, 2)).abs().max()
     if device == "cpu":
         assert torch.equal(elementwise.apply_rotary_reference(x, cos, sin), ref.transpose(1, 2))
@@ -55,10 +55,10 @@ def check_rotary(device, dtype, batch, seq, heads, dim, monkeypatch, per_sequenc
 def check_silu_mul(device, dtype, shape, monkeypatch):
     poison_allocations(monkeypatch)
     gate, up = (torch.randn(shape, device=device).to(dtype) * 4 for _ in range(2))
-    within_two_roundings(elementwise.silu_mul_triton(gate, up), ACT2FN["silu"](gate) * up)
+    within_two_roundings(elementwise_triton.silu_mul_triton(gate, up), ACT2FN["silu"](gate) * up)
     # As the MLP passes them: the two halves of one [..., 2 * I] gate/up projection output.
     gate, up = torch.cat((gate, up), -1).split(shape[-1], -1)
-    within_two_roundings(elementwise.silu_mul_triton(gate, up), ACT2FN["silu"](gate) * up)
+    within_two_roundings(elementwise_triton.silu_mul_triton(gate, up), ACT2FN["silu"](gate) * up)
 
 
 def check_pair_sum(device, dtype, rows, cols, monkeypatch, impl=elementwise.pair_sum):

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from conftest import requires_cuda
 from test_kernels_reference import poison_allocations
 
-from facli.kernels import gemv
+from facli.kernels import gemv, gemv_triton
 
 CPU_DTYPES = [torch.float32, torch.float16]  # the interpreter's bf16 arithmetic is wrong
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU tensors need the interpreter
@@ -20,7 +20,7 @@ def check(n, k, dtype, device, bias, config=None, monkeypatch=None):
     weight = (torch.randn(n, k, device=device, generator=generator) / k**0.5).to(dtype)
     x = torch.randn(1, 1, k, device=device, generator=generator).to(dtype)
     b = torch.randn(n, device=device, generator=generator).to(dtype) if bias else None
-    out = gemv.gemv_triton(x, weight, b, config)
+    out = gemv_triton.gemv_triton(x, weight, b, config)
     want = F.linear(x.double(), weight.double(), None if b is None else b.double())
     assert out.shape == (1, 1, n) and out.dtype == dtype
     # float32 accumulation over K, then one rounding to the output dtype.
@@ -32,7 +32,7 @@ def check(n, k, dtype, device, bias, config=None, monkeypatch=None):
 @pytest.mark.parametrize("n, k", [(37, 96), (64, 1024), (5, 700)], ids=["ragged-rows", "even", "ragged-k"])
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
 def test_interpreted_against_float64(n, k, dtype, bias, monkeypatch):
-    config = gemv.GemvConfig(block_n=8, block_k=64, num_warps=4)
+    config = gemv_triton.GemvConfig(block_n=8, block_k=64, num_warps=4)
     check(n, k, dtype, DEVICE, bias, config, monkeypatch)
 
 
@@ -53,4 +53,4 @@ def test_linear_leaves_everything_but_one_gpu_row_to_torch():
 
 def test_rejects_more_than_one_row():
     with pytest.raises(ValueError, match="one row of 16 features"):
-        gemv.gemv_triton(torch.randn(2, 16), torch.randn(8, 16))
+        gemv_triton.gemv_triton(torch.randn(2, 16), torch.randn(8, 16))

@@ -4,8 +4,9 @@ import torch
 from conftest import requires_cuda
 from test_kernels_reference import assert_within_torch_error, oracle, poison_allocations, sdpa_same_dtype
 
-from facli.kernels import merge_attention, prefill_attention, prefill_attention_triton
+from facli.kernels import merge_attention, prefill_attention
 from facli.kernels.configs import PrefillConfig
+from facli.kernels.prefill import prefill_attention_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

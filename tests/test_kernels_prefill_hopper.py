@@ -7,7 +7,8 @@ import torch
 from conftest import requires_cuda
 from test_kernels_prefill import GPU_CASES, case_id, check_prefill
 
-from facli.kernels import prefill_attention, prefill_attention_triton, prefill_hopper
+from facli.kernels import prefill_attention, prefill_hopper
+from facli.kernels.prefill import prefill_attention_triton
 
 HOPPER_CASES = [case for case in GPU_CASES if case[5] in prefill_hopper.HEAD_DIMS] + [
     (1, 128, 0, 4, 4, 128, True, torch.bfloat16),  # one program, both warpgroups on the diagonal
