@@ -13,9 +13,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from facli.errors import FacliError
+from facli.json_fields import read_json_object, shown
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+# A weight map names every tensor once: a few MiB even for the largest checkpoints.
+INDEX_LIMIT = 64 << 20
+# The safetensors library refuses headers larger than this (its MAX_HEADER_SIZE).
+HEADER_LIMIT = 100_000_000
 
 
 @dataclass(frozen=True)
@@ -38,13 +43,15 @@ class CheckpointReader:
     def _index_files(self) -> dict[str, Path]:
         index = self.directory / INDEX_FILE
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as exc:
+            weight_map = read_json_object(index, INDEX_LIMIT).get("weight_map")
+            plain = isinstance(weight_map, dict) and all(
+                isinstance(file, str) and file and Path(file).name == file
+                for file in weight_map.values())
+            if not plain:
                 raise FacliError(
-                    f"expected a JSON object with a weight_map in {index}, got {exc!r}; "
-                    "re-export the checkpoint"
-                ) from None
+                    f"expected a weight_map in {index} from tensor names to file names in "
+                    f"{self.directory}, got {shown(weight_map)}; re-export the checkpoint"
+                )
             return {name: self.directory / file for name, file in weight_map.items()}
         single = self.directory / SINGLE_FILE
         if not single.is_file():
@@ -58,7 +65,7 @@ class CheckpointReader:
         if path not in self._handles:
             if not path.is_file():
                 raise FacliError(f"expected checkpoint file {path} (named in {INDEX_FILE}), it is missing")
-            _check_header(path)
+            check_safetensors_header(path)
             try:
                 self._handles[path] = safe_open(str(path), framework="pt")
             except (SafetensorError, OSError) as exc:
@@ -107,7 +114,7 @@ def _read_slice(tensor_slice, shape, shard: Shard | None) -> torch.Tensor:
     return tensor_slice[tuple(index)]
 
 
-def _check_header(path: Path) -> None:
+def check_safetensors_header(path: Path) -> None:
     """Catch truncated files before safetensors maps them: the header's offsets must fit the file."""
     size = path.stat().st_size
     with path.open("rb") as handle:
@@ -117,12 +124,30 @@ def _check_header(path: Path) -> None:
         header_len = struct.unpack("<Q", raw)[0]
         if header_len > size - 8:
             raise FacliError(f"expected a safetensors header of {header_len} bytes in {path}, the file is truncated")
+        if header_len > HEADER_LIMIT:
+            raise FacliError(f"expected a safetensors header of at most {HEADER_LIMIT} bytes in "
+                             f"{path}, got {header_len}: the file is corrupt; copy it again")
         try:
             header = json.loads(handle.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise FacliError(f"expected a JSON header in safetensors file {path}, it is corrupt") from None
-    data_end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+        except (ValueError, RecursionError):
+            header = None
+    entries = [entry for key, entry in header.items() if key != "__metadata__"] \
+        if isinstance(header, dict) else None
+    if entries is None or not all(_offsets(entry) for entry in entries):
+        raise FacliError(f"expected a JSON header in safetensors file {path}, it is corrupt; "
+                         "copy it again")
+    data_end = max((_offsets(entry)[1] for entry in entries), default=0)
     if 8 + header_len + data_end > size:
         raise FacliError(
             f"expected {8 + header_len + data_end} bytes in {path}, got {size}: the file is truncated; copy it again"
         )
+
+
+def _offsets(entry) -> tuple[int, int] | None:
+    """A header entry's (start, end) data offsets, None where the entry has none."""
+    offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+    if (isinstance(offsets, list) and len(offsets) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in offsets)
+            and offsets[0] <= offsets[1]):
+        return offsets[0], offsets[1]
+    return None

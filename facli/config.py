@@ -1,10 +1,11 @@
 """ModelConfig: the architecture of a Llama-family checkpoint, read from config.json or a recipe."""
 
-import json
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from facli.errors import FacliError
+from facli.json_fields import Fields, read_json_object, shown
+from facli.summarize.files import kind_of
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -100,81 +101,103 @@ class ModelConfig:
             )
 
     @classmethod
-    def from_dict(cls, raw: dict) -> "ModelConfig":
+    def from_dict(cls, raw: dict, source: str = "config.json") -> "ModelConfig":
+        """The config of config.json's (or a recipe's) values; a value of the wrong type or out
+        of range is one FacliError naming `source`, the field and what it takes."""
+        if not isinstance(raw, dict):
+            raise FacliError(f"expected a JSON object ({{...}}) in {source}, got {shown(raw)}; "
+                             "re-export the checkpoint's config")
+        fields = Fields(raw, source)
         model_type = raw.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise FacliError(
-                f"expected model_type one of {', '.join(SUPPORTED_MODEL_TYPES)}, got {model_type!r}"
+                f"expected model_type one of {', '.join(SUPPORTED_MODEL_TYPES)} in {source}, "
+                f"got {shown(model_type)}"
             )
         missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size",
                                "num_hidden_layers", "num_attention_heads") if k not in raw]
         if missing:
-            raise FacliError(f"expected {', '.join(missing)} in config.json; the file is incomplete")
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in raw.items() if k in known and v is not None}
-        values["num_key_value_heads"] = raw.get("num_key_value_heads") or raw["num_attention_heads"]
-        values.setdefault("max_position_embeddings", 2048)
-        values["rope_scaling"] = _parse_rope_scaling(raw.get("rope_scaling"), raw)
-        values["rope_theta"] = float(_rope_theta(raw))
-        values["attention_bias"] = bool(raw.get("attention_bias", model_type == "qwen2"))
-        values["eos_token_ids"] = _as_tuple(raw.get("eos_token_id"))
-        values["sliding_window"] = _sliding_window(raw)
-        values.pop("eos_token_id", None)
-        values["torch_dtype"] = str(raw.get("torch_dtype") or raw.get("dtype") or "float32")
-        return cls(**values)
+            raise FacliError(f"expected {', '.join(missing)} in {source}; the file is incomplete")
+        heads = fields.whole("num_attention_heads")
+        kv_heads = fields.whole("num_key_value_heads", default=heads)
+        hidden = fields.whole("hidden_size")
+        head_dim = fields.whole("head_dim", default=0)
+        if head_dim == 0 and hidden % heads:
+            fields.fail("hidden_size", f"a multiple of num_attention_heads ({heads}) where "
+                        "head_dim is not given", hidden)
+        if heads % kv_heads:
+            fields.fail("num_attention_heads", "a multiple of num_key_value_heads "
+                        f"({kv_heads})", heads)
+        window = fields.whole("sliding_window", default=0, low=0)
+        if model_type == "qwen2" and not fields.flag("use_sliding_window", False):
+            window = 0
+        return cls(
+            model_type=model_type,
+            vocab_size=fields.whole("vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=fields.whole("intermediate_size"),
+            num_hidden_layers=fields.whole("num_hidden_layers"),
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            max_position_embeddings=fields.whole("max_position_embeddings", default=2048),
+            head_dim=head_dim,
+            rms_norm_eps=fields.number("rms_norm_eps", 1e-6),
+            rope_theta=_rope_theta(fields),
+            rope_scaling=_rope_scaling(fields),
+            tie_word_embeddings=fields.flag("tie_word_embeddings", False),
+            attention_bias=fields.flag("attention_bias", model_type == "qwen2"),
+            bos_token_id=fields.whole("bos_token_id", default=None, low=0),
+            eos_token_ids=fields.token_ids("eos_token_id"),
+            torch_dtype=fields.text("torch_dtype") or fields.text("dtype") or "float32",
+            sliding_window=window or None,
+        )
 
     @classmethod
     def from_dir(cls, directory: Path) -> "ModelConfig":
         path = Path(directory) / "config.json"
         if not path.is_file():
+            kind = "" if not path.exists() else f" ({path} is {kind_of(path.stat().st_mode)})"
             raise FacliError(
-                f"expected config.json in {directory}, found none; point --model at a Hugging Face "
-                "checkpoint directory"
+                f"expected config.json in {directory}, found none{kind}; point --model at a "
+                "Hugging Face checkpoint directory"
             )
-        config = cls.from_dict(_read_json(path))
+        config = cls.from_dict(read_json_object(path), str(path))
         # Chat checkpoints often end a turn with a token that only generation_config.json names
         # (Llama 3 Instruct's <|eot_id|>); transformers' generate stops at those too.
         generation = Path(directory) / "generation_config.json"
         if generation.is_file():
-            extra = _as_tuple(_read_json(generation).get("eos_token_id"))
+            extra = Fields(read_json_object(generation), str(generation)).token_ids("eos_token_id")
             merged = tuple(dict.fromkeys(config.eos_token_ids + extra))
             config = replace(config, eos_token_ids=merged)
         return config
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FacliError(f"expected valid JSON in {path}, got a parse error: {exc}") from None
+def _rope_theta(fields: Fields) -> float:
+    params = fields.table("rope_parameters")
+    theta = fields.number("rope_theta", None)
+    if theta is None and params is not None:
+        theta = params.number("rope_theta", None)
+    return theta or 10000.0
 
 
-def _as_tuple(value) -> tuple[int, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, (list, tuple)):
-        return tuple(int(v) for v in value)
-    return (int(value),)
-
-
-def _rope_theta(raw: dict) -> float:
-    params = raw.get("rope_parameters") or {}
-    return raw.get("rope_theta") or params.get("rope_theta") or 10000.0
-
-
-def _parse_rope_scaling(scaling: dict | None, raw: dict) -> RopeScaling:
-    params = raw.get("rope_parameters")
-    if scaling is None and isinstance(params, dict) and params.get("rope_type") not in (None, "default"):
+def _rope_scaling(fields: Fields) -> RopeScaling:
+    """config.json's rope_scaling, or transformers 5's rope_parameters where it names a type."""
+    scaling = fields.table("rope_scaling")
+    params = fields.table("rope_parameters")
+    if scaling is None and params is not None and params.text("rope_type") not in (None, "default"):
         scaling = params
-    if not scaling:
+    if scaling is None or not scaling.raw:
         return RopeScaling()
-    rope_type = scaling.get("rope_type") or scaling.get("type") or "default"
-    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-    return RopeScaling(rope_type=rope_type, **{k: scaling[k] for k in keys if k in scaling})
-
-
-def _sliding_window(raw: dict) -> int | None:
-    window = raw.get("sliding_window")
-    if raw.get("model_type") == "qwen2" and not raw.get("use_sliding_window", False):
-        return None
-    return int(window) if window else None
+    rope_type = scaling.text("rope_type") or scaling.text("type") or "default"
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise FacliError(
+            f"expected rope_scaling type one of {', '.join(SUPPORTED_ROPE_TYPES)} in "
+            f"{fields.source}, got {rope_type!r}; facli cannot run this checkpoint's position "
+            "encoding"
+        )
+    values = {"factor": scaling.number("factor", None),
+              "low_freq_factor": scaling.number("low_freq_factor", None),
+              "high_freq_factor": scaling.number("high_freq_factor", None),
+              "original_max_position_embeddings": scaling.whole(
+                  "original_max_position_embeddings", default=None)}
+    return RopeScaling(rope_type=rope_type, **{k: v for k, v in values.items() if v is not None})

@@ -79,12 +79,12 @@ class ModelRecipe:
 
 def load_model_recipe(name: str) -> ModelRecipe:
     raw = read_recipe("models", name)
-    if "config" not in raw:
+    if not isinstance(raw.get("config"), dict):
         raise FacliError(f"expected a [config] table in model recipe {name}, found none")
     return ModelRecipe(
         name=name,
         description=str(raw.get("description", "")),
-        config=ModelConfig.from_dict(dict(raw["config"])),
+        config=ModelConfig.from_dict(dict(raw["config"]), f"model recipe {name}"),
         weights_env=str(raw.get("weights_env", "")),
         default_path=str(raw.get("default_path", "")),
         hf_repo=str(raw.get("hf_repo", "")),

@@ -5,14 +5,29 @@ from pathlib import Path
 from facli.errors import FacliError
 
 
+# The files AutoTokenizer reads from a checkpoint; the largest real ones (tokenizer.json of a
+# 256K vocabulary) hold some 35 MiB.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                   "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt")
+TOKENIZER_FILE_LIMIT = 256 << 20
+
+
 def load_tokenizer(path: Path):
     """The checkpoint's own tokenizer through transformers' AutoTokenizer, never from a hub."""
     from transformers import AutoTokenizer
 
+    from facli.summarize.files import read_user_file
+
+    for name in TOKENIZER_FILES:
+        if (Path(path) / name).exists():  # bounded and regular, before transformers reads it
+            read_user_file(Path(path) / name, TOKENIZER_FILE_LIMIT, f"tokenizer file {name}",
+                           "copy the checkpoint's tokenizer files again")
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError, TypeError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except Exception as exc:  # noqa: BLE001 - any failure here is the files', said in one line
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        if not isinstance(exc, (OSError, ValueError)):  # KeyError 'added_tokens' needs its name
+            first_line = f"{type(exc).__name__} {first_line}".strip()
         raise FacliError(
             f"expected tokenizer files (tokenizer.json or tokenizer.model) in {path}, "
             f"could not load them: {first_line}"

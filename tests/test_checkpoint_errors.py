@@ -129,3 +129,22 @@ def test_generation_config_adds_end_of_turn_ids(tmp_path):
     (tmp_path / "generation_config.json").write_text("{not json")
     with pytest.raises(FacliError, match="generation_config.json"):
         ModelConfig.from_dir(tmp_path)
+
+
+@pytest.mark.parametrize("header", [b'{"a": 5}', b'{"a": {"data_offsets": [8, "x"]}}', b"[1, 2]",
+                                    b'{"a": {"data_offsets": [9, 1]}}'],
+                         ids=["entry-not-object", "offset-not-number", "list", "offsets-reversed"])
+def test_a_header_of_the_wrong_shape_is_corrupt(tmp_path, header):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 16)
+    with pytest.raises(FacliError, match="expected a JSON header in safetensors file .* corrupt"):
+        CheckpointReader(tmp_path)
+
+
+def test_a_header_past_the_safetensors_limit_is_corrupt(tmp_path):
+    path = tmp_path / "model.safetensors"
+    with open(path, "wb") as handle:
+        handle.write((150_000_000).to_bytes(8, "little"))
+        handle.truncate(200_000_000)  # sparse: nothing of it is read
+    with pytest.raises(FacliError, match="header of at most 100000000 bytes .* got 150000000"):
+        CheckpointReader(tmp_path)
