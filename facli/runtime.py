@@ -37,6 +37,7 @@ from facli.resolve import (
 )
 from facli.sampling import Sampler, SamplingParams
 from facli.tokenizer import StopText, TextStream
+from facli.units import MAX_CTX, check_count
 
 KV_DTYPES = ("auto", "bf16", "fp16", "fp32", "fp8")
 
@@ -70,14 +71,11 @@ class RuntimeOptions:
         check_kv_dtype(self.kv_dtype)
         if self.device not in (None, "cpu", "cuda"):
             raise FacliError(f"expected --device cpu or cuda, got {self.device!r}")
-        if self.prefill_chunk is not None and self.prefill_chunk <= 0:
-            raise FacliError(f"expected --prefill-chunk > 0, got {self.prefill_chunk}")
-        if self.allreduce_tile_tokens is not None and self.allreduce_tile_tokens <= 0:
-            raise FacliError(f"expected --allreduce-tile-tokens > 0, got {self.allreduce_tile_tokens}")
-        if self.devices < 1:
-            raise FacliError(f"expected --devices >= 1, got {self.devices}")
-        if self.batch < 1:
-            raise FacliError(f"expected --batch >= 1, got {self.batch}")
+        check_count(self.ctx, "--ctx", low=0, high=MAX_CTX)  # 0: prompt + new tokens
+        check_count(self.prefill_chunk, "--prefill-chunk", optional=True)
+        check_count(self.allreduce_tile_tokens, "--allreduce-tile-tokens", optional=True)
+        check_count(self.devices, "--devices")
+        check_count(self.batch, "--batch")
 
 
 @dataclass

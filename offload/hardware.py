@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 
 from facli.errors import FacliError
 from facli.recipe_loader import list_hardware_recipes, read_recipe
-from facli.units import GIB
+from facli.units import GIB, format_bytes
 
 MIB = 1024**2
 # Default safety margin per GPU when the user gives none: allocator fragmentation and what the
@@ -105,22 +105,29 @@ _MARGIN_UNITS = {"k": 1024, "m": MIB, "g": GIB}
 
 def resolve_margin(margin, memory_bytes: int) -> int:
     """Margin in bytes: None -> 3% of memory_bytes; int -> bytes; "5%", "2GiB", "512m", "1.5"
-    (a bare number is GiB)."""
+    (a bare number is GiB). It must leave part of memory_bytes (the smallest GPU's memory, or
+    the host's without GPUs) to plan in."""
     if margin is None:
         return int(memory_bytes * DEFAULT_MARGIN_FRACTION)
     if isinstance(margin, int) and not isinstance(margin, bool):
         if margin < 0:
-            raise FacliError(f"expected a non-negative margin, got {margin}")
-        return margin
-    match = _MARGIN_PATTERN.match(str(margin))
-    if match is None:
-        raise FacliError(f"expected a margin such as 2GiB, 512MiB or 5%, got {margin!r}")
-    value, unit = float(match.group(1)), (match.group(2) or "g").lower()
-    if unit == "%":
-        if value >= 100:
-            raise FacliError(f"expected a margin below 100%, got {margin!r}")
-        return int(memory_bytes * value / 100)
-    return int(value * _MARGIN_UNITS[unit[0]])
+            raise FacliError(f"expected a non-negative --margin, got {margin}")
+        size = margin
+    else:
+        match = _MARGIN_PATTERN.match(str(margin))
+        if match is None:
+            raise FacliError(f"expected --margin such as 2GiB, 512MiB or 5%, got {margin!r}")
+        value, unit = float(match.group(1)), (match.group(2) or "g").lower()
+        if unit == "%":
+            if value >= 100:
+                raise FacliError(f"expected --margin below 100%, got {margin!r}")
+            return int(memory_bytes * value / 100)
+        size = value * _MARGIN_UNITS[unit[0]]  # inf for a number of hundreds of digits
+    if not size < memory_bytes:
+        given = str(margin) if len(str(margin)) <= 24 else f"{str(margin)[:21]}..."
+        raise FacliError(f"expected --margin below the {format_bytes(memory_bytes)} of memory it "
+                         f"is kept from, got {given}; give a smaller size or a share such as 5%")
+    return int(size)
 
 
 def _gpu_from_table(table: dict, name: str | None = None) -> GpuSpec:

@@ -23,7 +23,7 @@ from facli.offload.memory_model import DTYPE_BYTES
 from facli.offload.plan import Plan, gpus_read_fp8, holds_rows
 from facli.offload.plan_builder import build_plan
 from facli.offload.time_model import Layout, decode_breakdown, packs_slots, prefill_breakdown
-from facli.units import format_bytes, format_ctx
+from facli.units import MAX_CTX, check_count, format_bytes, format_ctx
 
 CHUNK_CHOICES = (256, 512, 1024, 2048, 4096, 8192, 16384)
 DECODE_MODE_CHOICES = ("auto", "prefetch", "cpu", "split")
@@ -47,11 +47,8 @@ class PlanOptions:
     def __post_init__(self):
         check_decode_mode(self.decode_mode)
         for name in ("devices", "prefill_chunk", "allreduce_tile_tokens"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise FacliError(f"expected {name.replace('_', '-')} >= 1, got {value}")
-        if self.new_tokens < 0:
-            raise FacliError(f"expected new_tokens >= 0, got {self.new_tokens}")
+            check_count(getattr(self, name), f"--{name.replace('_', '-')}", optional=True)
+        check_count(self.new_tokens, "--max-new-tokens", low=0)
 
 
 def check_decode_mode(mode: str) -> None:
@@ -78,10 +75,8 @@ def _mode_choices(options: PlanOptions) -> tuple[str, ...]:
 
 
 def _check_inputs(model: ModelConfig, ctx: int, batch: int) -> None:
-    if not isinstance(ctx, int) or ctx < 1:
-        raise FacliError(f"expected a context of at least 1 token, got {ctx!r}")
-    if not isinstance(batch, int) or batch < 1:
-        raise FacliError(f"expected --batch >= 1, got {batch!r}")
+    check_count(ctx, "--ctx", high=MAX_CTX)
+    check_count(batch, "--batch")
 
 
 def _margin_applied(hardware: HardwareSpec, options: PlanOptions) -> HardwareSpec:
