@@ -4,20 +4,33 @@ It exists to exercise the whole pipeline on any machine, offline; its text is gi
 writes it deterministically (seeded) into the user cache on first use.
 """
 
+import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+from facli.checkpoint import check_safetensors_header
 from facli.config import ModelConfig
+from facli.errors import FacliError
 
 DEMO_NAME = "demo-llama-v2"
 DEMO_SEED = 20261121
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
+WEIGHTS_FILE = "model.safetensors"
+# Written last into a built demo: each file's size (and hash, but for the weights), so that a
+# cut-short or damaged copy is found and built again.
+MANIFEST = "facli-demo.json"
+_REQUIRED_FILES = {"config.json", WEIGHTS_FILE, "tokenizer.json"}
+MANIFEST_LIMIT = 1 << 20
+BUILT = "checkpoint"  # the folder in a staging dir that is renamed into place
+NOT_THERE = "it is not there"
 
 DEMO_CONFIG = {
     "architectures": ["LlamaForCausalLM"],
@@ -42,7 +55,7 @@ DEMO_CONFIG = {
 def cache_dir() -> Path:
     """$FACLI_CACHE, else $XDG_CACHE_HOME/facli, else ~/.cache/facli."""
     if os.environ.get("FACLI_CACHE"):
-        return Path(os.environ["FACLI_CACHE"])
+        return Path(os.environ["FACLI_CACHE"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "facli"
 
@@ -52,32 +65,140 @@ def demo_config() -> ModelConfig:
 
 
 def ensure_demo_checkpoint() -> Path:
-    """The demo checkpoint's directory, written on first use (atomically: a temp dir, then rename)."""
+    """The demo checkpoint's directory, written on first use and written again where the cached
+    one is incomplete or damaged; either way built in a temp dir and renamed into place."""
     target = cache_dir() / DEMO_NAME
-    if (target / "model.safetensors").is_file():
+    problem = demo_problem(target)
+    if problem is None:
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{DEMO_NAME}-", dir=target.parent))
+    if problem != NOT_THERE:
+        print(f"facli: the demo model in {target} is unusable ({problem}); writing it again",
+              file=sys.stderr)
+    staging = _staging_dir(target.parent)
     try:
-        _write_checkpoint(staging)
         try:
-            staging.rename(target)
-        except OSError:
-            if not (target / "model.safetensors").is_file():
-                raise
+            _write_checkpoint(staging)
+        except (OSError, SafetensorError) as exc:
+            setting, fix = _cache_setting()
+            raise FacliError(f"expected room to write the demo model in {target.parent} (from "
+                             f"{setting}), got: {exc}; free some space there, or {fix}") from None
+        _swap_in(staging, target, problem)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
-def _write_checkpoint(directory: Path) -> None:
+def demo_problem(directory: Path) -> str | None:
+    """Why the demo checkpoint in `directory` cannot be used as it is, or None where it can:
+    every file the manifest lists is there, whole (small files by hash, the weights by size and
+    safetensors header), and config.json is the demo's."""
+    if not directory.exists():
+        return NOT_THERE if not directory.is_symlink() else "it is a broken link"
+    if not directory.is_dir():
+        return "it is not a folder"
+    try:
+        with (directory / MANIFEST).open("rb") as handle:
+            manifest = json.loads(handle.read(MANIFEST_LIMIT))
+        files = manifest["files"]
+        for name, expected in files.items():
+            path = directory / name
+            if not path.is_file():
+                return f"{name} is missing"
+            size = path.stat().st_size
+            if size != expected["bytes"]:
+                return f"{name} holds {size} bytes, not {expected['bytes']}"
+            if "sha256" in expected and _sha256(path) != expected["sha256"]:
+                return f"{name} differs from the one written"
+        if manifest.get("name") != DEMO_NAME or not _REQUIRED_FILES <= set(files):
+            return "its manifest is not this version's"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"its {MANIFEST} is missing or unreadable"
+    try:
+        check_safetensors_header(directory / WEIGHTS_FILE)
+    except FacliError:
+        return f"{WEIGHTS_FILE} is corrupt"
+    return None
+
+
+def _cache_setting() -> tuple[str, str]:
+    """(the setting that chose the cache folder, what to do about it), for messages."""
+    if os.environ.get("FACLI_CACHE"):
+        return "FACLI_CACHE", "point FACLI_CACHE at a folder facli can write, or unset it"
+    if os.environ.get("XDG_CACHE_HOME"):
+        return "XDG_CACHE_HOME", "set FACLI_CACHE to a folder facli can write"
+    return "the default cache folder", "set FACLI_CACHE to a folder facli can write"
+
+
+def _staging_dir(folder: Path) -> Path:
+    """A fresh temp dir in the cache folder, made with it if need be; a folder that cannot
+    hold one is one FacliError naming the setting behind it."""
+    setting, fix = _cache_setting()
+    for above in (folder, *folder.parents):
+        if above.exists() and not above.is_dir():
+            which = "which is" if above == folder else f"and {above} is"
+            kind = "a file" if above.is_file() else "not a folder"
+            raise FacliError(f"expected {setting} to name a folder, got {folder}, {which} {kind}; "
+                             f"{fix} (the demo model is written there on first use)")
+        if above.exists():
+            break
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{DEMO_NAME}-", dir=folder))
+    except OSError as exc:
+        raise FacliError(f"expected {setting} to name a folder facli can write, got {folder}: "
+                         f"{exc.strerror or exc}; {fix} (the demo model is written there on "
+                         "first use)") from None
+
+
+def _swap_in(staging: Path, target: Path, problem: str) -> None:
+    """Rename the built checkpoint into place. What was there moves aside first (then goes with
+    the staging dir), so a reader never finds a half-written demo; a good one another process
+    put there in the meantime is kept."""
+    aside = staging / "replaced"
+    try:
+        now = demo_problem(target)
+        if now is None:
+            return  # another process built it meanwhile
+        if now != NOT_THERE:
+            target.rename(aside)
+        try:
+            # Fails where another process renamed its own demo into place since: that one stays.
+            staging.joinpath(BUILT).rename(target)
+        except OSError:
+            if aside.exists() and not target.exists():
+                aside.rename(target)  # leave things as they were found, for the message below
+            raise
+    except OSError as exc:
+        if demo_problem(target) is None:
+            return
+        raise FacliError(
+            f"expected a usable demo model in {target} ({problem}), and facli could not put a "
+            f"new one there: {exc.strerror or exc}; delete {target} and run again"
+        ) from None
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _write_checkpoint(staging: Path) -> None:
+    """The demo checkpoint in staging/BUILT, its manifest written last."""
+    directory = staging / BUILT
+    directory.mkdir()
     (directory / "config.json").write_text(json.dumps(DEMO_CONFIG, indent=2))
     tokenizer = byte_level_tokenizer()
     printable = [tokenizer.convert_tokens_to_ids(token)
                  for token in tokenizer.tokenize("".join(map(chr, range(32, 127))))]
-    save_file(_random_weights(demo_config(), printable), str(directory / "model.safetensors"),
+    save_file(_random_weights(demo_config(), printable), str(directory / WEIGHTS_FILE),
               metadata={"format": "pt"})
     tokenizer.save_pretrained(str(directory))
+    files = {}
+    for path in sorted(directory.iterdir()):
+        entry = {"bytes": path.stat().st_size}
+        if path.name != WEIGHTS_FILE:  # the weights: size and header; hashing costs ~0.2 s a run
+            entry["sha256"] = _sha256(path)
+        files[path.name] = entry
+    (directory / MANIFEST).write_text(json.dumps({"name": DEMO_NAME, "files": files}, indent=2))
 
 
 def _random_weights(config: ModelConfig, printable: list[int]) -> dict[str, torch.Tensor]:
