@@ -1,0 +1,112 @@
+"""Perplexity of a text by sliding windows, through the same chunked prefill and KV store that
+generation runs on (so the KV dtype, the offload and the chunking are all part of the figure).
+
+Windows follow transformers' perplexity guide ("Perplexity of fixed-length models") and
+llama.cpp's perplexity tool: a window of `ctx` tokens moves by `stride`; each window scores only
+the tokens past the previous window's end, each predicted from the window's tokens before it.
+With stride == ctx the windows do not overlap; a smaller stride gives every scored token more
+context, at more compute.
+"""
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Window:
+    """Tokens [begin, end) run through the model; those in [score_from, end) are scored."""
+
+    begin: int
+    end: int
+    score_from: int
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    tokens: int  # tokens of the text
+    scored: int  # tokens whose log-probability was summed
+    nll_sum: float  # natural log
+    windows: int
+    seconds: float
+    processed: int  # tokens run through the model, overlaps counted again
+
+    @property
+    def mean_nll(self) -> float:
+        return self.nll_sum / self.scored
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.mean_nll)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Tokens run through the model per second (windows overlap when stride < ctx)."""
+        return self.processed / self.seconds if self.seconds > 0 else float("nan")
+
+    def as_dict(self) -> dict:
+        return {"perplexity": self.perplexity, "mean_nll": self.mean_nll, "tokens": self.tokens,
+                "scored_tokens": self.scored, "windows": self.windows,
+                "processed_tokens": self.processed, "seconds": self.seconds,
+                "tokens_per_s": self.tokens_per_s}
+
+
+def sliding_windows(total: int, ctx: int, stride: int) -> list[Window]:
+    """The windows over a text of `total` tokens. No token is scored twice, and a window's first
+    token is never scored (nothing in the window comes before it): with stride < ctx that is only
+    the text's first token, with stride == ctx every window's first."""
+    if total < 2 or not 0 < stride <= ctx:
+        raise ValueError(f"expected 2 or more tokens and 0 < stride <= ctx, got {total}, {stride}, {ctx}")
+    windows, scored_to = [], 1
+    begin = 0
+    while True:
+        end = min(begin + ctx, total)
+        windows.append(Window(begin, end, max(scored_to, begin + 1)))
+        scored_to = end
+        if end == total:
+            return windows
+        begin += stride
+
+
+def window_nll(model, kv, ids: torch.Tensor, window: Window, chunk: int,
+               on_progress=None) -> tuple[float, int]:
+    """Sum of -log p(token) over the window's scored tokens, and their count. The window runs
+    through `kv` (reset first) in chunks of `chunk` tokens; each chunk's logits are reduced to
+    log-probabilities of its next tokens at once, so memory stays at one chunk's logits."""
+    kv.reset()
+    tokens = ids[:, window.begin:window.end]
+    length = tokens.shape[1]
+    total, count = 0.0, 0
+    for start in range(0, length, chunk):
+        stop = min(start + chunk, length)
+        logits = model(tokens[:, start:stop], start, kv, all_logits=True)[0]
+        # Position p predicts token p + 1; keep the predictions of scored tokens.
+        first = max(start, window.score_from - window.begin - 1)
+        last = min(stop, length - 1)
+        if first < last:
+            rows = logits[first - start:last - start].float()
+            targets = tokens[0, first + 1:last + 1].to(rows.device)
+            log_probs = torch.log_softmax(rows, dim=-1)
+            total -= log_probs.gather(1, targets[:, None]).sum().item()
+            count += last - first
+        if on_progress is not None:
+            on_progress(stop - start)
+    return total, count
+
+
+def perplexity(model, kv, ids: list[int], *, ctx: int, stride: int, chunk: int,
+               on_progress=None) -> PerplexityResult:
+    """Perplexity of the token ids under `model`, windows of `ctx` tokens every `stride`."""
+    tensor = torch.tensor([ids], dtype=torch.long, device=model.device)
+    windows = sliding_windows(len(ids), ctx, stride)
+    started = time.perf_counter()
+    nll, scored = 0.0, 0
+    for window in windows:
+        part, count = window_nll(model, kv, tensor, window, chunk, on_progress)
+        nll, scored = nll + part, scored + count
+    seconds = time.perf_counter() - started
+    processed = sum(w.end - w.begin for w in windows)
+    return PerplexityResult(tokens=len(ids), scored=scored, nll_sum=nll, windows=len(windows),
+                            seconds=seconds, processed=processed)
