@@ -10,6 +10,7 @@ from facli.config import ModelConfig
 from facli.errors import FacliError
 from facli.parallel.context import SINGLE_PROCESS, ParallelContext
 from facli.tokenizer import load_tokenizer
+from facli.units import MAX_CTX, format_ctx
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -74,6 +75,30 @@ def resolve_device(device: str | None, ctx: ParallelContext = SINGLE_PROCESS) ->
             raise FacliError("expected a CUDA GPU for --device cuda, found none; use --device cpu")
         return torch.device("cuda", ctx.local_rank % torch.cuda.device_count())
     return torch.device("cpu")
+
+
+def generation_ctx(config: ModelConfig, prompt_tokens: int, max_new_tokens: int,
+                   allow_extension: bool) -> int:
+    """The context of a run whose --ctx is left out: the prompt and --max-new-tokens, refused
+    where they overrun what the model (or facli) can serve, naming --max-new-tokens."""
+    ctx = prompt_tokens + max_new_tokens
+    limits = [(MAX_CTX, f"facli's largest context, {format_ctx(MAX_CTX)}")]
+    if config.sliding_window is not None:
+        limits.append((config.sliding_window, "the model's sliding_window"))
+    if not allow_extension:
+        limits.append((config.max_position_embeddings,
+                       "the model's context, max_position_embeddings"))
+    limit, what = min(limits)
+    if ctx <= limit:
+        return ctx
+    room = limit - prompt_tokens
+    fix = f"lower --max-new-tokens to at most {room}" if room > 0 else "shorten the prompt"
+    if "max_position_embeddings" in what:
+        fix += ", or pass --allow-ctx-extension to run past the trained length"
+    raise FacliError(
+        f"expected the prompt ({prompt_tokens} tokens) and --max-new-tokens ({max_new_tokens}) "
+        f"to fit {what} ({limit} tokens), got {ctx}; {fix}"
+    )
 
 
 def check_prompt_fits(prompt_tokens: int, ctx: int) -> None:

@@ -309,7 +309,8 @@ def _no_fit_message(model: ModelConfig, hardware: HardwareSpec, ctx: int, batch:
 def _no_fit_remedies(model: ModelConfig, hardware: HardwareSpec, ctx: int, batch: int,
                      options: PlanOptions) -> str:
     """What to change, naming --kv-dtype fp8 only where it would make this context fit."""
-    lower, more = "lower --ctx or --batch", "use more GPUs (--hardware, --devices)"
+    lower = "lower --ctx or --batch" if batch > 1 else "lower --ctx"
+    more = _more_gpus(hardware, options)
     if options.kv_dtype != "auto" or hardware.num_gpus == 0:
         return f"{lower}, or {more}"
     fp8 = replace(options, kv_dtype="fp8")
@@ -318,6 +319,15 @@ def _no_fit_remedies(model: ModelConfig, hardware: HardwareSpec, ctx: int, batch
     largest = largest_fitting_ctx(model, hardware, batch, fp8, upper=ctx)
     return (f"{lower} (with --kv-dtype fp8, up to {largest} tokens, {_ctx_words(largest)}), "
             f"or {more}")
+
+
+def _more_gpus(hardware: HardwareSpec, options: PlanOptions) -> str:
+    """Bigger hardware, said so that any command can act on it: only plan-memory (and summarize
+    --plan-only) take --hardware, so it is named as plan-memory's."""
+    recipe = "`facli plan-memory --hardware NAME` plans for a hardware recipe"
+    if options.devices is not None and options.devices < hardware.num_gpus:
+        return f"use more of the {hardware.num_gpus} GPUs (--devices), or larger ones ({recipe})"
+    return f"run on more or larger GPUs ({recipe})"
 
 
 def _ctx_words(tokens: int) -> str:

@@ -21,12 +21,21 @@ def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
         if not prompt:
             raise FacliError("expected a non-empty --prompt, got an empty string")
         return prompt
+    from facli.summarize.files import DOCUMENT_LIMIT, read_user_file
+    from facli.units import format_bytes
+
     from_stdin = str(prompt_file) == "-"
     source = "standard input" if from_stdin else str(prompt_file)
-    if not from_stdin and not prompt_file.is_file():
-        raise FacliError(f"expected --prompt-file to be a readable file, {prompt_file} does not exist")
+    if from_stdin:
+        data = sys.stdin.buffer.read(DOCUMENT_LIMIT + 1)
+        if len(data) > DOCUMENT_LIMIT:
+            raise FacliError(f"expected a prompt of at most {format_bytes(DOCUMENT_LIMIT)} on "
+                             "standard input, got more; give a shorter prompt")
+    else:
+        data = read_user_file(prompt_file, DOCUMENT_LIMIT, "--prompt-file",
+                              "name a UTF-8 text file, or - for standard input")
     try:
-        text = (sys.stdin.buffer.read() if from_stdin else prompt_file.read_bytes()).decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise FacliError(
             f"expected UTF-8 text in {source}, got an invalid byte at offset {exc.start}; "
@@ -103,6 +112,7 @@ def plan_and_generate(options, text: str, sampling, max_new_tokens: int, *, stre
     from facli.resolve import (
         check_context,
         check_prompt_fits,
+        generation_ctx,
         resolve_device,
         resolve_model,
         tokenizer_for,
@@ -113,7 +123,9 @@ def plan_and_generate(options, text: str, sampling, max_new_tokens: int, *, stre
     tokenizer = tokenizer_for(resolved)
     prompt_ids = chat_prompt_ids(tokenizer, text, system) if chat else tokenizer(text).input_ids
     if options.ctx == 0:
-        options = dataclasses.replace(options, ctx=len(prompt_ids) + max_new_tokens)
+        ctx = generation_ctx(resolved.config, len(prompt_ids), max_new_tokens,
+                             options.allow_ctx_extension)
+        options = dataclasses.replace(options, ctx=ctx)
     check_prompt_fits(len(prompt_ids), options.ctx)
     check_context(resolved.config, options.ctx, options.allow_ctx_extension)
     check_tensor_parallel(resolved.config, options.devices)
