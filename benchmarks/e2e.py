@@ -1,8 +1,8 @@
 """End to end: write `facli bench` results into the "End to end" section of docs/benchmarks.md.
 
 On the GPU machines (one H200, then two):
-    facli bench --synthetic llama-7b --depth 8k,32k,128k,256k --json $OUT/e2e-1gpu.json
-    facli bench --synthetic llama-7b --depth 8k,32k,128k,256k --devices 2 --json $OUT/e2e-2gpu.json
+    facli bench --synthetic llama-7b --depth 8k,32k,128k,256k --json-out $OUT/e2e-1gpu.json
+    facli bench --synthetic llama-7b --depth 8k,32k,128k,256k --devices 2 --json-out $OUT/e2e-2gpu.json
 Then here:
     python benchmarks/e2e.py e2e-1gpu.json e2e-2gpu.json [--docs docs/benchmarks.md]
 replaces the section with each run's tables and the issue's targets, met or not.
@@ -105,7 +105,7 @@ def replace_section(text: str, body: str) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("reports", nargs="+", type=Path, help="JSON files written by facli bench --json")
+    parser.add_argument("reports", nargs="+", type=Path, help="JSON files written by facli bench --json-out")
     parser.add_argument("--docs", type=Path, default=DOCS)
     parser.add_argument("--print", action="store_true", help="print the section instead of writing it")
     args = parser.parse_args(argv)

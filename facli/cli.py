@@ -3,13 +3,39 @@
 import functools
 import os
 import sys
+from typing import Annotated
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from facli.errors import FacliError
 
+
+def _without_type_placeholders(params: list) -> list:
+    """Help that shows what a value is, never a type placeholder such as `<bool>` or
+    `<list[Path]>`: flags (the help option too) show nothing, an argument its metavar."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+        elif param.param_type_name == "argument" and param.metavar is not None:
+            # Typer's rich help lists an argument's type beside its metavar; the metavar says it.
+            param.display_type_rich = lambda ctx: None
+    return params
+
+
+class FacliCommand(TyperCommand):
+    def get_params(self, ctx) -> list:
+        return _without_type_placeholders(super().get_params(ctx))
+
+
+class FacliGroup(TyperGroup):
+    def get_params(self, ctx) -> list:
+        return _without_type_placeholders(super().get_params(ctx))
+
+
 app = typer.Typer(
     name="facli",
+    cls=FacliGroup,
     help="Long-context offline LLM inference: plans memory first, shards over GPUs, offloads to host.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -17,8 +43,31 @@ app = typer.Typer(
 )
 
 
+def version() -> str:
+    """The installed package's version (its metadata), else the source tree's."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("facli")
+    except PackageNotFoundError:
+        from facli import __version__
+
+        return __version__
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"facli {version()}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    show_version: Annotated[bool, typer.Option(
+        "--version", is_eager=True, callback=_print_version,
+        help="Print facli's version and exit.")] = False,
+) -> None:
     """facli: plans memory first, then runs long prompts on GPUs and host memory."""
 
 
@@ -42,11 +91,10 @@ def user_errors(command):
 def _register() -> None:
     from facli.commands import bench, generate, plan_memory, recipes, summarize
 
-    app.command("generate")(user_errors(generate.generate))
-    app.command("plan-memory")(user_errors(plan_memory.command))
-    app.command("summarize")(user_errors(summarize.command))
-    app.command("bench")(user_errors(bench.command))
-    app.command("recipes")(user_errors(recipes.list_recipes))
+    for name, command in (("generate", generate.generate), ("plan-memory", plan_memory.command),
+                          ("summarize", summarize.command), ("bench", bench.command),
+                          ("recipes", recipes.list_recipes)):
+        app.command(name, cls=FacliCommand)(user_errors(command))
 
 
 _register()

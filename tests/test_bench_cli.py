@@ -5,10 +5,11 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
-FACLI = [sys.executable, "-m", "facli.cli", "bench"]
+FACLI = [sys.executable, "-P", "-m", "facli.cli", "bench"]  # -P: the repo root stays off sys.path
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 
@@ -26,7 +27,7 @@ def bench(args, env):
 def demo_run(env, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "out.json"
     result = bench(["--depth", "64,128", "--decode-tokens", "4", "--device", "cpu",
-                    "--baseline", "transformers", "--json", str(out)], env)
+                    "--baseline", "transformers", "--json", "--json-out", str(out)], env)
     assert result.returncode == 0, result.stderr
     return result, out
 
@@ -83,7 +84,7 @@ def run_in_process(args):
 def bench_without_baseline(args, env, out):
     """(completed process, JSON report) of a CPU bench of the demo model, 4 decode tokens."""
     result = bench([*args, "--decode-tokens", "4", "--device", "cpu", "--baseline", "none",
-                    "--json", str(out)], env)
+                    "--json-out", str(out)], env)
     assert result.returncode == 0, result.stderr
     return result, json.loads(out.read_text())
 
@@ -99,7 +100,7 @@ def test_fp8_kv_cache_is_planned_run_and_labelled(env, tmp_path):
 def test_rows_decode_together_next_to_transformers_in_one_batch(env, tmp_path):
     out = tmp_path / "rows.json"
     result = bench(["--depth", "128", "--decode-tokens", "4", "--device", "cpu", "--batch", "3",
-                    "--json", str(out)], env)
+                    "--json-out", str(out)], env)
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     (facli,), (hf,) = report["facli"]["depths"], report["transformers"]["depths"]
@@ -156,10 +157,12 @@ def test_user_errors_are_one_line():
     assert result.exit_code == 1 and "expected every --depth >= 73" in result.output
     result = run_in_process(["--depth", "128", "--device", "cpu", "--batch", "0"])
     assert result.exit_code == 1
-    assert result.output.strip() == "facli: error: expected --batch a number >= 1 or auto, got '0'"
+    assert result.output.strip() == ("facli: error: expected --batch a number from 1 to 2147483648, "
+                                     "or auto, got '0'")
     result = run_in_process(["--depth", "128", "--device", "cpu", "--batch", "many"])
     assert result.exit_code == 1
-    assert result.output.strip() == "facli: error: expected --batch a number >= 1 or auto, got 'many'"
+    assert result.output.strip() == ("facli: error: expected --batch a number from 1 to 2147483648, "
+                                     "or auto, got 'many'")
 
 
 @pytest.mark.skipif(HAS_MATPLOTLIB, reason="checks the message shown without matplotlib")
@@ -179,6 +182,47 @@ def test_plot_is_a_png(env, tmp_path):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize(("where", "reason"), [
+    ("folder", "it is a folder"),
+    ("missing/out.json", "folder {tmp}/missing does not exist"),
+    ("file/out.json", "{tmp}/file is not a folder"),
+    ("/dev/null", "it is not a regular file"),
+], ids=["folder", "missing-folder", "under-a-file", "device"])
+@pytest.mark.parametrize("option", ["--json-out", "--plot"])
+def test_an_output_path_that_cannot_be_written_is_refused_before_the_run(tmp_path, where, reason,
+                                                                          option):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("")
+    path = where if where.startswith("/") else str(tmp_path / where)
+    started = time.perf_counter()
+    result = run_in_process(["--depth", "64", "--decode-tokens", "4", "--device", "cpu", option, path])
+    assert result.exit_code == 1
+    assert result.stderr == (f"facli: error: expected {option} to name a writable file, got {path}: "
+                             f"{reason.format(tmp=tmp_path)}; choose another path\n")
+    assert result.stdout == "" and time.perf_counter() - started < 5  # nothing was measured
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_an_unwritable_folder_is_refused_before_the_run(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    result = run_in_process(["--depth", "64", "--device", "cpu", "--json-out", str(locked / "o.json")])
+    assert result.exit_code == 1 and f"permission denied in {locked}" in result.stderr
+
+
+@pytest.mark.slow
+def test_devices_auto_is_one_rank_on_the_cpu(env):
+    result = bench(["--depth", "64", "--decode-tokens", "4", "--device", "cpu", "--devices", "auto",
+                    "--baseline", "none", "--json"], env)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["request"]["devices"] == 1 and report["facli"]["depths"][0]["status"] == "ok"
+    wrong = run_in_process(["--depth", "64", "--device", "cpu", "--devices", "two"])
+    assert wrong.exit_code == 1
+    assert wrong.stderr == ("facli: error: expected --devices a number from 1 to 2147483648, or "
+                            "auto, got 'two'\n")
+
+
 def test_two_gloo_ranks(env):
     result = bench(["--depth", "64", "--decode-tokens", "4", "--device", "cpu", "--devices", "2",
                     "--baseline", "none"], env)
@@ -189,8 +233,7 @@ def test_two_gloo_ranks(env):
 
 def test_two_gloo_ranks_decode_rows_together(env, tmp_path):
     result = bench(["--depth", "64", "--decode-tokens", "4", "--device", "cpu", "--devices", "2",
-                    "--batch", "auto", "--baseline", "none", "--json", str(tmp_path / "r.json")],
-                   env)
+                    "--batch", "auto", "--baseline", "none", "--json"], env)
     assert result.returncode == 0, result.stderr
     (record,) = json.loads(result.stdout.strip().splitlines()[-1])["facli"]["depths"]
     assert record["status"] == "ok" and record["rows"] > 1 and record["new_tokens"] == 4

@@ -37,7 +37,7 @@ def test_json_is_one_object_on_the_last_line():
 
 def test_options_reach_the_plan():
     result = run("plan-memory", "--model", "llama-7b", "--ctx", "64k", "--batch", "2",
-                 "--hardware", "8xH200", "--devices", "2", "--kv-dtype", "fp8",
+                 "--hardware", "8xH200-141GB", "--devices", "2", "--kv-dtype", "fp8",
                  "--prefill-chunk", "4096", "--margin", "10%", "--json")
     assert result.exit_code == 0, result.output
     plan = json.loads(result.stdout.splitlines()[-1])
@@ -52,7 +52,7 @@ def test_decode_mode_option():
 
 
 def test_allreduce_tile_option():
-    result = run("plan-memory", "--model", "llama-7b", "--ctx", "32k", "--hardware", "2xH200",
+    result = run("plan-memory", "--model", "llama-7b", "--ctx", "32k", "--hardware", "2xH200-141GB",
                  "--devices", "2", "--allreduce-tile-tokens", "2048", "--json")
     assert json.loads(result.stdout.splitlines()[-1])["allreduce_tile_tokens"] == 2048
 
@@ -69,11 +69,13 @@ def test_nothing_fits_is_one_line_and_exit_1():
 @pytest.mark.parametrize(("args", "words"), [
     (("--hardware", "9xNothing"), "8xV100-32GB"),
     (("--model", "llama-99b"), "llama-7b"),
-    (("--devices", "3", "--hardware", "8xH200"), "dividing"),
+    (("--devices", "3", "--hardware", "8xH200-141GB"), "dividing"),
+    (("--devices", "some"), "expected --devices a number from 1 to 2147483648, or auto, got 'some'"),
+    (("--dtype", "fp8"), "weight dtype"),
     (("--ctx", "lots"), "context length"),
     (("--kv-dtype", "int3"), "dtype"),
     (("--decode-mode", "disk"), "decode-mode"),
-], ids=["hardware", "model", "devices", "ctx", "kv-dtype", "decode-mode"])
+], ids=["hardware", "model", "devices", "devices-word", "dtype", "ctx", "kv-dtype", "decode-mode"])
 def test_user_errors(args, words):
     base = {"--model": "llama-7b", "--hardware": "1xH200-141GB"}
     for key, value in zip(args[::2], args[1::2]):
@@ -112,7 +114,7 @@ def test_recipes_lists_models_and_hardware():
 @pytest.mark.skipif(shutil.which("facli") is None, reason="console script not installed")
 def test_console_script():
     done = subprocess.run(["facli", "plan-memory", "--model", "qwen2-7b", "--ctx", "128k",
-                           "--hardware", "2xH200", "--json"], capture_output=True, text=True,
+                           "--hardware", "2xH200-141GB", "--json"], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.splitlines()[-1])["model"] == "qwen2-7b"
@@ -159,7 +161,7 @@ def test_batch_auto_plans_the_most_rows_that_stay_on_the_gpus():
     assert auto.exit_code == 0, auto.output
     assert auto.stdout.splitlines()[0].startswith("llama-7b: ctx 32k x batch 7 on 1xH200-141GB")
     assert "rows: the 7 sequences decode together" in auto.stdout
-    # 14 fp8 rows decode 1.19x the 7 bf16 rows on the lent H200 (docs/benchmarks.md).
+    # 14 fp8 rows decode 1.19x the 7 bf16 rows on one H200 (docs/benchmarks.md).
     hint = ("  - hint: --kv-dtype fp8 (e4m3 with a scale per token and head, lossy) would keep 14 "
             "rows of ctx 32k on the GPUs: decode ")
     assert [line for line in auto.stdout.splitlines() if line.startswith(hint)]
@@ -169,4 +171,76 @@ def test_batch_auto_plans_the_most_rows_that_stay_on_the_gpus():
                json.loads(as_json.stdout.splitlines()[-1])["explanation"])
     wrong = run("plan-memory", "--model", "llama-7b", "--batch", "some")
     assert wrong.exit_code == 1
-    assert wrong.output.strip() == "facli: error: expected --batch a number >= 1 or auto, got 'some'"
+    assert wrong.output.strip() == ("facli: error: expected --batch a number from 1 to 2147483648, "
+                                    "or auto, got 'some'")
+
+
+def test_a_context_a_run_would_refuse_is_planned_with_a_warning():
+    """plan-memory warns exactly where generate refuses (facli.resolve.check_context): past
+    llama-7b's 2048 trained positions without --allow-ctx-extension; the plan still prints."""
+    warning = ("facli: warning: generate and summarize would stop here: expected --ctx at most the "
+               "model's max_position_embeddings (2048), got 2049; pass --allow-ctx-extension")
+    for ctx, warned in (("2048", False), ("2049", True)):
+        result = run("plan-memory", "--model", "llama-7b", "--ctx", ctx, "--hardware", "1xH200-141GB")
+        assert result.exit_code == 0 and "fits" in result.stdout.splitlines(), result.output
+        assert result.stderr.startswith(warning) == warned, result.stderr
+        assert len(result.stderr.splitlines()) == int(warned)
+    allowed = run("plan-memory", "--model", "llama-7b", "--ctx", "256k", "--hardware", "8xV100-32GB",
+                  "--allow-ctx-extension", "--json")
+    assert allowed.exit_code == 0 and allowed.stderr == ""
+    assert json.loads(allowed.stdout.splitlines()[-1])["ctx"] == 256 * 1024
+
+
+def test_a_sliding_window_a_run_refuses_warns_even_with_the_extension_flag():
+    result = run("plan-memory", "--model", "mistral-7b", "--ctx", "8k", "--hardware", "1xH200-141GB",
+                 "--allow-ctx-extension")
+    assert result.exit_code == 0
+    assert "warning: generate and summarize would stop here: expected --ctx at most the model's " \
+           "sliding_window (4096)" in result.stderr
+
+
+def test_context_left_out_is_the_models_trained_length():
+    for name, tokens in (("llama-7b", 2048), ("llama-3-8b", 8192)):
+        result = run("plan-memory", "--model", name, "--hardware", "1xH200-141GB", "--json")
+        assert result.exit_code == 0 and result.stderr == ""
+        assert json.loads(result.stdout.splitlines()[-1])["ctx"] == tokens
+
+
+def test_one_device_prints_no_allreduce_tile():
+    def settings_line(*args):
+        result = run("plan-memory", "--model", "llama-7b", "--ctx", "32k", *args)
+        assert result.exit_code == 0, result.output
+        return next(line for line in result.stdout.splitlines() if line.startswith("tensor parallel"))
+
+    one = settings_line("--hardware", "1xH200-141GB")
+    assert one.startswith("tensor parallel 1, prefill chunk ") and "AllReduce" not in one
+    two = settings_line("--hardware", "2xH200-141GB", "--devices", "2")
+    assert two.startswith("tensor parallel 2, prefill chunk ") and ", AllReduce tile " in two
+
+
+def test_dtype_and_devices_auto_reach_the_plan():
+    fp32 = run("plan-memory", "--model", "llama-7b", "--ctx", "2k", "--hardware", "1xA100-80GB",
+               "--dtype", "fp32", "--json")
+    plan = json.loads(fp32.stdout.splitlines()[-1])
+    assert (plan["weight_dtype"], plan["kv_dtype"]) == ("fp32", "fp32")
+    picked = run("plan-memory", "--model", "llama-7b", "--ctx", "2k", "--hardware", "8xH200-141GB",
+                 "--json")
+    auto = run("plan-memory", "--model", "llama-7b", "--ctx", "2k", "--hardware", "8xH200-141GB",
+               "--devices", "auto", "--json")
+    assert json.loads(picked.stdout.splitlines()[-1]) == json.loads(auto.stdout.splitlines()[-1])
+
+
+def test_the_former_hardware_names_plan_on_the_renamed_recipes():
+    result = run("plan-memory", "--model", "llama-7b", "--ctx", "2k", "--hardware", "2xH200")
+    assert result.exit_code == 0
+    assert result.stdout.startswith("llama-7b: ctx 2k x batch 1 on 2xH200-141GB ")
+
+
+def test_recipes_json_is_one_object_on_the_last_line():
+    result = run("recipes", "--json")
+    assert result.exit_code == 0
+    listing = json.loads(result.stdout.strip().splitlines()[-1])
+    assert [m["name"] for m in listing["models"]] == list_model_recipes()
+    assert [h["name"] for h in listing["hardware"]] == list_hardware_recipes()
+    llama = next(m for m in listing["models"] if m["name"] == "llama-7b")
+    assert llama["weights_env"] == "FACLI_LLAMA_7B" and llama["max_position_embeddings"] == 2048

@@ -335,7 +335,7 @@ def test_cli_user_error_is_one_line_and_usage_error_exits_2(tmp_path):
     assert usage.exit_code == 2 and "'all' is not one of" in usage.stderr
     rows = runner.invoke(app, ["summarize", str(tmp_path), "--out", "r.jsonl", "--batch", "0"])
     assert rows.exit_code == 1 and rows.stderr.strip().splitlines() == [
-        "facli: error: expected --batch >= 1, got 0"]
+        "facli: error: expected --batch a number from 1 to 2147483648, or auto, got '0'"]
 
 
 def test_rows_that_cannot_stay_on_the_gpus_are_refused_in_one_line():

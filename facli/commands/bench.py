@@ -6,6 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from facli import options
 from facli.errors import FacliError
 from facli.units import parse_batch, parse_ctx
 
@@ -19,34 +20,46 @@ def parse_depths(text: str) -> tuple[int, ...]:
 
 
 def command(
-    depth: Annotated[str, typer.Option(help="Context depths to measure, comma separated: 8k,32k,128k,256k (k = 1024).")] = "8k,32k",
-    ctx: Annotated[Optional[str], typer.Option(help="Plan and allocate the KV cache for this context at every depth (as `generate --ctx` does); default: each depth's own.")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Checkpoint directory or recipe name; default: the embedded demo model.")] = None,
-    synthetic: Annotated[Optional[str], typer.Option(help="A model recipe (e.g. llama-7b) whose shape gets random weights made on the device: no checkpoint needed.")] = None,
-    decode_tokens: Annotated[int, typer.Option(help="Tokens decoded at each depth (all of them: EOS is ignored).")] = 64,
-    baseline: Annotated[str, typer.Option(help="transformers (its own model on the same device, in the same run) or none.")] = "transformers",
-    devices: Annotated[int, typer.Option(help="Tensor-parallel ranks for facli (GPUs, or gloo ranks with --device cpu); the baseline uses one device.")] = 1,
-    device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
-    dtype: Annotated[str, typer.Option(help="auto, bf16, fp16 or fp32; auto is the checkpoint's, bf16 for --synthetic on GPUs.")] = "auto",
-    prefill_chunk: Annotated[Optional[int], typer.Option(help="Prompt tokens per prefill step (default: from the plan).")] = None,
-    kv_dtype: Annotated[str, typer.Option(help="facli's KV cache dtype: auto (the weights') or fp8 (e4m3, half the bytes); the baseline keeps its own.")] = "auto",
-    decode_mode: Annotated[str, typer.Option(help="For host-resident KV: auto, prefetch, cpu or split.")] = "auto",
-    allreduce_tile_tokens: Annotated[Optional[int], typer.Option(help="Tokens per tiling-AllReduce tile with --devices > 1 (default: the plan's, from the hardware).")] = None,
-    batch: Annotated[str, typer.Option(help="Prompts decoded together at each depth, one per row of the KV cache (the baseline generates them as one batch); tokens/s then count every row's. auto: as many as keep the cache on the GPUs at each depth (up to 64).")] = "1",
-    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write every figure to this JSON file, and print it as one JSON object on the last stdout line.")] = None,
-    plot: Annotated[Optional[Path], typer.Option(help="Write a PNG of tokens/s and peak memory against depth (needs matplotlib).")] = None,
+    depth: Annotated[str, typer.Option(metavar="TOKENS,...", help="Context depths to measure, comma separated: 8k,32k,128k,256k (k = 1024).")] = "8k,32k",
+    ctx: options.Ctx = None,
+    model: options.Model = None,
+    synthetic: Annotated[Optional[str], typer.Option(metavar="NAME", help="A model recipe (e.g. llama-7b) whose shape gets random weights made on the device: no checkpoint needed.")] = None,
+    decode_tokens: Annotated[int, typer.Option(metavar="N", help="Tokens decoded at each depth (all of them: EOS is ignored).")] = 64,
+    baseline: Annotated[str, typer.Option(metavar="transformers|none", help="transformers (its own model on the same device, in the same run, on one device) or none.")] = "transformers",
+    devices: options.Devices = "1",
+    device: options.Device = None,
+    dtype: options.Dtype = "auto",
+    prefill_chunk: options.PrefillChunk = None,
+    kv_dtype: options.KvDtype = "auto",
+    decode_mode: options.DecodeMode = "auto",
+    allreduce_tile_tokens: options.AllreduceTileTokens = None,
+    batch: options.Batch = "1",
+    as_json: options.Json = False,
+    json_out: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Write the whole report to this JSON file (checked before the run starts).")] = None,
+    plot: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Write a PNG of tokens/s and peak memory against depth (needs matplotlib).")] = None,
 ):
-    """Measure time to first token, prefill and decode tokens/s and peak memory per context depth."""
+    """Measure time to first token, prefill and decode tokens/s and peak memory per context depth.
+
+    --ctx plans every depth's KV cache for that context; with --batch, tokens/s count all rows."""
     from facli.bench import BenchRequest, run_bench
     from facli.bench_report import format_report, require_matplotlib
 
     if plot is not None:
+        options.check_output_file(plot, "--plot")
         require_matplotlib()
+    if json_out is not None:
+        options.check_output_file(json_out, "--json-out")
+    depths, rows = parse_depths(depth), parse_batch(batch)
+    context = parse_ctx(ctx) if ctx is not None else None
+    ranks = options.parse_count(devices, "--devices")
+    if ranks is None:
+        ranks = _planned_devices(model, synthetic, device, context or max(depths), dtype, kv_dtype,
+                                 decode_mode, rows)
     request = BenchRequest(
-        depths=parse_depths(depth), model=model, synthetic=synthetic, decode_tokens=decode_tokens,
-        devices=devices, device=device, dtype=dtype, prefill_chunk=prefill_chunk, baseline=baseline,
+        depths=depths, model=model, synthetic=synthetic, decode_tokens=decode_tokens,
+        devices=ranks, device=device, dtype=dtype, prefill_chunk=prefill_chunk, baseline=baseline,
         kv_dtype=kv_dtype, decode_mode=decode_mode, allreduce_tile_tokens=allreduce_tile_tokens,
-        ctx=parse_ctx(ctx) if ctx is not None else None, batch=parse_batch(batch),
+        ctx=context, batch=rows,
     )
     report = run_bench(request)
     print(format_report(report), flush=True)
@@ -54,9 +67,27 @@ def command(
         from facli.bench_plot import write_plot
 
         write_plot(report, plot)
-    if json_path is not None:
+    if json_out is not None:
         try:
-            json_path.write_text(json.dumps(report, indent=2) + "\n")
+            json_out.write_text(json.dumps(report, indent=2) + "\n")
         except OSError as error:
-            raise FacliError(f"expected a writable --json path, got {json_path}: {error.strerror}") from None
+            raise FacliError(f"expected a writable --json-out file, got {json_out}: "
+                             f"{error.strerror}") from None
+    if as_json:
         print(json.dumps(report))
+
+
+def _planned_devices(model, synthetic, device, ctx, dtype, kv_dtype, decode_mode, rows) -> int:
+    """`--devices auto`: the planner's degree for the model at the largest context measured, on
+    this machine (1 on the CPU)."""
+    from facli.placement import hardware_for
+    from facli.recipe_loader import load_model_recipe, resolve_model_config
+    from facli.resolve import resolve_device
+
+    if synthetic is not None:
+        name, config = f"synthetic:{synthetic}", load_model_recipe(synthetic).config
+    else:
+        name, config = resolve_model_config(model)
+    hardware = hardware_for(resolve_device(device))
+    return options.planned_devices(config, name, hardware, ctx, dtype=dtype, kv_dtype=kv_dtype,
+                                   decode_mode=decode_mode, batch=rows or 1)

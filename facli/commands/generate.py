@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from facli import options
 from facli.errors import FacliError
 from facli.units import parse_ctx
 
@@ -47,29 +48,29 @@ def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
 
 
 def generate(
-    prompt: Annotated[Optional[str], typer.Option(help="Prompt text.")] = None,
-    prompt_file: Annotated[Optional[Path], typer.Option(help="Read the prompt from this UTF-8 file (- reads standard input).")] = None,
-    chat: Annotated[bool, typer.Option(help="Send the prompt as a user message through the model's chat template (instruction-tuned models).")] = False,
-    system: Annotated[Optional[str], typer.Option(help="With --chat: a system message before the prompt.")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Checkpoint directory or recipe name (see `facli recipes`); default: the embedded demo model.")] = None,
-    ctx: Annotated[Optional[str], typer.Option(help="Context to plan for: 4096, 32k, 256k, 1m. Default: prompt + new tokens.")] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Stop after this many new tokens.")] = 64,
-    stop: Annotated[Optional[list[str]], typer.Option(help="Stop before this text (repeat for several); it is not printed.")] = None,
-    temperature: Annotated[float, typer.Option(help="0 is greedy decoding.")] = 0.0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling threshold (1 keeps all).")] = 1.0,
-    top_k: Annotated[int, typer.Option(help="Sample from the k most likely tokens (0 keeps all).")] = 0,
-    seed: Annotated[int, typer.Option(help="Seed of the sampler.")] = 0,
-    dtype: Annotated[str, typer.Option(help="auto, bf16, fp16 or fp32.")] = "auto",
-    kv_dtype: Annotated[str, typer.Option(help="KV cache dtype: auto (the weights'), or fp8 (e4m3, half the bytes).")] = "auto",
-    device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
-    devices: Annotated[int, typer.Option(help="Tensor-parallel ranks (GPUs, or gloo ranks with --device cpu).")] = 1,
-    prefill_chunk: Annotated[Optional[int], typer.Option(help="Prompt tokens per prefill step (default: from the plan).")] = None,
-    decode_mode: Annotated[str, typer.Option(help="For host-resident KV: auto, prefetch, cpu or split.")] = "auto",
-    allreduce_tile_tokens: Annotated[Optional[int], typer.Option(help="Tokens per tiling-AllReduce tile with --devices > 1 (default: the plan's, from the hardware).")] = None,
-    allow_ctx_extension: Annotated[bool, typer.Option(help="Allow --ctx beyond the model's max_position_embeddings.")] = False,
-    force: Annotated[bool, typer.Option(help="Run even when the plan says it will not fit.")] = False,
-    eager: Annotated[bool, typer.Option(help="Run decode steps eagerly instead of replaying CUDA graphs.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the text and timings.")] = False,
+    prompt: Annotated[Optional[str], typer.Option(metavar="TEXT", help="Prompt text.")] = None,
+    prompt_file: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Read the prompt from this UTF-8 file (- reads standard input).")] = None,
+    chat: Annotated[bool, typer.Option("--chat", help="Send the prompt as a user message through the model's chat template (instruction-tuned models).")] = False,
+    system: Annotated[Optional[str], typer.Option(metavar="TEXT", help="With --chat: a system message before the prompt.")] = None,
+    model: options.Model = None,
+    ctx: options.Ctx = None,
+    allow_ctx_extension: options.AllowCtxExtension = False,
+    max_new_tokens: options.MaxNewTokens = 64,
+    stop: Annotated[Optional[list[str]], typer.Option(metavar="TEXT", help="Stop before this text (repeat for several); it is not printed.")] = None,
+    temperature: options.Temperature = 0.0,
+    top_p: options.TopP = 1.0,
+    top_k: options.TopK = 0,
+    seed: options.Seed = 0,
+    dtype: options.Dtype = "auto",
+    kv_dtype: options.KvDtype = "auto",
+    device: options.Device = None,
+    devices: options.Devices = "1",
+    prefill_chunk: options.PrefillChunk = None,
+    decode_mode: options.DecodeMode = "auto",
+    allreduce_tile_tokens: options.AllreduceTileTokens = None,
+    force: Annotated[bool, typer.Option("--force", help="Run even when the plan says it will not fit.")] = False,
+    eager: Annotated[bool, typer.Option("--eager", help="Run decode steps eagerly instead of replaying CUDA graphs.")] = False,
+    as_json: options.Json = False,
 ):
     """Generate text from a prompt; text streams to stdout as it is produced."""
     from facli.runtime import RuntimeOptions
@@ -83,17 +84,18 @@ def generate(
     if system is not None and not chat:
         raise FacliError("expected --system together with --chat; add --chat to use the model's "
                          "chat template")
+    ranks = options.parse_count(devices, "--devices")
     text = read_prompt(prompt, prompt_file)
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-    options = RuntimeOptions(
+    run_options = RuntimeOptions(
         model=model, device=device, dtype=dtype, kv_dtype=kv_dtype,
         ctx=parse_ctx(ctx) if ctx is not None else 0, prefill_chunk=prefill_chunk,
-        devices=devices, decode_mode=decode_mode, force=force,
+        devices=ranks or 1, decode_mode=decode_mode, force=force,
         allow_ctx_extension=allow_ctx_extension, cuda_graphs=not eager,
         allreduce_tile_tokens=allreduce_tile_tokens,
     )
-    result = plan_and_generate(options, text, sampling, max_new_tokens, stream=not as_json,
-                               chat=chat, system=system, stop=stops)
+    result = plan_and_generate(run_options, text, sampling, max_new_tokens, stream=not as_json,
+                               chat=chat, system=system, stop=stops, auto_devices=ranks is None)
     if as_json:
         print(json.dumps(result))
     else:
@@ -102,9 +104,10 @@ def generate(
 
 def plan_and_generate(options, text: str, sampling, max_new_tokens: int, *, stream: bool,
                       chat: bool = False, system: str | None = None,
-                      stop: tuple[str, ...] = ()) -> dict:
+                      stop: tuple[str, ...] = (), auto_devices: bool = False) -> dict:
     """Tokenize (under the chat template with `chat`), plan (refusing what will not fit), then
-    run on one process or N ranks."""
+    run on one process or N ranks. auto_devices: the plan's degree replaces options.devices
+    (`--devices auto`)."""
     from facli.offload.planner import predict_prompt
     from facli.parallel.degrees import check_tensor_parallel
     from facli.parallel.launch import launch, prints_here
@@ -128,13 +131,17 @@ def plan_and_generate(options, text: str, sampling, max_new_tokens: int, *, stre
         options = dataclasses.replace(options, ctx=ctx)
     check_prompt_fits(len(prompt_ids), options.ctx)
     check_context(resolved.config, options.ctx, options.allow_ctx_extension)
-    check_tensor_parallel(resolved.config, options.devices)
+    if not auto_devices:
+        check_tensor_parallel(resolved.config, options.devices)
     device = resolve_device(options.device)
     hardware = hardware_for(device, options.hardware)
     plan = plan_run(resolved.config, resolved.name, hardware, ctx=options.ctx,
-                    world_size=options.devices, dtype=options.dtype, kv_dtype=options.kv_dtype,
-                    prefill_chunk=options.prefill_chunk, decode_mode=options.decode_mode,
-                    force=options.force, allreduce_tile_tokens=options.allreduce_tile_tokens)
+                    world_size=None if auto_devices else options.devices, dtype=options.dtype,
+                    kv_dtype=options.kv_dtype, prefill_chunk=options.prefill_chunk,
+                    decode_mode=options.decode_mode, force=options.force,
+                    allreduce_tile_tokens=options.allreduce_tile_tokens)
+    if auto_devices:
+        options = dataclasses.replace(options, devices=plan.tp)
     prompt_prediction = predict_prompt(resolved.config, hardware, plan, len(prompt_ids),
                                        choose_mode=options.decode_mode == "auto")
     if prints_here():

@@ -1,9 +1,12 @@
 """`facli plan-memory`: where weights, KV cache and activations go, and how long it should take."""
 
+import sys
 from typing import Annotated
 
 import typer
 
+from facli import options as shared
+from facli.errors import FacliError
 from facli.offload.hardware import hardware_from_option
 from facli.offload.plan import Plan, gpus_read_fp8, holds_rows
 from facli.offload.planner import PlanOptions, largest_resident_batch, plan, with_fp8_rows_hint
@@ -12,43 +15,55 @@ from facli.units import format_bytes, format_ctx, parse_batch, parse_ctx
 
 
 def command(
-    model: Annotated[str | None, typer.Option(
-        help="Checkpoint directory (with config.json) or recipe name (see `facli recipes`); "
-             "left out: the embedded demo model.")] = None,
-    ctx: Annotated[str, typer.Option(help="Context length: 4096, 32k, 256k, 1m (k = 1024).")] = "32k",
-    batch: Annotated[str, typer.Option(help="Sequences decoded together; auto: as many as keep the whole KV cache on the GPUs (up to 64).")] = "1",
-    hardware: Annotated[str, typer.Option(
-        help="'auto' (this machine) or a hardware recipe such as 8xV100-32GB.")] = "auto",
-    devices: Annotated[int | None, typer.Option(
-        help="Tensor-parallel degree; left out, the planner picks the fastest.")] = None,
-    kv_dtype: Annotated[str, typer.Option(
-        help="KV cache dtype: auto (the weights'), bf16, fp16, fp32 or fp8.")] = "auto",
-    prefill_chunk: Annotated[int | None, typer.Option(
-        help="Prefill chunk in tokens; left out, the planner picks.")] = None,
-    decode_mode: Annotated[str, typer.Option(
-        help="Decode of host-resident KV: auto, prefetch (stream to GPU), cpu (attend on "
-             "the CPU) or split (both at once, each on part of every host layer).")] = "auto",
-    allreduce_tile_tokens: Annotated[int | None, typer.Option(
-        help="Tokens per tiling-AllReduce tile with --devices > 1 (default: the plan's, from the hardware).")] = None,
+    model: shared.Model = None,
+    ctx: shared.Ctx = None,
+    allow_ctx_extension: shared.AllowCtxExtension = False,
+    batch: shared.Batch = "1",
+    hardware: shared.Hardware = "auto",
+    devices: shared.Devices = "auto",
+    dtype: shared.Dtype = "auto",
+    kv_dtype: shared.KvDtype = "auto",
+    prefill_chunk: shared.PrefillChunk = None,
+    decode_mode: shared.DecodeMode = "auto",
+    allreduce_tile_tokens: shared.AllreduceTileTokens = None,
     margin: Annotated[str | None, typer.Option(
+        metavar="SIZE|PCT",
         help="Memory kept free on each GPU: 2GiB, 512MiB or 5% (default 3%).")] = None,
-    json: Annotated[bool, typer.Option(
-        "--json", help="Print the plan as one JSON object on the last line.")] = False,
+    json: shared.Json = False,
 ) -> None:
-    """Plan memory and predict time for a long-context run, before loading anything."""
+    """Plan memory and predict time for a long-context run, before loading anything.
+
+    A --ctx that generate would refuse (see --allow-ctx-extension) is planned, with a warning."""
     name, config = resolve_model_config(model)
+    tokens = parse_ctx(ctx) if ctx is not None else config.max_position_embeddings
+    rows, ranks = parse_batch(batch), shared.parse_count(devices, "--devices")
     spec = hardware_from_option(hardware, margin)
-    options = PlanOptions(kv_dtype=kv_dtype, devices=devices, prefill_chunk=prefill_chunk,
-                          decode_mode=decode_mode, allreduce_tile_tokens=allreduce_tile_tokens,
-                          model_name=name)
-    tokens, rows = parse_ctx(ctx), parse_batch(batch)
+    options = PlanOptions(kv_dtype=kv_dtype, weight_dtype=dtype, devices=ranks,
+                          prefill_chunk=prefill_chunk, decode_mode=decode_mode,
+                          allreduce_tile_tokens=allreduce_tile_tokens, model_name=name)
+    refusal = run_refusal(config, tokens, allow_ctx_extension)
     if rows is None:
         rows = largest_resident_batch(config, spec, tokens, options)
     result = with_fp8_rows_hint(config, spec, plan(config, spec, tokens, rows, options), options)
+    if refusal:
+        print(f"facli: warning: generate and summarize would stop here: {refusal}",
+              file=sys.stderr)
     if json:
         print(result.to_json())
     else:
         print(render(result, rows_note(config, spec, result, options)))
+
+
+def run_refusal(config, ctx: int, allow_ctx_extension: bool) -> str | None:
+    """Why a run (generate, summarize) would refuse this context, by the check they make
+    (facli.resolve.check_context); None where it would run."""
+    from facli.resolve import check_context
+
+    try:
+        check_context(config, ctx, allow_ctx_extension, warn=False)
+    except FacliError as refused:
+        return str(refused)
+    return None
 
 
 def rows_note(config, spec, result: Plan, options: PlanOptions) -> str | None:
@@ -58,7 +73,8 @@ def rows_note(config, spec, result: Plan, options: PlanOptions) -> str | None:
         return None
     reads_fp8 = gpus_read_fp8(spec.devices[:result.tp])
     if holds_rows(result.decode_mode, result.kv_dtype == "fp8", reads_fp8):
-        return (f"rows: the {result.batch} sequences decode together from one cache on the GPUs "
+        where = "on the GPUs" if result.device_kind == "cuda" else "in memory"
+        return (f"rows: the {result.batch} sequences decode together from one cache {where} "
                 "(summarize --batch, bench --batch)")
     most = largest_resident_batch(config, spec, result.ctx, options, limit=result.batch - 1)
     fit = (f"up to {most} rows keep it there at ctx {format_ctx(result.ctx)}" if most > 1 else
@@ -94,7 +110,9 @@ def render(result: Plan, note: str | None = None) -> str:
         else "CPU-only plan: no GPU in the hardware spec",
         "",
         f"tensor parallel {result.tp}, prefill chunk {result.prefill_chunk} tokens, "
-        f"AllReduce tile {result.allreduce_tile_tokens} tokens, decode mode {result.decode_mode}",
+        + (f"AllReduce tile {result.allreduce_tile_tokens} tokens, " if result.tp > 1 else "")
+        + f"decode mode {result.decode_mode}",
+        f"predicted: time unknown ({result.timing.unknown})" if result.timing.unknown else
         f"predicted: {result.prefill_phrase} {result.timing.ttft_s:.2f} s, decode "
         f"{result.timing.decode_tokens_per_s:.1f} tokens/s ({result.timing.decode_step_s * 1e3:.1f} "
         "ms per step)",
