@@ -79,10 +79,10 @@ def user_errors(command):
         try:
             return command(*args, **kwargs)
         except FacliError as error:
-            print(f"facli: error: {error}", file=sys.stderr)
+            print(f"facli: error: {error}", file=sys.stderr, flush=True)
             raise typer.Exit(code=1) from None
         except KeyboardInterrupt:
-            print("facli: interrupted", file=sys.stderr)
+            print("facli: interrupted", file=sys.stderr, flush=True)
             raise typer.Exit(code=130) from None
 
     return wrapper

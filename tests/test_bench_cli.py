@@ -1,6 +1,7 @@
 """`facli bench` end to end on the CPU with the demo model, against transformers."""
 
 import importlib.util
+import inspect
 import json
 import os
 import subprocess
@@ -78,7 +79,9 @@ def run_in_process(args):
 
     from facli.cli import app
 
-    return CliRunner().invoke(app, ["bench", *args])
+    # stdout and stderr apart: the default from click 8.2 on, an argument before it.
+    apart = "mix_stderr" in inspect.signature(CliRunner.__init__).parameters
+    return CliRunner(**({"mix_stderr": False} if apart else {})).invoke(app, ["bench", *args])
 
 
 def bench_without_baseline(args, env, out):
@@ -152,16 +155,16 @@ def test_ctx_plans_every_depth_for_the_larger_context(env, tmp_path):
 def test_user_errors_are_one_line():
     result = run_in_process(["--depth", "8k,lots", "--device", "cpu"])
     assert result.exit_code == 1
-    assert result.output.strip() == "facli: error: expected a context length such as 4096, 32k, 256k or 1m, got 'lots'"
+    assert result.stderr.strip() == "facli: error: expected a context length such as 4096, 32k, 256k or 1m, got 'lots'"
     result = run_in_process(["--depth", "16", "--device", "cpu"])
-    assert result.exit_code == 1 and "expected every --depth >= 73" in result.output
+    assert result.exit_code == 1 and "expected every --depth >= 73" in result.stderr
     result = run_in_process(["--depth", "128", "--device", "cpu", "--batch", "0"])
     assert result.exit_code == 1
-    assert result.output.strip() == ("facli: error: expected --batch a number from 1 to 2147483648, "
+    assert result.stderr.strip() == ("facli: error: expected --batch a number from 1 to 2147483648, "
                                      "or auto, got '0'")
     result = run_in_process(["--depth", "128", "--device", "cpu", "--batch", "many"])
     assert result.exit_code == 1
-    assert result.output.strip() == ("facli: error: expected --batch a number from 1 to 2147483648, "
+    assert result.stderr.strip() == ("facli: error: expected --batch a number from 1 to 2147483648, "
                                      "or auto, got 'many'")
 
 
@@ -170,7 +173,7 @@ def test_plot_without_matplotlib_says_so(tmp_path):
     result = run_in_process(["--depth", "64", "--decode-tokens", "4", "--device", "cpu", "--plot",
                              str(tmp_path / "p.png")])
     assert result.exit_code == 1
-    assert "expected matplotlib for --plot" in result.output
+    assert "expected matplotlib for --plot" in result.stderr
 
 
 @pytest.mark.skipif(not HAS_MATPLOTLIB, reason="needs matplotlib")

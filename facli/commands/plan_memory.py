@@ -47,7 +47,7 @@ def command(
     result = with_fp8_rows_hint(config, spec, plan(config, spec, tokens, rows, options), options)
     if refusal:
         print(f"facli: warning: generate and summarize would stop here: {refusal}",
-              file=sys.stderr)
+              file=sys.stderr, flush=True)
     if json:
         print(result.to_json())
     else:
