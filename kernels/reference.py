@@ -1,8 +1,17 @@
 """Plain-PyTorch attention: the oracle for the Triton kernels and the CPU path.
 
-Tiled over query blocks so that no [Tq, Tk] matrix larger than one block is ever held: the block
-shrinks as Tk grows so that one block's scores stay under SCORE_BUDGET elements, and it runs at
-256K keys. Computes in float32 (float64 inputs stay float64).
+Two ways, one contract (`attention_with_lse`):
+- CPU tensors in float32/bfloat16/float16 go to PyTorch's CPU flash-attention kernel
+  (`aten._scaled_dot_product_flash_attention_for_cpu`, what `F.scaled_dot_product_attention`
+  runs on the CPU): blocked, multithreaded, GQA without repeating K/V, skipping the blocks a
+  causal mask hides, and it returns the log-sum-exp. Its causal mask is aligned top-left, so a
+  chunk of queries after a cached prefix attends to the prefix unmasked and to its own keys
+  causally, and the two parts are merged exactly (`merge_attention`).
+- Everything else (float64: the oracle the kernel tests compare against; GPU tensors; shapes
+  where a query sees no key) takes the tiled loop: tiled over query blocks so that no [Tq, Tk]
+  matrix larger than one block is ever held (the block shrinks as Tk grows so that one block's
+  scores stay under SCORE_BUDGET elements; it runs at 256K keys), computed in float32 (float64
+  inputs stay float64).
 """
 
 import math
@@ -11,6 +20,8 @@ import torch
 
 QUERY_BLOCK = 512
 SCORE_BUDGET = 1 << 28  # elements of one block's [B, H, block, Tk] scores (1 GiB in float32)
+FLASH_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -26,6 +37,70 @@ def attention_with_lse(q, k, v, *, causal=True, q_offset=0, scale=None, key_lens
     Returns out [B, Tq, Hq, D] in q's dtype and lse [B, Hq, Tq] in float32/float64 (natural log;
     -inf for a query that sees no key, whose output is 0).
     """
+    assert q.shape[2] % k.shape[2] == 0, "Hq must be a multiple of Hkv"
+    if q.device.type == "cpu" and q.dtype in FLASH_DTYPES and q.dtype == k.dtype == v.dtype:
+        rows = _flash_rows(q, k, causal, q_offset, key_lens)
+        if rows is not None:
+            return _flash_with_lse(q, k, v, rows, causal, scale)
+    return _tiled_with_lse(q, k, v, causal=causal, q_offset=q_offset, scale=scale,
+                           key_lens=key_lens)
+
+
+def _flash_rows(q, k, causal, q_offset, key_lens):
+    """Per sequence (q_offset, keys it may see), or None when a query would see no key (the flash
+    kernel would return NaN there) or, causally, queries lie past the last key."""
+    batch, q_len, k_len = q.shape[0], q.shape[1], k.shape[1]
+    offsets = _per_row(q_offset, batch)
+    lengths = [k_len] * batch if key_lens is None else [min(n, k_len) for n in _per_row(key_lens, batch)]
+    if q_len == 0 or min(lengths) <= 0:
+        return None
+    if causal and any(o < 0 or o + q_len > n for o, n in zip(offsets, lengths)):
+        return None
+    return list(zip(offsets, lengths))
+
+
+def _per_row(value, batch: int) -> list[int]:
+    """An int or a [B] / one-element CPU tensor as B Python ints (on the CPU, reading them costs
+    no device synchronization)."""
+    if isinstance(value, torch.Tensor):
+        values = value.reshape(-1).tolist()
+        return values * batch if len(values) == 1 else values
+    return [int(value)] * batch
+
+
+def _flash_with_lse(q, k, v, rows, causal, scale):
+    """The flash-kernel path for the rows `_flash_rows` accepted: one call (two when causal past
+    a prefix) per distinct (offset, length), normally one for the whole batch."""
+    if all(row == rows[0] for row in rows):
+        return _flash_same_row(q, k, v, *rows[0], causal, scale)
+    parts = [_flash_same_row(q[b:b + 1], k[b:b + 1], v[b:b + 1], *row, causal, scale)
+             for b, row in enumerate(rows)]
+    return torch.cat([out for out, _ in parts]), torch.cat([lse for _, lse in parts])
+
+
+def _flash_same_row(q, k, v, offset, length, causal, scale):
+    q_len = q.shape[1]
+    if not causal:
+        return _flash(q, k[:, :length], v[:, :length], False, scale)
+    if q_len == 1:  # one query sees every key up to its own position: no mask at all
+        return _flash(q, k[:, :offset + 1], v[:, :offset + 1], False, scale)
+    own = _flash(q, k[:, offset:offset + q_len], v[:, offset:offset + q_len], True, scale)
+    if offset == 0:
+        return own
+    prefix = _flash(q, k[:, :offset], v[:, :offset], False, scale)
+    return merge_attention(*prefix, *own)
+
+
+def _flash(q, k, v, causal, scale):
+    """PyTorch's CPU flash attention on [B, T, H, D] views (read in place through their
+    strides): out [B, Tq, Hq, D] in q's dtype, lse [B, Hq, Tq] float32."""
+    out, lse = _cpu_flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, causal,
+                          scale=scale)
+    return out.transpose(1, 2), lse
+
+
+def _tiled_with_lse(q, k, v, *, causal, q_offset, scale, key_lens):
+    """The tiled loop: `attention_with_lse` for any device and dtype."""
     batch, q_len, q_heads, head_dim = q.shape
     k_len, kv_heads = k.shape[1], k.shape[2]
     assert q_heads % kv_heads == 0, "Hq must be a multiple of Hkv"
