@@ -293,7 +293,7 @@ def prompt_prediction(runtime, prompt_tokens: int) -> dict:
     placement (the plan's own are for a prompt that fills its context)."""
     prediction = runtime.predict_prompt(prompt_tokens)
     ttft, tokens = prediction.ttft_s, runtime.plan.batch * prompt_tokens  # every row's prompt
-    return {"ttft_s": ttft, "prefill_tokens_per_s": tokens / ttft if ttft > 0 else None,
+    return {"ttft_s": ttft, "prefill_tokens_per_s": tokens / ttft if ttft else None,
             "decode_tokens_per_s": prediction.decode_tokens_per_s,
             "decode_mode": prediction.decode_mode, "packed": prediction.packed}
 
@@ -309,7 +309,7 @@ def plan_record(plan, for_prompt: dict | None = None) -> dict | None:
         "peak_gpu_bytes": [d.peak_bytes for d in plan.devices],
         "ttft_s": timing.ttft_s,
         "prefill_tokens_per_s": (plan.batch * plan.ctx / timing.prefill_s
-                                 if timing.prefill_s > 0 else None),
+                                 if timing.prefill_s else None),
         "decode_tokens_per_s": timing.decode_tokens_per_s,
         "host_kv_bytes": plan.host.kv_bytes,
         "host_layers": len(plan.host.layers),

@@ -21,6 +21,7 @@ from facli.offload.time_model import (
     choose_allreduce_tile,
     decode_breakdown,
     prefill_breakdown,
+    unknown_time,
 )
 from facli.parallel.degrees import sharded_sizes
 
@@ -42,6 +43,7 @@ class Candidate:
     on_cpu: bool = False
     times: dict = field(default_factory=dict)
     new_tokens: int = 0
+    unknown: str = ""  # why the times are unknown (they then only rank candidates)
 
     @property
     def short_on(self) -> str | None:
@@ -205,7 +207,7 @@ def evaluate_cpu(model: ModelConfig, hardware: HardwareSpec, ctx: int, batch: in
     times = {**prefill_breakdown(hardware, layout), **decode_breakdown(hardware, layout)}
     return Candidate(tp, chunk, tile, "resident", layers, 0, memory, budget, 0,
                      hardware.host_budget_bytes, on_cpu=True, times=times,
-                     new_tokens=options.new_tokens)
+                     new_tokens=options.new_tokens, unknown=unknown_time(hardware, layout) or "")
 
 
 def fits_memory(model: ModelConfig, hardware: HardwareSpec, ctx: int, batch: int, tp: int,

@@ -54,6 +54,21 @@ class GpuSpec:
 
 
 @dataclass(frozen=True)
+class CpuSpec:
+    """The CPU that computes a CPU-only plan, as far as its time model needs it."""
+
+    threads: int  # intra-op threads a run uses (torch.get_num_threads())
+    isa: str  # vector instructions PyTorch's CPU kernels use (torch.backends.cpu.get_cpu_capability())
+
+
+def detect_cpu() -> CpuSpec:
+    """This process's CPU: the threads a run here uses and the instruction set it computes with."""
+    import torch
+
+    return CpuSpec(threads=torch.get_num_threads(), isa=torch.backends.cpu.get_cpu_capability())
+
+
+@dataclass(frozen=True)
 class HardwareSpec:
     """GPUs, host memory and the rates of every link the planner's time model uses."""
 
@@ -68,6 +83,7 @@ class HardwareSpec:
     allreduce_latency_us: float  # fixed cost of one small AllReduce
     safety_margin_bytes: int  # kept free on every GPU when deciding what fits
     detected: bool = False
+    cpu: CpuSpec | None = None  # None: not known (a recipe's host), so no CPU-only plan is timed
 
     def __post_init__(self):
         object.__setattr__(self, "devices", tuple(self.devices))
@@ -235,6 +251,7 @@ def detect_hardware(margin=None) -> HardwareSpec:
         allreduce_latency_us=float(link.get("allreduce_latency_us") or _FALLBACK_ALLREDUCE_LATENCY_US),
         safety_margin_bytes=0,
         detected=True,
+        cpu=detect_cpu(),
     )
     return spec.with_margin(margin)
 

@@ -82,15 +82,25 @@ class HostPlan:
 
 @dataclass(frozen=True)
 class Timing:
-    """Predicted seconds. Decode figures are for a step with the whole context cached."""
+    """Predicted seconds. Decode figures are for a step with the whole context cached. Where a
+    term of the time model is unknown for this placement, every figure is None and `unknown`
+    says why."""
 
-    prefill_s: float
-    ttft_s: float
-    decode_step_s: float
-    decode_tokens_per_s: float  # all sequences of the batch together
+    prefill_s: float | None
+    ttft_s: float | None
+    decode_step_s: float | None
+    decode_tokens_per_s: float | None  # all sequences of the batch together
     new_tokens: int  # decode steps counted in total_s (the planner's ranking)
-    total_s: float
+    total_s: float | None
     terms: tuple[tuple[str, float], ...]
+    unknown: str = ""
+
+    def phrase(self, prefill_phrase: str) -> str:
+        """'<prefill_phrase> ~2.0 s, decode ~113.0 tok/s', or why the time is unknown."""
+        if self.unknown:
+            return f"time unknown: {self.unknown}"
+        return (f"{prefill_phrase} ~{format_seconds(self.ttft_s)}, decode "
+                f"~{self.decode_tokens_per_s:.1f} tok/s")
 
 
 @dataclass(frozen=True)
@@ -174,8 +184,7 @@ class Plan:
         return (
             f"plan: {self.model} ctx {format_ctx(self.ctx)} batch {self.batch} on {self.hardware}: "
             f"TP {self.tp}, chunk {self.prefill_chunk}, {kv}, peak {format_bytes(peak)} of "
-            f"{format_bytes(budget)} per {where} ({verdict}); {self.prefill_phrase} "
-            f"~{format_seconds(self.timing.ttft_s)}, decode ~{self.timing.decode_tokens_per_s:.1f} tok/s"
+            f"{format_bytes(budget)} per {where} ({verdict}); {self.timing.phrase(self.prefill_phrase)}"
         )
 
     @property

@@ -49,6 +49,9 @@ def _devices(hardware: HardwareSpec, best: Candidate) -> tuple[DevicePlan, ...]:
 
 
 def _timing(best: Candidate, batch: int) -> Timing:
+    if best.unknown:
+        return Timing(prefill_s=None, ttft_s=None, decode_step_s=None, decode_tokens_per_s=None,
+                      new_tokens=best.new_tokens, total_s=None, terms=(), unknown=best.unknown)
     times = best.times
     step = times["decode_step_s"]
     terms = tuple((k, float(v)) for k, v in sorted(times.items())
@@ -120,19 +123,23 @@ def _rejected(best: Candidate, found: list[Candidate]) -> list[str]:
 def _explanation(model: ModelConfig, hardware: HardwareSpec, ctx: int, best: Candidate,
                  found: list[Candidate], notes: tuple[str, ...], fp8_kv: bool) -> tuple[str, ...]:
     fitting = [c for c in found if c.fits]
+    ranked = (f"ranked by prefill + {best.new_tokens} decode steps" if not best.unknown else
+              f"ranked by prefill + {best.new_tokens} decode steps at the calibrated CPU's rates, "
+              f"since {best.unknown}")
+    predicted = (f"predicted prefill {best.times['prefill_s']:.2f} s, decode step "
+                 f"{best.times['decode_step_s'] * 1e3:.2f} ms" if not best.unknown
+                 else "predicted time unknown")
     lines = [
         f"searched {len(found)} placements (TP {sorted({c.tp for c in found})}, chunks "
-        f"{sorted({c.chunk for c in found})}, KV split, decode mode): {len(fitting)} fit; "
-        f"ranked by prefill + {best.new_tokens} decode steps",
-        f"chosen: {best.describe()}; predicted prefill {best.times['prefill_s']:.2f} s, "
-        f"decode step {best.times['decode_step_s'] * 1e3:.2f} ms",
+        f"{sorted({c.chunk for c in found})}, KV split, decode mode): {len(fitting)} fit; {ranked}",
+        f"chosen: {best.describe()}; {predicted}",
         _kv_reason(model, best, hardware, ctx),
     ]
     mode = _mode_reason(best, found, hardware, fp8_kv)
     if mode:
         lines.append(mode)
     same_tp = [c for c in fitting if c.tp == best.tp and c.chunk != best.chunk]
-    if same_tp:
+    if same_tp and not best.unknown:
         alt = min(same_tp, key=lambda c: c.total_s)
         lines.append(f"prefill chunk {best.chunk}: the next best chunk, {alt.chunk}, predicts "
                      f"{alt.total_s:.2f} s in all against {best.total_s:.2f} s")

@@ -22,7 +22,13 @@ from facli.offload.hardware import HardwareSpec
 from facli.offload.memory_model import DTYPE_BYTES
 from facli.offload.plan import Plan, gpus_read_fp8, holds_rows
 from facli.offload.plan_builder import build_plan
-from facli.offload.time_model import Layout, decode_breakdown, packs_slots, prefill_breakdown
+from facli.offload.time_model import (
+    Layout,
+    decode_breakdown,
+    packs_slots,
+    prefill_breakdown,
+    unknown_time,
+)
 from facli.units import MAX_CTX, check_count, format_bytes, format_ctx
 
 CHUNK_CHOICES = (256, 512, 1024, 2048, 4096, 8192, 16384)
@@ -167,13 +173,15 @@ FP8_ROWS_HINT_GAIN = 1.10
 @dataclass(frozen=True)
 class PromptPrediction:
     """The time model's figures for one prompt on a plan's placement, and the host layers'
-    decode mode (with its CPU share) that gives them."""
+    decode mode (with its CPU share) that gives them. The figures are None where a term of the
+    time model is unknown for the placement; `unknown` then says why."""
 
-    ttft_s: float
-    decode_tokens_per_s: float
+    ttft_s: float | None
+    decode_tokens_per_s: float | None
     decode_mode: str
     cpu_share: float
     packed: bool = False  # every host layer's rows fit the staging slots: none crosses PCIe
+    unknown: str = ""
 
 
 def predict_prompt(model: ModelConfig, hardware: HardwareSpec, run_plan: Plan,
@@ -198,6 +206,9 @@ def predict_prompt(model: ModelConfig, hardware: HardwareSpec, run_plan: Plan,
         if best is None or times["decode_step_s"] < best[0]["decode_step_s"]:
             best = times, layout
     times, layout = best
+    unknown = unknown_time(hardware, layout)
+    if unknown:
+        return PromptPrediction(None, None, layout.decode_mode, 0.0, unknown=unknown)
     return PromptPrediction(prefill_breakdown(hardware, layout)["prefill_s"],
                             batch / times["decode_step_s"], layout.decode_mode,
                             times["decode_host_cpu_share"], packs_slots(layout))

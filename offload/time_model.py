@@ -1,7 +1,10 @@
 """Predicted prefill and decode time of one placement, from the hardware spec's rates.
 
-Every guess lives in the constants below; calibrate them against `facli bench` measurements.
-Rates in the hardware recipes are already achievable figures (measured or datasheet scaled).
+Every guess about GPUs lives in the constants below; calibrate them against `facli bench`
+measurements. Rates in the hardware recipes are already achievable figures (measured or
+datasheet scaled). CPU-only plans are timed by offload.cpu_time instead, whose constants
+benchmarks/cpu_calibration.py fits to CPU runs; where a term is unknown (unknown_time), the
+figures only rank candidates and the plan reports no time.
 """
 
 from dataclasses import dataclass
@@ -9,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from facli.config import ModelConfig
+from facli.offload.cpu_time import cpu_decode_breakdown, cpu_prefill_breakdown, unknown_cpu_time
 from facli.kernels.configs import ROW_SPLITS, arch_decode_config, filled_share, row_splits
 from facli.offload.hardware import HardwareSpec
 from facli.offload.plan import decodes_eagerly, gpus_read_fp8, uses_offloaded_store
@@ -140,10 +144,16 @@ def _packed_rows(layout: Layout) -> int:
     return packed_slot_rows(layout.capacity or layout.ctx, layout.host_layers)
 
 
+def unknown_time(hw: HardwareSpec, layout: Layout) -> str | None:
+    """Why this layout's time cannot be predicted (a term of it is unknown), or None when it can.
+    The figures prefill_breakdown and decode_breakdown give for it then only rank candidates."""
+    if not layout.on_cpu:
+        return None
+    return unknown_cpu_time(hw.cpu, layout.tp, layout.weight_dtype_bytes, layout.kv_dtype_bytes)
+
+
 def _rates(hw: HardwareSpec, layout: Layout) -> tuple[float, float]:
-    """(matmul FLOP/s, memory bytes/s) of one rank."""
-    if layout.on_cpu:
-        return hw.cpu_matmul_tflops * 1e12, hw.cpu_memory_gbps * 1e9
+    """(matmul FLOP/s, memory bytes/s) of one rank's GPU."""
     gpus = hw.devices[: layout.tp]
     return min(g.matmul_tflops for g in gpus) * 1e12, min(g.hbm_gbps for g in gpus) * 1e9
 
@@ -154,7 +164,7 @@ def _gpus_read_fp8(hw: HardwareSpec, layout: Layout) -> bool:
 
 def _attention_efficiency(hw: HardwareSpec, layout: Layout) -> float:
     """Prefill attention's share of the matmul rate, by the kernel the ranks' GPUs run."""
-    if not layout.on_cpu and all(g.compute_capability[0] == 9 for g in hw.devices[: layout.tp]):
+    if all(g.compute_capability[0] == 9 for g in hw.devices[: layout.tp]):
         return HOPPER_ATTENTION_EFFICIENCY
     return ATTENTION_EFFICIENCY
 
@@ -182,6 +192,9 @@ def _chunks(ctx: int, chunk: int) -> tuple[np.ndarray, np.ndarray]:
 def prefill_breakdown(hw: HardwareSpec, layout: Layout) -> dict[str, float]:
     """Seconds of the prefill of `ctx` tokens in chunks, with the terms that make it up; for a
     batch, its sequences one after another (as the runtime prefills the rows of a batch)."""
+    if layout.on_cpu:
+        return cpu_prefill_breakdown(hw.cpu, layout.config, layout.ctx, layout.batch,
+                                     layout.chunk, layout.tp)
     c, t = layout.config, layout.tp
     matmul_rate, mem_rate = _rates(hw, layout)
     starts, sizes = _chunks(layout.ctx, layout.chunk)
@@ -193,7 +206,7 @@ def prefill_breakdown(hw: HardwareSpec, layout: Layout) -> dict[str, float]:
     pairs = sizes * starts + sizes * (sizes + 1) / 2
     attn_flops = 4 * c.head_dim * (c.num_attention_heads / t) * c.num_hidden_layers * pairs
     attention = attn_flops / (matmul_rate * _attention_efficiency(hw, layout))
-    if layout.kv_dtype_bytes == 1 and not layout.on_cpu:
+    if layout.kv_dtype_bytes == 1:
         attention = attention * FP8_PREFILL_ATTENTION_FACTOR
     per_chunk_act = activation_bytes(c, layout.chunk, 1, layout.weight_dtype_bytes, t)
     elementwise = (ELEMENTWISE_PASSES * per_chunk_act * c.num_hidden_layers / mem_rate
@@ -201,13 +214,13 @@ def prefill_breakdown(hw: HardwareSpec, layout: Layout) -> dict[str, float]:
     overhead = np.full_like(sizes, c.num_hidden_layers * LAYER_OVERHEAD_S)
     compute = gemm + attention + elementwise + overhead
     comm = np.zeros_like(sizes)
-    if t > 1 and not layout.on_cpu:
+    if t > 1:
         single = _allreduce_seconds(tokens * c.hidden_size * layout.weight_dtype_bytes,
                                     2 * c.num_hidden_layers, np.ones_like(tokens), hw, t)
         tiled = splits_into_tiles(tokens, layout.tile_tokens)
         comm = np.where(tiled, (1 - _hidden_share(layout)) * single, single)
     transfer = np.zeros_like(sizes)
-    if layout.host_layers and not layout.on_cpu:
+    if layout.host_layers:
         per_token_layer = kv_layer_bytes(c, 1, 1, layout.kv_dtype_bytes, t)
         # Each host layer's prefix is reloaded for each chunk once the slots no longer keep
         # them all (packed_slot_rows).
@@ -241,7 +254,7 @@ def _device_decode_seconds(hw: HardwareSpec, layout: Layout, staged_layers: floa
     slot_kv = kv_layer_bytes(c, layout.ctx, b, layout.weight_dtype_bytes, t)
     # GPU-resident fp8 rows go through the decode kernel's e4m3 path, at its own rate.
     gpu_kv = (layers - layout.host_layers) * layer_kv
-    rows = b > 1 and not layout.on_cpu
+    rows = b > 1
     if layout.kv_dtype_bytes == 1:
         gpu_kv /= FP8_ROWS_DECODE_READ_SHARE if rows else FP8_DECODE_READ_SHARE
     if rows:
@@ -304,6 +317,8 @@ def split_cpu_share(hw: HardwareSpec, layout: Layout) -> float:
 
 def decode_breakdown(hw: HardwareSpec, layout: Layout) -> dict[str, float]:
     """Seconds of one decode step with `ctx` positions cached, and its terms."""
+    if layout.on_cpu:
+        return cpu_decode_breakdown(hw.cpu, layout.config, layout.ctx, layout.batch, layout.tp)
     c, t, b = layout.config, layout.tp, layout.batch
     layers = c.num_hidden_layers
     layer_kv = kv_layer_bytes(c, layout.ctx, b, layout.kv_dtype_bytes, t)
@@ -311,11 +326,10 @@ def decode_breakdown(hw: HardwareSpec, layout: Layout) -> dict[str, float]:
     cpu_share = split_cpu_share(hw, layout)
     # Host layers in prefetch (split) mode are read (in part) from their staging slot.
     staged = {"packed": 1.0, "prefetch": 1.0, "split": 1.0 - cpu_share}.get(mode, 0.0)
-    device = _device_decode_seconds(hw, layout, staged * layout.host_layers)
-    if not layout.on_cpu:
-        device += layout.host_layers * HOST_LAYER_EAGER_S
+    device = (_device_decode_seconds(hw, layout, staged * layout.host_layers)
+              + layout.host_layers * HOST_LAYER_EAGER_S)
     comm = 0.0
-    if t > 1 and not layout.on_cpu:
+    if t > 1:
         one = np.array([b * c.hidden_size * layout.weight_dtype_bytes], dtype=np.float64)
         comm = float(_allreduce_seconds(one, 2 * layers, np.ones(1), hw, t)[0])
     host_rank = layout.host_layers * layer_kv
@@ -340,7 +354,7 @@ def decode_breakdown(hw: HardwareSpec, layout: Layout) -> dict[str, float]:
         step = max(device + by_cpu, by_pcie) + comm
     else:
         step = device + comm
-    if not layout.on_cpu and decodes_eagerly(layout.kv_dtype_bytes == 1, _gpus_read_fp8(hw, layout)):
+    if decodes_eagerly(layout.kv_dtype_bytes == 1, _gpus_read_fp8(hw, layout)):
         step = max(step, layers * EAGER_STORE_LAYER_HOST_S)
     return {
         "decode_step_s": step,

@@ -21,7 +21,8 @@ DEVICE = {"index": int, "kind": str, "name": str, "capacity_bytes": int, "reserv
 HOST = {"ram_bytes": int, "budget_bytes": int, "kv_bytes": int, "layers": list,
         "packed_prompt_tokens": int}
 TIMING = {"prefill_s": float, "ttft_s": float, "decode_step_s": float,
-          "decode_tokens_per_s": float, "new_tokens": int, "total_s": float, "terms": dict}
+          "decode_tokens_per_s": float, "new_tokens": int, "total_s": float, "terms": dict,
+          "unknown": str}
 TERMS = {"prefill_matmul_s", "prefill_attention_s", "prefill_elementwise_and_overhead_s",
          "prefill_comm_exposed_s", "prefill_host_transfer_exposed_s", "decode_device_s",
          "decode_host_kv_s", "decode_comm_s"}

@@ -166,7 +166,8 @@ def _prompt_line(plan, prompt_tokens: int, prediction) -> str | None:
     are for a prompt that fills the context (a short prompt in a cache sized for 256K)."""
     from facli.units import format_ctx, format_seconds
 
-    if plan.timing.ttft_s < 1.0 or prediction.ttft_s > 0.5 * plan.timing.ttft_s:
+    if (prediction.ttft_s is None or plan.timing.ttft_s < 1.0
+            or prediction.ttft_s > 0.5 * plan.timing.ttft_s):
         return None
     mode = ""
     if prediction.packed:

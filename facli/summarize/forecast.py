@@ -37,8 +37,8 @@ class GroupForecast:
     group: RowGroup
     prompt_lengths: tuple[int, ...]  # tokens of every prompt the group's documents run
     plan: Plan
-    prefill_s: float
-    decode_s: float  # with every summary --max-new-tokens long
+    prefill_s: float | None  # None where the plan's time is unknown (plan.timing.unknown)
+    decode_s: float | None  # with every summary --max-new-tokens long
     warmup_s: float
 
     def to_dict(self) -> dict:
@@ -68,6 +68,8 @@ def prompt_lengths(item: PreparedDocument, settings) -> list[int]:
 
 def forecast_group(group: RowGroup, plan: Plan, config, hardware, settings) -> GroupForecast:
     lengths = tuple(n for item in group.items for n in prompt_lengths(item, settings))
+    if plan.timing.unknown:
+        return GroupForecast(group, lengths, plan, None, None, 0.0)
     prefill = sum(predict_prompt(config, hardware, plan, n, batch=1).ttft_s for n in lengths)
     new_tokens = settings.budget.max_new_tokens
     decode = 0.0
@@ -97,13 +99,19 @@ class RunForecast:
             "groups": [f.to_dict() for f in self.fp8_groups],
             "total_s": total_seconds(self.fp8_groups)}
         return {"output": str(out), "to_summarize": self.pending, "skipped": self.skipped,
-                "groups": groups, **{key: sum(g[key] for g in groups)
+                "groups": groups, **{key: _sum(g[key] for g in groups)
                                      for key in ("prefill_s", "decode_s", "warmup_s")},
                 "total_s": total_seconds(self.groups), "with_fp8_kv": fp8}
 
 
-def total_seconds(forecasts: list[GroupForecast]) -> float:
-    return sum(f.prefill_s + f.decode_s + f.warmup_s for f in forecasts)
+def total_seconds(forecasts: list[GroupForecast]) -> float | None:
+    """Seconds of every group, or None where one group's time is unknown."""
+    return _sum(value for f in forecasts for value in (f.prefill_s, f.decode_s, f.warmup_s))
+
+
+def _sum(values) -> float | None:
+    values = list(values)
+    return None if None in values else sum(values)
 
 
 def forecast_run(request) -> RunForecast:
@@ -139,8 +147,8 @@ def format_forecast(run: RunForecast, out) -> str:
         row = f.to_dict()
         lines.append(f"| {index} | {row['ctx']} | {row['rows']} | {row['documents']} | "
                      f"{row['prompts']} | {row['prompt_tokens']:,} | "
-                     f"{format_bytes(row['peak_gpu_bytes'])} | {format_seconds(f.prefill_s)} | "
-                     f"{format_seconds(f.decode_s)} | {format_seconds(f.warmup_s)} |")
+                     f"{format_bytes(row['peak_gpu_bytes'])} | {_seconds(f.prefill_s)} | "
+                     f"{_seconds(f.decode_s)} | {format_seconds(f.warmup_s)} |")
     lines += [f"group {index}: {hint}" for index, f in enumerate(forecasts, 1)
               for hint in f.plan.hints]
     if run.fp8_groups is not None:
@@ -152,7 +160,14 @@ def format_forecast(run: RunForecast, out) -> str:
     return "\n".join(lines)
 
 
+def _seconds(value: float | None) -> str:
+    return "unknown" if value is None else format_seconds(value)
+
+
 def predicted_line(forecasts: list[GroupForecast]) -> str:
+    unknown = next((f.plan.timing.unknown for f in forecasts if f.plan.timing.unknown), "")
+    if unknown:
+        return f"predicted: time unknown ({unknown})"
     prefill = sum(f.prefill_s for f in forecasts)
     decode = sum(f.decode_s for f in forecasts)
     warmup = sum(f.warmup_s for f in forecasts)
