@@ -89,10 +89,11 @@ def user_errors(command):
 
 
 def _register() -> None:
-    from facli.commands import bench, generate, plan_memory, recipes, summarize
+    from facli.commands import bench, generate, perplexity, plan_memory, recipes, summarize
 
     for name, command in (("generate", generate.generate), ("plan-memory", plan_memory.command),
-                          ("summarize", summarize.command), ("bench", bench.command),
+                          ("summarize", summarize.command), ("perplexity", perplexity.command),
+                          ("bench", bench.command),
                           ("recipes", recipes.list_recipes)):
         app.command(name, cls=FacliCommand)(user_errors(command))
 

@@ -9,6 +9,7 @@ context, at more compute.
 """
 
 import math
+import sys
 import time
 from dataclasses import dataclass
 
@@ -110,3 +111,42 @@ def perplexity(model, kv, ids: list[int], *, ctx: int, stride: int, chunk: int,
     processed = sum(w.end - w.begin for w in windows)
     return PerplexityResult(tokens=len(ids), scored=scored, nll_sum=nll, windows=len(windows),
                             seconds=seconds, processed=processed)
+
+
+@dataclass(frozen=True)
+class PerplexityRequest:
+    """Everything a rank needs; picklable, so that spawned ranks receive it."""
+
+    options: object  # facli.runtime.RuntimeOptions, ctx the window length
+    resolved: object
+    ids: list
+    stride: int
+    hardware: object
+    tokenizer: object
+    plan: object
+
+
+def perplexity_on_rank(parallel, request: PerplexityRequest) -> dict:
+    """Load this rank's shard and score the text; rank 0 shows progress."""
+    from facli.runtime import Runtime
+
+    runtime = Runtime(request.resolved, request.options, parallel, tokenizer=request.tokenizer,
+                      hardware=request.hardware, plan=request.plan)
+    windows = sliding_windows(len(request.ids), request.options.ctx, request.stride)
+    processed = sum(w.end - w.begin for w in windows)
+    with _progress(processed, enabled=parallel.is_writer) as bar:
+        result = perplexity(runtime.model, runtime.engine.kv, request.ids, ctx=request.options.ctx,
+                            stride=request.stride, chunk=runtime.prefill_chunk,
+                            on_progress=bar.update)
+    plan = runtime.plan
+    return {**result.as_dict(), "ctx": request.options.ctx, "stride": request.stride,
+            "kv_dtype": plan.kv_dtype, "weight_dtype": plan.weight_dtype,
+            "host_layers": len(plan.host.layers), "devices": parallel.world_size,
+            "prefill_chunk": runtime.prefill_chunk, "model": request.resolved.name}
+
+
+def _progress(total: int, *, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="perplexity", unit="tok", unit_scale=True, disable=not enabled,
+                file=sys.stderr, dynamic_ncols=True)
