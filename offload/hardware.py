@@ -260,4 +260,7 @@ def hardware_from_option(value: str | None, margin=None) -> HardwareSpec:
     """`--hardware NAME|auto` (None means auto)."""
     if value is None or value == "auto":
         return detect_hardware(margin)
+    if not value.strip():  # a blank name would begin every recipe's
+        raise FacliError(f"expected --hardware auto or a hardware recipe name, one of "
+                         f"{', '.join(list_hardware_recipes())}; got {value!r}")
     return load_hardware(value, margin)

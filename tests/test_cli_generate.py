@@ -46,7 +46,7 @@ def test_two_gloo_ranks_with_a_chosen_allreduce_tile_match_one_process(env):
     assert tiled["plan"]["allreduce_tile_tokens"] == 3 and tiled["devices"] == 2
     assert tiled["token_ids"] == single["token_ids"]
     bad = facli(common + ["--allreduce-tile-tokens", "0"], env)
-    assert bad.returncode == 1 and "expected --allreduce-tile-tokens > 0, got 0" in bad.stderr
+    assert bad.returncode == 1 and "--allreduce-tile-tokens a whole number from 1" in bad.stderr
 
 
 def test_a_short_prompt_in_a_large_context_gets_its_own_predictions(env):

@@ -134,3 +134,9 @@ def test_console_script_prints_one_line_for_a_nan_temperature(tmp_path):
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines() == [
         "facli: error: expected --temperature a finite number in [0, inf) (0 is greedy), got nan"]
+
+
+@pytest.mark.parametrize("name", ["", "  "], ids=["empty", "blank"])
+def test_a_blank_hardware_name_lists_the_recipes(name):
+    error_line(invoke(["plan-memory", "--hardware", name]),
+               "expected --hardware auto or a hardware recipe name, one of 1xA100-80GB")
