@@ -281,10 +281,14 @@ def load_records(paths: list[str]) -> tuple[list[dict], list[dict]]:
         raw = json.loads(Path(path).read_text())
         env = raw["environment"]
         for sample in raw["steps"]:
-            steps.append({**sample, "isa": env["isa"], "cpu_model": env["cpu_model"]})
+            steps.append({**sample, **_machine(env)})
         for run in raw["runs"]:
-            runs.append({**run, "isa": env["isa"], "cpu_model": env["cpu_model"]})
+            runs.append({**run, **_machine(env)})
     return steps, runs
+
+
+def _machine(env: dict) -> dict:
+    return {"isa": env["isa"], "cpu_model": env["cpu_model"], "logical_cpus": env["logical_cpus"]}
 
 
 def config_of(name: str) -> ModelConfig:
@@ -350,9 +354,29 @@ def predict_run(run: dict, constants: dict) -> tuple[float | None, float | None]
     return ttft["prefill_s"], 1 / step["decode_step_s"]
 
 
+def summary(steps: list[dict], constants: dict) -> None:
+    """Per CPU, thread count and timing: how many steps, and their errors' RMS and worst."""
+    groups: dict[tuple, list[float]] = {}
+    for s in steps:
+        c = constants.get(s["isa"])
+        if c is None:
+            continue
+        predicted = cpu_time.cpu_step_seconds(c, config_of(s["model"]), s["tokens"], s["start"],
+                                              s["threads"])
+        key = (s["cpu_model"], s["logical_cpus"], s["threads"], s["timing"])
+        groups.setdefault(key, []).append(predicted / s["seconds"] - 1)
+    print("| CPU | cores | threads | timing | steps | RMS error | worst |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for (cpu, cores, threads, timing), errors in groups.items():
+        errors = np.array(errors)
+        worst = errors[np.argmax(np.abs(errors))]
+        print(f"| {cpu} | {cores} | {threads} | {timing} | {len(errors)} "
+              f"| {100 * np.sqrt(np.mean(errors ** 2)):.0f}% | {100 * worst:+.0f}% |")
+
+
 def report(steps: list[dict], runs: list[dict], constants: dict) -> None:
-    print("| model | threads | CPU | T | S | measured | predicted | error |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| model | threads | CPU | T | S | measured | predicted | error | timing |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for s in steps:
         c = constants.get(s["isa"])
         predicted = (cpu_time.cpu_step_seconds(c, config_of(s["model"]), s["tokens"], s["start"],
@@ -363,8 +387,8 @@ def report(steps: list[dict], runs: list[dict], constants: dict) -> None:
     if runs:
         print()
         print("| model | threads | CPU | prompt | chunk | TTFT measured | predicted | error | decode tok/s "
-              "measured | predicted | error |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+              "measured | predicted | error | timing |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in runs:
         ttft, rate = predict_run(r, constants)
         print(f"| {r['model']} | {r['threads']} | {r['cpu_model'][:24]} | {r['prompt_tokens']} "
@@ -413,6 +437,8 @@ def fit_command(args) -> None:
     if args.write:
         print(f"written to {write_constants(fitted)}\n")
     print("With the constants just fitted:\n")
+    summary(steps, fitted)
+    print()
     report(steps, runs, fitted)
     if not args.write:
         print("\nWith the constants in offload/cpu_time.py:\n")
