@@ -346,7 +346,8 @@ def describe_facli(record: dict) -> str:
     peak = f", peak {max(peaks) / 2**30:.1f} GiB" if peaks else ""
     plan = record["plan"]
     if plan is not None:
-        peak += f" (plan {max(plan['peak_gpu_bytes']) / 2**30:.1f} GiB, TTFT {plan['ttft_s']:.2f} s)"
+        ttft = "unknown" if plan["ttft_s"] is None else f"{plan['ttft_s']:.2f} s"
+        peak += f" (plan {max(plan['peak_gpu_bytes']) / 2**30:.1f} GiB, TTFT {ttft})"
     rows = f" ({record['rows']} rows)" if record.get("rows", 1) > 1 else ""
     decode = record["decode_tokens_per_s"]  # None: fewer than two decode steps ran
     decode = "not measured" if decode is None else f"{decode:.1f} tok/s"
