@@ -60,8 +60,11 @@ class BenchRequest:
         check_decode_mode(self.decode_mode)
         if self.baseline not in BASELINES:
             raise FacliError(f"expected --baseline one of {', '.join(BASELINES)}, got {self.baseline!r}")
-        if self.decode_tokens < 2:
-            raise FacliError(f"expected --decode-tokens >= 2 (decode speed needs two tokens), got {self.decode_tokens}")
+        if self.decode_tokens < 3:
+            # The first token comes from prefill, and the rate is timed from the end of the
+            # first decode step: one timed step needs three tokens.
+            raise FacliError(f"expected --decode-tokens >= 3 (decode speed is timed from the second "
+                             f"decode step on), got {self.decode_tokens}")
         if self.batch is not None and self.batch < 1:
             raise FacliError(f"expected --batch >= 1 or auto, got {self.batch}")
         if not self.depths:

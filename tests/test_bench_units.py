@@ -48,6 +48,8 @@ def test_parse_depths_and_request_validation():
         BenchRequest(depths=(1024,), baseline="vllm")
     with pytest.raises(FacliError, match="--decode-mode one of auto, prefetch, cpu, split"):
         BenchRequest(depths=(1024,), decode_mode="disk")
+    with pytest.raises(FacliError, match=r"--decode-tokens >= 3 .*got 2"):
+        BenchRequest(depths=(1024,), decode_tokens=2)  # one decode step: its rate is not timed
     with pytest.raises(FacliError, match=r"every --depth >= 73"):
         BenchRequest(depths=(72, 1024), decode_tokens=64)
     with pytest.raises(FacliError, match=r"--ctx >= every --depth \(4096\), got 2048"):

@@ -153,7 +153,7 @@ def test_gloo_ranks_and_bench_run_without_triton(env):
     two = run(FACLI + GENERATE + ["--devices", "2"], env)
     assert two.returncode == 0, two.stderr
     assert len(last_json(two.stdout)["token_ids"]) == 6
-    bench = run(FACLI + ["bench", "--depth", "64", "--decode-tokens", "2", "--device", "cpu",
+    bench = run(FACLI + ["bench", "--depth", "64", "--decode-tokens", "3", "--device", "cpu",
                          "--baseline", "none", "--json"], env)
     assert bench.returncode == 0, bench.stderr
     assert last_json(bench.stdout)["environment"]["triton"] is None
