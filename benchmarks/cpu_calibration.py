@@ -32,21 +32,19 @@ import sys
 import textwrap
 import tempfile
 import time
-from dataclasses import asdict, fields, replace
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from facli.bench_environment import environment
+from facli.config import ModelConfig
+from facli.demo import DEMO_CONFIG
+from facli.offload import cpu_time
+from facli.offload.hardware import CpuSpec, detect_cpu
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-from common import environment  # noqa: E402
-
-from facli.config import ModelConfig  # noqa: E402
-from facli.demo import DEMO_CONFIG  # noqa: E402
-from facli.offload import cpu_time  # noqa: E402
-from facli.offload.hardware import CpuSpec, detect_cpu  # noqa: E402
 
 # The CPU shapes measured: the embedded demo model, and SmolLM2-135M's shape (GQA 9/3, 30 thin
 # layers, a 49K vocabulary: its LM head is a fifth of its weights).
@@ -245,7 +243,7 @@ def measure(args) -> None:
     def log(line):
         print(line, file=sys.stderr, flush=True)
 
-    env = {**environment(), **cpu_environment()}
+    env = {**environment(torch.device("cpu"), 1), **cpu_environment()}
     log(" | ".join(f"{k} {v}" for k, v in env.items()))
     threads = [int(t) for t in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
     models = args.models.split(",")

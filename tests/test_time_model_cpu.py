@@ -6,7 +6,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -19,7 +19,6 @@ from facli.offload import cpu_time, hardware
 from facli.offload.cpu_time import CPU_CONSTANTS, cpu_step_seconds
 from facli.offload.hardware import CpuSpec, HardwareSpec, detect_cpu, load_hardware
 from facli.offload.planner import PlanOptions, plan, predict_prompt
-from facli.recipe_loader import load_model_recipe
 from facli.units import GIB
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,7 +76,7 @@ def test_each_recorded_step_is_predicted_within_tolerance(step):
 @pytest.mark.parametrize("run", RUNS, ids=lambda r: f"{r['file'][16:-5]}-{r['model']}-n{r['threads']}-{r['prompt_tokens']}")
 def test_whole_generations_left_out_of_the_fit_are_predicted_within_tolerance(run):
     """Runtime.generate's TTFT (the planner's chunk) and decode rate, which the fit never saw."""
-    spec = replace(cpu_hardware(run["isa"], run["threads"]))
+    spec = cpu_hardware(run["isa"], run["threads"])
     config = _config(run["model"])
     ttft = cpu_time.cpu_prefill_breakdown(spec.cpu, config, run["prompt_tokens"], 1,
                                           run["prefill_chunk"], 1)["prefill_s"]
@@ -86,6 +85,7 @@ def test_whole_generations_left_out_of_the_fit_are_predicted_within_tolerance(ru
     assert 1 / step["decode_step_s"] == pytest.approx(run["decode_tokens_per_s"], rel=TOLERANCE)
 
 
+@pytest.mark.slow
 def test_the_constants_are_what_the_script_fits_to_the_records():
     """offload/cpu_time.py's CPU_CONSTANTS are benchmarks/cpu_calibration.py's fit of the
     recorded runs, not edited by hand."""
@@ -96,7 +96,8 @@ def test_the_constants_are_what_the_script_fits_to_the_records():
         sys.path.remove(str(ROOT / "benchmarks"))
     steps, _ = cpu_calibration.load_records([str(p) for p in RECORDS])
     for isa, constants in CPU_CONSTANTS.items():
-        assert cpu_calibration.fit(steps, isa) == constants
+        refit = cpu_calibration.fit(steps, isa)
+        assert asdict(refit) == pytest.approx(asdict(constants), rel=1e-3)
 
 
 @pytest.mark.parametrize("name", ["demo", "smollm2-135m"])
@@ -153,8 +154,9 @@ def test_a_plan_whose_time_is_unknown_says_so_and_gives_no_figure(spec, options,
     assert reason in timing.unknown
     assert (timing.prefill_s, timing.ttft_s, timing.decode_step_s, timing.decode_tokens_per_s,
             timing.total_s, timing.terms) == (None, None, None, None, None, ())
-    assert f"time unknown: {timing.unknown}" in result.summary_line()
-    assert not any(ch.isdigit() for ch in result.summary_line().split("time unknown")[1].split(":")[0])
+    line = result.summary_line()
+    assert line.endswith(f"; time unknown: {timing.unknown}")
+    assert "tok/s" not in line and "first token" not in line
     assert any("predicted time unknown" in line for line in result.explanation)
     raw = json.loads(result.to_json())
     assert raw["timing"]["ttft_s"] is None and raw["timing"]["unknown"] == timing.unknown
@@ -175,7 +177,8 @@ def test_plan_memory_prints_unknown_for_an_unmeasured_cpu(monkeypatch):
     assert result.exit_code == 0, result.output
     line = next(line for line in result.stdout.splitlines() if line.startswith("predicted:"))
     assert line.startswith("predicted: time unknown (no CPU rates for instruction set SVE256")
-    known = CliRunner().invoke(app, ["plan-memory", "--ctx", "4096", "--json"])
+    unknown = CliRunner().invoke(app, ["plan-memory", "--ctx", "4096", "--json"])
+    assert json.loads(unknown.stdout.strip().splitlines()[-1])["timing"]["ttft_s"] is None
     monkeypatch.setattr(hardware, "detect_cpu", lambda: CpuSpec(2, "AVX512"))
     known = CliRunner().invoke(app, ["plan-memory", "--ctx", "4096", "--json"])
     timing = json.loads(known.stdout.strip().splitlines()[-1])["timing"]
