@@ -2,16 +2,21 @@
 that a user error ends as the CLI contract says: exit code 1, one `facli: error:` line on
 stderr, no traceback."""
 
+import inspect
 import traceback
 
 from typer.testing import CliRunner
 
 from facli.cli import app
 
+# Click before 8.2 mixes stderr into stdout unless told not to; later releases keep them apart.
+_APART = ({"mix_stderr": False}
+          if "mix_stderr" in inspect.signature(CliRunner.__init__).parameters else {})
+
 
 def invoke(args: list[str], env: dict | None = None, input: str | bytes | None = None):
     """The Result of `facli ARGS` run here; `env` entries set (None unsets) for the run."""
-    return CliRunner().invoke(app, [str(a) for a in args], env=env, input=input)
+    return CliRunner(**_APART).invoke(app, [str(a) for a in args], env=env, input=input)
 
 
 def error_line(result, *words: str, alone: bool = True) -> str:
