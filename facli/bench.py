@@ -35,7 +35,7 @@ GREEDY = SamplingParams(temperature=0.0)
 @dataclass(frozen=True)
 class BenchRequest:
     """What to measure. model: a checkpoint directory or recipe name; synthetic: a recipe name
-    whose shape gets random weights on the device; neither: the embedded demo model."""
+    whose shape gets random weights on the device; neither: the default model (--model left out)."""
 
     depths: tuple[int, ...]
     model: str | None = None

@@ -1,21 +1,20 @@
-"""The embedded default model: a small Llama with random weights and a byte-level tokenizer.
+"""`--model random-demo`: a small Llama with random weights and a byte-level tokenizer.
 
-It exists to exercise the whole pipeline on any machine, offline; its text is gibberish. facli
-writes it deterministically (seeded) into the user cache on first use.
+It exercises the whole pipeline on any machine in moments, offline; its text is gibberish.
+facli writes it deterministically (seeded) into the user cache on first use.
 """
 
 import hashlib
 import json
-import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+from facli.cache import cache_dir, cache_setting, staging_dir
 from facli.checkpoint import check_safetensors_header
 from facli.config import ModelConfig
 from facli.errors import FacliError
@@ -52,14 +51,6 @@ DEMO_CONFIG = {
 }
 
 
-def cache_dir() -> Path:
-    """$FACLI_CACHE, else $XDG_CACHE_HOME/facli, else ~/.cache/facli."""
-    if os.environ.get("FACLI_CACHE"):
-        return Path(os.environ["FACLI_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "facli"
-
-
 def demo_config() -> ModelConfig:
     return ModelConfig.from_dict(DEMO_CONFIG)
 
@@ -74,12 +65,12 @@ def ensure_demo_checkpoint() -> Path:
     if problem != NOT_THERE:
         print(f"facli: the demo model in {target} is unusable ({problem}); writing it again",
               file=sys.stderr)
-    staging = _staging_dir(target.parent)
+    staging = staging_dir(target.parent, DEMO_NAME, "the demo model is written there on first use")
     try:
         try:
             _write_checkpoint(staging)
         except (OSError, SafetensorError) as exc:
-            setting, fix = _cache_setting()
+            setting, fix = cache_setting()
             raise FacliError(f"expected room to write the demo model in {target.parent} (from "
                              f"{setting}), got: {exc}; free some space there, or {fix}") from None
         _swap_in(staging, target, problem)
@@ -118,36 +109,6 @@ def demo_problem(directory: Path) -> str | None:
     except FacliError:
         return f"{WEIGHTS_FILE} is corrupt"
     return None
-
-
-def _cache_setting() -> tuple[str, str]:
-    """(the setting that chose the cache folder, what to do about it), for messages."""
-    if os.environ.get("FACLI_CACHE"):
-        return "FACLI_CACHE", "point FACLI_CACHE at a folder facli can write, or unset it"
-    if os.environ.get("XDG_CACHE_HOME"):
-        return "XDG_CACHE_HOME", "set FACLI_CACHE to a folder facli can write"
-    return "the default cache folder", "set FACLI_CACHE to a folder facli can write"
-
-
-def _staging_dir(folder: Path) -> Path:
-    """A fresh temp dir in the cache folder, made with it if need be; a folder that cannot
-    hold one is one FacliError naming the setting behind it."""
-    setting, fix = _cache_setting()
-    for above in (folder, *folder.parents):
-        if above.exists() and not above.is_dir():
-            which = "which is" if above == folder else f"and {above} is"
-            kind = "a file" if above.is_file() else "not a folder"
-            raise FacliError(f"expected {setting} to name a folder, got {folder}, {which} {kind}; "
-                             f"{fix} (the demo model is written there on first use)")
-        if above.exists():
-            break
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{DEMO_NAME}-", dir=folder))
-    except OSError as exc:
-        raise FacliError(f"expected {setting} to name a folder facli can write, got {folder}: "
-                         f"{exc.strerror or exc}; {fix} (the demo model is written there on "
-                         "first use)") from None
 
 
 def _swap_in(staging: Path, target: Path, problem: str) -> None:

