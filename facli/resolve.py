@@ -95,6 +95,9 @@ def resolve_device(device: str | None, ctx: ParallelContext = SINGLE_PROCESS) ->
     if device == "cuda":
         if not torch.cuda.is_available():
             raise FacliError("expected a CUDA GPU for --device cuda, found none; use --device cpu")
+        from facli.kernels.common import triton_module
+
+        triton_module("elementwise_triton")  # GPU runs need Triton: say so before any loading
         return torch.device("cuda", ctx.local_rank % torch.cuda.device_count())
     return torch.device("cpu")
 
