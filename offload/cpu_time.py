@@ -15,11 +15,11 @@ sequences; a decode step is T = 1) costs the sum of TERMS, each a count times a 
 
 On n threads each term's one-thread time shrinks as Amdahl's law has it, s + (1 - s) / n, with
 a serial share s for the compute terms and one for the memory terms, while the per-layer
-overhead grows as n ** exponent (thread hand-offs; CpuScaling). The constants
-are per instruction set (what PyTorch's kernels dispatch to, torch.get_cpu_capability), fitted
-by `python benchmarks/cpu_calibration.py` to timings of facli's own forward pass; they are
-unknown for any other instruction set, and for what those runs never measured (other dtypes,
-several CPU ranks).
+overhead grows as n ** exponent (thread hand-offs; CpuScaling). The constants are per
+instruction set (what PyTorch's kernels dispatch to: torch.backends.cpu.get_cpu_capability()),
+fitted by `python benchmarks/cpu_calibration.py` to timings of facli's own forward pass; they
+are unknown for any other instruction set, and for what those runs never measured (other
+dtypes, several CPU ranks). docs/time-model.md has the fit and its errors.
 """
 
 from dataclasses import dataclass, fields
@@ -106,8 +106,8 @@ def cpu_step_terms(config: ModelConfig, tokens, start, threads, scaling: CpuScal
                    rows: int = 1) -> np.ndarray:
     """The counts of TERMS for one forward call (module docstring), each divided by its rate's
     growth on `threads` threads, so that the dot product with CpuConstants.coefficients() is
-    seconds: shape [TERMS], or [TERMS, N] for arrays of N (tokens, start[, threads]). `rows`
-    sequences of `tokens` each, at the same `start`, share one read of the weights."""
+    seconds: shape [TERMS], or [TERMS, N] for arrays of N (tokens, start). `rows` sequences of
+    `tokens` each, at the same `start`, share one read of the weights."""
     tokens, start = np.broadcast_arrays(np.asarray(tokens, dtype=np.float64),
                                         np.asarray(start, dtype=np.float64))
     layers, heads, width = config.num_hidden_layers, config.num_attention_heads, config.hidden_size
@@ -121,6 +121,8 @@ def cpu_step_terms(config: ModelConfig, tokens, start, threads, scaling: CpuScal
         (layers * per_layer + head) * CPU_DTYPE_BYTES * calls,
         layers * per_layer * CPU_DTYPE_BYTES * (rows * tokens > 1),
         2 * rows * (layers * per_layer * tokens + head),
+        # Elements the elementwise ops pass per token: norms and residuals (width), RoPE (q, k),
+        # SiLU and its product (intermediate), each read and written.
         rows * layers * tokens * (8 * width + 3 * (q + kv) + 4 * config.intermediate_size)
         * CPU_DTYPE_BYTES,
         2 * rows * layers * kv * keys * CPU_DTYPE_BYTES,
