@@ -106,23 +106,30 @@ def _window(call, repeat: int) -> tuple[float, float, float]:
     return wall / repeat, own / repeat, others / wall
 
 
+def _others_busy(seconds: float = 0.5) -> float:
+    """Cores other processes keep busy, over `seconds` of this process sleeping."""
+    busy = _busy_seconds()
+    time.sleep(seconds)
+    return (_busy_seconds() - busy) / seconds
+
+
 def timed(call, reps: int = 3, wait_s: float = 0.0) -> dict:
     """The fastest of `reps` timings of call() after a warm-up, taken while the machine is quiet
-    (other processes below QUIET_CORES); waits up to wait_s for quiet windows. On one thread,
-    where every window was busy, the call's CPU seconds stand for its time ("cpu_time"): other
-    processes then share the core, not the call's work. Otherwise the sample is marked busy and
-    the fit leaves it out."""
+    (other processes below QUIET_CORES). With wait_s, waits up to that long for quiet before
+    each window, idle meanwhile so as not to disturb what else runs. On one thread, where every
+    window was busy, the call's CPU seconds stand for its time ("cpu_time"); otherwise the
+    sample is marked busy, and the fit leaves both out."""
     call()
     single, _, _ = _window(call, 1)
     repeat = max(1, min(50, int(MIN_WINDOW_S / max(single, 1e-6))))
     windows, started = [], time.perf_counter()
     while True:
+        while wait_s and time.perf_counter() - started < wait_s and _others_busy() > QUIET_CORES:
+            time.sleep(2.0)
         windows.append(_window(call, repeat))
         quiet = [w for w in windows if w[2] <= QUIET_CORES]
         if len(quiet) >= reps or (len(windows) >= reps and time.perf_counter() - started >= wait_s):
             break
-        if windows[-1][2] > QUIET_CORES and wait_s:
-            time.sleep(1.0)
     base = {"tries": len(windows), "wall_s": min(w[0] for w in windows),
             "cpu_s": min(w[1] for w in windows)}
     if quiet:
@@ -188,9 +195,11 @@ def measure_steps(name: str, threads: int, workdir: Path, steps: list, reps: int
     del runtime, kv, model
 
 
-def measure_runs(name: str, threads: int, workdir: Path, deadline: float, log, keep) -> None:
+def measure_runs(name: str, threads: int, workdir: Path, wait_s: float, deadline: float, log,
+                 keep) -> None:
     """Whole generations (Runtime.generate, as `facli generate` runs them) with the time model's
-    predictions for them (Runtime.predict_prompt); keep(record) as each ends."""
+    predictions for them (Runtime.predict_prompt); keep(record) as each ends. Each waits up to
+    wait_s for the machine to be quiet."""
     from facli.sampling import SamplingParams
 
     for prompt, new in RUNS[name]:
@@ -199,6 +208,9 @@ def measure_runs(name: str, threads: int, workdir: Path, deadline: float, log, k
         runtime = load_runtime(name, prompt + new, workdir)
         ids = torch.randint(3, 259, (prompt,), generator=torch.Generator().manual_seed(prompt)).tolist()
         runtime.generate(ids[:64], max_new_tokens=2, sampling=SamplingParams(), ignore_eos=True)
+        waited = time.perf_counter()
+        while time.perf_counter() - waited < wait_s and _others_busy() > QUIET_CORES:
+            time.sleep(2.0)
         busy, own, wall = _busy_seconds(), time.process_time(), time.perf_counter()
         result = runtime.generate(ids, max_new_tokens=new, sampling=SamplingParams(), ignore_eos=True)
         wall, own = time.perf_counter() - wall, time.process_time() - own
@@ -266,7 +278,7 @@ def measure(args) -> None:
                 measure_steps(name, count, workdir, steps, args.reps, args.wait_s, deadline, log,
                               keeper("steps"))
                 if not args.no_runs:
-                    measure_runs(name, count, workdir, deadline, log, keeper("runs"))
+                    measure_runs(name, count, workdir, args.wait_s, deadline, log, keeper("runs"))
     log(f"wrote {args.out}")
 
 
@@ -452,7 +464,7 @@ def main() -> None:
     m.add_argument("--models", default=",".join(MODELS))
     m.add_argument("--reps", type=int, default=3)
     m.add_argument("--wait-s", type=float, default=0.0,
-                   help="how long each step may wait for the machine to be quiet")
+                   help="how long each step and run may wait for the machine to be quiet")
     m.add_argument("--no-runs", action="store_true", help="steps only")
     m.add_argument("--quick", action="store_true", help="the few steps of QUICK_STEPS")
     m.add_argument("--budget-s", type=float, default=float("inf"),
