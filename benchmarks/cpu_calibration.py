@@ -46,8 +46,9 @@ from facli.offload.hardware import CpuSpec, detect_cpu
 
 HERE = Path(__file__).resolve().parent
 
-# The CPU shapes measured: the embedded demo model, and SmolLM2-135M's shape (GQA 9/3, 30 thin
-# layers, a 49K vocabulary: its LM head is a fifth of its weights).
+# The CPU shapes measured: the small random model (`--model random-demo`, "demo" here), and
+# SmolLM2-135M's shape, the default model's (GQA 9/3, 30 thin layers, a 49K vocabulary: its LM
+# head is a fifth of its weights).
 SMOLLM2_135M = dict(
     architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=49152, hidden_size=576,
     intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
@@ -163,7 +164,7 @@ def load_runtime(name: str, ctx: int, workdir: Path):
     from facli.resolve import resolve_model
     from facli.runtime import Runtime, RuntimeOptions
 
-    path = None if name == "demo" else str(write_checkpoint(workdir / name, MODELS[name]))
+    path = "random-demo" if name == "demo" else str(write_checkpoint(workdir / name, MODELS[name]))
     return Runtime(resolve_model(path), RuntimeOptions(model=path, device="cpu", ctx=ctx))
 
 
