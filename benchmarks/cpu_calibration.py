@@ -65,12 +65,14 @@ WIDE = dict(SMOLLM2_135M, vocab_size=384, hidden_size=2048, intermediate_size=56
             tie_word_embeddings=False)
 MODELS = {"demo": dict(DEMO_CONFIG, max_position_embeddings=65536), "smollm2-135m": SMOLLM2_135M,
           "narrow-24l": NARROW, "wide-2l": WIDE}
-# (T, S) steps per model: prefill chunks after S cached positions, and decode steps (T = 1).
+# (T, S) steps per model: prefill chunks after S cached positions, and decode steps (T = 1);
+# chunks up to 8192 tokens, which the planner picks for long prompts.
 STEPS = {
     "demo": [(1, s) for s in (0, 1024, 4096, 16384, 32768)]
-            + [(t, s) for t in (8, 64, 256, 1024, 2048) for s in (0, 4096)] + [(512, 16384)],
+            + [(t, s) for t in (8, 64, 256, 1024, 2048) for s in (0, 4096)] + [(512, 16384)]
+            + [(4096, 0), (8192, 0)],
     "smollm2-135m": [(1, s) for s in (0, 1024, 4096, 16384)]
-                    + [(t, s) for t in (8, 64, 256, 1024) for s in (0, 4096)] + [(2048, 0)],
+                    + [(t, s) for t in (8, 64, 256, 1024) for s in (0, 4096)] + [(2048, 0), (4096, 0)],
     "narrow-24l": [(1, 0), (1, 4096), (8, 0), (64, 0), (256, 0)],
     "wide-2l": [(1, 0), (1, 4096), (8, 0), (64, 0), (256, 0), (1024, 0)],
 }
