@@ -15,7 +15,7 @@ import torch
 from facli.engine import Engine, TokenRun, prefill
 from facli.kv_cache import DeviceKVCache
 from facli.model import CausalLM
-from facli.sampling import Sampler, SamplingParams
+from facli.sampling import Sampler, SamplingParams, TokenHistory
 
 
 @dataclass
@@ -63,6 +63,7 @@ class BatchedEngine:
         # Called on each step's sampled tokens; tensor parallelism makes all ranks agree here.
         self.token_sync = token_sync or (lambda tokens: tokens)
         self._row_caches = [kv.row(index) for index in range(self.rows)]
+        self._history: TokenHistory | None = None
 
     def run(self, next_request: Callable[[], RowRequest | None],
             on_done: Callable[[RowRequest, TokenRun], None], *, sampling: SamplingParams,
@@ -75,6 +76,8 @@ class BatchedEngine:
         each prefill chunk (its tokens, 0) and each decode step (0, its busy rows)."""
         progress = on_progress or (lambda prefilled, decoded: None)
         stats = BatchStats()
+        # Each row's own tokens for the repetition controls, restarted as a prompt takes the row.
+        self._history = TokenHistory(sampling, self.rows, self.model.config.vocab_size, self.device)
         rows: list[_Row | None] = [None] * self.rows
         while True:
             self._fill(rows, next_request, on_done, sampling, eos_ids, stats, progress)
@@ -89,6 +92,7 @@ class BatchedEngine:
                 row = rows[index]
                 row.position += 1
                 if self._accept(row, tokens[index], eos_ids):
+                    self._history.stop(index)
                     on_done(row.request, row.run)
                     rows[index] = None
             stats.decode_s += time.perf_counter() - started
@@ -107,6 +111,7 @@ class BatchedEngine:
                 if first is not None and not self._accept(row, first, eos_ids):
                     rows[index] = row
                 else:
+                    self._history.stop(index)
                     on_done(request, row.run)
 
     def _start(self, index: int, request: RowRequest, sampling: SamplingParams,
@@ -123,7 +128,11 @@ class BatchedEngine:
         ids = torch.tensor([request.prompt_ids], dtype=torch.long, device=self.device)
         logits = prefill(self.model, cache, ids, self.prefill_chunk,
                          on_progress=lambda tokens: progress(tokens, 0))
-        first = int(self.token_sync(row.sampler(logits))[0])
+        this_row = slice(index, index + 1)
+        self._history.start(index, request.prompt_ids)
+        token = self.token_sync(row.sampler(self._history.apply(logits, this_row)))
+        self._history.push(token, this_row)
+        first = int(token[0])
         row.run.timings.ttft_s = time.perf_counter() - started
         stats.prefill_s += row.run.timings.ttft_s
         return row, first
@@ -144,11 +153,13 @@ class BatchedEngine:
         positions = [row.position if row else 0 for row in rows]
         host = torch.tensor([last, positions], dtype=torch.long)
         tokens, positions = host.to(self.device, non_blocking=True).unbind(0)
-        logits = self.engine.decode_step(tokens, positions)
+        logits = self._history.apply(self.engine.decode_step(tokens, positions))
         if all(row is None or row.sampler.params.greedy for row in rows):
             chosen = logits.argmax(dim=-1)
         else:  # each row from its own seeded generator, as when it runs alone
             chosen = torch.stack([row.sampler(logits[index:index + 1])[0] if row else
                                   torch.zeros((), dtype=torch.long, device=self.device)
                                   for index, row in enumerate(rows)])
-        return self.token_sync(chosen).tolist()
+        chosen = self.token_sync(chosen)
+        self._history.push(chosen)  # free rows' tokens too: a row's next start resets them
+        return chosen.tolist()

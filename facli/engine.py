@@ -8,7 +8,7 @@ import torch
 from facli.graphs import GraphedDecodeStep
 from facli.kv_cache import KVStore
 from facli.model import CausalLM
-from facli.sampling import Sampler
+from facli.sampling import Sampler, TokenHistory
 
 
 @dataclass
@@ -83,15 +83,19 @@ class Engine:
     def generate(self, prompt_ids: list[int], *, max_new_tokens: int, sampler: Sampler,
                  eos_ids: tuple[int, ...] = (), on_token=None, on_progress=None) -> TokenRun:
         """Prefill `prompt_ids`, then sample until EOS, max_new_tokens, or a full cache, or until
-        on_token(token id) returns True (finish reason "stop")."""
+        on_token(token id) returns True (finish reason "stop"). The sampler's repetition controls
+        read the prompt and every token generated."""
         run = TokenRun()
         ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
         budget = min(max_new_tokens, self.kv.capacity - len(prompt_ids) + 1)
         if budget <= 0:
             return run
         started = time.perf_counter()
+        history = TokenHistory(sampler.params, 1, self.model.config.vocab_size, self.device)
+        history.start(0, prompt_ids)
         logits = self.prefill(ids, on_progress)
-        token = self.token_sync(sampler(logits))
+        token = self.token_sync(sampler(history.apply(logits)))
+        history.push(token)
         first = int(token[0])
         run.timings.ttft_s = time.perf_counter() - started
         run.token_ids.append(first)
@@ -107,7 +111,8 @@ class Engine:
         position = len(prompt_ids)
         while len(run.token_ids) < budget:
             logits = self.decode_step(token, position)
-            token = self.token_sync(sampler(logits))
+            token = self.token_sync(sampler(history.apply(logits)))
+            history.push(token)
             value = int(token[0])  # the host needs the token anyway: this is the step's sync
             position += 1
             run.token_ids.append(value)

@@ -75,6 +75,13 @@ TopP = Annotated[float, typer.Option(
 TopK = Annotated[int, typer.Option(
     metavar="K", help="Sample from the K most likely tokens (0 keeps all).")]
 Seed = Annotated[int, typer.Option(metavar="N", help="Seed of the sampler.")]
+RepetitionPenalty = Annotated[float, typer.Option(
+    metavar="P", help="Divide the positive logits of tokens already in the sequence (prompt "
+                      "included) by P and multiply their negative ones by P, as transformers' "
+                      "repetition_penalty does; 1 is off, 1.1 to 1.3 is usual.")]
+NoRepeatNgramSize = Annotated[int, typer.Option(
+    metavar="N", help="Never generate an N-token sequence already in the sequence (prompt "
+                      "included), as transformers' no_repeat_ngram_size does; 0 is off.")]
 Json = Annotated[bool, typer.Option(
     "--json",
     help="Print the result as one JSON object on the last line of stdout; progress and logs go "

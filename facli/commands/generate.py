@@ -61,6 +61,8 @@ def generate(
     top_p: options.TopP = 1.0,
     top_k: options.TopK = 0,
     seed: options.Seed = 0,
+    repetition_penalty: options.RepetitionPenalty = 1.0,
+    no_repeat_ngram_size: options.NoRepeatNgramSize = 0,
     dtype: options.Dtype = "auto",
     kv_dtype: options.KvDtype = "auto",
     device: options.Device = None,
@@ -86,7 +88,9 @@ def generate(
                          "chat template")
     ranks = options.parse_count(devices, "--devices")
     text = read_prompt(prompt, prompt_file)
-    sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                              repetition_penalty=repetition_penalty,
+                              no_repeat_ngram_size=no_repeat_ngram_size)
     run_options = RuntimeOptions(
         model=model, device=device, dtype=dtype, kv_dtype=kv_dtype,
         ctx=parse_ctx(ctx) if ctx is not None else 0, prefill_chunk=prefill_chunk,

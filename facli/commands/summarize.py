@@ -25,6 +25,8 @@ def command(
     top_p: options.TopP = 1.0,
     top_k: options.TopK = 0,
     seed: options.Seed = 0,
+    repetition_penalty: options.RepetitionPenalty = 1.0,
+    no_repeat_ngram_size: options.NoRepeatNgramSize = 0,
     dtype: options.Dtype = "auto",
     device: options.Device = None,
     devices: options.Devices = "1",
@@ -63,7 +65,9 @@ def command(
         devices=ranks, retry_failed=retry_failed, allow_ctx_extension=allow_ctx_extension,
         kv_dtype=kv_dtype, decode_mode=decode_mode, allreduce_tile_tokens=allreduce_tile_tokens,
         batch=rows, hardware=spec,
-        sampling=SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed),
+        sampling=SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                                repetition_penalty=repetition_penalty,
+                                no_repeat_ngram_size=no_repeat_ngram_size),
     )
     if plan_only:
         _print_forecast(request, as_json)
