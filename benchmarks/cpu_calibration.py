@@ -308,11 +308,12 @@ def config_of(name: str) -> ModelConfig:
     return ModelConfig.from_dict(MODELS[name])
 
 
-def fit(steps: list[dict], isa: str) -> cpu_time.CpuConstants | None:
-    """The constants that minimise the steps' squared relative error (non-negative least
-    squares on the time model's terms), over a grid of the thread scaling's shares and
-    exponent."""
-    chosen = [s for s in steps if s["isa"] == isa and s["timing"] == "quiet"]
+def fit(steps: list[dict], isa: str, timings=("quiet",),
+        scaling: cpu_time.CpuScaling | None = None) -> cpu_time.CpuConstants | None:
+    """The constants that minimise the squared relative error of the steps timed as `timings`
+    (non-negative least squares on the time model's terms), over a grid of the thread scaling's
+    shares and exponent, or with `scaling` as given (a refit of one-thread figures alone)."""
+    chosen = [s for s in steps if s["isa"] == isa and s["timing"] in timings]
     if not chosen:
         return None
     raw = np.array([cpu_time.cpu_step_terms(config_of(s["model"]), s["tokens"], s["start"], 1,
@@ -320,16 +321,16 @@ def fit(steps: list[dict], isa: str) -> cpu_time.CpuConstants | None:
     threads = np.array([s["threads"] for s in chosen])
     measured = np.array([s["seconds"] for s in chosen])
     best = None
-    shares = np.round(np.linspace(0.0, 0.5, 26), 3)
-    for compute in shares:
-        for memory in shares:
-            for overhead in (0.0, 0.125, 0.25, 0.375, 0.5):
-                shape = cpu_time.CpuScaling(float(compute), float(memory), overhead)
-                rows = raw * cpu_time.thread_factors(threads, shape).T
-                coefficients = _nnls(rows / measured[:, None], np.ones(len(chosen)))
-                error = float(np.sqrt(np.mean((rows @ coefficients / measured - 1) ** 2)))
-                if best is None or error < best[0] - 1e-9:
-                    best = error, shape, coefficients
+    shares = [float(v) for v in np.round(np.linspace(0.0, 0.5, 26), 3)]
+    grid = ([scaling] if scaling else
+            [cpu_time.CpuScaling(c, m, o) for c in shares for m in shares
+             for o in (0.0, 0.125, 0.25, 0.375, 0.5)])
+    for shape in grid:
+        rows = raw * cpu_time.thread_factors(threads, shape).T
+        coefficients = _nnls(rows / measured[:, None], np.ones(len(chosen)))
+        error = float(np.sqrt(np.mean((rows @ coefficients / measured - 1) ** 2)))
+        if best is None or error < best[0] - 1e-9:
+            best = error, shape, coefficients
     _, shape, coefficients = best
     return cpu_time.CpuConstants.from_coefficients(coefficients, shape)
 
@@ -444,7 +445,12 @@ def write_constants(fitted: dict) -> Path:
 
 def fit_command(args) -> None:
     steps, runs = load_records(args.files)
-    fitted = {isa: fit(steps, isa) for isa in sorted({s["isa"] for s in steps})}
+    timings = tuple(args.timings.split(","))
+
+    def scaling(isa):
+        return cpu_time.CPU_CONSTANTS[isa].scaling if args.keep_scaling else None
+
+    fitted = {isa: fit(steps, isa, timings, scaling(isa)) for isa in sorted({s["isa"] for s in steps})}
     fitted = {isa: c for isa, c in fitted.items() if c is not None}
     print(format_constants(fitted))
     if args.write:
@@ -477,6 +483,12 @@ def main() -> None:
     f.add_argument("files", nargs="+")
     f.add_argument("--write", action="store_true",
                    help="write the fitted constants into offload/cpu_time.py")
+    f.add_argument("--timings", default="quiet",
+                   help="which samples to fit: quiet, or quiet,cpu_time (one-thread CPU seconds "
+                        "of a busy machine)")
+    f.add_argument("--keep-scaling", action="store_true",
+                   help="keep offload/cpu_time.py's thread scaling and refit the one-thread "
+                        "costs alone (records of one thread count)")
     args = parser.parse_args()
     measure(args) if args.command == "measure" else fit_command(args)
 
