@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from checkpoints import build_checkpoint
+from checkpoints import build_checkpoint, load_llama
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     NoRepeatNGramLogitsProcessor,
@@ -18,6 +18,7 @@ from transformers.generation.logits_process import (
 )
 
 from cli_errors import error_line, invoke
+from conftest import requires_cuda
 from facli.batching import BatchedEngine, RowRequest
 from facli.checkpoint import CheckpointReader
 from facli.config import ModelConfig
@@ -229,6 +230,43 @@ def test_rows_decoded_together_keep_their_own_history(pair, params):
                                lambda request, run: got.setdefault(request.key, run.token_ids),
                                sampling=params)
     assert got == want
+
+
+@requires_cuda
+@pytest.mark.parametrize("rows", [1, 3])
+def test_graphed_decode_steps_take_the_controls_as_eager_ones(tmp_path, rows):
+    """bf16 on a GPU, where decode steps replay a CUDA graph: the controls act on the graph's
+    logits outside it, giving the tokens of eager steps (one row, or rows refilled)."""
+    model = load_llama(tmp_path, torch.bfloat16, "cuda", num_key_value_heads=2)
+    params = SamplingParams(temperature=0.7, top_k=40, seed=9, repetition_penalty=1.3,
+                            no_repeat_ngram_size=2)
+    generator = torch.Generator().manual_seed(5)
+    requests = [RowRequest(torch.randint(3, 40, (length,), generator=generator).tolist(), 24,
+                           key=index) for index, length in enumerate((9, 30, 4, 17, 11))]
+    runs = []
+    for graphs in (True, False):
+        config = model.config
+        cache = DeviceKVCache(config.num_hidden_layers, rows, 96, config.num_key_value_heads,
+                              config.head_dim, torch.bfloat16, torch.device("cuda"))
+        if rows == 1:
+            engine = Engine(model, cache, prefill_chunk=16, use_graphs=graphs)
+            runs.append({request.key: engine.generate(
+                request.prompt_ids, max_new_tokens=request.max_new_tokens,
+                sampler=Sampler(params, model.device)).token_ids for request in requests})
+            assert (engine._graphed_step is not None) == graphs
+        else:
+            engine, queue, got = (BatchedEngine(model, cache, prefill_chunk=16, use_graphs=graphs),
+                                  list(requests), {})
+            engine.run(lambda: queue.pop(0) if queue else None,
+                       lambda request, run: got.setdefault(request.key, run.token_ids),
+                       sampling=params)
+            assert (engine.engine._graphed_step is not None) == graphs
+            runs.append(got)
+    graphed, eager = runs
+    assert graphed == eager
+    for key, tokens in graphed.items():
+        sequence = requests[key].prompt_ids + tokens
+        assert len(set(zip(sequence, sequence[1:]))) == len(sequence) - 1
 
 
 @pytest.mark.parametrize("changes, words", [
