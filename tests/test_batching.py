@@ -71,6 +71,7 @@ def _together(model, requests, sampling, rows, eos_ids=(), store="device"):
                                          (3, "fp8"), (8, "fp8")])
 @pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=0.9, top_k=20, seed=3)],
                          ids=["greedy", "sampled"])
+@pytest.mark.slow
 def test_rows_give_the_tokens_of_one_at_a_time(model, rows, store, sampling):
     requests = _requests(model)
     want = _one_at_a_time(model, requests, sampling, store=store)

@@ -33,6 +33,7 @@ def demo_run(env, tmp_path_factory):
     return result, out
 
 
+@pytest.mark.slow
 def test_json_file_and_last_line_hold_every_figure(demo_run):
     result, out = demo_run
     report = json.loads(out.read_text())
@@ -92,6 +93,7 @@ def bench_without_baseline(args, env, out):
     return result, json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_fp8_kv_cache_is_planned_run_and_labelled(env, tmp_path):
     result, report = bench_without_baseline(["--depth", "128", "--kv-dtype", "fp8"], env,
                                             tmp_path / "fp8.json")
@@ -100,6 +102,7 @@ def test_fp8_kv_cache_is_planned_run_and_labelled(env, tmp_path):
     assert "fp8 KV cache" in result.stdout.splitlines()[0]
 
 
+@pytest.mark.slow
 def test_rows_decode_together_next_to_transformers_in_one_batch(env, tmp_path):
     out = tmp_path / "rows.json"
     result = bench(["--depth", "128", "--decode-tokens", "4", "--device", "cpu", "--batch", "3",
@@ -125,6 +128,7 @@ def test_rows_decode_together_next_to_transformers_in_one_batch(env, tmp_path):
     assert "facli bench: depth 128 (3 rows): facli TTFT" in result.stderr
 
 
+@pytest.mark.slow
 def test_auto_rows_are_the_most_that_keep_the_cache_on_the_device(env, tmp_path):
     """--batch auto: at each depth the runtime's resident_rows, capped at 64; transformers
     generates the same number at once."""
@@ -139,6 +143,7 @@ def test_auto_rows_are_the_most_that_keep_the_cache_on_the_device(env, tmp_path)
     assert header.startswith("| depth | rows | prompt tok |")
 
 
+@pytest.mark.slow
 def test_ctx_plans_every_depth_for_the_larger_context(env, tmp_path):
     result, report = bench_without_baseline(["--depth", "64,128", "--ctx", "512"], env,
                                             tmp_path / "ctx.json")
@@ -226,6 +231,7 @@ def test_devices_auto_is_one_rank_on_the_cpu(env):
                             "auto, got 'two'\n")
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks(env):
     result = bench(["--depth", "64", "--decode-tokens", "4", "--device", "cpu", "--devices", "2",
                     "--baseline", "none"], env)
@@ -234,6 +240,7 @@ def test_two_gloo_ranks(env):
     assert "2 x CPU" in result.stdout.splitlines()[0]
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_decode_rows_together(env, tmp_path):
     result = bench(["--depth", "64", "--decode-tokens", "4", "--device", "cpu", "--devices", "2",
                     "--batch", "auto", "--baseline", "none", "--json"], env)
@@ -242,6 +249,7 @@ def test_two_gloo_ranks_decode_rows_together(env, tmp_path):
     assert record["status"] == "ok" and record["rows"] > 1 and record["new_tokens"] == 4
 
 
+@pytest.mark.slow
 def test_synthetic_weights_on_both_sides(monkeypatch):
     """--synthetic: facli fills random weights itself, transformers builds the shape from config."""
     import facli.resolve

@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
+@pytest.mark.slow
 def test_tensor_parallel_smoke_run_measures_every_mode_and_checks_generate(tmp_path):
     env = {**os.environ, "FACLI_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
@@ -27,6 +30,7 @@ def test_tensor_parallel_smoke_run_measures_every_mode_and_checks_generate(tmp_p
     assert "| prefill 128 |" in (tmp_path / "tensor_parallel_table.md").read_text()
 
 
+@pytest.mark.slow
 def test_summarize_batched_runs_each_batch_and_the_transformers_baseline(tmp_path):
     tiny = {"model_type": "llama", "vocab_size": 600, "hidden_size": 64, "intermediate_size": 128,
             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,

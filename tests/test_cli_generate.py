@@ -36,6 +36,7 @@ def test_demo_model_generates_json(env):
     assert payload["plan"]["decode_mode"] == "resident" and payload["plan"]["host_cpu_share"] == 0.0
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_with_a_chosen_allreduce_tile_match_one_process(env):
     common = ["generate", "--prompt", "Tiles of three tokens", "--max-new-tokens", "6", "--json",
               "--device", "cpu", "--prefill-chunk", "8"]
@@ -49,6 +50,7 @@ def test_two_gloo_ranks_with_a_chosen_allreduce_tile_match_one_process(env):
     assert bad.returncode == 1 and "--allreduce-tile-tokens a whole number from 1" in bad.stderr
 
 
+@pytest.mark.slow
 def test_a_short_prompt_in_a_large_context_gets_its_own_predictions(env):
     large = facli(["generate", "--prompt", "hello", "--max-new-tokens", "3", "--ctx", "200000",
                    "--device", "cpu", "--json"], env)
@@ -60,6 +62,7 @@ def test_a_short_prompt_in_a_large_context_gets_its_own_predictions(env):
     assert fitting.returncode == 0 and "this prompt" not in fitting.stderr
 
 
+@pytest.mark.slow
 def test_greedy_is_deterministic_and_sampling_follows_seed(env):
     def run(*extra):
         out = facli(["generate", "--prompt", "abc", "--max-new-tokens", "10", "--json",
@@ -99,11 +102,13 @@ def test_bad_ctx(env, ctx):
     _one_line_error(facli(["generate", "--prompt", "x", f"--ctx={ctx}"], env), "context length")
 
 
+@pytest.mark.slow
 def test_prompt_longer_than_ctx(env):
     _one_line_error(facli(["generate", "--prompt", "x" * 50, "--ctx", "16", "--device", "cpu"], env),
                     "shorter than --ctx")
 
 
+@pytest.mark.slow
 def test_ctx_beyond_trained_length_needs_flag(env, short_model):
     args = ["generate", "--model", str(short_model), "--prompt", "hi", "--ctx", "128",
             "--device", "cpu", "--max-new-tokens", "2"]
@@ -176,6 +181,7 @@ def _json_run(env, args, **kwargs):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_prompt_from_standard_input(env):
     piped = _json_run(env, ["--prompt-file", "-"], input="Hello there")
     given = _json_run(env, ["--prompt", "Hello there"])
@@ -185,6 +191,7 @@ def test_prompt_from_standard_input(env):
 
 
 @pytest.mark.parametrize("system", [None, "Answer in one word."])
+@pytest.mark.slow
 def test_chat_prompt_is_the_tokenizers_own_chat_rendering(env, chat_model, system):
     messages = ([{"role": "system", "content": system}] if system else [])
     messages.append({"role": "user", "content": "What is facli?"})
@@ -203,6 +210,7 @@ def test_chat_prompt_is_the_tokenizers_own_chat_rendering(env, chat_model, syste
     assert "hint: this model has a chat template; --chat" in plain.stderr
 
 
+@pytest.mark.slow
 def test_chat_needs_a_template_and_system_needs_chat(env):
     _one_line_error(facli(["generate", "--prompt", "x", "--chat", "--device", "cpu"], env),
                     "chat template for --chat")
@@ -221,6 +229,7 @@ def test_a_template_that_refuses_the_messages_is_a_user_error():
         chat_prompt_ids(tokenizer, "hi", system="be brief")
 
 
+@pytest.mark.slow
 def test_stop_strings_end_the_text_before_them_on_one_rank_and_on_two(env):
     common = ["generate", "--prompt", "Hello there", "--max-new-tokens", "12", "--device", "cpu"]
     free = json.loads(facli(common + ["--json"], env).stdout.strip().splitlines()[-1])
@@ -241,6 +250,7 @@ def test_stop_strings_end_the_text_before_them_on_one_rank_and_on_two(env):
     _one_line_error(facli(common + ["--stop", ""], env), "non-empty --stop")
 
 
+@pytest.mark.slow
 def test_an_end_of_turn_id_from_generation_config_ends_generation(env, tmp_path):
     build_checkpoint(tmp_path, "llama")
     from facli.demo import byte_level_tokenizer

@@ -78,13 +78,15 @@ def test_chunked_prompt_equals_one_pass(flash_only):
     torch.testing.assert_close(torch.cat(parts, dim=1), whole, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("q_len", [1, 63], ids=["T1", "T63"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_half_precision_within_twice_torch_error(dtype, flash_only):
-    q, k, v = _qkv(1, 63, 140, 9, 3, dtype=dtype)
-    out = prefill_attention(q, k, v, causal=True, q_offset=77)
-    want, _ = oracle(q, k, v, causal=True, q_offset=77)
+def test_half_precision_within_twice_torch_error(dtype, q_len, flash_only):
+    q, k, v = _qkv(1, q_len, 140, 9, 3, dtype=dtype)
+    offset = 140 - q_len
+    out = prefill_attention(q, k, v, causal=True, q_offset=offset)
+    want, _ = oracle(q, k, v, causal=True, q_offset=offset)
     assert out.dtype == dtype
-    assert_within_torch_error(out, want, sdpa_same_dtype(q, k, v, causal=True, q_offset=77))
+    assert_within_torch_error(out, want, sdpa_same_dtype(q, k, v, causal=True, q_offset=offset))
 
 
 def test_queries_that_see_no_key_take_the_tiled_loop():

@@ -53,12 +53,14 @@ def test_answers_and_matches_transformers(tmp_path):
     result = json.loads(first.stdout.strip().splitlines()[-1])
     assert "Paris" in result["text"]
 
+    # transformers' own model on the converted folder (test_gguf checks the conversion against
+    # transformers reading a GGUF file directly).
     from transformers import AutoModelForCausalLM, AutoTokenizer
     import torch
 
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                 dtype=torch.float32)
+    converted = next(p for p in (tmp_path / "gguf").iterdir() if p.name.startswith(gguf.stem))
+    tokenizer = AutoTokenizer.from_pretrained(converted)
+    model = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32)
     ids = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}],
                                         add_generation_prompt=True, return_tensors="pt",
                                         return_dict=True)["input_ids"]

@@ -73,6 +73,7 @@ def check_decode(case, monkeypatch, device, *, scores_scale=1.0, unified_max=Non
 
 
 @pytest.mark.parametrize("case", CPU_CASES, ids=case_id)
+@pytest.mark.slow
 def test_decode_matches_float64_and_sdpa(case, monkeypatch):
     check_decode(case, monkeypatch, DEVICE)
 

@@ -63,6 +63,7 @@ def check_prefill(case, monkeypatch, device, config=None, attention=prefill_atte
 
 
 @pytest.mark.parametrize("case", CPU_CASES, ids=case_id)
+@pytest.mark.slow
 def test_prefill_matches_float64_and_sdpa(case, monkeypatch):
     check_prefill(case, monkeypatch, DEVICE)
 

@@ -53,6 +53,7 @@ def expected(model):
 @pytest.mark.parametrize("pack", [False, True], ids=["unpacked", "packed"])
 @pytest.mark.parametrize("mode", ["prefetch", "cpu", "split"])
 @pytest.mark.parametrize("host", [(3,), (0, 2), (0, 1, 2, 3)], ids=["one", "two", "all"])
+@pytest.mark.slow
 def test_same_greedy_tokens_as_all_gpu(model, expected, mode, host, pack):
     """Packed, four host layers share the slots at 75 rows each: the first prompt unpacks the
     store during its decode steps (61 + 16 positions), the second stays packed."""

@@ -18,6 +18,7 @@ pytestmark = pytest.mark.skipif(HAS_CUDA, reason="interpreter lane; test_kv_stor
                          [((0, 2), "prefetch", "fp8"), ((1, 3), "cpu", None),
                           ((0, 1, 3), "split", None)],
                          ids=["prefetch-fp8", "cpu", "split"])
+@pytest.mark.slow
 def test_triton_kernels_match_reference(monkeypatch, host, mode, kv_dtype):
     steps = _steps(torch.float16)[:6]  # prefill chunks, a lone token, one decode step
     want = _run(_offloaded(host, mode, torch.float16, kv_dtype=kv_dtype, gpu_prefix_tokens=9),

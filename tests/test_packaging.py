@@ -36,6 +36,7 @@ def _is_facli_kernels(origin: str) -> bool:
 
 
 @pytest.mark.parametrize("where", ["elsewhere", "repo-root"])
+@pytest.mark.slow
 def test_import_kernels_never_finds_facli_kernels(tmp_path, where):
     """From any folder, with the working folder kept off sys.path (`-P`, as the console script
     and the tests run facli), `import kernels` is not facli's folder and transformers imports
@@ -45,6 +46,7 @@ def test_import_kernels_never_finds_facli_kernels(tmp_path, where):
     assert leaked == "no-facli"
 
 
+@pytest.mark.slow
 def test_console_script_runs_from_the_repo_root(tmp_path):
     """The installed `facli` script keeps the working folder off sys.path, so it generates from
     the repository root, where a bare `python -m facli.cli` would import the raw kernels/ folder

@@ -119,6 +119,7 @@ def parallel(request, checkpoints):
 
 @pytest.mark.parametrize("tiling", list(TILINGS))
 @pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.slow
 def test_ranks_match_one_process(single, parallel, name, tiling):
     world, (results, _) = parallel
     logits, tokens, rows = results[name, tiling]
@@ -149,6 +150,7 @@ def _eight_rank_checks(ctx: ParallelContext, directory):
     return {tiling: _run_model(ctx, directory, TILINGS[tiling]) for tiling in EIGHT_RANK_TILINGS}
 
 
+@pytest.mark.slow
 def test_eight_ranks_match_one_process(tmp_path):
     """The largest degree facli runs: 16 query heads over 8 KV heads, one KV head per rank, with
     one all_reduce per projection, with tiles, and in two waves (the prefill of more than two
@@ -190,6 +192,7 @@ def _raise_on_rank_one(ctx, kind, marker_dir):
     ("exit", "rank 1 of 2 failed: ProcessExit: exited with code 3"),
     ("hang", "rank 0 of 2 failed"),
 ], ids=["facli-error", "exception", "process-exit", "peer-hangs"])
+@pytest.mark.slow
 def test_rank_failure_ends_all_ranks(tmp_path, kind, message):
     import os
     import time
@@ -239,6 +242,7 @@ print("result", launch(fn, (1,), world_size=2))
 """
 
 
+@pytest.mark.slow
 def test_runs_inside_torchrun(tmp_path):
     import subprocess
     import sys
@@ -254,6 +258,7 @@ def test_runs_inside_torchrun(tmp_path):
     assert done.stdout.split() == "rank 0 of 2: sum 3 result 0".split()
 
 
+@pytest.mark.slow
 def test_generate_under_torchrun_reports_once_and_matches_one_process(tmp_path):
     import json
     import os

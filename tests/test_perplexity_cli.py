@@ -35,6 +35,7 @@ def _run(*args, cwd):
                           timeout=300, env=env, cwd=cwd)
 
 
+@pytest.mark.slow
 def test_matches_transformers(checkpoint, tmp_path):
     directory, reference, tokenizer = checkpoint
     text_file = tmp_path / "text.txt"
@@ -55,6 +56,7 @@ def test_matches_transformers(checkpoint, tmp_path):
     (["--stride", "500", "--ctx", "64"], "--stride"),
     (["--ctx", "0"], "context length"),
 ], ids=["stride0", "stride-past-window", "ctx0"])
+@pytest.mark.slow
 def test_bad_numbers_are_one_line(checkpoint, tmp_path, args, expected):
     directory, _, _ = checkpoint
     text_file = tmp_path / "text.txt"
@@ -66,6 +68,7 @@ def test_bad_numbers_are_one_line(checkpoint, tmp_path, args, expected):
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_missing_folder_and_one_token_files(checkpoint, tmp_path):
     directory, _, _ = checkpoint
     for target, expected in ((tmp_path / "absent.txt", "absent.txt"), (tmp_path, "folder")):

@@ -166,6 +166,7 @@ def test_map_reduce_summarizes_a_document_longer_than_the_context(mixed_run, tmp
 
 
 @pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=1.0, seed=7)])
+@pytest.mark.slow
 def test_documents_decoded_together_give_the_records_of_one_at_a_time(tmp_path, sampling):
     docs = numbered_folder(tmp_path)
     mixed = mixed_folder(tmp_path)
@@ -184,6 +185,7 @@ def test_documents_decoded_together_give_the_records_of_one_at_a_time(tmp_path, 
     assert sum(row["status"] == "ok" for row in found[1].values()) == 8 + 5
 
 
+@pytest.mark.slow
 def test_an_fp8_cache_decodes_documents_together_as_one_at_a_time(tmp_path):
     docs = numbered_folder(tmp_path)
     found = {}
@@ -238,6 +240,7 @@ def test_rows_the_runtime_cannot_keep_on_the_device_fall_back_to_one(tmp_path, m
         run_summarize(request(numbered_folder(tmp_path), tmp_path / "asked.jsonl", batch=3))
 
 
+@pytest.mark.slow
 def test_two_ranks_decode_rows_together_as_one_process_does(tmp_path, numbered_reference):
     docs, out = numbered_folder(tmp_path), tmp_path / "r.jsonl"
     command = [FACLI, "summarize", str(docs), "--out", str(out), "--ctx", str(CTX),
@@ -287,6 +290,7 @@ def finish(docs: Path, out: Path, stderr: Path) -> dict:
 
 
 @pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.slow
 def test_sigint_saves_what_is_done_and_the_rerun_completes(tmp_path, numbered_reference, batch):
     docs, out, log = numbered_folder(tmp_path), tmp_path / "r.jsonl", tmp_path / "stderr.txt"
     process = start(docs, out, log, batch)
@@ -304,6 +308,7 @@ def test_sigint_saves_what_is_done_and_the_rerun_completes(tmp_path, numbered_re
     assert comparable(by_id(out)) == numbered_reference
 
 
+@pytest.mark.slow
 def test_sigkill_and_a_torn_last_line_then_the_rerun_completes(tmp_path, numbered_reference, capfd):
     docs, out, log = numbered_folder(tmp_path), tmp_path / "r.jsonl", tmp_path / "stderr.txt"
     process = start(docs, out, log)

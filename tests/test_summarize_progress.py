@@ -26,6 +26,12 @@ class Clock:
         self.now += seconds
 
 
+@pytest.fixture(autouse=True)
+def _wide_terminal(monkeypatch):
+    """Lines are cut to the terminal's width, which differs between a shell and pytest's workers."""
+    monkeypatch.setenv("COLUMNS", "300")
+
+
 class Terminal(io.StringIO):
     def isatty(self):
         return True
