@@ -5,6 +5,7 @@ values to a KVStore and gets the attention output back.
 """
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from facli.checkpoint import CheckpointReader
@@ -87,7 +88,12 @@ class MLP(nn.Module):
         return self.down_proj(self.inner(x))
 
     def inner(self, x):
-        return elementwise.silu_mul(*self.gate_up_proj(x))
+        gate, up = self.gate_up_proj(x)
+        if gate.is_cuda:
+            return elementwise.silu_mul(gate, up)
+        # On the CPU the same ops in place in the projection's output: past the allocator's
+        # mmap threshold (32 MiB) each fresh [T, I] buffer would be mapped and page-faulted anew.
+        return F.silu(gate, inplace=True).mul_(up)
 
 
 class DecoderLayer(nn.Module):

@@ -6,7 +6,8 @@ Two ways, one contract (`attention_with_lse`):
   runs on the CPU): blocked, multithreaded, GQA without repeating K/V, skipping the blocks a
   causal mask hides, and it returns the log-sum-exp. Its causal mask is aligned top-left, so a
   chunk of queries after a cached prefix attends to the prefix unmasked and to its own keys
-  causally, and the two parts are merged exactly (`merge_attention`).
+  causally, and the two parts are merged exactly (`merge_attention`). A single float32 query
+  (a decode step) takes two matrix products instead (`_one_query`).
 - Everything else (float64: the oracle the kernel tests compare against; GPU tensors; shapes
   where a query sees no key) takes the tiled loop: tiled over query blocks so that no [Tq, Tk]
   matrix larger than one block is ever held (the block shrinks as Tk grows so that one block's
@@ -81,22 +82,50 @@ def _flash_with_lse(q, k, v, rows, causal, scale):
 def _flash_same_row(q, k, v, offset, length, causal, scale):
     q_len = q.shape[1]
     if not causal:
-        return _flash(q, k[:, :length], v[:, :length], False, scale)
+        return (_one_query if q_len == 1 else _flash)(q, k[:, :length], v[:, :length], scale=scale)
     if q_len == 1:  # one query sees every key up to its own position: no mask at all
-        return _flash(q, k[:, :offset + 1], v[:, :offset + 1], False, scale)
-    own = _flash(q, k[:, offset:offset + q_len], v[:, offset:offset + q_len], True, scale)
+        return _one_query(q, k[:, :offset + 1], v[:, :offset + 1], scale)
+    own = _flash(q, k[:, offset:offset + q_len], v[:, offset:offset + q_len], True, scale,
+                 copy_keys=True)
     if offset == 0:
         return own
-    prefix = _flash(q, k[:, :offset], v[:, :offset], False, scale)
+    prefix = _flash(q, k[:, :offset], v[:, :offset], scale=scale)
     return merge_attention(*prefix, *own)
 
 
-def _flash(q, k, v, causal, scale):
-    """PyTorch's CPU flash attention on [B, T, H, D] views (read in place through their
-    strides): out [B, Tq, Hq, D] in q's dtype, lse [B, Hq, Tq] float32."""
-    out, lse = _cpu_flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, causal,
-                          scale=scale)
+def _flash(q, k, v, causal=False, scale=None, copy_keys=False):
+    """PyTorch's CPU flash attention on [B, T, H, D] views: out [B, Tq, Hq, D] in q's dtype,
+    lse [B, Hq, Tq] float32. The kernel runs faster on head-major rows ([B, H, T, D]
+    contiguous) than through the cache's token-major strides, so the queries are copied so
+    (memory of the chunk's size), and so are k, v with copy_keys (the chunk's own keys; a
+    cached prefix is read in place, where a copy would grow with the context)."""
+    keys, values = k.transpose(1, 2), v.transpose(1, 2)
+    if copy_keys:
+        keys, values = keys.contiguous(), values.contiguous()
+    out, lse = _cpu_flash(q.transpose(1, 2).contiguous(), keys, values, 0.0, causal, scale=scale)
     return out.transpose(1, 2), lse
+
+
+def _one_query(q, k, v, scale=None):
+    """One query per head (q [B, 1, Hq, D]) over every key of k, v [B, Tk, Hkv, D]. In float32,
+    per sequence, two matrix products over the cache in place, [Hkv, group, D] @ [Hkv, D, Tk]:
+    each K/V row is read once for its whole GQA group, where the flash kernel reads it once per
+    query head in blocks sized for many queries. Half dtypes keep the flash kernel, which
+    accumulates in float32."""
+    if q.dtype != torch.float32:
+        return _flash(q, k, v, scale=scale)
+    batch, _, q_heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    outs, lses = [], []
+    for row in range(batch):
+        qh = q[row, 0].reshape(kv_heads, q_heads // kv_heads, head_dim)
+        scores = torch.matmul(qh, k[row].permute(1, 2, 0)).mul_(scale)  # [Hkv, group, Tk]
+        lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+        outs.append(torch.matmul(scores.sub_(lse).exp_(), v[row].transpose(0, 1)))
+        lses.append(lse)
+    out = torch.stack(outs).reshape(batch, 1, q_heads, head_dim)
+    return out, torch.stack(lses).reshape(batch, q_heads, 1)
 
 
 def _tiled_with_lse(q, k, v, *, causal, q_offset, scale, key_lens):
