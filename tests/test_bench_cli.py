@@ -62,6 +62,7 @@ def test_json_file_and_last_line_hold_every_figure(demo_run):
     assert all(c["decode_tokens_per_s"] > 0 for c in report["comparison"])
 
 
+@pytest.mark.slow
 def test_table_on_stdout_and_progress_on_stderr(demo_run):
     result, _ = demo_run
     lines = result.stdout.splitlines()

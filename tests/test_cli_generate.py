@@ -74,6 +74,7 @@ def test_greedy_is_deterministic_and_sampling_follows_seed(env):
     assert run("--temperature", "1", "--seed", "5") != run("--temperature", "1", "--seed", "6")
 
 
+@pytest.mark.slow
 def test_text_streams_to_stdout(env):
     result = facli(["generate", "--prompt", "Hi", "--max-new-tokens", "8", "--device", "cpu"], env)
     assert result.returncode == 0, result.stderr
@@ -98,6 +99,7 @@ def _one_line_error(result, pattern):
 
 
 @pytest.mark.parametrize("ctx", ["256q", "0", "-1"], ids=["letters", "zero", "negative"])
+@pytest.mark.slow
 def test_bad_ctx(env, ctx):
     _one_line_error(facli(["generate", "--prompt", "x", f"--ctx={ctx}"], env), "context length")
 
@@ -118,6 +120,7 @@ def test_ctx_beyond_trained_length_needs_flag(env, short_model):
     assert "warning" in allowed.stderr
 
 
+@pytest.mark.slow
 def test_empty_and_non_utf8_prompt_files(env, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
@@ -127,6 +130,7 @@ def test_empty_and_non_utf8_prompt_files(env, tmp_path):
     _one_line_error(facli(["generate", "--prompt-file", str(latin)], env), "UTF-8")
 
 
+@pytest.mark.slow
 def test_missing_model_directory(env, tmp_path):
     _one_line_error(facli(["generate", "--model", str(tmp_path / "nope"), "--prompt", "x"], env),
                     "does not exist")

@@ -359,6 +359,7 @@ def test_decode_reads_fp8_cache_gpu(case, head_major_scales, monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.slow
 def test_fp8_fallback_fires_and_stays_exact(monkeypatch):
     """The exact path of an fp8 cache converts its tiles as the asynchronous one does."""
     poison_allocations(monkeypatch)

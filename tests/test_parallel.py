@@ -132,6 +132,7 @@ def test_ranks_match_one_process(single, parallel, name, tiling):
     assert rows == expected_rows and [len(row) for row in rows] == [6] * 5
 
 
+@pytest.mark.slow
 def test_row_parallel_tiles_match_full_product(parallel):
     _, (_, errors) = parallel
     assert max(errors.values()) < 1e-4, errors

@@ -52,8 +52,13 @@ def side_files(out: str) -> list[str]:
             if os.path.lexists(path)]
 
 
-@pytest.mark.parametrize("out", ["/dev/null", "/dev/full", "/dev/stdout", "-", "FIFO", "SOCKET",
-                                 "DIR"])
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("out", ["/dev/null", "FIFO", pytest.param("/dev/full", marks=SLOW),
+                                 pytest.param("/dev/stdout", marks=SLOW),
+                                 pytest.param("-", marks=SLOW), pytest.param("SOCKET", marks=SLOW),
+                                 pytest.param("DIR", marks=SLOW)])
 def test_an_out_that_is_no_regular_file_is_refused_up_front(tmp_path, out):
     """Before this, /dev/full read without end, a pipe and /dev/stdout hung, /dev/null ended
     in a traceback and left side files in /dev, and '-' became a file named '-'."""
@@ -76,6 +81,7 @@ def test_an_out_that_is_no_regular_file_is_refused_up_front(tmp_path, out):
     assert listing(tmp_path) == before and side_files(out) == []
 
 
+@pytest.mark.slow
 def test_dev_stdout_on_a_file_is_refused_too(tmp_path):
     docs = small_docs(tmp_path)
     with open(tmp_path / "stdout.txt", "w") as stdout:
@@ -87,6 +93,7 @@ def test_dev_stdout_on_a_file_is_refused_too(tmp_path):
     assert (tmp_path / "stdout.txt").read_text() == "" and side_files("/dev/stdout") == []
 
 
+@pytest.mark.slow
 def test_someone_elses_file_as_out_is_refused_and_left_as_it_was(tmp_path):
     docs = small_docs(tmp_path)
     notes = tmp_path / "notes.jsonl"
