@@ -95,9 +95,9 @@ def _from_seconds(name: str, seconds: float) -> float:
 # (docs/time-model.md: how, and the table of predicted against measured).
 CPU_CONSTANTS: dict[str, CpuConstants] = {
     "AVX512": CpuConstants(
-        layer_overhead_us=264.8, weight_gbps=12.07, gemm_pack_gbps=8.711, gemm_gflops=137.9,
-        activation_gbps=2.635, cache_gbps=107.8, key_ns=61.12, prefix_score_ns=3.109,
-        chunk_score_ns=1.007, compute_serial_share=0.1, memory_serial_share=0.06,
+        layer_overhead_us=262.3, weight_gbps=11.52, gemm_pack_gbps=10.22, gemm_gflops=166.6,
+        activation_gbps=4.655, cache_gbps=6.082, key_ns=0.0, prefix_score_ns=2.951,
+        chunk_score_ns=1.54, compute_serial_share=0.1, memory_serial_share=0.06,
         overhead_exponent=0.25),
 }
 
