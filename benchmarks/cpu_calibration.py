@@ -16,11 +16,15 @@ shared, but caches were disturbed too, so such figures run high) and others thei
 
 `fit` fits offload.cpu_time.CpuConstants (least squares on relative error, non-negative) to
 the quiet steps of every file given, prints them as offload/cpu_time.py's CPU_CONSTANTS block
-(--write puts it there), and prints predicted against measured for every step and run. After a
-change to the CPU path, measure again and refit:
+(--write puts it there), and prints predicted against measured for every step and run. The
+thread scaling comes from records of several thread counts on an idle machine
+(docs/results/cpu-calibration-threads-*.json); after a change to the CPU path, measure the
+one-thread costs of the code as it is and refit them with that scaling kept:
 
-    python benchmarks/cpu_calibration.py measure --out docs/results/cpu-calibration-<machine>-<commit>.json
-    python benchmarks/cpu_calibration.py fit --write docs/results/cpu-calibration-*.json
+    python benchmarks/cpu_calibration.py measure --threads 1 --out docs/results/cpu-calibration-costs-<machine>-<commit>.json
+    python benchmarks/cpu_calibration.py fit --write --keep-scaling --timings quiet,cpu_time docs/results/cpu-calibration-costs-*.json
+
+docs/time-model.md has the whole procedure and the current fits.
 """
 
 import argparse

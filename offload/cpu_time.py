@@ -91,8 +91,9 @@ def _from_seconds(name: str, seconds: float) -> float:
     return float(f"{seconds / (1e-6 if name.endswith('_us') else 1e-9):.4g}")
 
 
-# Fitted by `python benchmarks/cpu_calibration.py fit` to docs/results/cpu-calibration-*.json
-# (docs/time-model.md: how, and the table of predicted against measured).
+# Fitted by benchmarks/cpu_calibration.py: the thread scaling to docs/results/
+# cpu-calibration-threads-*.json, the one-thread costs to cpu-calibration-costs-*.json
+# (docs/time-model.md: how, and the tables of predicted against measured).
 CPU_CONSTANTS: dict[str, CpuConstants] = {
     "AVX512": CpuConstants(
         layer_overhead_us=262.3, weight_gbps=11.52, gemm_pack_gbps=10.22, gemm_gflops=166.6,
