@@ -80,3 +80,15 @@ def test_missing_folder_and_one_token_files(checkpoint, tmp_path):
     short.write_text("a")
     done = _run("--model", str(directory), "--file", str(short), "--device", "cpu", cwd=tmp_path)
     assert done.returncode == 1 and "at least 2 tokens" in done.stderr
+
+
+def test_window_longer_than_the_text_is_the_whole_text(checkpoint, tmp_path):
+    directory, reference, tokenizer = checkpoint
+    text_file = tmp_path / "text.txt"
+    text_file.write_text(TEXT)
+    done = _run("--model", str(directory), "--file", str(text_file), "--ctx", "4k", "--stride",
+                "4096", "--device", "cpu", "--json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    ids = tokenizer(TEXT).input_ids
+    assert (result["windows"], result["ctx"], result["scored_tokens"]) == (1, len(ids), len(ids) - 1)

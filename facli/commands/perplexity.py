@@ -55,9 +55,11 @@ def command(
     if len(ids) < 2:
         raise FacliError(f"expected a text of at least 2 tokens in {file}, got {len(ids)}")
     limit = resolved.config.max_position_embeddings
-    window = parse_ctx(ctx) if ctx is not None else min(limit, DEFAULT_WINDOW, len(ids))
-    window = min(window, len(ids))
+    asked = parse_ctx(ctx) if ctx is not None else min(limit, DEFAULT_WINDOW)
+    window = min(asked, len(ids))  # a text shorter than the window is one window
     step = stride if stride is not None else max(1, window // 2)
+    if asked > window:
+        step = min(step, window)
     if not 1 <= step <= window:
         raise FacliError(f"expected --stride from 1 to the window ({window} tokens), got {step}")
     check_context(resolved.config, window, allow_ctx_extension)
