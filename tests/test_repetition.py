@@ -91,16 +91,24 @@ def test_processed_logits_equal_transformers(controls, shape):
     assert changed
 
 
-def test_prompt_ids_past_the_logits_vocabulary_are_ignored_as_transformers_does():
+def test_prompt_ids_past_the_logits_vocabulary_are_ignored():
     """A tokenizer with more ids than the LM head has rows: those ids cannot be generated, and
-    neither the penalty nor the ban touches anything for them."""
+    neither the penalty nor the ban touches anything for them (recent transformers releases
+    ignore them too; earlier ones fail on them)."""
     vocab = 11
     ids = torch.tensor([[3, 12, 4, 3, 12, 13, 3, 12]])
-    params = SamplingParams(repetition_penalty=1.5, no_repeat_ngram_size=2)
-    history = TokenHistory(params, 1, vocab, CPU)
-    history.start(0, ids[0].tolist())
     logits = torch.randn(1, vocab)
-    assert torch.equal(history.apply(logits), _transformers_processors(params)(ids, logits.clone()))
+    penalty = SamplingParams(repetition_penalty=1.5)
+    history = TokenHistory(penalty, 1, vocab, CPU)
+    history.start(0, ids[0].tolist())
+    in_vocab = ids[ids < vocab].view(1, -1)  # the penalty counts presence only
+    assert torch.equal(history.apply(logits.clone()),
+                       _transformers_processors(penalty)(in_vocab, logits.clone()))
+    ban = TokenHistory(SamplingParams(no_repeat_ngram_size=2), 1, vocab, CPU)
+    ban.start(0, ids[0].tolist())
+    expected = logits.clone()
+    expected[0, 4] = float("-inf")  # the sequence ends in 12, and (12, 4) was seen; (12, 13) is off the vocabulary
+    assert torch.equal(ban.apply(logits.clone()), expected)
 
 
 SAMPLED = {
