@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from facli.errors import FacliError
-from facli.units import MAX_COUNT
+from facli.units import parse_count  # noqa: F401  (the commands call options.parse_count)
 
 Model = Annotated[Optional[str], typer.Option(
     metavar="DIR|NAME",
@@ -86,20 +86,6 @@ Json = Annotated[bool, typer.Option(
     "--json",
     help="Print the result as one JSON object on the last line of stdout; progress and logs go "
          "to stderr.")]
-
-
-def parse_count(text: str, option: str) -> int | None:
-    """A count option that takes auto (`--devices`): `4` -> 4, `auto` -> None (the planner
-    chooses); worded as units.parse_batch words `--batch`."""
-    if text == "auto":
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= MAX_COUNT:
-        raise FacliError(f"expected {option} a number from 1 to {MAX_COUNT}, or auto, got {text!r}")
-    return value
 
 
 def check_output_file(path: Path, option: str) -> None:

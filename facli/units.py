@@ -57,8 +57,9 @@ def check_number(value, option: str, *, low: float, high: float = math.inf,
         raise FacliError(f"expected {option} a finite number in {span}{note}, got {value!r}")
 
 
-def parse_batch(text: str) -> int | None:
-    """`--batch`: `8` -> 8, `auto` -> None (as many rows as keep the cache on the devices)."""
+def parse_count(text: str, option: str) -> int | None:
+    """A count option that takes auto (`--devices`, `--batch`): `4` -> 4, `auto` -> None (the
+    planner chooses)."""
     if text == "auto":
         return None
     try:
@@ -66,8 +67,13 @@ def parse_batch(text: str) -> int | None:
     except ValueError:
         value = 0
     if not 1 <= value <= MAX_COUNT:
-        raise FacliError(f"expected --batch a number from 1 to {MAX_COUNT}, or auto, got {text!r}")
+        raise FacliError(f"expected {option} a number from 1 to {MAX_COUNT}, or auto, got {text!r}")
     return value
+
+
+def parse_batch(text: str) -> int | None:
+    """`--batch`: `8` -> 8, `auto` -> None (as many rows as keep the cache on the devices)."""
+    return parse_count(text, "--batch")
 
 
 def format_ctx(tokens: int) -> str:
