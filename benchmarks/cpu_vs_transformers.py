@@ -2,22 +2,23 @@
 checkpoint, threads and dtype, in one process.
 
 Usage: python benchmarks/cpu_vs_transformers.py [--checkpoint DIR] [--depths 128,512,2k,4k,8k]
-       [--decode-tokens 32] [--threads N] [--dtype fp32] [--repeats 2] [--out DIR]
+       [--decode-tokens 32] [--threads N] [--dtype fp32] [--repeats 3] [--out DIR]
 Without a config.json in DIR, writes a random checkpoint of SmolLM2-135M's shape there (Llama:
 30 layers, hidden 576, 9 query / 3 KV heads of 64, intermediate 1536, vocab 49152, tied
 embeddings) with facli's byte tokenizer; a trained checkpoint in DIR is used as it is.
 facli runs through its runtime as `facli generate --device cpu` does (planned for prompt + decode
 tokens, greedy); transformers through LlamaForCausalLM's own generate (attn_implementation
-"sdpa"), the baseline of `facli bench`. At each depth the two alternate `--repeats` times and the
-best run of each counts (other processes on a small CPU slow single runs). Prefill is the time to
-the first token; decode tok/s is measured after it. Ratios are facli / transformers in tok/s
-(above 1: facli faster). Rows go to DIR_OUT/cpu_vs_transformers.json.
+"sdpa"), the baseline of `facli bench`. At each depth the two alternate `--repeats` times, each
+going first in turn, and the best run of each counts (other processes on a small CPU slow single
+runs). Prefill is the time to the first token; decode tok/s is measured after it. Ratios are
+facli / transformers in tok/s (above 1: facli faster). Rows go to OUT/cpu_vs_transformers.json.
 """
 
 import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import environment, write_random_checkpoint  # noqa: E402
 
 from facli.bench import GREEDY, prompt_ids  # noqa: E402
-from facli.bench_baseline import TORCH_DTYPES, build_model, timed_generate  # noqa: E402
+from facli.bench_baseline import TORCH_DTYPES, FirstTokenClock, build_model  # noqa: E402
 from facli.resolve import resolve_model  # noqa: E402
 from facli.runtime import Runtime, RuntimeOptions  # noqa: E402
 from facli.units import parse_ctx  # noqa: E402
@@ -57,18 +58,40 @@ def run_facli(runtime: Runtime, ids: list[int], decode_tokens: int) -> dict:
     runtime.reshape(ctx=len(ids) + decode_tokens)
     result = runtime.generate(ids, max_new_tokens=decode_tokens, sampling=GREEDY, ignore_eos=True)
     return {"ttft_s": result.ttft_s, "decode_tokens_per_s": result.decode_tokens_per_s,
-            "prefill_chunk": runtime.prefill_chunk}
+            "prefill_chunk": runtime.prefill_chunk, "tokens": result.token_ids}
 
 
+@torch.inference_mode()
 def run_transformers(model, ids: list[int], decode_tokens: int) -> dict:
-    timed = timed_generate(model, ids, decode_tokens, torch.device("cpu"))
-    return {"ttft_s": timed["ttft_s"], "decode_tokens_per_s": timed["decode_tokens_per_s"]}
+    """transformers' greedy generate, timed as `facli bench` times it (first token by a streamer)."""
+    inputs = torch.tensor([ids])
+    clock = FirstTokenClock()
+    output = model.generate(inputs, attention_mask=torch.ones_like(inputs), do_sample=False,
+                            max_new_tokens=decode_tokens, pad_token_id=0, streamer=clock)
+    finished = time.perf_counter()
+    tokens = output[0, len(ids):].tolist()
+    return {"ttft_s": clock.first_token_at - clock.started,
+            "decode_tokens_per_s": (len(tokens) - 1) / (finished - clock.first_token_at),
+            "tokens": tokens}
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    """Index of the first differing greedy token (None: the same tokens)."""
+    for index, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return index
+    return None if len(a) == len(b) else min(len(a), len(b))
 
 
 def best(runs: list[dict]) -> dict:
     return {"ttft_s": min(r["ttft_s"] for r in runs),
             "decode_tokens_per_s": max(r["decode_tokens_per_s"] or 0.0 for r in runs),
-            "runs": runs}
+            "tokens": runs[0]["tokens"],
+            "runs": [{k: v for k, v in r.items() if k != "tokens"} for r in runs]}
+
+
+def same_tokens(difference: int | None) -> str:
+    return "same" if difference is None else f"differ from token {difference}"
 
 
 def main():
@@ -78,7 +101,7 @@ def main():
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPE_NAMES))
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     if args.threads:
@@ -102,10 +125,15 @@ def main():
     for depth in depths:
         ids = prompt[:depth]
         facli_runs, hf_runs = [], []
-        for _ in range(args.repeats):
-            facli_runs.append(run_facli(runtime, ids, args.decode_tokens))
-            hf_runs.append(run_transformers(hf, ids, args.decode_tokens))
+        for repeat in range(args.repeats):  # alternating which goes first
+            for run in (0, 1) if repeat % 2 == 0 else (1, 0):
+                if run == 0:
+                    facli_runs.append(run_facli(runtime, ids, args.decode_tokens))
+                else:
+                    hf_runs.append(run_transformers(hf, ids, args.decode_tokens))
         row = {"prompt_tokens": depth, "facli": best(facli_runs), "transformers": best(hf_runs)}
+        row["first_token_difference"] = first_difference(row["facli"].pop("tokens"),
+                                                         row["transformers"].pop("tokens"))
         rows.append(row)
         print(f"{depth} tokens: facli TTFT {row['facli']['ttft_s']:.2f} s, decode "
               f"{row['facli']['decode_tokens_per_s']:.1f} tok/s; transformers TTFT "
@@ -118,13 +146,14 @@ def main():
     print(f"\n{resolved.name}, {args.dtype}, {env['threads']} threads, {args.decode_tokens} decode tokens, "
           f"best of {args.repeats}")
     print(f"{'prompt':>7} | {'prefill s facli':>15} {'HF':>7} | {'prefill tok/s facli':>19} {'HF':>7} "
-          f"{'ratio':>6} | {'decode tok/s facli':>18} {'HF':>6} {'ratio':>6}")
+          f"{'ratio':>6} | {'decode tok/s facli':>18} {'HF':>6} {'ratio':>6} | greedy tokens")
     for row in rows:
         n, ours, theirs = row["prompt_tokens"], row["facli"], row["transformers"]
         decode_ratio = ours["decode_tokens_per_s"] / theirs["decode_tokens_per_s"]
         print(f"{n:>7} | {ours['ttft_s']:>15.2f} {theirs['ttft_s']:>7.2f} | {n / ours['ttft_s']:>19.0f} "
               f"{n / theirs['ttft_s']:>7.0f} {theirs['ttft_s'] / ours['ttft_s']:>6.2f} | "
-              f"{ours['decode_tokens_per_s']:>18.1f} {theirs['decode_tokens_per_s']:>6.1f} {decode_ratio:>6.2f}")
+              f"{ours['decode_tokens_per_s']:>18.1f} {theirs['decode_tokens_per_s']:>6.1f} {decode_ratio:>6.2f} | "
+              f"{same_tokens(row['first_token_difference'])}")
 
 
 if __name__ == "__main__":

@@ -72,9 +72,10 @@ class DeviceKVCache:
         keys, values = self.keys[layer], self.values[layer]
         keys[:, start:stop] = k
         values[:, start:stop] = v
-        if q.shape[1] == 1:
+        if q.shape[1] == 1 and keys.is_cuda:
             self._lens.fill_(stop)
             return decode_attention(q, keys[:, :stop], values[:, :stop], self._lens)
+        # On the CPU a decode step too: its position is a host int, no length tensor to keep.
         return prefill_attention(q, keys[:, :stop], values[:, :stop], causal=True, q_offset=start)
 
     def _attend_at(self, layer, q, k, v, positions: torch.Tensor):

@@ -38,11 +38,18 @@ def attention_with_lse(q, k, v, *, causal=True, q_offset=0, scale=None, key_lens
     Returns out [B, Tq, Hq, D] in q's dtype and lse [B, Hq, Tq] in float32/float64 (natural log;
     -inf for a query that sees no key, whose output is 0).
     """
+    return _attention(q, k, v, causal=causal, q_offset=q_offset, scale=scale, key_lens=key_lens,
+                      with_lse=True)
+
+
+def _attention(q, k, v, *, causal, q_offset, scale, key_lens, with_lse):
+    """`attention_with_lse`; without with_lse the lse may be None (a CPU decode step then
+    skips it)."""
     assert q.shape[2] % k.shape[2] == 0, "Hq must be a multiple of Hkv"
     if q.device.type == "cpu" and q.dtype in FLASH_DTYPES and q.dtype == k.dtype == v.dtype:
         rows = _flash_rows(q, k, causal, q_offset, key_lens)
         if rows is not None:
-            return _flash_with_lse(q, k, v, rows, causal, scale)
+            return _flash_with_lse(q, k, v, rows, causal, scale, with_lse)
     return _tiled_with_lse(q, k, v, causal=causal, q_offset=q_offset, scale=scale,
                            key_lens=key_lens)
 
@@ -52,7 +59,8 @@ def _flash_rows(q, k, causal, q_offset, key_lens):
     kernel would return NaN there) or, causally, queries lie past the last key."""
     batch, q_len, k_len = q.shape[0], q.shape[1], k.shape[1]
     offsets = _per_row(q_offset, batch)
-    lengths = [k_len] * batch if key_lens is None else [min(n, k_len) for n in _per_row(key_lens, batch)]
+    lengths = [k_len] * batch if key_lens is None else [
+        min(n, k_len) for n in _per_row(key_lens, batch)]
     if q_len == 0 or min(lengths) <= 0:
         return None
     if causal and any(o < 0 or o + q_len > n for o, n in zip(offsets, lengths)):
@@ -69,22 +77,24 @@ def _per_row(value, batch: int) -> list[int]:
     return [int(value)] * batch
 
 
-def _flash_with_lse(q, k, v, rows, causal, scale):
+def _flash_with_lse(q, k, v, rows, causal, scale, with_lse):
     """The flash-kernel path for the rows `_flash_rows` accepted: one call (two when causal past
     a prefix) per distinct (offset, length), normally one for the whole batch."""
     if all(row == rows[0] for row in rows):
-        return _flash_same_row(q, k, v, *rows[0], causal, scale)
-    parts = [_flash_same_row(q[b:b + 1], k[b:b + 1], v[b:b + 1], *row, causal, scale)
+        return _flash_same_row(q, k, v, *rows[0], causal, scale, with_lse)
+    parts = [_flash_same_row(q[b:b + 1], k[b:b + 1], v[b:b + 1], *row, causal, scale, with_lse)
              for b, row in enumerate(rows)]
-    return torch.cat([out for out, _ in parts]), torch.cat([lse for _, lse in parts])
+    lse = torch.cat([lse for _, lse in parts]) if with_lse else None
+    return torch.cat([out for out, _ in parts]), lse
 
 
-def _flash_same_row(q, k, v, offset, length, causal, scale):
+def _flash_same_row(q, k, v, offset, length, causal, scale, with_lse):
     q_len = q.shape[1]
-    if not causal:
-        return (_one_query if q_len == 1 else _flash)(q, k[:, :length], v[:, :length], scale=scale)
     if q_len == 1:  # one query sees every key up to its own position: no mask at all
-        return _one_query(q, k[:, :offset + 1], v[:, :offset + 1], scale)
+        seen = offset + 1 if causal else length
+        return _one_query(q, k[:, :seen], v[:, :seen], scale, with_lse)
+    if not causal:
+        return _flash(q, k[:, :length], v[:, :length], scale=scale)
     own = _flash(q, k[:, offset:offset + q_len], v[:, offset:offset + q_len], True, scale,
                  copy_keys=True)
     if offset == 0:
@@ -106,12 +116,13 @@ def _flash(q, k, v, causal=False, scale=None, copy_keys=False):
     return out.transpose(1, 2), lse
 
 
-def _one_query(q, k, v, scale=None):
+def _one_query(q, k, v, scale=None, with_lse=True):
     """One query per head (q [B, 1, Hq, D]) over every key of k, v [B, Tk, Hkv, D]. In float32,
     per sequence, two matrix products over the cache in place, [Hkv, group, D] @ [Hkv, D, Tk]:
     each K/V row is read once for its whole GQA group, where the flash kernel reads it once per
-    query head in blocks sized for many queries. Half dtypes keep the flash kernel, which
-    accumulates in float32."""
+    query head in blocks sized for many queries; a few PyTorch calls, as a decode step of every
+    layer needs. Half dtypes keep the flash kernel, which accumulates in float32. Without
+    with_lse the lse is None."""
     if q.dtype != torch.float32:
         return _flash(q, k, v, scale=scale)
     batch, _, q_heads, head_dim = q.shape
@@ -121,11 +132,19 @@ def _one_query(q, k, v, scale=None):
     for row in range(batch):
         qh = q[row, 0].reshape(kv_heads, q_heads // kv_heads, head_dim)
         scores = torch.matmul(qh, k[row].permute(1, 2, 0)).mul_(scale)  # [Hkv, group, Tk]
-        lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-        outs.append(torch.matmul(scores.sub_(lse).exp_(), v[row].transpose(0, 1)))
-        lses.append(lse)
-    out = torch.stack(outs).reshape(batch, 1, q_heads, head_dim)
-    return out, torch.stack(lses).reshape(batch, q_heads, 1)
+        if with_lse:
+            lses.append(torch.logsumexp(scores, dim=-1, keepdim=True))
+            probs = scores.sub_(lses[-1]).exp_()
+        else:
+            probs = torch.softmax(scores, dim=-1)
+        outs.append(torch.matmul(probs, v[row].transpose(0, 1)))
+    out = _stacked(outs).reshape(batch, 1, q_heads, head_dim)
+    return out, _stacked(lses).reshape(batch, q_heads, 1) if with_lse else None
+
+
+def _stacked(parts: list[torch.Tensor]) -> torch.Tensor:
+    """torch.stack(parts), without a copy for one part."""
+    return parts[0].unsqueeze(0) if len(parts) == 1 else torch.stack(parts)
 
 
 def _tiled_with_lse(q, k, v, *, causal, q_offset, scale, key_lens):
@@ -170,7 +189,8 @@ def _tiled_with_lse(q, k, v, *, causal, q_offset, scale, key_lens):
 
 def prefill_attention_reference(q, k, v, *, causal=True, q_offset=0, scale=None):
     """Reference for `prefill_attention`: q [B, Tq, Hq, D], k, v [B, Tk, Hkv, D] -> [B, Tq, Hq, D]."""
-    return attention_with_lse(q, k, v, causal=causal, q_offset=q_offset, scale=scale)[0]
+    return _attention(q, k, v, causal=causal, q_offset=q_offset, scale=scale, key_lens=None,
+                      with_lse=False)[0]
 
 
 def decode_attention_reference(q, k_cache, v_cache, cache_lens, *, scale=None):
@@ -182,9 +202,8 @@ def decode_attention_reference(q, k_cache, v_cache, cache_lens, *, scale=None):
     """
     q_len = q.shape[1]
     lens = cache_lens.to(torch.int64)
-    return attention_with_lse(
-        q, k_cache, v_cache, causal=True, q_offset=lens - q_len, scale=scale, key_lens=lens
-    )[0]
+    return _attention(q, k_cache, v_cache, causal=True, q_offset=lens - q_len, scale=scale,
+                      key_lens=lens, with_lse=False)[0]
 
 
 def merge_attention(out_a, lse_a, out_b, lse_b):

@@ -57,11 +57,12 @@ def test_flash_path_matches_float64_oracle(case, flash_only):
     torch.testing.assert_close(lse.double(), want_lse, rtol=2e-5, atol=2e-5)
 
 
-def test_decode_rows_of_different_lengths_ignore_keys_past_each(flash_only):
-    """A batch whose rows are at different lengths (per-row offsets): keys past each row's length
-    hold NaN and must not reach its output."""
+@pytest.mark.parametrize("lengths", [[1, 50, 17], [33, 33, 33]], ids=["uneven", "even"])
+def test_decode_rows_ignore_keys_past_each_length(lengths, flash_only):
+    """A batch of decode steps, rows at their own lengths or all at one: keys past each row's
+    length hold NaN and must not reach its output."""
     q, k, v = _qkv(3, 1, 50, 9, 3)
-    lens = torch.tensor([1, 50, 17])
+    lens = torch.tensor(lengths)
     want, _ = oracle(q, k, v, causal=True, q_offset=lens - 1, key_lens=lens)
     for row, n in enumerate(lens.tolist()):
         k[row, n:], v[row, n:] = float("nan"), float("nan")
