@@ -92,7 +92,9 @@ def _flash_same_row(q, k, v, offset, length, causal, scale, with_lse):
     q_len = q.shape[1]
     if q_len == 1:  # one query sees every key up to its own position: no mask at all
         seen = offset + 1 if causal else length
-        return _one_query(q, k[:, :seen], v[:, :seen], scale, with_lse)
+        if seen < k.shape[1]:
+            k, v = k[:, :seen], v[:, :seen]
+        return _one_query(q, k, v, scale, with_lse)
     if not causal:
         return _flash(q, k[:, :length], v[:, :length], scale=scale)
     own = _flash(q, k[:, offset:offset + q_len], v[:, offset:offset + q_len], True, scale,
@@ -128,23 +130,20 @@ def _one_query(q, k, v, scale=None, with_lse=True):
     batch, _, q_heads, head_dim = q.shape
     kv_heads = k.shape[2]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    queries = q.reshape(batch, kv_heads, q_heads // kv_heads, head_dim)
     outs, lses = [], []
     for row in range(batch):
-        qh = q[row, 0].reshape(kv_heads, q_heads // kv_heads, head_dim)
-        scores = torch.matmul(qh, k[row].permute(1, 2, 0)).mul_(scale)  # [Hkv, group, Tk]
+        scores = torch.matmul(queries[row], k[row].permute(1, 2, 0)).mul_(scale)  # [Hkv, group, Tk]
         if with_lse:
             lses.append(torch.logsumexp(scores, dim=-1, keepdim=True))
             probs = scores.sub_(lses[-1]).exp_()
         else:
             probs = torch.softmax(scores, dim=-1)
         outs.append(torch.matmul(probs, v[row].transpose(0, 1)))
-    out = _stacked(outs).reshape(batch, 1, q_heads, head_dim)
-    return out, _stacked(lses).reshape(batch, q_heads, 1) if with_lse else None
-
-
-def _stacked(parts: list[torch.Tensor]) -> torch.Tensor:
-    """torch.stack(parts), without a copy for one part."""
-    return parts[0].unsqueeze(0) if len(parts) == 1 else torch.stack(parts)
+    out = (outs[0] if batch == 1 else torch.stack(outs)).reshape(batch, 1, q_heads, head_dim)
+    if not with_lse:
+        return out, None
+    return out, (lses[0] if batch == 1 else torch.stack(lses)).reshape(batch, q_heads, 1)
 
 
 def _tiled_with_lse(q, k, v, *, causal, q_offset, scale, key_lens):
