@@ -14,8 +14,8 @@ Where no call was quiet, a one-thread step keeps its CPU seconds ("cpu_time": th
 shared, but caches were disturbed too, so such figures run high) and others their wall time
 ("busy"); the fit takes quiet samples only and the table shows the rest beside them.
 
-`fit` fits offload.cpu_time.CpuConstants (least squares on relative error, non-negative) to
-the quiet steps of every file given, prints them as offload/cpu_time.py's CPU_CONSTANTS block
+`fit` fits planner.cpu_time.CpuConstants (least squares on relative error, non-negative) to
+the quiet steps of every file given, prints them as facli/planner/cpu_time.py's CPU_CONSTANTS block
 (--write puts it there), and prints predicted against measured for every step and run. The
 thread scaling comes from records of several thread counts on an idle machine
 (docs/results/cpu-calibration-threads-*.json); after a change to the CPU path, measure the
@@ -45,8 +45,8 @@ import torch
 from facli.bench_environment import environment
 from facli.config import ModelConfig
 from facli.demo import DEMO_CONFIG
-from facli.offload import cpu_time
-from facli.offload.hardware import CpuSpec, detect_cpu
+from facli.planner import cpu_time
+from facli.planner.hardware import CpuSpec, detect_cpu
 
 HERE = Path(__file__).resolve().parent
 
@@ -424,7 +424,7 @@ def _pct(predicted, measured) -> str:
 
 
 def format_constants(fitted: dict) -> str:
-    """The CPU_CONSTANTS block of offload/cpu_time.py for `fitted`."""
+    """The CPU_CONSTANTS block of facli/planner/cpu_time.py for `fitted`."""
     lines = ["CPU_CONSTANTS: dict[str, CpuConstants] = {"]
     for isa, c in fitted.items():
         values = ", ".join(f"{f.name}={_literal(getattr(c, f.name))}" for f in fields(c))
@@ -438,11 +438,11 @@ def _literal(value: float) -> str:
 
 
 def write_constants(fitted: dict) -> Path:
-    """Replace offload/cpu_time.py's CPU_CONSTANTS block with `fitted`."""
-    path = HERE.parent / "offload" / "cpu_time.py"
+    """Replace facli/planner/cpu_time.py's CPU_CONSTANTS block with `fitted`."""
+    path = HERE.parent / "facli" / "planner" / "cpu_time.py"
     text = path.read_text()
     block = re.compile(r"^CPU_CONSTANTS: dict\[str, CpuConstants\] = \{\n.*?^\}\n", re.S | re.M)
-    assert len(block.findall(text)) == 1, "expected one CPU_CONSTANTS block in offload/cpu_time.py"
+    assert len(block.findall(text)) == 1, "expected one CPU_CONSTANTS block in facli/planner/cpu_time.py"
     path.write_text(block.sub(lambda _: format_constants(fitted), text))
     return path
 
@@ -464,7 +464,7 @@ def fit_command(args) -> None:
     print()
     report(steps, runs, fitted)
     if not args.write:
-        print("\nWith the constants in offload/cpu_time.py:\n")
+        print("\nWith the constants in facli/planner/cpu_time.py:\n")
         report(steps, runs, cpu_time.CPU_CONSTANTS)
 
 
@@ -486,12 +486,12 @@ def main() -> None:
     f = sub.add_parser("fit")
     f.add_argument("files", nargs="+")
     f.add_argument("--write", action="store_true",
-                   help="write the fitted constants into offload/cpu_time.py")
+                   help="write the fitted constants into facli/planner/cpu_time.py")
     f.add_argument("--timings", default="quiet",
                    help="which samples to fit: quiet, or quiet,cpu_time (one-thread CPU seconds "
                         "of a busy machine)")
     f.add_argument("--keep-scaling", action="store_true",
-                   help="keep offload/cpu_time.py's thread scaling and refit the one-thread "
+                   help="keep facli/planner/cpu_time.py's thread scaling and refit the one-thread "
                         "costs alone (records of one thread count)")
     args = parser.parse_args()
     measure(args) if args.command == "measure" else fit_command(args)

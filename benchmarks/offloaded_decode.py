@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment  # noqa: E402
 
 from facli.engine import Engine  # noqa: E402
-from facli.offload.planner import predict_prompt  # noqa: E402
+from facli.planner.search import predict_prompt  # noqa: E402
 from facli.parallel.context import ParallelContext  # noqa: E402
 from facli.resolve import synthetic_model  # noqa: E402
 from facli.runtime import Runtime, RuntimeOptions  # noqa: E402

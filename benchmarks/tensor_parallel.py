@@ -202,8 +202,8 @@ def projection_bench(config, ctx, device, tokens, tiles, reps):
 
 def tile_from_planner(config: ModelConfig, length: int, world: int) -> int | None:
     try:
-        from facli.offload.hardware import detect_hardware
-        from facli.offload.planner import PlanOptions, plan
+        from facli.planner.hardware import detect_hardware
+        from facli.planner.search import PlanOptions, plan
 
         chosen = plan(config, detect_hardware(), length + 64, 1,
                       PlanOptions(devices=world, prefill_chunk=length, force=True))

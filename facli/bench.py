@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from facli.errors import FacliError, OutOfMemoryPlanError
-from facli.offload.planner import check_decode_mode
+from facli.planner.search import check_decode_mode
 from facli.parallel.comm import all_reduce_sum, broadcast_tokens
 from facli.parallel.context import ParallelContext
 from facli.sampling import SamplingParams

@@ -10,7 +10,7 @@ def hbm_gbps(device: torch.device) -> float | None:
     """Achievable device memory GB/s of this GPU from its hardware recipe (None on CPUs)."""
     if device.type != "cuda":
         return None
-    from facli.offload.hardware import detect_hardware
+    from facli.planner.hardware import detect_hardware
 
     spec = detect_hardware()
     return spec.devices[0].hbm_gbps if spec.devices else None

@@ -117,7 +117,7 @@ def planned_devices(config, name: str, hardware, ctx: int, *, dtype: str = "auto
     """`--devices auto` for a run: the tensor-parallel degree the planner ranks fastest for
     `batch` sequences of `ctx` tokens on `hardware` (1 without GPUs). A plan that does not fit
     still names a degree; the run's own planning then says what is short."""
-    from facli.offload.planner import PlanOptions, plan
+    from facli.planner.search import PlanOptions, plan
 
     options = PlanOptions(weight_dtype=dtype, kv_dtype=kv_dtype, decode_mode=decode_mode,
                           model_name=name, force=True)

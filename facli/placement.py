@@ -7,10 +7,10 @@ import torch
 from facli.config import ModelConfig
 from facli.errors import FacliError
 from facli.kv_cache import DeviceKVCache
-from facli.offload.hardware import HardwareSpec, hardware_from_option
-from facli.offload.memory_model import prefills_in_waves, splits_into_tiles, sums_with_copy_engines
-from facli.offload.plan import READS_FP8_FROM, Plan, holds_rows, uses_offloaded_store
-from facli.offload.planner import PlanOptions, plan
+from facli.planner.hardware import HardwareSpec, hardware_from_option
+from facli.planner.memory import prefills_in_waves, splits_into_tiles, sums_with_copy_engines
+from facli.planner.plan import READS_FP8_FROM, Plan, holds_rows, uses_offloaded_store
+from facli.planner.search import PlanOptions, plan
 from facli.parallel.context import TensorParallelSettings
 from facli.resolve import DTYPES
 

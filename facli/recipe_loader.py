@@ -3,7 +3,7 @@
 A model recipe names an architecture (config.json values) and where a user keeps its weights;
 a hardware recipe describes GPUs, host memory and link rates for what-if planning. This module
 finds, reads and validates them; the hardware side is turned into a HardwareSpec by
-`facli.offload.hardware`.
+`facli.planner.hardware`.
 """
 
 import os

@@ -15,8 +15,8 @@ from facli.batching import BatchedEngine, BatchStats, RowRequest
 from facli.engine import Engine, TokenRun
 from facli.errors import FacliError
 from facli.model import CausalLM
-from facli.offload.hardware import HardwareSpec
-from facli.offload.plan import Plan
+from facli.planner.hardware import HardwareSpec
+from facli.planner.plan import Plan
 from facli.parallel.context import SINGLE_PROCESS, ParallelContext
 from facli.placement import (
     build_kv_store,
@@ -139,9 +139,9 @@ class Runtime:
 
     def resident_rows(self, ctx: int) -> int:
         """The most prompts of `ctx` tokens that this runtime can decode together: their plan
-        keeps the whole KV cache on the devices (offload.planner.largest_resident_batch, with
+        keeps the whole KV cache on the devices (planner.search.largest_resident_batch, with
         this runtime's choices)."""
-        from facli.offload.planner import largest_resident_batch
+        from facli.planner.search import largest_resident_batch
 
         options = run_options(self.resolved.name, world_size=self.parallel.world_size,
                               **dict(self._choices(), force=False))
@@ -285,8 +285,8 @@ class Runtime:
 
     def predict_prompt(self, prompt_tokens: int):
         """The time model's figures for a prompt of this length on the plan's placement, in the
-        decode mode asked or (with "auto") the fastest for it: offload.planner.PromptPrediction."""
-        from facli.offload.planner import predict_prompt
+        decode mode asked or (with "auto") the fastest for it: planner.search.PromptPrediction."""
+        from facli.planner.search import predict_prompt
 
         return predict_prompt(self.config, self.hardware, self.plan, prompt_tokens,
                               choose_mode=self.asked_decode_mode == "auto")

@@ -61,9 +61,9 @@ from facli.offload.cooperative_decode import CooperativeDecode
 from facli.offload.cpu_attention import TileWorkspace
 from facli.offload.fp8 import FP8, dequantize_into, store_rows_fp8, store_token_fp8
 from facli.offload.kv_parts import Chunk, KVPart, Slot
-from facli.offload.memory_model import FP8_PREFILL_TILE_ROWS, packed_slot_rows
+from facli.planner.memory import FP8_PREFILL_TILE_ROWS, packed_slot_rows
 from facli.offload.packed_slots import PackedSlots
-from facli.offload.plan import READS_FP8_FROM
+from facli.planner.plan import READS_FP8_FROM
 from facli.offload.streams import CopyQueues, host_empty
 
 DECODE_MODES = ("prefetch", "cpu", "split")

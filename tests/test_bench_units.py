@@ -286,8 +286,8 @@ def test_one_ctx_keeps_one_store_for_every_depth():
     """With --ctx the runtime is planned (and its KV store built) once: each depth's record
     holds the plan's figures for its own prompt."""
     from facli.bench import measure_depth
-    from facli.offload.hardware import load_hardware
-    from facli.offload.planner import PlanOptions, plan
+    from facli.planner.hardware import load_hardware
+    from facli.planner.search import PlanOptions, plan
     from facli.recipe_loader import load_model_recipe
 
     runtime = _FakeRuntime({})

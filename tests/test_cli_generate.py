@@ -142,8 +142,8 @@ def test_the_prompt_line_names_where_host_rows_go_for_this_prompt():
     keeps their rows in the staging slots, and the line says so; a 200K prompt is near enough
     the plan's own figures for no line."""
     from facli.commands.generate import _prompt_line
-    from facli.offload.hardware import load_hardware
-    from facli.offload.planner import PlanOptions, plan, predict_prompt
+    from facli.planner.hardware import load_hardware
+    from facli.planner.search import PlanOptions, plan, predict_prompt
     from facli.recipe_loader import load_model_recipe
 
     config, spec = load_model_recipe("llama-7b").config, load_hardware("1xH200-141GB")

@@ -13,8 +13,8 @@ import typer
 from typer.testing import CliRunner
 
 from facli.cli import app
-from facli.offload.hardware import load_hardware
-from facli.offload.planner import PlanOptions, plan
+from facli.planner.hardware import load_hardware
+from facli.planner.search import PlanOptions, plan
 from facli.recipe_loader import load_model_recipe
 from facli.resolve import check_context
 from facli.runtime import KV_DTYPES

@@ -12,7 +12,7 @@ import torch
 
 from cli_errors import error_line, invoke
 from facli.errors import FacliError
-from facli.offload.planner import PlanOptions
+from facli.planner.search import PlanOptions
 from facli.runtime import RuntimeOptions
 from facli.sampling import Sampler, SamplingParams
 from facli.units import MAX_CTX, parse_batch, parse_ctx

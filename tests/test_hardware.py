@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from facli.errors import FacliError
-from facli.offload.hardware import (
+from facli.planner.hardware import (
     DEFAULT_MARGIN_FRACTION,
     MIB,
     GpuSpec,

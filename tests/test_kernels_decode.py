@@ -229,12 +229,12 @@ def test_rows_within_half_a_wave_take_fuller_waves_than_one_even_share(monkeypat
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("rows", [1, 3, 5, 7, 13, 24])
 def test_the_time_models_wave_fill_is_the_kernels(monkeypatch, capability, fp8, rows):
-    """offload.time_model's wave fill is the fill at the split count the kernel chooses (a
+    """planner.time_model's wave fill is the fill at the split count the kernel chooses (a
     choice within one wave counts as full)."""
     from dataclasses import replace as replace_spec
 
-    from facli.offload.hardware import load_hardware
-    from facli.offload.time_model import Layout, decode_wave_fill
+    from facli.planner.hardware import load_hardware
+    from facli.planner.time_model import Layout, decode_wave_fill
     from facli.recipe_loader import load_model_recipe
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)

@@ -6,15 +6,15 @@ import pytest
 
 from facli.errors import FacliError, OutOfMemoryPlanError
 from facli.kv_cache import DeviceKVCache
-from facli.offload.hardware import GpuSpec, HardwareSpec, load_hardware
-from facli.offload.memory_model import workspace_bytes
-from facli.offload.planner import (
+from facli.planner.hardware import GpuSpec, HardwareSpec, load_hardware
+from facli.planner.memory import workspace_bytes
+from facli.planner.search import (
     PlanOptions,
     candidates,
     largest_fitting_ctx,
     plan,
 )
-from facli.offload.time_model import EAGER_STORE_LAYER_HOST_S
+from facli.planner.time_model import EAGER_STORE_LAYER_HOST_S
 from facli.recipe_loader import load_model_recipe
 from facli.units import GIB, parse_ctx
 
@@ -304,7 +304,7 @@ def test_odd_heads_and_a_single_layer():
 
 
 def test_gpu_ranks_tile_prefill_for_the_copy_engines_and_budget_their_inboxes():
-    from facli.offload.memory_model import COPY_ENGINE_INBOXES, COPY_ENGINE_TILE_TOKENS
+    from facli.planner.memory import COPY_ENGINE_INBOXES, COPY_ENGINE_TILE_TOKENS
     from facli.parallel import copy_engine
     from facli.placement import tensor_parallel_settings
 
@@ -332,7 +332,7 @@ def test_gpu_ranks_tile_prefill_for_the_copy_engines_and_budget_their_inboxes():
 
 
 def test_more_than_two_gpu_ranks_prefill_in_two_waves_where_the_cache_is_on_the_gpus():
-    from facli.offload.memory_model import WAVES_TILE_TOKENS
+    from facli.planner.memory import WAVES_TILE_TOKENS
     from facli.placement import tensor_parallel_settings
 
     config, eight = model("llama-7b"), load_hardware("8xH200-141GB")
@@ -359,7 +359,7 @@ def test_nccl_tiles_budget_no_copy_engine_inboxes():
 
 def test_prefill_attention_time_follows_the_kernel_of_the_architecture():
     """Hopper runs the Gluon prefill kernel, faster per matmul FLOP than the portable one."""
-    from facli.offload.time_model import (ATTENTION_EFFICIENCY, HOPPER_ATTENTION_EFFICIENCY, Layout,
+    from facli.planner.time_model import (ATTENTION_EFFICIENCY, HOPPER_ATTENTION_EFFICIENCY, Layout,
                                           prefill_breakdown)
 
     layout = Layout(model("llama-7b"), 32 * 1024, 1, 1, 8192, 8192, 0, "resident", 2, 2)

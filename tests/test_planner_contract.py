@@ -5,7 +5,7 @@ import torch
 
 from facli.config import ModelConfig
 from facli.kv_cache import DeviceKVCache
-from facli.offload.memory_model import (
+from facli.planner.memory import (
     activation_breakdown,
     activation_bytes,
     device_memory,

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from facli.offload.hardware import load_hardware
-from facli.offload.plan import SCHEMA_VERSION, Plan
-from facli.offload.planner import PlanOptions, plan
+from facli.planner.hardware import load_hardware
+from facli.planner.plan import SCHEMA_VERSION, Plan
+from facli.planner.search import PlanOptions, plan
 from facli.recipe_loader import load_model_recipe
 
 TOP = {"schema_version": int, "model": str, "hardware": str, "ctx": int, "batch": int,

@@ -4,8 +4,8 @@ the devices, and their decode predictions against measured runs."""
 import pytest
 
 from facli.errors import OutOfMemoryPlanError
-from facli.offload.hardware import load_hardware
-from facli.offload.planner import FP8_ROWS_HINT_GAIN, largest_resident_batch, plan, with_fp8_rows_hint
+from facli.planner.hardware import load_hardware
+from facli.planner.search import FP8_ROWS_HINT_GAIN, largest_resident_batch, plan, with_fp8_rows_hint
 from facli.units import parse_ctx
 from test_planner import model, options
 
@@ -95,9 +95,9 @@ def test_rows_hint_at_an_fp8_cache_only_where_its_rows_are_clearly_faster(hardwa
 
 def test_no_rows_hint_under_the_gain(monkeypatch):
     """61 bf16 rows at 4K against 64 fp8 rows: 1.13x, under a bar of 1.2x."""
-    from facli.offload import planner
+    from facli.planner import search
 
-    monkeypatch.setattr(planner, "FP8_ROWS_HINT_GAIN", 1.2)
+    monkeypatch.setattr(search, "FP8_ROWS_HINT_GAIN", 1.2)
     spec, chosen = load_hardware("1xH200-141GB"), options()
     found = plan(model("llama-7b"), spec, 4096, 61, chosen)
     assert with_fp8_rows_hint(model("llama-7b"), spec, found, chosen) == found

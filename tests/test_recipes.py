@@ -160,7 +160,7 @@ def test_a_hardware_name_and_its_description_say_the_same_hardware(name):
 
 @pytest.mark.parametrize(("old", "new"), [("2xH200", "2xH200-141GB"), ("8xH200", "8xH200-141GB")])
 def test_the_former_hardware_names_still_name_their_recipes(old, new):
-    from facli.offload.hardware import load_hardware
+    from facli.planner.hardware import load_hardware
 
     assert load_hardware(old).name == new
 

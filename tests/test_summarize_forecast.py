@@ -10,8 +10,8 @@ import torch
 from typer.testing import CliRunner
 
 from facli.cli import app
-from facli.offload.hardware import load_hardware
-from facli.offload.planner import predict_prompt
+from facli.planner.hardware import load_hardware
+from facli.planner.search import predict_prompt
 from facli.recipe_loader import load_model_recipe
 from facli.resolve import resolve_model
 from facli.summarize.forecast import (

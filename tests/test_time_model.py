@@ -5,9 +5,9 @@ from dataclasses import replace
 
 import pytest
 
-from facli.offload.hardware import load_hardware
-from facli.offload.planner import PlanOptions, plan, predict_prompt
-from facli.offload.time_model import (
+from facli.planner.hardware import load_hardware
+from facli.planner.search import PlanOptions, plan, predict_prompt
+from facli.planner.time_model import (
     CPU_ATTENTION_SYNC_S,
     CPU_FP8_ATTENTION_SHARE,
     SPLIT_LAYER_S,

@@ -1,4 +1,4 @@
-"""The time model of CPU-only plans (offload.cpu_time): its predictions against the recorded CPU
+"""The time model of CPU-only plans (planner.cpu_time): its predictions against the recorded CPU
 runs, its shape (monotone in tokens, depth and threads), and the plans whose time it cannot
 know, which every command prints as unknown instead of a number."""
 
@@ -15,10 +15,10 @@ from typer.testing import CliRunner
 from facli.cli import app
 from facli.config import ModelConfig
 from facli.demo import DEMO_CONFIG, demo_config
-from facli.offload import cpu_time, hardware
-from facli.offload.cpu_time import CPU_CONSTANTS, cpu_step_seconds
-from facli.offload.hardware import CpuSpec, HardwareSpec, detect_cpu, load_hardware
-from facli.offload.planner import PlanOptions, plan, predict_prompt
+from facli.planner import cpu_time, hardware
+from facli.planner.cpu_time import CPU_CONSTANTS, cpu_step_seconds
+from facli.planner.hardware import CpuSpec, HardwareSpec, detect_cpu, load_hardware
+from facli.planner.search import PlanOptions, plan, predict_prompt
 from facli.units import GIB
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -117,7 +117,7 @@ def test_speedup_with_threads_is_predicted_within_tolerance(step, one_thread):
 
 @pytest.mark.slow
 def test_the_constants_are_what_the_script_fits_to_the_records():
-    """offload/cpu_time.py's CPU_CONSTANTS are benchmarks/cpu_calibration.py's fits of the
+    """facli/planner/cpu_time.py's CPU_CONSTANTS are benchmarks/cpu_calibration.py's fits of the
     recorded runs (`fit` of the thread records; `fit --keep-scaling --timings quiet,cpu_time`
     of the cost records), not edited by hand."""
     sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -112,7 +112,7 @@ def plan_and_generate(options, text: str, sampling, max_new_tokens: int, *, stre
     """Tokenize (under the chat template with `chat`), plan (refusing what will not fit), then
     run on one process or N ranks. auto_devices: the plan's degree replaces options.devices
     (`--devices auto`)."""
-    from facli.offload.planner import predict_prompt
+    from facli.planner.search import predict_prompt
     from facli.parallel.degrees import check_tensor_parallel
     from facli.parallel.launch import launch, prints_here
     from facli.placement import hardware_for, plan_run
@@ -196,7 +196,7 @@ class GenerateRequest:
     hardware: object
     tokenizer: object
     plan: object
-    prompt_prediction: object  # offload.planner.PromptPrediction for this prompt
+    prompt_prediction: object  # planner.search.PromptPrediction for this prompt
     stop: tuple = ()  # strings that end generation before them
 
 

@@ -108,6 +108,6 @@ def _hardware(recipe: str, device: str | None):
 
     if recipe == "auto":
         return summarize_hardware(device)
-    from facli.offload.hardware import load_hardware
+    from facli.planner.hardware import load_hardware
 
     return load_hardware(recipe)

@@ -1,7 +1,7 @@
 """Which tensor-parallel degrees a model allows: every split size must divide evenly.
 
-(Bytes per rank and the AllReduce tile size are the planner's: offload/memory_model.py and
-offload/time_model.py.)
+(Bytes per rank and the AllReduce tile size are the planner's: facli/planner/memory.py and
+facli/planner/time_model.py.)
 """
 
 from facli.config import ModelConfig

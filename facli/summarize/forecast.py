@@ -2,7 +2,7 @@
 memory plan and how long it should take, from the tokenizer and the planner alone (no weights
 are read and nothing is written).
 
-Time per group, from the time model (offload.planner.predict_prompt) on the group's placement:
+Time per group, from the time model (planner.search.predict_prompt) on the group's placement:
 - prefill: every prompt's own, one after another;
 - decode: with every summary --max-new-tokens long, the rows run in rounds of `rows` prompts
   that start and end together, as the runtime hands them out. A round's steps read the weights
@@ -17,8 +17,8 @@ document's combine prompt is counted once, with a summary per part.
 import math
 from dataclasses import dataclass, replace
 
-from facli.offload.plan import Plan
-from facli.offload.planner import FP8_HINT, predict_prompt
+from facli.planner.plan import Plan
+from facli.planner.search import FP8_HINT, predict_prompt
 from facli.summarize.planning import PreparedDocument
 from facli.summarize.row_groups import RowGroup
 from facli.summarize.strategies import Strategy

@@ -87,9 +87,9 @@ def check_budget(prompts: Prompts, budget: Budget) -> None:
 
 
 def summarize_hardware(device: str | None):
-    """This machine as the planner sees it (offload.hardware.detect_hardware), without GPUs for
+    """This machine as the planner sees it (planner.hardware.detect_hardware), without GPUs for
     --device cpu. Detected once, before any rank starts, and shared by all of them."""
-    from facli.offload.hardware import detect_hardware
+    from facli.planner.hardware import detect_hardware
 
     hardware = detect_hardware()
     return replace(hardware, devices=()) if device == "cpu" else hardware
@@ -99,11 +99,11 @@ def plan_memory(config, ctx: int, hardware, *, model_name: str, max_new_tokens: 
                 devices: int, dtype: str, kv_dtype: str = "auto", decode_mode: str = "auto",
                 allreduce_tile_tokens: int | None = None, batch: int = 1,
                 rows_hint: bool = False):
-    """The memory plan (facli.offload.planner) for `batch` of the longest prompt, before any
+    """The memory plan (facli.planner.search) for `batch` of the longest prompt, before any
     weights load; raises OutOfMemoryPlanError when nothing fits. rows_hint: rows chosen by the
     planner, whose plan names --kv-dtype fp8 where it holds clearly faster rows
-    (offload.planner.with_fp8_rows_hint)."""
-    from facli.offload.planner import plan, with_fp8_rows_hint
+    (planner.search.with_fp8_rows_hint)."""
+    from facli.planner.search import plan, with_fp8_rows_hint
 
     options = _plan_options(model_name, max_new_tokens, devices, dtype, kv_dtype, decode_mode,
                             allreduce_tile_tokens)
@@ -114,10 +114,10 @@ def plan_memory(config, ctx: int, hardware, *, model_name: str, max_new_tokens: 
 def choose_rows(config, ctx: int, hardware, *, model_name: str, max_new_tokens: int,
                 devices: int, dtype: str, kv_dtype: str) -> int:
     """How many prompts of `ctx` tokens to decode together when --batch is not given: the most,
-    up to offload.planner.MOST_ROWS, whose KV cache fits in device memory beside the weights
+    up to planner.search.MOST_ROWS, whose KV cache fits in device memory beside the weights
     (largest_resident_batch). 48 rows ran 7.4x one at a time on short documents
     (docs/benchmarks.md, "documents decoded together")."""
-    from facli.offload.planner import largest_resident_batch
+    from facli.planner.search import largest_resident_batch
 
     options = _plan_options(model_name, max_new_tokens, devices, dtype, kv_dtype)
     return largest_resident_batch(config, hardware, ctx, options)
@@ -125,7 +125,7 @@ def choose_rows(config, ctx: int, hardware, *, model_name: str, max_new_tokens: 
 
 def _plan_options(model_name, max_new_tokens, devices, dtype, kv_dtype, decode_mode="auto",
                   allreduce_tile_tokens=None):
-    from facli.offload.planner import PlanOptions
+    from facli.planner.search import PlanOptions
 
     return PlanOptions(weight_dtype=dtype, kv_dtype=kv_dtype, decode_mode=decode_mode,
                        allreduce_tile_tokens=allreduce_tile_tokens, devices=devices,

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from facli.errors import FacliError
-from facli.offload.planner import MOST_ROWS, check_decode_mode
+from facli.planner.search import MOST_ROWS, check_decode_mode
 from facli.parallel.comm import all_reduce_sum, barrier, broadcast_tokens
 from facli.parallel.context import SINGLE_PROCESS, ParallelContext
 from facli.resolve import ResolvedModel, check_context, resolve_device, resolve_model
@@ -258,7 +258,7 @@ def group_forecasts(request: SummarizeRequest, resolved: ResolvedModel, corpus: 
 
 
 def group_plan(request: SummarizeRequest, resolved: ResolvedModel, group: RowGroup):
-    """The memory plan for the group's rows at its context (facli.offload.planner)."""
+    """The memory plan for the group's rows at its context (facli.planner.search)."""
     return plan_memory(resolved.config, group.ctx, request.hardware, batch=group.rows,
                        model_name=resolved.name, max_new_tokens=request.max_new_tokens,
                        devices=request.devices, dtype=request.dtype,

@@ -4,8 +4,8 @@ from dataclasses import dataclass, field
 
 from facli.config import ModelConfig
 from facli.errors import FacliError
-from facli.offload.hardware import HardwareSpec
-from facli.offload.memory_model import (
+from facli.planner.hardware import HardwareSpec
+from facli.planner.memory import (
     splits_into_tiles,
     sums_with_copy_engines,
     DTYPE_BYTES,
@@ -16,7 +16,7 @@ from facli.offload.memory_model import (
     prefill_tile,
     reserved_outside_allocator,
 )
-from facli.offload.time_model import (
+from facli.planner.time_model import (
     Layout,
     choose_allreduce_tile,
     decode_breakdown,
@@ -157,7 +157,7 @@ def placement(model: ModelConfig, hardware: HardwareSpec, ctx: int, batch: int, 
               chunk: int, weight_dtype: str, kv_dtype: str,
               tile: int | None = None) -> tuple[int, MemoryBreakdown, int]:
     """(GPU layers, one rank's memory, per-rank budget) with as much KV on the GPU as fits;
-    `tile`: the prefill AllReduce tile (default: memory_model.prefill_tile's)."""
+    `tile`: the prefill AllReduce tile (default: memory.prefill_tile's)."""
     tile = (prefill_tile(tp, chunk, on_gpu=True) or chunk) if tile is None else tile
     copy_inboxes = sums_with_copy_engines(tp, on_gpu=True) and splits_into_tiles(chunk, tile)
     layers = model.num_hidden_layers

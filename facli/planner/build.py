@@ -1,17 +1,17 @@
 """Turn the chosen candidate into a Plan: layer lists, per-device bytes, timing, explanation."""
 
 from facli.config import ModelConfig
-from facli.offload.candidates import Candidate, resolve_dtypes
-from facli.offload.hardware import HardwareSpec
-from facli.offload.memory_model import (
+from facli.planner.candidates import Candidate, resolve_dtypes
+from facli.planner.hardware import HardwareSpec
+from facli.planner.memory import (
     packed_slot_rows,
     prefills_in_waves,
     reserved_outside_allocator,
     splits_into_tiles,
     sums_with_copy_engines,
 )
-from facli.offload.plan import DevicePlan, HostPlan, Plan, Timing, uses_offloaded_store
-from facli.offload.time_model import CPU_FP8_ATTENTION_SHARE
+from facli.planner.plan import DevicePlan, HostPlan, Plan, Timing, uses_offloaded_store
+from facli.planner.time_model import CPU_FP8_ATTENTION_SHARE
 from facli.units import format_bytes, format_ctx
 
 

@@ -2,7 +2,7 @@
 
 Every guess about GPUs lives in the constants below; calibrate them against `facli bench`
 measurements. Rates in the hardware recipes are already achievable figures (measured or
-datasheet scaled). CPU-only plans are timed by offload.cpu_time instead, whose constants
+datasheet scaled). CPU-only plans are timed by planner.cpu_time instead, whose constants
 benchmarks/cpu_calibration.py fits to CPU runs; where a term is unknown (unknown_time), the
 figures only rank candidates and the plan reports no time.
 """
@@ -12,11 +12,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from facli.config import ModelConfig
-from facli.offload.cpu_time import cpu_decode_breakdown, cpu_prefill_breakdown, unknown_cpu_time
+from facli.planner.cpu_time import cpu_decode_breakdown, cpu_prefill_breakdown, unknown_cpu_time
 from facli.kernels.configs import ROW_SPLITS, arch_decode_config, filled_share, row_splits
-from facli.offload.hardware import HardwareSpec
-from facli.offload.plan import decodes_eagerly, gpus_read_fp8, uses_offloaded_store
-from facli.offload.memory_model import (
+from facli.planner.hardware import HardwareSpec
+from facli.planner.plan import decodes_eagerly, gpus_read_fp8, uses_offloaded_store
+from facli.planner.memory import (
     packed_slot_rows,
     activation_bytes,
     kv_layer_bytes,
@@ -376,6 +376,6 @@ def _hidden_share(layout: Layout) -> float:
 
 
 def choose_allreduce_tile(hw: HardwareSpec, layout: Layout) -> int:
-    """The tiling-AllReduce tile (tokens): memory_model.prefill_tile once a chunk holds two,
+    """The tiling-AllReduce tile (tokens): memory.prefill_tile once a chunk holds two,
     else the chunk (one all_reduce per projection)."""
     return prefill_tile(layout.tp, layout.chunk, on_gpu=not layout.on_cpu) or layout.chunk

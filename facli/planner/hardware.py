@@ -78,7 +78,7 @@ class HardwareSpec:
     host_device_gbps: float  # pinned host <-> one GPU, each way
     cpu_memory_gbps: float  # host DRAM bandwidth
     cpu_attention_gbps: float  # KV bytes per second that attention on the CPU scans
-    cpu_matmul_tflops: float  # host matmul rate (not used: offload.cpu_time times CPU-only plans)
+    cpu_matmul_tflops: float  # host matmul rate (not used: planner.cpu_time times CPU-only plans)
     inter_gpu_gbps: float  # AllReduce bus bandwidth per GPU (0 with one GPU)
     allreduce_latency_us: float  # fixed cost of one small AllReduce
     safety_margin_bytes: int  # kept free on every GPU when deciding what fits

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 
 from facli.config import ModelConfig
 from facli.errors import FacliError, OutOfMemoryPlanError
-from facli.offload.candidates import (
+from facli.planner.candidates import (
     Candidate,
     evaluate,
     evaluate_cpu,
@@ -18,11 +18,11 @@ from facli.offload.candidates import (
     resolve_dtypes,
     tp_choices,
 )
-from facli.offload.hardware import HardwareSpec
-from facli.offload.memory_model import DTYPE_BYTES
-from facli.offload.plan import Plan, gpus_read_fp8, holds_rows
-from facli.offload.plan_builder import build_plan
-from facli.offload.time_model import (
+from facli.planner.hardware import HardwareSpec
+from facli.planner.memory import DTYPE_BYTES
+from facli.planner.plan import Plan, gpus_read_fp8, holds_rows
+from facli.planner.build import build_plan
+from facli.planner.time_model import (
     Layout,
     decode_breakdown,
     packs_slots,
