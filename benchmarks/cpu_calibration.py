@@ -18,13 +18,13 @@ shared, but caches were disturbed too, so such figures run high) and others thei
 the quiet steps of every file given, prints them as facli/planner/cpu_time.py's CPU_CONSTANTS block
 (--write puts it there), and prints predicted against measured for every step and run. The
 thread scaling comes from records of several thread counts on an idle machine
-(docs/results/cpu-calibration-threads-*.json); after a change to the CPU path, measure the
+(tests/data/cpu-calibration-threads-*.json); after a change to the CPU path, measure the
 one-thread costs of the code as it is and refit them with that scaling kept:
 
-    python benchmarks/cpu_calibration.py measure --threads 1 --out docs/results/cpu-calibration-costs-<machine>-<commit>.json
-    python benchmarks/cpu_calibration.py fit --write --keep-scaling --timings quiet,cpu_time docs/results/cpu-calibration-costs-*.json
+    python benchmarks/cpu_calibration.py measure --threads 1 --out tests/data/cpu-calibration-costs-<machine>-<commit>.json
+    python benchmarks/cpu_calibration.py fit --write --keep-scaling --timings quiet,cpu_time tests/data/cpu-calibration-costs-*.json
 
-docs/time-model.md has the whole procedure and the current fits.
+docs/calibration.md has the whole procedure and the current fits.
 """
 
 import argparse

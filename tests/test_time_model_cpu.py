@@ -22,11 +22,11 @@ from facli.planner.search import PlanOptions, plan, predict_prompt
 from facli.units import GIB
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "docs" / "results"
-# docs/time-model.md: the thread scaling is fitted to the 16-core host's quiet runs at 1-16
+DATA = ROOT / "tests" / "data"
+# docs/calibration.md: the thread scaling is fitted to the 16-core host's quiet runs at 1-16
 # threads; the one-thread costs, with that scaling kept, to the records of the code as it is.
-THREAD_RECORDS = sorted(RESULTS.glob("cpu-calibration-threads-*.json"))
-COST_RECORDS = sorted(RESULTS.glob("cpu-calibration-costs-*.json"))
+THREAD_RECORDS = sorted(DATA.glob("cpu-calibration-threads-*.json"))
+COST_RECORDS = sorted(DATA.glob("cpu-calibration-costs-*.json"))
 COST_TIMINGS = ("quiet", "cpu_time")
 SMOLLM2_135M = dict(
     architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=49152, hidden_size=576,
@@ -73,7 +73,7 @@ def _speedups():
 
 
 def test_recorded_runs_exist_for_the_instruction_sets_with_constants():
-    assert COST_RECORDS and THREAD_RECORDS, "docs/results: the runs the constants were fitted to"
+    assert COST_RECORDS and THREAD_RECORDS, "tests/data: the runs the constants were fitted to"
     assert set(CPU_CONSTANTS) <= {s["isa"] for s in STEPS} & {s["isa"] for s in THREAD_STEPS}
     assert len({s["threads"] for s in THREAD_STEPS}) >= 3  # the thread scaling is measured
 
@@ -107,7 +107,7 @@ def test_whole_generations_left_out_of_the_fit_are_predicted_within_tolerance(ru
                          ids=[_step_id(p[0]) for p in _speedups() if p[0]["threads"] <= 4])
 def test_speedup_with_threads_is_predicted_within_tolerance(step, one_thread):
     """How much faster 2 and 4 threads made each step on the 16-core host, against the model's
-    thread scaling (the 16-thread rows are in docs/time-model.md: up to 46% off)."""
+    thread scaling (the 16-thread rows are in docs/calibration.md: up to 46% off)."""
     constants, config = CPU_CONSTANTS[step["isa"]], _config(step["model"])
     shape = (config, step["tokens"], step["start"])
     predicted = (cpu_step_seconds(constants, *shape, 1)
