@@ -4,9 +4,13 @@ Two-level tiling: a program owns BLOCK_M queries (the outer block) and streams K
 BLOCK_N-key inner tiles, `num_stages` deep in shared memory. The outer block is as large as the
 register file allows; the inner tile and the pipeline depth are what shared memory allows:
 Hopper 227 KiB per block, Ampere 163 KiB (A100) / 99 KiB (consumer), Turing 64 KiB, Volta 96 KiB.
-Only the Hopper rows are measured (docs/benchmarks.md: a sweep at 16K, causal, bf16, D=128);
-the others are sized to fit and untested. TMA (the copy engine) needs sm90+ and D in {64, 128,
-256}; elsewhere the same sizes run with plain loads.
+The prefill table is the portable Triton kernel's (on Hopper the model's long prefill chunks run
+kernels/prefill_hopper.py instead). The Hopper rows are the ones benchmarks pick:
+`benchmarks/attention.py --sweep` times the prefill configs (causal, bf16, D=128, at 16K and
+64K tokens), `benchmarks/decode_sweep.py` (and `--fp8`) the decode configs, and
+`benchmarks/decode_rows.py` the split counts of rows. The other architectures' rows are sized to
+fit shared memory and are not timed. TMA (the copy engine) needs sm90+ and D in {64, 128, 256};
+elsewhere the same sizes run with plain loads.
 """
 
 from dataclasses import dataclass
@@ -58,8 +62,9 @@ _PREFILL = {
 
 # (compute capability major, head-dim bucket) -> decode config. Shared memory holds num_stages
 # K and V tiles: num_stages * block_n * D * 4 bytes in 16-bit caches. On Hopper one program per
-# SM with 128-key tiles and 8 warps kept the most bytes in flight (docs/benchmarks.md: a sweep at
-# 32K and 256K, 8 and 32 KV heads); D=256 halves the tile to fit 227 KiB.
+# SM streams 128-key tiles with 8 warps, keeping the most bytes in flight (the pick of
+# benchmarks/decode_sweep.py at 32K and 256K keys, 8 and 32 KV heads); D=256 halves the tile to
+# fit 227 KiB.
 _DECODE = {
     (9, 64): DecodeConfig(block_n=128, num_warps=8, num_stages=3, programs_per_sm=1),
     (9, 128): DecodeConfig(block_n=128, num_warps=8, num_stages=3, programs_per_sm=1),
@@ -73,11 +78,10 @@ _DECODE = {
 }
 
 # fp8 caches on Hopper: the loop converts every byte, and is bound by instruction latency rather
-# than by bytes; two 4-warp programs per SM with 64-key tiles were fastest, even with splits of 16
-# tiles (docs/benchmarks.md: a sweep at 32K and 256K, 8 and 32 KV heads). D=256 halves the tile
-# so that two programs fit. Rows of different lengths leave the last programs of a wave running
-# alone; quarter-row splits shorten that tail: 16-48 ragged rows at 16K decoded 4-17% faster in
-# 4 splits than in 1, and full rows no slower (docs/benchmarks.md, "Decode splits over rows").
+# than by bytes, so two 4-warp programs share an SM, with 64-key tiles and splits down to 4 tiles
+# (the pick of benchmarks/decode_sweep.py --fp8). D=256 halves the tile so that two programs
+# fit. Rows of different lengths leave the last programs of a wave running alone; at least 4
+# splits per row shorten that tail (benchmarks/decode_rows.py --caches fp8).
 _DECODE_FP8 = {
     (9, 64): DecodeConfig(block_n=64, num_warps=4, num_stages=3, programs_per_sm=2,
                           long_split_tiles=4, least_row_splits=4),
@@ -89,10 +93,8 @@ _DECODE_FP8 = {
 
 # Rows of a batch: (row, KV head) programs beyond half a wave of programs_per_sm * SMs, or fewer
 # that one wave's even share would leave part-filled, take the fewest splits (up to ROW_SPLITS)
-# whose last wave is at least WAVE_FILL full. On an H200 at 32K (docs/benchmarks.md, "Decode
-# splits over rows"), one split per program left 5 and 13 bf16 rows 28% and 12% slower than 4
-# splits, and 5-13 fp8 rows 19-41% slower than 5-8 splits; 3 ragged rows took 1.6x (bf16) and
-# 2.1x (fp8) as long in one wave's even share ("fp8 scales stored by head").
+# whose last wave is at least WAVE_FILL full: a part-filled last wave takes as long as a full
+# one. benchmarks/decode_rows.py times every split count against this choice.
 WAVE_FILL = 0.95
 ROW_SPLITS = 8
 
@@ -106,8 +108,8 @@ def row_splits(cfg: DecodeConfig, programs: int, sms: int, most: int) -> int | N
     """Splits for (row, KV head) programs whose waves one even share per slot would leave
     part-filled: splits_filling_waves from cfg.least_row_splits. None where one wave's even share
     (decode.choose_num_splits' one-sequence rule) fills at least as well, or WAVE_FILL.
-    3 fp8 rows of 32 heads at 256K: 2 splits fill 73% of one wave and took 3.8 ms, 8 splits fill
-    97% of three and took 2.7 ms (docs/benchmarks.md, "fp8 scales stored by head")."""
+    3 fp8 rows of 32 heads on 132 SMs of two slots each: one wave's even share, 2 splits, fills
+    73% of the wave; 8 splits fill 97% of three."""
     slots = cfg.programs_per_sm * sms
     if 2 * programs > slots:
         return splits_filling_waves(programs, slots, most, cfg.least_row_splits)
@@ -122,7 +124,7 @@ def row_splits(cfg: DecodeConfig, programs: int, sms: int, most: int) -> int | N
 def splits_filling_waves(programs: int, slots: int, most: int, least: int = 1) -> int:
     """The fewest splits from `least`, up to min(most, ROW_SPLITS), that fill the last wave to
     WAVE_FILL, else the ones that fill it most. 7 rows of 32 KV heads on 132 slots: one split
-    leaves the second wave 70% idle, 4 splits fill 97% of 7 waves."""
+    fills 70% of the second wave, 4 splits fill 97% of 7 waves."""
     top = max(1, min(most, ROW_SPLITS))
     best, best_fill = 1, 0.0
     for splits in range(min(least, top), top + 1):
@@ -158,7 +160,7 @@ def head_dim_bucket(head_dim: int) -> int:
 
 def prefill_config(device, head_dim: int, q_len: int, *, causal: bool, dtype) -> PrefillConfig:
     """The prefill block sizes for this device, head dim, causality and dtype."""
-    del causal, dtype  # the table was swept for causal bf16 only (docs/benchmarks.md)
+    del causal, dtype  # the table is swept for causal bf16 only (benchmarks/attention.py --sweep)
     if device is None or device.type != "cuda" or q_len <= SMALL_QUERIES:
         return _SMALL
     return _PREFILL[(_arch_major(device), head_dim_bucket(head_dim))]

@@ -298,8 +298,8 @@ def choose_num_splits(batch: int, kv_heads: int, cache_len: int, device, cfg: De
 
     One wave of programs: programs_per_sm per multiprocessor if each split then streams at least
     cfg.long_split_tiles tiles, else fewer per multiprocessor (down to one), never below 4 tiles per
-    split. Measured on an H200 (docs/benchmarks.md): a part-filled second wave costs up to 9%,
-    and short splits pay their start-up and their share of the merge. Rows of a batch with more
+    split. A part-filled second wave leaves SMs idle (up to 9% of a call on an H200,
+    benchmarks/decode_sweep.py), and short splits pay their start-up and their share of the merge. Rows of a batch with more
     programs than half a wave, or whose even share leaves the wave part-filled, take the splits
     that fill their waves (configs.row_splits).
     """

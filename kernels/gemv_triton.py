@@ -3,9 +3,10 @@
 At batch 1 every projection is a matrix-vector product bound by reading W once. cuBLAS reads a
 7B layer's projections at 2.5-3.8 TB/s at one token on an H200, the smaller matrices the slower
 (o_proj, 4096 x 4096: 2.5), against 4.4-4.5 TB/s for facli's decode attention kernel
-(docs/benchmarks.md). Here each program owns `block_n` rows and streams them along K in
-`block_k`-wide tiles, products accumulated in float32 registers and summed across the tile at
-the end: many small programs keep enough loads in flight on every SM even for 4096 rows.
+(benchmarks/gemv.py; docs/performance.md). Here each program owns `block_n` rows and streams
+them along K in `block_k`-wide tiles, products accumulated in float32 registers and summed
+across the tile at the end: many small programs keep enough loads in flight on every SM even
+for 4096 rows.
 
 `facli.kernels.gemv.linear` takes this kernel for one CUDA row of float16/bfloat16 and leaves
 everything else (several rows, float32, CPU tensors) to `F.linear`. The launcher also runs on CPU
