@@ -1,11 +1,12 @@
-"""End to end: write `facli bench` results into the "End to end" section of docs/benchmarks.md.
+"""End to end: `facli bench` reports as markdown, each run's tables and its targets, met or not.
 
 On the GPU machines (one H200, then two):
     facli bench --synthetic llama-7b --depth 8k,32k,128k,256k --json-out $OUT/e2e-1gpu.json
     facli bench --synthetic llama-7b --depth 8k,32k,128k,256k --devices 2 --json-out $OUT/e2e-2gpu.json
 Then here:
-    python benchmarks/e2e.py e2e-1gpu.json e2e-2gpu.json [--docs docs/benchmarks.md]
-replaces the section with each run's tables and the issue's targets, met or not.
+    python benchmarks/e2e.py e2e-1gpu.json e2e-2gpu.json --print
+prints the tables that docs/performance.md takes its end-to-end figures from; without --print
+they replace the "End to end" section of the file that --docs names.
 """
 
 import argparse

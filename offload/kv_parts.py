@@ -51,8 +51,8 @@ class KVPart:
     head_major_scales stores the scales [B, Hkv, length] behind the same view, so that one head's
     scales lie together: the decode kernel reads them a tile of positions at a time, and a
     position-major layout spends a 32-byte memory sector on each 4-byte scale (6-13% of an fp8
-    decode on an H200, docs/benchmarks.md). Host parts keep position-major scales: their copies
-    to and from the GPU go by contiguous runs of positions.
+    decode on an H200, benchmarks/decode_rows.py --scales). Host parts keep position-major
+    scales: their copies to and from the GPU go by contiguous runs of positions.
     """
 
     def __init__(self, batch, length, kv_heads, head_dim, dtype, fp8: bool, allocate,

@@ -164,7 +164,7 @@ def test_batch_auto_plans_the_most_rows_that_stay_on_the_gpus():
     assert auto.exit_code == 0, auto.output
     assert auto.stdout.splitlines()[0].startswith("llama-7b: ctx 32k x batch 7 on 1xH200-141GB")
     assert "rows: the 7 sequences decode together" in auto.stdout
-    # 14 fp8 rows decode 1.19x the 7 bf16 rows on one H200 (docs/benchmarks.md).
+    # 14 fp8 rows decode 1.27x the 7 bf16 rows on one H200 (docs/performance.md).
     hint = ("  - hint: --kv-dtype fp8 (e4m3 with a scale per token and head, lossy) would keep 14 "
             "rows of ctx 32k on the GPUs: decode ")
     assert [line for line in auto.stdout.splitlines() if line.startswith(hint)]

@@ -134,7 +134,7 @@ def test_cli_plan_only_prints_the_table_and_one_json_line(tmp_path):
 
 def test_rows_chosen_by_the_planner_name_fp8_where_it_holds_clearly_faster_rows():
     """The long corpus's group on the lent H200: 7 bf16 rows of 32,696 tokens, where an fp8
-    cache holds 14 that decode 1.19x faster (docs/benchmarks.md)."""
+    cache holds 14 that decode 1.27x faster (docs/performance.md)."""
     config, h200 = load_model_recipe("llama-7b").config, load_hardware("1xH200-141GB")
     settings = dict(model_name="m", max_new_tokens=128, devices=None, dtype="auto", batch=7)
     hinted = plan_memory(config, 32696, h200, rows_hint=True, **settings)

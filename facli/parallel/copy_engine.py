@@ -1,8 +1,8 @@
 """Two GPU ranks exchanging row-parallel tiles through the copy engines instead of NCCL's kernels.
 
 NCCL's all_reduce runs as a kernel that needs SMs for the whole transfer; while cuBLAS's GEMMs
-fill every SM, that kernel waits, and tiling-AllReduce hides little (docs/benchmarks.md, tensor
-parallelism). Here no SM takes part in moving a tile: on a high-priority side stream, a rank
+fill every SM, that kernel waits, and tiling-AllReduce hides little (benchmarks/tensor_parallel.py,
+docs/performance.md). Here no SM takes part in moving a tile: on a high-priority side stream, a rank
 copies a tile into the peer's inbox, a buffer in torch.distributed symmetric memory mapped into
 both ranks' address spaces (a device-to-device copy, which the copy engines run over NVLink),
 then writes the tile's flag in the peer's memory with cuStreamWriteValue32, which the GPU's

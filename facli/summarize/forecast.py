@@ -25,10 +25,10 @@ from facli.summarize.strategies import Strategy
 from facli.units import format_bytes, format_seconds
 
 # What each group's documents take beyond the time model's prefill and decode, on a GPU with
-# the kernels compiled before (Triton's cache). Four warm runs on one H200 (docs/benchmarks.md,
-# "summarize --plan-only against these runs") took 0.8-1.3 s per group more than their forecast:
-# 48 documents in one group, 16 long ones with a bf16 and with an fp8 cache, and a mixed corpus
-# in two groups. In-sample: the runs fitted it.
+# the kernels compiled before (Triton's cache). Four warm runs of benchmarks/summarize_batched.py
+# on one H200 took 0.8-1.3 s per group more than their forecast: 48 documents in one group, 16
+# long ones with a bf16 and with an fp8 cache, and a mixed corpus in two groups. In-sample: the
+# runs fitted it (docs/calibration.md).
 GROUP_WARMUP_S = 1.0
 
 

@@ -116,7 +116,7 @@ def choose_rows(config, ctx: int, hardware, *, model_name: str, max_new_tokens: 
     """How many prompts of `ctx` tokens to decode together when --batch is not given: the most,
     up to planner.search.MOST_ROWS, whose KV cache fits in device memory beside the weights
     (largest_resident_batch). 48 rows ran 7.4x one at a time on short documents
-    (docs/benchmarks.md, "documents decoded together")."""
+    (docs/performance.md, "facli summarize")."""
     from facli.planner.search import largest_resident_batch
 
     options = _plan_options(model_name, max_new_tokens, devices, dtype, kv_dtype)
