@@ -61,14 +61,14 @@ from facli.offload.cooperative_decode import CooperativeDecode
 from facli.offload.cpu_attention import TileWorkspace
 from facli.offload.fp8 import FP8, dequantize_into, store_rows_fp8, store_token_fp8
 from facli.offload.kv_parts import Chunk, KVPart, Slot
-from facli.planner.memory import FP8_PREFILL_TILE_ROWS, packed_slot_rows
 from facli.offload.packed_slots import PackedSlots
-from facli.planner.plan import READS_FP8_FROM
 from facli.offload.streams import CopyQueues, host_empty
+from facli.planner.plan import READS_FP8_FROM
+from facli.planner.policy import FP8_PREFILL_TILE_ROWS, FP8_RING_ROWS, STAGING_SLOTS, packed_slot_rows
 
 DECODE_MODES = ("prefetch", "cpu", "split")
 KV_DTYPES = (None, "fp8")
-RAW_ROWS = 8192
+RAW_ROWS = FP8_RING_ROWS
 FP8_TILE = FP8_PREFILL_TILE_ROWS
 
 
@@ -114,8 +114,9 @@ class OffloadedKVStore(CooperativeDecode, PackedSlots):
         self._host = [KVPart(batch, capacity - split, *shape[1:], self._host_empty)
                       if split < capacity else None for split in self._split]
         self._staged = [layer for layer in range(num_layers) if self._host[layer] is not None]
+        slots = min(STAGING_SLOTS, len(self._staged))
         self._slots = [Slot(*[self._device_empty((batch, capacity, kv_heads, head_dim), dtype)
-                              for _ in range(2)]) for _ in range(min(2, len(self._staged)))]
+                              for _ in range(2)]) for _ in range(slots)]
         self._raw = (KVPart(batch, min(RAW_ROWS, capacity), *shape[1:], self._device_empty)
                      if self.fp8 and self._staged else None)
         self.pack_slots = pack_slots  # takes effect at the next reset

@@ -1,5 +1,7 @@
 """Planner invariants: never over budget, monotone in ctx, refuses when it should, fastest first."""
 
+import subprocess
+import sys
 import time
 
 import pytest
@@ -304,11 +306,13 @@ def test_odd_heads_and_a_single_layer():
 
 
 def test_gpu_ranks_tile_prefill_for_the_copy_engines_and_budget_their_inboxes():
-    from facli.planner.memory import COPY_ENGINE_INBOXES, COPY_ENGINE_TILE_TOKENS
+    import inspect
+
     from facli.parallel import copy_engine
     from facli.placement import tensor_parallel_settings
+    from facli.planner.policy import COPY_ENGINE_INBOXES, COPY_ENGINE_TILE_TOKENS
 
-    assert COPY_ENGINE_INBOXES == copy_engine.INBOXES
+    assert inspect.signature(copy_engine.exchange_for).parameters["inboxes"].default == COPY_ENGINE_INBOXES
     config = model("llama-7b")
     two = load_hardware("2xH200-141GB")
     tiled = plan(config, two, 32768, 1, options(devices=2, prefill_chunk=32768))
@@ -332,7 +336,7 @@ def test_gpu_ranks_tile_prefill_for_the_copy_engines_and_budget_their_inboxes():
 
 
 def test_more_than_two_gpu_ranks_prefill_in_two_waves_where_the_cache_is_on_the_gpus():
-    from facli.planner.memory import WAVES_TILE_TOKENS
+    from facli.planner.policy import WAVES_TILE_TOKENS
     from facli.placement import tensor_parallel_settings
 
     config, eight = model("llama-7b"), load_hardware("8xH200-141GB")
@@ -369,3 +373,17 @@ def test_prefill_attention_time_follows_the_kernel_of_the_architecture():
         hw = HardwareSpec("one", (gpu,), 256 * GIB, 25.0, 100.0, 20.0, 1.0, 0.0, 0.0, GIB)
         seconds[capability] = prefill_breakdown(hw, layout)["prefill_attention_s"]
     assert seconds[(8, 0)] / seconds[(9, 0)] == pytest.approx(HOPPER_ATTENTION_EFFICIENCY / ATTENTION_EFFICIENCY)
+
+
+def test_plan_memory_hardware_and_policy_import_without_torch():
+    """The Plan type, the byte model, the CPU time model, the hardware specs and the run rules
+    load without torch (detection imports it when called); the GPU time model reaches torch
+    through facli.kernels, whose decode configs it reads."""
+    code = ("import sys\n"
+            "import facli.planner, facli.planner.cpu_time, facli.planner.hardware\n"
+            "import facli.planner.memory, facli.planner.plan, facli.planner.policy\n"
+            "print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"

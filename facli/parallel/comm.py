@@ -6,6 +6,7 @@ import torch.distributed as dist
 from facli.kernels import elementwise, gemv
 from facli.parallel import copy_engine
 from facli.parallel.context import ParallelContext
+from facli.planner import policy
 
 
 def all_reduce_sum(tensor: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
@@ -66,10 +67,7 @@ def row_parallel_linear(x: torch.Tensor, weight: torch.Tensor, ctx: ParallelCont
 
 def tile_bounds(count: int, ctx: ParallelContext) -> list[tuple[int, int]]:
     """Token ranges of the AllReduce tiles for `count` tokens: one range unless two tiles fit."""
-    tile = ctx.settings.tile_tokens
-    if tile is None or count < 2 * tile:
-        return [(0, count)]
-    return [(start, min(start + tile, count)) for start in range(0, count, tile)]
+    return policy.tile_bounds(count, ctx.settings.tile_tokens)
 
 
 class PendingRows:

@@ -44,8 +44,8 @@ import warnings
 import torch
 import torch.distributed as dist
 
-RANKS = 2
-INBOXES = 2
+from facli.planner.policy import COPY_ENGINE_INBOXES, COPY_ENGINE_RANKS
+
 MAX_TILES = 4096  # flags per inbox
 MIN_TILE_BYTES = 1 << 20  # below this NCCL's latency wins; decode steps stay on NCCL
 
@@ -55,7 +55,7 @@ class CopyEngineExchange:
     rank's address space, and the side stream that pushes tiles."""
 
     def __init__(self, capacity: int, cols: int, dtype: torch.dtype, device: torch.device,
-                 inboxes: int = INBOXES):
+                 inboxes: int = COPY_ENGINE_INBOXES):
         from torch.distributed import _symmetric_memory as symm_mem
 
         with warnings.catch_warnings():  # required before torch 2.12, deprecated since
@@ -133,7 +133,7 @@ def usable(world: int) -> bool:
     """Whether `world` ranks, one per GPU 0..world-1 of this host, exchange tiles this way:
     two ranks on one host whose GPUs are peer-accessible (NVLink or PCIe P2P). Every rank
     computes the same answer from the same matrix, so all of them choose the same engine."""
-    if world != RANKS:
+    if world != COPY_ENGINE_RANKS:
         return False
     if world not in _USABLE:
         count = torch.cuda.device_count()
@@ -144,7 +144,7 @@ def usable(world: int) -> bool:
 
 
 def exchange_for(rows: int, cols: int, dtype: torch.dtype, device: torch.device,
-                 inboxes: int = INBOXES) -> CopyEngineExchange:
+                 inboxes: int = COPY_ENGINE_INBOXES) -> CopyEngineExchange:
     """The process's exchange with `inboxes` inboxes for projection outputs of `rows` x `cols`,
     created on first use and replaced by a larger one when a longer chunk comes (every rank
     reaches this in the same order, as rendezvous is collective)."""

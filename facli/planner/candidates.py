@@ -4,18 +4,17 @@ from dataclasses import dataclass, field
 
 from facli.config import ModelConfig
 from facli.errors import FacliError
+from facli.parallel.degrees import sharded_sizes
 from facli.planner.hardware import HardwareSpec
 from facli.planner.memory import (
-    splits_into_tiles,
-    sums_with_copy_engines,
     DTYPE_BYTES,
     MemoryBreakdown,
     canonical_dtype,
     device_memory,
     kv_layer_bytes,
-    prefill_tile,
     reserved_outside_allocator,
 )
+from facli.planner.policy import prefill_tile, splits_into_tiles, sums_with_copy_engines
 from facli.planner.time_model import (
     Layout,
     choose_allreduce_tile,
@@ -23,7 +22,6 @@ from facli.planner.time_model import (
     prefill_breakdown,
     unknown_time,
 )
-from facli.parallel.degrees import sharded_sizes
 
 FP8_NATIVE_CAPABILITY = (8, 9)
 
@@ -157,7 +155,7 @@ def placement(model: ModelConfig, hardware: HardwareSpec, ctx: int, batch: int, 
               chunk: int, weight_dtype: str, kv_dtype: str,
               tile: int | None = None) -> tuple[int, MemoryBreakdown, int]:
     """(GPU layers, one rank's memory, per-rank budget) with as much KV on the GPU as fits;
-    `tile`: the prefill AllReduce tile (default: memory.prefill_tile's)."""
+    `tile`: the prefill AllReduce tile (default: policy.prefill_tile's)."""
     tile = (prefill_tile(tp, chunk, on_gpu=True) or chunk) if tile is None else tile
     copy_inboxes = sums_with_copy_engines(tp, on_gpu=True) and splits_into_tiles(chunk, tile)
     layers = model.num_hidden_layers

@@ -11,6 +11,12 @@ from dataclasses import dataclass
 
 from facli.config import ModelConfig
 from facli.errors import FacliError
+from facli.planner.policy import (
+    COPY_ENGINE_INBOXES,
+    FP8_PREFILL_TILE_ROWS,
+    FP8_RING_ROWS,
+    STAGING_SLOTS,
+)
 
 MIB = 1024**2
 
@@ -63,33 +69,14 @@ WORKSPACE_ROPE_TABLE = False  # True if the runtime keeps fp32 cos/sin for all c
 # Tensor parallelism, per rank (facli.parallel): the embedding's all_reduce output
 # [chunk, hidden] in the model dtype, and the logits all_gather (the rank's parts and the
 # concatenated [B, V], fp32). Tiling-AllReduce reduces tiles of the projection's own output
-# buffer, so tiles cost no memory of their own.
+# buffer, so tiles cost no memory of their own; copy-engine sums need their inboxes
+# (policy.COPY_ENGINE_INBOXES, each a whole projection output [chunk, hidden]).
 COMM_EMBEDDING_OUTPUTS = 1
 COMM_LOGITS_COPIES = 2
-# Two GPU ranks sum prefill tiles with the copy engines (facli.parallel.copy_engine): tiles of
-# this many tokens (measured best on 2 H200s, docs/benchmarks.md) once a chunk holds two, pushed
-# into COPY_ENGINE_INBOXES (as copy_engine.INBOXES) symmetric inboxes of a whole projection
-# output [chunk, hidden] each. More ranks keep NCCL.
-COPY_ENGINE_TILE_TOKENS = 4096
-COPY_ENGINE_INBOXES = 2
-COPY_ENGINE_RANKS = 2
-# More GPU ranks sum with NCCL: a chunk that holds two tiles of this many tokens runs in two
-# waves (facli.parallel.waves), each half's all_reduce beside the other half's compute. On 4
-# H200s halves of 8K to 64K tokens hid 38-55% of the all_reduce time; an 8K chunk's halves of 4K
-# hid nothing (TTFT 77.2 against 75.6 ms with one all_reduce per projection; docs/benchmarks.md).
-WAVES_TILE_TOKENS = 8192
-# Offloaded KV (facli.offload.kv_store): 2 staging slots, each one layer of K and V for the
-# whole capacity in the model dtype; with fp8 KV also a ring of this many rows in fp8 on the GPU.
-STAGING_SLOTS = 2
 # Outside PyTorch's allocator, so in the budget but never in the predicted peak: NCCL's
-# communicator buffers and kernels per rank when ranks > 1 (as facli.parallel.planning).
+# communicator buffers (NCCL_BUFFSIZE per channel and peer, both directions) and its kernels'
+# context, per rank when ranks > 1; an upper estimate for 8 ranks.
 NCCL_RESERVED_BYTES = 512 * MIB
-FP8_RING_ROWS = 8192
-# Prefill over an fp8 prefix on the GPU (facli.offload.kv_store) attends to it in tiles of this
-# many rows, dequantized into K and V in the model dtype, merged by log-sum-exp. On one H200 64K
-# rows gave TTFT 10.98 / 37.35 s at 128K / 256K against 11.59 / 40.25 s with 16K rows, for
-# 0.6-0.9 GiB more peak memory (docs/benchmarks.md).
-FP8_PREFILL_TILE_ROWS = 65536
 FP8_SCALE_BYTES = 4  # one float32 scale per token and KV head, for K and for V
 
 
@@ -158,15 +145,6 @@ def kv_layer_bytes(config: ModelConfig, ctx: int, batch: int, dtype_bytes: int,
     return 2 * batch * ctx * heads * per_head
 
 
-def packed_slot_rows(capacity: int, host_layers: int) -> int:
-    """Rows of each host layer that the staging slots keep at once, every host layer beside the
-    others (offload.kv_store), while no host layer holds more: the whole capacity for one or
-    two host layers, half of it for three or four, a quarter for up to eight."""
-    if host_layers == 0:
-        return 0
-    return capacity // -(-host_layers // STAGING_SLOTS)
-
-
 def staging_bytes(config: ModelConfig, ctx: int, batch: int, host_layers: int,
                   weight_dtype_bytes: int, kv_dtype_bytes: int, tp: int = 1) -> int:
     """GPU buffers for host-resident layers: staging slots in the model dtype, fp8 ring."""
@@ -193,33 +171,6 @@ def workspace_bytes(config: ModelConfig, ctx: int, batch: int, tp: int = 1) -> i
     partials = batch * heads * splits * (config.head_dim + 2) * 4
     rope = 2 * ctx * config.head_dim * 4 if WORKSPACE_ROPE_TABLE else 0
     return WORKSPACE_FIXED_BYTES + partials + rope
-
-
-def splits_into_tiles(tokens, tile):
-    """Whether a prefill chunk of `tokens` (an int or an array) is cut into AllReduce tiles of
-    `tile` tokens: only where it holds two, as facli.parallel.comm.tile_bounds does."""
-    return tokens >= 2 * tile
-
-
-def sums_with_copy_engines(tp: int, on_gpu: bool) -> bool:
-    """Whether tiled prefill sums go through the copy engines (else through all_reduce)."""
-    return tp == COPY_ENGINE_RANKS and on_gpu
-
-
-def prefills_in_waves(tp: int, on_gpu: bool, offloaded_store: bool) -> bool:
-    """Whether a tiled prefill chunk runs in two waves (facli.parallel.waves): more GPU ranks
-    than the copy engines serve, with the KV cache all on the GPUs (not the offloaded store)."""
-    return tp > 1 and on_gpu and not sums_with_copy_engines(tp, on_gpu) and not offloaded_store
-
-
-def prefill_tile(tp: int, chunk: int, on_gpu: bool) -> int | None:
-    """Tokens per prefill AllReduce tile, or None where prefill sums with one all_reduce per
-    projection: the copy engines' tile between two GPUs; with more GPU ranks, the tile that
-    marks a chunk long enough to run in two waves."""
-    if tp == 1 or not on_gpu:
-        return None
-    tile = COPY_ENGINE_TILE_TOKENS if sums_with_copy_engines(tp, on_gpu) else WAVES_TILE_TOKENS
-    return tile if splits_into_tiles(chunk, tile) else None
 
 
 def comm_bytes(config: ModelConfig, chunk: int, batch: int, dtype_bytes: int, tp: int,

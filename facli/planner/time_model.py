@@ -12,19 +12,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from facli.config import ModelConfig
-from facli.planner.cpu_time import cpu_decode_breakdown, cpu_prefill_breakdown, unknown_cpu_time
 from facli.kernels.configs import ROW_SPLITS, arch_decode_config, filled_share, row_splits
+from facli.planner.cpu_time import cpu_decode_breakdown, cpu_prefill_breakdown, unknown_cpu_time
 from facli.planner.hardware import HardwareSpec
+from facli.planner.memory import activation_bytes, kv_layer_bytes, weight_bytes
 from facli.planner.plan import decodes_eagerly, gpus_read_fp8, uses_offloaded_store
-from facli.planner.memory import (
+from facli.planner.policy import (
     packed_slot_rows,
-    activation_bytes,
-    kv_layer_bytes,
     prefill_tile,
     prefills_in_waves,
     splits_into_tiles,
     sums_with_copy_engines,
-    weight_bytes,
 )
 
 # --- calibration ---
@@ -376,6 +374,6 @@ def _hidden_share(layout: Layout) -> float:
 
 
 def choose_allreduce_tile(hw: HardwareSpec, layout: Layout) -> int:
-    """The tiling-AllReduce tile (tokens): memory.prefill_tile once a chunk holds two,
+    """The tiling-AllReduce tile (tokens): policy.prefill_tile once a chunk holds two,
     else the chunk (one all_reduce per projection)."""
     return prefill_tile(layout.tp, layout.chunk, on_gpu=not layout.on_cpu) or layout.chunk
