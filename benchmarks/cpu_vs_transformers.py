@@ -27,8 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import environment, write_random_checkpoint  # noqa: E402
 
-from facli.bench import GREEDY, prompt_ids  # noqa: E402
-from facli.bench_baseline import TORCH_DTYPES, FirstTokenClock, build_model  # noqa: E402
+from facli.bench.baseline import TORCH_DTYPES, FirstTokenClock, build_model  # noqa: E402
+from facli.bench.request import GREEDY, prompt_ids  # noqa: E402
 from facli.resolve import resolve_model  # noqa: E402
 from facli.runtime import Runtime, RuntimeOptions  # noqa: E402
 from facli.units import parse_ctx  # noqa: E402
@@ -144,6 +144,7 @@ def main():
               f"{row['transformers']['ttft_s']:.2f} s, decode "
               f"{row['transformers']['decode_tokens_per_s']:.1f} tok/s", file=sys.stderr, flush=True)
 
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "cpu_vs_transformers.json").write_text(json.dumps(
         {"env": env, "checkpoint": str(checkpoint), "decode_tokens": args.decode_tokens,
          "repeats": args.repeats, "rows": rows}, indent=2))

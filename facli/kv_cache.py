@@ -40,9 +40,8 @@ class DeviceKVCache:
 
     def __init__(self, num_layers: int, batch: int, capacity: int, kv_heads: int,
                  head_dim: int, dtype: torch.dtype, device: torch.device):
-        shape = (num_layers, batch, capacity, kv_heads, head_dim)
-        self._use(torch.empty(shape, dtype=dtype, device=device),
-                  torch.empty(shape, dtype=dtype, device=device),
+        self._use(_cache_tensor(num_layers, batch, capacity, kv_heads, head_dim, dtype, device),
+                  _cache_tensor(num_layers, batch, capacity, kv_heads, head_dim, dtype, device),
                   torch.zeros(batch, dtype=torch.int32, device=device))
 
     def _use(self, keys: torch.Tensor, values: torch.Tensor, lens: torch.Tensor) -> None:
@@ -92,3 +91,15 @@ class DeviceKVCache:
 
     def reset(self):
         self._lens.zero_()
+
+
+def _cache_tensor(num_layers, batch, capacity, kv_heads, head_dim, dtype, device) -> torch.Tensor:
+    """[L, B, capacity, Hkv, D]. On the CPU the memory is head-major ([L, B, Hkv, capacity, D]
+    seen through a transpose): CPU attention reads each head's keys as one contiguous matrix,
+    about twice as fast as gathering them across the token-major rows."""
+    device = torch.device(device)
+    if device.type != "cpu":
+        return torch.empty(num_layers, batch, capacity, kv_heads, head_dim, dtype=dtype,
+                           device=device)
+    return torch.empty(num_layers, batch, kv_heads, capacity, head_dim, dtype=dtype,
+                       device=device).transpose(2, 3)

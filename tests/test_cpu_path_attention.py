@@ -123,3 +123,16 @@ def test_model_with_three_query_heads_per_kv_head_matches_transformers(tmp_path,
     run = engine.generate(prompt[0].tolist(), max_new_tokens=12,
                           sampler=Sampler(SamplingParams(), torch.device("cpu")))
     assert run.token_ids == want
+
+
+def test_cpu_cache_keeps_each_head_contiguous_and_attends_as_token_major():
+    """The CPU cache stores heads outermost (each head's keys one matrix) behind the same
+    [B, capacity, Hkv, D] view, and a prompt plus decode steps through it equal the oracle."""
+    cache = DeviceKVCache(2, 1, 40, 3, 64, torch.float32, torch.device("cpu"))
+    assert cache.keys.shape == (2, 1, 40, 3, 64)
+    assert cache.keys[1, 0, :, 2].is_contiguous() and cache.values[1, 0, :, 2].is_contiguous()
+    q, k, v = _qkv(1, 23, 23, 9, 3)
+    outs = [cache.attend(1, q[:, :20], k[:, :20], v[:, :20], 0)]
+    outs += [cache.attend(1, q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], t) for t in range(20, 23)]
+    expected, _ = oracle(q, k, v, causal=True)
+    torch.testing.assert_close(torch.cat(outs, dim=1), expected.to(torch.float32), rtol=1e-5, atol=1e-5)
