@@ -23,7 +23,7 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from attention_decode import SDPA_BACKENDS, decode_row, eager_profile, fallback_rates, sweep_decode
-from facli.bench_environment import git_commit
+from facli.bench.environment import git_commit
 from facli.kernels.configs import PrefillConfig, decode_config, prefill_config
 from facli.kernels import prefill_attention
 from facli.kernels.prefill import prefill_attention_triton

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import torch
 
-from facli.bench import random_text  # noqa: F401  (the scripts' prompts)
-from facli.bench_environment import git_commit
+from facli.bench.environment import git_commit
+from facli.bench.request import random_text  # noqa: F401  (the scripts' prompts)
 
 LLAMA_7B = dict(
     model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,

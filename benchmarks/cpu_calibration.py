@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from facli.bench_environment import environment
+from facli.bench.environment import environment
 from facli.config import ModelConfig
 from facli.demo import DEMO_CONFIG
 from facli.planner import cpu_time

@@ -15,7 +15,7 @@ import re
 import sys
 from pathlib import Path
 
-from facli.bench_report import format_report
+from facli.bench.report import format_report
 from facli.units import format_ctx
 
 SECTION = "## End to end"

@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from facli.bench_environment import git_commit
+from facli.bench.environment import git_commit
 from facli.units import parse_ctx
 
 FACLI = str(Path(sys.executable).with_name("facli"))

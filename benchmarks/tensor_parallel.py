@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from facli.bench_environment import git_commit
+from facli.bench.environment import git_commit
 from facli.config import ModelConfig
 from facli.kernels import elementwise
 from facli.kv_cache import DeviceKVCache

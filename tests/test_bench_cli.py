@@ -253,12 +253,14 @@ def test_two_gloo_ranks_decode_rows_together(env, tmp_path):
 @pytest.mark.slow
 def test_synthetic_weights_on_both_sides(monkeypatch):
     """--synthetic: facli fills random weights itself, transformers builds the shape from config."""
-    import facli.resolve
-    from facli.bench import BenchRequest, run_bench
+    import facli.bench.request
+    from facli.bench.request import BenchRequest
+    from facli.bench.run import run_bench
     from facli.demo import demo_config
+    from facli.resolve import ResolvedModel
 
-    monkeypatch.setattr(facli.resolve, "synthetic_model",
-                        lambda name: facli.resolve.ResolvedModel(f"synthetic:{name}", None, demo_config()))
+    monkeypatch.setattr(facli.bench.request, "synthetic_model",
+                        lambda name: ResolvedModel(f"synthetic:{name}", None, demo_config()))
     report = run_bench(BenchRequest(depths=(48,), synthetic="demo", decode_tokens=3, device="cpu"))
     assert report["facli"]["model"] == "synthetic:demo" and report["facli"]["synthetic"]
     assert report["transformers"]["depths"][0]["status"] == "ok"

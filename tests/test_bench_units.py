@@ -4,9 +4,8 @@ import copy
 
 import pytest
 
-from facli.bench import PROMPT_SLACK, BenchRequest, prompt_ids, prompt_length, random_text
-from facli.bench_baseline import FirstTokenClock
-from facli.bench_report import (
+from facli.bench.baseline import FirstTokenClock
+from facli.bench.report import (
     GIB,
     add_derived,
     bandwidth_table,
@@ -19,6 +18,7 @@ from facli.bench_report import (
     ratio,
     speedups,
 )
+from facli.bench.request import PROMPT_SLACK, BenchRequest, prompt_ids, prompt_length, random_text
 from facli.commands.bench import parse_depths
 from facli.errors import FacliError
 
@@ -267,7 +267,7 @@ class _FakeRuntime:
 
 
 def test_measure_depth_turns_failures_into_statuses():
-    from facli.bench import measure_depth
+    from facli.bench.measure import measure_depth
 
     runtime = _FakeRuntime({2048: "oom", 4096: "plan"})
     request = BenchRequest(depths=(1024, 2048, 4096), decode_tokens=8)
@@ -285,7 +285,7 @@ def test_measure_depth_turns_failures_into_statuses():
 def test_one_ctx_keeps_one_store_for_every_depth():
     """With --ctx the runtime is planned (and its KV store built) once: each depth's record
     holds the plan's figures for its own prompt."""
-    from facli.bench import measure_depth
+    from facli.bench.measure import measure_depth
     from facli.planner.hardware import load_hardware
     from facli.planner.search import PlanOptions, plan
     from facli.recipe_loader import load_model_recipe
@@ -303,7 +303,7 @@ def test_one_ctx_keeps_one_store_for_every_depth():
 
 
 def test_commit_comes_from_the_environment_first(monkeypatch):
-    from facli.bench_environment import git_commit
+    from facli.bench.environment import git_commit
 
     monkeypatch.setenv("FACLI_COMMIT", "feedbee")
     assert git_commit()["commit"] == "feedbee"

@@ -55,8 +55,8 @@ def test_rows_have_a_rate_only_after_two_decode_steps(runtimes, new_tokens, meas
 
 
 def test_texts_say_not_measured():
-    from facli.bench import describe_facli
-    from facli.bench_baseline import describe
+    from facli.bench.baseline import describe
+    from facli.bench.measure import describe_facli
 
     record = {"status": "ok", "depth": 64, "ttft_s": 0.1, "prefill_tokens_per_s": 500.0,
               "decode_tokens_per_s": None, "peak_gpu_bytes": None, "plan": None}

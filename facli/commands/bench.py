@@ -7,6 +7,10 @@ from typing import Annotated, Optional
 import typer
 
 from facli import options
+from facli.bench.plot import write_plot
+from facli.bench.report import format_report, require_matplotlib, write_json
+from facli.bench.request import BenchRequest
+from facli.bench.run import planned_devices, run_bench
 from facli.errors import FacliError
 from facli.units import parse_batch, parse_ctx
 
@@ -41,9 +45,6 @@ def command(
     """Measure time to first token, prefill and decode tokens/s and peak memory per context depth.
 
     --ctx plans every depth's KV cache for that context; with --batch, tokens/s count all rows."""
-    from facli.bench import BenchRequest, run_bench
-    from facli.bench_report import format_report, require_matplotlib
-
     if plot is not None:
         options.check_output_file(plot, "--plot")
         require_matplotlib()
@@ -53,8 +54,8 @@ def command(
     context = parse_ctx(ctx) if ctx is not None else None
     ranks = options.parse_count(devices, "--devices")
     if ranks is None:
-        ranks = _planned_devices(model, synthetic, device, context or max(depths), dtype, kv_dtype,
-                                 decode_mode, rows)
+        ranks = planned_devices(model, synthetic, device, context or max(depths), dtype, kv_dtype,
+                                decode_mode, rows)
     request = BenchRequest(
         depths=depths, model=model, synthetic=synthetic, decode_tokens=decode_tokens,
         devices=ranks, device=device, dtype=dtype, prefill_chunk=prefill_chunk, baseline=baseline,
@@ -64,30 +65,9 @@ def command(
     report = run_bench(request)
     print(format_report(report), flush=True)
     if plot is not None:
-        from facli.bench_plot import write_plot
-
         write_plot(report, plot)
     if json_out is not None:
-        try:
-            json_out.write_text(json.dumps(report, indent=2) + "\n")
-        except OSError as error:
-            raise FacliError(f"expected a writable --json-out file, got {json_out}: "
-                             f"{error.strerror}") from None
+        write_json(report, json_out)
     if as_json:
         print(json.dumps(report))
 
-
-def _planned_devices(model, synthetic, device, ctx, dtype, kv_dtype, decode_mode, rows) -> int:
-    """`--devices auto`: the planner's degree for the model at the largest context measured, on
-    this machine (1 on the CPU)."""
-    from facli.placement import hardware_for
-    from facli.recipe_loader import load_model_recipe, resolve_model_config
-    from facli.resolve import resolve_device
-
-    if synthetic is not None:
-        name, config = f"synthetic:{synthetic}", load_model_recipe(synthetic).config
-    else:
-        name, config = resolve_model_config(model)
-    hardware = hardware_for(resolve_device(device))
-    return options.planned_devices(config, name, hardware, ctx, dtype=dtype, kv_dtype=kv_dtype,
-                                   decode_mode=decode_mode, batch=rows or 1)

@@ -1,5 +1,8 @@
 """Figures derived from a `facli bench` report (prediction errors, speedups, the decode bandwidth
-bound, largest contexts) and its table and plot. Pure: no devices."""
+bound, largest contexts), its table, and the report written as JSON. Pure: no devices."""
+
+import json
+from pathlib import Path
 
 from facli.errors import FacliError
 from facli.units import format_ctx
@@ -230,7 +233,16 @@ def _ctx(depth) -> str:
 
 def require_matplotlib() -> None:
     try:
-        import matplotlib  # noqa: F401
+        import matplotlib  # noqa: F401  (whether it imports: an optional dependency)
     except ImportError:
         raise FacliError("expected matplotlib for --plot, it is not installed; "
                          "pip install matplotlib or leave out --plot") from None
+
+
+def write_json(report: dict, path: Path) -> None:
+    """The whole report, indented, to `path` (--json-out)."""
+    try:
+        path.write_text(json.dumps(report, indent=2) + "\n")
+    except OSError as error:
+        raise FacliError(f"expected a writable --json-out file, got {path}: "
+                         f"{error.strerror}") from None

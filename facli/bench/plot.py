@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from facli.bench_report import GIB, _peak, heading, require_matplotlib
+from facli.bench.report import GIB, _peak, heading, require_matplotlib
 
 
 def _series(records: list[dict], key: str, scale: float = 1.0):
@@ -27,7 +27,7 @@ def _peaks(records: list[dict], plan: bool = False):
 def write_plot(report: dict, path: Path) -> None:
     """Left: prefill and decode tokens/s (log scale); right: peak GiB, measured and planned."""
     require_matplotlib()
-    import matplotlib
+    import matplotlib  # here, not at the top: an optional dependency, for --plot alone
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

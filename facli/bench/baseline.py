@@ -11,7 +11,14 @@ import time
 
 import torch
 
-from facli.bench import OUT_OF_MEMORY, WARM_UP_NEW_TOKENS, prompt_length, progress, release_memory
+from facli.bench.request import (
+    OUT_OF_MEMORY,
+    WARM_UP_NEW_TOKENS,
+    BenchRequest,
+    progress,
+    prompt_length,
+    release_memory,
+)
 from facli.resolve import ResolvedModel
 
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -38,7 +45,7 @@ class FirstTokenClock:
 
 def hf_config(config, max_positions: int):
     """A transformers config of a facli ModelConfig's shape (for synthetic weights)."""
-    import transformers
+    import transformers  # here, not at the top: `facli` starts without loading it
 
     values = dict(
         vocab_size=config.vocab_size, hidden_size=config.hidden_size,
@@ -65,7 +72,7 @@ def hf_config(config, max_positions: int):
 
 def build_model(resolved: ResolvedModel, dtype: torch.dtype, device: torch.device, max_positions: int):
     """transformers' model with sdpa attention, made directly on `device` in `dtype`."""
-    import transformers
+    import transformers  # here, not at the top: `facli` starts without loading it
 
     if resolved.synthetic:
         with torch.device(device):
@@ -121,11 +128,11 @@ def measure(model, ids: list[int], depth: int, new_tokens: int, device: torch.de
     return record
 
 
-def run_baseline(request, resolved: ResolvedModel, prompt: list[int], dtype_name: str,
-                 device: torch.device, rows: dict[int, int]) -> dict:
+def run_baseline(request: BenchRequest, resolved: ResolvedModel, prompt: list[int],
+                 dtype_name: str, device: torch.device, rows: dict[int, int]) -> dict:
     """Every depth of `request` through transformers on `device`, with prefixes of facli's
     `prompt` ids, in a batch of rows[depth] copies; facli's memory must be free."""
-    import transformers
+    import transformers  # here, not at the top: `facli` starts without loading it
 
     dtype = TORCH_DTYPES[dtype_name]
     in_use = torch.cuda.memory_allocated(device) if device.type == "cuda" else None

@@ -1,143 +1,40 @@
-"""`facli bench`: time to first token, prefill and decode tokens/s and peak memory per context
-depth, next to the plan's predictions and to transformers' own model on the same GPU.
-
-    report = run_bench(BenchRequest(synthetic="llama-7b", depths=(8192, 32768)))
-
-facli runs first (on `devices` tensor-parallel ranks through facli.parallel.launch; each rank
-runs `bench_rank`), then, with facli's memory released, the transformers baseline runs on the
-first device of this process. The report is JSON-ready (facli.bench_report formats it).
+"""facli's side of `facli bench`, on each tensor-parallel rank: load once, then at every depth
+re-plan, warm up and time one generate (with rows: every row decoded together), next to the
+plan's predictions. Out of memory and plans that do not fit become a status, not an error.
 """
 
-import dataclasses
-import gc
-import sys
-import time
-from dataclasses import dataclass
-
+import psutil
 import torch
 
+from facli.batching import RowRequest
+from facli.bench.request import (
+    DOES_NOT_FIT,
+    GREEDY,
+    OUT_OF_MEMORY,
+    WARM_UP_NEW_TOKENS,
+    BenchRequest,
+    progress,
+    prompt_ids,
+    prompt_length,
+    release_memory,
+    resolve,
+)
 from facli.errors import FacliError, OutOfMemoryPlanError
-from facli.planner.search import check_decode_mode
 from facli.parallel.comm import all_reduce_sum, broadcast_tokens
 from facli.parallel.context import ParallelContext
-from facli.sampling import SamplingParams
-
-SCHEMA = "facli.bench/1"
-BASELINES = ("transformers", "none")
-PROMPT_SLACK = 8  # context left empty beyond prompt + decode tokens
-# Decode positions on both sides of a multiple of 16 (Triton specializes integer arguments).
-WARM_UP_NEW_TOKENS = {"cuda": 17, "cpu": 2}
-OUT_OF_MEMORY = "out of memory"
-DOES_NOT_FIT = "does not fit"  # the plan found no placement; nothing was run
-GREEDY = SamplingParams(temperature=0.0)
-
-
-@dataclass(frozen=True)
-class BenchRequest:
-    """What to measure. model: a checkpoint directory or recipe name; synthetic: a recipe name
-    whose shape gets random weights on the device; neither: the default model (--model left out)."""
-
-    depths: tuple[int, ...]
-    model: str | None = None
-    synthetic: str | None = None
-    decode_tokens: int = 64
-    devices: int = 1
-    device: str | None = None
-    dtype: str = "auto"
-    prefill_chunk: int | None = None
-    baseline: str = "transformers"
-    kv_dtype: str = "auto"  # facli's KV cache; the baseline keeps its model dtype
-    decode_mode: str = "auto"  # for host-resident KV: auto, prefetch, cpu or split
-    allreduce_tile_tokens: int | None = None  # None: the plan's
-    ctx: int | None = None  # context to plan for at every depth; None: each depth's own
-    # Prompts decoded together, one per row of the KV cache; None: at each depth as many as
-    # keep the cache on the GPUs (Runtime.resident_rows).
-    batch: int | None = 1
-
-    def __post_init__(self):
-        if self.model is not None and self.synthetic is not None:
-            raise FacliError("expected at most one of --model and --synthetic, got both")
-        check_decode_mode(self.decode_mode)
-        if self.baseline not in BASELINES:
-            raise FacliError(f"expected --baseline one of {', '.join(BASELINES)}, got {self.baseline!r}")
-        if self.decode_tokens < 3:
-            # The first token comes from prefill, and the rate is timed from the end of the
-            # first decode step: one timed step needs three tokens.
-            raise FacliError(f"expected --decode-tokens >= 3 (decode speed is timed from the second "
-                             f"decode step on), got {self.decode_tokens}")
-        if self.batch is not None and self.batch < 1:
-            raise FacliError(f"expected --batch >= 1 or auto, got {self.batch}")
-        if not self.depths:
-            raise FacliError("expected at least one --depth, such as 8k,32k, got none")
-        smallest = self.decode_tokens + PROMPT_SLACK + 1
-        too_small = [d for d in self.depths if d < smallest]
-        if too_small:
-            raise FacliError(
-                f"expected every --depth >= {smallest} (--decode-tokens {self.decode_tokens} + "
-                f"{PROMPT_SLACK} + a prompt), got {too_small[0]}; raise --depth or lower --decode-tokens"
-            )
-        object.__setattr__(self, "depths", tuple(sorted(set(self.depths))))
-        if self.ctx is not None and self.ctx < self.depths[-1]:
-            raise FacliError(f"expected --ctx >= every --depth ({self.depths[-1]}), got {self.ctx}; "
-                             f"raise --ctx or leave it out to plan each depth for itself")
-
-
-def prompt_length(depth: int, decode_tokens: int) -> int:
-    """Prompt tokens that, with the decoded ones, fill `depth` up to PROMPT_SLACK."""
-    return depth - decode_tokens - PROMPT_SLACK
-
-
-def random_text(num_chars: int, seed: int = 0) -> str:
-    """Printable ASCII: one token per character under the byte-level tokenizer."""
-    generator = torch.Generator().manual_seed(seed)
-    codes = torch.randint(32, 127, (num_chars,), generator=generator)
-    return "".join(map(chr, codes.tolist()))
-
-
-def prompt_ids(encode, num_tokens: int) -> list[int]:
-    """Exactly `num_tokens` ids of random text (more text until the tokenizer yields enough)."""
-    chars = num_tokens
-    while True:
-        ids = encode(random_text(chars))
-        if len(ids) >= num_tokens:
-            return list(ids[:num_tokens])
-        chars *= 2
-
-
-def release_memory(device: torch.device) -> None:
-    """Collect garbage and hand cached blocks back, so the next measurement starts clean."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-
-
-def progress(message: str, enabled: bool = True) -> None:
-    if enabled:
-        print(f"facli bench: {message}", file=sys.stderr, flush=True)
-
-
-def resolve(request: BenchRequest):
-    from facli.resolve import resolve_model, synthetic_model
-
-    if request.synthetic is not None:
-        return synthetic_model(request.synthetic)
-    return resolve_model(request.model)
+from facli.resolve import resolve_device
+from facli.runtime import Runtime, RuntimeOptions
 
 
 def runtime_dtype(request: BenchRequest) -> str:
     """auto: the checkpoint's, except bf16 for synthetic weights on GPUs (the usual serving dtype)."""
     if request.dtype != "auto" or request.synthetic is None:
         return request.dtype
-    from facli.resolve import resolve_device
-
     return "bf16" if resolve_device(request.device).type == "cuda" else "auto"
 
 
 def bench_rank(parallel: ParallelContext, request: BenchRequest) -> dict:
     """One tensor-parallel rank's part: load once, then every depth. Rank 0's dict is the result."""
-    from facli.runtime import Runtime, RuntimeOptions
-
     resolved = resolve(request)
     log = parallel.is_writer
     options = RuntimeOptions(
@@ -233,8 +130,6 @@ def measure_rows(runtime, ids: list[int], new_tokens: int) -> dict:
 
 def every_row(runtime, ids: list[int], new_tokens: int, on_done=lambda *_: None):
     """`ids` in each row of the runtime's cache, greedy to `new_tokens`: batching.BatchStats."""
-    from facli.batching import RowRequest
-
     queue = [RowRequest(ids, new_tokens, key=row) for row in range(runtime.rows)]
     return runtime.generate_rows(lambda: queue.pop() if queue else None, on_done,
                                  sampling=GREEDY, ignore_eos=True)
@@ -277,8 +172,6 @@ def warm_up(runtime, prompt_tokens: int) -> None:
 
 def rank_figures(runtime, generated) -> dict:
     """Per-rank peak GPU bytes, host KV bytes and process RSS, gathered from every rank."""
-    import psutil
-
     parallel = runtime.parallel
     peak = generated["peak_gpu_bytes"] if generated is not None and generated["peak_gpu_bytes"] else -1
     host_kv = runtime.kv.host_bytes() if hasattr(runtime.kv, "host_bytes") else 0
@@ -356,33 +249,3 @@ def describe_facli(record: dict) -> str:
     decode = "not measured" if decode is None else f"{decode:.1f} tok/s"
     return (f"depth {record['depth']}{rows}: facli TTFT {record['ttft_s']:.2f} s, prefill "
             f"{record['prefill_tokens_per_s']:.0f} tok/s, decode {decode}{peak}")
-
-
-def run_bench(request: BenchRequest) -> dict:
-    """facli on `devices` ranks, then the baseline here; returns the whole JSON-ready report."""
-    from facli.bench_environment import environment, hbm_gbps
-    from facli.bench_report import add_derived
-    from facli.parallel.launch import launch
-    from facli.resolve import resolve_device
-
-    device = resolve_device(request.device)
-    started = time.time()
-    facli_result = launch(bench_rank, (request,), world_size=request.devices, device_type=device.type)
-    release_memory(device)
-    prompt = facli_result.pop("prompt_ids")
-    baseline = None
-    if request.baseline == "transformers":
-        from facli.bench_baseline import run_baseline
-
-        rows = {r["depth"]: r.get("rows") or request.batch or 1 for r in facli_result["depths"]}
-        baseline = run_baseline(request, resolve(request), prompt, facli_result["dtype"], device,
-                                rows)
-    report = {
-        "schema": SCHEMA,
-        "environment": environment(device, request.devices),
-        "request": {**dataclasses.asdict(request), "depths": list(request.depths)},
-        "facli": facli_result,
-        "transformers": baseline,
-        "wall_s": time.time() - started,
-    }
-    return add_derived(report, hbm_gbps(device))

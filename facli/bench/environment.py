@@ -1,27 +1,28 @@
 """Where and with what a `facli bench` run measured: the GPU's HBM rate from its hardware
 recipe, device names, software versions, the facli commit and the date."""
 
+import os
+import platform
+import subprocess
 import time
+from pathlib import Path
 
 import torch
+
+import facli
+from facli.planner.hardware import detect_hardware
 
 
 def hbm_gbps(device: torch.device) -> float | None:
     """Achievable device memory GB/s of this GPU from its hardware recipe (None on CPUs)."""
     if device.type != "cuda":
         return None
-    from facli.planner.hardware import detect_hardware
-
     spec = detect_hardware()
     return spec.devices[0].hbm_gbps if spec.devices else None
 
 
 def environment(device: torch.device, devices: int) -> dict:
     """Device names, software versions, the facli commit and the date."""
-    import platform
-
-    import facli
-
     versions = {}
     for name in ("triton", "transformers"):
         try:
@@ -40,13 +41,9 @@ def environment(device: torch.device, devices: int) -> dict:
 def git_commit() -> dict:
     """The commit being measured: $FACLI_COMMIT when set (a copied or installed tree), else the
     facli checkout's commit and whether it has uncommitted changes, else "unknown"."""
-    import os
-    import subprocess
-    from pathlib import Path
-
     if os.environ.get("FACLI_COMMIT"):
         return {"commit": os.environ["FACLI_COMMIT"], "dirty": None}
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # the checkout: facli/bench/ is two below it
     if not (root / ".git").exists():  # an installed copy has no checkout of its own
         return {"commit": "unknown", "dirty": None}
 
