@@ -19,7 +19,7 @@ overhead grows as n ** exponent (thread hand-offs; CpuScaling). The constants ar
 instruction set (what PyTorch's kernels dispatch to: torch.backends.cpu.get_cpu_capability()),
 fitted by `python benchmarks/cpu_calibration.py` to timings of facli's own forward pass; they
 are unknown for any other instruction set, and for what those runs never measured (other
-dtypes, several CPU ranks). docs/time-model.md has the fit and its errors.
+dtypes, several CPU ranks). docs/calibration.md has the fit and its errors.
 """
 
 from dataclasses import dataclass, fields
@@ -91,9 +91,9 @@ def _from_seconds(name: str, seconds: float) -> float:
     return float(f"{seconds / (1e-6 if name.endswith('_us') else 1e-9):.4g}")
 
 
-# Fitted by benchmarks/cpu_calibration.py: the thread scaling to docs/results/
+# Fitted by benchmarks/cpu_calibration.py: the thread scaling to tests/data/
 # cpu-calibration-threads-*.json, the one-thread costs to cpu-calibration-costs-*.json
-# (docs/time-model.md: how, and the tables of predicted against measured).
+# (docs/calibration.md: how, and the tables of predicted against measured).
 CPU_CONSTANTS: dict[str, CpuConstants] = {
     "AVX512": CpuConstants(
         layer_overhead_us=262.3, weight_gbps=11.52, gemm_pack_gbps=10.22, gemm_gflops=166.6,

@@ -20,8 +20,7 @@ DEFAULT_MARGIN_FRACTION = 0.03
 HOST_PINNABLE_FRACTION = 0.8
 # Rough rates for a detected machine when no recipe names its GPU or host (estimates).
 _FALLBACK_CPU_MEMORY_GBPS_PER_CORE = 6.0
-# Of CPU memory bandwidth: PyTorch's CPU flash-attention kernel scanned a bf16 cache at 54.7
-# GB/s on a 16-core H200 host (benchmarks/cpu_attention.py), 0.57 of 16 x 6 GB/s.
+# CPU attention's bf16 scan as a share of CPU memory bandwidth (benchmarks/cpu_attention.py).
 _FALLBACK_CPU_ATTENTION_SHARE = 0.55
 _FALLBACK_CPU_TFLOPS_PER_CORE = 0.05
 _FALLBACK_HOST_DEVICE_GBPS = 12.0  # PCIe 3.0 x16, pinned

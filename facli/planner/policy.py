@@ -8,7 +8,7 @@ facli.offload.kv_store carry them out. A leaf module: it imports nothing of the 
 docs/calibration.md lists the measured constants and the benchmarks/ scripts that refit them.
 """
 
-# Tensor-parallel ranks that sum prefill tiles with the GPUs' copy engines (facli.parallel.copy_engine).
+# Tensor-parallel ranks that sum prefill tiles with the copy engines (facli.parallel.copy_engine).
 COPY_ENGINE_RANKS = 2
 # Symmetric inboxes per rank for those sums, each a whole projection output [chunk, hidden],
 # used by alternating row-parallel projections.

@@ -165,8 +165,8 @@ def _fp8_hint(model: ModelConfig, hardware: HardwareSpec, ctx: int, batch: int,
 # The most rows an automatic choice takes (summarize, bench --batch auto, plan-memory --batch
 # auto); each row holds a whole context of KV.
 MOST_ROWS = 64
-# Rows hint at an fp8 cache only for this much more decode throughput: fp8 is lossy, and the
-# time model's rows figures are within about 4% of measured runs (docs/benchmarks.md).
+# Rows hint at an fp8 cache only for this much more decode throughput (ratio): fp8 is lossy,
+# and the bar stays above the time model's error for rows (docs/calibration.md).
 FP8_ROWS_HINT_GAIN = 1.10
 
 

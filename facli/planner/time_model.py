@@ -1,10 +1,9 @@
 """Predicted prefill and decode time of one placement, from the hardware spec's rates.
 
-Every guess about GPUs lives in the constants below; calibrate them against `facli bench`
-measurements. Rates in the hardware recipes are already achievable figures (measured or
-datasheet scaled). CPU-only plans are timed by planner.cpu_time instead, whose constants
-benchmarks/cpu_calibration.py fits to CPU runs; where a term is unknown (unknown_time), the
-figures only rank candidates and the plan reports no time.
+The rates in the hardware recipes are achievable figures; every other guess about GPUs is a
+constant below, with its meaning and unit and what measures it (docs/calibration.md has each
+constant's fit and how to refit it). CPU-only plans are timed by planner.cpu_time instead; where
+a term is unknown (unknown_time), the figures only rank candidates and the plan reports no time.
 """
 
 from dataclasses import dataclass
@@ -25,88 +24,46 @@ from facli.planner.policy import (
     sums_with_copy_engines,
 )
 
-# --- calibration ---
-# Fitted to `facli bench --synthetic llama-7b` on one and on two H200s with the fused
-# elementwise kernels (docs/benchmarks.md, "End to end"): predicted TTFT within 3% of measured
-# from 8K to 256K after this fit, decode within 9%. DECODE_READ_RATE came later, over 24 depths
-# on 1, 2 and 4 H200s: decode within 10%, 4% root mean square.
-MATMUL_HALF_EFFICIENCY_TOKENS = 128  # GEMM efficiency = tokens / (tokens + this)
-MATMUL_EFFICIENCY = 0.89  # cuBLAS bf16 GEMMs of the model's shapes against the 8192^3 ceiling
-# Attention TFLOP/s as a share of the matmul rate: facli's Triton prefill kernel measured
-# 486-518 TFLOP/s against a 760-798 TFLOP/s matmul ceiling on the H200 (0.62-0.66); on Hopper
-# the Gluon kernel (kernels/prefill_hopper.py) 583-630 against 788 at 16K-256K (0.74-0.80).
+# --- calibration: meaning and unit, then what refits it (docs/calibration.md) ---
+# Tokens at which a GEMM reaches half of MATMUL_EFFICIENCY. `facli bench` TTFT at short depths.
+MATMUL_HALF_EFFICIENCY_TOKENS = 128
+# The model's GEMMs over matmul_tflops (ratio). `facli bench --synthetic llama-7b` TTFT.
+MATMUL_EFFICIENCY = 0.89
+# Triton prefill attention TFLOP/s over matmul_tflops (ratio). benchmarks/attention.py.
 ATTENTION_EFFICIENCY = 0.63
+# The same for the Gluon prefill kernel on Hopper (ratio). benchmarks/attention.py.
 HOPPER_ATTENTION_EFFICIENCY = 0.77
-ELEMENTWISE_PASSES = 2  # fused norms, RoPE, SiLU and residual adds: each activation read once, written once
-LAYER_OVERHEAD_S = 30e-6  # per layer per prefill step: kernel launches in eager mode
-# Per layer per decode step, beyond its bytes: the small kernels of a layer (norms, RoPE,
-# split-KV merge, GEMVs below bandwidth) inside one CUDA graph; fitted over 8K-128K at 55 us,
-# then 12 us less per layer for facli's matrix-vector kernel (facli.kernels.gemv: 12.1 us per
-# Llama-7B layer faster than cuBLAS on an H200). With it, 8K and 32K decode measured 188.0 and
-# 122.0 tok/s against 188.9 and 122.9 predicted (docs/benchmarks.md, 000001e).
+# Passes over each activation: fused kernels read it once, write it once. benchmarks/elementwise.py.
+ELEMENTWISE_PASSES = 2
+# Seconds per layer per prefill step: kernel launches. `facli bench` TTFT at short depths.
+LAYER_OVERHEAD_S = 30e-6
+# Seconds per layer per graphed decode step, beyond its bytes. `facli bench` decode at 8K-128K.
 DECODE_LAYER_OVERHEAD_S = 43e-6
-# With rows (batch > 1) the projections run as cuBLAS GEMMs, not facli's one-row matrix-vector
-# kernel: 117 us per Llama-7B layer against 104 on an H200 (docs/benchmarks.md, 000001e), so the
-# weights stream at this share of the one-row rate.
+# Rows' weight read rate (cuBLAS GEMMs) over one row's kernel, in us per layer. benchmarks/gemv.py.
 ROWS_WEIGHT_READ_SHARE = 104 / 117
-# Decode's reads (the split-KV attention kernel, cuBLAS's GEMVs) stream faster than the spec's
-# achievable rate, which a copy measures: on an H200 facli's decode kernel read 4.41-4.60 TB/s
-# where torch.sum read 4.11-4.15 in the same calls. Fitted over the runs on 1, 2 and 4 H200s
-# since the last refit (docs/benchmarks.md, "Planner predictions after fitting").
+# Decode's read rate over hbm_gbps, a copy's rate (ratio). `facli bench` decode at 8K-256K.
 DECODE_READ_RATE = 1.08
-# The decode kernel reads an fp8 cache (e4m3 values, a float32 scale per token and head) at this
-# share of the bf16 path's rate: it converts every byte in registers and is bound by instruction
-# latency, not by memory. Fitted to `facli bench --synthetic llama-7b --kv-dtype fp8` at 32K,
-# 128K and 256K on one H200 with the scales stored by head (commit 9a496df,
-# docs/benchmarks.md, "fp8 scales stored by head"): within 1.1% at each depth.
+# Decode kernel's rate over an fp8 cache, share of bf16's. `facli bench --kv-dtype fp8` decode.
 FP8_DECODE_READ_SHARE = 0.57
-# Rows of an fp8 cache, in waves their splits fill, read at this share instead: the kernel read
-# 2.65-2.71 TB/s over 7-24 full rows at 32K where the bf16 path read 4.43-4.60
-# (benchmarks/decode_rows.py, scales stored by head). Fitted to `facli bench --kv-dtype fp8
-# --batch 14` at 32K on one H200 (commit 9a496df): within 0.1%.
+# The same for rows in full waves. `facli bench --kv-dtype fp8 --batch N`.
 FP8_ROWS_DECODE_READ_SHARE = 0.60
-# Per layer per decode step of a wholly eager decode (an fp8 cache the GPU cannot read
-# directly): the host's Python and launches for the layer. Fitted to one run (fp8 KV, all layers
-# on one H200, 256K, run eagerly before that layout replayed graphs: 48.3 ms per step); the host
-# then sets the pace whenever the GPU's share of a layer is shorter.
+# Host seconds per layer of a wholly eager decode step. `facli generate --eager --kv-dtype fp8`.
 EAGER_STORE_LAYER_HOST_S = 1.5e-3
-# Per host layer per decode step, beyond its bytes: the KV store's part runs eagerly between two
-# CUDA graphs (facli.graphs). On one H200, Llama-7B in a cache planned for 256K (4 host layers,
-# prefetch) decoded a 1K prompt in 4.96 ms per step against 4.85 predicted without it
-# (benchmarks/offloaded_decode.py at 372e3b1, docs/benchmarks.md).
+# Seconds per host layer per step: its KV store between graphs. benchmarks/offloaded_decode.py.
 HOST_LAYER_EAGER_S = 30e-6
-# fp8 prefill attends over the cached prefix in dequantized tiles of FP8_PREFILL_TILE_ROWS, merged
-# by log-sum-exp (offload.kv_store): attention time times this. Fitted to one H200 at 50688fe
-# with 64K-row tiles: TTFT 10.79 / 37.93 s predicted against 10.98 / 37.35 s measured at 128K /
-# 256K (docs/benchmarks.md).
+# Prefill attention over an fp8 prefix, times bf16's (factor). `facli bench --kv-dtype fp8` TTFT.
 FP8_PREFILL_ATTENTION_FACTOR = 1.1
-# Share of one-all_reduce-per-projection communication that tiling-AllReduce hides with the copy
-# engines (facli.parallel.copy_engine), tiles of COPY_ENGINE_TILE_TOKENS: with relayed sums 47% at
-# 32K and 51% at 128K over the whole model on 2 H200s, in a call where pair_sum sums hid 29% and
-# 41% (benchmarks/tensor_parallel.py). NCCL's own kernels hid 9-15%: they wait for SMs that
-# cuBLAS's GEMMs hold.
+# Share of the prefill sums that copy-engine tiles hide (two GPUs). benchmarks/tensor_parallel.py.
 COPY_ENGINE_HIDDEN = 0.5
-# With NCCL (more than 2 ranks): a chunk run in two waves (facli.parallel.waves, the KV cache all
-# on the GPUs) hid 38-55% on 4 H200s at 32K and 128K, in one pass or in 16K chunks; an
-# all_reduce per tile, where the waves do not apply, 3-14% there and 9-15% on 2 H200s
-# (docs/benchmarks.md, "Four GPUs").
+# The same for two-wave prefill with NCCL (more GPUs). benchmarks/tensor_parallel.py --modes waves.
 NCCL_WAVES_HIDDEN = 0.4
+# The same for NCCL tiles where waves do not apply. benchmarks/tensor_parallel.py --modes tiled.
 NCCL_TILING_HIDDEN = 0.1
-# Per host layer per decode step of CPU attention ("cpu" and "split"), beyond its bytes: the
-# host waits for q, the GPU for the CPU's partials, and the queue between them drains. Fitted
-# where the bytes are few: a 1K prompt in the 256K plan above decoded at 6.76 ms per step in
-# "cpu" mode, 6.15 predicted with 20 us here.
+# Seconds per host layer of cpu/split decode: GPU-CPU hand-offs. benchmarks/offloaded_decode.py.
 CPU_ATTENTION_SYNC_S = 170e-6
-# Per host layer per "split" decode step, beyond the above: the slot's wait, the GPU's partial
-# and the merge, which the GPU does between the CPU's part and the next layer. In the same
-# plan, split steps took 8.67 / 10.4 / 29.8 ms for 1K / 8K / 32K prompts, 0.4-0.75 ms per host
-# layer above the model without it (benchmarks/offloaded_decode.py at 35cc7cf).
+# Seconds per host layer of split decode: slot wait and merge. benchmarks/offloaded_decode.py.
 SPLIT_LAYER_S = 0.6e-3
-# CPU attention over fp8 rows, as a share of the spec's rate (bytes of cache per second): PyTorch
-# converts e4m3 to float32 tiles slowly on the CPU. On the 16-core H200 host an fp8 cache was
-# read at 1.9-2.1 GB/s against 43-46 GB/s for a bf16 cache through the flash kernel, in one call
-# (benchmarks/cpu_attention.py, 31849e2); converting to bf16 tiles for the flash kernel instead
-# measured 0.3-0.7 GB/s.
+# CPU attention over fp8 rows, share of cpu_attention_gbps. benchmarks/cpu_attention.py.
 CPU_FP8_ATTENTION_SHARE = 0.04
 
 
@@ -280,9 +237,8 @@ def decode_wave_fill(hw: HardwareSpec, layout: Layout) -> float:
 
 def _concurrent_host_rates(hw: HardwareSpec, layout: Layout) -> tuple[float, float]:
     """(PCIe bytes/s per GPU, CPU attention bytes/s) while both read host memory at once: their
-    sum is capped by the host's memory bandwidth, both scaled by the same factor (measured on a
-    16-core H200 host: 52 and 44 GB/s at once, 96 together, against 55 and 50 alone;
-    benchmarks/offload.py)."""
+    sum is capped by the host's memory bandwidth, both scaled by the same factor
+    (benchmarks/offload.py measures them at once)."""
     pcie = hw.host_device_gbps * 1e9
     cpu = _cpu_attention_rate(hw.cpu_attention_gbps * 1e9, layout)
     scale = min(1.0, hw.cpu_memory_gbps * 1e9 / (pcie * layout.tp + cpu))
