@@ -10,7 +10,8 @@ import torch
 from typer.testing import CliRunner
 
 from facli.cli import app
-from facli.planner.hardware import load_hardware
+from facli.planner import cpu_time, hardware
+from facli.planner.hardware import CpuSpec, load_hardware
 from facli.planner.search import predict_prompt
 from facli.recipe_loader import load_model_recipe
 from facli.resolve import resolve_model
@@ -34,7 +35,14 @@ from facli.units import format_seconds
 from test_summarize_cli import CTX, NEW, mixed_folder, numbered_folder, request
 
 
-def test_every_pending_document_is_forecast_and_nothing_is_written(tmp_path, capsys):
+@pytest.fixture
+def timed_cpu(monkeypatch):
+    """This machine's CPU as one whose rates are measured, whatever its instruction set."""
+    isa = sorted(cpu_time.CPU_CONSTANTS)[0]
+    monkeypatch.setattr(hardware, "detect_cpu", lambda: CpuSpec(torch.get_num_threads(), isa))
+
+
+def test_every_pending_document_is_forecast_and_nothing_is_written(tmp_path, capsys, timed_cpu):
     docs, out = numbered_folder(tmp_path), tmp_path / "out" / "r.jsonl"
     run = forecast_run(request(docs, out))
     forecasts = run.groups
@@ -115,7 +123,7 @@ def test_plan_only_for_a_hardware_recipe_and_not_for_a_run(tmp_path):
     assert not out.exists()
 
 
-def test_cli_plan_only_prints_the_table_and_one_json_line(tmp_path):
+def test_cli_plan_only_prints_the_table_and_one_json_line(tmp_path, timed_cpu):
     docs, out = numbered_folder(tmp_path), tmp_path / "r.jsonl"
     result = CliRunner().invoke(app, ["summarize", str(docs), "--out", str(out), "--ctx", str(CTX),
                                       "--max-new-tokens", str(NEW), "--device", "cpu",
