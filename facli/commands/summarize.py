@@ -8,6 +8,7 @@ import typer
 
 from facli import options
 from facli.errors import FacliError
+from facli.summarize.prompting import SUMMARY_REPETITION_PENALTY
 from facli.summarize.strategies import Strategy
 
 
@@ -25,7 +26,7 @@ def command(
     top_p: options.TopP = 1.0,
     top_k: options.TopK = 0,
     seed: options.Seed = 0,
-    repetition_penalty: options.RepetitionPenalty = 1.0,
+    repetition_penalty: options.RepetitionPenalty = SUMMARY_REPETITION_PENALTY,
     no_repeat_ngram_size: options.NoRepeatNgramSize = 0,
     dtype: options.Dtype = "auto",
     device: options.Device = None,

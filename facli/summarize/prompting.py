@@ -12,12 +12,16 @@ from facli.summarize.files import TEMPLATE_LIMIT, read_user_file
 from facli.tokenizer import render_chat
 
 PLACEHOLDER = "{document}"
-SUMMARIZE_MESSAGE = "Summarize the following document concisely.\n\n{document}"
+# The instruction follows the document: small models lose an instruction that a long document
+# separates from the answer, and then continue the document instead of summarizing it.
+SUMMARIZE_MESSAGE = "{document}\n\nSummarize the document above in a few sentences."
 COMBINE_MESSAGE = (
-    "The following are summaries of consecutive parts of one document. "
-    "Combine them into one concise summary.\n\n{document}"
+    "{document}\n\nThe text above holds summaries of consecutive parts of one document. "
+    "Combine them into one summary of a few sentences."
 )
 PLAIN_SUFFIX = "\n\nSummary:"
+# Greedy summaries from small models fall into loops without a mild repetition penalty.
+SUMMARY_REPETITION_PENALTY = 1.1
 _MARKER = "\u2063FACLI-DOCUMENT\u2063"
 
 

@@ -37,7 +37,7 @@ from facli.summarize.planning import (
     tokenize,
 )
 from facli.summarize.row_groups import RowGroup, length_buckets, merge_buckets
-from facli.summarize.prompting import make_prompts, read_template
+from facli.summarize.prompting import SUMMARY_REPETITION_PENALTY, make_prompts, read_template
 from facli.summarize.strategies import Budget, Strategy
 from facli.tokenizer import load_tokenizer
 
@@ -54,7 +54,8 @@ class SummarizeRequest:
     device: str | None = None
     dtype: str = "auto"
     devices: int = 1
-    sampling: SamplingParams = field(default_factory=SamplingParams)
+    sampling: SamplingParams = field(
+        default_factory=lambda: SamplingParams(repetition_penalty=SUMMARY_REPETITION_PENALTY))
     retry_failed: bool = False
     allow_ctx_extension: bool = False
     kv_dtype: str = "auto"  # auto (the weights'), bf16, fp16, fp32 or fp8
