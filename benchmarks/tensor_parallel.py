@@ -41,7 +41,7 @@ import torch.distributed as dist
 from facli.bench.environment import git_commit
 from facli.config import ModelConfig
 from facli.kernels import elementwise
-from facli.kv_cache import DeviceKVCache
+from facli.offload.device_cache import DeviceKVCache
 from facli.model import CausalLM
 from facli.parallel import comm, copy_engine
 from facli.parallel.context import SINGLE_PROCESS, ParallelContext, TensorParallelSettings
@@ -281,7 +281,7 @@ def run_long(model, ctx, device, args, tile):
 
 def generate_check(devices: int, device_type: str) -> dict:
     """The embedded demo model through `facli generate`'s path: N ranks vs 1, greedy, float32."""
-    from facli.commands.generate import plan_and_generate
+    from facli.generation import plan_and_generate
     from facli.runtime import RuntimeOptions
     from facli.sampling import SamplingParams
 

@@ -141,7 +141,7 @@ def test_the_prompt_line_names_where_host_rows_go_for_this_prompt():
     """Llama-7B planned for 256K on one H200: 4 host layers decoded in split mode. A 1K prompt
     keeps their rows in the staging slots, and the line says so; a 200K prompt is near enough
     the plan's own figures for no line."""
-    from facli.commands.generate import _prompt_line
+    from facli.generation import _prompt_line
     from facli.planner.hardware import load_hardware
     from facli.planner.search import PlanOptions, plan, predict_prompt
     from facli.recipe_loader import load_model_recipe

@@ -75,7 +75,7 @@ def test_a_huge_prompt_file_is_refused_unread(tmp_path, cache):
 
 
 def test_standard_input_is_read_with_a_bound(cache, monkeypatch):
-    monkeypatch.setattr("facli.summarize.files.DOCUMENT_LIMIT", 16)
+    monkeypatch.setattr("facli.prompt_text.DOCUMENT_LIMIT", 16)
     error_line(generate("--prompt-file", "-", env=cache, input="x" * 17),
                "expected a prompt of at most 16 B on standard input")
 
