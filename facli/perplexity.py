@@ -12,8 +12,19 @@ import math
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+from facli.errors import FacliError
+from facli.parallel.degrees import check_tensor_parallel
+from facli.parallel.launch import launch
+from facli.placement import hardware_for, plan_run
+from facli.resolve import check_context, resolve_device, resolve_model, tokenizer_for
+from facli.runtime import Runtime, RuntimeOptions
+
+# A text shorter than this many windows of the default length is scored in one window.
+DEFAULT_WINDOW = 4096
 
 
 @dataclass(frozen=True)
@@ -117,7 +128,7 @@ def perplexity(model, kv, ids: list[int], *, ctx: int, stride: int, chunk: int,
 class PerplexityRequest:
     """Everything a rank needs; picklable, so that spawned ranks receive it."""
 
-    options: object  # facli.runtime.RuntimeOptions, ctx the window length
+    options: RuntimeOptions  # ctx: the window length
     resolved: object
     ids: list
     stride: int
@@ -126,10 +137,43 @@ class PerplexityRequest:
     plan: object
 
 
+def run_perplexity(text: str, source: Path, *, model: str | None, ctx: int | None,
+                   stride: int | None, allow_ctx_extension: bool, dtype: str, kv_dtype: str,
+                   device: str | None, devices: int, prefill_chunk: int | None) -> dict:
+    """`facli perplexity`: tokenize `text` (read from `source`), choose the window (ctx None: the
+    model's max_position_embeddings, at most DEFAULT_WINDOW) and stride (None: half the window),
+    plan, then score on `devices` ranks; the result of rank 0 (perplexity_on_rank)."""
+    resolved = resolve_model(model)
+    tokenizer = tokenizer_for(resolved)
+    ids = tokenizer(text).input_ids
+    if len(ids) < 2:
+        raise FacliError(f"expected a text of at least 2 tokens in {source}, got {len(ids)}")
+    limit = resolved.config.max_position_embeddings
+    asked = ctx if ctx is not None else min(limit, DEFAULT_WINDOW)
+    window = min(asked, len(ids))  # a text shorter than the window is one window
+    step = stride if stride is not None else max(1, window // 2)
+    if asked > window:
+        step = min(step, window)
+    if not 1 <= step <= window:
+        raise FacliError(f"expected --stride from 1 to the window ({window} tokens), got {step}")
+    check_context(resolved.config, window, allow_ctx_extension)
+    check_tensor_parallel(resolved.config, devices)
+    run_device = resolve_device(device)
+    hardware = hardware_for(run_device, None)
+    run_options = RuntimeOptions(model=model, device=device, dtype=dtype, kv_dtype=kv_dtype,
+                                 ctx=window, prefill_chunk=prefill_chunk, devices=devices,
+                                 allow_ctx_extension=allow_ctx_extension)
+    plan = plan_run(resolved.config, resolved.name, hardware, ctx=window, world_size=devices,
+                    dtype=dtype, kv_dtype=kv_dtype, prefill_chunk=prefill_chunk,
+                    decode_mode="auto", force=False)
+    print(f"facli: {plan.summary_line()}", file=sys.stderr)
+    print(f"facli: {len(ids)} tokens, windows of {window} every {step}", file=sys.stderr)
+    request = PerplexityRequest(run_options, resolved, ids, step, hardware, tokenizer, plan)
+    return launch(perplexity_on_rank, (request,), world_size=devices, device_type=run_device.type)
+
+
 def perplexity_on_rank(parallel, request: PerplexityRequest) -> dict:
     """Load this rank's shard and score the text; rank 0 shows progress."""
-    from facli.runtime import Runtime
-
     runtime = Runtime(request.resolved, request.options, parallel, tokenizer=request.tokenizer,
                       hardware=request.hardware, plan=request.plan)
     windows = sliding_windows(len(request.ids), request.options.ctx, request.stride)
