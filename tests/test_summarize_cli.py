@@ -204,9 +204,9 @@ def test_short_documents_run_in_their_own_wider_group(tmp_path, monkeypatch):
     shorter context with more rows; the records are those of one document at a time."""
     docs = numbered_folder(tmp_path)
     write(docs / "zz-long.txt", "A longer document. " * 8)
-    import facli.summarize.run as run_module
+    import facli.summarize.corpus as corpus_module
 
-    monkeypatch.setattr(run_module, "choose_rows",
+    monkeypatch.setattr(corpus_module, "choose_rows",
                         lambda config, ctx, hardware, **_: 64 if ctx <= 128 else 1)
     grouped, alone = tmp_path / "grouped.jsonl", tmp_path / "alone.jsonl"
     run_summarize(request(docs, grouped))

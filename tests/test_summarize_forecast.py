@@ -22,10 +22,9 @@ from facli.summarize.forecast import (
     format_forecast,
     forecast_run,
     predicted_line,
-    prompt_lengths,
     total_seconds,
 )
-from facli.summarize.planning import PreparedDocument, plan_memory
+from facli.summarize.planning import PreparedDocument, plan_memory, prompt_lengths
 from facli.summarize.prompting import make_prompts
 from facli.summarize.row_groups import RowGroup
 from facli.summarize.run import run_summarize

@@ -8,8 +8,15 @@ import typer
 
 from facli import options
 from facli.errors import FacliError
+from facli.sampling import SamplingParams
+from facli.summarize.corpus import SummarizeRequest
+from facli.summarize.files import check_output_path
+from facli.summarize.forecast import forecast_run, format_forecast
+from facli.summarize.planning import auto_devices, hardware_spec
 from facli.summarize.prompting import SUMMARY_REPETITION_PENALTY
+from facli.summarize.run import run_on_ranks
 from facli.summarize.strategies import Strategy
+from facli.units import parse_batch, parse_ctx
 
 
 def command(
@@ -42,23 +49,16 @@ def command(
     """Summarize documents; rerun the same command to resume after a crash or Ctrl-C.
 
     --json prints the run's summary, or with --plan-only the plan; --hardware needs --plan-only."""
-    from facli.summarize.files import check_output_path
-
     check_output_path(out)  # before any model, hardware or document is looked at
-    from facli.parallel.launch import launch
-    from facli.resolve import resolve_device
-    from facli.sampling import SamplingParams
-    from facli.summarize.run import SummarizeRequest, summarize_on_rank
-    from facli.units import parse_batch, parse_ctx
-
     if hardware != "auto" and not plan_only:
         raise FacliError(f"expected --hardware only with --plan-only, got --hardware {hardware} "
                          "for a run; a run plans on the machine it runs on")
     tokens = parse_ctx(ctx) if ctx is not None else None
     rows, ranks = parse_batch(batch), options.parse_count(devices, "--devices")
-    spec = _hardware(hardware, device)
+    spec = hardware_spec(hardware, device)
     if ranks is None:
-        ranks = _planned_devices(model, tokens, spec, dtype, kv_dtype, decode_mode, rows)
+        ranks = auto_devices(model, tokens, spec, dtype=dtype, kv_dtype=kv_dtype,
+                             decode_mode=decode_mode, batch=rows)
 
     request = SummarizeRequest(
         inputs=tuple(inputs), out=out, model=model, ctx=tokens, max_new_tokens=max_new_tokens,
@@ -71,10 +71,12 @@ def command(
                                 no_repeat_ngram_size=no_repeat_ngram_size),
     )
     if plan_only:
-        _print_forecast(request, as_json)
+        forecast = forecast_run(request)
+        print(format_forecast(forecast, out))
+        if as_json:
+            print(json.dumps(forecast.to_dict(out)))
         return
-    device_type = resolve_device(device).type
-    summary = launch(summarize_on_rank, (request,), world_size=ranks, device_type=device_type)
+    summary = run_on_ranks(request)
     if as_json:
         print(json.dumps({"output": str(out), **summary.as_dict()}))
     if summary.interrupted:
@@ -82,33 +84,3 @@ def command(
     if summary.none_succeeded:  # the records of the failures stay in the output
         raise FacliError(summary.failure_line(out))
 
-
-def _print_forecast(request, as_json: bool) -> None:
-    from facli.summarize.forecast import forecast_run, format_forecast
-
-    run = forecast_run(request)
-    print(format_forecast(run, request.out))
-    if as_json:
-        print(json.dumps(run.to_dict(request.out)))
-
-
-def _planned_devices(model, ctx, spec, dtype, kv_dtype, decode_mode, rows) -> int:
-    """`--devices auto`: the planner's degree for the model's config at --ctx (else its trained
-    length), read without weights."""
-    from facli.recipe_loader import resolve_model_config
-
-    name, config = resolve_model_config(model)
-    return options.planned_devices(config, name, spec, ctx or config.max_position_embeddings,
-                                   dtype=dtype, kv_dtype=kv_dtype, decode_mode=decode_mode,
-                                   batch=rows or 1)
-
-
-def _hardware(recipe: str, device: str | None):
-    """The spec to plan on: a named recipe (--plan-only), else this machine (summarize_hardware)."""
-    from facli.summarize.planning import summarize_hardware
-
-    if recipe == "auto":
-        return summarize_hardware(device)
-    from facli.planner.hardware import load_hardware
-
-    return load_hardware(recipe)

@@ -14,14 +14,23 @@ never compiled on the machine and the host's share of each step are not counted.
 document's combine prompt is counted once, with a summary per part.
 """
 
-import math
 from dataclasses import dataclass, replace
 
+from facli.parallel.context import SINGLE_PROCESS
 from facli.planner.plan import Plan
 from facli.planner.search import FP8_HINT, predict_prompt
-from facli.summarize.planning import PreparedDocument
+from facli.resolve import ResolvedModel
+from facli.summarize.corpus import (
+    Corpus,
+    SummarizeRequest,
+    corpus_row_groups,
+    group_plan,
+    open_corpus,
+    select_pending,
+)
+from facli.summarize.output import read_results
+from facli.summarize.planning import prompt_lengths
 from facli.summarize.row_groups import RowGroup
-from facli.summarize.strategies import Strategy
 from facli.units import format_bytes, format_seconds
 
 # What each group's documents take beyond the time model's prefill and decode, on a GPU with
@@ -46,24 +55,6 @@ class GroupForecast:
                 "prompts": len(self.prompt_lengths), "prompt_tokens": sum(self.prompt_lengths),
                 "peak_gpu_bytes": max(d.peak_bytes for d in self.plan.devices),
                 "prefill_s": self.prefill_s, "decode_s": self.decode_s, "warmup_s": self.warmup_s}
-
-
-def prompt_lengths(item: PreparedDocument, settings) -> list[int]:
-    """Tokens of each prompt the document runs under the job's strategy ([] for none)."""
-    if item.ids is None:
-        return []
-    budget, prompts = settings.budget, settings.prompts
-    limit, overhead = budget.document_tokens(prompts.summarize), prompts.summarize.overhead
-    length = len(item.ids)
-    if length <= limit:
-        return [length + overhead]
-    if settings.strategy is Strategy.TRUNCATE:
-        return [limit + overhead]
-    if settings.strategy is Strategy.FIT:
-        return []
-    parts = math.ceil(length / limit)
-    combine = parts * budget.max_new_tokens + prompts.combine.overhead
-    return [math.ceil(length / parts) + overhead] * parts + [min(combine, budget.ctx)]
 
 
 def forecast_group(group: RowGroup, plan: Plan, config, hardware, settings) -> GroupForecast:
@@ -114,12 +105,15 @@ def _sum(values) -> float | None:
     return None if None in values else sum(values)
 
 
-def forecast_run(request) -> RunForecast:
-    """The forecast of a SummarizeRequest, grouped as run_summarize would group it."""
-    from facli.parallel.context import SINGLE_PROCESS
-    from facli.summarize.output import read_results
-    from facli.summarize.run import corpus_row_groups, group_forecasts, open_corpus, select_pending
+def group_forecasts(request: SummarizeRequest, resolved: ResolvedModel, corpus: Corpus,
+                    groups: list[RowGroup]) -> list[GroupForecast]:
+    """Each group's plan and predicted time."""
+    return [forecast_group(group, group_plan(request, resolved, group), resolved.config,
+                           request.hardware, corpus.settings) for group in groups]
 
+
+def forecast_run(request: SummarizeRequest) -> RunForecast:
+    """The forecast of a SummarizeRequest, grouped as run_summarize would group it."""
     request, resolved, _, corpus = open_corpus(request, log=lambda message: None)
     pending, skipped = select_pending(corpus.prepared, read_results(request.out),
                                       request.retry_failed)

@@ -12,10 +12,9 @@ from facli.errors import FacliError
 from facli.summarize import strategies
 from facli.summarize.batched import run_batched
 from facli.summarize.faults import OomGuard
-from facli.summarize.forecast import prompt_lengths
 from facli.summarize.interrupt import StopRequest
 from facli.summarize.output import ResultWriter, make_record
-from facli.summarize.planning import PreparedDocument
+from facli.summarize.planning import PreparedDocument, prompt_lengths
 from facli.summarize.progress import Progress
 from facli.summarize.prompting import Prompts
 from facli.summarize.strategies import Budget, DocumentFailed, Outcome, Strategy

@@ -4,6 +4,10 @@ import math
 from dataclasses import asdict, dataclass, replace
 
 from facli.errors import FacliError
+from facli.options import planned_devices
+from facli.planner.hardware import detect_hardware, load_hardware
+from facli.planner.search import PlanOptions, largest_resident_batch, plan, with_fp8_rows_hint
+from facli.recipe_loader import resolve_model_config
 from facli.summarize.documents import Document
 from facli.summarize.prompting import Prompts
 from facli.summarize.strategies import Budget, Strategy
@@ -76,6 +80,24 @@ def first_prompts(pending: list[PreparedDocument], prompts: Prompts, budget: Bud
     return sum(max(1, math.ceil(length / limit)) for length in usable)
 
 
+def prompt_lengths(item: PreparedDocument, settings) -> list[int]:
+    """Tokens of each prompt the document runs under the job's strategy ([] for none)."""
+    if item.ids is None:
+        return []
+    budget, prompts = settings.budget, settings.prompts
+    limit, overhead = budget.document_tokens(prompts.summarize), prompts.summarize.overhead
+    length = len(item.ids)
+    if length <= limit:
+        return [length + overhead]
+    if settings.strategy is Strategy.TRUNCATE:
+        return [limit + overhead]
+    if settings.strategy is Strategy.FIT:
+        return []
+    parts = math.ceil(length / limit)
+    combine = parts * budget.max_new_tokens + prompts.combine.overhead
+    return [math.ceil(length / parts) + overhead] * parts + [min(combine, budget.ctx)]
+
+
 def check_budget(prompts: Prompts, budget: Budget) -> None:
     for builder in (prompts.summarize, prompts.combine):
         if budget.document_tokens(builder) < 1:
@@ -89,10 +111,26 @@ def check_budget(prompts: Prompts, budget: Budget) -> None:
 def summarize_hardware(device: str | None):
     """This machine as the planner sees it (planner.hardware.detect_hardware), without GPUs for
     --device cpu. Detected once, before any rank starts, and shared by all of them."""
-    from facli.planner.hardware import detect_hardware
-
     hardware = detect_hardware()
     return replace(hardware, devices=()) if device == "cpu" else hardware
+
+
+def hardware_spec(recipe: str, device: str | None):
+    """The spec to plan on: a named recipe (--hardware with --plan-only), else this machine
+    (summarize_hardware)."""
+    if recipe == "auto":
+        return summarize_hardware(device)
+    return load_hardware(recipe)
+
+
+def auto_devices(model: str | None, ctx: int | None, hardware, *, dtype: str, kv_dtype: str,
+                 decode_mode: str, batch: int | None) -> int:
+    """`--devices auto`: the planner's degree for the model's config at `ctx` (None: its trained
+    length), read without weights."""
+    name, config = resolve_model_config(model)
+    return planned_devices(config, name, hardware, ctx or config.max_position_embeddings,
+                           dtype=dtype, kv_dtype=kv_dtype, decode_mode=decode_mode,
+                           batch=batch or 1)
 
 
 def plan_memory(config, ctx: int, hardware, *, model_name: str, max_new_tokens: int,
@@ -103,8 +141,6 @@ def plan_memory(config, ctx: int, hardware, *, model_name: str, max_new_tokens: 
     weights load; raises OutOfMemoryPlanError when nothing fits. rows_hint: rows chosen by the
     planner, whose plan names --kv-dtype fp8 where it holds clearly faster rows
     (planner.search.with_fp8_rows_hint)."""
-    from facli.planner.search import plan, with_fp8_rows_hint
-
     options = _plan_options(model_name, max_new_tokens, devices, dtype, kv_dtype, decode_mode,
                             allreduce_tile_tokens)
     found = plan(config, hardware, ctx, batch, options)
@@ -117,16 +153,12 @@ def choose_rows(config, ctx: int, hardware, *, model_name: str, max_new_tokens: 
     up to planner.search.MOST_ROWS, whose KV cache fits in device memory beside the weights
     (largest_resident_batch). 48 rows ran 7.4x one at a time on short documents
     (docs/performance.md, "facli summarize")."""
-    from facli.planner.search import largest_resident_batch
-
     options = _plan_options(model_name, max_new_tokens, devices, dtype, kv_dtype)
     return largest_resident_batch(config, hardware, ctx, options)
 
 
 def _plan_options(model_name, max_new_tokens, devices, dtype, kv_dtype, decode_mode="auto",
                   allreduce_tile_tokens=None):
-    from facli.planner.search import PlanOptions
-
     return PlanOptions(weight_dtype=dtype, kv_dtype=kv_dtype, decode_mode=decode_mode,
                        allreduce_tile_tokens=allreduce_tile_tokens, devices=devices,
                        new_tokens=max_new_tokens, model_name=model_name)

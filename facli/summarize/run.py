@@ -1,4 +1,5 @@
-"""A summarize run from start to end: corpus, plan, resume state, manifest, model, loop.
+"""A summarize run from start to end: corpus and plan (facli.summarize.corpus), resume state,
+manifest, model, loop.
 
 Everything up to loading the model is cheap (tokenizer only), so mistakes and the plan show
 before any weights are read. Every rank runs this; only the writer rank touches files.
@@ -8,80 +9,29 @@ import dataclasses
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from facli.errors import FacliError
-from facli.planner.search import MOST_ROWS, check_decode_mode
-from facli.parallel.comm import all_reduce_sum, barrier, broadcast_tokens
+from facli.parallel.comm import all_reduce_sum, barrier
 from facli.parallel.context import SINGLE_PROCESS, ParallelContext
-from facli.resolve import ResolvedModel, check_context, resolve_device, resolve_model
-from facli.runtime import Runtime, RuntimeOptions, check_kv_dtype
-from facli.sampling import SamplingParams
+from facli.parallel.launch import launch
+from facli.resolve import ResolvedModel, resolve_device
+from facli.runtime import Runtime, RuntimeOptions
 from facli.summarize import manifest as manifests
-from facli.summarize.documents import SourceFile, discover, read_documents
-from facli.summarize.files import check_output_path
-from facli.summarize.forecast import GroupForecast, forecast_group, predicted_line
+from facli.summarize.corpus import (
+    Corpus,
+    SummarizeRequest,
+    corpus_row_groups,
+    open_corpus,
+    select_pending,
+)
+from facli.summarize.forecast import group_forecasts, predicted_line
 from facli.summarize.interrupt import StopRequest
 from facli.summarize.job import JobSettings, JobSummary, run_documents
 from facli.summarize.output import ExistingResults, ResultWriter, check_writable, read_results
-from facli.summarize.planning import (
-    CorpusPlan,
-    PreparedDocument,
-    choose_rows,
-    plan_corpus,
-    plan_memory,
-    summarize_hardware,
-    tokenize,
-)
-from facli.summarize.row_groups import RowGroup, length_buckets, merge_buckets
-from facli.summarize.prompting import SUMMARY_REPETITION_PENALTY, make_prompts, read_template
-from facli.summarize.strategies import Budget, Strategy
-from facli.tokenizer import load_tokenizer
-
-
-@dataclass(frozen=True)
-class SummarizeRequest:
-    inputs: tuple[Path, ...]
-    out: Path
-    model: str | None = None
-    ctx: int | None = None  # None: the model's max_position_embeddings
-    max_new_tokens: int = 256
-    prompt_template: Path | None = None
-    strategy: Strategy = Strategy.FIT
-    device: str | None = None
-    dtype: str = "auto"
-    devices: int = 1
-    sampling: SamplingParams = field(
-        default_factory=lambda: SamplingParams(repetition_penalty=SUMMARY_REPETITION_PENALTY))
-    retry_failed: bool = False
-    allow_ctx_extension: bool = False
-    kv_dtype: str = "auto"  # auto (the weights'), bf16, fp16, fp32 or fp8
-    decode_mode: str = "auto"  # for host-resident KV: auto, prefetch, cpu or split
-    allreduce_tile_tokens: int | None = None  # None: the plan's
-    batch: int | None = None  # documents decoded together; None: as many as the GPUs hold
-    hardware: object = None  # the HardwareSpec to plan on; None detects it (summarize_hardware)
-
-    def __post_init__(self):
-        check_output_path(self.out)  # before anything is read, locked or created
-        check_kv_dtype(self.kv_dtype)
-        check_decode_mode(self.decode_mode)
-        if self.max_new_tokens <= 0:
-            raise FacliError(f"expected --max-new-tokens > 0, got {self.max_new_tokens}")
-        if self.devices < 1:
-            raise FacliError(f"expected --devices >= 1, got {self.devices}")
-        if self.batch is not None and self.batch < 1:
-            raise FacliError(f"expected --batch >= 1, got {self.batch}")
-
-
-@dataclass(frozen=True)
-class Corpus:
-    prepared: list[PreparedDocument]
-    settings: JobSettings
-    plan: CorpusPlan
-    template: str | None
+from facli.summarize.planning import PreparedDocument
+from facli.summarize.row_groups import RowGroup
 
 
 def run_summarize(request: SummarizeRequest, parallel: ParallelContext = SINGLE_PROCESS,
@@ -140,22 +90,17 @@ def run_summarize(request: SummarizeRequest, parallel: ParallelContext = SINGLE_
     return summary
 
 
-def open_corpus(request: SummarizeRequest, log=print):
-    """Everything before the weights: (the request with its hardware spec, the model, its
-    tokenizer, the corpus read, tokenized and planned)."""
-    if request.hardware is None:
-        request = dataclasses.replace(request, hardware=summarize_hardware(request.device))
-    files = discover(request.inputs, exclude=[request.out])
-    template = read_template(request.prompt_template)
-    resolved = resolve_model(request.model)
-    tokenizer = load_tokenizer(resolved.path)
-    return request, resolved, tokenizer, prepare_corpus(request, files, template, resolved,
-                                                         tokenizer, log)
-
-
 def summarize_on_rank(parallel: ParallelContext, request: SummarizeRequest) -> JobSummary:
     """`run_summarize` in the argument order of facli.parallel.launch."""
     return run_summarize(request, parallel)
+
+
+def run_on_ranks(request: SummarizeRequest) -> JobSummary:
+    """`facli summarize`: run_summarize on request.devices ranks (facli.parallel.launch, which
+    starts none for one); rank 0's summary."""
+    device_type = resolve_device(request.device).type
+    return launch(summarize_on_rank, (request,), world_size=request.devices,
+                  device_type=device_type)
 
 
 def _run_groups(runtime, groups: list[RowGroup], writer: ResultWriter | None,
@@ -189,49 +134,6 @@ def _shape(runtime, group: RowGroup, fall_back: bool, log) -> None:
         runtime.reshape(ctx=group.ctx, rows=1)
 
 
-def prepare_corpus(request: SummarizeRequest, files: list[SourceFile], template: str | None,
-                   resolved: ResolvedModel, tokenizer, log=print) -> Corpus:
-    """Read and tokenize every document and plan the context, before any weights load."""
-    ctx = request.ctx or resolved.config.max_position_embeddings
-    check_context(resolved.config, ctx, request.allow_ctx_extension)
-    prompts = make_prompts(tokenizer, template)
-    budget = Budget(ctx=ctx, max_new_tokens=request.max_new_tokens)
-    prepared = tokenize(read_documents(files, log), prompts)
-    plan = plan_corpus(prepared, prompts, budget, request.strategy)
-    settings = JobSettings(request.strategy, budget, prompts, request.sampling)
-    return Corpus(prepared, settings, plan, template)
-
-
-def select_pending(prepared: list[PreparedDocument], existing: ExistingResults,
-                   retry_failed: bool) -> tuple[list[PreparedDocument], int]:
-    """Documents without a record, plus failed ones with --retry-failed; and how many are skipped."""
-    done = existing.ids_with_status("ok")
-    if not retry_failed:
-        done |= existing.ids_with_status("failed")
-    pending = [p for p in prepared if p.document.id not in done]
-    return pending, len(prepared) - len(pending)
-
-
-def corpus_row_groups(request: SummarizeRequest, resolved: ResolvedModel, corpus: Corpus,
-                      pending: list[PreparedDocument], parallel: ParallelContext) -> list[RowGroup]:
-    """With --batch, every document in that many rows of the planned context. Otherwise the
-    documents grouped by length (facli.summarize.row_groups), each group in the most rows that
-    fit beside the weights at its context; every rank takes rank 0's rows."""
-    runtime_ctx, settings = corpus.plan.runtime_ctx, corpus.settings
-    if request.batch is not None:
-        return [RowGroup(runtime_ctx, request.batch, tuple(pending))]
-    buckets = length_buckets(pending, settings, runtime_ctx)
-    resident = [choose_rows(resolved.config, ctx, request.hardware, model_name=resolved.name,
-                            max_new_tokens=request.max_new_tokens, devices=request.devices,
-                            dtype=request.dtype, kv_dtype=request.kv_dtype)
-                for ctx, _ in buckets]
-    if parallel.is_distributed:
-        agreed = torch.tensor(resident, dtype=torch.long,
-                              device=resolve_device(request.device, parallel))
-        resident = broadcast_tokens(agreed, parallel).tolist()
-    return merge_buckets(buckets, resident, settings, MOST_ROWS)
-
-
 def _runtime_options(request: SummarizeRequest, group: RowGroup) -> RuntimeOptions:
     """One row at the first group's context; _run_groups then shapes it for each group."""
     return RuntimeOptions(
@@ -249,23 +151,6 @@ def _prepare_output(writer: ResultWriter, existing: ExistingResults,
     writer.repair(existing)
     if retry_failed:
         writer.drop(existing.ids_with_status("failed") & {p.document.id for p in pending})
-
-
-def group_forecasts(request: SummarizeRequest, resolved: ResolvedModel, corpus: Corpus,
-                    groups: list[RowGroup]) -> list[GroupForecast]:
-    """Each group's plan and predicted time (facli.summarize.forecast)."""
-    return [forecast_group(group, group_plan(request, resolved, group), resolved.config,
-                           request.hardware, corpus.settings) for group in groups]
-
-
-def group_plan(request: SummarizeRequest, resolved: ResolvedModel, group: RowGroup):
-    """The memory plan for the group's rows at its context (facli.planner.search)."""
-    return plan_memory(resolved.config, group.ctx, request.hardware, batch=group.rows,
-                       model_name=resolved.name, max_new_tokens=request.max_new_tokens,
-                       devices=request.devices, dtype=request.dtype,
-                       kv_dtype=request.kv_dtype, decode_mode=request.decode_mode,
-                       allreduce_tile_tokens=request.allreduce_tile_tokens,
-                       rows_hint=request.batch is None)
 
 
 def _stop_agreement(parallel: ParallelContext, device):
