@@ -3,11 +3,15 @@
 import functools
 import os
 import sys
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as installed
 from typing import Annotated
 
 import typer
 from typer.core import TyperCommand, TyperGroup
 
+from facli import __version__
+from facli.commands import bench, generate, perplexity, plan_memory, recipes, summarize
 from facli.errors import FacliError
 
 
@@ -45,14 +49,9 @@ app = typer.Typer(
 
 def version() -> str:
     """The installed package's version (its metadata), else the source tree's."""
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as installed
-
     try:
         return installed("facli")
     except PackageNotFoundError:
-        from facli import __version__
-
         return __version__
 
 
@@ -89,8 +88,6 @@ def user_errors(command):
 
 
 def _register() -> None:
-    from facli.commands import bench, generate, perplexity, plan_memory, recipes, summarize
-
     for name, command in (("generate", generate.generate), ("plan-memory", plan_memory.command),
                           ("summarize", summarize.command), ("perplexity", perplexity.command),
                           ("bench", bench.command),

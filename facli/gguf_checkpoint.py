@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from facli.cache import staging_dir
-from facli.config import SUPPORTED_MODEL_TYPES
+from facli.config import SUPPORTED_MODEL_TYPES, ModelConfig
 from facli.errors import FacliError
 
 GGUF_MAGIC = b"GGUF"
@@ -202,9 +202,7 @@ def _import_gguf():
 def gguf_model_config(path: Path):
     """The ModelConfig of a GGUF file from its header alone (for planning before any weights
     are read or converted)."""
-    from transformers import AutoConfig
-
-    from facli.config import ModelConfig
+    from transformers import AutoConfig  # here, not at the top: `facli` starts without it
 
     inspect_gguf(path)
     try:

@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from facli.errors import FacliError
+from facli.planner.search import PlanOptions, plan
 from facli.units import parse_count  # noqa: F401  (the commands call options.parse_count)
 
 Model = Annotated[Optional[str], typer.Option(
@@ -117,8 +118,6 @@ def planned_devices(config, name: str, hardware, ctx: int, *, dtype: str = "auto
     """`--devices auto` for a run: the tensor-parallel degree the planner ranks fastest for
     `batch` sequences of `ctx` tokens on `hardware` (1 without GPUs). A plan that does not fit
     still names a degree; the run's own planning then says what is short."""
-    from facli.planner.search import PlanOptions, plan
-
     options = PlanOptions(weight_dtype=dtype, kv_dtype=kv_dtype, decode_mode=decode_mode,
                           model_name=name, force=True)
     return plan(config, hardware, ctx, batch, options).tp

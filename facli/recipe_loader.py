@@ -13,7 +13,9 @@ from importlib import resources
 from pathlib import Path
 
 from facli.config import ModelConfig
+from facli.default_model import RANDOM_DEMO, default_gguf, default_model_name
 from facli.errors import FacliError
+from facli.gguf_checkpoint import gguf_file_in, gguf_model_config
 
 _PACKAGE = "facli.recipes"
 _KINDS = ("models", "hardware")
@@ -127,15 +129,12 @@ def resolve_model_config(model: str | None) -> tuple[str, ModelConfig]:
     read for its header; a directory for config.json; `random-demo` is the small random model;
     any other value must be a recipe name.
     """
-    from facli.default_model import RANDOM_DEMO, default_gguf, default_model_name
-    from facli.gguf_checkpoint import gguf_file_in, gguf_model_config
-
     model = model or default_model_name()
     if model is None:
         gguf = default_gguf()
         return gguf.stem, gguf_model_config(gguf)
     if model == RANDOM_DEMO:
-        from facli import demo
+        from facli import demo  # here: it imports torch, which the planner's modules load without
 
         return RANDOM_DEMO, demo.demo_config()
     path = Path(model).expanduser()

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from facli.errors import FacliError
+from facli.summarize.files import read_user_file
 
 
 # The files AutoTokenizer reads from a checkpoint; the largest real ones (tokenizer.json of a
@@ -14,9 +15,7 @@ TOKENIZER_FILE_LIMIT = 256 << 20
 
 def load_tokenizer(path: Path):
     """The checkpoint's own tokenizer through transformers' AutoTokenizer, never from a hub."""
-    from transformers import AutoTokenizer
-
-    from facli.summarize.files import read_user_file
+    from transformers import AutoTokenizer  # here, not at the top: `facli` starts without it
 
     for name in TOKENIZER_FILES:
         if (Path(path) / name).exists():  # bounded and regular, before transformers reads it
