@@ -9,8 +9,15 @@ from facli.errors import FacliError
 from facli.kv_cache import DeviceKVCache
 from facli.parallel.context import TensorParallelSettings
 from facli.planner.hardware import HardwareSpec, hardware_from_option
-from facli.planner.plan import READS_FP8_FROM, Plan, holds_rows, uses_offloaded_store
-from facli.planner.policy import prefills_in_waves, splits_into_tiles, sums_with_copy_engines
+from facli.planner.plan import Plan
+from facli.planner.policy import (
+    READS_FP8_FROM,
+    holds_rows,
+    prefills_in_waves,
+    splits_into_tiles,
+    sums_with_copy_engines,
+    uses_offloaded_store,
+)
 from facli.planner.search import PlanOptions, plan
 from facli.resolve import DTYPES
 

@@ -63,8 +63,13 @@ from facli.offload.fp8 import FP8, dequantize_into, store_rows_fp8, store_token_
 from facli.offload.kv_parts import Chunk, KVPart, Slot
 from facli.offload.packed_slots import PackedSlots
 from facli.offload.streams import CopyQueues, host_empty
-from facli.planner.plan import READS_FP8_FROM
-from facli.planner.policy import FP8_PREFILL_TILE_ROWS, FP8_RING_ROWS, STAGING_SLOTS, packed_slot_rows
+from facli.planner.policy import (
+    FP8_PREFILL_TILE_ROWS,
+    FP8_RING_ROWS,
+    READS_FP8_FROM,
+    STAGING_SLOTS,
+    packed_slot_rows,
+)
 
 DECODE_MODES = ("prefetch", "cpu", "split")
 KV_DTYPES = (None, "fp8")

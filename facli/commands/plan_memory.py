@@ -8,7 +8,8 @@ import typer
 from facli import options as shared
 from facli.errors import FacliError
 from facli.planner.hardware import hardware_from_option
-from facli.planner.plan import Plan, gpus_read_fp8, holds_rows
+from facli.planner.plan import Plan
+from facli.planner.policy import gpus_read_fp8, holds_rows
 from facli.planner.search import PlanOptions, largest_resident_batch, plan, with_fp8_rows_hint
 from facli.recipe_loader import resolve_model_config
 from facli.units import format_bytes, format_ctx, parse_batch, parse_ctx

@@ -4,12 +4,13 @@ from facli.config import ModelConfig
 from facli.planner.candidates import Candidate, resolve_dtypes
 from facli.planner.hardware import HardwareSpec
 from facli.planner.memory import reserved_outside_allocator
-from facli.planner.plan import DevicePlan, HostPlan, Plan, Timing, uses_offloaded_store
+from facli.planner.plan import DevicePlan, HostPlan, Plan, Timing
 from facli.planner.policy import (
     packed_slot_rows,
     prefills_in_waves,
     splits_into_tiles,
     sums_with_copy_engines,
+    uses_offloaded_store,
 )
 from facli.planner.time_model import CPU_FP8_ATTENTION_SHARE
 from facli.units import format_bytes, format_ctx

@@ -12,35 +12,6 @@ from facli.units import format_bytes, format_ctx, format_seconds
 
 SCHEMA_VERSION = 1
 DECODE_MODES = ("resident", "prefetch", "cpu", "split")
-# The decode kernel reads an fp8 cache directly from compute capability 8.9 (Ada, Hopper) on: its
-# float16 path converts e4m3 with the hardware's cvt.rn.f16x2.e4m3x2 (sm89+); only Hopper is
-# measured. Older GPUs attend over dequantized tiles.
-READS_FP8_FROM = (8, 9)
-
-
-def uses_offloaded_store(decode_mode: str, fp8_kv: bool) -> bool:
-    """Whether the runtime keeps this placement's KV in the offloaded store (host layers, or an
-    fp8 cache) rather than the all-GPU cache of the model dtype."""
-    return decode_mode != "resident" or fp8_kv
-
-
-def decodes_eagerly(fp8_kv: bool, gpu_reads_fp8: bool) -> bool:
-    """Whether decode steps run wholly eagerly rather than as CUDA-graph replays: with an fp8
-    cache on GPUs whose decode kernel cannot read e4m3 directly (before sm89). Elsewhere only
-    the KV store of host layers runs eagerly, between graphs (facli.graphs)."""
-    return fp8_kv and not gpu_reads_fp8
-
-
-def gpus_read_fp8(gpus) -> bool:
-    """Whether the decode kernel reads an fp8 cache directly on all these GPUs (hardware specs)."""
-    return all(tuple(g.compute_capability) >= READS_FP8_FROM for g in gpus)
-
-
-def holds_rows(decode_mode: str, fp8_kv: bool, gpu_reads_fp8: bool) -> bool:
-    """Whether this placement's cache can hold several sequences decoded together, as rows
-    stepped by one graph: every layer's KV on the devices and, for an fp8 cache, a decode
-    kernel that reads e4m3 directly (a row's decode step takes its position as a tensor)."""
-    return decode_mode == "resident" and not decodes_eagerly(fp8_kv, gpu_reads_fp8)
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,11 @@
 
 How a tensor-parallel prefill sums its row-parallel outputs (copy engines between two GPUs, two
 waves with more, else one all_reduce per projection) and in tiles of how many tokens, and how
-large the offloaded KV store's GPU buffers are. facli.planner.memory and facli.planner.time_model
-price these choices, facli.placement turns a plan into run settings, and facli.parallel and
-facli.offload.kv_store carry them out. A leaf module: it imports nothing of the project.
+large the offloaded KV store's GPU buffers are; which KV store holds a plan's cache, and when its
+decode steps run as CUDA-graph replays and its sequences decode together as rows.
+facli.planner.memory and facli.planner.time_model price these choices, facli.placement turns a
+plan into run settings, and facli.parallel and facli.offload carry them out. A leaf module: it
+imports nothing of the project.
 docs/calibration.md lists the measured constants and the benchmarks/ scripts that refit them.
 """
 
@@ -68,3 +70,35 @@ def packed_slot_rows(capacity: int, host_layers: int) -> int:
     if host_layers == 0:
         return 0
     return capacity // -(-host_layers // STAGING_SLOTS)
+
+
+# Which KV store a plan's cache lives in (facli.offload.build) and how its decode steps run.
+# The decode kernel reads an fp8 cache directly from compute capability 8.9 (Ada, Hopper) on: its
+# float16 path converts e4m3 with the hardware's cvt.rn.f16x2.e4m3x2 (sm89+); only Hopper is
+# measured. Older GPUs attend over dequantized tiles.
+READS_FP8_FROM = (8, 9)
+
+
+def uses_offloaded_store(decode_mode: str, fp8_kv: bool) -> bool:
+    """Whether the runtime keeps this placement's KV in the offloaded store (host layers, or an
+    fp8 cache) rather than the all-GPU cache of the model dtype."""
+    return decode_mode != "resident" or fp8_kv
+
+
+def decodes_eagerly(fp8_kv: bool, gpu_reads_fp8: bool) -> bool:
+    """Whether decode steps run wholly eagerly rather than as CUDA-graph replays: with an fp8
+    cache on GPUs whose decode kernel cannot read e4m3 directly (before sm89). Elsewhere only
+    the KV store of host layers runs eagerly, between graphs (facli.graphs)."""
+    return fp8_kv and not gpu_reads_fp8
+
+
+def gpus_read_fp8(gpus) -> bool:
+    """Whether the decode kernel reads an fp8 cache directly on all these GPUs (hardware specs)."""
+    return all(tuple(g.compute_capability) >= READS_FP8_FROM for g in gpus)
+
+
+def holds_rows(decode_mode: str, fp8_kv: bool, gpu_reads_fp8: bool) -> bool:
+    """Whether this placement's cache can hold several sequences decoded together, as rows
+    stepped by one graph: every layer's KV on the devices and, for an fp8 cache, a decode
+    kernel that reads e4m3 directly (a row's decode step takes its position as a tensor)."""
+    return decode_mode == "resident" and not decodes_eagerly(fp8_kv, gpu_reads_fp8)

@@ -20,8 +20,9 @@ from facli.planner.candidates import (
 )
 from facli.planner.hardware import HardwareSpec
 from facli.planner.memory import DTYPE_BYTES
-from facli.planner.plan import Plan, gpus_read_fp8, holds_rows
+from facli.planner.plan import Plan
 from facli.planner.build import build_plan
+from facli.planner.policy import gpus_read_fp8, holds_rows
 from facli.planner.time_model import (
     Layout,
     decode_breakdown,
@@ -217,7 +218,7 @@ def predict_prompt(model: ModelConfig, hardware: HardwareSpec, run_plan: Plan,
 def largest_resident_batch(model: ModelConfig, hardware: HardwareSpec, ctx: int,
                            options: PlanOptions = PlanOptions(), limit: int = MOST_ROWS) -> int:
     """The most sequences of `ctx` tokens, up to `limit`, whose plan keeps the whole KV cache
-    in device memory (so they decode together as rows of one cache, plan.holds_rows); 1 when
+    in device memory (so they decode together as rows of one cache, policy.holds_rows); 1 when
     not even two fit. Binary search: such a fit is monotone in the batch."""
     low, high = 1, limit + 1  # resident(low) is taken as true, resident(high) as false
     while high - low > 1:

@@ -15,13 +15,15 @@ from facli.kernels.configs import ROW_SPLITS, arch_decode_config, filled_share, 
 from facli.planner.cpu_time import cpu_decode_breakdown, cpu_prefill_breakdown, unknown_cpu_time
 from facli.planner.hardware import HardwareSpec
 from facli.planner.memory import activation_bytes, kv_layer_bytes, weight_bytes
-from facli.planner.plan import decodes_eagerly, gpus_read_fp8, uses_offloaded_store
 from facli.planner.policy import (
+    decodes_eagerly,
+    gpus_read_fp8,
     packed_slot_rows,
     prefill_tile,
     prefills_in_waves,
     splits_into_tiles,
     sums_with_copy_engines,
+    uses_offloaded_store,
 )
 
 # --- calibration: meaning and unit, then what refits it (docs/calibration.md) ---
