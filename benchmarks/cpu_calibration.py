@@ -452,7 +452,12 @@ def fit_command(args) -> None:
     timings = tuple(args.timings.split(","))
 
     def scaling(isa):
-        return cpu_time.CPU_CONSTANTS[isa].scaling if args.keep_scaling else None
+        if not args.keep_scaling:
+            return None
+        if isa not in cpu_time.CPU_CONSTANTS:  # thread scaling is measured on one ISA only
+            print(f"{isa}: no thread scaling of its own; keeping {cpu_time.NOMINAL_ISA}'s\n")
+            return cpu_time.CPU_CONSTANTS[cpu_time.NOMINAL_ISA].scaling
+        return cpu_time.CPU_CONSTANTS[isa].scaling
 
     fitted = {isa: fit(steps, isa, timings, scaling(isa)) for isa in sorted({s["isa"] for s in steps})}
     fitted = {isa: c for isa, c in fitted.items() if c is not None}
