@@ -29,8 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment  # noqa: E402
 
-from facli.kv_cache import DeviceKVCache  # noqa: E402
 from facli.offload.cpu_attention import KEY_TILE, TileWorkspace, cpu_decode_attention  # noqa: E402
+from facli.offload.device_cache import DeviceKVCache  # noqa: E402
 from facli.offload.kv_store import OffloadedKVStore  # noqa: E402
 from facli.units import format_bytes, parse_ctx  # noqa: E402
 

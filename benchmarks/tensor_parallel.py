@@ -41,8 +41,8 @@ import torch.distributed as dist
 from facli.bench.environment import git_commit
 from facli.config import ModelConfig
 from facli.kernels import elementwise
-from facli.offload.device_cache import DeviceKVCache
 from facli.model import CausalLM
+from facli.offload.device_cache import DeviceKVCache
 from facli.parallel import comm, copy_engine
 from facli.parallel.context import SINGLE_PROCESS, ParallelContext, TensorParallelSettings
 from facli.parallel.launch import launch

@@ -13,8 +13,8 @@ from typing import Callable
 import torch
 
 from facli.engine import Engine, TokenRun, prefill
-from facli.kv_cache import DeviceKVCache
 from facli.model import CausalLM
+from facli.offload.device_cache import DeviceKVCache
 from facli.sampling import Sampler, SamplingParams, TokenHistory
 
 

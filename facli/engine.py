@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 import torch
 
 from facli.graphs import GraphedDecodeStep
-from facli.kv_cache import KVStore
 from facli.model import CausalLM
+from facli.offload.store import KVStore
 from facli.sampling import Sampler, TokenHistory
 
 

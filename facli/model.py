@@ -11,7 +11,7 @@ from torch import nn
 from facli.checkpoint import CheckpointReader
 from facli.kernels import elementwise
 from facli.config import ModelConfig
-from facli.kv_cache import KVStore
+from facli.offload.store import KVStore
 from facli.parallel import overlap, waves
 from facli.parallel.context import ParallelContext
 from facli.parallel.layers import (

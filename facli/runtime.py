@@ -15,11 +15,11 @@ from facli.batching import BatchedEngine, BatchStats, RowRequest
 from facli.engine import Engine, TokenRun
 from facli.errors import FacliError
 from facli.model import CausalLM
+from facli.offload.build import build_kv_store
 from facli.planner.hardware import HardwareSpec
 from facli.planner.plan import Plan
 from facli.parallel.context import SINGLE_PROCESS, ParallelContext
 from facli.placement import (
-    build_kv_store,
     hardware_for,
     plan_run,
     run_options,

@@ -1,6 +1,6 @@
 """OffloadedKVStore: a KV cache whose layers live on the GPU or in pinned host memory.
 
-Implements facli.kv_cache.KVStore. Each layer keeps positions [0, split) on the GPU and
+Implements facli.offload.store.KVStore. Each layer keeps positions [0, split) on the GPU and
 [split, capacity) on the host: split = capacity for GPU layers, `gpu_prefix_tokens` (default
 0) for host layers. Byte counts below are Llama-7B (32 layers, 32 KV heads, D = 128, bf16):
 16 KiB of K+V per token and layer, 4 GiB per layer at 256K; fp8 (e4m3 plus a float32 scale per

@@ -11,7 +11,7 @@ from facli.batching import BatchedEngine, RowRequest
 from facli.config import ModelConfig
 from facli.engine import Engine
 from facli.errors import FacliError
-from facli.kv_cache import DeviceKVCache
+from facli.offload.device_cache import DeviceKVCache
 from facli.offload.kv_store import OffloadedKVStore
 from facli.rope import RotaryEmbedding
 from facli.sampling import Sampler, SamplingParams

@@ -86,7 +86,7 @@ def test_sharded_checkpoint_loads_like_single_file(tmp_path):
     model.save_pretrained(sharded, max_shard_size="60KB")
     assert (sharded / "model.safetensors.index.json").is_file()
     ids = torch.randint(0, 384, (1, 9))
-    from facli.kv_cache import DeviceKVCache
+    from facli.offload.device_cache import DeviceKVCache
 
     outputs, weights = [], []
     for directory in (single, sharded):

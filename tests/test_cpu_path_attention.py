@@ -10,8 +10,8 @@ from facli.config import ModelConfig
 from facli.engine import Engine
 from facli.kernels import decode_attention, prefill_attention, reference
 from facli.kernels.reference import attention_with_lse
-from facli.kv_cache import DeviceKVCache
 from facli.model import CausalLM
+from facli.offload.device_cache import DeviceKVCache
 from facli.sampling import Sampler, SamplingParams
 from test_kernels_reference import assert_within_torch_error, oracle, sdpa_same_dtype
 

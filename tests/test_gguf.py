@@ -11,9 +11,9 @@ from facli.checkpoint import CheckpointReader
 from facli.config import ModelConfig
 from facli.engine import Engine
 from facli.errors import FacliError
-from facli.kv_cache import DeviceKVCache
 from facli.gguf_checkpoint import CONVERTED, converted_checkpoint, gguf_file_in, inspect_gguf
 from facli.model import CausalLM
+from facli.offload.device_cache import DeviceKVCache
 from facli.tokenizer import load_tokenizer
 
 

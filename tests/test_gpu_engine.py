@@ -8,8 +8,8 @@ from conftest import requires_cuda
 from facli.checkpoint import CheckpointReader
 from facli.config import ModelConfig
 from facli.engine import Engine
-from facli.kv_cache import DeviceKVCache
 from facli.model import CausalLM
+from facli.offload.device_cache import DeviceKVCache
 from facli.sampling import Sampler, SamplingParams
 
 pytestmark = requires_cuda

@@ -123,7 +123,7 @@ def _small_model(ctx, dtype, seed: int, tokens: int):
 def _layers_by_engine(ctx):
     """All-position logits of a small bf16 model for each reduce engine, with the layer tail run
     whole or tile by tile (facli.parallel.overlap)."""
-    from facli.kv_cache import DeviceKVCache
+    from facli.offload.device_cache import DeviceKVCache
     from facli.parallel.context import TensorParallelSettings
 
     model, ids = _small_model(ctx, torch.bfloat16, seed=7, tokens=2000)
@@ -190,7 +190,7 @@ def _waves_against_one_pass(ctx):
     """All-position logits of a small float32 model prefilled in two waves (each half's sum an
     asynchronous NCCL all_reduce) and in one pass with one all_reduce per projection. Float32,
     so that a half read before its sum lands shows, not NCCL's bf16 roundings in another order."""
-    from facli.kv_cache import DeviceKVCache
+    from facli.offload.device_cache import DeviceKVCache
     from facli.parallel.context import TensorParallelSettings
 
     model, ids = _small_model(ctx, torch.float32, seed=11, tokens=2001)

@@ -13,8 +13,8 @@ from checkpoints import build_checkpoint
 from facli.checkpoint import CheckpointReader
 from facli.config import ModelConfig
 from facli.graphs import GraphedDecodeStep, plan_segments
-from facli.kv_cache import DeviceKVCache
 from facli.model import CausalLM
+from facli.offload.device_cache import DeviceKVCache
 from facli.offload.kv_store import OffloadedKVStore
 
 CAPACITY, PROMPT, STEPS = 64, 23, 4

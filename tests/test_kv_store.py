@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import requires_cuda
 
 from facli.errors import FacliError
-from facli.kv_cache import DeviceKVCache
+from facli.offload.device_cache import DeviceKVCache
 from facli.offload.kv_store import OffloadedKVStore
 from facli.offload.streams import CopyQueues, host_empty
 

@@ -11,7 +11,7 @@ from checkpoints import load_llama
 from conftest import requires_cuda
 
 from facli.engine import Engine
-from facli.kv_cache import DeviceKVCache
+from facli.offload.device_cache import DeviceKVCache
 from facli.offload.kv_store import OffloadedKVStore
 from facli.sampling import Sampler, SamplingParams
 

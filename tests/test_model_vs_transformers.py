@@ -7,8 +7,8 @@ from checkpoints import build_checkpoint
 from facli.checkpoint import CheckpointReader
 from facli.config import ModelConfig
 from facli.engine import Engine
-from facli.kv_cache import DeviceKVCache
 from facli.model import CausalLM
+from facli.offload.device_cache import DeviceKVCache
 from facli.sampling import Sampler, SamplingParams
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,

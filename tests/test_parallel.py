@@ -8,8 +8,8 @@ from facli.config import ModelConfig
 from facli.batching import BatchedEngine, RowRequest
 from facli.engine import Engine
 from facli.errors import FacliError
-from facli.kv_cache import DeviceKVCache
 from facli.model import CausalLM
+from facli.offload.device_cache import DeviceKVCache
 from facli.parallel import comm
 from facli.parallel.context import ParallelContext, TensorParallelSettings
 from facli.parallel.launch import current_context, launch

@@ -8,8 +8,8 @@ import torch
 from checkpoints import build_checkpoint
 from facli.checkpoint import CheckpointReader
 from facli.config import ModelConfig
-from facli.kv_cache import DeviceKVCache
 from facli.model import CausalLM
+from facli.offload.device_cache import DeviceKVCache
 from facli.perplexity import perplexity, sliding_windows
 
 

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from facli.errors import FacliError, OutOfMemoryPlanError
-from facli.kv_cache import DeviceKVCache
+from facli.offload.device_cache import DeviceKVCache
 from facli.planner.hardware import GpuSpec, HardwareSpec, load_hardware
 from facli.planner.memory import workspace_bytes
 from facli.planner.search import (

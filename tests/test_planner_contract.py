@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from facli.config import ModelConfig
-from facli.kv_cache import DeviceKVCache
+from facli.offload.device_cache import DeviceKVCache
 from facli.planner.memory import (
     activation_breakdown,
     activation_bytes,

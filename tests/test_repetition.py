@@ -24,8 +24,8 @@ from facli.checkpoint import CheckpointReader
 from facli.config import ModelConfig
 from facli.engine import Engine
 from facli.errors import FacliError
-from facli.kv_cache import DeviceKVCache
 from facli.model import CausalLM
+from facli.offload.device_cache import DeviceKVCache
 from facli.sampling import Sampler, SamplingParams, TokenHistory
 
 CPU = torch.device("cpu")

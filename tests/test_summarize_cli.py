@@ -346,7 +346,7 @@ def test_cli_user_error_is_one_line_and_usage_error_exits_2(tmp_path):
 def test_rows_that_cannot_stay_on_the_gpus_are_refused_in_one_line():
     """Rows decode together only from a cache wholly on the devices, in the weights' dtype or
     fp8: two rows of 128K keep four layers' KV in host memory."""
-    from facli.placement import build_kv_store
+    from facli.offload.build import build_kv_store
     from facli.planner.hardware import load_hardware
     from facli.planner.search import PlanOptions, plan
     from facli.recipe_loader import load_model_recipe

@@ -6,8 +6,8 @@ import torch
 
 from facli.checkpoint import CheckpointReader
 from facli.config import ModelConfig
-from facli.kv_cache import DeviceKVCache
 from facli.model import CausalLM
+from facli.offload.device_cache import DeviceKVCache
 from facli.parallel import waves
 from facli.parallel.context import ParallelContext, TensorParallelSettings
 from test_relay import FakeExchange, _Link, _run_ranks, serial_pair_sum  # noqa: F401 - a fixture

@@ -26,7 +26,7 @@ How a half is summed:
 
 import torch
 
-from facli.kv_cache import DeviceKVCache
+from facli.offload.device_cache import DeviceKVCache
 from facli.parallel import comm, copy_engine
 from facli.parallel.context import ParallelContext
 
