@@ -43,8 +43,8 @@ def main() -> None:
     rank = dist.get_rank()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
     torch.cuda.set_device(device)
-    ctx = ParallelContext(rank=rank, world_size=2, local_rank=device.index)
-    ce = ctx.with_settings(TensorParallelSettings(tile_tokens=TILE, reduce_engine="copy"))
+    parallel = ParallelContext(rank=rank, world_size=2, local_rank=device.index)
+    ce = parallel.with_settings(TensorParallelSettings(tile_tokens=TILE, reduce_engine="copy"))
     bounds = [(start, start + TILE) for start in range(0, TOKENS, TILE)]
     exchange = copy_engine.exchange_for(TOKENS, HIDDEN, torch.bfloat16, device)
     results = {}

@@ -79,9 +79,9 @@ def kv_cache(config: ModelConfig, capacity: int, world: int, device) -> DeviceKV
                          config.head_dim, torch.bfloat16, device)
 
 
-def build_model(config: ModelConfig, ctx: ParallelContext, device) -> CausalLM:
-    model = CausalLM(config, dtype=torch.bfloat16, device=device, ctx=ctx)
-    generator = torch.Generator(device=device).manual_seed(1234 + ctx.rank)
+def build_model(config: ModelConfig, parallel: ParallelContext, device) -> CausalLM:
+    model = CausalLM(config, dtype=torch.bfloat16, device=device, parallel=parallel)
+    generator = torch.Generator(device=device).manual_seed(1234 + parallel.rank)
     for name, param in model.named_parameters():
         if name.endswith("norm.weight"):
             param.data.fill_(1.0)
@@ -90,13 +90,13 @@ def build_model(config: ModelConfig, ctx: ParallelContext, device) -> CausalLM:
     return model
 
 
-def set_mode(model: CausalLM, ctx: ParallelContext, mode: str, tile: int) -> ParallelContext:
+def set_mode(model: CausalLM, parallel: ParallelContext, mode: str, tile: int) -> ParallelContext:
     """Point every layer at a context with this mode's collective settings."""
     settings = TensorParallelSettings(**{"tile_tokens": tile, **MODES[mode]})
-    new = ctx.with_settings(settings)
+    new = parallel.with_settings(settings)
     for module in model.modules():
-        if hasattr(module, "ctx"):
-            module.ctx = new
+        if hasattr(module, "parallel"):
+            module.parallel = new
     return new
 
 
@@ -109,19 +109,19 @@ def _peak_gib(device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
 
 
-def timed(fn, ctx: ParallelContext, device) -> float:
+def timed(fn, parallel: ParallelContext, device) -> float:
     _sync(device)
-    comm.barrier(ctx)
+    comm.barrier(parallel)
     started = time.perf_counter()
     fn()
     _sync(device)
     elapsed = torch.tensor([time.perf_counter() - started], device=device)
-    if ctx.is_distributed:
+    if parallel.is_distributed:
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
     return elapsed.item()
 
 
-def prefill_and_decode(model, kv, ctx, device, length, decode_tokens, chunk=None):
+def prefill_and_decode(model, kv, parallel, device, length, decode_tokens, chunk=None):
     """Seconds of a prefill of `length` tokens (in chunks of `chunk` tokens, each attending to
     the ones before, as `facli generate` runs it; default one pass), and of `decode_tokens`
     greedy steps after it."""
@@ -133,36 +133,36 @@ def prefill_and_decode(model, kv, ctx, device, length, decode_tokens, chunk=None
         for start in range(0, length, chunk):
             model(ids[:, start:start + chunk], start, kv)
 
-    prefill_s = timed(prefill, ctx, device)
+    prefill_s = timed(prefill, parallel, device)
     if not decode_tokens:
         return prefill_s, None
-    token = comm.broadcast_tokens(model(ids[:, -1:], length - 1, kv).argmax(-1), ctx)
+    token = comm.broadcast_tokens(model(ids[:, -1:], length - 1, kv).argmax(-1), parallel)
 
     def steps():
         nonlocal token
         for step in range(decode_tokens):
-            token = comm.broadcast_tokens(model(token[:, None], length + step, kv).argmax(-1), ctx)
+            token = comm.broadcast_tokens(model(token[:, None], length + step, kv).argmax(-1), parallel)
 
     steps()  # warm-up at this context
-    return prefill_s, timed(steps, ctx, device) / decode_tokens
+    return prefill_s, timed(steps, parallel, device) / decode_tokens
 
 
-def decode_only(model, kv, ctx, device, length, decode_tokens):
+def decode_only(model, kv, parallel, device, length, decode_tokens):
     token = torch.zeros(1, dtype=torch.long, device=device)
 
     def steps():
         nonlocal token
         for step in range(decode_tokens):
-            token = comm.broadcast_tokens(model(token[:, None], length + step, kv).argmax(-1), ctx)
+            token = comm.broadcast_tokens(model(token[:, None], length + step, kv).argmax(-1), parallel)
 
     steps()
-    return timed(steps, ctx, device) / decode_tokens
+    return timed(steps, parallel, device) / decode_tokens
 
 
-def projection_bench(config, ctx, device, tokens, tiles, reps):
+def projection_bench(config, parallel, device, tokens, tiles, reps):
     """o_proj and down_proj alone at `tokens` tokens: ms per mode and tile."""
     results = []
-    h, n = config.hidden_size, ctx.world_size
+    h, n = config.hidden_size, parallel.world_size
     for name, width in (("o_proj", h), ("down_proj", config.intermediate_size)):
         x = torch.randn(tokens, width // n, dtype=torch.bfloat16, device=device) * 0.1
         w = torch.randn(h, width // n, dtype=torch.bfloat16, device=device) * 0.02
@@ -176,7 +176,7 @@ def projection_bench(config, ctx, device, tokens, tiles, reps):
         for mode, tile in runs:
             if mode == "allreduce-only":
                 def step():
-                    comm.all_reduce_sum(out, ctx)
+                    comm.all_reduce_sum(out, parallel)
             elif mode == "copy-engine-only":
                 def step(tile=tile):
                     exchange = copy_engine.exchange_for(tokens, h, out.dtype, device)
@@ -189,13 +189,13 @@ def projection_bench(config, ctx, device, tokens, tiles, reps):
                                              flag=exchange.flag(inbox, index), sequence=sequence)
             else:
                 settings = TensorParallelSettings(**{"tile_tokens": tile, **MODES[mode]})
-                local = ctx.with_settings(settings)
+                local = parallel.with_settings(settings)
 
                 def step():
                     comm.row_parallel_linear(x, w, local)
             for _ in range(reps):  # a whole untimed block: the first copy-engine calls are slow
                 step()
-            ms = 1e3 * timed(lambda: [step() for _ in range(reps)], ctx, device) / reps
+            ms = 1e3 * timed(lambda: [step() for _ in range(reps)], parallel, device) / reps
             results.append(dict(kind="projection", proj=name, tokens=tokens, mode=mode, tile=tile, ms=ms))
     return results
 
@@ -231,52 +231,54 @@ def run_tp1(args, emit):
         torch.cuda.empty_cache()
 
 
-def run_tp(ctx: ParallelContext, args):
+def run_tp(parallel: ParallelContext, args):
     """One rank of the TP=N runs; returns the measurements (rank 0's are the ones kept)."""
-    device = torch.device("cuda", ctx.local_rank) if args.device_type == "cuda" else torch.device("cpu")
+    device = torch.device("cuda", parallel.local_rank) if args.device_type == "cuda" else torch.device("cpu")
     config, tile = args.config, args.tile
     if args.gemm_sm_carveout:
         # Experimental PyTorch API: cuBLASLt GEMMs leave this many SMs free for NCCL's kernels.
         torch.backends.cuda.preferred_blas_library("cublaslt")
         torch._C._set_sm_carveout_experimental(args.gemm_sm_carveout)
-    records = projection_bench(config, ctx, device, args.projection_tokens, args.projection_tiles, 20)
+    records = projection_bench(config, parallel, device, args.projection_tokens, args.projection_tiles, 20)
     emit = records.append
-    model = build_model(config, ctx, device)
-    kv = kv_cache(config, max(args.lengths) + args.decode_tokens + 8, ctx.world_size, device)
+    model = build_model(config, parallel, device)
+    kv = kv_cache(config, max(args.lengths) + args.decode_tokens + 8, parallel.world_size, device)
     for mode in args.modes:
-        set_mode(model, ctx, mode, tile)
+        set_mode(model, parallel, mode, tile)
         model(torch.zeros(1, min(args.lengths), dtype=torch.long, device=device), 0, kv)
     for length in args.lengths:
         for rep in range(args.reps + (2 if length <= 32768 else 0)):  # short runs: more repeats
             for mode in args.modes:
-                local = set_mode(model, ctx, mode, tile)
+                local = set_mode(model, parallel, mode, tile)
                 prefill_s, _ = prefill_and_decode(model, kv, local, device, length, 0, args.chunk)
-                emit(dict(kind="prefill", tp=ctx.world_size, mode=mode, tokens=length, seconds=prefill_s))
+                emit(dict(kind="prefill", tp=parallel.world_size, mode=mode, tokens=length,
+                          seconds=prefill_s))
         if length == args.decode_at:
             for mode in args.modes:
-                local = set_mode(model, ctx, mode, tile)
+                local = set_mode(model, parallel, mode, tile)
                 ms = 1e3 * decode_only(model, kv, local, device, length, args.decode_tokens)
-                emit(dict(kind="decode", tp=ctx.world_size, mode=mode, context=length, ms_per_token=ms))
-    emit(dict(kind="peak", tp=ctx.world_size, rank=ctx.rank, gib=_peak_gib(device)))
+                emit(dict(kind="decode", tp=parallel.world_size, mode=mode, context=length, ms_per_token=ms))
+    emit(dict(kind="peak", tp=parallel.world_size, rank=parallel.rank, gib=_peak_gib(device)))
     del kv
     if device.type == "cuda":
         torch.cuda.empty_cache()
     if args.long:
-        records += run_long(model, ctx, device, args, tile)
+        records += run_long(model, parallel, device, args, tile)
     return records
 
 
-def run_long(model, ctx, device, args, tile):
+def run_long(model, parallel, device, args, tile):
     """The whole long prompt on the N GPUs: prefill, then decode at that context."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    kv = kv_cache(args.config, args.long + args.decode_tokens + 8, ctx.world_size, device)
-    local = set_mode(model, ctx, "tiled", tile)
+    kv = kv_cache(args.config, args.long + args.decode_tokens + 8, parallel.world_size, device)
+    local = set_mode(model, parallel, "tiled", tile)
     prefill_s, decode_s = prefill_and_decode(model, kv, local, device, args.long, args.decode_tokens)
     peak = _peak_gib(device)
-    return [dict(kind="prefill", tp=ctx.world_size, mode="tiled", tokens=args.long, seconds=prefill_s),
-            dict(kind="decode", tp=ctx.world_size, mode="tiled", context=args.long, ms_per_token=1e3 * decode_s),
-            dict(kind="peak-long", tp=ctx.world_size, rank=ctx.rank, gib=peak)]
+    tp = parallel.world_size
+    return [dict(kind="prefill", tp=tp, mode="tiled", tokens=args.long, seconds=prefill_s),
+            dict(kind="decode", tp=tp, mode="tiled", context=args.long, ms_per_token=1e3 * decode_s),
+            dict(kind="peak-long", tp=tp, rank=parallel.rank, gib=peak)]
 
 
 def generate_check(devices: int, device_type: str) -> dict:

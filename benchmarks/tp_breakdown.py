@@ -74,24 +74,24 @@ def main_stream_gaps(prof) -> dict:
     return dict(sorted(gaps.items(), key=lambda item: -item[1])[:10])
 
 
-def run_rank(ctx, args):
-    device = torch.device("cuda", ctx.local_rank) if args.device_type == "cuda" else torch.device("cpu")
-    model = build_model(args.config, ctx, device)
-    kv = kv_cache(args.config, max(args.lengths) + 8, ctx.world_size, device)
+def run_rank(parallel, args):
+    device = torch.device("cuda", parallel.local_rank) if args.device_type == "cuda" else torch.device("cpu")
+    model = build_model(args.config, parallel, device)
+    kv = kv_cache(args.config, max(args.lengths) + 8, parallel.world_size, device)
     records = []
     for length in args.lengths:
         ids = torch.randint(0, args.config.vocab_size, (1, length), device=device,
                             generator=torch.Generator(device=device).manual_seed(5))
         for mode in args.modes:  # warm-up: compilation, cuBLAS plans, symmetric memory
-            set_mode(model, ctx, mode, args.tile)
+            set_mode(model, parallel, mode, args.tile)
             model(ids, 0, kv)
         seconds = {mode: [] for mode in args.modes}
         for _ in range(args.reps):
             for mode in args.modes:
-                local = set_mode(model, ctx, mode, args.tile)
+                local = set_mode(model, parallel, mode, args.tile)
                 seconds[mode].append(timed(lambda: model(ids, 0, kv), local, device))
         for mode in args.modes:
-            set_mode(model, ctx, mode, args.tile)
+            set_mode(model, parallel, mode, args.tile)
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
             with profile(activities=activities) as prof:
                 model(ids, 0, kv)
@@ -99,12 +99,12 @@ def run_rank(ctx, args):
                     torch.cuda.synchronize(device)
             by_kind, by_name = device_ms(prof)
             top = dict(sorted(by_name.items(), key=lambda item: -item[1])[:12])
-            records.append(dict(kind="breakdown", rank=ctx.rank, tokens=length, mode=mode,
+            records.append(dict(kind="breakdown", rank=parallel.rank, tokens=length, mode=mode,
                                 layers=args.config.num_hidden_layers, seconds=seconds[mode],
                                 median_ms=1e3 * statistics.median(seconds[mode]),
                                 device_ms=by_kind, top_kernels_ms=top, gaps_ms=main_stream_gaps(prof)))
-    if args.trace and ctx.is_distributed:  # rank 0's records come back; the peer's go to a file
-        path = args.out / f"tp_breakdown-rank{ctx.rank}.jsonl"
+    if args.trace and parallel.is_distributed:  # rank 0's records come back; the peer's go to a file
+        path = args.out / f"tp_breakdown-rank{parallel.rank}.jsonl"
         path.write_text("".join(json.dumps(record) + "\n" for record in records))
     return records
 

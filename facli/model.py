@@ -39,13 +39,13 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, ctx: ParallelContext, dtype, device):
+    def __init__(self, config: ModelConfig, parallel: ParallelContext, dtype, device):
         super().__init__()
         d, h = config.head_dim, config.hidden_size
         self.head_dim = d
-        self.local_q_heads = config.num_attention_heads // ctx.world_size
-        self.local_kv_heads = config.num_key_value_heads // ctx.world_size
-        linear = dict(ctx=ctx, dtype=dtype, device=device)
+        self.local_q_heads = config.num_attention_heads // parallel.world_size
+        self.local_kv_heads = config.num_key_value_heads // parallel.world_size
+        linear = dict(parallel=parallel, dtype=dtype, device=device)
         qkv_bias = config.attention_bias
         o_bias = config.attention_bias and config.model_type != "qwen2"
         kv_width = config.num_key_value_heads * d
@@ -73,10 +73,10 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig, ctx: ParallelContext, dtype, device):
+    def __init__(self, config: ModelConfig, parallel: ParallelContext, dtype, device):
         super().__init__()
         h, inter = config.hidden_size, config.intermediate_size
-        linear = dict(bias=False, ctx=ctx, dtype=dtype, device=device)
+        linear = dict(bias=False, parallel=parallel, dtype=dtype, device=device)
         self.gate_up_proj = MergedColumnParallelLinear(h, (inter, inter), **linear)
         self.down_proj = RowParallelLinear(inter, h, **linear)
 
@@ -97,13 +97,13 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, ctx: ParallelContext, dtype, device):
+    def __init__(self, config: ModelConfig, parallel: ParallelContext, dtype, device):
         super().__init__()
-        self.ctx = ctx
+        self.parallel = parallel
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
-        self.self_attn = Attention(config, ctx, dtype, device)
+        self.self_attn = Attention(config, parallel, dtype, device)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
-        self.mlp = MLP(config, ctx, dtype, device)
+        self.mlp = MLP(config, parallel, dtype, device)
 
     def load(self, reader: CheckpointReader, prefix: str) -> None:
         self.input_layernorm.load(reader, f"{prefix}.input_layernorm.weight")
@@ -113,9 +113,9 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, kv, layer, start):
         attn = self.self_attn.attend(self.input_layernorm(x), cos, sin, kv, layer, start)
-        if overlap.pipelines(self.ctx, x):
+        if overlap.pipelines(self.parallel, x):
             return overlap.layer_tail(x, attn, self.self_attn.o_proj, self.post_attention_layernorm,
-                                      self.mlp, self.ctx)
+                                      self.mlp, self.parallel)
         return self.tail(x, attn)
 
     def project(self, x, cos, sin):
@@ -133,14 +133,15 @@ class CausalLM(nn.Module):
     """Embeddings, decoder layers, final norm and LM head; weights come from `load`."""
 
     def __init__(self, config: ModelConfig, *, dtype: torch.dtype, device: torch.device,
-                 ctx: ParallelContext = ParallelContext()):
+                 parallel: ParallelContext = ParallelContext()):
         super().__init__()
-        check_tensor_parallel(config, ctx.world_size)
-        self.config, self.ctx, self.dtype, self.device = config, ctx, dtype, torch.device(device)
-        shared = dict(ctx=ctx, dtype=dtype, device=device)
+        check_tensor_parallel(config, parallel.world_size)
+        self.config, self.parallel = config, parallel
+        self.dtype, self.device = dtype, torch.device(device)
+        shared = dict(parallel=parallel, dtype=dtype, device=device)
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, **shared)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, ctx, dtype, device) for _ in range(config.num_hidden_layers)
+            DecoderLayer(config, parallel, dtype, device) for _ in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         tied = self.embed_tokens if config.tie_word_embeddings else None
@@ -160,9 +161,9 @@ class CausalLM(nn.Module):
         ([B, T, V] with all_logits)."""
         x = self.embed_tokens(ids)
         cos, sin = self.rotary.cos_sin(start, ids.shape[1], self.dtype)
-        if waves.applies(self.ctx, x, kv):
-            x = waves.run_layers(self.layers, x, cos, sin, kv, start, self.ctx,
-                                 waves.exchange_for(self.ctx, x))
+        if waves.applies(self.parallel, x, kv):
+            x = waves.run_layers(self.layers, x, cos, sin, kv, start, self.parallel,
+                                 waves.exchange_for(self.parallel, x))
         else:
             for index, layer in enumerate(self.layers):
                 x = layer(x, cos, sin, kv, index, start)

@@ -89,7 +89,7 @@ def tokenizer_for(resolved: ResolvedModel):
     return load_tokenizer(resolved.path)
 
 
-def resolve_device(device: str | None, ctx: ParallelContext = SINGLE_PROCESS) -> torch.device:
+def resolve_device(device: str | None, parallel: ParallelContext = SINGLE_PROCESS) -> torch.device:
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
@@ -98,7 +98,7 @@ def resolve_device(device: str | None, ctx: ParallelContext = SINGLE_PROCESS) ->
         from facli.kernels.common import triton_module
 
         triton_module("elementwise_triton")  # GPU runs need Triton: say so before any loading
-        return torch.device("cuda", ctx.local_rank % torch.cuda.device_count())
+        return torch.device("cuda", parallel.local_rank % torch.cuda.device_count())
     return torch.device("cpu")
 
 

@@ -117,7 +117,7 @@ class Runtime:
         self.prefill_chunk = self.plan.prefill_chunk
         self.tokenizer = tokenizer or tokenizer_for(resolved)
         started = time.perf_counter()
-        self.model = CausalLM(self.config, dtype=self.dtype, device=self.device, ctx=self.parallel)
+        self.model = CausalLM(self.config, dtype=self.dtype, device=self.device, parallel=self.parallel)
         if resolved.synthetic:
             randomize_weights(self.model, seed=parallel.rank)
         else:

@@ -45,15 +45,15 @@ def test_graphed_tensor_parallel_decode_equals_eager(tmp_path):
     assert graphed["token_ids"] == eager["token_ids"]
 
 
-def _copy_engine_sums(ctx):
+def _copy_engine_sums(parallel):
     """Row-parallel products summed by NCCL and by the copy engines, both ways: relayed (the
     whole output at once) and summed tile by tile by pair_sum (as the tile-by-tile layer tail
     reads them)."""
     from facli.parallel import comm, copy_engine
     from facli.parallel.context import TensorParallelSettings
 
-    device = torch.device("cuda", ctx.local_rank)
-    generator = torch.Generator(device=device).manual_seed(100 + ctx.rank)
+    device = torch.device("cuda", parallel.local_rank)
+    generator = torch.Generator(device=device).manual_seed(100 + parallel.rank)
     results = []
     # 8, 3 (one relayed tile) and 2 (none) tiles with ragged ends, both inboxes in turn, a
     # shorter output after a longer one, and each shape twice.
@@ -63,7 +63,7 @@ def _copy_engine_sums(ctx):
         w = torch.randn(2048, 1024, device=device, dtype=dtype, generator=generator)
 
         def settings(engine, relay=True):
-            return ctx.with_settings(TensorParallelSettings(tile_tokens=512, reduce_engine=engine,
+            return parallel.with_settings(TensorParallelSettings(tile_tokens=512, reduce_engine=engine,
                                                             relay_sums=relay))
 
         bounds = comm.tile_bounds(tokens, settings("copy"))
@@ -75,7 +75,7 @@ def _copy_engine_sums(ctx):
                 "relay": comm.row_parallel_linear(x, w, settings("copy")).clone(),
                 "pair_sum": comm.start_row_parallel(x, w, settings("copy", relay=False), bounds).wait_all()}
         for way in ("relay", "relay_by_tile", "pair_sum"):
-            ranks = [torch.empty_like(sums[way]) for _ in range(ctx.world_size)]
+            ranks = [torch.empty_like(sums[way]) for _ in range(parallel.world_size)]
             torch.distributed.all_gather(ranks, sums[way])
             results.append(dict(
                 way=way, dtype=str(dtype), scale=sums["nccl"].float().abs().max().item(),
@@ -102,7 +102,7 @@ def test_copy_engine_sums_match_nccl():
             assert result["max_diff"] <= 2 ** -7 * result["scale"], result  # one bf16 rounding
 
 
-def _small_model(ctx, dtype, seed: int, tokens: int):
+def _small_model(parallel, dtype, seed: int, tokens: int):
     """A 2-layer GQA model with random weights on this rank's GPU, and a prompt of `tokens` ids."""
     from facli.config import ModelConfig
     from facli.model import CausalLM
@@ -110,9 +110,9 @@ def _small_model(ctx, dtype, seed: int, tokens: int):
     config = ModelConfig(model_type="llama", vocab_size=1024, hidden_size=1024, intermediate_size=2816,
                          num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
                          max_position_embeddings=4096, rms_norm_eps=1e-6)
-    device = torch.device("cuda", ctx.local_rank)
-    model = CausalLM(config, dtype=dtype, device=device, ctx=ctx)
-    generator = torch.Generator(device=device).manual_seed(seed + ctx.rank)
+    device = torch.device("cuda", parallel.local_rank)
+    model = CausalLM(config, dtype=dtype, device=device, parallel=parallel)
+    generator = torch.Generator(device=device).manual_seed(seed + parallel.rank)
     for name, param in model.named_parameters():
         param.data.normal_(1.0 if name.endswith("norm.weight") else 0.0, 0.05, generator=generator)
     ids = torch.randint(0, config.vocab_size, (1, tokens), device=device,
@@ -120,34 +120,34 @@ def _small_model(ctx, dtype, seed: int, tokens: int):
     return model, ids
 
 
-def _layers_by_engine(ctx):
+def _layers_by_engine(parallel):
     """All-position logits of a small bf16 model for each reduce engine, with the layer tail run
     whole or tile by tile (facli.parallel.overlap)."""
     from facli.offload.device_cache import DeviceKVCache
     from facli.parallel.context import TensorParallelSettings
 
-    model, ids = _small_model(ctx, torch.bfloat16, seed=7, tokens=2000)
+    model, ids = _small_model(parallel, torch.bfloat16, seed=7, tokens=2000)
     device = ids.device
     logits = {}
     for overlap in (False, True):
         for engine, relay in (("nccl", True), ("copy", True), ("copy", False)):
-            local = ctx.with_settings(TensorParallelSettings(tile_tokens=512, overlap_mlp=overlap,
+            local = parallel.with_settings(TensorParallelSettings(tile_tokens=512, overlap_mlp=overlap,
                                                              reduce_engine=engine, relay_sums=relay))
             for module in model.modules():
-                if hasattr(module, "ctx"):
-                    module.ctx = local
+                if hasattr(module, "parallel"):
+                    module.parallel = local
             kv = DeviceKVCache(2, 1, 2048, 2, 128, torch.bfloat16, device)
             name = engine if engine == "nccl" else ("relay" if relay else "pair_sum")
             logits[(overlap, name)] = model(ids, 0, kv, all_logits=True)
-    local = ctx.with_settings(TensorParallelSettings(tile_tokens=512, reduce_engine="copy", waves=True))
+    local = parallel.with_settings(TensorParallelSettings(tile_tokens=512, reduce_engine="copy", waves=True))
     for module in model.modules():
-        if hasattr(module, "ctx"):
-            module.ctx = local
+        if hasattr(module, "parallel"):
+            module.parallel = local
     waves = model(ids, 0, DeviceKVCache(2, 1, 2048, 2, 128, torch.bfloat16, device), all_logits=True)
     results = {}
     for overlap in (False, True):
         relayed, reference = logits[(overlap, "relay")], logits[(overlap, "nccl")]
-        ranks = [torch.empty_like(relayed) for _ in range(ctx.world_size)]
+        ranks = [torch.empty_like(relayed) for _ in range(parallel.world_size)]
         torch.distributed.all_gather(ranks, relayed)
         results[f"overlap={overlap}"] = dict(
             pair_sum_equal=torch.equal(logits[(overlap, "pair_sum")], reference),
@@ -158,7 +158,7 @@ def _layers_by_engine(ctx):
     from facli.parallel import copy_engine
 
     reference = logits[(False, "nccl")]
-    ranks = [torch.empty_like(waves) for _ in range(ctx.world_size)]
+    ranks = [torch.empty_like(waves) for _ in range(parallel.world_size)]
     torch.distributed.all_gather(ranks, waves)
     results["waves"] = dict(
         exchange_made=any(key[-1] == 4 for key in copy_engine._EXCHANGES),
@@ -186,25 +186,25 @@ def test_copy_engine_layers_match_nccl_layers():
         assert result["relay_argmax_agree"] >= 0.99, results
 
 
-def _waves_against_one_pass(ctx):
+def _waves_against_one_pass(parallel):
     """All-position logits of a small float32 model prefilled in two waves (each half's sum an
     asynchronous NCCL all_reduce) and in one pass with one all_reduce per projection. Float32,
     so that a half read before its sum lands shows, not NCCL's bf16 roundings in another order."""
     from facli.offload.device_cache import DeviceKVCache
     from facli.parallel.context import TensorParallelSettings
 
-    model, ids = _small_model(ctx, torch.float32, seed=11, tokens=2001)
-    kv_heads = model.config.num_key_value_heads // ctx.world_size
+    model, ids = _small_model(parallel, torch.float32, seed=11, tokens=2001)
+    kv_heads = model.config.num_key_value_heads // parallel.world_size
     logits = {}
     for name, settings in (("one_pass", TensorParallelSettings()),
                            ("waves", TensorParallelSettings(tile_tokens=512, waves=True))):
         for module in model.modules():
-            if hasattr(module, "ctx"):
-                module.ctx = ctx.with_settings(settings)
+            if hasattr(module, "parallel"):
+                module.parallel = parallel.with_settings(settings)
         kv = DeviceKVCache(2, 1, 2048, kv_heads, 128, torch.float32, ids.device)
         logits[name] = model(ids, 0, kv, all_logits=True)
     waves, reference = logits["waves"], logits["one_pass"]
-    ranks = [torch.empty_like(waves) for _ in range(ctx.world_size)]
+    ranks = [torch.empty_like(waves) for _ in range(parallel.world_size)]
     torch.distributed.all_gather(ranks, waves)
     return dict(ranks_agree=all(torch.equal(ranks[0], other) for other in ranks[1:]),
                 max_diff=(waves - reference).abs().max().item(), scale=reference.abs().max().item(),

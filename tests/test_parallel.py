@@ -47,33 +47,33 @@ def checkpoints(tmp_path_factory):
     return paths
 
 
-def _run_model(ctx: ParallelContext, directory, settings):
+def _run_model(parallel: ParallelContext, directory, settings):
     """Chunked prefill logits [T, V] of a fixed prompt, greedy tokens through the engine, and
     greedy tokens of several prompts decoded together in rows (facli.batching)."""
     config = ModelConfig.from_dir(directory)
-    ctx = ctx.with_settings(settings)
-    model = CausalLM(config, dtype=torch.float32, device="cpu", ctx=ctx)
+    parallel = parallel.with_settings(settings)
+    model = CausalLM(config, dtype=torch.float32, device="cpu", parallel=parallel)
     model.load(CheckpointReader(directory))
     kv = DeviceKVCache(config.num_hidden_layers, 1, PROMPT_LEN + NEW_TOKENS,
-                       config.num_key_value_heads // ctx.world_size, config.head_dim,
+                       config.num_key_value_heads // parallel.world_size, config.head_dim,
                        torch.float32, torch.device("cpu"))
     ids = torch.randint(0, config.vocab_size, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(7))
     logits = [model(ids[:, s:s + PREFILL_CHUNK], s, kv, all_logits=True)[0]
               for s in range(0, PROMPT_LEN, PREFILL_CHUNK)]
     engine = Engine(model, kv, prefill_chunk=PREFILL_CHUNK,
-                    token_sync=lambda tokens: comm.broadcast_tokens(tokens, ctx))
+                    token_sync=lambda tokens: comm.broadcast_tokens(tokens, parallel))
     run = engine.generate(ids[0].tolist(), max_new_tokens=NEW_TOKENS, sampler=Sampler(SamplingParams(), model.device))
-    return torch.cat(logits), run.token_ids, _rows_tokens(model, ctx, ids[0].tolist())
+    return torch.cat(logits), run.token_ids, _rows_tokens(model, parallel, ids[0].tolist())
 
 
-def _rows_tokens(model, ctx: ParallelContext, prompt: list[int]) -> list[list[int]]:
+def _rows_tokens(model, parallel: ParallelContext, prompt: list[int]) -> list[list[int]]:
     """Five prompts in 4 rows: a decode step of 4 tokens is cut into tiles of TILE."""
     config = model.config
     rows = DeviceKVCache(config.num_hidden_layers, 4, PROMPT_LEN + NEW_TOKENS,
-                         config.num_key_value_heads // ctx.world_size, config.head_dim,
+                         config.num_key_value_heads // parallel.world_size, config.head_dim,
                          torch.float32, torch.device("cpu"))
     batched = BatchedEngine(model, rows, prefill_chunk=PREFILL_CHUNK,
-                            token_sync=lambda tokens: comm.broadcast_tokens(tokens, ctx))
+                            token_sync=lambda tokens: comm.broadcast_tokens(tokens, parallel))
     queue = [RowRequest(prompt[:length], 6, key=index)
              for index, length in enumerate((5, PROMPT_LEN, 11, 3, 16))]
     found = {}
@@ -83,28 +83,28 @@ def _rows_tokens(model, ctx: ParallelContext, prompt: list[int]) -> list[list[in
     return [found[index] for index in range(5)]
 
 
-def _row_parallel_cases(ctx: ParallelContext):
+def _row_parallel_cases(parallel: ParallelContext):
     """Tiled and untiled row-parallel matmul against the full product, for odd token counts."""
     generator = torch.Generator().manual_seed(3)
     full_x = torch.randn(2, 63, 40, generator=generator)
     full_w = torch.randn(24, 40, generator=generator)
-    part = 40 // ctx.world_size
-    x = full_x[..., ctx.rank * part:(ctx.rank + 1) * part]
-    w = full_w[:, ctx.rank * part:(ctx.rank + 1) * part]
+    part = 40 // parallel.world_size
+    x = full_x[..., parallel.rank * part:(parallel.rank + 1) * part]
+    w = full_w[:, parallel.rank * part:(parallel.rank + 1) * part]
     errors = {}
     for tokens in (1, 5, 63):
         for tile in (None, 1, 4, 7):
-            tiled = ctx.with_settings(TensorParallelSettings(tile_tokens=tile))
+            tiled = parallel.with_settings(TensorParallelSettings(tile_tokens=tile))
             out = comm.row_parallel_linear(x[:, :tokens], w, tiled)
             errors[tokens, tile] = (out - full_x[:, :tokens] @ full_w.T).abs().max().item()
     return errors
 
 
-def _rank_checks(ctx: ParallelContext, checkpoints):
-    assert current_context() == ctx
-    results = {(name, tiling): _run_model(ctx, path, settings)
+def _rank_checks(parallel: ParallelContext, checkpoints):
+    assert current_context() == parallel
+    results = {(name, tiling): _run_model(parallel, path, settings)
                for name, path in checkpoints.items() for tiling, settings in TILINGS.items()}
-    return results, _row_parallel_cases(ctx)
+    return results, _row_parallel_cases(parallel)
 
 
 @pytest.fixture(scope="module")
@@ -147,8 +147,8 @@ def test_tiling_does_not_change_one_process(single):
 EIGHT_RANK_TILINGS = ("untiled", "tile3", "tile3-waves")
 
 
-def _eight_rank_checks(ctx: ParallelContext, directory):
-    return {tiling: _run_model(ctx, directory, TILINGS[tiling]) for tiling in EIGHT_RANK_TILINGS}
+def _eight_rank_checks(parallel: ParallelContext, directory):
+    return {tiling: _run_model(parallel, directory, TILINGS[tiling]) for tiling in EIGHT_RANK_TILINGS}
 
 
 @pytest.mark.slow
@@ -171,10 +171,10 @@ def test_eight_ranks_match_one_process(tmp_path):
         assert rows == expected_rows
 
 
-def _raise_on_rank_one(ctx, kind, marker_dir):
-    (marker_dir / f"rank{ctx.rank}.pid").write_text(str(__import__("os").getpid()))
-    comm.barrier(ctx)
-    if ctx.rank == 1:
+def _raise_on_rank_one(parallel, kind, marker_dir):
+    (marker_dir / f"rank{parallel.rank}.pid").write_text(str(__import__("os").getpid()))
+    comm.barrier(parallel)
+    if parallel.rank == 1:
         if kind == "user":
             raise FacliError("expected a readable prompt, got none")
         if kind == "bug":
@@ -183,7 +183,7 @@ def _raise_on_rank_one(ctx, kind, marker_dir):
             __import__("os")._exit(3)
         if kind == "hang":
             __import__("time").sleep(600)
-    comm.barrier(ctx)  # rank 0 waits here for a peer that never comes
+    comm.barrier(parallel)  # rank 0 waits here for a peer that never comes
     return "unreachable"
 
 
@@ -216,7 +216,7 @@ def test_non_dividing_rank_count_is_a_clear_error():
     with pytest.raises(FacliError, match=r"divide the model's num_attention_heads \(8\), got 3; use --devices 1, 2, 4"):
         check_tensor_parallel(config, 3)
     with pytest.raises(FacliError, match="num_key_value_heads"):
-        CausalLM(config, dtype=torch.float32, device="cpu", ctx=ParallelContext(0, 8))
+        CausalLM(config, dtype=torch.float32, device="cpu", parallel=ParallelContext(0, 8))
     with pytest.raises(FacliError, match="at most"):
         launch(_rank_checks, ({},), world_size=2, device_type="cuda") if not torch.cuda.is_available() \
             else pytest.skip("has a GPU")
@@ -234,10 +234,10 @@ import torch
 from facli.parallel import comm
 from facli.parallel.launch import launch
 
-def fn(ctx, offset):
-    total = comm.all_reduce_sum(torch.tensor([ctx.rank + offset]), ctx)
-    print(f"rank {ctx.rank} of {ctx.world_size}: sum {int(total)}")
-    return ctx.rank
+def fn(parallel, offset):
+    total = comm.all_reduce_sum(torch.tensor([parallel.rank + offset]), parallel)
+    print(f"rank {parallel.rank} of {parallel.world_size}: sum {int(total)}")
+    return parallel.rank
 
 print("result", launch(fn, (1,), world_size=2))
 """

@@ -103,12 +103,12 @@ def test_relay_gives_both_ranks_the_sum_of_both_products(count, tile, by_tile, s
     bounds = [(start, min(start + tile, count)) for start in range(0, count, tile)]
 
     def rank_work(rank):
-        ctx = ParallelContext(rank=rank, world_size=2,
+        parallel = ParallelContext(rank=rank, world_size=2,
                               settings=TensorParallelSettings(tile_tokens=tile, reduce_engine="copy"))
         exchange = FakeExchange(link, rank)
         sums, roles = [], []
         for p in range(projections):
-            relayed = comm.RelayedRows(count, cols, rows[p, rank], ctx, bounds, exchange)
+            relayed = comm.RelayedRows(count, cols, rows[p, rank], parallel, bounds, exchange)
             if by_tile:  # as the tile-by-tile layer tail queues them
                 for index, (start, stop) in enumerate(bounds):
                     relayed.compute(index, rows[p, rank, start:stop], weights[p, rank])

@@ -29,18 +29,19 @@ def checkpoint(request, tmp_path_factory):
 def _layers_output(model: CausalLM, x: torch.Tensor, kv, start: int, exchange=None):
     cos, sin = model.rotary.cos_sin(start, x.shape[1], model.dtype)
     if exchange is not None:
-        return waves.run_layers(model.layers, x, cos, sin, kv, start, model.ctx, exchange)
+        return waves.run_layers(model.layers, x, cos, sin, kv, start, model.parallel, exchange)
     for index, layer in enumerate(model.layers):
         x = layer(x, cos, sin, kv, index, start)
     return x
 
 
-def _model_and_cache(directory, ctx: ParallelContext):
+def _model_and_cache(directory, parallel: ParallelContext):
     config = ModelConfig.from_dir(directory)
-    model = CausalLM(config, dtype=torch.float32, device="cpu", ctx=ctx)
+    model = CausalLM(config, dtype=torch.float32, device="cpu", parallel=parallel)
     model.load(CheckpointReader(directory))
-    kv = DeviceKVCache(config.num_hidden_layers, 1, CHUNKS[-1][1], config.num_key_value_heads // ctx.world_size,
-                       config.head_dim, torch.float32, torch.device("cpu"))
+    kv = DeviceKVCache(config.num_hidden_layers, 1, CHUNKS[-1][1],
+                       config.num_key_value_heads // parallel.world_size, config.head_dim, torch.float32,
+                       torch.device("cpu"))
     return model, kv
 
 

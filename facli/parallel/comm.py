@@ -9,46 +9,46 @@ from facli.parallel.context import ParallelContext
 from facli.planner import policy
 
 
-def all_reduce_sum(tensor: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+def all_reduce_sum(tensor: torch.Tensor, parallel: ParallelContext) -> torch.Tensor:
     """Sum `tensor` over ranks, in place; returns it."""
-    if ctx.is_distributed:
+    if parallel.is_distributed:
         dist.all_reduce(tensor)
     return tensor
 
 
-def all_gather_last_dim(tensor: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+def all_gather_last_dim(tensor: torch.Tensor, parallel: ParallelContext) -> torch.Tensor:
     """Concatenate each rank's `tensor` along its last dimension, in rank order."""
-    if not ctx.is_distributed:
+    if not parallel.is_distributed:
         return tensor
-    parts = [torch.empty_like(tensor) for _ in range(ctx.world_size)]
+    parts = [torch.empty_like(tensor) for _ in range(parallel.world_size)]
     dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts, dim=-1)
 
 
-def broadcast_tokens(tokens: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+def broadcast_tokens(tokens: torch.Tensor, parallel: ParallelContext) -> torch.Tensor:
     """Make every rank hold rank 0's sampled `tokens` (any shape, integer); returns them.
 
     All ranks must agree on each sampled token or their KV caches diverge; broadcasting rank 0's
     choice is exact whatever the sampler does.
     """
-    if not ctx.is_distributed:
+    if not parallel.is_distributed:
         return tokens
     tokens = tokens.contiguous()
     dist.broadcast(tokens, src=0)
     return tokens
 
 
-def barrier(ctx: ParallelContext) -> None:
+def barrier(parallel: ParallelContext) -> None:
     """Wait until every rank gets here."""
-    if ctx.is_distributed:
+    if parallel.is_distributed:
         dist.barrier()
 
 
-def row_parallel_linear(x: torch.Tensor, weight: torch.Tensor, ctx: ParallelContext,
+def row_parallel_linear(x: torch.Tensor, weight: torch.Tensor, parallel: ParallelContext,
                         bias: torch.Tensor | None = None) -> torch.Tensor:
     """sum over ranks of x W^T (+ bias once): x [..., in/N] and weight [out, in/N] -> [..., out].
 
-    With ctx.settings.tile_tokens set and at least two tiles of tokens, the output is computed
+    With parallel.settings.tile_tokens set and at least two tiles of tokens, the output is computed
     tile by tile along the token dimension into one preallocated buffer and each tile's
     all_reduce is launched asynchronously as soon as its GEMM is done, so it runs while the next
     tile's GEMM computes (tiling-AllReduce). On NCCL the collectives run on NCCL's own stream;
@@ -57,17 +57,17 @@ def row_parallel_linear(x: torch.Tensor, weight: torch.Tensor, ctx: ParallelCont
     the sum is rounded once, and the result is a view of the exchange's inbox, valid until the
     projection after next.
     """
-    if not ctx.is_distributed:
+    if not parallel.is_distributed:
         return gemv.linear(x, weight, bias)
     rows = x.reshape(-1, x.shape[-1])
-    out = start_row_parallel(rows, weight, ctx, tile_bounds(rows.shape[0], ctx)).wait_all()
+    out = start_row_parallel(rows, weight, parallel, tile_bounds(rows.shape[0], parallel)).wait_all()
     out = out.view(*x.shape[:-1], weight.shape[0])
     return out if bias is None else out + bias
 
 
-def tile_bounds(count: int, ctx: ParallelContext) -> list[tuple[int, int]]:
+def tile_bounds(count: int, parallel: ParallelContext) -> list[tuple[int, int]]:
     """Token ranges of the AllReduce tiles for `count` tokens: one range unless two tiles fit."""
-    return policy.tile_bounds(count, ctx.settings.tile_tokens)
+    return policy.tile_bounds(count, parallel.settings.tile_tokens)
 
 
 class PendingRows:
@@ -75,18 +75,18 @@ class PendingRows:
     ranks started as soon as its GEMM is queued (`compute`) and read back by `tile` or `finish`.
 
     NCCL sums each tile with an asynchronous all_reduce. Between two peer GPUs with
-    ctx.settings.reduce_engine "copy", each rank pushes its partial tile to the peer with the
+    parallel.settings.reduce_engine "copy", each rank pushes its partial tile to the peer with the
     copy engines, and the kernel that reads the tile adds the two partials (copy_engine). That
     kernel waits for the peer's flag itself, or with `front_end_wait` the stream waits before
     launching it (for tiles read long after their push: no program spins, none needs an
     acquire of the flag)."""
 
-    def __init__(self, count: int, features: int, like: torch.Tensor, ctx: ParallelContext, bounds,
-                 exchange=None, front_end_wait: bool = False):
+    def __init__(self, count: int, features: int, like: torch.Tensor, parallel: ParallelContext,
+                 bounds, exchange=None, front_end_wait: bool = False):
         self.out = torch.empty(count, features, dtype=like.dtype, device=like.device)
-        self.bounds, self.ctx, self._front_end_wait = bounds, ctx, front_end_wait
+        self.bounds, self.parallel, self._front_end_wait = bounds, parallel, front_end_wait
         self._works: list = [None] * len(bounds)
-        self._skip = ctx.settings.skip_row_reduce or not ctx.is_distributed
+        self._skip = parallel.settings.skip_row_reduce or not parallel.is_distributed
         self._exchange = exchange
         if self._exchange is not None:
             self._inbox, self._sequence = self._exchange.begin()
@@ -128,7 +128,7 @@ class PendingRows:
     def _pair_sum(self, index: int, **kwargs):
         start, stop = self.bounds[index]
         own, received = self.out[start:stop], self._exchange.received(self._inbox, start, stop)
-        first, second = (own, received) if self.ctx.rank == 0 else (received, own)
+        first, second = (own, received) if self.parallel.rank == 0 else (received, own)
         norm = kwargs.pop("norm", None)
         if norm is not None:
             kwargs.update(norm_weight=norm.weight, eps=norm.eps)
@@ -152,11 +152,11 @@ class RelayedRows:
     PendingRows; the sums are views of this rank's inbox, valid until the projection after
     next, and both ranks hold the same bits."""
 
-    def __init__(self, count: int, features: int, like: torch.Tensor, ctx: ParallelContext, bounds,
-                 exchange):
+    def __init__(self, count: int, features: int, like: torch.Tensor, parallel: ParallelContext,
+                 bounds, exchange):
         self.bounds, self._exchange = bounds, exchange
         self._inbox, self._sequence = exchange.begin()
-        self.sender = ctx.rank == self._sequence % 2
+        self.sender = parallel.rank == self._sequence % 2
         self._summed = exchange.received(self._inbox, 0, count)
         # The sender's partials; the accumulator's own is its lead tile's (compute_all).
         self._own = None
@@ -235,23 +235,23 @@ def _add_residual(summed, residual, norm, bias, out):
     return normed, (h if out is None else out.copy_(h))
 
 
-def pending_rows(count: int, features: int, like: torch.Tensor, ctx: ParallelContext, bounds):
+def pending_rows(count: int, features: int, like: torch.Tensor, parallel: ParallelContext, bounds):
     """An empty row-parallel output [count, features] like `like`, to compute tile by tile:
-    relayed through the copy engines where they serve these tiles and ctx.settings.relay_sums,
+    relayed through the copy engines where they serve these tiles and parallel.settings.relay_sums,
     else summed by all_reduce or pair_sum (PendingRows)."""
     exchange = None
-    if ctx.is_distributed and not ctx.settings.skip_row_reduce:
-        exchange = _copy_engine_exchange(count, features, like, bounds, ctx)
-    if exchange is not None and ctx.settings.relay_sums:
-        return RelayedRows(count, features, like, ctx, bounds, exchange)
-    return PendingRows(count, features, like, ctx, bounds, exchange)
+    if parallel.is_distributed and not parallel.settings.skip_row_reduce:
+        exchange = _copy_engine_exchange(count, features, like, bounds, parallel)
+    if exchange is not None and parallel.settings.relay_sums:
+        return RelayedRows(count, features, like, parallel, bounds, exchange)
+    return PendingRows(count, features, like, parallel, bounds, exchange)
 
 
-def start_row_parallel(rows: torch.Tensor, weight: torch.Tensor, ctx: ParallelContext,
+def start_row_parallel(rows: torch.Tensor, weight: torch.Tensor, parallel: ParallelContext,
                        bounds: list[tuple[int, int]]):
     """rows [R, in/N] @ weight[out, in/N]^T tile by tile (`bounds`), each tile's sum over ranks
     started right after its GEMM; returns without waiting for any of them."""
-    pending = pending_rows(rows.shape[0], weight.shape[0], rows, ctx, bounds)
+    pending = pending_rows(rows.shape[0], weight.shape[0], rows, parallel, bounds)
     if isinstance(pending, RelayedRows):
         return pending.compute_all(rows, weight)
     for index, (start, stop) in enumerate(bounds):
@@ -259,14 +259,15 @@ def start_row_parallel(rows: torch.Tensor, weight: torch.Tensor, ctx: ParallelCo
     return pending
 
 
-def _copy_engine_exchange(count: int, features: int, like: torch.Tensor, bounds, ctx: ParallelContext):
+def _copy_engine_exchange(count: int, features: int, like: torch.Tensor, bounds,
+                          parallel: ParallelContext):
     """The copy-engine exchange for a [count, features] output like `like`, or None where
     all_reduce sums it (other settings, one tile, small tiles, GPUs that cannot map each
     other's memory, or a CUDA-graph capture, whose replays would repeat one sequence number)."""
     tile_rows = bounds[0][1] - bounds[0][0]
-    if (ctx.settings.reduce_engine != "copy" or like.device.type != "cuda" or len(bounds) < 2
+    if (parallel.settings.reduce_engine != "copy" or like.device.type != "cuda" or len(bounds) < 2
             or len(bounds) > copy_engine.MAX_TILES
             or tile_rows * features * like.element_size() < copy_engine.MIN_TILE_BYTES
-            or torch.cuda.is_current_stream_capturing() or not copy_engine.usable(ctx.world_size)):
+            or torch.cuda.is_current_stream_capturing() or not copy_engine.usable(parallel.world_size)):
         return None
     return copy_engine.exchange_for(count, features, like.dtype, like.device)

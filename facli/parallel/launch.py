@@ -2,9 +2,9 @@
 
     result = launch(fn, (a, b), world_size=N, device_type="cuda")
 
-runs fn(ctx, a, b) once per rank, ctx being that rank's ParallelContext, and returns rank 0's
-result. Only rank 0 writes to stdout; the other ranks' stdout goes to /dev/null. If any rank
-raises, the others are ended and the caller gets a FacliError naming the rank and its error.
+runs fn(parallel, a, b) once per rank, parallel being that rank's ParallelContext, and returns
+rank 0's result. Only rank 0 writes to stdout; the other ranks' stdout goes to /dev/null. If any
+rank raises, the others are ended and the caller gets a FacliError naming the rank and its error.
 """
 
 import gc
@@ -67,7 +67,7 @@ def prints_here() -> bool:
 def launch(fn, args: tuple = (), kwargs: dict | None = None, *, world_size: int,
            device_type: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S,
            high_priority_comm: bool = False):
-    """Run fn(ctx, *args, **kwargs) on `world_size` ranks and return rank 0's result.
+    """Run fn(parallel, *args, **kwargs) on `world_size` ranks and return rank 0's result.
 
     device_type "cuda": one GPU per rank, NCCL; "cpu": gloo ranks on this machine.
     Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR set) the process group comes from
@@ -97,11 +97,11 @@ def launch(fn, args: tuple = (), kwargs: dict | None = None, *, world_size: int,
     return _spawn(fn, args, kwargs, world_size, group)
 
 
-def _run_here(ctx: ParallelContext, fn, args, kwargs):
+def _run_here(parallel: ParallelContext, fn, args, kwargs):
     global _current
-    previous, _current = _current, ctx
+    previous, _current = _current, parallel
     try:
-        return fn(ctx, *args, **kwargs)
+        return fn(parallel, *args, **kwargs)
     finally:
         _current = previous
 
@@ -118,10 +118,10 @@ def _run_under_torchrun(fn, args, kwargs, world_size, group: GroupOptions):
         return _run_here(SINGLE_PROCESS, fn, args, kwargs)
     if rank != 0:
         sys.stdout = open(os.devnull, "w")
-    ctx = ParallelContext(rank, world, local_rank)
-    _init_process_group(ctx, group, "env://")
+    parallel = ParallelContext(rank, world, local_rank)
+    _init_process_group(parallel, group, "env://")
     try:
-        return _run_here(ctx, fn, args, kwargs)
+        return _run_here(parallel, fn, args, kwargs)
     finally:
         # Free what the run left in reference cycles (CUDA graphs over the communicator among
         # them) before destroying it. Spawned ranks skip the destroy instead (_rank_main); this
@@ -132,17 +132,17 @@ def _run_under_torchrun(fn, args, kwargs, world_size, group: GroupOptions):
         dist.destroy_process_group()
 
 
-def _init_process_group(ctx: ParallelContext, group: GroupOptions, init_method: str) -> None:
+def _init_process_group(parallel: ParallelContext, group: GroupOptions, init_method: str) -> None:
     options = {}
     if group.device_type == "cuda":
         os.environ.update(CUDA_RANK_ENVIRONMENT)
-        torch.cuda.set_device(ctx.local_rank)
-        options["device_id"] = torch.device("cuda", ctx.local_rank)
+        torch.cuda.set_device(parallel.local_rank)
+        options["device_id"] = torch.device("cuda", parallel.local_rank)
         if group.high_priority_comm:
             options["pg_options"] = dist.ProcessGroupNCCL.Options(is_high_priority_stream=True)
     dist.init_process_group(
-        "nccl" if group.device_type == "cuda" else "gloo", init_method=init_method, rank=ctx.rank,
-        world_size=ctx.world_size, timeout=timedelta(seconds=group.timeout_s), **options,
+        "nccl" if group.device_type == "cuda" else "gloo", init_method=init_method, rank=parallel.rank,
+        world_size=parallel.world_size, timeout=timedelta(seconds=group.timeout_s), **options,
     )
 
 
@@ -245,9 +245,9 @@ def _rank_main(rank, world_size, group: GroupOptions, init_method, fn, args, kwa
     if group.device_type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     try:
-        ctx = ParallelContext(rank, world_size, local_rank=rank)
-        _init_process_group(ctx, group, init_method)
-        result = _run_here(ctx, fn, args, kwargs)
+        parallel = ParallelContext(rank, world_size, local_rank=rank)
+        _init_process_group(parallel, group, init_method)
+        result = _run_here(parallel, fn, args, kwargs)
         report = pickle.dumps(("ok", result if rank == 0 else None))
         # No destroy_process_group: after decode steps captured NCCL collectives in a CUDA
         # graph, destroying the communicator blocked forever on 2 H200s (NCCL 2.28). The

@@ -16,13 +16,13 @@ from facli.parallel import comm
 from facli.parallel.context import ParallelContext
 
 
-def _split(size: int, ctx: ParallelContext, what: str) -> int:
-    if size % ctx.world_size:
+def _split(size: int, parallel: ParallelContext, what: str) -> int:
+    if size % parallel.world_size:
         raise FacliError(
-            f"expected {what} ({size}) to be divisible by --devices ({ctx.world_size}); "
+            f"expected {what} ({size}) to be divisible by --devices ({parallel.world_size}); "
             "choose a device count that divides it"
         )
-    return size // ctx.world_size
+    return size // parallel.world_size
 
 
 def _empty(shape, dtype, device) -> nn.Parameter:
@@ -33,15 +33,15 @@ class MergedColumnParallelLinear(nn.Module):
     """Column-parallel linears over one input (q/k/v, gate/up) as one GEMM: this rank's rows of
     every part stacked into one weight. Returns each part's output, views of one buffer."""
 
-    def __init__(self, in_features, out_features: tuple[int, ...], *, bias, ctx, dtype, device):
+    def __init__(self, in_features, out_features: tuple[int, ...], *, bias, parallel, dtype, device):
         super().__init__()
-        self.in_features, self.out_features, self.ctx = in_features, out_features, ctx
-        self.sizes = [_split(size, ctx, "output features") for size in out_features]
+        self.in_features, self.out_features, self.parallel = in_features, out_features, parallel
+        self.sizes = [_split(size, parallel, "output features") for size in out_features]
         self.weight = _empty((sum(self.sizes), in_features), dtype, device)
         self.bias = _empty((sum(self.sizes),), dtype, device) if bias else None
 
     def load(self, reader: CheckpointReader, prefixes: tuple[str, ...]) -> None:
-        shard = Shard(0, self.ctx.rank, self.ctx.world_size)
+        shard = Shard(0, self.parallel.rank, self.parallel.world_size)
         dtype, device = self.weight.dtype, self.weight.device
         self.weight.data = torch.cat([
             reader.read(f"{prefix}.weight", (size, self.in_features), dtype, device, shard)
@@ -57,67 +57,69 @@ class MergedColumnParallelLinear(nn.Module):
 class RowParallelLinear(nn.Module):
     """y = sum over ranks of x_local W_local^T (+ b once); this rank holds columns of W [out, in]."""
 
-    def __init__(self, in_features, out_features, *, bias, ctx, dtype, device):
+    def __init__(self, in_features, out_features, *, bias, parallel, dtype, device):
         super().__init__()
-        self.in_features, self.out_features, self.ctx = in_features, out_features, ctx
-        self.weight = _empty((out_features, _split(in_features, ctx, "input features")), dtype, device)
+        self.in_features, self.out_features, self.parallel = in_features, out_features, parallel
+        local_in = _split(in_features, parallel, "input features")
+        self.weight = _empty((out_features, local_in), dtype, device)
         # The bias is added once, after the sum, so every rank holds all of it.
         self.bias = _empty((out_features,), dtype, device) if bias else None
 
     def load(self, reader: CheckpointReader, prefix: str) -> None:
-        shard = Shard(1, self.ctx.rank, self.ctx.world_size)
+        shard = Shard(1, self.parallel.rank, self.parallel.world_size)
         full = (self.out_features, self.in_features)
         self.weight.data = reader.read(f"{prefix}.weight", full, self.weight.dtype, self.weight.device, shard)
         if self.bias is not None:
             self.bias.data = reader.read(f"{prefix}.bias", full[:1], self.bias.dtype, self.bias.device)
 
     def forward(self, x):
-        """x [..., in/N] -> [..., out]; tiled over tokens as ctx.settings says (see comm)."""
-        return comm.row_parallel_linear(x, self.weight, self.ctx, self.bias)
+        """x [..., in/N] -> [..., out]; tiled over tokens as parallel.settings says (see comm)."""
+        return comm.row_parallel_linear(x, self.weight, self.parallel, self.bias)
 
 
 class VocabParallelEmbedding(nn.Module):
     """Embedding table [vocab, hidden] split over ranks by vocabulary rows."""
 
-    def __init__(self, vocab_size, hidden_size, *, ctx, dtype, device):
+    def __init__(self, vocab_size, hidden_size, *, parallel, dtype, device):
         super().__init__()
-        self.vocab_size, self.hidden_size, self.ctx = vocab_size, hidden_size, ctx
-        self.local_vocab = _split(vocab_size, ctx, "vocab_size")
-        self.first = ctx.rank * self.local_vocab
+        self.vocab_size, self.hidden_size, self.parallel = vocab_size, hidden_size, parallel
+        self.local_vocab = _split(vocab_size, parallel, "vocab_size")
+        self.first = parallel.rank * self.local_vocab
         self.weight = _empty((self.local_vocab, hidden_size), dtype, device)
 
     def load(self, reader: CheckpointReader, name: str) -> None:
-        shard = Shard(0, self.ctx.rank, self.ctx.world_size)
+        shard = Shard(0, self.parallel.rank, self.parallel.world_size)
         full = (self.vocab_size, self.hidden_size)
         self.weight.data = reader.read(name, full, self.weight.dtype, self.weight.device, shard)
 
     def forward(self, ids):
-        if not self.ctx.is_distributed:
+        if not self.parallel.is_distributed:
             return F.embedding(ids, self.weight)
         local = ids - self.first
         outside = (local < 0) | (local >= self.local_vocab)
         out = F.embedding(local.masked_fill(outside, 0), self.weight)
         out = out.masked_fill(outside.unsqueeze(-1), 0)
-        return comm.all_reduce_sum(out, self.ctx)
+        return comm.all_reduce_sum(out, self.parallel)
 
 
 class ParallelLMHead(nn.Module):
     """Logits over the vocabulary; each rank computes its vocabulary slice, then one gather."""
 
-    def __init__(self, embedding: VocabParallelEmbedding | None, vocab_size, hidden_size, *, ctx, dtype, device):
+    def __init__(self, embedding: VocabParallelEmbedding | None, vocab_size, hidden_size, *, parallel,
+                 dtype, device):
         super().__init__()
-        self.ctx, self.vocab_size, self.hidden_size = ctx, vocab_size, hidden_size
+        self.parallel, self.vocab_size, self.hidden_size = parallel, vocab_size, hidden_size
         self.tied = embedding
         if embedding is None:
-            self.weight = _empty((_split(vocab_size, ctx, "vocab_size"), hidden_size), dtype, device)
+            self.weight = _empty((_split(vocab_size, parallel, "vocab_size"), hidden_size), dtype, device)
 
     def load(self, reader: CheckpointReader, name: str) -> None:
         if self.tied is None:
-            shard = Shard(0, self.ctx.rank, self.ctx.world_size)
+            shard = Shard(0, self.parallel.rank, self.parallel.world_size)
             full = (self.vocab_size, self.hidden_size)
             self.weight.data = reader.read(name, full, self.weight.dtype, self.weight.device, shard)
 
     def forward(self, hidden):
         weight = self.tied.weight if self.tied is not None else self.weight
         logits = gemv.linear(hidden, weight).float()
-        return comm.all_gather_last_dim(logits, self.ctx)
+        return comm.all_gather_last_dim(logits, self.parallel)

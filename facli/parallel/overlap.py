@@ -19,15 +19,15 @@ from facli.parallel.context import ParallelContext
 DOWN_SUM_LAG = 2  # tiles between a down_proj tile's GEMM and the read of its sum
 
 
-def pipelines(ctx: ParallelContext, x: torch.Tensor) -> bool:
+def pipelines(parallel: ParallelContext, x: torch.Tensor) -> bool:
     """Whether the layer tail of x [B, T, H] runs tile by tile."""
-    if not (ctx.is_distributed and ctx.settings.overlap_mlp):
+    if not (parallel.is_distributed and parallel.settings.overlap_mlp):
         return False
-    return len(comm.tile_bounds(x.shape[0] * x.shape[1], ctx)) > 1
+    return len(comm.tile_bounds(x.shape[0] * x.shape[1], parallel)) > 1
 
 
 def layer_tail(x: torch.Tensor, attn: torch.Tensor, o_proj, post_norm, mlp,
-               ctx: ParallelContext) -> torch.Tensor:
+               parallel: ParallelContext) -> torch.Tensor:
     """h = x + o_proj(attn); returns h + mlp(post_norm(h)), tile by tile over tokens.
 
     x [B, T, H] is the layer input (the residual), attn [B, T, Hq*D/N] this rank's attention
@@ -36,9 +36,10 @@ def layer_tail(x: torch.Tensor, attn: torch.Tensor, o_proj, post_norm, mlp,
     """
     assert mlp.down_proj.bias is None
     rows = x.reshape(-1, x.shape[-1])
-    bounds = comm.tile_bounds(rows.shape[0], ctx)
-    attended = comm.start_row_parallel(attn.reshape(-1, attn.shape[-1]), o_proj.weight, ctx, bounds)
-    downs = comm.pending_rows(rows.shape[0], mlp.down_proj.weight.shape[0], rows, ctx, bounds)
+    bounds = comm.tile_bounds(rows.shape[0], parallel)
+    attended = comm.start_row_parallel(attn.reshape(-1, attn.shape[-1]), o_proj.weight, parallel,
+                                       bounds)
+    downs = comm.pending_rows(rows.shape[0], mlp.down_proj.weight.shape[0], rows, parallel, bounds)
     out = torch.empty_like(rows)
     hidden = []
     for index, (start, stop) in enumerate(bounds):

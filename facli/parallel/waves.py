@@ -33,34 +33,34 @@ from facli.parallel.context import ParallelContext
 INBOXES = 4  # projections in flight: o_proj and down_proj of each half
 
 
-def applies(ctx: ParallelContext, x: torch.Tensor, kv) -> bool:
-    """Whether the prefill of x [B, T, H] runs in two waves: ctx.settings.waves, more than one
+def applies(parallel: ParallelContext, x: torch.Tensor, kv) -> bool:
+    """Whether the prefill of x [B, T, H] runs in two waves: parallel.settings.waves, more than one
     rank, a KV cache that holds every layer (DeviceKVCache), and a chunk that holds two tiles.
     A decode step (T = 1, however many rows) never does."""
-    if not (ctx.is_distributed and ctx.settings.waves and isinstance(kv, DeviceKVCache)):
+    if not (parallel.is_distributed and parallel.settings.waves and isinstance(kv, DeviceKVCache)):
         return False
     if x.shape[1] == 1:
         return False
     if x.is_cuda and torch.cuda.is_current_stream_capturing():
         return False
-    return len(comm.tile_bounds(x.shape[0] * x.shape[1], ctx)) >= 2
+    return len(comm.tile_bounds(x.shape[0] * x.shape[1], parallel)) >= 2
 
 
-def exchange_for(ctx: ParallelContext, x: torch.Tensor):
+def exchange_for(parallel: ParallelContext, x: torch.Tensor):
     """The copy-engine exchange whose inboxes hold one half of x [B, T, H]; None where an
     asynchronous all_reduce sums each half instead (other engines, more ranks, halves under
     copy_engine.MIN_TILE_BYTES) or the benchmarks skip the sums."""
     batch, length, hidden = x.shape
     half_bytes = batch * (length // 2) * hidden * x.element_size()
-    if (ctx.settings.skip_row_reduce or ctx.settings.reduce_engine != "copy" or not x.is_cuda
-            or half_bytes < copy_engine.MIN_TILE_BYTES or not copy_engine.usable(ctx.world_size)):
+    if (parallel.settings.skip_row_reduce or parallel.settings.reduce_engine != "copy" or not x.is_cuda
+            or half_bytes < copy_engine.MIN_TILE_BYTES or not copy_engine.usable(parallel.world_size)):
         return None
     return copy_engine.exchange_for(batch * (length - length // 2), hidden, x.dtype, x.device,
                                     inboxes=INBOXES)
 
 
 def run_layers(layers, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv, start: int,
-               ctx: ParallelContext, exchange) -> torch.Tensor:
+               parallel: ParallelContext, exchange) -> torch.Tensor:
     """x [B, T, H] at positions start.. through every decoder layer, in two waves, the halves'
     partial sums pushed through `exchange` (exchange_for) or, with None, each started as an
     asynchronous all_reduce; returns the hidden states [B, T, H] after the last layer (before
@@ -80,19 +80,21 @@ def run_layers(layers, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv
             attn = layer.self_attn.attend(normed.view(batch, stop - begin, hidden), cos[begin:stop],
                                           sin[begin:stop], kv, index, start + begin)
             attended.append(_start(attn.reshape(-1, attn.shape[-1]), layer.self_attn.o_proj.weight,
-                                   ctx, exchange))
+                                   parallel, exchange))
         for wave in range(len(spans)):
             normed, residual[wave] = attended[wave].finish(
                 0, residual=residual[wave], norm=layer.post_attention_layernorm,
                 bias=layer.self_attn.o_proj.bias)
-            downs[wave] = _start(layer.mlp.inner(normed), layer.mlp.down_proj.weight, ctx, exchange)
+            downs[wave] = _start(layer.mlp.inner(normed), layer.mlp.down_proj.weight, parallel,
+                                 exchange)
     out = [down.finish(0, residual=rows) for down, rows in zip(downs, residual)]
     return torch.cat([part.view(batch, -1, hidden) for part in out], dim=1)
 
 
-def _start(rows: torch.Tensor, weight: torch.Tensor, ctx: ParallelContext, exchange) -> comm.PendingRows:
+def _start(rows: torch.Tensor, weight: torch.Tensor, parallel: ParallelContext,
+           exchange) -> comm.PendingRows:
     """rows @ weight^T as one tile whose sum over ranks starts at once."""
-    pending = comm.PendingRows(rows.shape[0], weight.shape[0], rows, ctx, [(0, rows.shape[0])], exchange,
-                               front_end_wait=True)
+    pending = comm.PendingRows(rows.shape[0], weight.shape[0], rows, parallel, [(0, rows.shape[0])],
+                               exchange, front_end_wait=True)
     pending.compute(0, rows, weight)
     return pending
