@@ -158,6 +158,40 @@ def test_ctx_plans_every_depth_for_the_larger_context(env, tmp_path):
     assert "planned for 512 at every depth" in result.stdout.splitlines()[0]
 
 
+def test_repeats_take_the_median_of_rounds_of_both_sides(env, tmp_path):
+    out = tmp_path / "rounds.json"
+    result = bench(["--depth", "64", "--decode-tokens", "4", "--device", "cpu", "--repeats", "3",
+                    "--json-out", str(out)], env)
+    assert result.returncode == 0, result.stderr
+    assert "; medians of 3 rounds, facli then transformers;" in result.stdout.splitlines()[0]
+    report = json.loads(out.read_text())
+    for side in ("facli", "transformers"):
+        record = report[side]["depths"][0]
+        for key in ("ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s"):
+            values = record["rounds"][key]
+            assert len(values) == 3 and record[key] == sorted(values)[1]
+    assert report["comparison"][0]["ttft"] == pytest.approx(
+        report["transformers"]["depths"][0]["ttft_s"] / report["facli"]["depths"][0]["ttft_s"])
+
+
+def test_median_of_rounds_skips_failed_rounds_and_keeps_one_round_as_it_is():
+    from facli.bench.run import median_of_rounds
+
+    def result(*ttfts):
+        return {"model": "m", "depths": [
+            {"depth": 64, "status": "ok" if t else "out of memory", "ttft_s": t,
+             "prefill_tokens_per_s": 64 / t if t else None, "decode_tokens_per_s": None}
+            for t in ttfts]}
+
+    one = result(2.0)
+    assert median_of_rounds([one]) == one
+    combined = median_of_rounds([result(3.0), result(None), result(1.0), result(2.0)])
+    record = combined["depths"][0]
+    assert record["ttft_s"] == 2.0 and record["prefill_tokens_per_s"] == pytest.approx(32.0)
+    assert record["decode_tokens_per_s"] is None  # no round measured it
+    assert record["rounds"]["ttft_s"] == [3.0, None, 1.0, 2.0]
+
+
 def test_user_errors_are_one_line():
     result = run_in_process(["--depth", "8k,lots", "--device", "cpu"])
     assert result.exit_code == 1
@@ -168,6 +202,9 @@ def test_user_errors_are_one_line():
     assert result.exit_code == 1
     assert result.stderr.strip() == ("facli: error: expected --batch a number from 1 to 2147483648, "
                                      "or auto, got '0'")
+    result = run_in_process(["--depth", "128", "--device", "cpu", "--repeats", "0"])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == "facli: error: expected --repeats >= 1, got 0"
     result = run_in_process(["--depth", "128", "--device", "cpu", "--batch", "many"])
     assert result.exit_code == 1
     assert result.stderr.strip() == ("facli: error: expected --batch a number from 1 to 2147483648, "

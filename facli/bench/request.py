@@ -43,6 +43,8 @@ class BenchRequest:
     # Prompts decoded together, one per row of the KV cache; None: at each depth as many as
     # keep the cache on the GPUs (Runtime.resident_rows).
     batch: int | None = 1
+    # Rounds of facli then the baseline; each speed figure is the median over the rounds.
+    repeats: int = 1
 
     def __post_init__(self):
         if self.model is not None and self.synthetic is not None:
@@ -57,6 +59,8 @@ class BenchRequest:
                              f"decode step on), got {self.decode_tokens}")
         if self.batch is not None and self.batch < 1:
             raise FacliError(f"expected --batch >= 1 or auto, got {self.batch}")
+        if self.repeats < 1:
+            raise FacliError(f"expected --repeats >= 1, got {self.repeats}")
         if not self.depths:
             raise FacliError("expected at least one --depth, such as 8k,32k, got none")
         smallest = self.decode_tokens + PROMPT_SLACK + 1

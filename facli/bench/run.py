@@ -9,6 +9,7 @@ then, with facli's memory released, the baseline runs. The report is JSON-ready
 """
 
 import dataclasses
+import statistics
 import time
 
 from facli import options
@@ -23,20 +24,19 @@ from facli.recipe_loader import load_model_recipe, resolve_model_config
 from facli.resolve import resolve_device
 
 SCHEMA = "facli.bench/1"
+ROUND_FIGURES = ("ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s")
 
 
 def run_bench(request: BenchRequest) -> dict:
-    """facli on `devices` ranks, then the baseline here; returns the whole JSON-ready report."""
+    """facli on `devices` ranks, then the baseline here, `request.repeats` times in turn;
+    returns the whole JSON-ready report, each speed figure the median of the rounds."""
     device = resolve_device(request.device)
     started = time.time()
-    facli_result = launch(bench_rank, (request,), world_size=request.devices, device_type=device.type)
-    release_memory(device)
-    prompt = facli_result.pop("prompt_ids")
+    rounds = [run_round(request, device) for _ in range(request.repeats)]
+    facli_result = median_of_rounds([facli for facli, _ in rounds])
     baseline = None
     if request.baseline == "transformers":
-        rows = {r["depth"]: r.get("rows") or request.batch or 1 for r in facli_result["depths"]}
-        baseline = run_baseline(request, resolve(request), prompt, facli_result["dtype"], device,
-                                rows)
+        baseline = median_of_rounds([baseline for _, baseline in rounds])
     report = {
         "schema": SCHEMA,
         "environment": environment(device, request.devices),
@@ -46,6 +46,34 @@ def run_bench(request: BenchRequest) -> dict:
         "wall_s": time.time() - started,
     }
     return add_derived(report, hbm_gbps(device))
+
+
+def run_round(request: BenchRequest, device) -> tuple[dict, dict | None]:
+    """One round: facli at every depth, then (with memory released) the baseline."""
+    facli_result = launch(bench_rank, (request,), world_size=request.devices, device_type=device.type)
+    release_memory(device)
+    prompt = facli_result.pop("prompt_ids")
+    if request.baseline != "transformers":
+        return facli_result, None
+    rows = {r["depth"]: r.get("rows") or request.batch or 1 for r in facli_result["depths"]}
+    return facli_result, run_baseline(request, resolve(request), prompt, facli_result["dtype"],
+                                      device, rows)
+
+
+def median_of_rounds(results: list[dict]) -> dict:
+    """The first round's result with each depth's speed figures replaced by their median over
+    the rounds where that depth ran; every round's figures stay under `rounds`."""
+    combined = dict(results[0], depths=[dict(record) for record in results[0]["depths"]])
+    if len(results) == 1:
+        return combined
+    for index, record in enumerate(combined["depths"]):
+        runs = [result["depths"][index] for result in results]
+        record["rounds"] = {key: [run.get(key) for run in runs] for key in ROUND_FIGURES}
+        for key in ROUND_FIGURES:
+            values = [run.get(key) for run in runs if run["status"] == "ok" and run.get(key) is not None]
+            if values:
+                record[key] = statistics.median(values)
+    return combined
 
 
 def planned_devices(model, synthetic, device, ctx, dtype, kv_dtype, decode_mode, rows) -> int:

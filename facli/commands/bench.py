@@ -38,6 +38,7 @@ def command(
     decode_mode: options.DecodeMode = "auto",
     allreduce_tile_tokens: options.AllreduceTileTokens = None,
     batch: options.Batch = "1",
+    repeats: Annotated[int, typer.Option(metavar="N", help="Rounds of facli then transformers, each at every depth; each speed figure is the median of the rounds (a shared CPU varies from run to run).")] = 1,
     as_json: options.Json = False,
     json_out: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Write the whole report to this JSON file (checked before the run starts).")] = None,
     plot: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Write a PNG of tokens/s and peak memory against depth (needs matplotlib).")] = None,
@@ -60,7 +61,7 @@ def command(
         depths=depths, model=model, synthetic=synthetic, decode_tokens=decode_tokens,
         devices=ranks, device=device, dtype=dtype, prefill_chunk=prefill_chunk, baseline=baseline,
         kv_dtype=kv_dtype, decode_mode=decode_mode, allreduce_tile_tokens=allreduce_tile_tokens,
-        ctx=context, batch=rows,
+        ctx=context, batch=rows, repeats=repeats,
     )
     report = run_bench(request)
     print(format_report(report), flush=True)
