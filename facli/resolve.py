@@ -6,10 +6,15 @@ from pathlib import Path
 
 import torch
 
+from facli.cache import cache_dir
 from facli.config import ModelConfig
+from facli.default_model import RANDOM_DEMO, default_gguf, default_model_name
+from facli.demo import byte_level_tokenizer, ensure_demo_checkpoint
 from facli.errors import FacliError
 from facli.gguf_checkpoint import converted_checkpoint, gguf_file_in
+from facli.kernels.common import triton_module
 from facli.parallel.context import SINGLE_PROCESS, ParallelContext
+from facli.recipe_loader import load_model_recipe, resolve_weights_dir
 from facli.tokenizer import load_tokenizer
 from facli.units import MAX_CTX, format_ctx
 
@@ -36,14 +41,10 @@ class ResolvedModel:
 def resolve_model(model: str | None) -> ResolvedModel:
     """`--model`: a checkpoint directory, a .gguf file (or a folder holding one), a recipe name,
     or `random-demo`; None means $FACLI_MODEL, else the trained default (facli.default_model)."""
-    from facli.default_model import RANDOM_DEMO, default_gguf, default_model_name
-
     model = model or default_model_name()
     if model is None:
         return _converted(default_gguf())
     if model == RANDOM_DEMO:
-        from facli.demo import ensure_demo_checkpoint
-
         path = ensure_demo_checkpoint()
         return ResolvedModel(RANDOM_DEMO, path, ModelConfig.from_dir(path))
     candidate = Path(model).expanduser()
@@ -58,8 +59,6 @@ def resolve_model(model: str | None) -> ResolvedModel:
     if "/" in model or model.startswith("."):
         raise FacliError(f"expected --model to be a checkpoint folder, a .gguf file or a recipe "
                          f"name, {model} does not exist")
-    from facli.recipes import load_model_recipe, resolve_weights_dir
-
     recipe = load_model_recipe(model)
     path = resolve_weights_dir(recipe)
     return ResolvedModel(model, path, ModelConfig.from_dir(path))
@@ -67,24 +66,18 @@ def resolve_model(model: str | None) -> ResolvedModel:
 
 def _converted(gguf: Path) -> ResolvedModel:
     """A GGUF file's converted folder (converted now on first use), named after the file."""
-    from facli.cache import cache_dir
-
     path = converted_checkpoint(gguf, cache_dir())
     return ResolvedModel(gguf.stem, path, ModelConfig.from_dir(path))
 
 
 def synthetic_model(recipe_name: str) -> ResolvedModel:
     """A recipe's architecture with random weights: nothing is read from disk."""
-    from facli.recipes import load_model_recipe
-
     recipe = load_model_recipe(recipe_name)
     return ResolvedModel(f"synthetic:{recipe_name}", None, recipe.config)
 
 
 def tokenizer_for(resolved: ResolvedModel):
     if resolved.synthetic:
-        from facli.demo import byte_level_tokenizer
-
         return byte_level_tokenizer()
     return load_tokenizer(resolved.path)
 
@@ -95,8 +88,6 @@ def resolve_device(device: str | None, parallel: ParallelContext = SINGLE_PROCES
     if device == "cuda":
         if not torch.cuda.is_available():
             raise FacliError("expected a CUDA GPU for --device cuda, found none; use --device cpu")
-        from facli.kernels.common import triton_module
-
         triton_module("elementwise_triton")  # GPU runs need Triton: say so before any loading
         return torch.device("cuda", parallel.local_rank % torch.cuda.device_count())
     return torch.device("cpu")

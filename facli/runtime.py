@@ -18,6 +18,8 @@ from facli.model import CausalLM
 from facli.offload.build import build_kv_store
 from facli.planner.hardware import HardwareSpec
 from facli.planner.plan import Plan
+from facli.planner.search import largest_resident_batch, predict_prompt
+from facli.parallel.comm import broadcast_tokens
 from facli.parallel.context import SINGLE_PROCESS, ParallelContext
 from facli.placement import (
     hardware_for,
@@ -141,8 +143,6 @@ class Runtime:
         """The most prompts of `ctx` tokens that this runtime can decode together: their plan
         keeps the whole KV cache on the devices (planner.search.largest_resident_batch, with
         this runtime's choices)."""
-        from facli.planner.search import largest_resident_batch
-
         options = run_options(self.resolved.name, world_size=self.parallel.world_size,
                               **dict(self._choices(), force=False))
         return largest_resident_batch(self.config, self.hardware, ctx, options)
@@ -167,8 +167,6 @@ class Runtime:
     def _token_sync(self):
         if not self.parallel.is_distributed:
             return None
-        from facli.parallel.comm import broadcast_tokens
-
         return lambda tokens: broadcast_tokens(tokens, self.parallel)
 
     def reconfigure(self, *, decode_mode: str | None = None, prefill_chunk: int | None = None) -> None:
@@ -286,8 +284,6 @@ class Runtime:
     def predict_prompt(self, prompt_tokens: int):
         """The time model's figures for a prompt of this length on the plan's placement, in the
         decode mode asked or (with "auto") the fastest for it: planner.search.PromptPrediction."""
-        from facli.planner.search import predict_prompt
-
         return predict_prompt(self.config, self.hardware, self.plan, prompt_tokens,
                               choose_mode=self.asked_decode_mode == "auto")
 
