@@ -6,6 +6,7 @@ import torch
 from facli.config import ModelConfig
 from facli.errors import FacliError
 from facli.offload.device_cache import DeviceKVCache
+from facli.offload.kv_store import OffloadedKVStore
 from facli.planner.plan import Plan
 from facli.planner.policy import READS_FP8_FROM, holds_rows, uses_offloaded_store
 from facli.resolve import DTYPES
@@ -33,8 +34,6 @@ def build_kv_store(run_plan: Plan, config: ModelConfig, world_size: int, device:
             f"{where} (decoding rows together needs that), got a plan with decode mode "
             f"{run_plan.decode_mode} and KV dtype {run_plan.kv_dtype}; lower --batch or --ctx"
         )
-    from facli.offload.kv_store import OffloadedKVStore
-
     mode = run_plan.decode_mode if run_plan.decode_mode != "resident" else "prefetch"
     return OffloadedKVStore(*shape, dtype, device, host_layers=frozenset(run_plan.host.layers),
                             decode_mode=mode, kv_dtype="fp8" if run_plan.kv_dtype == "fp8" else None,
