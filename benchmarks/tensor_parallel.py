@@ -58,8 +58,8 @@ LLAMA_7B = ModelConfig(
 SMOKE = replace(LLAMA_7B, vocab_size=512, hidden_size=256, intermediate_size=704,
                 num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=8)
 MODES = {
-    "nocomm": dict(tile_tokens=None, skip_row_reduce=True),
-    "nocomm+mlp": dict(overlap_mlp=True, skip_row_reduce=True),
+    "nocomm": dict(tile_tokens=None),
+    "nocomm+mlp": dict(overlap_mlp=True),
     "single": dict(tile_tokens=None),
     "tiled": {},
     "tiled+mlp": dict(overlap_mlp=True),
@@ -67,11 +67,25 @@ MODES = {
     "tiled-ce-pairsum": dict(reduce_engine="copy", relay_sums=False),
     "tiled+mlp-ce": dict(overlap_mlp=True, reduce_engine="copy"),
     "tiled+mlp-ce-pairsum": dict(overlap_mlp=True, reduce_engine="copy", relay_sums=False),
-    "nocomm+waves": dict(waves=True, skip_row_reduce=True),
+    "nocomm+waves": dict(waves=True),
     "waves": dict(waves=True),
     "waves-ce": dict(reduce_engine="copy", waves=True),
 }
 TILED_MODES = [mode for mode in MODES if mode.startswith(("tiled", "waves"))]
+# The compute alone: every row-parallel sum is left out (UnsummedRows), so results are WRONG.
+# These keep the default reduce engine (nccl), so no copy-engine exchange is built either.
+NO_SUMS = ("nocomm", "nocomm+mlp", "nocomm+waves")
+
+
+class UnsummedRows(comm.PendingRows):
+    """comm.PendingRows as on one rank: each tile holds this rank's GEMM alone, never summed over
+    the ranks. The NO_SUMS modes put it in comm's place (use_mode)."""
+
+    def __init__(self, count, features, like, parallel, bounds, exchange=None, front_end_wait=False):
+        super().__init__(count, features, like, SINGLE_PROCESS, bounds)
+
+
+SUMMED_ROWS = comm.PendingRows
 
 
 def kv_cache(config: ModelConfig, capacity: int, world: int, device) -> DeviceKVCache:
@@ -90,10 +104,17 @@ def build_model(config: ModelConfig, parallel: ParallelContext, device) -> Causa
     return model
 
 
+def use_mode(parallel: ParallelContext, mode: str, tile: int | None) -> ParallelContext:
+    """This rank's context with `mode`'s collective settings. A NO_SUMS mode also puts
+    UnsummedRows in place of comm.PendingRows (the row-parallel outputs of comm, overlap and
+    waves) in this process, until a mode with sums is used."""
+    comm.PendingRows = UnsummedRows if mode in NO_SUMS else SUMMED_ROWS
+    return parallel.with_settings(TensorParallelSettings(**{"tile_tokens": tile, **MODES[mode]}))
+
+
 def set_mode(model: CausalLM, parallel: ParallelContext, mode: str, tile: int) -> ParallelContext:
-    """Point every layer at a context with this mode's collective settings."""
-    settings = TensorParallelSettings(**{"tile_tokens": tile, **MODES[mode]})
-    new = parallel.with_settings(settings)
+    """Point every layer at a context with this mode's collective settings (use_mode)."""
+    new = use_mode(parallel, mode, tile)
     for module in model.modules():
         if hasattr(module, "parallel"):
             module.parallel = new
@@ -188,8 +209,7 @@ def projection_bench(config, parallel, device, tokens, tiles, reps):
                         elementwise.pair_sum(out[s:e], exchange.received(inbox, s, e), out=summed[s:e],
                                              flag=exchange.flag(inbox, index), sequence=sequence)
             else:
-                settings = TensorParallelSettings(**{"tile_tokens": tile, **MODES[mode]})
-                local = parallel.with_settings(settings)
+                local = use_mode(parallel, mode, tile)
 
                 def step():
                     comm.row_parallel_linear(x, w, local)

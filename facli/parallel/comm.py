@@ -86,7 +86,7 @@ class PendingRows:
         self.out = torch.empty(count, features, dtype=like.dtype, device=like.device)
         self.bounds, self.parallel, self._front_end_wait = bounds, parallel, front_end_wait
         self._works: list = [None] * len(bounds)
-        self._skip = parallel.settings.skip_row_reduce or not parallel.is_distributed
+        self._skip = not parallel.is_distributed
         self._exchange = exchange
         if self._exchange is not None:
             self._inbox, self._sequence = self._exchange.begin()
@@ -240,7 +240,7 @@ def pending_rows(count: int, features: int, like: torch.Tensor, parallel: Parall
     relayed through the copy engines where they serve these tiles and parallel.settings.relay_sums,
     else summed by all_reduce or pair_sum (PendingRows)."""
     exchange = None
-    if parallel.is_distributed and not parallel.settings.skip_row_reduce:
+    if parallel.is_distributed:
         exchange = _copy_engine_exchange(count, features, like, bounds, parallel)
     if exchange is not None and parallel.settings.relay_sums:
         return RelayedRows(count, features, like, parallel, bounds, exchange)

@@ -31,8 +31,6 @@ class TensorParallelSettings:
         (facli.parallel.waves; the KV cache all on the device). A half is summed through the
         copy engines where reduce_engine is "copy" and two peer GPUs can, else by an
         asynchronous all_reduce.
-    skip_row_reduce: benchmarks only. Row-parallel projections skip their all_reduce, so results
-        are WRONG; it measures the same compute with no communication.
     """
 
     tile_tokens: int | None = None
@@ -40,7 +38,6 @@ class TensorParallelSettings:
     reduce_engine: str = "nccl"
     relay_sums: bool = True
     waves: bool = False
-    skip_row_reduce: bool = False
 
     def __post_init__(self):
         if self.tile_tokens is not None and self.tile_tokens <= 0:

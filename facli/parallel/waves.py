@@ -49,10 +49,10 @@ def applies(parallel: ParallelContext, x: torch.Tensor, kv) -> bool:
 def exchange_for(parallel: ParallelContext, x: torch.Tensor):
     """The copy-engine exchange whose inboxes hold one half of x [B, T, H]; None where an
     asynchronous all_reduce sums each half instead (other engines, more ranks, halves under
-    copy_engine.MIN_TILE_BYTES) or the benchmarks skip the sums."""
+    copy_engine.MIN_TILE_BYTES)."""
     batch, length, hidden = x.shape
     half_bytes = batch * (length // 2) * hidden * x.element_size()
-    if (parallel.settings.skip_row_reduce or parallel.settings.reduce_engine != "copy" or not x.is_cuda
+    if (parallel.settings.reduce_engine != "copy" or not x.is_cuda
             or half_bytes < copy_engine.MIN_TILE_BYTES or not copy_engine.usable(parallel.world_size)):
         return None
     return copy_engine.exchange_for(batch * (length - length // 2), hidden, x.dtype, x.device,
