@@ -13,7 +13,6 @@ from typing import Annotated, Optional
 import typer
 
 from facli.errors import FacliError
-from facli.planner.search import PlanOptions, plan
 from facli.units import parse_count  # noqa: F401  (the commands call options.parse_count)
 
 Model = Annotated[Optional[str], typer.Option(
@@ -111,13 +110,3 @@ def _unwritable(path: Path) -> str | None:
     if not parent.is_dir():
         return f"{parent} is not a folder"
     return None if os.access(parent, os.W_OK) else f"permission denied in {parent}"
-
-
-def planned_devices(config, name: str, hardware, ctx: int, *, dtype: str = "auto",
-                    kv_dtype: str = "auto", decode_mode: str = "auto", batch: int = 1) -> int:
-    """`--devices auto` for a run: the tensor-parallel degree the planner ranks fastest for
-    `batch` sequences of `ctx` tokens on `hardware` (1 without GPUs). A plan that does not fit
-    still names a degree; the run's own planning then says what is short."""
-    options = PlanOptions(weight_dtype=dtype, kv_dtype=kv_dtype, decode_mode=decode_mode,
-                          model_name=name, force=True)
-    return plan(config, hardware, ctx, batch, options).tp

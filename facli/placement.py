@@ -1,5 +1,6 @@
-"""Executing a Plan: hardware for this run, the plan itself, and the run settings it implies
-(weight dtype, tensor-parallel prefill sums). The KV store it describes: facli.offload.build."""
+"""Executing a Plan: hardware for this run, the plan itself (and the degree of --devices auto),
+and the run settings it implies (weight dtype, tensor-parallel prefill sums). The KV store it
+describes: facli.offload.build."""
 
 import dataclasses
 
@@ -36,6 +37,16 @@ def plan_run(config: ModelConfig, name: str, hardware: HardwareSpec, *, ctx: int
                           prefill_chunk=prefill_chunk, decode_mode=decode_mode, force=force,
                           allreduce_tile_tokens=allreduce_tile_tokens)
     return plan(config, hardware, ctx, batch, options)
+
+
+def planned_devices(config, name: str, hardware, ctx: int, *, dtype: str = "auto",
+                    kv_dtype: str = "auto", decode_mode: str = "auto", batch: int = 1) -> int:
+    """`--devices auto` for a run: the tensor-parallel degree the planner ranks fastest for
+    `batch` sequences of `ctx` tokens on `hardware` (1 without GPUs). A plan that does not fit
+    still names a degree; the run's own planning then says what is short."""
+    options = PlanOptions(weight_dtype=dtype, kv_dtype=kv_dtype, decode_mode=decode_mode,
+                          model_name=name, force=True)
+    return plan(config, hardware, ctx, batch, options).tp
 
 
 def run_options(name: str, *, world_size: int, dtype: str, kv_dtype: str,

@@ -12,14 +12,13 @@ import dataclasses
 import statistics
 import time
 
-from facli import options
 from facli.bench.baseline import run_baseline
 from facli.bench.environment import environment, hbm_gbps
 from facli.bench.measure import bench_rank
 from facli.bench.report import add_derived
 from facli.bench.request import BenchRequest, release_memory, resolve
 from facli.parallel.launch import launch
-from facli.placement import hardware_for
+from facli.placement import hardware_for, planned_devices as planned_degree
 from facli.recipe_loader import load_model_recipe, resolve_model_config
 from facli.resolve import resolve_device
 
@@ -84,5 +83,5 @@ def planned_devices(model, synthetic, device, ctx, dtype, kv_dtype, decode_mode,
     else:
         name, config = resolve_model_config(model)
     hardware = hardware_for(resolve_device(device))
-    return options.planned_devices(config, name, hardware, ctx, dtype=dtype, kv_dtype=kv_dtype,
-                                   decode_mode=decode_mode, batch=rows or 1)
+    return planned_degree(config, name, hardware, ctx, dtype=dtype, kv_dtype=kv_dtype,
+                          decode_mode=decode_mode, batch=rows or 1)
