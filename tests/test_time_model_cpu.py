@@ -66,10 +66,12 @@ THREAD_STEPS, _ = _records(THREAD_RECORDS, ("quiet",))
 def _speedups():
     """(step, its measured time on one thread) for every quiet multi-thread step of the demo and
     SmolLM2 shapes whose one-thread twin was measured too."""
-    one = {(s["model"], s["tokens"], s["start"]): s["seconds"] for s in THREAD_STEPS
-           if s["threads"] == 1}
-    return [(s, one[(s["model"], s["tokens"], s["start"])]) for s in THREAD_STEPS
-            if s["threads"] > 1 and _config(s["model"]) and (s["model"], s["tokens"], s["start"]) in one]
+    def key(s):
+        return s["file"], s["model"], s["tokens"], s["start"]
+
+    one = {key(s): s["seconds"] for s in THREAD_STEPS if s["threads"] == 1}
+    return [(s, one[key(s)]) for s in THREAD_STEPS
+            if s["threads"] > 1 and _config(s["model"]) and key(s) in one]
 
 
 def test_recorded_runs_exist_for_the_instruction_sets_with_constants():

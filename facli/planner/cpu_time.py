@@ -98,8 +98,8 @@ CPU_CONSTANTS: dict[str, CpuConstants] = {
     "AVX2": CpuConstants(
         layer_overhead_us=454.8, weight_gbps=17.85, gemm_pack_gbps=11.88, gemm_gflops=88.16,
         activation_gbps=5.51, cache_gbps=13.62, key_ns=11.29, prefix_score_ns=4.066,
-        chunk_score_ns=2.435, compute_serial_share=0.1, memory_serial_share=0.06,
-        overhead_exponent=0.25),
+        chunk_score_ns=2.435, compute_serial_share=0.0, memory_serial_share=0.5,
+        overhead_exponent=0.125),
     "AVX512": CpuConstants(
         layer_overhead_us=262.3, weight_gbps=11.52, gemm_pack_gbps=10.22, gemm_gflops=166.6,
         activation_gbps=4.655, cache_gbps=6.082, key_ns=0.0, prefix_score_ns=2.951,
