@@ -220,14 +220,8 @@ def largest_resident_batch(model: ModelConfig, hardware: HardwareSpec, ctx: int,
     """The most sequences of `ctx` tokens, up to `limit`, whose plan keeps the whole KV cache
     in device memory (so they decode together as rows of one cache, policy.holds_rows); 1 when
     not even two fit. Binary search: such a fit is monotone in the batch."""
-    low, high = 1, limit + 1  # resident(low) is taken as true, resident(high) as false
-    while high - low > 1:
-        middle = (low + high) // 2
-        if _resident(model, hardware, ctx, middle, options):
-            low = middle
-        else:
-            high = middle
-    return low
+    # resident(1) is taken as true, resident(limit + 1) as false
+    return _largest_holding(lambda rows: _resident(model, hardware, ctx, rows, options), 1, limit + 1)
 
 
 def _resident(model: ModelConfig, hardware: HardwareSpec, ctx: int, batch: int,
@@ -286,12 +280,17 @@ def largest_fitting_ctx(model: ModelConfig, hardware: HardwareSpec, batch: int =
     hardware = _margin_applied(hardware, options)
     if not fits_anywhere(model, hardware, 1, batch, options):
         return 0
-    low, high = 1, upper
-    if fits_anywhere(model, hardware, high, batch, options):
-        return high
+    if fits_anywhere(model, hardware, upper, batch, options):
+        return upper
+    return _largest_holding(lambda ctx: fits_anywhere(model, hardware, ctx, batch, options), 1, upper)
+
+
+def _largest_holding(holds, low: int, high: int) -> int:
+    """The largest n in [low, high) for which the monotone `holds` is true, given that it holds
+    at low and not at high (binary search)."""
     while high - low > 1:
         middle = (low + high) // 2
-        if fits_anywhere(model, hardware, middle, batch, options):
+        if holds(middle):
             low = middle
         else:
             high = middle
