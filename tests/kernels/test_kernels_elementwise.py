@@ -7,7 +7,7 @@ from transformers.activations import ACT2FN
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
 from conftest import requires_cuda
-from test_kernels_reference import poison_allocations
+from kernel_checks import poison_allocations
 
 from facli.kernels import elementwise, elementwise_triton
 

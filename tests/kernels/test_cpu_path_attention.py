@@ -13,7 +13,7 @@ from facli.kernels.reference import attention_with_lse
 from facli.model import CausalLM
 from facli.offload.device_cache import DeviceKVCache
 from facli.sampling import Sampler, SamplingParams
-from test_kernels_reference import assert_within_torch_error, oracle, sdpa_same_dtype
+from kernel_checks import assert_within_torch_error, oracle, sdpa_same_dtype
 
 
 @pytest.fixture

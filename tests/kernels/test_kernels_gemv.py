@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import requires_cuda
-from test_kernels_reference import poison_allocations
+from kernel_checks import poison_allocations
 
 from facli.kernels import gemv, gemv_triton
 

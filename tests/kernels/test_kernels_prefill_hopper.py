@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import requires_cuda
-from test_kernels_prefill import GPU_CASES, case_id, check_prefill
+from kernel_checks import GPU_CASES, case_id, check_prefill
 
 from facli.kernels import prefill_attention, prefill_hopper
 from facli.kernels.prefill import prefill_attention_triton

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import requires_cuda
-from test_kernels_reference import assert_within_torch_error, oracle, poison_allocations, sdpa_same_dtype
+from kernel_checks import assert_within_torch_error, oracle, poison_allocations, sdpa_same_dtype
 
 from facli.kernels import decode_attention
 from facli.kernels import decode as decode_module

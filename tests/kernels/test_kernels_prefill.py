@@ -2,11 +2,11 @@ import pytest
 import torch
 
 from conftest import requires_cuda
-from test_kernels_reference import assert_within_torch_error, oracle, poison_allocations, sdpa_same_dtype
+from kernel_checks import (GPU_CASES, assert_within_torch_error, case_id, check_prefill, oracle,
+                           poison_allocations, sdpa_same_dtype)
 
 from facli.kernels import merge_attention, prefill_attention
 from facli.kernels.configs import PrefillConfig
-from facli.kernels.prefill import prefill_attention_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -24,42 +24,6 @@ CPU_CASES = [
     (1, 17, 5, 2, 2, 256, True, torch.float32),
     (1, 63, 1, 4, 1, 64, True, torch.bfloat16),
 ]
-GPU_CASES = [
-    (2, 1000, 2000, 32, 8, 128, True, torch.bfloat16),
-    (1, 4096, 0, 8, 8, 128, True, torch.float16),
-    (1, 777, 3, 8, 1, 64, True, torch.bfloat16),
-    (1, 513, 1000, 8, 2, 80, True, torch.bfloat16),
-    (1, 300, 0, 4, 4, 96, False, torch.bfloat16),
-    (1, 1029, 0, 4, 1, 256, True, torch.bfloat16),
-    (2, 1, 4000, 32, 4, 128, True, torch.bfloat16),
-]
-
-
-def case_id(case):
-    batch, q_len, offset, hq, hkv, d, causal, dtype = case
-    kind = "causal" if causal else "full"
-    return f"B{batch}-T{q_len}-off{offset}-gqa{hq // hkv}-d{d}-{kind}-{str(dtype)[6:]}"
-
-
-def check_prefill(case, monkeypatch, device, config=None, attention=prefill_attention_triton):
-    poison_allocations(monkeypatch)
-    batch, q_len, offset, q_heads, kv_heads, head_dim, causal, dtype = case
-    if device == "cuda" and dtype == torch.float32:
-        dtype = torch.float16  # float32 is the CPU lane's dtype
-    k_len = offset + q_len
-    q = torch.randn(batch, q_len, q_heads, head_dim, device=device).to(dtype)
-    # K/V as the model passes them: a prefix slice of one layer of a [L, B, cap, H, D] cache.
-    cache = torch.randn(2, 2, batch, k_len + 9, kv_heads, head_dim, device=device).to(dtype)
-    k, v = cache[0, 1, :, :k_len], cache[1, 1, :, :k_len]
-    kwargs = {} if config is None else {"config": config}
-    out, lse = attention(q, k, v, causal=causal, q_offset=offset, return_lse=True, **kwargs)
-    ref, ref_lse = oracle(q, k, v, causal=causal, q_offset=offset)
-    base_dtype = torch.float32 if dtype == torch.bfloat16 and device == "cpu" else dtype
-    base = sdpa_same_dtype(q.to(base_dtype), k.to(base_dtype), v.to(base_dtype), causal=causal,
-                           q_offset=offset).to(dtype)
-    assert out.shape == q.shape and out.dtype == dtype
-    assert_within_torch_error(out.cpu(), ref, base.cpu())
-    torch.testing.assert_close(lse.cpu().double(), ref_lse, atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("case", CPU_CASES, ids=case_id)
