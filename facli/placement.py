@@ -22,7 +22,7 @@ from facli.resolve import DTYPES
 
 def hardware_for(device: torch.device, hardware: str | None = None, margin=None) -> HardwareSpec:
     """The spec to plan on: detected (or named), without GPUs when the run is on the CPU."""
-    spec = hardware_from_option(hardware, margin)
+    spec = hardware_from_option(hardware, margin, gpus=device.type != "cpu")
     if device.type == "cpu" and spec.devices:
         spec = dataclasses.replace(spec, devices=())
     return spec

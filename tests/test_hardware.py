@@ -128,3 +128,20 @@ def test_specs_are_validated():
     gpu = GpuSpec("x", GIB, 0, 1.0, 1.0, (8, 0))
     with pytest.raises(FacliError, match="inter_gpu_gbps"):
         HardwareSpec("two", (gpu, gpu), GIB, 1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0)
+
+
+def test_a_cpu_run_detects_no_gpu_and_never_touches_cuda(monkeypatch):
+    """A CPU run must not initialize CUDA (on a GPU machine that would load the GPU stack, which
+    may fail where a CPU run needs none of it)."""
+    import torch
+
+    from facli.placement import hardware_for
+    from facli.summarize.planning import summarize_hardware
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a CPU run asked CUDA")
+
+    for name in ("is_available", "device_count", "mem_get_info"):
+        monkeypatch.setattr(torch.cuda, name, refuse)
+    assert hardware_for(torch.device("cpu")).devices == ()
+    assert summarize_hardware("cpu").devices == ()

@@ -214,14 +214,15 @@ def _fallback_gpu_rates(capability: tuple[int, int]) -> tuple[float, float]:
     return 50.0, 500.0
 
 
-def detect_hardware(margin=None) -> HardwareSpec:
+def detect_hardware(margin=None, gpus: bool = True) -> HardwareSpec:
     """This machine: GPUs with their free memory (torch.cuda.mem_get_info), available host RAM
     (psutil), rates from the hardware recipe whose GPU name matches (estimates otherwise).
-    With no GPU the spec has no devices and plans run on the CPU."""
+    With no GPU, or gpus False (a CPU run, which must not initialize CUDA), the spec has no
+    devices and plans run on the CPU."""
     import psutil
     import torch
 
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    count = torch.cuda.device_count() if gpus and torch.cuda.is_available() else 0
     devices, recipe = [], None
     for index in range(count):
         free, _total = torch.cuda.mem_get_info(index)
@@ -255,10 +256,10 @@ def detect_hardware(margin=None) -> HardwareSpec:
     return spec.with_margin(margin)
 
 
-def hardware_from_option(value: str | None, margin=None) -> HardwareSpec:
-    """`--hardware NAME|auto` (None means auto)."""
+def hardware_from_option(value: str | None, margin=None, gpus: bool = True) -> HardwareSpec:
+    """`--hardware NAME|auto` (None means auto; gpus False detects no GPU)."""
     if value is None or value == "auto":
-        return detect_hardware(margin)
+        return detect_hardware(margin, gpus)
     if not value.strip():  # a blank name would begin every recipe's
         raise FacliError(f"expected --hardware auto or a hardware recipe name, one of "
                          f"{', '.join(list_hardware_recipes())}; got {value!r}")

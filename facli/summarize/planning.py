@@ -1,7 +1,7 @@
 """The corpus plan: tokenize every document before the model is loaded and size the context."""
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 from facli.errors import FacliError
 from facli.placement import planned_devices
@@ -111,8 +111,7 @@ def check_budget(prompts: Prompts, budget: Budget) -> None:
 def summarize_hardware(device: str | None):
     """This machine as the planner sees it (planner.hardware.detect_hardware), without GPUs for
     --device cpu. Detected once, before any rank starts, and shared by all of them."""
-    hardware = detect_hardware()
-    return replace(hardware, devices=()) if device == "cpu" else hardware
+    return detect_hardware(gpus=device != "cpu")
 
 
 def hardware_spec(recipe: str, device: str | None):
