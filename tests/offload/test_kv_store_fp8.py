@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from test_kv_store import (
+from kv_store_cases import (
     BATCH,
     CAPACITY,
     HEAD_DIM,

@@ -6,7 +6,7 @@ import functools
 import pytest
 import torch
 from conftest import HAS_CUDA
-from test_kv_store import _offloaded, _run, _steps
+from kv_store_cases import _offloaded, _run, _steps
 
 import facli.kernels as kernels
 from facli.offload import kv_store

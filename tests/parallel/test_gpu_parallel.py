@@ -10,7 +10,7 @@ import torch
 
 from conftest import requires_cuda
 
-pytestmark = [requires_cuda, pytest.mark.skipif(
+pytestmark = [requires_cuda, pytest.mark.slow, pytest.mark.skipif(
     torch.cuda.is_available() and torch.cuda.device_count() < 2, reason="needs 2 GPUs")]
 
 

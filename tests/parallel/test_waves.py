@@ -10,7 +10,7 @@ from facli.model import CausalLM
 from facli.offload.device_cache import DeviceKVCache
 from facli.parallel import waves
 from facli.parallel.context import ParallelContext, TensorParallelSettings
-from test_relay import FakeExchange, _Link, _run_ranks, serial_pair_sum  # noqa: F401 - a fixture
+from thread_ranks import FakeExchange, _Link, _run_ranks, serial_pair_sum  # noqa: F401 - a fixture
 
 CHUNKS = ((0, 24), (24, 41))  # the second chunk is odd and attends to the first one's keys
 SETTINGS = TensorParallelSettings(tile_tokens=4, reduce_engine="copy", waves=True)
