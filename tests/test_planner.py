@@ -266,7 +266,8 @@ def test_explicit_bf16_on_volta_is_refused():
 
 
 def test_prediction_is_in_the_measured_range_on_h200():
-    # DESIGN.md: transformers (cuDNN attention) prefills Llama-7B at 32K in 1.42 s on one H200.
+    # transformers with cuDNN attention prefills Llama-7B at 32K in about 1.4 s on one H200;
+    # the plan's prediction must land within a factor of about two of that.
     result = plan(model("llama-7b"), load_hardware("1xH200-141GB"), 32 * 1024, 1, options())
     assert 0.7 < result.timing.ttft_s < 3.0
     assert 50 < result.timing.decode_tokens_per_s < 300
