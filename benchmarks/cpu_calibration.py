@@ -168,10 +168,11 @@ def write_checkpoint(directory: Path, config: dict) -> Path:
 
 def load_runtime(name: str, ctx: int, workdir: Path):
     from facli.resolve import resolve_model
-    from facli.runtime import Runtime, RuntimeOptions
+    from facli.run_options import RunOptions
+    from facli.runtime import load_runtime
 
     path = "random-demo" if name == "demo" else str(write_checkpoint(workdir / name, MODELS[name]))
-    return Runtime(resolve_model(path), RuntimeOptions(model=path, device="cpu", ctx=ctx))
+    return load_runtime(RunOptions(model=path, device="cpu", ctx=ctx), resolve_model(path))
 
 
 def measure_steps(name: str, threads: int, workdir: Path, steps: list, reps: int, wait_s: float,

@@ -30,7 +30,8 @@ from common import environment, write_random_checkpoint  # noqa: E402
 from facli.bench.baseline import TORCH_DTYPES, FirstTokenClock, build_model  # noqa: E402
 from facli.bench.request import GREEDY, prompt_ids  # noqa: E402
 from facli.resolve import resolve_model  # noqa: E402
-from facli.runtime import Runtime, RuntimeOptions  # noqa: E402
+from facli.run_options import RunOptions  # noqa: E402
+from facli.runtime import Runtime, load_runtime  # noqa: E402
 from facli.units import parse_ctx  # noqa: E402
 
 SMOLLM2_135M = dict(
@@ -116,9 +117,9 @@ def main():
 
     checkpoint = write_random_checkpoint(Path(args.checkpoint), SMOLLM2_135M)
     resolved = resolve_model(str(checkpoint))
-    runtime = Runtime(resolved, RuntimeOptions(model=str(checkpoint), device="cpu", dtype=args.dtype,
-                                               ctx=depths[0] + args.decode_tokens,
-                                               allow_ctx_extension=True))
+    runtime = load_runtime(RunOptions(model=str(checkpoint), device="cpu", dtype=args.dtype,
+                                      ctx=depths[0] + args.decode_tokens,
+                                      allow_ctx_extension=True), resolved)
     hf = build_model(resolved, TORCH_DTYPES[DTYPE_NAMES[args.dtype]], torch.device("cpu"),
                      max(depths) + args.decode_tokens)
     prompt = prompt_ids(runtime.encode, max(depths))

@@ -24,7 +24,8 @@ from common import environment  # noqa: E402
 
 from facli.parallel.context import ParallelContext  # noqa: E402
 from facli.resolve import synthetic_model  # noqa: E402
-from facli.runtime import Runtime, RuntimeOptions  # noqa: E402
+from facli.run_options import RunOptions  # noqa: E402
+from facli.runtime import load_runtime  # noqa: E402
 from facli.units import parse_ctx  # noqa: E402
 
 
@@ -69,9 +70,9 @@ def main():
     args = parser.parse_args()
     depths = [parse_ctx(d) for d in args.depths.split(",")]
     env = environment()
-    options = RuntimeOptions(dtype="bf16", device="cuda", ctx=max(depths) + 4 * args.steps,
-                             allow_ctx_extension=True)
-    runtime = Runtime(synthetic_model(args.model), options, ParallelContext())
+    options = RunOptions(dtype="bf16", device="cuda", ctx=max(depths) + 4 * args.steps,
+                         allow_ctx_extension=True)
+    runtime = load_runtime(options, synthetic_model(args.model), ParallelContext())
     engine = runtime.engine
     generator = torch.Generator(device="cuda").manual_seed(0)
     rows, lines = [], []

@@ -31,7 +31,8 @@ from facli.engine import Engine  # noqa: E402
 from facli.planner.search import predict_prompt  # noqa: E402
 from facli.parallel.context import ParallelContext  # noqa: E402
 from facli.resolve import synthetic_model  # noqa: E402
-from facli.runtime import Runtime, RuntimeOptions  # noqa: E402
+from facli.run_options import RunOptions  # noqa: E402
+from facli.runtime import load_runtime  # noqa: E402
 from facli.sampling import Sampler, SamplingParams  # noqa: E402
 from facli.units import parse_ctx  # noqa: E402
 
@@ -52,9 +53,9 @@ def main():
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     env = environment()
-    options = RuntimeOptions(dtype="bf16", device="cuda", ctx=parse_ctx(args.ctx),
-                             allow_ctx_extension=True)
-    runtime = Runtime(synthetic_model(args.model), options, ParallelContext())
+    options = RunOptions(dtype="bf16", device="cuda", ctx=parse_ctx(args.ctx),
+                         allow_ctx_extension=True)
+    runtime = load_runtime(options, synthetic_model(args.model), ParallelContext())
     plan = runtime.plan
     graphed = runtime.engine
     eager = Engine(runtime.model, runtime.kv, prefill_chunk=runtime.prefill_chunk, use_graphs=False)

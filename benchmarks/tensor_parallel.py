@@ -304,13 +304,15 @@ def run_long(model, parallel, device, args, tile):
 def generate_check(devices: int, device_type: str) -> dict:
     """The embedded demo model through `facli generate`'s path: N ranks vs 1, greedy, float32."""
     from facli.generation import plan_and_generate
-    from facli.runtime import RuntimeOptions
+    from facli.run_options import RunOptions
     from facli.sampling import SamplingParams
 
     text = "The quick brown fox jumps over the lazy dog. " * 8
     try:
-        one, many = (plan_and_generate(RuntimeOptions(device=device_type, dtype="fp32", devices=n), text,
-                                       SamplingParams(), 24, stream=False) for n in (1, devices))
+        one, many = (plan_and_generate(RunOptions(device=device_type, dtype="fp32", devices=n,
+                                                  ctx=4096),
+                                       text, SamplingParams(), 24, stream=False)
+                     for n in (1, devices))
     except Exception as exc:  # noqa: BLE001 - report it and keep the measurements
         return dict(kind="generate-check", ok=False, error=f"{type(exc).__name__}: {exc}")
     return dict(kind="generate-check", ok=one["token_ids"] == many["token_ids"], devices=devices,

@@ -2,13 +2,14 @@
 will not fit), then load and run on one process or N tensor-parallel ranks, rank 0 streaming
 the text as it is produced.
 
-    result = plan_and_generate(RuntimeOptions(device="cpu"), "Hello", SamplingParams(), 32,
+    result = plan_and_generate(RunOptions(device="cpu"), "Hello", SamplingParams(), 32,
                                stream=False)
 """
 
 import dataclasses
 import sys
 
+from facli.errors import FacliError
 from facli.parallel.degrees import check_tensor_parallel
 from facli.parallel.launch import launch, prints_here
 from facli.placement import hardware_for, plan_run
@@ -21,7 +22,8 @@ from facli.resolve import (
     resolve_model,
     tokenizer_for,
 )
-from facli.runtime import Runtime, RuntimeOptions
+from facli.run_options import RunOptions
+from facli.runtime import Runtime
 from facli.sampling import SamplingParams
 from facli.tokenizer import chat_prompt_ids
 from facli.units import format_ctx, format_seconds
@@ -29,17 +31,17 @@ from facli.units import format_ctx, format_seconds
 LONG_PROMPT_TOKENS = 4096  # prompts from this length on show a prefill progress bar
 
 
-def plan_and_generate(options: RuntimeOptions, text: str, sampling: SamplingParams,
+def plan_and_generate(options: RunOptions, text: str, sampling: SamplingParams,
                       max_new_tokens: int, *, stream: bool,
                       chat: bool = False, system: str | None = None,
                       stop: tuple[str, ...] = (), auto_devices: bool = False) -> dict:
     """Tokenize (under the chat template with `chat`), plan (refusing what will not fit), then
-    run on one process or N ranks. auto_devices: the plan's degree replaces options.devices
-    (`--devices auto`)."""
+    run on one process or N ranks. options.ctx None: the prompt and max_new_tokens.
+    auto_devices: the plan's degree replaces options.devices (`--devices auto`)."""
     resolved = resolve_model(options.model)
     tokenizer = tokenizer_for(resolved)
     prompt_ids = chat_prompt_ids(tokenizer, text, system) if chat else tokenizer(text).input_ids
-    if options.ctx == 0:
+    if not options.ctx:
         ctx = generation_ctx(resolved.config, len(prompt_ids), max_new_tokens,
                              options.allow_ctx_extension)
         options = dataclasses.replace(options, ctx=ctx)
@@ -49,11 +51,8 @@ def plan_and_generate(options: RuntimeOptions, text: str, sampling: SamplingPara
         check_tensor_parallel(resolved.config, options.devices)
     device = resolve_device(options.device)
     hardware = hardware_for(device, options.hardware)
-    plan = plan_run(resolved.config, resolved.name, hardware, ctx=options.ctx,
-                    world_size=None if auto_devices else options.devices, dtype=options.dtype,
-                    kv_dtype=options.kv_dtype, prefill_chunk=options.prefill_chunk,
-                    decode_mode=options.decode_mode, force=options.force,
-                    allreduce_tile_tokens=options.allreduce_tile_tokens)
+    plan = plan_run(resolved.config, resolved.name, hardware, options, ctx=options.ctx,
+                    world_size=None if auto_devices else options.devices)
     if auto_devices:
         options = dataclasses.replace(options, devices=plan.tp)
     prompt_prediction = predict_prompt(resolved.config, hardware, plan, len(prompt_ids),
@@ -70,6 +69,8 @@ def plan_and_generate(options: RuntimeOptions, text: str, sampling: SamplingPara
         prompt_line = _prompt_line(plan, len(prompt_ids), prompt_prediction)
         if prompt_line:
             print(f"facli: {prompt_line}", file=sys.stderr)
+    if not prompt_ids:
+        raise FacliError("expected a non-empty prompt, got 0 tokens; give --prompt or --prompt-file")
     request = GenerateRequest(options, resolved, prompt_ids, sampling, max_new_tokens, stream,
                               hardware, tokenizer, plan, prompt_prediction, stop)
     return launch(generate_on_rank, (request,), world_size=options.devices, device_type=device.type)
@@ -95,7 +96,7 @@ def _prompt_line(plan, prompt_tokens: int, prediction) -> str | None:
 class GenerateRequest:
     """Everything a rank needs; picklable, so that spawned ranks receive it."""
 
-    options: object
+    options: RunOptions
     resolved: object
     prompt_ids: list
     sampling: object
@@ -111,7 +112,7 @@ class GenerateRequest:
 def generate_on_rank(parallel, request: GenerateRequest) -> dict:
     """Load this rank's shard, prefill and decode; rank 0 streams the text."""
     runtime = Runtime(request.resolved, request.options, parallel, tokenizer=request.tokenizer,
-                      hardware=request.hardware, plan=request.plan)
+                      plan=request.plan, hardware=request.hardware)
     writer = parallel.is_writer
 
     def on_text(piece: str) -> None:
@@ -123,7 +124,8 @@ def generate_on_rank(parallel, request: GenerateRequest) -> dict:
     with _prefill_bar(prompt_tokens, enabled=writer and prompt_tokens >= LONG_PROMPT_TOKENS) as bar:
         result = runtime.generate(request.prompt_ids, max_new_tokens=request.max_new_tokens,
                                   sampling=request.sampling, on_text=on_text,
-                                  on_progress=bar.update if bar else None, stop=request.stop)
+                                  on_progress=bar.update if bar else None, stop=request.stop,
+                                  prediction=request.prompt_prediction)
     plan = runtime.plan
     prompt = request.prompt_prediction
     return {

@@ -8,6 +8,7 @@ With stride == ctx the windows do not overlap; a smaller stride gives every scor
 context, at more compute.
 """
 
+import dataclasses
 import math
 import sys
 import time
@@ -21,7 +22,8 @@ from facli.parallel.degrees import check_tensor_parallel
 from facli.parallel.launch import launch
 from facli.placement import hardware_for, plan_run
 from facli.resolve import check_context, resolve_device, resolve_model, tokenizer_for
-from facli.runtime import Runtime, RuntimeOptions
+from facli.run_options import RunOptions
+from facli.runtime import Runtime
 
 # A text shorter than this many windows of the default length is scored in one window.
 DEFAULT_WINDOW = 4096
@@ -128,7 +130,7 @@ def perplexity(model, kv, ids: list[int], *, ctx: int, stride: int, chunk: int,
 class PerplexityRequest:
     """Everything a rank needs; picklable, so that spawned ranks receive it."""
 
-    options: RuntimeOptions  # ctx: the window length
+    options: RunOptions  # ctx: the window length
     resolved: object
     ids: list
     stride: int
@@ -137,45 +139,42 @@ class PerplexityRequest:
     plan: object
 
 
-def run_perplexity(text: str, source: Path, *, model: str | None, ctx: int | None,
-                   stride: int | None, allow_ctx_extension: bool, dtype: str, kv_dtype: str,
-                   device: str | None, devices: int, prefill_chunk: int | None) -> dict:
-    """`facli perplexity`: tokenize `text` (read from `source`), choose the window (ctx None: the
-    model's max_position_embeddings, at most DEFAULT_WINDOW) and stride (None: half the window),
-    plan, then score on `devices` ranks; the result of rank 0 (perplexity_on_rank)."""
-    resolved = resolve_model(model)
+def run_perplexity(text: str, source: Path, options: RunOptions, *, stride: int | None) -> dict:
+    """`facli perplexity`: tokenize `text` (read from `source`), choose the window (options.ctx
+    None: the model's max_position_embeddings, at most DEFAULT_WINDOW) and stride (None: half
+    the window), plan, then score on options.devices ranks; the result of rank 0
+    (perplexity_on_rank)."""
+    resolved = resolve_model(options.model)
     tokenizer = tokenizer_for(resolved)
     ids = tokenizer(text).input_ids
     if len(ids) < 2:
         raise FacliError(f"expected a text of at least 2 tokens in {source}, got {len(ids)}")
     limit = resolved.config.max_position_embeddings
-    asked = ctx if ctx is not None else min(limit, DEFAULT_WINDOW)
+    asked = options.ctx if options.ctx is not None else min(limit, DEFAULT_WINDOW)
     window = min(asked, len(ids))  # a text shorter than the window is one window
     step = stride if stride is not None else max(1, window // 2)
     if asked > window:
         step = min(step, window)
     if not 1 <= step <= window:
         raise FacliError(f"expected --stride from 1 to the window ({window} tokens), got {step}")
-    check_context(resolved.config, window, allow_ctx_extension)
-    check_tensor_parallel(resolved.config, devices)
-    run_device = resolve_device(device)
+    check_context(resolved.config, window, options.allow_ctx_extension)
+    check_tensor_parallel(resolved.config, options.devices)
+    run_device = resolve_device(options.device)
     hardware = hardware_for(run_device, None)
-    run_options = RuntimeOptions(model=model, device=device, dtype=dtype, kv_dtype=kv_dtype,
-                                 ctx=window, prefill_chunk=prefill_chunk, devices=devices,
-                                 allow_ctx_extension=allow_ctx_extension)
-    plan = plan_run(resolved.config, resolved.name, hardware, ctx=window, world_size=devices,
-                    dtype=dtype, kv_dtype=kv_dtype, prefill_chunk=prefill_chunk,
-                    decode_mode="auto", force=False)
+    options = dataclasses.replace(options, ctx=window)
+    plan = plan_run(resolved.config, resolved.name, hardware, options, ctx=window,
+                    world_size=options.devices)
     print(f"facli: {plan.summary_line()}", file=sys.stderr)
     print(f"facli: {len(ids)} tokens, windows of {window} every {step}", file=sys.stderr)
-    request = PerplexityRequest(run_options, resolved, ids, step, hardware, tokenizer, plan)
-    return launch(perplexity_on_rank, (request,), world_size=devices, device_type=run_device.type)
+    request = PerplexityRequest(options, resolved, ids, step, hardware, tokenizer, plan)
+    return launch(perplexity_on_rank, (request,), world_size=options.devices,
+                  device_type=run_device.type)
 
 
 def perplexity_on_rank(parallel, request: PerplexityRequest) -> dict:
     """Load this rank's shard and score the text; rank 0 shows progress."""
     runtime = Runtime(request.resolved, request.options, parallel, tokenizer=request.tokenizer,
-                      hardware=request.hardware, plan=request.plan)
+                      plan=request.plan, hardware=request.hardware)
     windows = sliding_windows(len(request.ids), request.options.ctx, request.stride)
     processed = sum(w.end - w.begin for w in windows)
     with _progress(processed, enabled=parallel.is_writer) as bar:

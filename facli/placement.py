@@ -18,6 +18,7 @@ from facli.planner.policy import (
 )
 from facli.planner.search import PlanOptions, plan
 from facli.resolve import DTYPES
+from facli.run_options import RunOptions
 
 
 def hardware_for(device: torch.device, hardware: str | None = None, margin=None) -> HardwareSpec:
@@ -28,15 +29,12 @@ def hardware_for(device: torch.device, hardware: str | None = None, margin=None)
     return spec
 
 
-def plan_run(config: ModelConfig, name: str, hardware: HardwareSpec, *, ctx: int, world_size: int,
-             dtype: str, kv_dtype: str, prefill_chunk: int | None, decode_mode: str,
-             force: bool, allreduce_tile_tokens: int | None = None, batch: int = 1) -> Plan:
-    """The plan for `batch` sequences of `ctx` tokens on `world_size` ranks (raises when nothing
-    fits)."""
-    options = run_options(name, world_size=world_size, dtype=dtype, kv_dtype=kv_dtype,
-                          prefill_chunk=prefill_chunk, decode_mode=decode_mode, force=force,
-                          allreduce_tile_tokens=allreduce_tile_tokens)
-    return plan(config, hardware, ctx, batch, options)
+def plan_run(config: ModelConfig, name: str, hardware: HardwareSpec, options: RunOptions, *,
+             ctx: int, world_size: int | None, batch: int = 1) -> Plan:
+    """The plan for `batch` sequences of `ctx` tokens on `world_size` ranks (None: the planner's
+    degree) with the run's choices; raises when nothing fits. The one planning call of a run:
+    the commands plan with it before loading, and the runtime when it is reshaped."""
+    return plan(config, hardware, ctx, batch, plan_options(name, options, world_size))
 
 
 def planned_devices(config, name: str, hardware, ctx: int, *, dtype: str = "auto",
@@ -49,13 +47,12 @@ def planned_devices(config, name: str, hardware, ctx: int, *, dtype: str = "auto
     return plan(config, hardware, ctx, batch, options).tp
 
 
-def run_options(name: str, *, world_size: int, dtype: str, kv_dtype: str,
-                prefill_chunk: int | None, decode_mode: str, force: bool,
-                allreduce_tile_tokens: int | None = None) -> PlanOptions:
+def plan_options(name: str, options: RunOptions, world_size: int | None) -> PlanOptions:
     """The planner's options for a run on `world_size` ranks with these choices."""
-    return PlanOptions(kv_dtype=kv_dtype, weight_dtype=dtype, devices=world_size,
-                       prefill_chunk=prefill_chunk, decode_mode=decode_mode, force=force,
-                       allreduce_tile_tokens=allreduce_tile_tokens, model_name=name)
+    return PlanOptions(kv_dtype=options.kv_dtype, weight_dtype=options.dtype, devices=world_size,
+                       prefill_chunk=options.prefill_chunk, decode_mode=options.decode_mode,
+                       force=options.force, allreduce_tile_tokens=options.allreduce_tile_tokens,
+                       model_name=name)
 
 
 def weight_dtype(run_plan: Plan) -> torch.dtype:

@@ -13,7 +13,6 @@ import torch
 from facli.checkpoint import CheckpointReader
 from facli.batching import BatchedEngine, BatchStats, RowRequest
 from facli.engine import Engine, TokenRun
-from facli.errors import FacliError
 from facli.model import CausalLM
 from facli.offload.build import build_kv_store
 from facli.planner.hardware import HardwareSpec
@@ -23,61 +22,21 @@ from facli.parallel.comm import broadcast_tokens
 from facli.parallel.context import SINGLE_PROCESS, ParallelContext
 from facli.placement import (
     hardware_for,
+    plan_options,
     plan_run,
-    run_options,
     tensor_parallel_settings,
     weight_dtype,
 )
 from facli.resolve import (
-    DTYPES,
     ResolvedModel,
     check_context,
-    check_prompt_fits,
     resolve_device,
     resolve_model,
     tokenizer_for,
 )
+from facli.run_options import RunOptions
 from facli.sampling import Sampler, SamplingParams
 from facli.tokenizer import StopText, TextStream
-from facli.units import MAX_CTX, check_count
-
-KV_DTYPES = ("auto", "bf16", "fp16", "fp32", "fp8")
-
-
-def check_kv_dtype(kv_dtype: str) -> None:
-    """Raise a FacliError unless `kv_dtype` is a --kv-dtype choice."""
-    if kv_dtype not in KV_DTYPES:
-        raise FacliError(f"expected --kv-dtype one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
-
-
-@dataclass(frozen=True)
-class RuntimeOptions:
-    model: str | None = None
-    device: str | None = None
-    dtype: str = "auto"
-    ctx: int = 4096
-    prefill_chunk: int | None = None
-    devices: int = 1
-    decode_mode: str = "auto"
-    force: bool = False
-    allow_ctx_extension: bool = False
-    kv_dtype: str = "auto"
-    hardware: str | None = None  # a hardware recipe name; None or "auto" detects this machine
-    cuda_graphs: bool = True  # capture decode steps in CUDA graphs (False: eager, for debugging)
-    allreduce_tile_tokens: int | None = None  # None: the plan's, from the hardware spec
-    batch: int = 1  # rows of the KV cache: prompts decoded together (generate_rows)
-
-    def __post_init__(self):
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise FacliError(f"expected --dtype one of auto, {', '.join(DTYPES)}, got {self.dtype!r}")
-        check_kv_dtype(self.kv_dtype)
-        if self.device not in (None, "cpu", "cuda"):
-            raise FacliError(f"expected --device cpu or cuda, got {self.device!r}")
-        check_count(self.ctx, "--ctx", low=0, high=MAX_CTX)  # 0: prompt + new tokens
-        check_count(self.prefill_chunk, "--prefill-chunk", optional=True)
-        check_count(self.allreduce_tile_tokens, "--allreduce-tile-tokens", optional=True)
-        check_count(self.devices, "--devices")
-        check_count(self.batch, "--batch")
 
 
 @dataclass
@@ -98,22 +57,22 @@ class GenerationResult:
 class Runtime:
     """A loaded model, its tokenizer, its KV store and the engine that runs them, per a Plan.
 
-    hardware: the spec to plan on, detected before anything is loaded (tensor-parallel ranks get
-    their parent's, so no rank touches another's GPU). None detects it here.
-    plan: the plan for options.ctx when the caller has made it already; None plans here.
+    The caller has checked the run and planned it (facli.placement.plan_run): the runtime
+    executes `plan`, made on `hardware` (the spec detected before anything was loaded;
+    tensor-parallel ranks get their parent's, so no rank touches another's GPU). Re-plans for
+    another shape or decode mode go through plan_run with `options`.
     """
 
-    def __init__(self, resolved: ResolvedModel, options: RuntimeOptions,
-                 parallel: ParallelContext = SINGLE_PROCESS, tokenizer=None,
-                 hardware: HardwareSpec | None = None, plan: Plan | None = None):
-        check_context(resolved.config, options.ctx, options.allow_ctx_extension, warn=False)
+    def __init__(self, resolved: ResolvedModel, options: RunOptions,
+                 parallel: ParallelContext = SINGLE_PROCESS, tokenizer=None, *,
+                 plan: Plan, hardware: HardwareSpec):
         self.resolved, self.options = resolved, options
         self.config = resolved.config
         self.device = resolve_device(options.device, parallel)
-        self.hardware = hardware or hardware_for(self.device, options.hardware)
-        self.plan = plan or self._plan(options.ctx, parallel.world_size)
+        self.hardware = hardware
+        self.plan = plan
         self.parallel = parallel.with_settings(tensor_parallel_settings(self.plan))
-        self.ctx = options.ctx
+        self.ctx = plan.ctx
         self.asked_decode_mode = options.decode_mode  # "auto" picks one per prompt
         self.dtype = weight_dtype(self.plan)
         self.prefill_chunk = self.plan.prefill_chunk
@@ -127,24 +86,16 @@ class Runtime:
         self.load_s = time.perf_counter() - started
         self._build_engine()
 
-    def _plan(self, ctx: int, world_size: int, **overrides) -> Plan:
-        choices = dict(self._choices(), batch=self.options.batch)
-        choices.update(overrides)
-        return plan_run(self.config, self.resolved.name, self.hardware, ctx=ctx,
-                        world_size=world_size, **choices)
-
-    def _choices(self) -> dict:
-        return dict(dtype=self.options.dtype, kv_dtype=self.options.kv_dtype,
-                    prefill_chunk=self.options.prefill_chunk,
-                    decode_mode=self.options.decode_mode, force=self.options.force,
-                    allreduce_tile_tokens=self.options.allreduce_tile_tokens)
+    def _replanned(self, options: RunOptions, ctx: int, rows: int) -> Plan:
+        return plan_run(self.config, self.resolved.name, self.hardware, options, ctx=ctx,
+                        world_size=self.parallel.world_size, batch=rows)
 
     def resident_rows(self, ctx: int) -> int:
         """The most prompts of `ctx` tokens that this runtime can decode together: their plan
         keeps the whole KV cache on the devices (planner.search.largest_resident_batch, with
         this runtime's choices)."""
-        options = run_options(self.resolved.name, world_size=self.parallel.world_size,
-                              **dict(self._choices(), force=False))
+        options = plan_options(self.resolved.name, dataclasses.replace(self.options, force=False),
+                               self.parallel.world_size)
         return largest_resident_batch(self.config, self.hardware, ctx, options)
 
     @property
@@ -175,8 +126,9 @@ class Runtime:
         if decode_mode is not None:
             self.asked_decode_mode = decode_mode
         if decode_mode is not None and decode_mode != self.plan.decode_mode:
-            self.plan = self._plan(self.ctx, self.parallel.world_size, decode_mode=decode_mode,
-                                   prefill_chunk=prefill_chunk or self.prefill_chunk)
+            options = dataclasses.replace(self.options, decode_mode=decode_mode,
+                                          prefill_chunk=prefill_chunk or self.prefill_chunk)
+            self.plan = self._replanned(options, self.ctx, self.rows)
             self._build_engine()
         if prefill_chunk is not None:
             self.prefill_chunk = self.engine.prefill_chunk = prefill_chunk
@@ -185,7 +137,8 @@ class Runtime:
 
     def reshape(self, *, ctx: int | None = None, rows: int | None = None) -> None:
         """Re-plan for `rows` prompts of `ctx` tokens at once (None: as now) and rebuild the KV
-        store; weights stay. Nothing happens when both are as now."""
+        store; weights stay. Nothing happens when both are as now. The caller has checked that
+        the model serves `ctx` (facli.resolve.check_context)."""
         ctx, rows = ctx or self.ctx, rows or self.rows
         if (ctx, rows) != (self.ctx, self.rows):
             self._replan(ctx, rows)
@@ -193,10 +146,8 @@ class Runtime:
     def _replan(self, ctx: int, rows: int) -> None:
         """A plan that raises leaves the runtime as it was; a store that cannot be built leaves
         it without one, to be reshaped again."""
-        check_context(self.config, ctx, self.options.allow_ctx_extension, warn=False)
-        plan = self._plan(ctx, self.parallel.world_size, batch=rows)
-        self.options, self.plan = dataclasses.replace(self.options, batch=rows), plan
-        self.ctx, self.prefill_chunk = ctx, plan.prefill_chunk
+        self.plan = self._replanned(self.options, ctx, rows)
+        self.ctx, self.prefill_chunk = ctx, self.plan.prefill_chunk
         self._build_engine()
 
     def encode(self, text: str) -> list[int]:
@@ -204,15 +155,16 @@ class Runtime:
 
     def generate(self, prompt_ids: list[int], *, max_new_tokens: int, sampling: SamplingParams,
                  prefill_chunk: int | None = None, on_text=None, on_progress=None,
-                 ignore_eos: bool = False, stop: tuple[str, ...] = ()) -> GenerationResult:
-        """ignore_eos: decode all max_new_tokens even past an EOS token (benchmarks). stop: end
-        at the first of these strings; the text ends before it (its tokens stay in token_ids)."""
-        if not prompt_ids:
-            raise FacliError("expected a non-empty prompt, got 0 tokens; give --prompt or --prompt-file")
-        check_prompt_fits(len(prompt_ids), self.ctx)
+                 ignore_eos: bool = False, stop: tuple[str, ...] = (),
+                 prediction=None) -> GenerationResult:
+        """A prompt the caller has checked: non-empty and shorter than the context
+        (facli.resolve.check_prompt_fits). ignore_eos: decode all max_new_tokens even past an
+        EOS token (benchmarks). stop: end at the first of these strings; the text ends before it
+        (its tokens stay in token_ids). prediction: the time model's for this prompt on this
+        plan (predict_prompt), where the caller has it."""
         if prefill_chunk is not None:
             self.reconfigure(prefill_chunk=prefill_chunk)
-        self.decode_for_prompt(len(prompt_ids))
+        self.decode_for_prompt(len(prompt_ids), prediction)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         stream, stopper = TextStream(self.tokenizer), StopText(stop)
@@ -241,11 +193,11 @@ class Runtime:
 
     def generate_rows(self, next_request, on_done, *, sampling: SamplingParams,
                       ignore_eos: bool = False, on_progress=None) -> BatchStats:
-        """Run prompts from next_request() (a RowRequest, or None when there is none for now)
-        in the KV cache's rows, decoded together; on_done(request, GenerationResult) as each
-        one ends; on_progress(prefilled, decoded) as each prefill chunk and decode step runs
-        (BatchedEngine.run). Needs a runtime of two rows or more (RuntimeOptions.batch); with
-        one, call `generate` per prompt."""
+        """Run prompts from next_request() (a RowRequest, or None when there is none for now;
+        each checked by the caller, as for `generate`) in the KV cache's rows, decoded together;
+        on_done(request, GenerationResult) as each one ends; on_progress(prefilled, decoded) as
+        each prefill chunk and decode step runs (BatchedEngine.run). Needs a plan of two rows or
+        more; with one, call `generate` per prompt."""
         assert self.batched is not None, "generate_rows needs a runtime with batch > 1"
         eos_ids = () if ignore_eos else self.eos_ids()
 
@@ -256,25 +208,20 @@ class Runtime:
                 ttft_s=run.timings.ttft_s, decode_tokens_per_s=None, peak_gpu_bytes=None,
                 finish_reason=run.finish_reason))
 
-        def checked():
-            request = next_request()
-            if request is not None:
-                check_prompt_fits(len(request.prompt_ids), self.ctx)
-            return request
-
-        return self.batched.run(checked, finished, sampling=sampling, eos_ids=eos_ids,
+        return self.batched.run(next_request, finished, sampling=sampling, eos_ids=eos_ids,
                                 on_progress=on_progress)
 
-    def decode_for_prompt(self, prompt_tokens: int):
+    def decode_for_prompt(self, prompt_tokens: int, prediction=None):
         """Set the host layers' decode mode (when the mode asked is "auto") and split share that
         the time model finds fastest for this prompt on the plan's KV store; the plan's are for a
-        prompt that fills the context. Returns the prediction (None without host layers).
+        prompt that fills the context. Returns the prediction (`prediction` where given, the
+        predict_prompt of this prompt; None without host layers).
 
         While the staging slots keep every host layer's rows (packed), no mode is used: the one
         set is the fastest just past the packed length, for generation that goes beyond it."""
         if not self.plan.host.layers:
             return None
-        chosen = after = self.predict_prompt(prompt_tokens)
+        chosen = after = prediction or self.predict_prompt(prompt_tokens)
         packed_rows = self.plan.host.packed_prompt_tokens
         if chosen.packed and packed_rows < self.plan.ctx:
             after = self.predict_prompt(packed_rows + 1)
@@ -305,5 +252,14 @@ def randomize_weights(model: CausalLM, seed: int) -> None:
             param.normal_(0.0, 0.02, generator=generator)
 
 
-def load_runtime(options: RuntimeOptions, parallel: ParallelContext = SINGLE_PROCESS) -> Runtime:
-    return Runtime(resolve_model(options.model), options, parallel)
+def load_runtime(options: RunOptions, resolved: ResolvedModel | None = None,
+                 parallel: ParallelContext = SINGLE_PROCESS) -> Runtime:
+    """Check, plan and load in one call, for scripts and tests: `options.batch` rows of
+    `options.ctx` tokens (both given) on this machine; the commands do these steps themselves."""
+    assert options.ctx and options.batch, "load_runtime needs options.ctx and options.batch"
+    resolved = resolved or resolve_model(options.model)
+    check_context(resolved.config, options.ctx, options.allow_ctx_extension, warn=False)
+    hardware = hardware_for(resolve_device(options.device, parallel), options.hardware)
+    plan = plan_run(resolved.config, resolved.name, hardware, options, ctx=options.ctx,
+                    world_size=parallel.world_size, batch=options.batch)
+    return Runtime(resolved, options, parallel, plan=plan, hardware=hardware)

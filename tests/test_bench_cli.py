@@ -298,7 +298,10 @@ def test_synthetic_weights_on_both_sides(monkeypatch):
 
     monkeypatch.setattr(facli.bench.request, "synthetic_model",
                         lambda name: ResolvedModel(f"synthetic:{name}", None, demo_config()))
-    report = run_bench(BenchRequest(depths=(48,), synthetic="demo", decode_tokens=3, device="cpu"))
+    from facli.run_options import RunOptions
+
+    report = run_bench(BenchRequest(depths=(48,), run=RunOptions(device="cpu"), synthetic="demo",
+                                    decode_tokens=3))
     assert report["facli"]["model"] == "synthetic:demo" and report["facli"]["synthetic"]
     assert report["transformers"]["depths"][0]["status"] == "ok"
     assert report["transformers"]["depths"][0]["new_tokens"] == 3

@@ -21,6 +21,7 @@ from facli.bench.report import (
 from facli.bench.request import PROMPT_SLACK, BenchRequest, prompt_ids, prompt_length, random_text
 from facli.commands.bench import parse_depths
 from facli.errors import FacliError
+from facli.run_options import RunOptions
 
 
 def test_error_pct_is_signed_relative_to_the_measurement():
@@ -43,17 +44,17 @@ def test_parse_depths_and_request_validation():
         parse_depths("8k,lots")
     assert BenchRequest(depths=(4096, 1024, 4096)).depths == (1024, 4096)
     with pytest.raises(FacliError, match="at most one of --model and --synthetic"):
-        BenchRequest(depths=(1024,), model="x", synthetic="llama-7b")
+        BenchRequest(depths=(1024,), run=RunOptions(model="x"), synthetic="llama-7b")
     with pytest.raises(FacliError, match="--baseline one of transformers, none"):
         BenchRequest(depths=(1024,), baseline="vllm")
     with pytest.raises(FacliError, match="--decode-mode one of auto, prefetch, cpu, split"):
-        BenchRequest(depths=(1024,), decode_mode="disk")
+        BenchRequest(depths=(1024,), run=RunOptions(decode_mode="disk"))
     with pytest.raises(FacliError, match=r"--decode-tokens >= 3 .*got 2"):
         BenchRequest(depths=(1024,), decode_tokens=2)  # one decode step: its rate is not timed
     with pytest.raises(FacliError, match=r"every --depth >= 73"):
         BenchRequest(depths=(72, 1024), decode_tokens=64)
     with pytest.raises(FacliError, match=r"--ctx >= every --depth \(4096\), got 2048"):
-        BenchRequest(depths=(1024, 4096), ctx=2048)
+        BenchRequest(depths=(1024, 4096), run=RunOptions(ctx=2048))
 
 
 def test_prompt_fills_the_depth_exactly():
@@ -235,8 +236,10 @@ class _FakeRuntime:
         import torch
 
         from facli.parallel.context import SINGLE_PROCESS
+        from facli.recipe_loader import load_model_recipe
 
         self.failures, self.parallel, self.device = failures, SINGLE_PROCESS, torch.device("cpu")
+        self.config = load_model_recipe("llama-7b").config
         self.plan, self.kv, self.prefill_chunk, self.depth, self.calls = None, None, 512, None, []
         self.ctx, self.contexts, self.rows = None, [], 1
 
@@ -295,7 +298,7 @@ def test_one_ctx_keeps_one_store_for_every_depth():
     runtime.plan = plan(runtime.config, runtime.hardware, 8192, 1, PlanOptions(model_name="m"))
     runtime.ctx, runtime.depth = 8192, 8192
     runtime.asked_decode_mode = "auto"
-    request = BenchRequest(depths=(1024, 4096), decode_tokens=8, ctx=8192)
+    request = BenchRequest(depths=(1024, 4096), decode_tokens=8, run=RunOptions(ctx=8192))
     records = [measure_depth(runtime, d, list(range(5000)), request) for d in request.depths]
     assert runtime.contexts == []
     assert [r["status"] for r in records] == ["ok", "ok"]

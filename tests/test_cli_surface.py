@@ -17,7 +17,7 @@ from facli.planner.hardware import load_hardware
 from facli.planner.search import PlanOptions, plan
 from facli.recipe_loader import load_model_recipe
 from facli.resolve import check_context
-from facli.runtime import KV_DTYPES
+from facli.run_options import KV_DTYPES
 from facli.units import parse_ctx
 
 README = Path(__file__).resolve().parents[1] / "README.md"

@@ -13,7 +13,7 @@ import torch
 from cli_errors import error_line, invoke
 from facli.errors import FacliError
 from facli.planner.search import PlanOptions
-from facli.runtime import RuntimeOptions
+from facli.run_options import RunOptions
 from facli.sampling import Sampler, SamplingParams
 from facli.units import MAX_CTX, parse_batch, parse_ctx
 
@@ -102,9 +102,9 @@ def test_non_numbers_stay_usage_errors_of_the_option_parser(cache):
 
 def test_core_types_check_their_numbers():
     with pytest.raises(FacliError, match="--ctx a whole number from 0 to"):
-        RuntimeOptions(ctx=MAX_CTX + 1)
+        RunOptions(ctx=MAX_CTX + 1)
     with pytest.raises(FacliError, match="--batch a whole number"):
-        RuntimeOptions(batch=True)
+        RunOptions(batch=True)
     with pytest.raises(FacliError, match="--devices a whole number from 1"):
         PlanOptions(devices=0)
     with pytest.raises(FacliError, match="--max-new-tokens a whole number from 0"):

@@ -1,6 +1,7 @@
 """facli summarize with the embedded demo model on CPU: a mixed folder, resume, retries,
 determinism, the manifest, and runs killed with SIGINT and SIGKILL part-way."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from facli.errors import FacliError
+from facli.run_options import RunOptions
 from facli.sampling import SamplingParams
 from facli.summarize.manifest import manifest_path
 from facli.summarize.run import SummarizeRequest, run_summarize
@@ -45,9 +47,15 @@ def numbered_folder(root: Path, count: int = 8) -> Path:
     return docs
 
 
+# The request's own hardware is the spec to plan on, not RunOptions' recipe name.
+RUN_FIELDS = {field.name for field in dataclasses.fields(RunOptions)} - {"hardware"}
+
+
 def request(docs: Path, out: Path, **changes) -> SummarizeRequest:
-    values = dict(inputs=(docs,), out=out, ctx=CTX, max_new_tokens=NEW, device="cpu")
-    return SummarizeRequest(**{**values, **changes})
+    values = {**dict(inputs=(docs,), out=out, ctx=CTX, max_new_tokens=NEW, device="cpu",
+                     batch=None), **changes}
+    run = {name: values.pop(name) for name in RUN_FIELDS if name in values}
+    return SummarizeRequest(**values, run=RunOptions(**run))
 
 
 def records(out: Path) -> list[dict]:

@@ -7,7 +7,8 @@ import pytest
 from facli.batching import BatchStats, RowRequest
 from facli.engine import Timings
 from facli.resolve import resolve_model
-from facli.runtime import Runtime, RuntimeOptions
+from facli.run_options import RunOptions
+from facli.runtime import load_runtime
 from facli.sampling import SamplingParams
 from facli.summarize.job import JobSummary
 
@@ -15,8 +16,8 @@ from facli.summarize.job import JobSummary
 @pytest.fixture(scope="module")
 def runtimes():
     resolved = resolve_model(None)
-    one = Runtime(resolved, RuntimeOptions(device="cpu", ctx=64))
-    rows = Runtime(resolved, RuntimeOptions(device="cpu", ctx=64, batch=2))
+    one = load_runtime(RunOptions(device="cpu", ctx=64), resolved)
+    rows = load_runtime(RunOptions(device="cpu", ctx=64, batch=2), resolved)
     return one, rows
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from facli.errors import FacliError
+from facli.run_options import RunOptions
 from facli.summarize import files, manifest as manifests
 from facli.summarize import run as summarize_run
 from facli.summarize.documents import discover, read_documents
@@ -162,8 +163,8 @@ def test_an_output_that_is_not_summarize_results_is_refused_untouched(tmp_path, 
     docs.mkdir()
     (docs / "a.txt").write_text("a document")
     with pytest.raises(FacliError) as err:
-        summarize_run.run_summarize(summarize_run.SummarizeRequest(inputs=(docs,), out=out,
-                                                                   device="cpu"))
+        summarize_run.run_summarize(summarize_run.SummarizeRequest(
+            inputs=(docs,), out=out, run=RunOptions(device="cpu", batch=None)))
     assert str(err.value).startswith("expected --out to be a results file of facli summarize")
     assert reason in str(err.value) and str(err.value).endswith("(summarize appends only to its "
                                                                 "own results)")

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from facli.errors import FacliError
+from facli.run_options import RunOptions
 from facli.summarize import run as summarize_run
 from facli.summarize.output import ResultWriter, check_writable, make_record, read_results
 
@@ -65,7 +66,8 @@ def test_an_output_that_cannot_be_written_fails_before_any_document_is_read(
     monkeypatch.setattr(summarize_run, "open_corpus", lambda *args, **kwargs: pytest.fail("read"))
     with pytest.raises(FacliError) as err:
         summarize_run.run_summarize(summarize_run.SummarizeRequest(
-            inputs=(tmp_path / "docs",), out=tmp_path / out, device="cpu"))
+            inputs=(tmp_path / "docs",), out=tmp_path / out,
+            run=RunOptions(device="cpu", batch=None)))
     assert str(err.value) == message.format(out=tmp_path / out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["docs", "file.txt", "folder"]
     check_writable(tmp_path / "new/deeper/results.jsonl")  # folders to make are fine
@@ -75,7 +77,8 @@ def test_an_output_that_cannot_be_written_fails_before_any_document_is_read(
 def test_a_second_run_on_the_same_output_stops_before_reading_the_corpus(tmp_path, monkeypatch):
     (tmp_path / "docs").mkdir()
     out = tmp_path / "r.jsonl"
-    request = summarize_run.SummarizeRequest(inputs=(tmp_path / "docs",), out=out, device="cpu")
+    request = summarize_run.SummarizeRequest(inputs=(tmp_path / "docs",), out=out,
+                                             run=RunOptions(device="cpu", batch=None))
     monkeypatch.setattr(summarize_run, "open_corpus", lambda *args, **kwargs: pytest.fail("read"))
     with ResultWriter(out):
         with pytest.raises(FacliError, match="no other run writing"):

@@ -50,7 +50,7 @@ class FakeRuntime:
     def __init__(self, reply="short summary", ooms=0, interrupt_at=None):
         self.tokenizer = CharTokenizer()
         self.reply, self.ooms, self.interrupt_at = reply, ooms, interrupt_at
-        self.prefill_chunk = 1024
+        self.prefill_chunk, self.ctx = 1024, 1 << 20
         self.options = SimpleNamespace(decode_mode="auto")
         self.calls, self.reconfigured = [], []
 

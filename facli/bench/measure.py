@@ -3,6 +3,8 @@ re-plan, warm up and time one generate (with rows: every row decoded together), 
 plan's predictions. Out of memory and plans that do not fit become a status, not an error.
 """
 
+import dataclasses
+
 import psutil
 import torch
 
@@ -22,29 +24,32 @@ from facli.bench.request import (
 from facli.errors import FacliError, OutOfMemoryPlanError
 from facli.parallel.comm import all_reduce_sum, broadcast_tokens
 from facli.parallel.context import ParallelContext
-from facli.resolve import resolve_device
-from facli.runtime import Runtime, RuntimeOptions
+from facli.placement import hardware_for, plan_run
+from facli.resolve import check_context, resolve_device
+from facli.runtime import Runtime
 
 
 def runtime_dtype(request: BenchRequest) -> str:
     """auto: the checkpoint's, except bf16 for synthetic weights on GPUs (the usual serving dtype)."""
-    if request.dtype != "auto" or request.synthetic is None:
-        return request.dtype
-    return "bf16" if resolve_device(request.device).type == "cuda" else "auto"
+    if request.run.dtype != "auto" or request.synthetic is None:
+        return request.run.dtype
+    return "bf16" if resolve_device(request.run.device).type == "cuda" else "auto"
 
 
 def bench_rank(parallel: ParallelContext, request: BenchRequest) -> dict:
-    """One tensor-parallel rank's part: load once, then every depth. Rank 0's dict is the result."""
+    """One tensor-parallel rank's part: plan for the first depth, load once, then every depth.
+    Each rank plans on the hardware it detects itself. Rank 0's dict is the result."""
     resolved = resolve(request)
     log = parallel.is_writer
-    options = RuntimeOptions(
-        model=request.model, device=request.device, dtype=runtime_dtype(request),
-        ctx=request.ctx or request.depths[0], prefill_chunk=request.prefill_chunk, devices=request.devices,
-        allow_ctx_extension=True, kv_dtype=request.kv_dtype, decode_mode=request.decode_mode,
-        allreduce_tile_tokens=request.allreduce_tile_tokens, batch=request.batch or 1,
-    )
+    # Depths past the trained length are measured all the same.
+    options = dataclasses.replace(request.run, dtype=runtime_dtype(request), allow_ctx_extension=True)
+    ctx = options.ctx or request.depths[0]
     progress(f"loading {resolved.name} on {parallel.world_size} rank(s)", log)
-    runtime = Runtime(resolved, options, parallel)
+    check_context(resolved.config, ctx, options.allow_ctx_extension, warn=False)
+    hardware = hardware_for(resolve_device(options.device, parallel), options.hardware)
+    plan = plan_run(resolved.config, resolved.name, hardware, options, ctx=ctx,
+                    world_size=parallel.world_size, batch=options.batch or 1)
+    runtime = Runtime(resolved, options, parallel, plan=plan, hardware=hardware)
     prompt = prompt_ids(runtime.encode, prompt_length(request.depths[-1], request.decode_tokens))
     result = {
         "model": resolved.name, "synthetic": resolved.synthetic,
@@ -70,13 +75,14 @@ def measure_depth(runtime, depth: int, prompt: list[int], request: BenchRequest)
     record = {"depth": depth, "prompt_tokens": n, "status": "ok", "error": None, "plan": None}
 
     def plan_for_depth():
-        context = request.ctx or depth
-        rows = request.batch or rank_zeros(runtime, runtime.resident_rows(context))
+        context = request.run.ctx or depth
+        rows = request.run.batch or rank_zeros(runtime, runtime.resident_rows(context))
         record["rows"] = rows
         # One --ctx and --batch: one store for every depth.
         if runtime.plan is None or (runtime.ctx, runtime.rows) != (context, rows):
+            check_context(runtime.config, context, True, warn=False)
             runtime.reshape(ctx=context, rows=rows)
-        larger = request.ctx is not None and runtime.plan is not None
+        larger = request.run.ctx is not None and runtime.plan is not None
         record["plan"] = plan_record(runtime.plan, prompt_prediction(runtime, n) if larger else None)
 
     def run():

@@ -4,13 +4,13 @@ the out-of-memory status and a clean slate between measurements."""
 
 import gc
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from facli.errors import FacliError
-from facli.planner.search import check_decode_mode
 from facli.resolve import ResolvedModel, resolve_model, synthetic_model
+from facli.run_options import RunOptions
 from facli.sampling import SamplingParams
 
 BASELINES = ("transformers", "none")
@@ -24,32 +24,24 @@ GREEDY = SamplingParams(temperature=0.0)
 
 @dataclass(frozen=True)
 class BenchRequest:
-    """What to measure. model: a checkpoint directory or recipe name; synthetic: a recipe name
-    whose shape gets random weights on the device; neither: the default model (--model left out)."""
+    """What to measure. run.model: a checkpoint directory or recipe name; synthetic: a recipe
+    name whose shape gets random weights on the device; neither: the default model (--model
+    left out). run.ctx: the context to plan for at every depth (None: each depth's own);
+    run.batch: prompts decoded together, one per row of the KV cache (None: at each depth as
+    many as keep the cache on the GPUs, Runtime.resident_rows); run.kv_dtype is facli's KV
+    cache (the baseline keeps its model dtype)."""
 
     depths: tuple[int, ...]
-    model: str | None = None
+    run: RunOptions = field(default_factory=RunOptions)
     synthetic: str | None = None
     decode_tokens: int = 64
-    devices: int = 1
-    device: str | None = None
-    dtype: str = "auto"
-    prefill_chunk: int | None = None
     baseline: str = "transformers"
-    kv_dtype: str = "auto"  # facli's KV cache; the baseline keeps its model dtype
-    decode_mode: str = "auto"  # for host-resident KV: auto, prefetch, cpu or split
-    allreduce_tile_tokens: int | None = None  # None: the plan's
-    ctx: int | None = None  # context to plan for at every depth; None: each depth's own
-    # Prompts decoded together, one per row of the KV cache; None: at each depth as many as
-    # keep the cache on the GPUs (Runtime.resident_rows).
-    batch: int | None = 1
     # Rounds of facli then the baseline; each speed figure is the median over the rounds.
     repeats: int = 1
 
     def __post_init__(self):
-        if self.model is not None and self.synthetic is not None:
+        if self.run.model is not None and self.synthetic is not None:
             raise FacliError("expected at most one of --model and --synthetic, got both")
-        check_decode_mode(self.decode_mode)
         if self.baseline not in BASELINES:
             raise FacliError(f"expected --baseline one of {', '.join(BASELINES)}, got {self.baseline!r}")
         if self.decode_tokens < 3:
@@ -57,8 +49,6 @@ class BenchRequest:
             # first decode step: one timed step needs three tokens.
             raise FacliError(f"expected --decode-tokens >= 3 (decode speed is timed from the second "
                              f"decode step on), got {self.decode_tokens}")
-        if self.batch is not None and self.batch < 1:
-            raise FacliError(f"expected --batch >= 1 or auto, got {self.batch}")
         if self.repeats < 1:
             raise FacliError(f"expected --repeats >= 1, got {self.repeats}")
         if not self.depths:
@@ -71,16 +61,27 @@ class BenchRequest:
                 f"{PROMPT_SLACK} + a prompt), got {too_small[0]}; raise --depth or lower --decode-tokens"
             )
         object.__setattr__(self, "depths", tuple(sorted(set(self.depths))))
-        if self.ctx is not None and self.ctx < self.depths[-1]:
-            raise FacliError(f"expected --ctx >= every --depth ({self.depths[-1]}), got {self.ctx}; "
+        ctx = self.run.ctx
+        if ctx is not None and ctx < self.depths[-1]:
+            raise FacliError(f"expected --ctx >= every --depth ({self.depths[-1]}), got {ctx}; "
                              f"raise --ctx or leave it out to plan each depth for itself")
+
+    def as_dict(self) -> dict:
+        """The request as the report shows it."""
+        run = self.run
+        return {"depths": list(self.depths), "model": run.model, "synthetic": self.synthetic,
+                "decode_tokens": self.decode_tokens, "devices": run.devices, "device": run.device,
+                "dtype": run.dtype, "prefill_chunk": run.prefill_chunk, "baseline": self.baseline,
+                "kv_dtype": run.kv_dtype, "decode_mode": run.decode_mode,
+                "allreduce_tile_tokens": run.allreduce_tile_tokens, "ctx": run.ctx,
+                "batch": run.batch, "repeats": self.repeats}
 
 
 def resolve(request: BenchRequest) -> ResolvedModel:
     """The model the request names: synthetic weights of a recipe's shape, or a checkpoint."""
     if request.synthetic is not None:
         return synthetic_model(request.synthetic)
-    return resolve_model(request.model)
+    return resolve_model(request.run.model)
 
 
 def prompt_length(depth: int, decode_tokens: int) -> int:

@@ -1,14 +1,13 @@
 """A whole `facli bench` run: facli on its tensor-parallel ranks, then the transformers baseline
 on the first device of this process, then the derived figures.
 
-    report = run_bench(BenchRequest(synthetic="llama-7b", depths=(8192, 32768)))
+    report = run_bench(BenchRequest(depths=(8192, 32768), synthetic="llama-7b"))
 
 facli runs first (through facli.parallel.launch; each rank runs facli.bench.measure.bench_rank),
 then, with facli's memory released, the baseline runs. The report is JSON-ready
 (facli.bench.report formats it).
 """
 
-import dataclasses
 import statistics
 import time
 
@@ -29,7 +28,7 @@ ROUND_FIGURES = ("ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s")
 def run_bench(request: BenchRequest) -> dict:
     """facli on `devices` ranks, then the baseline here, `request.repeats` times in turn;
     returns the whole JSON-ready report, each speed figure the median of the rounds."""
-    device = resolve_device(request.device)
+    device = resolve_device(request.run.device)
     started = time.time()
     rounds = [run_round(request, device) for _ in range(request.repeats)]
     facli_result = median_of_rounds([facli for facli, _ in rounds])
@@ -38,8 +37,8 @@ def run_bench(request: BenchRequest) -> dict:
         baseline = median_of_rounds([baseline for _, baseline in rounds])
     report = {
         "schema": SCHEMA,
-        "environment": environment(device, request.devices),
-        "request": {**dataclasses.asdict(request), "depths": list(request.depths)},
+        "environment": environment(device, request.run.devices),
+        "request": request.as_dict(),
         "facli": facli_result,
         "transformers": baseline,
         "wall_s": time.time() - started,
@@ -49,12 +48,13 @@ def run_bench(request: BenchRequest) -> dict:
 
 def run_round(request: BenchRequest, device) -> tuple[dict, dict | None]:
     """One round: facli at every depth, then (with memory released) the baseline."""
-    facli_result = launch(bench_rank, (request,), world_size=request.devices, device_type=device.type)
+    facli_result = launch(bench_rank, (request,), world_size=request.run.devices,
+                          device_type=device.type)
     release_memory(device)
     prompt = facli_result.pop("prompt_ids")
     if request.baseline != "transformers":
         return facli_result, None
-    rows = {r["depth"]: r.get("rows") or request.batch or 1 for r in facli_result["depths"]}
+    rows = {r["depth"]: r.get("rows") or request.run.batch or 1 for r in facli_result["depths"]}
     return facli_result, run_baseline(request, resolve(request), prompt, facli_result["dtype"],
                                       device, rows)
 

@@ -12,6 +12,7 @@ from facli.bench.report import format_report, require_matplotlib, write_json
 from facli.bench.request import BenchRequest
 from facli.bench.run import planned_devices, run_bench
 from facli.errors import FacliError
+from facli.run_options import RunOptions
 from facli.units import parse_batch, parse_ctx
 
 
@@ -57,12 +58,11 @@ def command(
     if ranks is None:
         ranks = planned_devices(model, synthetic, device, context or max(depths), dtype, kv_dtype,
                                 decode_mode, rows)
-    request = BenchRequest(
-        depths=depths, model=model, synthetic=synthetic, decode_tokens=decode_tokens,
-        devices=ranks, device=device, dtype=dtype, prefill_chunk=prefill_chunk, baseline=baseline,
-        kv_dtype=kv_dtype, decode_mode=decode_mode, allreduce_tile_tokens=allreduce_tile_tokens,
-        ctx=context, batch=rows, repeats=repeats,
-    )
+    run = RunOptions(model=model, device=device, dtype=dtype, kv_dtype=kv_dtype, ctx=context,
+                     prefill_chunk=prefill_chunk, devices=ranks, decode_mode=decode_mode,
+                     allreduce_tile_tokens=allreduce_tile_tokens, batch=rows)
+    request = BenchRequest(depths=depths, run=run, synthetic=synthetic,
+                           decode_tokens=decode_tokens, baseline=baseline, repeats=repeats)
     report = run_bench(request)
     print(format_report(report), flush=True)
     if plot is not None:

@@ -10,7 +10,7 @@ from facli import options
 from facli.errors import FacliError
 from facli.generation import plan_and_generate
 from facli.prompt_text import read_prompt
-from facli.runtime import RuntimeOptions
+from facli.run_options import RunOptions
 from facli.sampling import SamplingParams
 from facli.units import parse_ctx
 
@@ -56,9 +56,9 @@ def generate(
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                               repetition_penalty=repetition_penalty,
                               no_repeat_ngram_size=no_repeat_ngram_size)
-    run_options = RuntimeOptions(
+    run_options = RunOptions(
         model=model, device=device, dtype=dtype, kv_dtype=kv_dtype,
-        ctx=parse_ctx(ctx) if ctx is not None else 0, prefill_chunk=prefill_chunk,
+        ctx=parse_ctx(ctx) if ctx is not None else None, prefill_chunk=prefill_chunk,
         devices=ranks or 1, decode_mode=decode_mode, force=force,
         allow_ctx_extension=allow_ctx_extension, cuda_graphs=not eager,
         allreduce_tile_tokens=allreduce_tile_tokens,

@@ -9,6 +9,7 @@ import typer
 from facli import options as shared
 from facli.perplexity import DEFAULT_WINDOW, run_perplexity
 from facli.prompt_text import read_prompt
+from facli.run_options import RunOptions
 from facli.units import parse_ctx
 
 
@@ -39,10 +40,10 @@ def command(
     ranks = shared.parse_count(devices, "--devices") or 1
     text = read_prompt(None, file)
     window = parse_ctx(ctx) if ctx is not None else None
-    result = run_perplexity(text, file, model=model, ctx=window, stride=stride,
-                            allow_ctx_extension=allow_ctx_extension, dtype=dtype,
-                            kv_dtype=kv_dtype, device=device, devices=ranks,
-                            prefill_chunk=prefill_chunk)
+    run = RunOptions(model=model, device=device, dtype=dtype, kv_dtype=kv_dtype, ctx=window,
+                     prefill_chunk=prefill_chunk, devices=ranks,
+                     allow_ctx_extension=allow_ctx_extension)
+    result = run_perplexity(text, file, run, stride=stride)
     if as_json:
         print(json.dumps(result))
     else:

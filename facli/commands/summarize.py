@@ -8,6 +8,7 @@ import typer
 
 from facli import options
 from facli.errors import FacliError
+from facli.run_options import RunOptions
 from facli.sampling import SamplingParams
 from facli.summarize.corpus import SummarizeRequest
 from facli.summarize.files import check_output_path
@@ -60,12 +61,14 @@ def command(
         ranks = auto_devices(model, tokens, spec, dtype=dtype, kv_dtype=kv_dtype,
                              decode_mode=decode_mode, batch=rows)
 
+    run = RunOptions(model=model, device=device, dtype=dtype, kv_dtype=kv_dtype, ctx=tokens,
+                     devices=ranks, decode_mode=decode_mode,
+                     allreduce_tile_tokens=allreduce_tile_tokens,
+                     allow_ctx_extension=allow_ctx_extension, batch=rows)
     request = SummarizeRequest(
-        inputs=tuple(inputs), out=out, model=model, ctx=tokens, max_new_tokens=max_new_tokens,
-        prompt_template=prompt_template, strategy=strategy, device=device, dtype=dtype,
-        devices=ranks, retry_failed=retry_failed, allow_ctx_extension=allow_ctx_extension,
-        kv_dtype=kv_dtype, decode_mode=decode_mode, allreduce_tile_tokens=allreduce_tile_tokens,
-        batch=rows, hardware=spec,
+        inputs=tuple(inputs), out=out, run=run, max_new_tokens=max_new_tokens,
+        prompt_template=prompt_template, strategy=strategy, retry_failed=retry_failed,
+        hardware=spec,
         sampling=SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                                 repetition_penalty=repetition_penalty,
                                 no_repeat_ngram_size=no_repeat_ngram_size),

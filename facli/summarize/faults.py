@@ -9,6 +9,7 @@ from typing import Callable
 
 import torch
 
+from facli.resolve import check_prompt_fits
 from facli.summarize.progress import Progress, PromptProgress
 from facli.summarize.strategies import DocumentFailed
 
@@ -52,7 +53,8 @@ def attempts(prefill_chunk: int, prompt_tokens: int, decode_mode: str = "auto") 
 
 
 class OomGuard:
-    """Runs `runtime.generate` through the attempts; restores the runtime's settings afterwards.
+    """Checks that a prompt fits the runtime's context, then runs `runtime.generate` through the
+    attempts; restores the runtime's settings afterwards.
     log(message) says when an attempt ran out of memory (None: silent); `progress` counts each
     attempt's prefill chunks and decoded tokens."""
 
@@ -65,6 +67,7 @@ class OomGuard:
         self.progress = progress
 
     def __call__(self, prompt_ids: list[int]):
+        check_prompt_fits(len(prompt_ids), self.runtime.ctx)  # a user error: no fallback helps
         mode = getattr(getattr(self.runtime, "options", None), "decode_mode", "auto")
         planned_chunk = getattr(self.runtime, "prefill_chunk", None)
         retried = changed_mode = False

@@ -126,7 +126,8 @@ def forecast_run(request: SummarizeRequest) -> RunForecast:
 
     groups = forecasts(request)
     fp8_hinted = any(hint.startswith(FP8_HINT) for f in groups for hint in f.plan.hints)
-    fp8_groups = forecasts(replace(request, kv_dtype="fp8")) if fp8_hinted else None
+    fp8 = replace(request, run=replace(request.run, kv_dtype="fp8"))
+    fp8_groups = forecasts(fp8) if fp8_hinted else None
     return RunForecast(groups, len(pending), skipped, fp8_groups)
 
 

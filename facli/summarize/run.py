@@ -17,7 +17,8 @@ from facli.parallel.comm import all_reduce_sum, barrier
 from facli.parallel.context import SINGLE_PROCESS, ParallelContext
 from facli.parallel.launch import launch
 from facli.resolve import ResolvedModel, resolve_device
-from facli.runtime import Runtime, RuntimeOptions
+from facli.placement import plan_run
+from facli.runtime import Runtime
 from facli.summarize import manifest as manifests
 from facli.summarize.corpus import (
     Corpus,
@@ -73,12 +74,11 @@ def run_summarize(request: SummarizeRequest, parallel: ParallelContext = SINGLE_
         log(f"facli: {len(pending)} to summarize, {skipped} already in {request.out}")
         summary = JobSummary()
         if groups:
-            runtime = Runtime(resolved, _runtime_options(request, groups[0]), parallel, tokenizer,
-                              hardware=request.hardware)
+            runtime = _load(request, resolved, tokenizer, groups[0], parallel)
             if writer is not None:
                 _prepare_output(writer, existing, pending, request.retry_failed)
             summary = _run_groups(runtime, groups, writer, corpus.settings, parallel, stop,
-                                  fall_back=request.batch is None, log=log)
+                                  fall_back=request.run.batch is None, log=log)
         summary.skipped = skipped
         summary.skipped_ok = len(existing.ids_with_status("ok")
                                  & {p.document.id for p in corpus.prepared})
@@ -96,10 +96,10 @@ def summarize_on_rank(parallel: ParallelContext, request: SummarizeRequest) -> J
 
 
 def run_on_ranks(request: SummarizeRequest) -> JobSummary:
-    """`facli summarize`: run_summarize on request.devices ranks (facli.parallel.launch, which
-    starts none for one); rank 0's summary."""
-    device_type = resolve_device(request.device).type
-    return launch(summarize_on_rank, (request,), world_size=request.devices,
+    """`facli summarize`: run_summarize on request.run.devices ranks (facli.parallel.launch,
+    which starts none for one); rank 0's summary."""
+    device_type = resolve_device(request.run.device).type
+    return launch(summarize_on_rank, (request,), world_size=request.run.devices,
                   device_type=device_type)
 
 
@@ -134,15 +134,14 @@ def _shape(runtime, group: RowGroup, fall_back: bool, log) -> None:
         runtime.reshape(ctx=group.ctx, rows=1)
 
 
-def _runtime_options(request: SummarizeRequest, group: RowGroup) -> RuntimeOptions:
-    """One row at the first group's context; _run_groups then shapes it for each group."""
-    return RuntimeOptions(
-        batch=1,
-        model=request.model, device=request.device, dtype=request.dtype, ctx=group.ctx,
-        devices=request.devices, allow_ctx_extension=request.allow_ctx_extension,
-        kv_dtype=request.kv_dtype, decode_mode=request.decode_mode,
-        allreduce_tile_tokens=request.allreduce_tile_tokens,
-    )
+def _load(request: SummarizeRequest, resolved: ResolvedModel, tokenizer, group: RowGroup,
+          parallel: ParallelContext) -> Runtime:
+    """The model, planned for one row at the first group's context (within the --ctx that
+    open_corpus checked); _run_groups then shapes it for each group."""
+    plan = plan_run(resolved.config, resolved.name, request.hardware, request.run, ctx=group.ctx,
+                    world_size=parallel.world_size)
+    return Runtime(resolved, request.run, parallel, tokenizer, plan=plan,
+                   hardware=request.hardware)
 
 
 def _prepare_output(writer: ResultWriter, existing: ExistingResults,
@@ -179,7 +178,7 @@ def _open_manifest(request: SummarizeRequest, resolved: ResolvedModel, corpus: C
     manifest = manifests.new_manifest(previous, model=model, settings=settings, plan=plan)
     entry = manifests.start_run(manifest, {
         "argv": sys.argv, "strategy": request.strategy.value, "ctx": corpus.plan.ctx,
-        "device": request.device, "devices": request.devices,
+        "device": request.run.device, "devices": request.run.devices,
         "rows": [{"ctx": g.ctx, "rows": g.rows, "documents": len(g.items)} for g in groups],
         "retry_failed": request.retry_failed,
     })
@@ -191,8 +190,8 @@ def _result_settings(request: SummarizeRequest, template: str | None) -> dict:
     return {
         **dataclasses.asdict(request.sampling),
         "max_new_tokens": request.max_new_tokens,
-        "dtype": request.dtype,
-        "kv_dtype": request.kv_dtype,
+        "dtype": request.run.dtype,
+        "kv_dtype": request.run.kv_dtype,
         "prompt_template": manifests.text_hash(template),
     }
 
