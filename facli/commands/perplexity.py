@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from facli import options as shared
-from facli.perplexity import DEFAULT_WINDOW, run_perplexity
+from facli.perplexity import run_perplexity
 from facli.prompt_text import read_prompt
 from facli.run_options import RunOptions
 from facli.units import parse_ctx
@@ -17,10 +17,7 @@ def command(
     file: Annotated[Path, typer.Option(
         metavar="FILE", help="UTF-8 text to score (- reads standard input).")],
     model: shared.Model = None,
-    ctx: Annotated[Optional[str], typer.Option(
-        metavar="TOKENS",
-        help="Window length: 512, 4k, 32k (k = 1024). Left out: the model's "
-             f"max_position_embeddings, at most {DEFAULT_WINDOW}, and at most the text.")] = None,
+    ctx: shared.Ctx = None,
     stride: Annotated[Optional[int], typer.Option(
         metavar="TOKENS",
         help="Tokens each window moves by; each window scores only the tokens past the previous "
