@@ -163,7 +163,10 @@ def test_repeats_take_the_median_of_rounds_of_both_sides(env, tmp_path):
     result = bench(["--depth", "64", "--decode-tokens", "4", "--device", "cpu", "--repeats", "3",
                     "--json-out", str(out)], env)
     assert result.returncode == 0, result.stderr
-    assert "; medians of 3 rounds, facli then transformers;" in result.stdout.splitlines()[0]
+    assert "; medians of 3 rounds, facli and transformers going first in turn;" in result.stdout.splitlines()[0]
+    sides = [line.split(": ")[2].split()[0] for line in result.stderr.splitlines()
+             if line.startswith("facli bench: depth 64: ")]
+    assert sides == ["facli", "transformers", "transformers", "facli", "facli", "transformers"]
     report = json.loads(out.read_text())
     for side in ("facli", "transformers"):
         record = report[side]["depths"][0]

@@ -208,7 +208,8 @@ def heading(report: dict) -> str:
     rows = (f"; {count} decoded together (prefilled one after another; TTFT is the last "
             f"row's, tokens/s count every row's)" if batch != 1 else "")
     repeats = request.get("repeats", 1)
-    rows += f"; medians of {repeats} rounds, facli then transformers" if repeats > 1 else ""
+    rows += (f"; medians of {repeats} rounds, facli and transformers going first in turn"
+             if repeats > 1 else "")
     return (f"{facli['model']} {facli['dtype']}{kv} on {where}; {request['decode_tokens']} decode tokens{rows}; "
             f"torch {env['torch']}, CUDA {env['cuda']}, triton {env['triton']}, transformers "
             f"{env['transformers']}, Python {env['python']}; facli {commit}; {env['date_utc']}")

@@ -30,7 +30,11 @@ def run_bench(request: BenchRequest) -> dict:
     returns the whole JSON-ready report, each speed figure the median of the rounds."""
     device = resolve_device(request.run.device)
     started = time.time()
-    rounds = [run_round(request, device) for _ in range(request.repeats)]
+    first = run_round(request, device)
+    rounds = [first] + [run_round(request, device, reference=first[0], baseline_first=index % 2 == 1)
+                        for index in range(1, request.repeats)]
+    for facli, _ in rounds:
+        facli.pop("prompt_ids")
     facli_result = median_of_rounds([facli for facli, _ in rounds])
     baseline = None
     if request.baseline == "transformers":
@@ -46,17 +50,32 @@ def run_bench(request: BenchRequest) -> dict:
     return add_derived(report, hbm_gbps(device))
 
 
-def run_round(request: BenchRequest, device) -> tuple[dict, dict | None]:
-    """One round: facli at every depth, then (with memory released) the baseline."""
-    facli_result = launch(bench_rank, (request,), world_size=request.run.devices,
-                          device_type=device.type)
-    release_memory(device)
-    prompt = facli_result.pop("prompt_ids")
+def run_round(request: BenchRequest, device, *, reference: dict | None = None,
+              baseline_first: bool = False) -> tuple[dict, dict | None]:
+    """One round: facli at every depth and the baseline on the same prompts, each with the
+    other's memory released. The baseline takes the prompt ids, dtype and rows of `reference`
+    (the first round's facli result), else of this round's; with baseline_first it runs before
+    facli, so that over the rounds neither side always runs on a machine the other has warmed."""
+    def facli_side() -> dict:
+        result = launch(bench_rank, (request,), world_size=request.run.devices,
+                        device_type=device.type)
+        release_memory(device)
+        return result
+
+    def baseline_side(source: dict) -> dict:
+        rows = {r["depth"]: r.get("rows") or request.run.batch or 1 for r in source["depths"]}
+        result = run_baseline(request, resolve(request), source["prompt_ids"], source["dtype"],
+                              device, rows)
+        release_memory(device)
+        return result
+
     if request.baseline != "transformers":
-        return facli_result, None
-    rows = {r["depth"]: r.get("rows") or request.run.batch or 1 for r in facli_result["depths"]}
-    return facli_result, run_baseline(request, resolve(request), prompt, facli_result["dtype"],
-                                      device, rows)
+        return facli_side(), None
+    if baseline_first:
+        baseline = baseline_side(reference)
+        return facli_side(), baseline
+    facli_result = facli_side()
+    return facli_result, baseline_side(reference or facli_result)
 
 
 def median_of_rounds(results: list[dict]) -> dict:

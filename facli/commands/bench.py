@@ -39,7 +39,7 @@ def command(
     decode_mode: options.DecodeMode = "auto",
     allreduce_tile_tokens: options.AllreduceTileTokens = None,
     batch: options.Batch = "1",
-    repeats: Annotated[int, typer.Option(metavar="N", help="Rounds of facli then transformers, each at every depth; each speed figure is the median of the rounds (a shared CPU varies from run to run).")] = 1,
+    repeats: Annotated[int, typer.Option(metavar="N", help="Rounds of facli and transformers at every depth, each side going first in turn; each speed figure is the median of the rounds (a shared CPU varies from run to run).")] = 1,
     as_json: options.Json = False,
     json_out: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Write the whole report to this JSON file (checked before the run starts).")] = None,
     plot: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Write a PNG of tokens/s and peak memory against depth (needs matplotlib).")] = None,
