@@ -21,7 +21,7 @@ from facli.planner.hardware import CpuSpec, HardwareSpec, detect_cpu, load_hardw
 from facli.planner.search import PlanOptions, plan, predict_prompt
 from facli.units import GIB
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "tests" / "data"
 # docs/calibration.md: the thread scaling is fitted to the 16-core host's quiet runs at 1-16
 # threads; the one-thread costs, with that scaling kept, to the records of the code as it is.

@@ -11,22 +11,13 @@ from facli.offload.device_cache import DeviceKVCache
 from facli.planner.hardware import GpuSpec, HardwareSpec, load_hardware
 from facli.planner.memory import workspace_bytes
 from facli.planner.search import (
-    PlanOptions,
     candidates,
     largest_fitting_ctx,
     plan,
 )
 from facli.planner.time_model import EAGER_STORE_LAYER_HOST_S
-from facli.recipe_loader import load_model_recipe
 from facli.units import GIB, parse_ctx
-
-
-def model(name):
-    return load_model_recipe(name).config
-
-
-def options(**values):
-    return PlanOptions(model_name=values.pop("model_name", "m"), **values)
+from planner_cases import model, options
 
 
 def test_fastattention_setup_fits_llama_7b_at_256k_on_8_v100():

@@ -7,7 +7,7 @@ from facli.errors import OutOfMemoryPlanError
 from facli.planner.hardware import load_hardware
 from facli.planner.search import FP8_ROWS_HINT_GAIN, largest_resident_batch, plan, with_fp8_rows_hint
 from facli.units import parse_ctx
-from test_planner import model, options
+from planner_cases import model, options
 
 
 @pytest.mark.parametrize("name,hardware", [("llama-7b", "1xH200-141GB"), ("llama-3-8b", "1xA100-80GB"),
