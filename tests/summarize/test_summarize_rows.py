@@ -4,49 +4,12 @@ finish, out of memory, stop requests, map-reduce chunks, and documents grouped b
 import json
 import math
 
-import torch
-
-from facli.batching import BatchStats
 from facli.summarize.interrupt import StopRequest
 from facli.summarize.job import JobSettings, run_documents
 from facli.summarize.output import ResultWriter
 from facli.summarize.row_groups import context_needed, length_buckets, merge_buckets
 from facli.summarize.strategies import Budget, Strategy
-from test_summarize_units import FakeRuntime, _job
-
-
-class FakeRowsRuntime(FakeRuntime):
-    """`rows` prompts at a time: fills its rows from next_request, then ends the newest first
-    (so records come out of input order); out of memory after `oom_after` prompts have ended."""
-
-    def __init__(self, rows, oom_after=None, on_finish=None, ctx=200, **kwargs):
-        super().__init__(**kwargs)
-        self.rows, self.oom_after, self.on_finish, self.ctx = rows, oom_after, on_finish, ctx
-        self.batches, self.ended = [], 0
-
-    def generate_rows(self, next_request, on_done, *, sampling, on_progress=None):
-        progress = on_progress or (lambda prefilled, decoded: None)
-        busy = []
-        while True:
-            while len(busy) < self.rows and (request := next_request()) is not None:
-                busy.append(request)
-                progress(len(request.prompt_ids), 0)
-            if not busy:
-                return BatchStats(prompts=self.ended, decode_steps=len(self.batches),
-                                  decode_tokens=sum(self.batches), decode_s=0.1 * len(self.batches))
-            self.batches.append(len(busy))
-            progress(0, len(busy))
-            if self.ended == self.oom_after:
-                raise torch.OutOfMemoryError("CUDA out of memory (fake)")
-            request = busy.pop()
-            self.ended += 1
-            if self.on_finish:
-                self.on_finish()
-            on_done(request, self.generate(request.prompt_ids, max_new_tokens=request.max_new_tokens,
-                                           sampling=sampling))
-
-    def reshape(self, *, ctx=None, rows=None):
-        self.rows = rows or self.rows
+from summarize_cases import FakeRowsRuntime, small_job
 
 
 def _records(path):
@@ -59,7 +22,7 @@ def _order(path):
 
 
 def test_rows_run_documents_side_by_side_and_record_them_as_they_finish(tmp_path, capsys):
-    prepared, settings = _job(tmp_path, ["one", "", "x" * 500, "four", "five"])
+    prepared, settings = small_job(tmp_path, ["one", "", "x" * 500, "four", "five"])
     runtime = FakeRowsRuntime(rows=2)
     with ResultWriter(tmp_path / "r.jsonl") as writer:
         summary = run_documents(runtime, prepared, writer, settings)
@@ -76,7 +39,7 @@ def test_rows_run_documents_side_by_side_and_record_them_as_they_finish(tmp_path
 
 
 def test_rows_out_of_memory_goes_on_one_document_at_a_time(tmp_path):
-    prepared, settings = _job(tmp_path, ["one", "two", "three", "four"])
+    prepared, settings = small_job(tmp_path, ["one", "two", "three", "four"])
     runtime = FakeRowsRuntime(rows=3, oom_after=1)
     with ResultWriter(tmp_path / "r.jsonl") as writer:
         summary = run_documents(runtime, prepared, writer, settings)
@@ -88,7 +51,7 @@ def test_rows_out_of_memory_goes_on_one_document_at_a_time(tmp_path):
 
 
 def test_stop_request_with_rows_finishes_the_documents_in_progress(tmp_path):
-    prepared, settings = _job(tmp_path, ["one", "two", "three", "four", "five"])
+    prepared, settings = small_job(tmp_path, ["one", "two", "three", "four", "five"])
     stop = StopRequest(announce=False)
     runtime = FakeRowsRuntime(rows=2, on_finish=lambda: setattr(stop, "requested", True))
     with ResultWriter(tmp_path / "r.jsonl") as writer:
@@ -98,7 +61,7 @@ def test_stop_request_with_rows_finishes_the_documents_in_progress(tmp_path):
 
 
 def test_map_reduce_chunks_of_one_document_share_the_rows(tmp_path):
-    prepared, settings = _job(tmp_path, ["y" * 450])
+    prepared, settings = small_job(tmp_path, ["y" * 450])
     settings = JobSettings(Strategy.MAP_REDUCE, settings.budget, settings.prompts, settings.sampling)
     runtime = FakeRowsRuntime(rows=8, reply="s")
     with ResultWriter(tmp_path / "r.jsonl") as writer:
@@ -111,7 +74,7 @@ def test_map_reduce_chunks_of_one_document_share_the_rows(tmp_path):
 
 
 def test_rows_fail_a_prompt_longer_than_the_runtime_context_alone(tmp_path):
-    prepared, settings = _job(tmp_path, ["one", "x" * 80, "three"])  # fits ctx 200, not 100
+    prepared, settings = small_job(tmp_path, ["one", "x" * 80, "three"])  # fits ctx 200, not 100
     runtime = FakeRowsRuntime(rows=2, ctx=100)
     with ResultWriter(tmp_path / "r.jsonl") as writer:
         summary = run_documents(runtime, prepared, writer, settings)
@@ -123,15 +86,15 @@ def test_rows_fail_a_prompt_longer_than_the_runtime_context_alone(tmp_path):
 # documents grouped by length for rows
 
 
-def _group_job(tmp_path, lengths, strategy=Strategy.FIT, ctx=2000):
+def _groupsmall_job(tmp_path, lengths, strategy=Strategy.FIT, ctx=2000):
     texts = ["x" * n for n in lengths]
-    prepared, settings = _job(tmp_path, texts)
+    prepared, settings = small_job(tmp_path, texts)
     settings = JobSettings(strategy, Budget(ctx=ctx, max_new_tokens=4), settings.prompts, settings.sampling)
     return prepared, settings
 
 
 def test_context_needed_by_strategy(tmp_path):
-    prepared, settings = _group_job(tmp_path, [10, 5000, 0])
+    prepared, settings = _groupsmall_job(tmp_path, [10, 5000, 0])
     overhead = settings.prompts.summarize.overhead
     assert context_needed(prepared[0], settings, 1500) == 10 + overhead + 4
     assert context_needed(prepared[1], settings, 1500) == 0  # fit: recorded as failed, no prompt
@@ -141,7 +104,7 @@ def test_context_needed_by_strategy(tmp_path):
 
 
 def test_length_buckets_are_powers_of_two_shortest_first(tmp_path):
-    prepared, settings = _group_job(tmp_path, [0, 900, 10, 20, 1700, 300])
+    prepared, settings = _groupsmall_job(tmp_path, [0, 900, 10, 20, 1700, 300])
     buckets = length_buckets(prepared, settings, 1800)
     overhead = settings.prompts.summarize.overhead
     assert [ctx for ctx, _ in buckets] == [
@@ -152,7 +115,7 @@ def test_length_buckets_are_powers_of_two_shortest_first(tmp_path):
 
 
 def test_buckets_split_only_where_the_shorter_group_runs_wider(tmp_path):
-    prepared, settings = _group_job(tmp_path, [10] * 5 + [300] * 2 + [1700])
+    prepared, settings = _groupsmall_job(tmp_path, [10] * 5 + [300] * 2 + [1700])
     buckets = length_buckets(prepared, settings, 1800)
     assert [len(items) for _, items in buckets] == [5, 2, 1]
     shortest = buckets[0][0]

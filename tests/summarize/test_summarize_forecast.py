@@ -31,7 +31,7 @@ from facli.summarize.run import run_summarize
 from facli.summarize.strategies import Budget, Strategy
 from facli.tokenizer import load_tokenizer
 from facli.units import format_seconds
-from test_summarize_cli import CTX, NEW, mixed_folder, numbered_folder, request
+from summarize_cases import CTX, NEW, mixed_folder, numbered_folder, request
 
 
 @pytest.fixture

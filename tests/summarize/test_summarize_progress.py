@@ -11,8 +11,7 @@ from facli.summarize.job import JobSettings, estimate, run_documents
 from facli.summarize.output import ResultWriter
 from facli.summarize.progress import LOG_INTERVAL_S, Progress
 from facli.summarize.strategies import Budget
-from test_summarize_rows import FakeRowsRuntime
-from test_summarize_units import FakeRuntime, _job
+from summarize_cases import FakeRowsRuntime, FakeRuntime, small_job
 
 
 class Clock:
@@ -125,7 +124,7 @@ def _counts(line):
 def test_rows_advance_with_every_decode_step_before_any_document_ends(tmp_path):
     """Four documents in four rows, each row ending only at its token budget: the line moves with
     the prefill of each row and then with each decode step, while no document has ended."""
-    prepared, settings = _job(tmp_path, ["one", "two", "three", "four"])
+    prepared, settings = small_job(tmp_path, ["one", "two", "three", "four"])
     settings = JobSettings(settings.strategy, Budget(ctx=400, max_new_tokens=101),
                            settings.prompts, settings.sampling)
     runtime = FakeRowsRuntime(rows=4, reply="x" * 200)
@@ -170,7 +169,7 @@ def _rows_in_lockstep(runtime):
 
 
 def test_documents_one_at_a_time_advance_with_prefill_chunks_and_decoded_text(tmp_path):
-    prepared, settings = _job(tmp_path, ["one", "", "x" * 500, "four"])  # ok, empty, too long, ok
+    prepared, settings = small_job(tmp_path, ["one", "", "x" * 500, "four"])  # ok, empty, too long, ok
     runtime = FakeRuntime(reply="ab")
     runtime.prefill_chunk = 8  # prompts of about 60 tokens: several chunks each
     stream = io.StringIO()

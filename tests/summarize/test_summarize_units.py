@@ -1,13 +1,10 @@
 """facli summarize, piece by piece: documents, prompts, strategies, the manifest, OOM fallbacks
 and the loop, with a character tokenizer and a fake runtime (no model). The output file:
-tests/test_summarize_output.py."""
+tests/summarize/test_summarize_output.py."""
 
 import json
-from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
-import torch
 
 from facli.errors import FacliError
 from facli.runtime import GenerationResult
@@ -16,24 +13,12 @@ from facli.summarize import manifest as manifests
 from facli.summarize.documents import discover, read_documents
 from facli.summarize.faults import Attempt, OomGuard, attempts
 from facli.summarize.interrupt import StopRequest
-from facli.summarize.job import JobSettings, run_documents
+from facli.summarize.job import run_documents
 from facli.summarize.output import ResultWriter
 from facli.summarize.planning import plan_corpus, tokenize
 from facli.summarize.prompting import make_builder, make_prompts, read_template
 from facli.summarize.strategies import Budget, DocumentFailed, Strategy, cut_middle, split_even, summarize
-
-
-class CharTokenizer:
-    """One token per character (id = code point + 3); 1 is BOS, 2 is EOS."""
-
-    bos_token_id, eos_token_id = 1, 2
-    chat_template = None
-
-    def encode(self, text, add_special_tokens=True):
-        return ([1] if add_special_tokens else []) + [ord(c) + 3 for c in text]
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(chr(i - 3) for i in ids if i >= 3)
+from summarize_cases import CharTokenizer, FakeRuntime, small_job, write
 
 
 class ChatTokenizer(CharTokenizer):
@@ -42,48 +27,6 @@ class ChatTokenizer(CharTokenizer):
     def apply_chat_template(self, messages, tokenize, add_generation_prompt):
         assert not tokenize and add_generation_prompt
         return f"<user>{messages[0]['content']}</user><bot>"
-
-
-class FakeRuntime:
-    """Answers every prompt with `reply`; raises out-of-memory for the first `ooms` calls."""
-
-    def __init__(self, reply="short summary", ooms=0, interrupt_at=None):
-        self.tokenizer = CharTokenizer()
-        self.reply, self.ooms, self.interrupt_at = reply, ooms, interrupt_at
-        self.prefill_chunk, self.ctx = 1024, 1 << 20
-        self.options = SimpleNamespace(decode_mode="auto")
-        self.calls, self.reconfigured = [], []
-
-    def generate(self, prompt_ids, *, max_new_tokens, sampling, prefill_chunk=None, on_text=None,
-                 on_progress=None):
-        """As Runtime.generate: on_progress per prefill chunk, on_text per decoded piece."""
-        self.calls.append((len(prompt_ids), prefill_chunk))
-        if len(self.calls) == self.interrupt_at:
-            raise KeyboardInterrupt
-        if self.ooms:
-            self.ooms -= 1
-            raise torch.OutOfMemoryError("CUDA out of memory (fake)")
-        chunk = prefill_chunk or self.prefill_chunk
-        for start in range(0, len(prompt_ids), chunk):
-            if on_progress is not None:
-                on_progress(min(chunk, len(prompt_ids) - start))
-        ids = self.tokenizer.encode(self.reply, add_special_tokens=False)[:max_new_tokens]
-        for token in ids:
-            if on_text is not None:
-                on_text(self.tokenizer.decode([token]))
-        steps = max(0, len(ids) - 2)  # timed from the end of the first decode step
-        return GenerationResult(ids, self.tokenizer.decode(ids), len(prompt_ids), 0.0,
-                                steps / 0.5 if steps else None, None, "length",
-                                decode_steps=steps, decode_s=0.5 if steps else 0.0)
-
-    def reconfigure(self, *, decode_mode=None, prefill_chunk=None):
-        self.reconfigured.append((decode_mode, prefill_chunk))
-
-
-def write(path: Path, data: bytes | str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data.encode() if isinstance(data, str) else data)
-    return path
 
 
 # documents
@@ -296,17 +239,8 @@ def test_other_errors_are_not_swallowed():
 # the loop
 
 
-def _job(tmp_path, texts):
-    for index, text in enumerate(texts):
-        write(tmp_path / "d" / f"{index:02d}.txt", text)
-    prompts = make_prompts(CharTokenizer())
-    prepared = tokenize(read_documents(discover([tmp_path / "d"])), prompts)
-    settings = JobSettings(Strategy.FIT, Budget(ctx=200, max_new_tokens=4), prompts, SamplingParams())
-    return prepared, settings
-
-
 def test_loop_records_every_document_and_one_oom_failure_does_not_stop_it(tmp_path):
-    prepared, settings = _job(tmp_path, ["one", "", "x" * 500, "four"])
+    prepared, settings = small_job(tmp_path, ["one", "", "x" * 500, "four"])
     runtime = FakeRuntime(ooms=5)
     with ResultWriter(tmp_path / "r.jsonl") as writer:
         summary = run_documents(runtime, prepared, writer, settings)
@@ -318,14 +252,14 @@ def test_loop_records_every_document_and_one_oom_failure_does_not_stop_it(tmp_pa
 
 
 def test_loop_on_a_non_writer_rank_writes_nothing(tmp_path):
-    prepared, settings = _job(tmp_path, ["one", "two"])
+    prepared, settings = small_job(tmp_path, ["one", "two"])
     runtime = FakeRuntime()
     summary = run_documents(runtime, prepared, None, settings, is_writer=False)
     assert summary.done == 2 and len(runtime.calls) == 2 and not (tmp_path / "r.jsonl").exists()
 
 
 def test_stop_request_finishes_the_current_document(tmp_path):
-    prepared, settings = _job(tmp_path, ["one", "two", "three"])
+    prepared, settings = small_job(tmp_path, ["one", "two", "three"])
     stop = StopRequest(announce=False)
     runtime = FakeRuntime()
     original = runtime.generate
@@ -342,7 +276,7 @@ def test_stop_request_finishes_the_current_document(tmp_path):
 
 
 def test_second_interrupt_abandons_the_current_document(tmp_path):
-    prepared, settings = _job(tmp_path, ["one", "two", "three"])
+    prepared, settings = small_job(tmp_path, ["one", "two", "three"])
     with ResultWriter(tmp_path / "r.jsonl") as writer:
         summary = run_documents(FakeRuntime(interrupt_at=2), prepared, writer, settings)
     assert summary.interrupted and summary.done == 1

@@ -1,7 +1,6 @@
 """facli summarize with the embedded demo model on CPU: a mixed folder, resume, retries,
 determinism, the manifest, and runs killed with SIGINT and SIGKILL part-way."""
 
-import dataclasses
 import json
 import os
 import signal
@@ -14,48 +13,13 @@ import pytest
 import torch
 
 from facli.errors import FacliError
-from facli.run_options import RunOptions
 from facli.sampling import SamplingParams
 from facli.summarize.manifest import manifest_path
-from facli.summarize.run import SummarizeRequest, run_summarize
+from facli.summarize.run import run_summarize
 from facli.summarize.strategies import Strategy
+from summarize_cases import CTX, NEW, mixed_folder, numbered_folder, request, write
 
 FACLI = str(Path(sys.executable).with_name("facli"))
-CTX, NEW = 256, 4
-
-
-def write(path: Path, data: bytes | str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data.encode() if isinstance(data, str) else data)
-
-
-def mixed_folder(root: Path) -> Path:
-    docs = root / "docs"
-    write(docs / "a.txt", "The cat sat on the mat. It was a sunny day in the garden.\n")
-    write(docs / "notes/b.md", "# Notes\n\nTwo short lines of markdown.\n")
-    write(docs / "c.jsonl", '{"id": "rec-1", "text": "First record."}\n{"text": "Second record."}\n')
-    write(docs / "empty.txt", b"")
-    write(docs / "latin1.txt", "caf\xe9 cr\xe8me".encode("latin-1"))
-    write(docs / "long.txt", "word " * 100)  # 500 byte tokens: more than ctx 256 holds
-    return docs
-
-
-def numbered_folder(root: Path, count: int = 8) -> Path:
-    docs = root / "many"
-    for index in range(count):
-        write(docs / f"doc{index:02d}.txt", f"Document number {index}: a few words about item {index}.")
-    return docs
-
-
-# The request's own hardware is the spec to plan on, not RunOptions' recipe name.
-RUN_FIELDS = {field.name for field in dataclasses.fields(RunOptions)} - {"hardware"}
-
-
-def request(docs: Path, out: Path, **changes) -> SummarizeRequest:
-    values = {**dict(inputs=(docs,), out=out, ctx=CTX, max_new_tokens=NEW, device="cpu",
-                     batch=None), **changes}
-    run = {name: values.pop(name) for name in RUN_FIELDS if name in values}
-    return SummarizeRequest(**values, run=RunOptions(**run))
 
 
 def records(out: Path) -> list[dict]:
