@@ -208,7 +208,7 @@ def _e2e():
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "e2e.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "e2e.py"
     spec = importlib.util.spec_from_file_location("bench_e2e", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -11,7 +11,7 @@ import pytest
 
 from checkpoints import build_checkpoint
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "cpu_vs_transformers.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "cpu_vs_transformers.py"
 
 
 @pytest.mark.slow
