@@ -11,6 +11,7 @@ from facli.config import ModelConfig
 from facli.model import CausalLM
 from facli.offload.device_cache import DeviceKVCache
 from facli.perplexity import perplexity, sliding_windows
+from perplexity_cases import reference_nll
 
 
 @pytest.fixture(scope="module")
@@ -23,24 +24,6 @@ def pair(tmp_path_factory):
     return reference, model, config
 
 
-def _reference_nll(reference, ids: list[int], ctx: int, stride: int) -> tuple[float, int]:
-    """Each window through transformers' model on its own; the tokens past the previous
-    window's end are scored, as in transformers' perplexity guide."""
-    total, count, scored_to, begin = 0.0, 0, 1, 0
-    while True:
-        end = min(begin + ctx, len(ids))
-        window = torch.tensor([ids[begin:end]])
-        with torch.no_grad():
-            log_probs = torch.log_softmax(reference(window).logits[0].double(), dim=-1)
-        for position in range(max(scored_to, begin + 1), end):
-            total -= log_probs[position - begin - 1, ids[position]].item()
-            count += 1
-        scored_to = end
-        if end == len(ids):
-            return total, count
-        begin += stride
-
-
 @pytest.mark.parametrize("length,ctx,stride,chunk", [
     (2, 8, 8, 8), (63, 64, 64, 16), (200, 64, 64, 64), (200, 64, 16, 24), (131, 50, 33, 7),
 ], ids=["T2", "T63-one-window", "T200-disjoint", "T200-stride16-chunk24", "T131-odd"])
@@ -50,7 +33,7 @@ def test_matches_transformers_windows(pair, length, ctx, stride, chunk):
     kv = DeviceKVCache(config.num_hidden_layers, 1, ctx, config.num_key_value_heads,
                        config.head_dim, torch.float32, torch.device("cpu"))
     result = perplexity(model, kv, ids, ctx=ctx, stride=stride, chunk=chunk)
-    expected_nll, expected_count = _reference_nll(reference, ids, ctx, stride)
+    expected_nll, expected_count = reference_nll(reference, ids, ctx, stride)
     assert result.scored == expected_count
     assert result.nll_sum == pytest.approx(expected_nll, rel=1e-5)
     assert result.perplexity == pytest.approx(math.exp(expected_nll / expected_count), rel=1e-5)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from checkpoints import build_checkpoint
-from test_perplexity import _reference_nll
+from perplexity_cases import reference_nll
 
 FACLI = str(Path(sys.executable).with_name("facli"))
 TEXT = "The tide came in over the flats, and the birds rose together. " * 6
@@ -45,7 +45,7 @@ def test_matches_transformers(checkpoint, tmp_path):
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     ids = tokenizer(TEXT).input_ids
-    nll, count = _reference_nll(reference, ids, 128, 48)
+    nll, count = reference_nll(reference, ids, 128, 48)
     assert result["scored_tokens"] == count == len(ids) - 1
     assert result["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-4)
     assert result["tokens_per_s"] > 0 and result["kv_dtype"] == "fp32"

@@ -17,7 +17,7 @@ from facli import default_model
 FACLI = str(Path(sys.executable).with_name("facli"))
 QUESTION = "What is the capital of France?"
 PLAIN_PROMPT = "The capital of France is"
-TEXT = Path(__file__).resolve().parent.parent / "README.md"  # real English, always at hand
+TEXT = Path(__file__).resolve().parents[2] / "README.md"  # real English, always at hand
 
 
 def _installed_gguf() -> Path:

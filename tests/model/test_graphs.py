@@ -1,7 +1,7 @@
 """How a decode step is cut into captured segments and eager attentions of host layers
 (facli.graphs), on the CPU.
 
-CUDA graphs themselves are checked on a GPU (tests/test_kv_store_model.py); here the segments
+CUDA graphs themselves are checked on a GPU (tests/offload/test_kv_store_model.py); here the segments
 a graphed step replays are executed directly, with tensor positions in the graph layers and int
 positions in the host layers' KV store, and must compose to the model's own eager step.
 """
