@@ -20,7 +20,7 @@ from facli.resolve import check_context
 from facli.run_options import KV_DTYPES
 from facli.units import parse_ctx
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 COMMANDS = ("generate", "plan-memory", "summarize", "perplexity", "bench", "recipes")
 # stdout and stderr apart: the default from click 8.2 on, an argument before it.
 runner = CliRunner(**({"mix_stderr": False}
