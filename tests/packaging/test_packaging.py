@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FACLI_KERNELS = REPO / "kernels"
 
 # Prints where `import kernels` would come from (or "none"), then imports a model class, which
