@@ -158,6 +158,7 @@ def test_ctx_plans_every_depth_for_the_larger_context(env, tmp_path):
     assert "planned for 512 at every depth" in result.stdout.splitlines()[0]
 
 
+@pytest.mark.slow
 def test_repeats_take_the_median_of_rounds_of_both_sides(env, tmp_path):
     out = tmp_path / "rounds.json"
     result = bench(["--depth", "64", "--decode-tokens", "4", "--device", "cpu", "--repeats", "3",
@@ -222,6 +223,7 @@ def test_plot_without_matplotlib_says_so(tmp_path):
     assert "expected matplotlib for --plot" in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_MATPLOTLIB, reason="needs matplotlib")
 def test_plot_is_a_png(env, tmp_path):
     plot = tmp_path / "p.png"

@@ -24,6 +24,7 @@ def facli(args, env, **kwargs):
     return subprocess.run(FACLI + args, env=env, capture_output=True, text=True, timeout=300, **kwargs)
 
 
+@pytest.mark.slow
 def test_demo_model_generates_json(env):
     result = facli(["generate", "--prompt", "Hello there", "--max-new-tokens", "12", "--json",
                     "--device", "cpu"], env)

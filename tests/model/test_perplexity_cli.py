@@ -82,6 +82,7 @@ def test_missing_folder_and_one_token_files(checkpoint, tmp_path):
     assert done.returncode == 1 and "at least 2 tokens" in done.stderr
 
 
+@pytest.mark.slow
 def test_window_longer_than_the_text_is_the_whole_text(checkpoint, tmp_path):
     directory, reference, tokenizer = checkpoint
     text_file = tmp_path / "text.txt"

@@ -117,6 +117,7 @@ def last_json(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_facli_imports_plans_and_names_what_needs_triton_without_it(env):
     result = run([sys.executable, "-P", "-c", DRIVER], env)
     assert result.returncode == 0, result.stderr
@@ -159,6 +160,7 @@ def test_gloo_ranks_and_bench_run_without_triton(env):
     assert last_json(bench.stdout)["environment"]["triton"] is None
 
 
+@pytest.mark.slow
 @requires_cuda
 def test_cuda_without_triton_is_one_line(env):
     result = run(FACLI + ["generate", "--prompt", "Hello there", "--max-new-tokens", "2",

@@ -114,6 +114,7 @@ def test_recipes_lists_models_and_hardware():
     assert "FACLI_LLAMA_7B" in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("facli") is None, reason="console script not installed")
 def test_console_script():
     done = subprocess.run(["facli", "plan-memory", "--model", "qwen2-7b", "--ctx", "128k",

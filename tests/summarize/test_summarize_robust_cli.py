@@ -52,13 +52,8 @@ def side_files(out: str) -> list[str]:
             if os.path.lexists(path)]
 
 
-SLOW = pytest.mark.slow
-
-
-@pytest.mark.parametrize("out", ["/dev/null", "FIFO", pytest.param("/dev/full", marks=SLOW),
-                                 pytest.param("/dev/stdout", marks=SLOW),
-                                 pytest.param("-", marks=SLOW), pytest.param("SOCKET", marks=SLOW),
-                                 pytest.param("DIR", marks=SLOW)])
+@pytest.mark.slow
+@pytest.mark.parametrize("out", ["/dev/null", "FIFO", "/dev/full", "/dev/stdout", "-", "SOCKET", "DIR"])
 def test_an_out_that_is_no_regular_file_is_refused_up_front(tmp_path, out):
     """Before this, /dev/full read without end, a pipe and /dev/stdout hung, /dev/null ended
     in a traceback and left side files in /dev, and '-' became a file named '-'."""
