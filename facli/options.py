@@ -40,6 +40,7 @@ Devices = Annotated[str, typer.Option(
          "the fastest degree that divides the model, on at most the GPUs planned on (1 without "
          "GPUs).")]
 Dtype = Annotated[str, typer.Option(
+    "--dtype",  # named: typer 0.27 names an option after a metavar that spells its parameter
     metavar="DTYPE",
     help="Weight and compute dtype: auto, bf16, fp16 or fp32. auto: the checkpoint's; fp32 "
          "checkpoints run in bf16 on GPUs (fp16 without bf16), and the CPU runs fp32.")]

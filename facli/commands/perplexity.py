@@ -14,8 +14,9 @@ from facli.units import parse_ctx
 
 
 def command(
+    # Named, as options.Dtype is: typer 0.27 names an option after a metavar spelling its parameter.
     file: Annotated[Path, typer.Option(
-        metavar="FILE", help="UTF-8 text to score (- reads standard input).")],
+        "--file", metavar="FILE", help="UTF-8 text to score (- reads standard input).")],
     model: shared.Model = None,
     ctx: shared.Ctx = None,
     stride: Annotated[Optional[int], typer.Option(
