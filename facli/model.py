@@ -111,8 +111,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm.load(reader, f"{prefix}.post_attention_layernorm.weight")
         self.mlp.load(reader, f"{prefix}.mlp")
 
-    def forward(self, x, cos, sin, kv, layer, start):
+    def forward(self, x, cos, sin, kv, layer, start, last_position_only: bool = False):
+        """x [B, T, H] -> [B, T, H]; with last_position_only, [B, 1, H] of the last position
+        (every position's K/V is stored all the same)."""
         attn = self.self_attn.attend(self.input_layernorm(x), cos, sin, kv, layer, start)
+        if last_position_only:
+            x, attn = x[:, -1:], attn[:, -1:]
         if overlap.pipelines(self.parallel, x):
             return overlap.layer_tail(x, attn, self.self_attn.o_proj, self.post_attention_layernorm,
                                       self.mlp, self.parallel)
@@ -165,8 +169,12 @@ class CausalLM(nn.Module):
             x = waves.run_layers(self.layers, x, cos, sin, kv, start, self.parallel,
                                  waves.exchange_for(self.parallel, x))
         else:
+            # Only the last position reaches the logits: the last layer's o_proj and MLP skip
+            # the others.
+            last = len(self.layers) - 1
             for index, layer in enumerate(self.layers):
-                x = layer(x, cos, sin, kv, index, start)
+                x = layer(x, cos, sin, kv, index, start,
+                          last_position_only=index == last and not all_logits)
         if all_logits:
             return self.head(x)
         return self.head(x[:, -1:])[:, -1]

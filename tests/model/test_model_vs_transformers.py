@@ -81,3 +81,15 @@ def test_all_position_logits_match(pair):
     cache = _engine(model, config, 45).kv
     actual = model(ids, 0, cache, all_logits=True)
     assert _relative_error(actual, expected) < 1e-4
+
+
+def test_cpu_matrices_are_input_major(pair):
+    """On the CPU every projection and the LM head are stored input-major (strides (1, out)),
+    the layout the matches above ran with."""
+    _, model, config = pair
+    matrices = [layer_matrix for layer in model.layers for layer_matrix in (
+        layer.self_attn.qkv_proj.weight, layer.self_attn.o_proj.weight,
+        layer.mlp.gate_up_proj.weight, layer.mlp.down_proj.weight)]
+    head = model.embed_tokens.weight if config.tie_word_embeddings else model.lm_head.weight
+    for matrix in matrices + [head]:
+        assert matrix.stride() == (1, matrix.shape[0])
