@@ -19,6 +19,7 @@ from facli.parallel.layers import (
     ParallelLMHead,
     RowParallelLinear,
     VocabParallelEmbedding,
+    packs_on_cpu,
 )
 from facli.parallel.degrees import check_tensor_parallel
 from facli.rope import RotaryEmbedding
@@ -158,6 +159,18 @@ class CausalLM(nn.Module):
             layer.load(reader, f"model.layers.{index}")
         self.norm.load(reader, "model.norm.weight")
         self.lm_head.load(reader, "lm_head.weight")
+
+    def pack_on_cpu(self) -> bool:
+        """With weights in place, on one CPU rank in float32: every layer's matrices in oneDNN's
+        packed layout. The LM head stays dense: it shares the embedding table and multiplies one
+        row. Returns whether it packed."""
+        if self.device.type != "cpu" or self.parallel.is_distributed or not packs_on_cpu(self.dtype):
+            return False
+        for layer in self.layers:
+            for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+                           layer.mlp.gate_up_proj, layer.mlp.down_proj):
+                linear.pack_on_cpu()
+        return True
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, start: int, kv: KVStore, *, all_logits: bool = False):

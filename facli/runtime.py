@@ -83,6 +83,7 @@ class Runtime:
             randomize_weights(self.model, seed=parallel.rank)
         else:
             self.model.load(CheckpointReader(resolved.path))
+        self.model.pack_on_cpu()
         self.load_s = time.perf_counter() - started
         self._build_engine()
 

@@ -1,6 +1,6 @@
-"""Decode's projections at one token: `linear` is F.linear, except that one row of
-float16/bfloat16 on a GPU goes to facli's matrix-vector kernel (`gemv_triton`, imported on first
-use: Triton is installed on Linux only).
+"""The projections: `linear` is F.linear, except that one row of float16/bfloat16 on a GPU goes
+to facli's matrix-vector kernel (`gemv_triton`, imported on first use: Triton is installed on
+Linux only), and a matrix in oneDNN's packed CPU layout to oneDNN's linear.
 """
 
 import torch
@@ -11,6 +11,8 @@ from facli.kernels import common
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias), through gemv_triton for one row on a GPU in 16 bits."""
+    if weight.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     one_row = x.numel() == weight.shape[1] and weight.stride(1) == 1
     if one_row and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and x.dtype == weight.dtype:
         return common.triton_module("gemv_triton").gemv_triton(x, weight, bias)

@@ -1,5 +1,7 @@
 """facli's model and engine against transformers' own model classes on the same checkpoints."""
 
+import copy
+
 import pytest
 import torch
 
@@ -84,8 +86,8 @@ def test_all_position_logits_match(pair):
 
 
 def test_cpu_matrices_are_input_major(pair):
-    """On the CPU every projection and the LM head are stored input-major (strides (1, out)),
-    the layout the matches above ran with."""
+    """On the CPU, until packed, every projection and the LM head are stored input-major
+    (strides (1, out)), the layout the matches above ran with."""
     _, model, config = pair
     matrices = [layer_matrix for layer in model.layers for layer_matrix in (
         layer.self_attn.qkv_proj.weight, layer.self_attn.o_proj.weight,
@@ -93,3 +95,33 @@ def test_cpu_matrices_are_input_major(pair):
     head = model.embed_tokens.weight if config.tie_word_embeddings else model.lm_head.weight
     for matrix in matrices + [head]:
         assert matrix.stride() == (1, matrix.shape[0])
+
+
+@pytest.fixture(scope="module")
+def packed(pair):
+    """The pair's facli model with its layer matrices in oneDNN's packed CPU layout, as a
+    float32 CPU runtime runs them."""
+    reference, model, config = pair
+    packed_model = copy.deepcopy(model)
+    if not packed_model.pack_on_cpu():
+        pytest.skip("this PyTorch build has no oneDNN packing")
+    return reference, packed_model, config
+
+
+def test_packed_cpu_matrices_are_packed(packed):
+    _, model, _ = packed
+    assert all(linear.weight.is_mkldnn for layer in model.layers for linear in (
+        layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj))
+
+
+@pytest.mark.parametrize("prompt_len,chunk", [(1, 16), (300, 77)], ids=["T1", "T300-chunk77"])
+def test_packed_final_logits_match(packed, prompt_len, chunk):
+    test_final_logits_match(packed, prompt_len, chunk)
+
+
+def test_packed_greedy_tokens_match(packed):
+    test_greedy_tokens_match(packed, 7, 4)
+
+
+def test_packed_all_position_logits_match(packed):
+    test_all_position_logits_match(packed)
