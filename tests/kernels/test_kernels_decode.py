@@ -8,6 +8,7 @@ from kernel_checks import assert_within_torch_error, oracle, poison_allocations,
 
 from facli.kernels import decode_attention
 from facli.kernels import decode as decode_module
+from facli.kernels import e4m3 as e4m3_module
 from facli.kernels.configs import (
     WAVE_FILL,
     DecodeConfig,
@@ -377,7 +378,7 @@ def test_e4m3_conversion_exact_for_every_code(dtype):
     @triton.jit
     def convert(X, Y, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
         offs = tl.arange(0, BLOCK)
-        tl.store(Y + offs, decode_module._from_e4m3(tl.load(X + offs), DTYPE, True))
+        tl.store(Y + offs, e4m3_module.from_e4m3(tl.load(X + offs), DTYPE, True))
 
     codes = torch.arange(256, dtype=torch.uint8, device="cuda").repeat(4)
     finite = (codes & 0x7F) != 0x7F  # 0x7F and 0xFF are NaN; a quantized cache never holds them
