@@ -200,7 +200,8 @@ def main():
             log(f"prefill T={seq} Hkv={kv_heads} ({time.time() - t0:.0f}s): {res['prefill'][-1]}")
             torch.cuda.empty_cache()
     res["fp8_prefill"] = []
-    for seq, queries in fp8_rows(tokens(args.fp8_sizes), tokens(args.fp8_chunk)[0]) if args.fp8 else []:
+    fp8_shapes = fp8_rows(tokens(args.fp8_sizes), tokens(args.fp8_chunk)[0]) if args.fp8 else []
+    for seq, queries in fp8_shapes:
         t0 = time.time()
         res["fp8_prefill"].append(fp8_prefill_row(seq, queries))
         log(f"fp8 prefill T={seq} queries={queries} ({time.time() - t0:.0f}s): "

@@ -2,8 +2,9 @@
 
 CUDA tensors in float16/bfloat16 go to the Triton kernels (prefill on Hopper to the Gluon kernel
 of `prefill_hopper` where it takes the shapes; fp8 K/V with scales to the Triton kernels, which
-read e4m3 directly); everything else (CPU tensors, float32) to the plain-PyTorch reference. `backend="triton"` forces the kernels, which on a CPU run only
-under TRITON_INTERPRET=1 (the tests' lane); `backend="reference"` forces the reference.
+read e4m3 directly); everything else (CPU tensors, float32) to the plain-PyTorch reference.
+`backend="triton"` forces the kernels, which on a CPU run only under TRITON_INTERPRET=1 (the
+tests' lane); `backend="reference"` forces the reference.
 The Triton modules (`prefill`, `prefill_hopper`, `decode`) are imported on the first call that
 takes them: Triton is installed on Linux only, and the CPU path runs without it.
 """

@@ -120,7 +120,8 @@ def check_fp8_prefill(case, monkeypatch, device, *, config=None, head_major_scal
     """Prefill over e4m3 K/V with per-token-per-head scales (strided views of a larger cache, as
     the KV store passes them) against float64 attention over the dequantized cache, within twice
     the error of PyTorch's attention over that cache in q's dtype; lse against float64's.
-    head_major_scales: scales [B, Tk, Hkv] stored [B, Hkv, Tk], as the store's GPU rows hold them."""
+    head_major_scales: scales [B, Tk, Hkv] stored [B, Hkv, Tk], as the store's GPU rows hold
+    them."""
     poison_allocations(monkeypatch)
     batch, q_len, offset, q_heads, kv_heads, head_dim, causal, dtype = case
     if device == "cuda" and dtype == torch.float32:

@@ -167,7 +167,8 @@ def test_fp8_prefill_rejects_half_given_scales():
 
 
 @requires_cuda
-@pytest.mark.parametrize("config", [None, PrefillConfig(128, 64, 8, 2)], ids=["table", "pointer-tiles"])
+@pytest.mark.parametrize("config", [None, PrefillConfig(128, 64, 8, 2)],
+                         ids=["table", "pointer-tiles"])
 @pytest.mark.parametrize("case", FP8_GPU_CASES, ids=case_id)
 def test_fp8_prefill_gpu(case, config, monkeypatch):
     """The table's config (on Hopper through the copy engine) and plain loads."""
