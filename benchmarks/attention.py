@@ -1,9 +1,11 @@
 """FastAttention benchmark: causal prefill TFLOP/s and decode GB/s against PyTorch SDPA.
 
     python benchmarks/attention.py [--sizes 4k,16k,64k,128k,256k] [--sweep] [--out DIR]
+                                   [--fp8 [--fp8-sizes 16k,64k,128k] [--fp8-chunk 8k]]
 
 "facli" is what the model runs (`prefill_attention`: on Hopper the Gluon kernel); "facli Triton"
-is the portable Triton kernel with the table's (or the sweep's) block sizes.
+is the portable Triton kernel with the table's (or the sweep's) block sizes. --fp8 adds causal
+prefill over an fp8 KV cache against both (benchmarks/attention_fp8.py says what each column is).
 
 Prefill FLOPs count the causal half of the score and value products: 2 * 2 * B * Hq * T^2 * D / 2
 (the convention of FlashAttention's papers). Decode GB/s counts the K and V bytes of the valid
@@ -23,6 +25,7 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from attention_decode import SDPA_BACKENDS, decode_row, eager_profile, fallback_rates, sweep_decode
+from attention_fp8 import fp8_prefill_row, print_fp8_table
 from facli.bench.environment import git_commit
 from facli.kernels.configs import PrefillConfig, decode_config, prefill_config
 from facli.kernels import prefill_attention
@@ -134,18 +137,41 @@ def fmt(x, digits=0):
     return "-" if x is None else f"{x:.{digits}f}"
 
 
-def main():
+def tokens(text):
+    """'16k,64k' -> [16384, 65536]; '' -> []."""
+    return [int(s[:-1]) * 1024 if s.endswith("k") else int(s) for s in text.split(",") if s]
+
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="4k,16k,64k,128k,256k")
-    parser.add_argument("--decode-sizes", default="32k,256k")
+    parser.add_argument("--decode-sizes", default="32k,256k", help="'' skips decode")
     parser.add_argument("--sweep", action="store_true", help="try block-size configs first")
+    parser.add_argument("--fp8", action="store_true",
+                        help="also time prefill over an fp8 KV cache against bf16")
+    parser.add_argument("--fp8-sizes", default="16k,64k,128k",
+                        help="prompt lengths of the fp8 rows (Hq = Hkv = 32, D = 128)")
+    parser.add_argument("--fp8-chunk", default="8k",
+                        help="queries of the last-chunk fp8 rows, besides the whole prompt")
     parser.add_argument("--commit", default=os.environ.get("FACLI_COMMIT"))
     parser.add_argument("--out", default=None, help="folder for results.json")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def fp8_rows(sizes, chunk):
+    """(keys, queries) of the fp8 rows: each whole prompt, then its last chunk if shorter."""
+    rows = []
+    for seq in sizes:
+        rows += [(seq, seq)] + ([(seq, chunk)] if chunk < seq else [])
+    return rows
+
+
+def main():
+    args = parse_args()
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-    sizes = [int(s[:-1]) * 1024 if s.endswith("k") else int(s) for s in args.sizes.split(",") if s]
-    dsizes = [int(s[:-1]) * 1024 if s.endswith("k") else int(s) for s in args.decode_sizes.split(",")]
+    sizes = tokens(args.sizes)
+    dsizes = tokens(args.decode_sizes)
     device = torch.device("cuda")
     res = {"env": environment(args.commit)}
     log(res["env"])
@@ -173,6 +199,14 @@ def main():
             res["prefill"].append(prefill_row(seq, 32, kv_heads, pcfg))
             log(f"prefill T={seq} Hkv={kv_heads} ({time.time() - t0:.0f}s): {res['prefill'][-1]}")
             torch.cuda.empty_cache()
+    res["fp8_prefill"] = []
+    fp8_shapes = fp8_rows(tokens(args.fp8_sizes), tokens(args.fp8_chunk)[0]) if args.fp8 else []
+    for seq, queries in fp8_shapes:
+        t0 = time.time()
+        res["fp8_prefill"].append(fp8_prefill_row(seq, queries))
+        log(f"fp8 prefill T={seq} queries={queries} ({time.time() - t0:.0f}s): "
+            f"{res['fp8_prefill'][-1]}")
+        torch.cuda.empty_cache()
     if sizes:
         res["peak_memory"] = prefill_peak_memory(max(sizes))
         log(res["peak_memory"])
@@ -209,6 +243,8 @@ def main():
               f"{fmt(tf['flash'])} | "
               f"{fmt(tf['cudnn'])} | {fmt(tf['efficient'])} | {fmt(tf['naive'])} | {fmt(ratio, 2)} | "
               f"{fmt(tf['facli'] / best if tf['facli'] else None, 2)} |")
+    if res["fp8_prefill"]:
+        print_fp8_table(res["fp8_prefill"], fmt)
     print("\ndecode, B=1, Tq=1, Hq=32, D=128, bf16, CUDA-graph replay: us (GB/s of K+V read)")
     print("| cache | Hkv | facli | SDPA default | flash | cuDNN | efficient | facli/best SDPA | "
           "eager facli / SDPA us |")

@@ -1,9 +1,10 @@
 """FastAttention: facli's attention functions.
 
 CUDA tensors in float16/bfloat16 go to the Triton kernels (prefill on Hopper to the Gluon kernel
-of `prefill_hopper` where it takes the shapes); everything else (CPU tensors, float32) to the
-plain-PyTorch reference. `backend="triton"` forces the kernels, which on a CPU run only
-under TRITON_INTERPRET=1 (the tests' lane); `backend="reference"` forces the reference.
+of `prefill_hopper` where it takes the shapes; fp8 K/V with scales to the Triton kernels, which
+read e4m3 directly); everything else (CPU tensors, float32) to the plain-PyTorch reference.
+`backend="triton"` forces the kernels, which on a CPU run only under TRITON_INTERPRET=1 (the
+tests' lane); `backend="reference"` forces the reference.
 The Triton modules (`prefill`, `prefill_hopper`, `decode`) are imported on the first call that
 takes them: Triton is installed on Linux only, and the CPU path runs without it.
 """
@@ -30,8 +31,14 @@ def _use_triton(q, backend: str) -> bool:
     return backend == "triton"
 
 
+def _dequantized(values, scales, dtype):
+    """values [B, T, H, D] float8_e4m3fn times scales [B, T, H], in `dtype`."""
+    wide = torch.promote_types(dtype, torch.float32)
+    return (values.to(wide) * scales.to(wide).unsqueeze(-1)).to(dtype)
+
+
 def prefill_attention(q, k, v, *, causal=True, q_offset=0, scale=None, return_lse=False,
-                      backend="auto"):
+                      backend="auto", k_scales=None, v_scales=None):
     """Attention of q [B, Tq, Hq, D] over k, v [B, Tk, Hkv, D] -> [B, Tq, Hq, D].
 
     Hq is a multiple of Hkv (grouped-query attention, K/V never repeated in memory). Query i
@@ -42,9 +49,18 @@ def prefill_attention(q, k, v, *, causal=True, q_offset=0, scale=None, return_ls
     q_offset is a Python int on the Triton path (a [B] tensor only on the reference path).
     scale defaults to 1/sqrt(D). With return_lse, returns (out, lse [B, Hq, Tq] float32, natural
     log), the input `merge_attention` needs.
+    k_scales, v_scales [B, Tk, Hkv] float32: k and v are float8_e4m3fn and each stored head vector
+    is multiplied by its scale. The Triton kernel reads e4m3 and the scales directly (GPUs from
+    compute capability 8.9, and the interpreter); the reference and older GPUs attend over a
+    dequantized copy in q's dtype.
     """
+    kwargs = {"causal": causal, "q_offset": q_offset, "scale": scale, "return_lse": return_lse}
+    if common.check_fp8_scales(k, v, k_scales, v_scales):
+        if _use_triton(q, backend) and common.reads_e4m3(q.device):
+            return common.triton_module("prefill").prefill_attention_triton(
+                q, k, v, k_scales=k_scales, v_scales=v_scales, **kwargs)
+        k, v = _dequantized(k, k_scales, q.dtype), _dequantized(v, v_scales, q.dtype)
     if _use_triton(q, backend):
-        kwargs = {"causal": causal, "q_offset": q_offset, "scale": scale, "return_lse": return_lse}
         triton_prefill = common.triton_module("prefill").prefill_attention_triton
         if q.shape[1] > SMALL_QUERIES:
             hopper = common.triton_module("prefill_hopper")
@@ -73,8 +89,8 @@ def decode_attention(q, k_cache, v_cache, cache_lens, *, scale=None, return_lse=
             q, k_cache, v_cache, cache_lens, scale=scale, return_lse=return_lse,
             k_scales=k_scales, v_scales=v_scales)
     if k_scales is not None:
-        k_cache = (k_cache.float() * k_scales.unsqueeze(-1)).to(q.dtype)
-        v_cache = (v_cache.float() * v_scales.unsqueeze(-1)).to(q.dtype)
+        k_cache = _dequantized(k_cache, k_scales, q.dtype)
+        v_cache = _dequantized(v_cache, v_scales, q.dtype)
     if return_lse:
         lens = cache_lens.to(torch.int64)
         return attention_with_lse(q, k_cache, v_cache, causal=True, q_offset=lens - q.shape[1],

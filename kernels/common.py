@@ -9,6 +9,7 @@ import os
 import torch
 
 from facli.errors import FacliError
+from facli.planner.policy import READS_FP8_FROM
 
 NO_TRITON = ("expected the triton package for facli's GPU kernels, got none installed; on Linux "
              "install it (pip install triton), elsewhere run on the CPU (--device cpu)")
@@ -75,6 +76,12 @@ def check_fp8_scales(k_cache, v_cache, k_scales, v_scales) -> bool:
     if k_scales.stride() != v_scales.stride():
         raise ValueError("expected k_scales and v_scales with the same strides")
     return True
+
+
+def reads_e4m3(device) -> bool:
+    """Whether the Triton kernels read float8_e4m3fn on `device`: GPUs from READS_FP8_FROM on
+    (their conversions need sm89's cvt), and the CPU lane's interpreter."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= READS_FP8_FROM
 
 
 def check_q_offset(q_offset):

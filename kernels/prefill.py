@@ -8,8 +8,15 @@ tiles that straddle the diagonal (or the ragged end of the keys) run a masked lo
 [BLOCK_M, BLOCK_N] mask in registers, and tiles wholly above the diagonal are never visited. The
 only memory beyond the output is the optional log-sum-exp, [B, Hq, Tq] floats: O(T).
 
+fp8 (e4m3) K/V with one float32 scale per token and KV head (an fp8 KV cache) are read as they
+are stored: each tile is converted exactly to q's dtype in registers (`e4m3.from_e4m3`), and the
+scales multiply the scores by key column after Q @ K^T and the probabilities by key column before
+P @ V, not every element of the tile. So attention over an fp8 prefix reads 1 byte per K/V value
+plus 8 per key and head, with no dequantized copy in memory.
+
 This kernel serves every GPU and the CPU lane; on Hopper, `facli.kernels.prefill_attention`
-takes the warp-specialized Gluon kernel of `prefill_hopper` instead where it accepts the inputs.
+takes the warp-specialized Gluon kernel of `prefill_hopper` instead where it accepts the inputs
+(16-bit K/V only).
 """
 
 import math
@@ -21,6 +28,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from facli.kernels import common
 from facli.kernels.configs import PrefillConfig, prefill_config
+from facli.kernels.e4m3 import from_e4m3
 
 LOG2E = 1.4426950408889634
 
@@ -44,9 +52,19 @@ def _load_tile(base, desc, b, col, start_n, stride_t, k_len, head_dim, offs_n, o
 
 
 @triton.jit
-def _softmax_step(acc, l_i, m_i, qk, v, start_n, q_pos, k_len, qk_scale, offs_n,
-                  MASKED: tl.constexpr, CAUSAL: tl.constexpr):
-    """Fold one tile's raw scores qk [BLOCK_M, BLOCK_N] and values v into the running state."""
+def _load_scales(base, start_n, stride_st, k_len, offs_n, MASKED: tl.constexpr):
+    """The [BLOCK_N] scales of keys start_n..start_n+BLOCK_N of one KV head (fp8 K/V)."""
+    ptrs = base + (start_n + offs_n).to(tl.int64) * stride_st
+    if MASKED:
+        return tl.load(ptrs, mask=start_n + offs_n < k_len, other=0.0)
+    return tl.load(ptrs)
+
+
+@triton.jit
+def _softmax_step(acc, l_i, m_i, qk, v, vs, start_n, q_pos, k_len, qk_scale, offs_n,
+                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, SCALED: tl.constexpr):
+    """Fold one tile's raw scores qk [BLOCK_M, BLOCK_N] and values v into the running state
+    (SCALED: v holds e4m3 values and vs [BLOCK_N] their scales)."""
     if MASKED:
         keys = start_n + offs_n
         visible = keys[None, :] < k_len
@@ -63,14 +81,17 @@ def _softmax_step(acc, l_i, m_i, qk, v, start_n, q_pos, k_len, qk_scale, offs_n,
         p = tl.math.exp2(qk * qk_scale - m_shift[:, None])  # one FMA per score
     alpha = tl.math.exp2(m_i - m_shift)
     l_i = l_i * alpha + tl.sum(p, 1)
+    if SCALED:
+        p = p * vs[None, :]  # P @ (vs * V8) = (P * vs) @ V8: one scale per key column
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
     return acc, l_i, m_new
 
 
 @triton.jit
-def _tiles(acc, l_i, m_i, q, k_base, v_base, desc_k, desc_v, b, col, stride_kt, stride_vt, q_pos,
-           lo, hi, k_len, qk_scale, head_dim, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-           EVEN_D: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr, BLOCK_N: tl.constexpr,
+def _tiles(acc, l_i, m_i, q, k_base, v_base, desc_k, desc_v, ks_base, vs_base, b, col, stride_kt,
+           stride_vt, stride_st, q_pos, lo, hi, k_len, qk_scale, head_dim, MASKED: tl.constexpr,
+           CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr,
+           SCALED: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr,
            BLOCK_D: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -78,21 +99,31 @@ def _tiles(acc, l_i, m_i, q, k_base, v_base, desc_k, desc_v, b, col, stride_kt, 
         start_n = tl.multiple_of(start_n, BLOCK_N)
         k = _load_tile(k_base, desc_k, b, col, start_n, stride_kt, k_len, head_dim, offs_n, offs_d,
                        MASKED, EVEN_D, TMA, BLOCK_N, BLOCK_D)
+        if SCALED:
+            k = from_e4m3(k, q.dtype, ASM)
         qk = tl.dot(q, tl.trans(k))
         v = _load_tile(v_base, desc_v, b, col, start_n, stride_vt, k_len, head_dim, offs_n, offs_d,
                        MASKED, EVEN_D, TMA, BLOCK_N, BLOCK_D)
-        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v, start_n, q_pos, k_len, qk_scale,
-                                      offs_n, MASKED, CAUSAL)
+        if SCALED:
+            # e4m3 values convert exactly; Q @ (ks * K8)^T = (Q @ K8^T) * ks by key column.
+            qk = qk * _load_scales(ks_base, start_n, stride_st, k_len, offs_n, MASKED)[None, :]
+            v = from_e4m3(v, q.dtype, ASM)
+            vs = _load_scales(vs_base, start_n, stride_st, k_len, offs_n, MASKED)
+        else:
+            vs = 1.0
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v, vs, start_n, q_pos, k_len, qk_scale,
+                                      offs_n, MASKED, CAUSAL, SCALED)
     return acc, l_i, m_i
 
 
 @triton.jit
-def _prefill_kernel(Q, K, V, desc_k, desc_v, O, LSE,
+def _prefill_kernel(Q, K, V, desc_k, desc_v, KS, VS, O, LSE,
                     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
-                    stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
+                    stride_vb, stride_vt, stride_vh, stride_sb, stride_st, stride_sh,
+                    stride_ob, stride_ot, stride_oh,
                     q_len, k_len, q_offset, q_heads, group, qk_scale, head_dim,
                     CAUSAL: tl.constexpr, WRITE_LSE: tl.constexpr, EVEN_D: tl.constexpr,
-                    TMA: tl.constexpr, WS: tl.constexpr,
+                    TMA: tl.constexpr, WS: tl.constexpr, SCALED: tl.constexpr, ASM: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # Heaviest causal blocks (the last queries) launch first, so the short ones fill the tail.
     start_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -112,6 +143,8 @@ def _prefill_kernel(Q, K, V, desc_k, desc_v, O, LSE,
     q = tl.load(q_ptrs, mask=row_ok & d_ok, other=0.0)
     k_base = K + b * stride_kb + kv_h * stride_kh
     v_base = V + b * stride_vb + kv_h * stride_vh
+    ks_base = KS + b * stride_sb + kv_h * stride_sh  # read only when SCALED
+    vs_base = VS + b * stride_sb + kv_h * stride_sh
 
     first = q_offset + start_m * BLOCK_M  # absolute position of the block's first query
     if CAUSAL:
@@ -125,12 +158,14 @@ def _prefill_kernel(Q, K, V, desc_k, desc_v, O, LSE,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, desc_k, desc_v, b32, col, stride_kt,
-                           stride_vt, q_pos, 0, full, k_len, qk_scale, head_dim,
-                           False, CAUSAL, EVEN_D, TMA, WS, BLOCK_N, BLOCK_D)
-    acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, desc_k, desc_v, b32, col, stride_kt,
-                           stride_vt, q_pos, full, hi, k_len, qk_scale, head_dim,
-                           True, CAUSAL, EVEN_D, TMA, False, BLOCK_N, BLOCK_D)
+    acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, desc_k, desc_v, ks_base, vs_base,
+                           b32, col, stride_kt, stride_vt, stride_st, q_pos, 0, full, k_len,
+                           qk_scale, head_dim, False, CAUSAL, EVEN_D, TMA, WS, SCALED, ASM,
+                           BLOCK_N, BLOCK_D)
+    acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, desc_k, desc_v, ks_base, vs_base,
+                           b32, col, stride_kt, stride_vt, stride_st, q_pos, full, hi, k_len,
+                           qk_scale, head_dim, True, CAUSAL, EVEN_D, TMA, False, SCALED, ASM,
+                           BLOCK_N, BLOCK_D)
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -157,17 +192,23 @@ def _kv_descriptor(t, block_n):
 
 
 def prefill_attention_triton(q, k, v, *, causal=True, q_offset=0, scale=None, return_lse=False,
-                             config: PrefillConfig | None = None):
+                             config: PrefillConfig | None = None, k_scales=None, v_scales=None):
     """Triton prefill attention; arguments as `facli.kernels.prefill_attention`.
 
+    k_scales, v_scales: float32 [B, Tk, Hkv] (any strides, the same for both) for float8_e4m3fn
+    k and v (value = stored * scale), read by the kernel itself: K/V are never dequantized in
+    memory. The GPU must convert e4m3 (compute capability 8.9 on).
     config overrides the block-size table. Returns out [B, Tq, Hq, D], or (out, lse [B, Hq, Tq]
     float32, natural log) when return_lse.
     """
-    common.check_attention_inputs(q, k, v)
+    scaled = common.check_fp8_scales(k, v, k_scales, v_scales)
+    common.check_attention_inputs(q, k, v, fp8_cache=scaled)
     if common.interpreted() and q.dtype == torch.bfloat16:
         # The interpreter's bf16 arithmetic is wrong; compute in float32 there.
-        res = prefill_attention_triton(q.float(), k.float(), v.float(), causal=causal,
-                                       q_offset=q_offset, scale=scale, return_lse=return_lse, config=config)
+        cast = (lambda t: t) if scaled else (lambda t: t.float())
+        res = prefill_attention_triton(q.float(), cast(k), cast(v), causal=causal,
+                                       q_offset=q_offset, scale=scale, return_lse=return_lse,
+                                       config=config, k_scales=k_scales, v_scales=v_scales)
         return (res[0].to(q.dtype), res[1]) if return_lse else res.to(q.dtype)
     common.check_q_offset(q_offset)
     if q.stride(-1) != 1:
@@ -181,16 +222,22 @@ def prefill_attention_triton(q, k, v, *, causal=True, q_offset=0, scale=None, re
     cfg = config or prefill_config(q.device, head_dim, q_len, causal=causal, dtype=q.dtype)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     block_d = max(16, triton.next_power_of_2(head_dim))
+    asm = scaled and not common.interpreted()  # the kernel converts the bytes itself
+    if asm:
+        k, v = k.view(torch.uint8), v.view(torch.uint8)
     tma = cfg.tma and _tma_ok(k, v, head_dim == block_d)
     desc_k, desc_v = (_kv_descriptor(k, cfg.block_n), _kv_descriptor(v, cfg.block_n)) if tma else (k, v)
+    k_s, v_s = (k_scales, v_scales) if scaled else (out, out)
+    scale_strides = k_scales.stride() if scaled else (0, 0, 0)
     grid = (triton.cdiv(q_len, cfg.block_m), batch * q_heads)
     _prefill_kernel[grid](
-        q, k, v, desc_k, desc_v, out, lse,
+        q, k, v, desc_k, desc_v, k_s, v_s, out, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), *scale_strides,
+        out.stride(0), out.stride(1), out.stride(2),
         q_len, k_len, q_offset, q_heads, q_heads // kv_heads, scale * LOG2E, head_dim,
         CAUSAL=causal, WRITE_LSE=return_lse, EVEN_D=head_dim == block_d, TMA=tma,
-        WS=tma and cfg.warp_specialize,
+        WS=tma and cfg.warp_specialize, SCALED=scaled, ASM=asm,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

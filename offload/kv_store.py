@@ -46,9 +46,11 @@ share unpacks the store until the next reset; its rows are all in host memory by
 
 gpu_prefix_tokens > 0 keeps a host layer's first positions on the GPU: they are copied
 device-to-device into a slot (never over PCIe) when staging, and are the GPU's concurrent share
-in "cpu" mode. fp8 GPU rows are dequantized FP8_TILE rows at a time and the tiles merged by
-LSE, so no bf16 copy of a whole layer is made; host fp8 rows cross PCIe as fp8 and are
-dequantized on the GPU into the slot (through a ring of 8192 rows).
+in "cpu" mode. fp8 GPU rows are read as e4m3 with their scales by the attention kernels, in one
+pass over every visible row, on GPUs that convert e4m3 (READS_FP8_FROM); elsewhere (older GPUs,
+the CPU) they are dequantized FP8_TILE rows at a time and the tiles merged by LSE, so no bf16
+copy of a whole layer is made. Host fp8 rows cross PCIe as fp8 and are dequantized on the GPU
+into the slot (through a ring of 8192 rows).
 """
 
 import copy
@@ -265,18 +267,35 @@ class OffloadedKVStore(CooperativeDecode, PackedSlots):
         return self._gpu_attention(q, part.k, part.v, start, stop)
 
     def _fp8_attention(self, q, part: KVPart, start, stop):
-        if q.shape[1] == 1 and _reads_fp8(q.device):
-            # The decode kernel reads e4m3 rows and their scales directly: one pass, no copy.
-            self._prefix_lens.fill_(stop)
-            return decode_attention(q, part.k[:, :stop], part.v[:, :stop], self._prefix_lens,
-                                    k_scales=part.k_scales[:, :stop],
-                                    v_scales=part.v_scales[:, :stop])
-        return self._part_attention(q, part, start, own=(start, stop))[0]
+        if _reads_fp8(q.device):
+            return self._fp8_rows_attention(q, part, start, stop, return_lse=False)
+        return self._tiled_attention(q, part, start, own=(start, stop))[0]
+
+    def _fp8_rows_attention(self, q, part: KVPart, first_query: int, stop: int, return_lse):
+        """Causal attention of q, its queries from position first_query on (a lone query: at
+        stop - 1), over fp8 rows 0..stop of part: the kernels read the e4m3 rows and their scales
+        directly, one pass and no copy."""
+        rows = part.first(stop)
+        scales = {"k_scales": rows.k_scales, "v_scales": rows.v_scales}
+        if q.shape[1] == 1:
+            self._prefix_lens.fill_(stop)  # the lone query sits at stop - 1
+            return decode_attention(q, rows.k, rows.v, self._prefix_lens, return_lse=return_lse,
+                                    **scales)
+        return prefill_attention(q, rows.k, rows.v, causal=True, q_offset=first_query,
+                                 return_lse=return_lse, **scales)
 
     def _part_attention(self, q, part: KVPart, visible: int, own=None):
         """(out, lse) of q over part rows 0..visible, all before the queries, plus the queries'
-        own rows own = (start, stop), causal. fp8 rows are dequantized FP8_TILE at a time (a 256K
-        layer in bf16 would be a 4 GiB temporary) and the tiles merged by log-sum-exp."""
+        own rows own = (start = visible, stop), causal. On GPUs that read fp8, fp8 rows go to the
+        kernels as they are stored; elsewhere through `_tiled_attention`."""
+        if part.fp8 and _reads_fp8(q.device):
+            first_query, stop = own if own is not None else (visible, visible)
+            return self._fp8_rows_attention(q, part, first_query, stop, return_lse=True)
+        return self._tiled_attention(q, part, visible, own)
+
+    def _tiled_attention(self, q, part: KVPart, visible: int, own=None):
+        """_part_attention with fp8 rows dequantized FP8_TILE at a time (a 256K layer in bf16
+        would be a 4 GiB temporary) and the tiles merged by log-sum-exp."""
         step = FP8_TILE if part.fp8 else max(visible, 1)
         tiles = [(first, min(first + step, visible)) for first in range(0, visible, step)]
         tiles += [own] if own is not None else []

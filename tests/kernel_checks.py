@@ -1,5 +1,5 @@
 """What the kernel tests share: the float64 oracle, PyTorch's same-dtype baseline, the error bound
-between them, poisoned allocations, and the prefill check with its GPU cases."""
+between them, poisoned allocations, fp8 caches, and the prefill checks with their GPU cases."""
 
 import torch
 import torch.nn.functional as F
@@ -95,6 +95,52 @@ def check_prefill(case, monkeypatch, device, config=None, attention=prefill_atte
     base_dtype = torch.float32 if dtype == torch.bfloat16 and device == "cpu" else dtype
     base = sdpa_same_dtype(q.to(base_dtype), k.to(base_dtype), v.to(base_dtype), causal=causal,
                            q_offset=offset).to(dtype)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert_within_torch_error(out.cpu(), ref, base.cpu())
+    torch.testing.assert_close(lse.cpu().double(), ref_lse, atol=1e-4, rtol=1e-5)
+
+
+def fp8_cache(batch, cache_len, kv_heads, head_dim, device):
+    """e4m3 values over the whole code range (negatives, subnormals, zeros, up to 448) and
+    float32 scales per token and head, as an fp8 KV store holds them."""
+    values = torch.randn(batch, cache_len, kv_heads, head_dim, device=device) * 60
+    values[..., :4] *= 1e-4  # e4m3 subnormals and zeros
+    values = values.clamp(-448, 448).to(torch.float8_e4m3fn)
+    scales = torch.rand(batch, cache_len, kv_heads, device=device) * 0.01 + 0.001
+    return values, scales
+
+
+def dequantized64(values, scales):
+    """An fp8 cache's values exactly, in float64 (e4m3 times a float32 scale fits its mantissa)."""
+    return values.double() * scales.double().unsqueeze(-1)
+
+
+def check_fp8_prefill(case, monkeypatch, device, *, config=None, head_major_scales=False,
+                      attention=prefill_attention_triton):
+    """Prefill over e4m3 K/V with per-token-per-head scales (strided views of a larger cache, as
+    the KV store passes them) against float64 attention over the dequantized cache, within twice
+    the error of PyTorch's attention over that cache in q's dtype; lse against float64's.
+    head_major_scales: scales [B, Tk, Hkv] stored [B, Hkv, Tk], as the store's GPU rows hold
+    them."""
+    poison_allocations(monkeypatch)
+    batch, q_len, offset, q_heads, kv_heads, head_dim, causal, dtype = case
+    if device == "cuda" and dtype == torch.float32:
+        dtype = torch.float16  # float32 is the CPU lane's dtype
+    k_len = offset + q_len
+    q = torch.randn(batch, q_len, q_heads, head_dim, device=device).to(dtype)
+    k8, ks = fp8_cache(batch, k_len + 9, kv_heads, head_dim, device)
+    v8, vs = fp8_cache(batch, k_len + 9, kv_heads, head_dim, device)
+    if head_major_scales:
+        ks, vs = (s.transpose(1, 2).contiguous().transpose(1, 2) for s in (ks, vs))
+    k8, v8, ks, vs = (t[:, :k_len] for t in (k8, v8, ks, vs))
+    kwargs = {} if config is None else {"config": config}
+    out, lse = attention(q, k8, v8, causal=causal, q_offset=offset, return_lse=True,
+                         k_scales=ks, v_scales=vs, **kwargs)
+    k64, v64 = dequantized64(k8, ks), dequantized64(v8, vs)
+    ref, ref_lse = oracle(q, k64, v64, causal=causal, q_offset=offset)
+    base_dtype = torch.float32 if dtype == torch.bfloat16 and device == "cpu" else dtype
+    base = sdpa_same_dtype(q.to(base_dtype), k64.to(base_dtype), v64.to(base_dtype),
+                           causal=causal, q_offset=offset).to(dtype)
     assert out.shape == q.shape and out.dtype == dtype
     assert_within_torch_error(out.cpu(), ref, base.cpu())
     torch.testing.assert_close(lse.cpu().double(), ref_lse, atol=1e-4, rtol=1e-5)

@@ -60,3 +60,32 @@ def _poison(store):
             tensor.view(torch.uint8).fill_(0x7F)  # e4m3fn's NaN, whatever fill_ supports
         else:
             tensor.fill_(float("nan"))
+
+
+def _stored_rows64(store, layer):
+    """K and V of every position of an fp8 store's layer as it holds them (GPU rows, then host
+    rows), dequantized exactly in float64: [B, capacity, Hkv, D] each."""
+    parts = [p for p in (store._dev[layer], store._host[layer]) if p is not None]
+    return [torch.cat([getattr(p, name).double() * getattr(p, name + "_scales").double()[..., None]
+                       for p in parts], dim=1) for name in ("k", "v")]
+
+
+def _attention_over_stored_rows(store, steps):
+    """float64 attention of every step over the rows as an fp8 store holds them, and PyTorch's
+    attention over those rows dequantized to the steps' dtype; [L, B, total, Hq, D] each."""
+    from kernel_checks import oracle, sdpa_same_dtype  # imports Triton, which only Linux has
+
+    want, same_dtype = [], []
+    for layer in range(LAYERS):
+        k64, v64 = _stored_rows64(store, layer)
+        outs = []
+        for start, q, _, _ in steps:
+            stop = start + q.shape[2]
+            k, v = k64[:, :stop], v64[:, :stop]
+            ref = oracle(q[layer], k, v, causal=True, q_offset=start, device=q.device)[0]
+            base = sdpa_same_dtype(q[layer], k.to(q.dtype), v.to(q.dtype), causal=True,
+                                   q_offset=start)
+            outs.append((ref, base.cpu()))
+        want.append(torch.cat([o[0] for o in outs], dim=1))
+        same_dtype.append(torch.cat([o[1] for o in outs], dim=1))
+    return torch.stack(want), torch.stack(same_dtype)

@@ -4,10 +4,12 @@ import pytest
 import torch
 
 from conftest import requires_cuda
-from kernel_checks import assert_within_torch_error, oracle, poison_allocations, sdpa_same_dtype
+from kernel_checks import (assert_within_torch_error, dequantized64, fp8_cache, oracle,
+                           poison_allocations, sdpa_same_dtype)
 
 from facli.kernels import decode_attention
 from facli.kernels import decode as decode_module
+from facli.kernels import e4m3 as e4m3_module
 from facli.kernels.configs import (
     WAVE_FILL,
     DecodeConfig,
@@ -299,16 +301,6 @@ FP8_GPU_CASES = {
 }
 
 
-def fp8_cache(batch, cache_len, kv_heads, head_dim, device):
-    """e4m3 values over the whole code range (negatives, subnormals, zeros, up to 448) and
-    float32 scales per token and head, as an fp8 KV store holds them."""
-    values = torch.randn(batch, cache_len, kv_heads, head_dim, device=device) * 60
-    values[..., :4] *= 1e-4  # e4m3 subnormals and zeros
-    values = values.clamp(-448, 448).to(torch.float8_e4m3fn)
-    scales = torch.rand(batch, cache_len, kv_heads, device=device) * 0.01 + 0.001
-    return values, scales
-
-
 def check_fp8_decode(case, device, *, scores_scale=1.0, head_major_scales=False):
     """The kernel on e4m3 K/V with scales against attention over the dequantized cache in
     float64, within twice the error PyTorch makes on that cache in q's dtype. Returns the
@@ -324,8 +316,7 @@ def check_fp8_decode(case, device, *, scores_scale=1.0, head_major_scales=False)
                               for s in (k_scales, v_scales))
     q = (torch.randn(batch, q_len, q_heads, head_dim, device=device) * scores_scale).to(dtype)
     lens = ragged_lens(batch, q_len, cache_len, device)
-    k_deq = k8.double() * k_scales.double().unsqueeze(-1)
-    v_deq = v8.double() * v_scales.double().unsqueeze(-1)
+    k_deq, v_deq = dequantized64(k8, k_scales), dequantized64(v8, v_scales)
     expected = decode_attention(q.double(), k_deq, v_deq, lens, backend="reference")
     same_dtype = decode_attention(q, k_deq.to(dtype), v_deq.to(dtype), lens, backend="reference")
     flags = torch.full((batch * kv_heads * MAX_SPLITS,), -1, dtype=torch.int32, device=device)
@@ -377,7 +368,7 @@ def test_e4m3_conversion_exact_for_every_code(dtype):
     @triton.jit
     def convert(X, Y, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
         offs = tl.arange(0, BLOCK)
-        tl.store(Y + offs, decode_module._from_e4m3(tl.load(X + offs), DTYPE, True))
+        tl.store(Y + offs, e4m3_module.from_e4m3(tl.load(X + offs), DTYPE, True))
 
     codes = torch.arange(256, dtype=torch.uint8, device="cuda").repeat(4)
     finite = (codes & 0x7F) != 0x7F  # 0x7F and 0xFF are NaN; a quantized cache never holds them

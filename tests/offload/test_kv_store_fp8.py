@@ -2,18 +2,23 @@
 
 import pytest
 import torch
+from conftest import requires_cuda
+from kernel_checks import assert_within_torch_error
 from kv_store_cases import (
     BATCH,
     CAPACITY,
     HEAD_DIM,
     KV_HEADS,
     LAYERS,
+    _attention_over_stored_rows,
     _device_cache,
     _offloaded,
     _run,
     _steps,
 )
 
+import facli.kernels as kernels
+from facli.kernels import common
 from facli.offload import kv_store
 from facli.offload.fp8 import E4M3_MAX, dequantize, quantize
 
@@ -74,6 +79,29 @@ def test_fp8_small_tiles_and_ring(monkeypatch, mode):
     for host in [(), (1, 3)]:
         got = _run(_offloaded(host, mode, kv_dtype="fp8", gpu_prefix_tokens=19), steps)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@requires_cuda
+@pytest.mark.parametrize("host,mode", [((), "prefetch"), ((1, 3), "cpu")],
+                         ids=["gpu-layers", "cpu-decode-over-gpu-prefix"])
+def test_fp8_gpu_rows_read_by_the_kernels_match_float64(monkeypatch, host, mode):
+    """On a GPU that reads e4m3, prefill and decode over fp8 GPU rows pass the rows and scales to
+    the kernels as stored: outputs against float64 attention over the stored rows, within twice
+    the error of PyTorch's bfloat16 attention over them."""
+    if not common.reads_e4m3(torch.device("cuda")):
+        pytest.skip("the kernels read e4m3 from compute capability 8.9")
+    scaled = []
+    for name in ("prefill_attention", "decode_attention"):
+        def spy(*args, _kernel=getattr(kernels, name), _name=name, **kwargs):
+            scaled.append((_name, kwargs.get("k_scales") is not None))
+            return _kernel(*args, **kwargs)
+        monkeypatch.setattr(kv_store, name, spy)
+    steps = _steps(torch.bfloat16, "cuda")
+    store = _offloaded(host, mode, torch.bfloat16, "cuda", kv_dtype="fp8", gpu_prefix_tokens=9)
+    got = _run(store, steps).cpu()
+    assert ("prefill_attention", True) in scaled and ("decode_attention", True) in scaled
+    want, same_dtype = _attention_over_stored_rows(store, steps)
+    assert_within_torch_error(got, want, same_dtype)
 
 
 def test_gpu_parts_store_scales_by_head_and_host_parts_by_position():
