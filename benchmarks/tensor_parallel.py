@@ -39,9 +39,9 @@ import torch
 import torch.distributed as dist
 
 from facli.bench.environment import git_commit
-from facli.config import ModelConfig
+from facli.models.config import ModelConfig
 from facli.kernels import elementwise
-from facli.model import CausalLM
+from facli.models.llama import CausalLM
 from facli.offload.device_cache import DeviceKVCache
 from facli.parallel import comm, copy_engine
 from facli.parallel.context import SINGLE_PROCESS, ParallelContext, TensorParallelSettings

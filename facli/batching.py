@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from facli.engine import Engine, TokenRun, prefill
-from facli.model import CausalLM
+from facli.models.llama import CausalLM
 from facli.offload.device_cache import DeviceKVCache
 from facli.sampling import Sampler, SamplingParams, TokenHistory
 

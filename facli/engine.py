@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import torch
 
 from facli.graphs import GraphedDecodeStep
-from facli.model import CausalLM
+from facli.models.llama import CausalLM
 from facli.offload.store import KVStore
 from facli.sampling import Sampler, TokenHistory
 

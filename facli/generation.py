@@ -14,7 +14,7 @@ from facli.parallel.degrees import check_tensor_parallel
 from facli.parallel.launch import launch, prints_here
 from facli.placement import hardware_for, plan_run
 from facli.planner.search import predict_prompt
-from facli.resolve import (
+from facli.models.resolve import (
     check_context,
     check_prompt_fits,
     generation_ctx,
@@ -25,7 +25,7 @@ from facli.resolve import (
 from facli.run_options import RunOptions
 from facli.runtime import Runtime
 from facli.sampling import SamplingParams
-from facli.tokenizer import chat_prompt_ids
+from facli.models.tokenizer import chat_prompt_ids
 from facli.units import format_ctx, format_seconds
 
 LONG_PROMPT_TOKENS = 4096  # prompts from this length on show a prefill progress bar

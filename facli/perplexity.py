@@ -21,7 +21,7 @@ from facli.errors import FacliError
 from facli.parallel.degrees import check_tensor_parallel
 from facli.parallel.launch import launch
 from facli.placement import hardware_for, plan_run
-from facli.resolve import check_context, resolve_device, resolve_model, tokenizer_for
+from facli.models.resolve import check_context, resolve_device, resolve_model, tokenizer_for
 from facli.run_options import RunOptions
 from facli.runtime import Runtime
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from facli.errors import FacliError
 from facli.planner.search import check_decode_mode
-from facli.resolve import DTYPES
+from facli.models.resolve import DTYPES
 from facli.units import MAX_CTX, check_count
 
 KV_DTYPES = ("auto", "bf16", "fp16", "fp32", "fp8")

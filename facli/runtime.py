@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
-from facli.checkpoint import CheckpointReader
+from facli.models.checkpoint import CheckpointReader
 from facli.batching import BatchedEngine, BatchStats, RowRequest
 from facli.engine import Engine, TokenRun
-from facli.model import CausalLM
+from facli.models.llama import CausalLM
 from facli.offload.build import build_kv_store
 from facli.planner.hardware import HardwareSpec
 from facli.planner.plan import Plan
@@ -27,7 +27,7 @@ from facli.placement import (
     tensor_parallel_settings,
     weight_dtype,
 )
-from facli.resolve import (
+from facli.models.resolve import (
     ResolvedModel,
     check_context,
     resolve_device,
@@ -36,7 +36,7 @@ from facli.resolve import (
 )
 from facli.run_options import RunOptions
 from facli.sampling import Sampler, SamplingParams
-from facli.tokenizer import StopText, TextStream
+from facli.models.tokenizer import StopText, TextStream
 
 
 @dataclass
@@ -138,7 +138,7 @@ class Runtime:
     def reshape(self, *, ctx: int | None = None, rows: int | None = None) -> None:
         """Re-plan for `rows` prompts of `ctx` tokens at once (None: as now) and rebuild the KV
         store; weights stay. Nothing happens when both are as now. The caller has checked that
-        the model serves `ctx` (facli.resolve.check_context)."""
+        the model serves `ctx` (facli.models.resolve.check_context)."""
         ctx, rows = ctx or self.ctx, rows or self.rows
         if (ctx, rows) != (self.ctx, self.rows):
             self._replan(ctx, rows)
@@ -158,7 +158,7 @@ class Runtime:
                  ignore_eos: bool = False, stop: tuple[str, ...] = (),
                  prediction=None) -> GenerationResult:
         """A prompt the caller has checked: non-empty and shorter than the context
-        (facli.resolve.check_prompt_fits). ignore_eos: decode all max_new_tokens even past an
+        (facli.models.resolve.check_prompt_fits). ignore_eos: decode all max_new_tokens even past an
         EOS token (benchmarks). stop: end at the first of these strings; the text ends before it
         (its tokens stay in token_ids). prediction: the time model's for this prompt on this
         plan (predict_prompt), where the caller has it."""

@@ -25,7 +25,7 @@ from facli.errors import FacliError, OutOfMemoryPlanError
 from facli.parallel.comm import all_reduce_sum, broadcast_tokens
 from facli.parallel.context import ParallelContext
 from facli.placement import hardware_for, plan_run
-from facli.resolve import check_context, resolve_device
+from facli.models.resolve import check_context, resolve_device
 from facli.runtime import Runtime
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from facli.errors import FacliError
-from facli.resolve import ResolvedModel, resolve_model, synthetic_model
+from facli.models.resolve import ResolvedModel, resolve_model, synthetic_model
 from facli.run_options import RunOptions
 from facli.sampling import SamplingParams
 

@@ -8,7 +8,7 @@ import typer
 from facli import options as shared
 from facli.memory_plan import describe, plan_memory
 from facli.planner.hardware import hardware_from_option
-from facli.recipe_loader import resolve_model_config
+from facli.models.recipe_loader import resolve_model_config
 from facli.units import parse_batch, parse_ctx
 
 

@@ -4,7 +4,7 @@
 facli/planner/time_model.py.)
 """
 
-from facli.config import ModelConfig
+from facli.models.config import ModelConfig
 from facli.errors import FacliError
 
 

@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass, field
 
-from facli.config import ModelConfig
+from facli.models.config import ModelConfig
 from facli.errors import FacliError
 from facli.parallel.degrees import sharded_sizes
 from facli.planner.hardware import HardwareSpec

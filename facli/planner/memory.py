@@ -9,7 +9,7 @@ LOGITS_BYTES_PER_VOCAB_ENTRY and the WORKSPACE_* constants; nothing else holds a
 import math
 from dataclasses import dataclass
 
-from facli.config import ModelConfig
+from facli.models.config import ModelConfig
 from facli.errors import FacliError
 from facli.planner.policy import (
     COPY_ENGINE_INBOXES,
@@ -50,7 +50,7 @@ class ActivationTerm:
     fp32: bool = False  # float32 whatever the model dtype
 
 
-# --- calibration: the prefill activation peak per token of the chunk (facli/model.py) ---
+# --- calibration: the prefill activation peak per token of the chunk (facli/models/llama.py) ---
 ACTIVATION_TERMS = (
     ActivationTerm("residual_and_normed", 2, "hidden", sharded=False, phase="layer"),
     ActivationTerm("rope_cos_sin", 2, "head_dim", sharded=False, phase="layer"),

@@ -8,7 +8,7 @@ by predicted prefill time plus `new_tokens` decode steps.
 
 from dataclasses import dataclass, replace
 
-from facli.config import ModelConfig
+from facli.models.config import ModelConfig
 from facli.errors import FacliError, OutOfMemoryPlanError
 from facli.planner.candidates import (
     Candidate,

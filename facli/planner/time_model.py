@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from facli.config import ModelConfig
+from facli.models.config import ModelConfig
 from facli.kernels.configs import ROW_SPLITS, arch_decode_config, filled_share, row_splits
 from facli.planner.cpu_time import cpu_decode_breakdown, cpu_prefill_breakdown, unknown_cpu_time
 from facli.planner.hardware import HardwareSpec

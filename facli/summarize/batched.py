@@ -13,7 +13,7 @@ from typing import Callable
 
 from facli.batching import BatchStats, RowRequest
 from facli.errors import FacliError
-from facli.resolve import check_prompt_fits
+from facli.models.resolve import check_prompt_fits
 from facli.summarize import strategies
 from facli.summarize.faults import free_memory, is_out_of_memory
 from facli.summarize.planning import PreparedDocument

@@ -13,7 +13,7 @@ from facli.errors import FacliError
 from facli.parallel.comm import broadcast_tokens
 from facli.parallel.context import ParallelContext
 from facli.planner.search import MOST_ROWS
-from facli.resolve import ResolvedModel, check_context, resolve_device, resolve_model
+from facli.models.resolve import ResolvedModel, check_context, resolve_device, resolve_model
 from facli.run_options import RunOptions
 from facli.sampling import SamplingParams
 from facli.summarize.documents import SourceFile, discover, read_documents
@@ -32,7 +32,7 @@ from facli.summarize.planning import (
 from facli.summarize.prompting import SUMMARY_REPETITION_PENALTY, make_prompts, read_template
 from facli.summarize.row_groups import RowGroup, length_buckets, merge_buckets
 from facli.summarize.strategies import Budget, Strategy
-from facli.tokenizer import load_tokenizer
+from facli.models.tokenizer import load_tokenizer
 
 
 def _run_defaults() -> RunOptions:

@@ -16,7 +16,7 @@ from facli.errors import FacliError
 from facli.parallel.comm import all_reduce_sum, barrier
 from facli.parallel.context import SINGLE_PROCESS, ParallelContext
 from facli.parallel.launch import launch
-from facli.resolve import ResolvedModel, resolve_device
+from facli.models.resolve import ResolvedModel, resolve_device
 from facli.placement import plan_run
 from facli.runtime import Runtime
 from facli.summarize import manifest as manifests

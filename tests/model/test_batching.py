@@ -8,12 +8,12 @@ from checkpoints import load_llama
 
 from conftest import requires_cuda
 from facli.batching import BatchedEngine, RowRequest
-from facli.config import ModelConfig
+from facli.models.config import ModelConfig
 from facli.engine import Engine
 from facli.errors import FacliError
 from facli.offload.device_cache import DeviceKVCache
 from facli.offload.kv_store import OffloadedKVStore
-from facli.rope import RotaryEmbedding
+from facli.models.rope import RotaryEmbedding
 from facli.sampling import Sampler, SamplingParams
 
 CAPACITY = 48

@@ -10,10 +10,10 @@ import pytest
 import torch
 from checkpoints import build_checkpoint
 
-from facli.checkpoint import CheckpointReader
-from facli.config import ModelConfig
+from facli.models.checkpoint import CheckpointReader
+from facli.models.config import ModelConfig
 from facli.graphs import GraphedDecodeStep, plan_segments
-from facli.model import CausalLM
+from facli.models.llama import CausalLM
 from facli.offload.device_cache import DeviceKVCache
 from facli.offload.kv_store import OffloadedKVStore
 

@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from facli.checkpoint import CheckpointReader
-from facli.config import ModelConfig
+from facli.models.checkpoint import CheckpointReader
+from facli.models.config import ModelConfig
 from facli.batching import BatchedEngine, RowRequest
 from facli.engine import Engine
 from facli.errors import FacliError
-from facli.model import CausalLM
+from facli.models.llama import CausalLM
 from facli.offload.device_cache import DeviceKVCache
 from facli.parallel import comm
 from facli.parallel.context import ParallelContext, TensorParallelSettings

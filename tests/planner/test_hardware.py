@@ -16,7 +16,7 @@ from facli.planner.hardware import (
     load_hardware,
     resolve_margin,
 )
-from facli.recipe_loader import list_hardware_recipes
+from facli.models.recipe_loader import list_hardware_recipes
 from facli.units import GIB
 
 

@@ -286,7 +286,7 @@ def test_a_plan_is_quick():
 def test_odd_heads_and_a_single_layer():
     gpu = GpuSpec("tiny", 4 * GIB, 0, 10.0, 100.0, (8, 0))
     hw = HardwareSpec("tiny", (gpu,) * 3, 8 * GIB, 10.0, 20.0, 5.0, 0.5, 50.0, 10.0, 0)
-    from facli.config import ModelConfig
+    from facli.models.config import ModelConfig
 
     config = ModelConfig.from_dict({
         "model_type": "llama", "vocab_size": 1001, "hidden_size": 192, "intermediate_size": 517,

@@ -17,7 +17,7 @@ from facli.planner.time_model import (
     prefill_breakdown,
     split_cpu_share,
 )
-from facli.recipe_loader import load_model_recipe
+from facli.models.recipe_loader import load_model_recipe
 
 
 def model(name):

@@ -321,7 +321,7 @@ def test_rows_that_cannot_stay_on_the_gpus_are_refused_in_one_line():
     from facli.offload.build import build_kv_store
     from facli.planner.hardware import load_hardware
     from facli.planner.search import PlanOptions, plan
-    from facli.recipe_loader import load_model_recipe
+    from facli.models.recipe_loader import load_model_recipe
 
     config = load_model_recipe("llama-7b").config
     h200 = load_hardware("1xH200-141GB")

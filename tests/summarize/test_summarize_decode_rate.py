@@ -6,7 +6,7 @@ import pytest
 
 from facli.batching import BatchStats, RowRequest
 from facli.engine import Timings
-from facli.resolve import resolve_model
+from facli.models.resolve import resolve_model
 from facli.run_options import RunOptions
 from facli.runtime import load_runtime
 from facli.sampling import SamplingParams

@@ -14,8 +14,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from facli.cache import staging_dir
-from facli.config import SUPPORTED_MODEL_TYPES, ModelConfig
+from facli.models.cache import staging_dir
+from facli.models.config import SUPPORTED_MODEL_TYPES, ModelConfig
 from facli.errors import FacliError
 
 GGUF_MAGIC = b"GGUF"

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from facli.checkpoint import CheckpointReader
+from facli.models.checkpoint import CheckpointReader
 from facli.kernels import elementwise
-from facli.config import ModelConfig
+from facli.models.config import ModelConfig
 from facli.offload.store import KVStore
 from facli.parallel import overlap, waves
 from facli.parallel.context import ParallelContext
@@ -21,7 +21,7 @@ from facli.parallel.layers import (
     VocabParallelEmbedding,
 )
 from facli.parallel.degrees import check_tensor_parallel
-from facli.rope import RotaryEmbedding
+from facli.models.rope import RotaryEmbedding
 
 
 class RMSNorm(nn.Module):
