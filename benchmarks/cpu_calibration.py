@@ -169,7 +169,7 @@ def write_checkpoint(directory: Path, config: dict) -> Path:
 def load_runtime(name: str, ctx: int, workdir: Path):
     from facli.models.resolve import resolve_model
     from facli.run_options import RunOptions
-    from facli.runtime import load_runtime
+    from facli.run.runtime import load_runtime
 
     path = "random-demo" if name == "demo" else str(write_checkpoint(workdir / name, MODELS[name]))
     return load_runtime(RunOptions(model=path, device="cpu", ctx=ctx), resolve_model(path))
@@ -208,7 +208,7 @@ def measure_runs(name: str, threads: int, workdir: Path, wait_s: float, deadline
     """Whole generations (Runtime.generate, as `facli generate` runs them) with the time model's
     predictions for them (Runtime.predict_prompt); keep(record) as each ends. Each waits up to
     wait_s for the machine to be quiet."""
-    from facli.sampling import SamplingParams
+    from facli.run.sampling import SamplingParams
 
     for prompt, new in RUNS[name]:
         if time.perf_counter() > deadline:

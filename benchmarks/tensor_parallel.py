@@ -305,7 +305,7 @@ def generate_check(devices: int, device_type: str) -> dict:
     """The embedded demo model through `facli generate`'s path: N ranks vs 1, greedy, float32."""
     from facli.generation import plan_and_generate
     from facli.run_options import RunOptions
-    from facli.sampling import SamplingParams
+    from facli.run.sampling import SamplingParams
 
     text = "The quick brown fox jumps over the lazy dog. " * 8
     try:

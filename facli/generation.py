@@ -12,7 +12,7 @@ import sys
 from facli.errors import FacliError
 from facli.parallel.degrees import check_tensor_parallel
 from facli.parallel.launch import launch, prints_here
-from facli.placement import hardware_for, plan_run
+from facli.run.placement import hardware_for, plan_run
 from facli.planner.search import predict_prompt
 from facli.models.resolve import (
     check_context,
@@ -23,8 +23,8 @@ from facli.models.resolve import (
     tokenizer_for,
 )
 from facli.run_options import RunOptions
-from facli.runtime import Runtime
-from facli.sampling import SamplingParams
+from facli.run.runtime import Runtime
+from facli.run.sampling import SamplingParams
 from facli.models.tokenizer import chat_prompt_ids
 from facli.units import format_ctx, format_seconds
 

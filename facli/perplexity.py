@@ -20,10 +20,10 @@ import torch
 from facli.errors import FacliError
 from facli.parallel.degrees import check_tensor_parallel
 from facli.parallel.launch import launch
-from facli.placement import hardware_for, plan_run
+from facli.run.placement import hardware_for, plan_run
 from facli.models.resolve import check_context, resolve_device, resolve_model, tokenizer_for
 from facli.run_options import RunOptions
-from facli.runtime import Runtime
+from facli.run.runtime import Runtime
 
 # A text shorter than this many windows of the default length is scored in one window.
 DEFAULT_WINDOW = 4096

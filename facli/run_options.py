@@ -1,6 +1,6 @@
 """The options of a run that generate, perplexity, bench and summarize share: one frozen type,
 checked once where it is made, that each command's request holds and the planner and runtime
-read (facli.placement.plan_run, facli.runtime.Runtime)."""
+read (facli.run.placement.plan_run, facli.run.runtime.Runtime)."""
 
 from dataclasses import dataclass
 

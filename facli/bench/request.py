@@ -11,7 +11,7 @@ import torch
 from facli.errors import FacliError
 from facli.models.resolve import ResolvedModel, resolve_model, synthetic_model
 from facli.run_options import RunOptions
-from facli.sampling import SamplingParams
+from facli.run.sampling import SamplingParams
 
 BASELINES = ("transformers", "none")
 PROMPT_SLACK = 8  # context left empty beyond prompt + decode tokens

@@ -11,7 +11,7 @@ from facli.errors import FacliError
 from facli.generation import plan_and_generate
 from facli.prompt_text import read_prompt
 from facli.run_options import RunOptions
-from facli.sampling import SamplingParams
+from facli.run.sampling import SamplingParams
 from facli.units import parse_ctx
 
 

@@ -9,7 +9,7 @@ import typer
 from facli import options
 from facli.errors import FacliError
 from facli.run_options import RunOptions
-from facli.sampling import SamplingParams
+from facli.run.sampling import SamplingParams
 from facli.summarize.corpus import SummarizeRequest
 from facli.summarize.files import check_output_path
 from facli.summarize.forecast import forecast_run, format_forecast

@@ -207,7 +207,7 @@ def device_memory(config: ModelConfig, *, ctx: int, batch: int, tp: int, gpu_lay
                   kv_dtype_bytes: int, copy_inboxes: bool = False) -> MemoryBreakdown:
     """Peak bytes on one rank. Host layers need GPU staging (see staging_bytes). The runtime
     prefills one sequence at a time (a batch's sequences are rows that then decode together,
-    facli.batching), so the activations are the larger of one sequence's prefill chunk and a
+    facli.run.batching), so the activations are the larger of one sequence's prefill chunk and a
     decode step of `batch` tokens; the chunk's nearly always. NCCL's AllReduce tiles cost no
     memory (views of the projection output); copy-engine tiles need their inboxes
     (copy_inboxes, comm_bytes)."""

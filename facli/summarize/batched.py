@@ -11,7 +11,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from facli.batching import BatchStats, RowRequest
+from facli.run.batching import BatchStats, RowRequest
 from facli.errors import FacliError
 from facli.models.resolve import check_prompt_fits
 from facli.summarize import strategies

@@ -15,7 +15,7 @@ from facli.parallel.context import ParallelContext
 from facli.planner.search import MOST_ROWS
 from facli.models.resolve import ResolvedModel, check_context, resolve_device, resolve_model
 from facli.run_options import RunOptions
-from facli.sampling import SamplingParams
+from facli.run.sampling import SamplingParams
 from facli.summarize.documents import SourceFile, discover, read_documents
 from facli.summarize.files import check_output_path
 from facli.summarize.job import JobSettings

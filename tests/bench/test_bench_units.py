@@ -244,7 +244,7 @@ class _FakeRuntime:
         self.ctx, self.contexts, self.rows = None, [], 1
 
     def predict_prompt(self, prompt_tokens):
-        from facli.runtime import Runtime
+        from facli.run.runtime import Runtime
 
         return Runtime.predict_prompt(self, prompt_tokens)
 
@@ -260,7 +260,7 @@ class _FakeRuntime:
     def generate(self, ids, *, max_new_tokens, sampling, ignore_eos):
         import torch
 
-        from facli.runtime import GenerationResult
+        from facli.run.runtime import GenerationResult
 
         assert ignore_eos and sampling.temperature == 0
         self.calls.append((self.depth, len(ids), max_new_tokens))

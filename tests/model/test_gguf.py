@@ -9,7 +9,7 @@ import gguf
 from gguf_files import write_tiny_gguf
 from facli.models.checkpoint import CheckpointReader
 from facli.models.config import ModelConfig
-from facli.engine import Engine
+from facli.run.engine import Engine
 from facli.errors import FacliError
 from facli.models.gguf_checkpoint import CONVERTED, converted_checkpoint, gguf_file_in, inspect_gguf
 from facli.models.llama import CausalLM

@@ -135,7 +135,7 @@ def test_a_cpu_run_detects_no_gpu_and_never_touches_cuda(monkeypatch):
     may fail where a CPU run needs none of it)."""
     import torch
 
-    from facli.placement import hardware_for
+    from facli.run.placement import hardware_for
     from facli.summarize.planning import summarize_hardware
 
     def refuse(*args, **kwargs):

@@ -70,7 +70,7 @@ def test_activation_terms_are_named_and_linear_in_the_chunk():
 
 
 def test_a_batch_is_prefilled_one_sequence_at_a_time():
-    """Rows of a batch are prefilled one after another (facli.batching): the peak activations
+    """Rows of a batch are prefilled one after another (facli.run.batching): the peak activations
     are one sequence's chunk, while the KV cache holds every row."""
     config = load_model_recipe("llama-7b").config
     shape = dict(ctx=4096, tp=1, gpu_layers=32, host_layers=0, chunk=2048, weight_dtype_bytes=2,

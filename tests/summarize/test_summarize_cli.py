@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from facli.errors import FacliError
-from facli.sampling import SamplingParams
+from facli.run.sampling import SamplingParams
 from facli.summarize.manifest import manifest_path
 from facli.summarize.run import run_summarize
 from facli.summarize.strategies import Strategy
@@ -194,7 +194,7 @@ def test_rows_the_runtime_cannot_keep_on_the_device_fall_back_to_one(tmp_path, m
                                                                      numbered_reference, capfd):
     """The runtime ranks placements its own way: should its plan for the chosen rows keep part
     of the cache off the device, the group runs one document at a time instead."""
-    import facli.runtime as runtime_module
+    import facli.run.runtime as runtime_module
 
     real = runtime_module.build_kv_store
 

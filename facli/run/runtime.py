@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from facli.models.checkpoint import CheckpointReader
-from facli.batching import BatchedEngine, BatchStats, RowRequest
-from facli.engine import Engine, TokenRun
+from facli.run.batching import BatchedEngine, BatchStats, RowRequest
+from facli.run.engine import Engine, TokenRun
 from facli.models.llama import CausalLM
 from facli.offload.build import build_kv_store
 from facli.planner.hardware import HardwareSpec
@@ -20,7 +20,7 @@ from facli.planner.plan import Plan
 from facli.planner.search import largest_resident_batch, predict_prompt
 from facli.parallel.comm import broadcast_tokens
 from facli.parallel.context import SINGLE_PROCESS, ParallelContext
-from facli.placement import (
+from facli.run.placement import (
     hardware_for,
     plan_options,
     plan_run,
@@ -35,7 +35,7 @@ from facli.models.resolve import (
     tokenizer_for,
 )
 from facli.run_options import RunOptions
-from facli.sampling import Sampler, SamplingParams
+from facli.run.sampling import Sampler, SamplingParams
 from facli.models.tokenizer import StopText, TextStream
 
 
@@ -57,7 +57,7 @@ class GenerationResult:
 class Runtime:
     """A loaded model, its tokenizer, its KV store and the engine that runs them, per a Plan.
 
-    The caller has checked the run and planned it (facli.placement.plan_run): the runtime
+    The caller has checked the run and planned it (facli.run.placement.plan_run): the runtime
     executes `plan`, made on `hardware` (the spec detected before anything was loaded;
     tensor-parallel ranks get their parent's, so no rank touches another's GPU). Re-plans for
     another shape or decode mode go through plan_run with `options`.
