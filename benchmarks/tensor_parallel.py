@@ -39,8 +39,8 @@ import torch
 import torch.distributed as dist
 
 from facli.bench.environment import git_commit
-from facli.models.config import ModelConfig
 from facli.kernels import elementwise
+from facli.models.config import ModelConfig
 from facli.models.llama import CausalLM
 from facli.offload.device_cache import DeviceKVCache
 from facli.parallel import comm, copy_engine

@@ -5,13 +5,13 @@ devices, no weights."""
 
 from dataclasses import dataclass
 
-from facli.models.config import ModelConfig
 from facli.errors import FacliError
+from facli.models.config import ModelConfig
+from facli.models.resolve import check_context
 from facli.planner.hardware import HardwareSpec
 from facli.planner.plan import Plan
 from facli.planner.policy import gpus_read_fp8, holds_rows
 from facli.planner.search import PlanOptions, largest_resident_batch, plan, with_fp8_rows_hint
-from facli.models.resolve import check_context
 from facli.units import format_bytes, format_ctx
 
 

@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 
 from facli.errors import FacliError
+from facli.models.resolve import check_context, resolve_device, resolve_model, tokenizer_for
 from facli.parallel.degrees import check_tensor_parallel
 from facli.parallel.launch import launch
 from facli.run.placement import hardware_for, plan_run
-from facli.models.resolve import check_context, resolve_device, resolve_model, tokenizer_for
-from facli.run_options import RunOptions
 from facli.run.runtime import Runtime
+from facli.run_options import RunOptions
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,8 @@ read (facli.run.placement.plan_run, facli.run.runtime.Runtime)."""
 from dataclasses import dataclass
 
 from facli.errors import FacliError
-from facli.planner.search import check_decode_mode
 from facli.models.resolve import DTYPES
+from facli.planner.search import check_decode_mode
 from facli.units import MAX_CTX, check_count
 
 KV_DTYPES = ("auto", "bf16", "fp16", "fp32", "fp8")

@@ -10,8 +10,8 @@ import torch
 
 from facli.errors import FacliError
 from facli.models.resolve import ResolvedModel, resolve_model, synthetic_model
-from facli.run_options import RunOptions
 from facli.run.sampling import SamplingParams
+from facli.run_options import RunOptions
 
 BASELINES = ("transformers", "none")
 PROMPT_SLACK = 8  # context left empty beyond prompt + decode tokens

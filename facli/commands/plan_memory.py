@@ -6,8 +6,8 @@ from typing import Annotated
 import typer
 
 from facli import options as shared
-from facli.planner.hardware import hardware_from_option
 from facli.models.recipe_loader import resolve_model_config
+from facli.planner.hardware import hardware_from_option
 from facli.units import parse_batch, parse_ctx
 
 

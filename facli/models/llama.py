@@ -8,20 +8,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from facli.models.checkpoint import CheckpointReader
 from facli.kernels import elementwise
+from facli.models.checkpoint import CheckpointReader
 from facli.models.config import ModelConfig
+from facli.models.rope import RotaryEmbedding
 from facli.offload.store import KVStore
 from facli.parallel import overlap, waves
 from facli.parallel.context import ParallelContext
+from facli.parallel.degrees import check_tensor_parallel
 from facli.parallel.layers import (
     MergedColumnParallelLinear,
     ParallelLMHead,
     RowParallelLinear,
     VocabParallelEmbedding,
 )
-from facli.parallel.degrees import check_tensor_parallel
-from facli.models.rope import RotaryEmbedding
 
 
 class RMSNorm(nn.Module):

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from facli.errors import FacliError
 from facli.models.config import ModelConfig
 from facli.models.default_model import RANDOM_DEMO, default_gguf, default_model_name
-from facli.errors import FacliError
 from facli.models.gguf_checkpoint import gguf_file_in, gguf_model_config
 
 _PACKAGE = "facli.recipes"

@@ -6,16 +6,16 @@ from pathlib import Path
 
 import torch
 
+from facli.errors import FacliError
+from facli.kernels.common import triton_module
 from facli.models.cache import cache_dir
 from facli.models.config import ModelConfig
 from facli.models.default_model import RANDOM_DEMO, default_gguf, default_model_name
 from facli.models.demo import byte_level_tokenizer, ensure_demo_checkpoint
-from facli.errors import FacliError
 from facli.models.gguf_checkpoint import converted_checkpoint, gguf_file_in
-from facli.kernels.common import triton_module
-from facli.parallel.context import SINGLE_PROCESS, ParallelContext
 from facli.models.recipe_loader import load_model_recipe, resolve_weights_dir
 from facli.models.tokenizer import load_tokenizer
+from facli.parallel.context import SINGLE_PROCESS, ParallelContext
 from facli.units import MAX_CTX, format_ctx
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

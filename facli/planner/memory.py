@@ -9,8 +9,8 @@ LOGITS_BYTES_PER_VOCAB_ENTRY and the WORKSPACE_* constants; nothing else holds a
 import math
 from dataclasses import dataclass
 
-from facli.models.config import ModelConfig
 from facli.errors import FacliError
+from facli.models.config import ModelConfig
 from facli.planner.policy import (
     COPY_ENGINE_INBOXES,
     FP8_PREFILL_TILE_ROWS,

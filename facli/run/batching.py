@@ -12,9 +12,9 @@ from typing import Callable
 
 import torch
 
-from facli.run.engine import Engine, TokenRun, prefill
 from facli.models.llama import CausalLM
 from facli.offload.device_cache import DeviceKVCache
+from facli.run.engine import Engine, TokenRun, prefill
 from facli.run.sampling import Sampler, SamplingParams, TokenHistory
 
 

@@ -5,9 +5,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from facli.run.graphs import GraphedDecodeStep
 from facli.models.llama import CausalLM
 from facli.offload.store import KVStore
+from facli.run.graphs import GraphedDecodeStep
 from facli.run.sampling import Sampler, TokenHistory
 
 

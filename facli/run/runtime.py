@@ -11,22 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from facli.models.checkpoint import CheckpointReader
-from facli.run.batching import BatchedEngine, BatchStats, RowRequest
-from facli.run.engine import Engine, TokenRun
 from facli.models.llama import CausalLM
-from facli.offload.build import build_kv_store
-from facli.planner.hardware import HardwareSpec
-from facli.planner.plan import Plan
-from facli.planner.search import largest_resident_batch, predict_prompt
-from facli.parallel.comm import broadcast_tokens
-from facli.parallel.context import SINGLE_PROCESS, ParallelContext
-from facli.run.placement import (
-    hardware_for,
-    plan_options,
-    plan_run,
-    tensor_parallel_settings,
-    weight_dtype,
-)
 from facli.models.resolve import (
     ResolvedModel,
     check_context,
@@ -34,9 +19,24 @@ from facli.models.resolve import (
     resolve_model,
     tokenizer_for,
 )
-from facli.run_options import RunOptions
-from facli.run.sampling import Sampler, SamplingParams
 from facli.models.tokenizer import StopText, TextStream
+from facli.offload.build import build_kv_store
+from facli.parallel.comm import broadcast_tokens
+from facli.parallel.context import SINGLE_PROCESS, ParallelContext
+from facli.planner.hardware import HardwareSpec
+from facli.planner.plan import Plan
+from facli.planner.search import largest_resident_batch, predict_prompt
+from facli.run.batching import BatchedEngine, BatchStats, RowRequest
+from facli.run.engine import Engine, TokenRun
+from facli.run.placement import (
+    hardware_for,
+    plan_options,
+    plan_run,
+    tensor_parallel_settings,
+    weight_dtype,
+)
+from facli.run.sampling import Sampler, SamplingParams
+from facli.run_options import RunOptions
 
 
 @dataclass

@@ -13,10 +13,10 @@ from contextlib import nullcontext
 import torch
 
 from facli.errors import FacliError
+from facli.models.resolve import ResolvedModel, resolve_device
 from facli.parallel.comm import all_reduce_sum, barrier
 from facli.parallel.context import SINGLE_PROCESS, ParallelContext
 from facli.parallel.launch import launch
-from facli.models.resolve import ResolvedModel, resolve_device
 from facli.run.placement import plan_run
 from facli.run.runtime import Runtime
 from facli.summarize import manifest as manifests

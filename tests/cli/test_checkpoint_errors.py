@@ -7,9 +7,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from checkpoints import build_checkpoint
+from facli.errors import FacliError
 from facli.models.checkpoint import CheckpointReader, Shard
 from facli.models.config import ModelConfig
-from facli.errors import FacliError
 from facli.models.llama import CausalLM
 
 

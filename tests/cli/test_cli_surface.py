@@ -15,10 +15,10 @@ import typer
 from typer.testing import CliRunner
 
 from facli.cli import app
-from facli.planner.hardware import load_hardware
-from facli.planner.search import PlanOptions, plan
 from facli.models.recipe_loader import load_model_recipe
 from facli.models.resolve import check_context
+from facli.planner.hardware import load_hardware
+from facli.planner.search import PlanOptions, plan
 from facli.run_options import KV_DTYPES
 from facli.units import parse_ctx
 

@@ -6,9 +6,9 @@ import torch
 from checkpoints import build_checkpoint
 from facli.models.checkpoint import CheckpointReader
 from facli.models.config import ModelConfig
-from facli.run.engine import Engine
 from facli.models.llama import CausalLM
 from facli.offload.device_cache import DeviceKVCache
+from facli.run.engine import Engine
 from facli.run.sampling import Sampler, SamplingParams
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,

@@ -10,9 +10,9 @@ import torch
 from checkpoints import load_llama
 from conftest import requires_cuda
 
-from facli.run.engine import Engine
 from facli.offload.device_cache import DeviceKVCache
 from facli.offload.kv_store import OffloadedKVStore
+from facli.run.engine import Engine
 from facli.run.sampling import Sampler, SamplingParams
 
 CAPACITY, PROMPT, CHUNK, NEW = 160, 61, 16, 16

@@ -3,17 +3,17 @@
 import pytest
 import torch
 
+from facli.errors import FacliError
 from facli.models.checkpoint import CheckpointReader
 from facli.models.config import ModelConfig
-from facli.run.batching import BatchedEngine, RowRequest
-from facli.run.engine import Engine
-from facli.errors import FacliError
 from facli.models.llama import CausalLM
 from facli.offload.device_cache import DeviceKVCache
 from facli.parallel import comm
 from facli.parallel.context import ParallelContext, TensorParallelSettings
-from facli.parallel.launch import current_context, launch
 from facli.parallel.degrees import check_tensor_parallel, valid_degrees
+from facli.parallel.launch import current_context, launch
+from facli.run.batching import BatchedEngine, RowRequest
+from facli.run.engine import Engine
 from facli.run.sampling import Sampler, SamplingParams
 
 MODELS = {

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from facli.errors import FacliError
+from facli.models.recipe_loader import list_hardware_recipes
 from facli.planner.hardware import (
     DEFAULT_MARGIN_FRACTION,
     MIB,
@@ -16,7 +17,6 @@ from facli.planner.hardware import (
     load_hardware,
     resolve_margin,
 )
-from facli.models.recipe_loader import list_hardware_recipes
 from facli.units import GIB
 
 

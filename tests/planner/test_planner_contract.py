@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from facli.models.config import ModelConfig
+from facli.models.recipe_loader import load_model_recipe
 from facli.offload.device_cache import DeviceKVCache
 from facli.planner.memory import (
     activation_breakdown,
@@ -11,7 +12,6 @@ from facli.planner.memory import (
     device_memory,
     weight_bytes,
 )
-from facli.models.recipe_loader import load_model_recipe
 
 TINY = ModelConfig.from_dict({
     "model_type": "llama", "vocab_size": 257, "hidden_size": 64, "intermediate_size": 96,

@@ -6,8 +6,8 @@ from importlib import resources
 
 import pytest
 
-from facli.models.config import ModelConfig
 from facli.errors import FacliError
+from facli.models.config import ModelConfig
 from facli.models.recipe_loader import (
     list_hardware_recipes,
     list_model_recipes,

@@ -5,6 +5,7 @@ from dataclasses import replace
 
 import pytest
 
+from facli.models.recipe_loader import load_model_recipe
 from facli.planner.hardware import load_hardware
 from facli.planner.search import PlanOptions, plan, predict_prompt
 from facli.planner.time_model import (
@@ -17,7 +18,6 @@ from facli.planner.time_model import (
     prefill_breakdown,
     split_cpu_share,
 )
-from facli.models.recipe_loader import load_model_recipe
 
 
 def model(name):

@@ -7,13 +7,13 @@ import torch
 from checkpoints import load_llama
 
 from conftest import requires_cuda
-from facli.run.batching import BatchedEngine, RowRequest
-from facli.models.config import ModelConfig
-from facli.run.engine import Engine
 from facli.errors import FacliError
+from facli.models.config import ModelConfig
+from facli.models.rope import RotaryEmbedding
 from facli.offload.device_cache import DeviceKVCache
 from facli.offload.kv_store import OffloadedKVStore
-from facli.models.rope import RotaryEmbedding
+from facli.run.batching import BatchedEngine, RowRequest
+from facli.run.engine import Engine
 from facli.run.sampling import Sampler, SamplingParams
 
 CAPACITY = 48

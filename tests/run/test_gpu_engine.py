@@ -7,9 +7,9 @@ from checkpoints import build_checkpoint
 from conftest import requires_cuda
 from facli.models.checkpoint import CheckpointReader
 from facli.models.config import ModelConfig
-from facli.run.engine import Engine
 from facli.models.llama import CausalLM
 from facli.offload.device_cache import DeviceKVCache
+from facli.run.engine import Engine
 from facli.run.sampling import Sampler, SamplingParams
 
 pytestmark = requires_cuda

@@ -12,10 +12,10 @@ from checkpoints import build_checkpoint
 
 from facli.models.checkpoint import CheckpointReader
 from facli.models.config import ModelConfig
-from facli.run.graphs import GraphedDecodeStep, plan_segments
 from facli.models.llama import CausalLM
 from facli.offload.device_cache import DeviceKVCache
 from facli.offload.kv_store import OffloadedKVStore
+from facli.run.graphs import GraphedDecodeStep, plan_segments
 
 CAPACITY, PROMPT, STEPS = 64, 23, 4
 

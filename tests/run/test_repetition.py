@@ -19,13 +19,13 @@ from transformers.generation.logits_process import (
 
 from cli_errors import error_line, invoke
 from conftest import requires_cuda
-from facli.run.batching import BatchedEngine, RowRequest
+from facli.errors import FacliError
 from facli.models.checkpoint import CheckpointReader
 from facli.models.config import ModelConfig
-from facli.run.engine import Engine
-from facli.errors import FacliError
 from facli.models.llama import CausalLM
 from facli.offload.device_cache import DeviceKVCache
+from facli.run.batching import BatchedEngine, RowRequest
+from facli.run.engine import Engine
 from facli.run.sampling import Sampler, SamplingParams, TokenHistory
 
 CPU = torch.device("cpu")
