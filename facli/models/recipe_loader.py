@@ -134,7 +134,8 @@ def resolve_model_config(model: str | None) -> tuple[str, ModelConfig]:
         gguf = default_gguf()
         return gguf.stem, gguf_model_config(gguf)
     if model == RANDOM_DEMO:
-        from facli.models import demo  # here: it imports torch, which the planner's modules load without
+        # Imported here: demo imports torch, which the planner's modules load without.
+        from facli.models import demo
 
         return RANDOM_DEMO, demo.demo_config()
     path = Path(model).expanduser()

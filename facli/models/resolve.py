@@ -40,7 +40,8 @@ class ResolvedModel:
 
 def resolve_model(model: str | None) -> ResolvedModel:
     """`--model`: a checkpoint directory, a .gguf file (or a folder holding one), a recipe name,
-    or `random-demo`; None means $FACLI_MODEL, else the trained default (facli.models.default_model)."""
+    or `random-demo`; None means $FACLI_MODEL, else the trained default
+    (facli.models.default_model)."""
     model = model or default_model_name()
     if model is None:
         return _converted(default_gguf())

@@ -158,9 +158,9 @@ class Runtime:
                  ignore_eos: bool = False, stop: tuple[str, ...] = (),
                  prediction=None) -> GenerationResult:
         """A prompt the caller has checked: non-empty and shorter than the context
-        (facli.models.resolve.check_prompt_fits). ignore_eos: decode all max_new_tokens even past an
-        EOS token (benchmarks). stop: end at the first of these strings; the text ends before it
-        (its tokens stay in token_ids). prediction: the time model's for this prompt on this
+        (facli.models.resolve.check_prompt_fits). ignore_eos: decode all max_new_tokens even past
+        an EOS token (benchmarks). stop: end at the first of these strings; the text ends before
+        it (its tokens stay in token_ids). prediction: the time model's for this prompt on this
         plan (predict_prompt), where the caller has it."""
         if prefill_chunk is not None:
             self.reconfigure(prefill_chunk=prefill_chunk)

@@ -10,7 +10,12 @@ from gguf_files import write_tiny_gguf
 from facli.errors import FacliError
 from facli.models.checkpoint import CheckpointReader
 from facli.models.config import ModelConfig
-from facli.models.gguf_checkpoint import CONVERTED, converted_checkpoint, gguf_file_in, inspect_gguf
+from facli.models.gguf_checkpoint import (
+    CONVERTED,
+    converted_checkpoint,
+    gguf_file_in,
+    inspect_gguf,
+)
 from facli.models.llama import CausalLM
 from facli.models.tokenizer import load_tokenizer
 from facli.offload.device_cache import DeviceKVCache
