@@ -42,7 +42,7 @@ def write_random_checkpoint(directory: Path, config: dict = LLAMA_7B, seed: int 
     logits are the largest of hundreds of random ones, almost surely above 0) are text."""
     import transformers
 
-    from facli.demo import byte_level_tokenizer
+    from facli.models.demo import byte_level_tokenizer
 
     directory = Path(directory)
     if (directory / "config.json").is_file():

@@ -3,7 +3,7 @@
     python benchmarks/cpu_calibration.py measure --out FILE.json [--threads 1,2] [--models demo,...]
     python benchmarks/cpu_calibration.py fit FILE.json [FILE.json ...]
 
-`measure` times facli's own forward pass (facli.model.CausalLM over the KV store the planner
+`measure` times facli's own forward pass (facli.models.llama.CausalLM over the KV store the planner
 builds) as the runtime calls it: one prefill chunk of T tokens after S cached positions, for a
 grid of (T, S), with T = 1 being a decode step at depth S. It does so for each model shape and
 thread count (torch.set_num_threads). Then it runs whole generations (Runtime.generate: the
@@ -43,8 +43,8 @@ import numpy as np
 import torch
 
 from facli.bench.environment import environment
-from facli.config import ModelConfig
-from facli.demo import DEMO_CONFIG
+from facli.models.config import ModelConfig
+from facli.models.demo import DEMO_CONFIG
 from facli.planner import cpu_time
 from facli.planner.hardware import CpuSpec, detect_cpu
 
@@ -151,7 +151,7 @@ def write_checkpoint(directory: Path, config: dict) -> Path:
     with facli's byte-level tokenizer."""
     import transformers
 
-    from facli.demo import byte_level_tokenizer
+    from facli.models.demo import byte_level_tokenizer
 
     if (directory / "config.json").is_file():
         return directory
@@ -167,9 +167,9 @@ def write_checkpoint(directory: Path, config: dict) -> Path:
 
 
 def load_runtime(name: str, ctx: int, workdir: Path):
-    from facli.resolve import resolve_model
+    from facli.models.resolve import resolve_model
     from facli.run_options import RunOptions
-    from facli.runtime import load_runtime
+    from facli.run.runtime import load_runtime
 
     path = "random-demo" if name == "demo" else str(write_checkpoint(workdir / name, MODELS[name]))
     return load_runtime(RunOptions(model=path, device="cpu", ctx=ctx), resolve_model(path))
@@ -208,7 +208,7 @@ def measure_runs(name: str, threads: int, workdir: Path, wait_s: float, deadline
     """Whole generations (Runtime.generate, as `facli generate` runs them) with the time model's
     predictions for them (Runtime.predict_prompt); keep(record) as each ends. Each waits up to
     wait_s for the machine to be quiet."""
-    from facli.sampling import SamplingParams
+    from facli.run.sampling import SamplingParams
 
     for prompt, new in RUNS[name]:
         if time.perf_counter() > deadline:

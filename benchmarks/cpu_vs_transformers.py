@@ -29,9 +29,9 @@ from common import environment, write_random_checkpoint  # noqa: E402
 
 from facli.bench.baseline import TORCH_DTYPES, FirstTokenClock, build_model  # noqa: E402
 from facli.bench.request import GREEDY, prompt_ids  # noqa: E402
-from facli.resolve import resolve_model  # noqa: E402
+from facli.models.resolve import resolve_model  # noqa: E402
+from facli.run.runtime import Runtime, load_runtime  # noqa: E402
 from facli.run_options import RunOptions  # noqa: E402
-from facli.runtime import Runtime, load_runtime  # noqa: E402
 from facli.units import parse_ctx  # noqa: E402
 
 SMOLLM2_135M = dict(

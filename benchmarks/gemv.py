@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment  # noqa: E402
 
 from facli.kernels.gemv_triton import GemvConfig, gemv_config, gemv_triton  # noqa: E402
-from facli.recipe_loader import load_model_recipe  # noqa: E402
+from facli.models.recipe_loader import load_model_recipe  # noqa: E402
 
 L2_BYTES = 60 * 1024**2  # more than an H100's or H200's 50 MiB
 SWEEP = [GemvConfig(block_n, block_k, warps) for block_n in (2, 4, 8, 16)

@@ -27,13 +27,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment  # noqa: E402
 
-from facli.engine import Engine  # noqa: E402
-from facli.planner.search import predict_prompt  # noqa: E402
+from facli.models.resolve import synthetic_model  # noqa: E402
 from facli.parallel.context import ParallelContext  # noqa: E402
-from facli.resolve import synthetic_model  # noqa: E402
+from facli.planner.search import predict_prompt  # noqa: E402
+from facli.run.engine import Engine  # noqa: E402
+from facli.run.runtime import load_runtime  # noqa: E402
+from facli.run.sampling import Sampler, SamplingParams  # noqa: E402
 from facli.run_options import RunOptions  # noqa: E402
-from facli.runtime import load_runtime  # noqa: E402
-from facli.sampling import Sampler, SamplingParams  # noqa: E402
 from facli.units import parse_ctx  # noqa: E402
 
 

@@ -43,7 +43,7 @@ def transformers_perplexity(text: Path, window: int, model: str | None) -> dict:
     from transformers import AutoModelForCausalLM
 
     from facli.perplexity import sliding_windows
-    from facli.resolve import resolve_model, tokenizer_for
+    from facli.models.resolve import resolve_model, tokenizer_for
 
     resolved = resolve_model(model)
     ids = tokenizer_for(resolved)(text.read_text(encoding="utf-8")).input_ids

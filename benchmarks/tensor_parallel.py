@@ -39,9 +39,9 @@ import torch
 import torch.distributed as dist
 
 from facli.bench.environment import git_commit
-from facli.config import ModelConfig
 from facli.kernels import elementwise
-from facli.model import CausalLM
+from facli.models.config import ModelConfig
+from facli.models.llama import CausalLM
 from facli.offload.device_cache import DeviceKVCache
 from facli.parallel import comm, copy_engine
 from facli.parallel.context import SINGLE_PROCESS, ParallelContext, TensorParallelSettings
@@ -305,7 +305,7 @@ def generate_check(devices: int, device_type: str) -> dict:
     """The embedded demo model through `facli generate`'s path: N ranks vs 1, greedy, float32."""
     from facli.generation import plan_and_generate
     from facli.run_options import RunOptions
-    from facli.sampling import SamplingParams
+    from facli.run.sampling import SamplingParams
 
     text = "The quick brown fox jumps over the lazy dog. " * 8
     try:

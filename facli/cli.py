@@ -24,6 +24,8 @@ def _without_type_placeholders(params: list) -> list:
         elif param.param_type_name == "argument" and param.metavar is not None:
             # Typer's rich help lists an argument's type beside its metavar; the metavar says it.
             param.display_type_rich = lambda ctx: None
+            if hasattr(param, "type"):  # typer 0.27 asks the argument's click type instead
+                param.type.get_metavar = lambda param, ctx=None: ""
     return params
 
 

@@ -10,11 +10,7 @@ import dataclasses
 import sys
 
 from facli.errors import FacliError
-from facli.parallel.degrees import check_tensor_parallel
-from facli.parallel.launch import launch, prints_here
-from facli.placement import hardware_for, plan_run
-from facli.planner.search import predict_prompt
-from facli.resolve import (
+from facli.models.resolve import (
     check_context,
     check_prompt_fits,
     generation_ctx,
@@ -22,10 +18,14 @@ from facli.resolve import (
     resolve_model,
     tokenizer_for,
 )
+from facli.models.tokenizer import chat_prompt_ids
+from facli.parallel.degrees import check_tensor_parallel
+from facli.parallel.launch import launch, prints_here
+from facli.planner.search import predict_prompt
+from facli.run.placement import hardware_for, plan_run
+from facli.run.runtime import Runtime
+from facli.run.sampling import SamplingParams
 from facli.run_options import RunOptions
-from facli.runtime import Runtime
-from facli.sampling import SamplingParams
-from facli.tokenizer import chat_prompt_ids
 from facli.units import format_ctx, format_seconds
 
 LONG_PROMPT_TOKENS = 4096  # prompts from this length on show a prefill progress bar

@@ -5,13 +5,13 @@ devices, no weights."""
 
 from dataclasses import dataclass
 
-from facli.config import ModelConfig
 from facli.errors import FacliError
+from facli.models.config import ModelConfig
+from facli.models.resolve import check_context
 from facli.planner.hardware import HardwareSpec
 from facli.planner.plan import Plan
 from facli.planner.policy import gpus_read_fp8, holds_rows
 from facli.planner.search import PlanOptions, largest_resident_batch, plan, with_fp8_rows_hint
-from facli.resolve import check_context
 from facli.units import format_bytes, format_ctx
 
 
@@ -50,7 +50,7 @@ def describe(memory: MemoryPlan) -> str:
 
 def run_refusal(config, ctx: int, allow_ctx_extension: bool) -> str | None:
     """Why a run (generate, summarize) would refuse this context, by the check they make
-    (facli.resolve.check_context); None where it would run."""
+    (facli.models.resolve.check_context); None where it would run."""
     try:
         check_context(config, ctx, allow_ctx_extension, warn=False)
     except FacliError as refused:

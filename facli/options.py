@@ -13,8 +13,11 @@ from typing import Annotated, Optional
 import typer
 
 from facli.errors import FacliError
-from facli.perplexity import DEFAULT_WINDOW
 from facli.units import parse_count  # noqa: F401  (the commands call options.parse_count)
+
+# `facli perplexity`'s window where --ctx is left out, at most the model's
+# max_position_embeddings; the command hands it to facli.perplexity.run_perplexity.
+PERPLEXITY_WINDOW = 4096
 
 Model = Annotated[Optional[str], typer.Option(
     metavar="DIR|NAME",
@@ -25,8 +28,8 @@ Ctx = Annotated[Optional[str], typer.Option(
     metavar="TOKENS",
     help="Context length: 4096, 32k, 256k or 1m (k = 1024); for perplexity, the window. Left "
          "out: prompt + new tokens for generate, each depth's own for bench, for perplexity the "
-         f"model's max_position_embeddings, at most {DEFAULT_WINDOW} and at most the text, the "
-         "model's max_position_embeddings elsewhere.")]
+         f"model's max_position_embeddings, at most {PERPLEXITY_WINDOW} and at most the text, "
+         "the model's max_position_embeddings elsewhere.")]
 AllowCtxExtension = Annotated[bool, typer.Option(
     "--allow-ctx-extension",
     help="Allow --ctx beyond the model's max_position_embeddings (its trained length); quality "

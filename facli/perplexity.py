@@ -18,15 +18,12 @@ from pathlib import Path
 import torch
 
 from facli.errors import FacliError
+from facli.models.resolve import check_context, resolve_device, resolve_model, tokenizer_for
 from facli.parallel.degrees import check_tensor_parallel
 from facli.parallel.launch import launch
-from facli.placement import hardware_for, plan_run
-from facli.resolve import check_context, resolve_device, resolve_model, tokenizer_for
+from facli.run.placement import hardware_for, plan_run
+from facli.run.runtime import Runtime
 from facli.run_options import RunOptions
-from facli.runtime import Runtime
-
-# A text shorter than this many windows of the default length is scored in one window.
-DEFAULT_WINDOW = 4096
 
 
 @dataclass(frozen=True)
@@ -139,18 +136,19 @@ class PerplexityRequest:
     plan: object
 
 
-def run_perplexity(text: str, source: Path, options: RunOptions, *, stride: int | None) -> dict:
+def run_perplexity(text: str, source: Path, options: RunOptions, *, stride: int | None,
+                   default_window: int) -> dict:
     """`facli perplexity`: tokenize `text` (read from `source`), choose the window (options.ctx
-    None: the model's max_position_embeddings, at most DEFAULT_WINDOW) and stride (None: half
-    the window), plan, then score on options.devices ranks; the result of rank 0
-    (perplexity_on_rank)."""
+    None: the model's max_position_embeddings, at most `default_window`, and at most the text)
+    and stride (None: half the window), plan, then score on options.devices ranks; the result of
+    rank 0 (perplexity_on_rank)."""
     resolved = resolve_model(options.model)
     tokenizer = tokenizer_for(resolved)
     ids = tokenizer(text).input_ids
     if len(ids) < 2:
         raise FacliError(f"expected a text of at least 2 tokens in {source}, got {len(ids)}")
     limit = resolved.config.max_position_embeddings
-    asked = options.ctx if options.ctx is not None else min(limit, DEFAULT_WINDOW)
+    asked = options.ctx if options.ctx is not None else min(limit, default_window)
     window = min(asked, len(ids))  # a text shorter than the window is one window
     step = stride if stride is not None else max(1, window // 2)
     if asked > window:

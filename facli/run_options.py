@@ -1,12 +1,12 @@
 """The options of a run that generate, perplexity, bench and summarize share: one frozen type,
 checked once where it is made, that each command's request holds and the planner and runtime
-read (facli.placement.plan_run, facli.runtime.Runtime)."""
+read (facli.run.placement.plan_run, facli.run.runtime.Runtime)."""
 
 from dataclasses import dataclass
 
 from facli.errors import FacliError
+from facli.models.resolve import DTYPES
 from facli.planner.search import check_decode_mode
-from facli.resolve import DTYPES
 from facli.units import MAX_CTX, check_count
 
 KV_DTYPES = ("auto", "bf16", "fp16", "fp32", "fp8")

@@ -3,13 +3,13 @@ offloaded store with the plan's host layers, decode mode and CPU share."""
 
 import torch
 
-from facli.config import ModelConfig
 from facli.errors import FacliError
+from facli.models.config import ModelConfig
+from facli.models.resolve import DTYPES
 from facli.offload.device_cache import DeviceKVCache
 from facli.offload.kv_store import OffloadedKVStore
 from facli.planner.plan import Plan
 from facli.planner.policy import READS_FP8_FROM, holds_rows, uses_offloaded_store
-from facli.resolve import DTYPES
 
 
 def build_kv_store(run_plan: Plan, config: ModelConfig, world_size: int, device: torch.device):

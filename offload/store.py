@@ -17,7 +17,7 @@ class KVStore(Protocol):
 
     capacity: int
     # Layers whose single-token attend also takes `start` as a one-element device tensor and is
-    # then device work only: their decode steps can be captured in CUDA graphs (facli.graphs).
+    # then device work only: their decode steps can be captured in CUDA graphs (facli.run.graphs).
     graph_layers: frozenset
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -1,8 +1,8 @@
 """Recipe data: `models/*.toml` and `hardware/*.toml`. The loading code lives in
-facli.recipe_loader; its public names are re-exported here so that
+facli.models.recipe_loader; its public names are re-exported here so that
 `from facli.recipes import load_model_recipe` works."""
 
-from facli.recipe_loader import (
+from facli.models.recipe_loader import (
     ModelRecipe,
     list_hardware_recipes,
     list_model_recipes,

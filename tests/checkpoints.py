@@ -45,9 +45,9 @@ def build_checkpoint(directory: Path, model_type: str = "llama", seed: int = 0, 
 def load_llama(directory: Path, dtype: torch.dtype, device, **overrides):
     """facli's CausalLM of a random llama checkpoint written to `directory` (shape: BASE with
     `overrides`)."""
-    from facli.checkpoint import CheckpointReader
-    from facli.config import ModelConfig
-    from facli.model import CausalLM
+    from facli.models.checkpoint import CheckpointReader
+    from facli.models.config import ModelConfig
+    from facli.models.llama import CausalLM
 
     build_checkpoint(directory, "llama", **overrides)
     model = CausalLM(ModelConfig.from_dir(directory), dtype=dtype, device=device)

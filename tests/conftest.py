@@ -3,7 +3,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # Commands without --model run the small random model, which is fast; the tests of the trained
-# default (tests/model/test_default_model.py) remove this.
+# default (tests/models/test_default_model.py) remove this.
 os.environ.setdefault("FACLI_MODEL", "random-demo")
 # pytest-xdist runs one worker per core (pyproject's addopts): one thread each, in the workers
 # and in the facli processes they start, keeps the cores from being shared twice over.

@@ -1,7 +1,7 @@
 """The recipe and options shorthands the planner tests share."""
 
+from facli.models.recipe_loader import load_model_recipe
 from facli.planner.search import PlanOptions
-from facli.recipe_loader import load_model_recipe
 
 
 def model(name):

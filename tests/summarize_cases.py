@@ -7,10 +7,10 @@ from types import SimpleNamespace
 
 import torch
 
-from facli.batching import BatchStats
+from facli.run.batching import BatchStats
+from facli.run.runtime import GenerationResult
+from facli.run.sampling import SamplingParams
 from facli.run_options import RunOptions
-from facli.runtime import GenerationResult
-from facli.sampling import SamplingParams
 from facli.summarize.documents import discover, read_documents
 from facli.summarize.job import JobSettings
 from facli.summarize.planning import tokenize

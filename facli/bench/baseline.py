@@ -19,7 +19,7 @@ from facli.bench.request import (
     prompt_length,
     release_memory,
 )
-from facli.resolve import ResolvedModel
+from facli.models.resolve import ResolvedModel
 
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 

@@ -8,7 +8,6 @@ import dataclasses
 import psutil
 import torch
 
-from facli.batching import RowRequest
 from facli.bench.request import (
     DOES_NOT_FIT,
     GREEDY,
@@ -22,11 +21,12 @@ from facli.bench.request import (
     resolve,
 )
 from facli.errors import FacliError, OutOfMemoryPlanError
+from facli.models.resolve import check_context, resolve_device
 from facli.parallel.comm import all_reduce_sum, broadcast_tokens
 from facli.parallel.context import ParallelContext
-from facli.placement import hardware_for, plan_run
-from facli.resolve import check_context, resolve_device
-from facli.runtime import Runtime
+from facli.run.batching import RowRequest
+from facli.run.placement import hardware_for, plan_run
+from facli.run.runtime import Runtime
 
 
 def runtime_dtype(request: BenchRequest) -> str:

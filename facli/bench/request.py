@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 import torch
 
 from facli.errors import FacliError
-from facli.resolve import ResolvedModel, resolve_model, synthetic_model
+from facli.models.resolve import ResolvedModel, resolve_model, synthetic_model
+from facli.run.sampling import SamplingParams
 from facli.run_options import RunOptions
-from facli.sampling import SamplingParams
 
 BASELINES = ("transformers", "none")
 PROMPT_SLACK = 8  # context left empty beyond prompt + decode tokens

@@ -16,10 +16,10 @@ from facli.bench.environment import environment, hbm_gbps
 from facli.bench.measure import bench_rank
 from facli.bench.report import add_derived
 from facli.bench.request import BenchRequest, release_memory, resolve
+from facli.models.recipe_loader import load_model_recipe, resolve_model_config
+from facli.models.resolve import resolve_device
 from facli.parallel.launch import launch
-from facli.placement import hardware_for, planned_devices as planned_degree
-from facli.recipe_loader import load_model_recipe, resolve_model_config
-from facli.resolve import resolve_device
+from facli.run.placement import hardware_for, planned_devices as planned_degree
 
 SCHEMA = "facli.bench/1"
 ROUND_FIGURES = ("ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s")

@@ -1,0 +1,6 @@
+"""The Typer commands, one module each: options in, one call into the work, the result out.
+
+A command module imports at its top only what its signature and its argument checks need, and
+the work (the modules that bring torch and transformers) inside the command, so that
+`facli --help` and `facli CMD --help` start without them.
+"""

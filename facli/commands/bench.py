@@ -7,12 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from facli import options
-from facli.bench.plot import write_plot
-from facli.bench.report import format_report, require_matplotlib, write_json
-from facli.bench.request import BenchRequest
-from facli.bench.run import planned_devices, run_bench
 from facli.errors import FacliError
-from facli.run_options import RunOptions
 from facli.units import parse_batch, parse_ctx
 
 
@@ -47,6 +42,12 @@ def command(
     """Measure time to first token, prefill and decode tokens/s and peak memory per context depth.
 
     --ctx plans every depth's KV cache for that context; with --batch, tokens/s count all rows."""
+    from facli.bench.plot import write_plot
+    from facli.bench.report import format_report, require_matplotlib, write_json
+    from facli.bench.request import BenchRequest
+    from facli.bench.run import planned_devices, run_bench
+    from facli.run_options import RunOptions
+
     if plot is not None:
         options.check_output_file(plot, "--plot")
         require_matplotlib()

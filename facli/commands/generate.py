@@ -8,10 +8,7 @@ import typer
 
 from facli import options
 from facli.errors import FacliError
-from facli.generation import plan_and_generate
 from facli.prompt_text import read_prompt
-from facli.run_options import RunOptions
-from facli.sampling import SamplingParams
 from facli.units import parse_ctx
 
 
@@ -43,6 +40,10 @@ def generate(
     as_json: options.Json = False,
 ):
     """Generate text from a prompt; text streams to stdout as it is produced."""
+    from facli.generation import plan_and_generate
+    from facli.run.sampling import SamplingParams
+    from facli.run_options import RunOptions
+
     if max_new_tokens <= 0:
         raise FacliError(f"expected --max-new-tokens > 0, got {max_new_tokens}")
     stops = tuple(stop or ())

@@ -7,9 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from facli import options as shared
-from facli.perplexity import run_perplexity
 from facli.prompt_text import read_prompt
-from facli.run_options import RunOptions
 from facli.units import parse_ctx
 
 
@@ -35,13 +33,17 @@ def command(
 ):
     """Perplexity of a text under a model, with tokens/s: windows run through the same chunked
     prefill and KV cache as generate, so --kv-dtype fp8 and offloaded layers show their cost."""
+    from facli.perplexity import run_perplexity
+    from facli.run_options import RunOptions
+
     ranks = shared.parse_count(devices, "--devices") or 1
     text = read_prompt(None, file)
     window = parse_ctx(ctx) if ctx is not None else None
     run = RunOptions(model=model, device=device, dtype=dtype, kv_dtype=kv_dtype, ctx=window,
                      prefill_chunk=prefill_chunk, devices=ranks,
                      allow_ctx_extension=allow_ctx_extension)
-    result = run_perplexity(text, file, run, stride=stride)
+    result = run_perplexity(text, file, run, stride=stride,
+                            default_window=shared.PERPLEXITY_WINDOW)
     if as_json:
         print(json.dumps(result))
     else:

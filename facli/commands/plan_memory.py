@@ -6,9 +6,8 @@ from typing import Annotated
 import typer
 
 from facli import options as shared
-from facli.memory_plan import describe, plan_memory
+from facli.models.recipe_loader import resolve_model_config
 from facli.planner.hardware import hardware_from_option
-from facli.recipe_loader import resolve_model_config
 from facli.units import parse_batch, parse_ctx
 
 
@@ -32,6 +31,8 @@ def command(
     """Plan memory and predict time for a long-context run, before loading anything.
 
     A --ctx that generate would refuse (see --allow-ctx-extension) is planned, with a warning."""
+    from facli.memory_plan import describe, plan_memory
+
     name, config = resolve_model_config(model)
     tokens = parse_ctx(ctx) if ctx is not None else config.max_position_embeddings
     rows, ranks = parse_batch(batch), shared.parse_count(devices, "--devices")

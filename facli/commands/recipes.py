@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 
 from facli import options
-from facli.recipe_loader import (
+from facli.models.recipe_loader import (
     list_hardware_recipes,
     list_model_recipes,
     load_model_recipe,

@@ -8,14 +8,8 @@ import typer
 
 from facli import options
 from facli.errors import FacliError
-from facli.run_options import RunOptions
-from facli.sampling import SamplingParams
-from facli.summarize.corpus import SummarizeRequest
 from facli.summarize.files import check_output_path
-from facli.summarize.forecast import forecast_run, format_forecast
-from facli.summarize.planning import auto_devices, hardware_spec
 from facli.summarize.prompting import SUMMARY_REPETITION_PENALTY
-from facli.summarize.run import run_on_ranks
 from facli.summarize.strategies import Strategy
 from facli.units import parse_batch, parse_ctx
 
@@ -50,6 +44,13 @@ def command(
     """Summarize documents; rerun the same command to resume after a crash or Ctrl-C.
 
     --json prints the run's summary, or with --plan-only the plan; --hardware needs --plan-only."""
+    from facli.run.sampling import SamplingParams
+    from facli.run_options import RunOptions
+    from facli.summarize.corpus import SummarizeRequest
+    from facli.summarize.forecast import forecast_run, format_forecast
+    from facli.summarize.planning import auto_devices, hardware_spec
+    from facli.summarize.run import run_on_ranks
+
     check_output_path(out)  # before any model, hardware or document is looked at
     if hardware != "auto" and not plan_only:
         raise FacliError(f"expected --hardware only with --plan-only, got --hardware {hardware} "

@@ -4,8 +4,8 @@
 facli/planner/time_model.py.)
 """
 
-from facli.config import ModelConfig
 from facli.errors import FacliError
+from facli.models.config import ModelConfig
 
 
 def sharded_sizes(config: ModelConfig) -> dict[str, int]:

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from facli.checkpoint import CheckpointReader, Shard
 from facli.errors import FacliError
 from facli.kernels import gemv
+from facli.models.checkpoint import CheckpointReader, Shard
 from facli.parallel import comm
 from facli.parallel.context import ParallelContext
 

@@ -1,6 +1,6 @@
 """Turn the chosen candidate into a Plan: layer lists, per-device bytes, timing, explanation."""
 
-from facli.config import ModelConfig
+from facli.models.config import ModelConfig
 from facli.planner.candidates import Candidate, resolve_dtypes
 from facli.planner.hardware import HardwareSpec
 from facli.planner.memory import reserved_outside_allocator

@@ -2,8 +2,8 @@
 
 from dataclasses import dataclass, field
 
-from facli.config import ModelConfig
 from facli.errors import FacliError
+from facli.models.config import ModelConfig
 from facli.parallel.degrees import sharded_sizes
 from facli.planner.hardware import HardwareSpec
 from facli.planner.memory import (

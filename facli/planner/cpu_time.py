@@ -26,7 +26,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from facli.config import ModelConfig
+from facli.models.config import ModelConfig
 
 CPU_DTYPE_BYTES = 4  # the CPU computes in float32: the only dtype measured
 

@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, replace
 
 from facli.errors import FacliError
-from facli.recipe_loader import list_hardware_recipes, read_recipe
+from facli.models.recipe_loader import list_hardware_recipes, read_recipe
 from facli.units import GIB, format_bytes
 
 MIB = 1024**2

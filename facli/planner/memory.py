@@ -9,8 +9,8 @@ LOGITS_BYTES_PER_VOCAB_ENTRY and the WORKSPACE_* constants; nothing else holds a
 import math
 from dataclasses import dataclass
 
-from facli.config import ModelConfig
 from facli.errors import FacliError
+from facli.models.config import ModelConfig
 from facli.planner.policy import (
     COPY_ENGINE_INBOXES,
     FP8_PREFILL_TILE_ROWS,
@@ -50,7 +50,7 @@ class ActivationTerm:
     fp32: bool = False  # float32 whatever the model dtype
 
 
-# --- calibration: the prefill activation peak per token of the chunk (facli/model.py) ---
+# --- calibration: the prefill activation peak per token of the chunk (facli/models/llama.py) ---
 ACTIVATION_TERMS = (
     ActivationTerm("residual_and_normed", 2, "hidden", sharded=False, phase="layer"),
     ActivationTerm("rope_cos_sin", 2, "head_dim", sharded=False, phase="layer"),
@@ -207,7 +207,7 @@ def device_memory(config: ModelConfig, *, ctx: int, batch: int, tp: int, gpu_lay
                   kv_dtype_bytes: int, copy_inboxes: bool = False) -> MemoryBreakdown:
     """Peak bytes on one rank. Host layers need GPU staging (see staging_bytes). The runtime
     prefills one sequence at a time (a batch's sequences are rows that then decode together,
-    facli.batching), so the activations are the larger of one sequence's prefill chunk and a
+    facli.run.batching), so the activations are the larger of one sequence's prefill chunk and a
     decode step of `batch` tokens; the chunk's nearly always. NCCL's AllReduce tiles cost no
     memory (views of the projection output); copy-engine tiles need their inboxes
     (copy_inboxes, comm_bytes)."""

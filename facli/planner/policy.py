@@ -4,7 +4,7 @@ How a tensor-parallel prefill sums its row-parallel outputs (copy engines betwee
 waves with more, else one all_reduce per projection) and in tiles of how many tokens, and how
 large the offloaded KV store's GPU buffers are; which KV store holds a plan's cache, and when its
 decode steps run as CUDA-graph replays and its sequences decode together as rows.
-facli.planner.memory and facli.planner.time_model price these choices, facli.placement turns a
+facli.planner.memory and facli.planner.time_model price these choices, facli.run.placement turns a
 plan into run settings, and facli.parallel and facli.offload carry them out. A leaf module: it
 imports nothing of the project.
 docs/calibration.md lists the measured constants and the benchmarks/ scripts that refit them.
@@ -88,7 +88,7 @@ def uses_offloaded_store(decode_mode: str, fp8_kv: bool) -> bool:
 def decodes_eagerly(fp8_kv: bool, gpu_reads_fp8: bool) -> bool:
     """Whether decode steps run wholly eagerly rather than as CUDA-graph replays: with an fp8
     cache on GPUs whose decode kernel cannot read e4m3 directly (before sm89). Elsewhere only
-    the KV store of host layers runs eagerly, between graphs (facli.graphs)."""
+    the KV store of host layers runs eagerly, between graphs (facli.run.graphs)."""
     return fp8_kv and not gpu_reads_fp8
 
 

@@ -8,8 +8,9 @@ by predicted prefill time plus `new_tokens` decode steps.
 
 from dataclasses import dataclass, replace
 
-from facli.config import ModelConfig
 from facli.errors import FacliError, OutOfMemoryPlanError
+from facli.models.config import ModelConfig
+from facli.planner.build import build_plan
 from facli.planner.candidates import (
     Candidate,
     evaluate,
@@ -21,7 +22,6 @@ from facli.planner.candidates import (
 from facli.planner.hardware import HardwareSpec
 from facli.planner.memory import DTYPE_BYTES
 from facli.planner.plan import Plan
-from facli.planner.build import build_plan
 from facli.planner.policy import gpus_read_fp8, holds_rows
 from facli.planner.time_model import (
     Layout,

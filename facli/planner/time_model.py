@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from facli.config import ModelConfig
 from facli.kernels.configs import ROW_SPLITS, arch_decode_config, filled_share, row_splits
+from facli.models.config import ModelConfig
 from facli.planner.cpu_time import cpu_decode_breakdown, cpu_prefill_breakdown, unknown_cpu_time
 from facli.planner.hardware import HardwareSpec
 from facli.planner.memory import activation_bytes, kv_layer_bytes, weight_bytes

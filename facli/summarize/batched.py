@@ -11,9 +11,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from facli.batching import BatchStats, RowRequest
 from facli.errors import FacliError
-from facli.resolve import check_prompt_fits
+from facli.models.resolve import check_prompt_fits
+from facli.run.batching import BatchStats, RowRequest
 from facli.summarize import strategies
 from facli.summarize.faults import free_memory, is_out_of_memory
 from facli.summarize.planning import PreparedDocument

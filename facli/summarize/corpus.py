@@ -10,12 +10,13 @@ from pathlib import Path
 import torch
 
 from facli.errors import FacliError
+from facli.models.resolve import ResolvedModel, check_context, resolve_device, resolve_model
+from facli.models.tokenizer import load_tokenizer
 from facli.parallel.comm import broadcast_tokens
 from facli.parallel.context import ParallelContext
 from facli.planner.search import MOST_ROWS
-from facli.resolve import ResolvedModel, check_context, resolve_device, resolve_model
+from facli.run.sampling import SamplingParams
 from facli.run_options import RunOptions
-from facli.sampling import SamplingParams
 from facli.summarize.documents import SourceFile, discover, read_documents
 from facli.summarize.files import check_output_path
 from facli.summarize.job import JobSettings
@@ -32,7 +33,6 @@ from facli.summarize.planning import (
 from facli.summarize.prompting import SUMMARY_REPETITION_PENALTY, make_prompts, read_template
 from facli.summarize.row_groups import RowGroup, length_buckets, merge_buckets
 from facli.summarize.strategies import Budget, Strategy
-from facli.tokenizer import load_tokenizer
 
 
 def _run_defaults() -> RunOptions:

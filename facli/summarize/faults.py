@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from facli.resolve import check_prompt_fits
+from facli.models.resolve import check_prompt_fits
 from facli.summarize.progress import Progress, PromptProgress
 from facli.summarize.strategies import DocumentFailed
 

@@ -16,10 +16,10 @@ document's combine prompt is counted once, with a summary per part.
 
 from dataclasses import dataclass, replace
 
+from facli.models.resolve import ResolvedModel
 from facli.parallel.context import SINGLE_PROCESS
 from facli.planner.plan import Plan
 from facli.planner.search import FP8_HINT, predict_prompt
-from facli.resolve import ResolvedModel
 from facli.summarize.corpus import (
     Corpus,
     SummarizeRequest,

@@ -25,7 +25,7 @@ class JobSettings:
     strategy: Strategy
     budget: Budget
     prompts: Prompts
-    sampling: object  # facli.sampling.SamplingParams
+    sampling: object  # facli.run.sampling.SamplingParams
 
 
 @dataclass

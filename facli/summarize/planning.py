@@ -4,10 +4,10 @@ import math
 from dataclasses import asdict, dataclass
 
 from facli.errors import FacliError
-from facli.placement import planned_devices
+from facli.models.recipe_loader import resolve_model_config
 from facli.planner.hardware import detect_hardware, load_hardware
 from facli.planner.search import PlanOptions, largest_resident_batch, plan, with_fp8_rows_hint
-from facli.recipe_loader import resolve_model_config
+from facli.run.placement import planned_devices
 from facli.summarize.documents import Document
 from facli.summarize.prompting import Prompts
 from facli.summarize.strategies import Budget, Strategy

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from facli.errors import FacliError
+from facli.models.tokenizer import render_chat
 from facli.summarize.files import TEMPLATE_LIMIT, read_user_file
-from facli.tokenizer import render_chat
 
 PLACEHOLDER = "{document}"
 # The instruction follows the document: small models lose an instruction that a long document

@@ -13,12 +13,12 @@ from contextlib import nullcontext
 import torch
 
 from facli.errors import FacliError
+from facli.models.resolve import ResolvedModel, resolve_device
 from facli.parallel.comm import all_reduce_sum, barrier
 from facli.parallel.context import SINGLE_PROCESS, ParallelContext
 from facli.parallel.launch import launch
-from facli.resolve import ResolvedModel, resolve_device
-from facli.placement import plan_run
-from facli.runtime import Runtime
+from facli.run.placement import plan_run
+from facli.run.runtime import Runtime
 from facli.summarize import manifest as manifests
 from facli.summarize.corpus import (
     Corpus,

@@ -298,8 +298,8 @@ def test_synthetic_weights_on_both_sides(monkeypatch):
     import facli.bench.request
     from facli.bench.request import BenchRequest
     from facli.bench.run import run_bench
-    from facli.demo import demo_config
-    from facli.resolve import ResolvedModel
+    from facli.models.demo import demo_config
+    from facli.models.resolve import ResolvedModel
 
     monkeypatch.setattr(facli.bench.request, "synthetic_model",
                         lambda name: ResolvedModel(f"synthetic:{name}", None, demo_config()))

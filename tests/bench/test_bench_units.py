@@ -236,7 +236,7 @@ class _FakeRuntime:
         import torch
 
         from facli.parallel.context import SINGLE_PROCESS
-        from facli.recipe_loader import load_model_recipe
+        from facli.models.recipe_loader import load_model_recipe
 
         self.failures, self.parallel, self.device = failures, SINGLE_PROCESS, torch.device("cpu")
         self.config = load_model_recipe("llama-7b").config
@@ -244,7 +244,7 @@ class _FakeRuntime:
         self.ctx, self.contexts, self.rows = None, [], 1
 
     def predict_prompt(self, prompt_tokens):
-        from facli.runtime import Runtime
+        from facli.run.runtime import Runtime
 
         return Runtime.predict_prompt(self, prompt_tokens)
 
@@ -260,7 +260,7 @@ class _FakeRuntime:
     def generate(self, ids, *, max_new_tokens, sampling, ignore_eos):
         import torch
 
-        from facli.runtime import GenerationResult
+        from facli.run.runtime import GenerationResult
 
         assert ignore_eos and sampling.temperature == 0
         self.calls.append((self.depth, len(ids), max_new_tokens))
@@ -291,7 +291,7 @@ def test_one_ctx_keeps_one_store_for_every_depth():
     from facli.bench.measure import measure_depth
     from facli.planner.hardware import load_hardware
     from facli.planner.search import PlanOptions, plan
-    from facli.recipe_loader import load_model_recipe
+    from facli.models.recipe_loader import load_model_recipe
 
     runtime = _FakeRuntime({})
     runtime.config, runtime.hardware = load_model_recipe("llama-7b").config, load_hardware("1xH200")

@@ -16,7 +16,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "cpu_vs_transforme
 
 @pytest.mark.slow
 def test_benchmark_runs_both_sides_at_every_depth(tmp_path):
-    from facli.demo import byte_level_tokenizer
+    from facli.models.demo import byte_level_tokenizer
 
     checkpoint = tmp_path / "tiny"
     build_checkpoint(checkpoint, "llama", num_attention_heads=6, num_key_value_heads=2,

@@ -7,10 +7,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from checkpoints import build_checkpoint
-from facli.checkpoint import CheckpointReader, Shard
-from facli.config import ModelConfig
 from facli.errors import FacliError
-from facli.model import CausalLM
+from facli.models.checkpoint import CheckpointReader, Shard
+from facli.models.config import ModelConfig
+from facli.models.llama import CausalLM
 
 
 @pytest.fixture()

@@ -86,7 +86,7 @@ def test_text_streams_to_stdout(env):
 def short_model(tmp_path_factory):
     directory = tmp_path_factory.mktemp("short")
     build_checkpoint(directory, "llama", max_position_embeddings=64)
-    from facli.demo import byte_level_tokenizer
+    from facli.models.demo import byte_level_tokenizer
 
     byte_level_tokenizer().save_pretrained(str(directory))
     return directory
@@ -145,7 +145,7 @@ def test_the_prompt_line_names_where_host_rows_go_for_this_prompt():
     from facli.generation import _prompt_line
     from facli.planner.hardware import load_hardware
     from facli.planner.search import PlanOptions, plan, predict_prompt
-    from facli.recipe_loader import load_model_recipe
+    from facli.models.recipe_loader import load_model_recipe
 
     config, spec = load_model_recipe("llama-7b").config, load_hardware("1xH200-141GB")
     result = plan(config, spec, 256 * 1024, 1, PlanOptions(model_name="llama-7b"))
@@ -164,7 +164,7 @@ NO_SYSTEM_TEMPLATE = ("{% if messages[0].role == 'system' %}{{ raise_exception('
 
 
 def _chat_tokenizer(template=CHAT_TEMPLATE):
-    from facli.demo import byte_level_tokenizer
+    from facli.models.demo import byte_level_tokenizer
 
     tokenizer = byte_level_tokenizer()
     tokenizer.chat_template = template
@@ -225,7 +225,7 @@ def test_chat_needs_a_template_and_system_needs_chat(env):
 
 def test_a_template_that_refuses_the_messages_is_a_user_error():
     from facli.errors import FacliError
-    from facli.tokenizer import chat_prompt_ids
+    from facli.models.tokenizer import chat_prompt_ids
 
     tokenizer = _chat_tokenizer(NO_SYSTEM_TEMPLATE)
     assert chat_prompt_ids(tokenizer, "hi") == tokenizer.encode("<user>hi</user><assistant>",
@@ -258,7 +258,7 @@ def test_stop_strings_end_the_text_before_them_on_one_rank_and_on_two(env):
 @pytest.mark.slow
 def test_an_end_of_turn_id_from_generation_config_ends_generation(env, tmp_path):
     build_checkpoint(tmp_path, "llama")
-    from facli.demo import byte_level_tokenizer
+    from facli.models.demo import byte_level_tokenizer
 
     byte_level_tokenizer().save_pretrained(str(tmp_path))
     (tmp_path / "generation_config.json").unlink(missing_ok=True)

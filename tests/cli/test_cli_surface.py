@@ -5,6 +5,8 @@ import inspect
 import json
 import re
 import shlex
+import subprocess
+import sys
 from importlib.metadata import version
 from pathlib import Path
 
@@ -13,10 +15,10 @@ import typer
 from typer.testing import CliRunner
 
 from facli.cli import app
+from facli.models.recipe_loader import load_model_recipe
+from facli.models.resolve import check_context
 from facli.planner.hardware import load_hardware
 from facli.planner.search import PlanOptions, plan
-from facli.recipe_loader import load_model_recipe
-from facli.resolve import check_context
 from facli.run_options import KV_DTYPES
 from facli.units import parse_ctx
 
@@ -92,6 +94,27 @@ def test_version_is_the_installed_packages():
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0
     assert result.stdout == f"facli {version('facli')}\n"
+
+
+# Shows facli's help and every command's, then names the heavy packages that got imported.
+HELP_IMPORTS = """
+import sys
+from typer.testing import CliRunner
+from facli.cli import app
+for args in ([], *([name] for name in sys.argv[1:])):
+    assert CliRunner().invoke(app, [*args, "--help"]).exit_code == 0, args
+heavy = ("torch", "transformers", "safetensors", "triton", "numpy")
+print(",".join(name for name in heavy if name in sys.modules) or "none")
+"""
+
+
+@pytest.mark.slow
+def test_help_starts_without_torch():
+    """Help imports no torch or transformers: each command imports its work when it runs."""
+    result = subprocess.run([sys.executable, "-P", "-c", HELP_IMPORTS, *COMMANDS],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "none"
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from cli_errors import error_line, invoke
-from facli import demo
+from facli.models import demo
 
 GENERATE = ["generate", "--prompt", "Hello", "--device", "cpu", "--max-new-tokens", "4",
             "--json"]

@@ -10,9 +10,9 @@ import transformers
 
 from checkpoints import BASE, build_checkpoint
 from cli_errors import error_line, invoke
-from facli.config import ModelConfig
-from facli.demo import byte_level_tokenizer
 from facli.errors import FacliError
+from facli.models.config import ModelConfig
+from facli.models.demo import byte_level_tokenizer
 
 CONFIG = {"model_type": "llama", **BASE, "head_dim": 16, "rope_theta": 10000.0,
           "tie_word_embeddings": False, "torch_dtype": "float32"}

@@ -11,7 +11,7 @@ import pytest
 
 from checkpoints import build_checkpoint
 from cli_errors import error_line, invoke
-from facli.demo import byte_level_tokenizer
+from facli.models.demo import byte_level_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ import torch
 from cli_errors import error_line, invoke
 from facli.errors import FacliError
 from facli.planner.search import PlanOptions
+from facli.run.sampling import Sampler, SamplingParams
 from facli.run_options import RunOptions
-from facli.sampling import Sampler, SamplingParams
 from facli.units import MAX_CTX, parse_batch, parse_ctx
 
 GENERATE = ["generate", "--prompt", "hello", "--device", "cpu", "--max-new-tokens", "2"]

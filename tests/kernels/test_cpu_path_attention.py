@@ -5,14 +5,14 @@ import pytest
 import torch
 
 from checkpoints import build_checkpoint
-from facli.checkpoint import CheckpointReader
-from facli.config import ModelConfig
-from facli.engine import Engine
 from facli.kernels import decode_attention, prefill_attention, reference
 from facli.kernels.reference import attention_with_lse
-from facli.model import CausalLM
+from facli.models.checkpoint import CheckpointReader
+from facli.models.config import ModelConfig
+from facli.models.llama import CausalLM
 from facli.offload.device_cache import DeviceKVCache
-from facli.sampling import Sampler, SamplingParams
+from facli.run.engine import Engine
+from facli.run.sampling import Sampler, SamplingParams
 from kernel_checks import assert_within_torch_error, oracle, sdpa_same_dtype
 
 

@@ -237,7 +237,7 @@ def test_the_time_models_wave_fill_is_the_kernels(monkeypatch, capability, fp8, 
 
     from facli.planner.hardware import load_hardware
     from facli.planner.time_model import Layout, decode_wave_fill
-    from facli.recipe_loader import load_model_recipe
+    from facli.models.recipe_loader import load_model_recipe
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(decode_module, "num_sms", lambda device: 132)

@@ -10,10 +10,10 @@ import torch
 from checkpoints import load_llama
 from conftest import requires_cuda
 
-from facli.engine import Engine
 from facli.offload.device_cache import DeviceKVCache
 from facli.offload.kv_store import OffloadedKVStore
-from facli.sampling import Sampler, SamplingParams
+from facli.run.engine import Engine
+from facli.run.sampling import Sampler, SamplingParams
 
 CAPACITY, PROMPT, CHUNK, NEW = 160, 61, 16, 16
 

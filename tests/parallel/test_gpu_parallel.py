@@ -104,8 +104,8 @@ def test_copy_engine_sums_match_nccl():
 
 def _small_model(parallel, dtype, seed: int, tokens: int):
     """A 2-layer GQA model with random weights on this rank's GPU, and a prompt of `tokens` ids."""
-    from facli.config import ModelConfig
-    from facli.model import CausalLM
+    from facli.models.config import ModelConfig
+    from facli.models.llama import CausalLM
 
     config = ModelConfig(model_type="llama", vocab_size=1024, hidden_size=1024, intermediate_size=2816,
                          num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,

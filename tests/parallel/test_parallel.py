@@ -3,18 +3,18 @@
 import pytest
 import torch
 
-from facli.checkpoint import CheckpointReader
-from facli.config import ModelConfig
-from facli.batching import BatchedEngine, RowRequest
-from facli.engine import Engine
 from facli.errors import FacliError
-from facli.model import CausalLM
+from facli.models.checkpoint import CheckpointReader
+from facli.models.config import ModelConfig
+from facli.models.llama import CausalLM
 from facli.offload.device_cache import DeviceKVCache
 from facli.parallel import comm
 from facli.parallel.context import ParallelContext, TensorParallelSettings
-from facli.parallel.launch import current_context, launch
 from facli.parallel.degrees import check_tensor_parallel, valid_degrees
-from facli.sampling import Sampler, SamplingParams
+from facli.parallel.launch import current_context, launch
+from facli.run.batching import BatchedEngine, RowRequest
+from facli.run.engine import Engine
+from facli.run.sampling import Sampler, SamplingParams
 
 MODELS = {
     # 8 query heads over 4 KV heads: 4 ranks hold one KV head and two query heads each.
@@ -49,7 +49,7 @@ def checkpoints(tmp_path_factory):
 
 def _run_model(parallel: ParallelContext, directory, settings):
     """Chunked prefill logits [T, V] of a fixed prompt, greedy tokens through the engine, and
-    greedy tokens of several prompts decoded together in rows (facli.batching)."""
+    greedy tokens of several prompts decoded together in rows (facli.run.batching)."""
     config = ModelConfig.from_dir(directory)
     parallel = parallel.with_settings(settings)
     model = CausalLM(config, dtype=torch.float32, device="cpu", parallel=parallel)

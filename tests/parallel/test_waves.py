@@ -4,9 +4,9 @@ in-memory stand-in for the copy-engine exchange, against the one-process model's
 import pytest
 import torch
 
-from facli.checkpoint import CheckpointReader
-from facli.config import ModelConfig
-from facli.model import CausalLM
+from facli.models.checkpoint import CheckpointReader
+from facli.models.config import ModelConfig
+from facli.models.llama import CausalLM
 from facli.offload.device_cache import DeviceKVCache
 from facli.parallel import waves
 from facli.parallel.context import ParallelContext, TensorParallelSettings

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from facli.errors import FacliError
+from facli.models.recipe_loader import list_hardware_recipes
 from facli.planner.hardware import (
     DEFAULT_MARGIN_FRACTION,
     MIB,
@@ -16,7 +17,6 @@ from facli.planner.hardware import (
     load_hardware,
     resolve_margin,
 )
-from facli.recipe_loader import list_hardware_recipes
 from facli.units import GIB
 
 
@@ -135,7 +135,7 @@ def test_a_cpu_run_detects_no_gpu_and_never_touches_cuda(monkeypatch):
     may fail where a CPU run needs none of it)."""
     import torch
 
-    from facli.placement import hardware_for
+    from facli.run.placement import hardware_for
     from facli.summarize.planning import summarize_hardware
 
     def refuse(*args, **kwargs):

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from facli.cli import app
-from facli.recipe_loader import list_hardware_recipes, list_model_recipes
+from facli.models.recipe_loader import list_hardware_recipes, list_model_recipes
 
 # stdout and stderr apart: the default from click 8.2 on, an argument before it.
 runner = CliRunner(**({"mix_stderr": False}
@@ -100,7 +100,7 @@ def test_model_directory(tmp_path):
 
 
 def test_demo_model_on_this_machine():
-    demo = pytest.importorskip("facli.demo")
+    demo = pytest.importorskip("facli.models.demo")
     result = run("plan-memory", "--ctx", "4k", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout.splitlines()[-1])["model"] == "random-demo"
@@ -180,7 +180,7 @@ def test_batch_auto_plans_the_most_rows_that_stay_on_the_gpus():
 
 
 def test_a_context_a_run_would_refuse_is_planned_with_a_warning():
-    """plan-memory warns exactly where generate refuses (facli.resolve.check_context): past
+    """plan-memory warns exactly where generate refuses (facli.models.resolve.check_context): past
     llama-7b's 2048 trained positions without --allow-ctx-extension; the plan still prints."""
     warning = ("facli: warning: generate and summarize would stop here: expected --ctx at most the "
                "model's max_position_embeddings (2048), got 2049; pass --allow-ctx-extension")

@@ -286,7 +286,7 @@ def test_a_plan_is_quick():
 def test_odd_heads_and_a_single_layer():
     gpu = GpuSpec("tiny", 4 * GIB, 0, 10.0, 100.0, (8, 0))
     hw = HardwareSpec("tiny", (gpu,) * 3, 8 * GIB, 10.0, 20.0, 5.0, 0.5, 50.0, 10.0, 0)
-    from facli.config import ModelConfig
+    from facli.models.config import ModelConfig
 
     config = ModelConfig.from_dict({
         "model_type": "llama", "vocab_size": 1001, "hidden_size": 192, "intermediate_size": 517,
@@ -301,7 +301,7 @@ def test_gpu_ranks_tile_prefill_for_the_copy_engines_and_budget_their_inboxes():
     import inspect
 
     from facli.parallel import copy_engine
-    from facli.placement import tensor_parallel_settings
+    from facli.run.placement import tensor_parallel_settings
     from facli.planner.policy import COPY_ENGINE_INBOXES, COPY_ENGINE_TILE_TOKENS
 
     assert inspect.signature(copy_engine.exchange_for).parameters["inboxes"].default == COPY_ENGINE_INBOXES
@@ -329,7 +329,7 @@ def test_gpu_ranks_tile_prefill_for_the_copy_engines_and_budget_their_inboxes():
 
 def test_more_than_two_gpu_ranks_prefill_in_two_waves_where_the_cache_is_on_the_gpus():
     from facli.planner.policy import WAVES_TILE_TOKENS
-    from facli.placement import tensor_parallel_settings
+    from facli.run.placement import tensor_parallel_settings
 
     config, eight = model("llama-7b"), load_hardware("8xH200-141GB")
     waves = plan(config, eight, 32768, 1, options(devices=4, prefill_chunk=32768))

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from facli.config import ModelConfig
+from facli.models.config import ModelConfig
+from facli.models.recipe_loader import load_model_recipe
 from facli.offload.device_cache import DeviceKVCache
 from facli.planner.memory import (
     activation_breakdown,
@@ -11,7 +12,6 @@ from facli.planner.memory import (
     device_memory,
     weight_bytes,
 )
-from facli.recipe_loader import load_model_recipe
 
 TINY = ModelConfig.from_dict({
     "model_type": "llama", "vocab_size": 257, "hidden_size": 64, "intermediate_size": 96,
@@ -70,7 +70,7 @@ def test_activation_terms_are_named_and_linear_in_the_chunk():
 
 
 def test_a_batch_is_prefilled_one_sequence_at_a_time():
-    """Rows of a batch are prefilled one after another (facli.batching): the peak activations
+    """Rows of a batch are prefilled one after another (facli.run.batching): the peak activations
     are one sequence's chunk, while the KV cache holds every row."""
     config = load_model_recipe("llama-7b").config
     shape = dict(ctx=4096, tp=1, gpu_layers=32, host_layers=0, chunk=2048, weight_dtype_bytes=2,

@@ -4,10 +4,10 @@ import json
 
 import pytest
 
+from facli.models.recipe_loader import load_model_recipe
 from facli.planner.hardware import load_hardware
 from facli.planner.plan import SCHEMA_VERSION, Plan
 from facli.planner.search import PlanOptions, plan
-from facli.recipe_loader import load_model_recipe
 
 TOP = {"schema_version": int, "model": str, "hardware": str, "ctx": int, "batch": int,
        "weight_dtype": str, "kv_dtype": str, "tp": int, "device_kind": str, "devices": list,

@@ -6,9 +6,9 @@ from importlib import resources
 
 import pytest
 
-from facli.config import ModelConfig
 from facli.errors import FacliError
-from facli.recipe_loader import (
+from facli.models.config import ModelConfig
+from facli.models.recipe_loader import (
     list_hardware_recipes,
     list_model_recipes,
     load_model_recipe,

@@ -5,6 +5,7 @@ from dataclasses import replace
 
 import pytest
 
+from facli.models.recipe_loader import load_model_recipe
 from facli.planner.hardware import load_hardware
 from facli.planner.search import PlanOptions, plan, predict_prompt
 from facli.planner.time_model import (
@@ -17,7 +18,6 @@ from facli.planner.time_model import (
     prefill_breakdown,
     split_cpu_share,
 )
-from facli.recipe_loader import load_model_recipe
 
 
 def model(name):
@@ -152,7 +152,7 @@ def test_each_prompt_gets_its_fastest_host_decode_mode(prompt):
 def test_the_runtime_sets_each_prompts_mode_on_its_kv_store():
     from types import SimpleNamespace
 
-    from facli.runtime import Runtime
+    from facli.run.runtime import Runtime
 
     spec, config = load_hardware("1xH200-141GB"), model("llama-7b")
     result = plan(config, spec, 256 * 1024, 1, options())

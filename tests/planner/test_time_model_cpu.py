@@ -13,8 +13,8 @@ import pytest
 from typer.testing import CliRunner
 
 from facli.cli import app
-from facli.config import ModelConfig
-from facli.demo import DEMO_CONFIG, demo_config
+from facli.models.config import ModelConfig
+from facli.models.demo import DEMO_CONFIG, demo_config
 from facli.planner import cpu_time, hardware
 from facli.planner.cpu_time import CPU_CONSTANTS, cpu_step_seconds
 from facli.planner.hardware import CpuSpec, HardwareSpec, detect_cpu, load_hardware

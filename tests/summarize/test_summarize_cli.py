@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from facli.errors import FacliError
-from facli.sampling import SamplingParams
+from facli.run.sampling import SamplingParams
 from facli.summarize.manifest import manifest_path
 from facli.summarize.run import run_summarize
 from facli.summarize.strategies import Strategy
@@ -194,7 +194,7 @@ def test_rows_the_runtime_cannot_keep_on_the_device_fall_back_to_one(tmp_path, m
                                                                      numbered_reference, capfd):
     """The runtime ranks placements its own way: should its plan for the chosen rows keep part
     of the cache off the device, the group runs one document at a time instead."""
-    import facli.runtime as runtime_module
+    import facli.run.runtime as runtime_module
 
     real = runtime_module.build_kv_store
 
@@ -321,7 +321,7 @@ def test_rows_that_cannot_stay_on_the_gpus_are_refused_in_one_line():
     from facli.offload.build import build_kv_store
     from facli.planner.hardware import load_hardware
     from facli.planner.search import PlanOptions, plan
-    from facli.recipe_loader import load_model_recipe
+    from facli.models.recipe_loader import load_model_recipe
 
     config = load_model_recipe("llama-7b").config
     h200 = load_hardware("1xH200-141GB")

@@ -4,12 +4,12 @@ and every text that shows it says so instead of failing on None or printing 0.0.
 
 import pytest
 
-from facli.batching import BatchStats, RowRequest
-from facli.engine import Timings
-from facli.resolve import resolve_model
+from facli.models.resolve import resolve_model
+from facli.run.batching import BatchStats, RowRequest
+from facli.run.engine import Timings
+from facli.run.runtime import load_runtime
+from facli.run.sampling import SamplingParams
 from facli.run_options import RunOptions
-from facli.runtime import load_runtime
-from facli.sampling import SamplingParams
 from facli.summarize.job import JobSummary
 
 

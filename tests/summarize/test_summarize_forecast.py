@@ -10,11 +10,12 @@ import torch
 from typer.testing import CliRunner
 
 from facli.cli import app
+from facli.models.recipe_loader import load_model_recipe
+from facli.models.resolve import resolve_model
+from facli.models.tokenizer import load_tokenizer
 from facli.planner import cpu_time, hardware
 from facli.planner.hardware import CpuSpec, load_hardware
 from facli.planner.search import predict_prompt
-from facli.recipe_loader import load_model_recipe
-from facli.resolve import resolve_model
 from facli.summarize.forecast import (
     GROUP_WARMUP_S,
     GroupForecast,
@@ -29,7 +30,6 @@ from facli.summarize.prompting import make_prompts
 from facli.summarize.row_groups import RowGroup
 from facli.summarize.run import run_summarize
 from facli.summarize.strategies import Budget, Strategy
-from facli.tokenizer import load_tokenizer
 from facli.units import format_seconds
 from summarize_cases import CTX, NEW, mixed_folder, numbered_folder, request
 
@@ -163,7 +163,7 @@ def llama_7b_shape(directory):
     import transformers
     from safetensors.torch import save_file
 
-    from facli.demo import byte_level_tokenizer
+    from facli.models.demo import byte_level_tokenizer
 
     transformers.LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
                              num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,

@@ -149,7 +149,7 @@ def test_rows_advance_with_every_decode_step_before_any_document_ends(tmp_path):
 def _rows_in_lockstep(runtime):
     """generate_rows of rows that all run to their token budget together: a prefill event per
     prompt, then one decode event of every row per step, then every row ends."""
-    from facli.batching import BatchStats
+    from facli.run.batching import BatchStats
 
     def generate_rows(next_request, on_done, *, sampling, on_progress):
         requests = []

@@ -112,7 +112,7 @@ def test_starts_that_fail_leave_no_side_files(tmp_path):
                                  str(template)], cwd=tmp_path))
     assert "{document} exactly once" in line
     broken = tmp_path / "broken-model"
-    from facli.resolve import resolve_model
+    from facli.models.resolve import resolve_model
 
     shutil.copytree(resolve_model(None).path, broken)
     weights = broken / "model.safetensors"

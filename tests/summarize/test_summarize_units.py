@@ -7,8 +7,8 @@ import json
 import pytest
 
 from facli.errors import FacliError
-from facli.runtime import GenerationResult
-from facli.sampling import SamplingParams
+from facli.run.runtime import GenerationResult
+from facli.run.sampling import SamplingParams
 from facli.summarize import manifest as manifests
 from facli.summarize.documents import discover, read_documents
 from facli.summarize.faults import Attempt, OomGuard, attempts

@@ -6,16 +6,16 @@ from pathlib import Path
 
 import torch
 
-from facli.cache import cache_dir
-from facli.config import ModelConfig
-from facli.default_model import RANDOM_DEMO, default_gguf, default_model_name
-from facli.demo import byte_level_tokenizer, ensure_demo_checkpoint
 from facli.errors import FacliError
-from facli.gguf_checkpoint import converted_checkpoint, gguf_file_in
 from facli.kernels.common import triton_module
+from facli.models.cache import cache_dir
+from facli.models.config import ModelConfig
+from facli.models.default_model import RANDOM_DEMO, default_gguf, default_model_name
+from facli.models.demo import byte_level_tokenizer, ensure_demo_checkpoint
+from facli.models.gguf_checkpoint import converted_checkpoint, gguf_file_in
+from facli.models.recipe_loader import load_model_recipe, resolve_weights_dir
+from facli.models.tokenizer import load_tokenizer
 from facli.parallel.context import SINGLE_PROCESS, ParallelContext
-from facli.recipe_loader import load_model_recipe, resolve_weights_dir
-from facli.tokenizer import load_tokenizer
 from facli.units import MAX_CTX, format_ctx
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -40,7 +40,8 @@ class ResolvedModel:
 
 def resolve_model(model: str | None) -> ResolvedModel:
     """`--model`: a checkpoint directory, a .gguf file (or a folder holding one), a recipe name,
-    or `random-demo`; None means $FACLI_MODEL, else the trained default (facli.default_model)."""
+    or `random-demo`; None means $FACLI_MODEL, else the trained default
+    (facli.models.default_model)."""
     model = model or default_model_name()
     if model is None:
         return _converted(default_gguf())

@@ -14,10 +14,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from facli.cache import cache_dir, cache_setting, staging_dir
-from facli.checkpoint import check_safetensors_header
-from facli.config import ModelConfig
 from facli.errors import FacliError
+from facli.models.cache import cache_dir, cache_setting, staging_dir
+from facli.models.checkpoint import check_safetensors_header
+from facli.models.config import ModelConfig
 
 DEMO_NAME = "demo-llama-v2"
 DEMO_SEED = 20261121

@@ -1,4 +1,4 @@
-"""Prompts decoded together in the rows of one KV cache (facli.batching) against the same
+"""Prompts decoded together in the rows of one KV cache (facli.run.batching) against the same
 prompts run one at a time: the same tokens, greedy and sampled, whatever the row a prompt
 lands in, the order rows free up, or how many rows there are."""
 
@@ -7,14 +7,14 @@ import torch
 from checkpoints import load_llama
 
 from conftest import requires_cuda
-from facli.batching import BatchedEngine, RowRequest
-from facli.config import ModelConfig
-from facli.engine import Engine
 from facli.errors import FacliError
+from facli.models.config import ModelConfig
+from facli.models.rope import RotaryEmbedding
 from facli.offload.device_cache import DeviceKVCache
 from facli.offload.kv_store import OffloadedKVStore
-from facli.rope import RotaryEmbedding
-from facli.sampling import Sampler, SamplingParams
+from facli.run.batching import BatchedEngine, RowRequest
+from facli.run.engine import Engine
+from facli.run.sampling import Sampler, SamplingParams
 
 CAPACITY = 48
 PROMPT_LENGTHS = (5, 17, 9, 30, 3, 12, 21, 44)

@@ -7,14 +7,19 @@ import torch
 
 import gguf
 from gguf_files import write_tiny_gguf
-from facli.checkpoint import CheckpointReader
-from facli.config import ModelConfig
-from facli.engine import Engine
 from facli.errors import FacliError
-from facli.gguf_checkpoint import CONVERTED, converted_checkpoint, gguf_file_in, inspect_gguf
-from facli.model import CausalLM
+from facli.models.checkpoint import CheckpointReader
+from facli.models.config import ModelConfig
+from facli.models.gguf_checkpoint import (
+    CONVERTED,
+    converted_checkpoint,
+    gguf_file_in,
+    inspect_gguf,
+)
+from facli.models.llama import CausalLM
+from facli.models.tokenizer import load_tokenizer
 from facli.offload.device_cache import DeviceKVCache
-from facli.tokenizer import load_tokenizer
+from facli.run.engine import Engine
 
 
 @pytest.fixture(scope="module")

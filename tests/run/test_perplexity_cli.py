@@ -20,7 +20,7 @@ TEXT = "The tide came in over the flats, and the birds rose together. " * 6
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from facli.demo import byte_level_tokenizer
+    from facli.models.demo import byte_level_tokenizer
 
     directory = tmp_path_factory.mktemp("ppl-cli")
     reference = build_checkpoint(directory, "llama", num_key_value_heads=2)

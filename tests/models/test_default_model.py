@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from cli_errors import error_line, invoke
-from facli import default_model
+from facli.models import default_model
 
 FACLI = str(Path(sys.executable).with_name("facli"))
 QUESTION = "What is the capital of France?"

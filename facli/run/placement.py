@@ -6,7 +6,8 @@ import dataclasses
 
 import torch
 
-from facli.config import ModelConfig
+from facli.models.config import ModelConfig
+from facli.models.resolve import DTYPES
 from facli.parallel.context import TensorParallelSettings
 from facli.planner.hardware import HardwareSpec, hardware_from_option
 from facli.planner.plan import Plan
@@ -17,7 +18,6 @@ from facli.planner.policy import (
     uses_offloaded_store,
 )
 from facli.planner.search import PlanOptions, plan
-from facli.resolve import DTYPES
 from facli.run_options import RunOptions
 
 

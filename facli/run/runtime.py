@@ -10,33 +10,33 @@ from dataclasses import dataclass
 
 import torch
 
-from facli.checkpoint import CheckpointReader
-from facli.batching import BatchedEngine, BatchStats, RowRequest
-from facli.engine import Engine, TokenRun
-from facli.model import CausalLM
-from facli.offload.build import build_kv_store
-from facli.planner.hardware import HardwareSpec
-from facli.planner.plan import Plan
-from facli.planner.search import largest_resident_batch, predict_prompt
-from facli.parallel.comm import broadcast_tokens
-from facli.parallel.context import SINGLE_PROCESS, ParallelContext
-from facli.placement import (
-    hardware_for,
-    plan_options,
-    plan_run,
-    tensor_parallel_settings,
-    weight_dtype,
-)
-from facli.resolve import (
+from facli.models.checkpoint import CheckpointReader
+from facli.models.llama import CausalLM
+from facli.models.resolve import (
     ResolvedModel,
     check_context,
     resolve_device,
     resolve_model,
     tokenizer_for,
 )
+from facli.models.tokenizer import StopText, TextStream
+from facli.offload.build import build_kv_store
+from facli.parallel.comm import broadcast_tokens
+from facli.parallel.context import SINGLE_PROCESS, ParallelContext
+from facli.planner.hardware import HardwareSpec
+from facli.planner.plan import Plan
+from facli.planner.search import largest_resident_batch, predict_prompt
+from facli.run.batching import BatchedEngine, BatchStats, RowRequest
+from facli.run.engine import Engine, TokenRun
+from facli.run.placement import (
+    hardware_for,
+    plan_options,
+    plan_run,
+    tensor_parallel_settings,
+    weight_dtype,
+)
+from facli.run.sampling import Sampler, SamplingParams
 from facli.run_options import RunOptions
-from facli.sampling import Sampler, SamplingParams
-from facli.tokenizer import StopText, TextStream
 
 
 @dataclass
@@ -57,7 +57,7 @@ class GenerationResult:
 class Runtime:
     """A loaded model, its tokenizer, its KV store and the engine that runs them, per a Plan.
 
-    The caller has checked the run and planned it (facli.placement.plan_run): the runtime
+    The caller has checked the run and planned it (facli.run.placement.plan_run): the runtime
     executes `plan`, made on `hardware` (the spec detected before anything was loaded;
     tensor-parallel ranks get their parent's, so no rank touches another's GPU). Re-plans for
     another shape or decode mode go through plan_run with `options`.
@@ -139,7 +139,7 @@ class Runtime:
     def reshape(self, *, ctx: int | None = None, rows: int | None = None) -> None:
         """Re-plan for `rows` prompts of `ctx` tokens at once (None: as now) and rebuild the KV
         store; weights stay. Nothing happens when both are as now. The caller has checked that
-        the model serves `ctx` (facli.resolve.check_context)."""
+        the model serves `ctx` (facli.models.resolve.check_context)."""
         ctx, rows = ctx or self.ctx, rows or self.rows
         if (ctx, rows) != (self.ctx, self.rows):
             self._replan(ctx, rows)
@@ -159,9 +159,9 @@ class Runtime:
                  ignore_eos: bool = False, stop: tuple[str, ...] = (),
                  prediction=None) -> GenerationResult:
         """A prompt the caller has checked: non-empty and shorter than the context
-        (facli.resolve.check_prompt_fits). ignore_eos: decode all max_new_tokens even past an
-        EOS token (benchmarks). stop: end at the first of these strings; the text ends before it
-        (its tokens stay in token_ids). prediction: the time model's for this prompt on this
+        (facli.models.resolve.check_prompt_fits). ignore_eos: decode all max_new_tokens even past
+        an EOS token (benchmarks). stop: end at the first of these strings; the text ends before
+        it (its tokens stay in token_ids). prediction: the time model's for this prompt on this
         plan (predict_prompt), where the caller has it."""
         if prefill_chunk is not None:
             self.reconfigure(prefill_chunk=prefill_chunk)

@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from facli.errors import FacliError
-from facli.json_fields import read_json_object, shown
+from facli.models.json_fields import read_json_object, shown
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from facli.config import ModelConfig
-from facli.default_model import RANDOM_DEMO, default_gguf, default_model_name
 from facli.errors import FacliError
-from facli.gguf_checkpoint import gguf_file_in, gguf_model_config
+from facli.models.config import ModelConfig
+from facli.models.default_model import RANDOM_DEMO, default_gguf, default_model_name
+from facli.models.gguf_checkpoint import gguf_file_in, gguf_model_config
 
 _PACKAGE = "facli.recipes"
 _KINDS = ("models", "hardware")
@@ -134,7 +134,8 @@ def resolve_model_config(model: str | None) -> tuple[str, ModelConfig]:
         gguf = default_gguf()
         return gguf.stem, gguf_model_config(gguf)
     if model == RANDOM_DEMO:
-        from facli import demo  # here: it imports torch, which the planner's modules load without
+        # Imported here: demo imports torch, which the planner's modules load without.
+        from facli.models import demo
 
         return RANDOM_DEMO, demo.demo_config()
     path = Path(model).expanduser()

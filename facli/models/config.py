@@ -4,7 +4,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from facli.errors import FacliError
-from facli.json_fields import Fields, read_json_object, shown
+from facli.models.json_fields import Fields, read_json_object, shown
 from facli.summarize.files import kind_of
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")

@@ -19,14 +19,14 @@ from transformers.generation.logits_process import (
 
 from cli_errors import error_line, invoke
 from conftest import requires_cuda
-from facli.batching import BatchedEngine, RowRequest
-from facli.checkpoint import CheckpointReader
-from facli.config import ModelConfig
-from facli.engine import Engine
 from facli.errors import FacliError
-from facli.model import CausalLM
+from facli.models.checkpoint import CheckpointReader
+from facli.models.config import ModelConfig
+from facli.models.llama import CausalLM
 from facli.offload.device_cache import DeviceKVCache
-from facli.sampling import Sampler, SamplingParams, TokenHistory
+from facli.run.batching import BatchedEngine, RowRequest
+from facli.run.engine import Engine
+from facli.run.sampling import Sampler, SamplingParams, TokenHistory
 
 CPU = torch.device("cpu")
 
@@ -309,7 +309,7 @@ def test_cli_generate_equals_transformers_with_both_controls():
     of transformers' generate on the same checkpoint with the same settings."""
     import transformers
 
-    from facli.resolve import resolve_model, tokenizer_for
+    from facli.models.resolve import resolve_model, tokenizer_for
 
     text = "abab abab abab cdcd"
     args = ["generate", "--prompt", text, "--max-new-tokens", "24", "--device", "cpu", "--json",

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from checkpoints import build_checkpoint
-from facli.checkpoint import CheckpointReader
-from facli.config import ModelConfig
-from facli.engine import Engine
-from facli.model import CausalLM
+from facli.models.checkpoint import CheckpointReader
+from facli.models.config import ModelConfig
+from facli.models.llama import CausalLM
 from facli.offload.device_cache import DeviceKVCache
-from facli.sampling import Sampler, SamplingParams
+from facli.run.engine import Engine
+from facli.run.sampling import Sampler, SamplingParams
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                   "high_freq_factor": 4.0, "original_max_position_embeddings": 128}

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from facli.config import ModelConfig, RopeScaling
+from facli.models.config import ModelConfig, RopeScaling
 
 
 def inverse_frequencies(config: ModelConfig) -> torch.Tensor:

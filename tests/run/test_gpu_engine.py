@@ -5,12 +5,12 @@ import torch
 
 from checkpoints import build_checkpoint
 from conftest import requires_cuda
-from facli.checkpoint import CheckpointReader
-from facli.config import ModelConfig
-from facli.engine import Engine
-from facli.model import CausalLM
+from facli.models.checkpoint import CheckpointReader
+from facli.models.config import ModelConfig
+from facli.models.llama import CausalLM
 from facli.offload.device_cache import DeviceKVCache
-from facli.sampling import Sampler, SamplingParams
+from facli.run.engine import Engine
+from facli.run.sampling import Sampler, SamplingParams
 
 pytestmark = requires_cuda
 

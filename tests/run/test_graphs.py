@@ -1,5 +1,5 @@
 """How a decode step is cut into captured segments and eager attentions of host layers
-(facli.graphs), on the CPU.
+(facli.run.graphs), on the CPU.
 
 CUDA graphs themselves are checked on a GPU (tests/offload/test_kv_store_model.py); here the segments
 a graphed step replays are executed directly, with tensor positions in the graph layers and int
@@ -10,12 +10,12 @@ import pytest
 import torch
 from checkpoints import build_checkpoint
 
-from facli.checkpoint import CheckpointReader
-from facli.config import ModelConfig
-from facli.graphs import GraphedDecodeStep, plan_segments
-from facli.model import CausalLM
+from facli.models.checkpoint import CheckpointReader
+from facli.models.config import ModelConfig
+from facli.models.llama import CausalLM
 from facli.offload.device_cache import DeviceKVCache
 from facli.offload.kv_store import OffloadedKVStore
+from facli.run.graphs import GraphedDecodeStep, plan_segments
 
 CAPACITY, PROMPT, STEPS = 64, 23, 4
 

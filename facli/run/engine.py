@@ -5,10 +5,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from facli.graphs import GraphedDecodeStep
-from facli.model import CausalLM
+from facli.models.llama import CausalLM
 from facli.offload.store import KVStore
-from facli.sampling import Sampler, TokenHistory
+from facli.run.graphs import GraphedDecodeStep
+from facli.run.sampling import Sampler, TokenHistory
 
 
 @dataclass
@@ -58,7 +58,7 @@ def _sync(device: torch.device) -> None:
 
 class Engine:
     """Runs a CausalLM over a KVStore, one prompt at a time; shapes keep the batch axis, and
-    decode_step steps every sequence of the store (facli.batching runs prompts in rows)."""
+    decode_step steps every sequence of the store (facli.run.batching runs prompts in rows)."""
 
     def __init__(self, model: CausalLM, kv: KVStore, *, prefill_chunk: int,
                  token_sync=None, use_graphs: bool = True):

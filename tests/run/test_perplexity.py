@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from checkpoints import build_checkpoint
-from facli.checkpoint import CheckpointReader
-from facli.config import ModelConfig
-from facli.model import CausalLM
+from facli.models.checkpoint import CheckpointReader
+from facli.models.config import ModelConfig
+from facli.models.llama import CausalLM
 from facli.offload.device_cache import DeviceKVCache
 from facli.perplexity import perplexity, sliding_windows
 from perplexity_cases import reference_nll

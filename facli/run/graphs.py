@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from facli.model import CausalLM
+from facli.models.llama import CausalLM
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Text cut at stop strings as pieces of generated text arrive."""
 
-from facli.tokenizer import StopText
+from facli.models.tokenizer import StopText
 
 
 def run(stops, pieces):

@@ -8,12 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from facli.checkpoint import CheckpointReader
 from facli.kernels import elementwise
-from facli.config import ModelConfig
+from facli.models.checkpoint import CheckpointReader
+from facli.models.config import ModelConfig
+from facli.models.rope import RotaryEmbedding
 from facli.offload.store import KVStore
 from facli.parallel import overlap, waves
 from facli.parallel.context import ParallelContext
+from facli.parallel.degrees import check_tensor_parallel
 from facli.parallel.layers import (
     MergedColumnParallelLinear,
     ParallelLMHead,
@@ -21,8 +23,6 @@ from facli.parallel.layers import (
     VocabParallelEmbedding,
     packs_on_cpu,
 )
-from facli.parallel.degrees import check_tensor_parallel
-from facli.rope import RotaryEmbedding
 
 
 class RMSNorm(nn.Module):

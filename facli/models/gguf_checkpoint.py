@@ -14,9 +14,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from facli.cache import staging_dir
-from facli.config import SUPPORTED_MODEL_TYPES, ModelConfig
 from facli.errors import FacliError
+from facli.models.cache import staging_dir
+from facli.models.config import SUPPORTED_MODEL_TYPES, ModelConfig
 
 GGUF_MAGIC = b"GGUF"
 CONVERTED = "facli-gguf.json"  # written last into a converted folder: its source and digest

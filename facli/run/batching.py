@@ -12,10 +12,10 @@ from typing import Callable
 
 import torch
 
-from facli.engine import Engine, TokenRun, prefill
-from facli.model import CausalLM
+from facli.models.llama import CausalLM
 from facli.offload.device_cache import DeviceKVCache
-from facli.sampling import Sampler, SamplingParams, TokenHistory
+from facli.run.engine import Engine, TokenRun, prefill
+from facli.run.sampling import Sampler, SamplingParams, TokenHistory
 
 
 @dataclass
