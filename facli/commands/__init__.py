@@ -1,4 +1,4 @@
-"""The Typer commands, one module each: options in, one call into the work, the result out.
+"""The Typer commands, one module each and thin: options in, the result out, the work elsewhere.
 
 A command module imports at its top only what its signature and its argument checks need, and
 the work (the modules that bring torch and transformers) inside the command, so that
