@@ -46,11 +46,12 @@ share unpacks the store until the next reset; its rows are all in host memory by
 
 gpu_prefix_tokens > 0 keeps a host layer's first positions on the GPU: they are copied
 device-to-device into a slot (never over PCIe) when staging, and are the GPU's concurrent share
-in "cpu" mode. fp8 GPU rows are read as e4m3 with their scales by the attention kernels, in one
-pass over every visible row, on GPUs that convert e4m3 (READS_FP8_FROM); elsewhere (older GPUs,
-the CPU) they are dequantized FP8_TILE rows at a time and the tiles merged by LSE, so no bf16
-copy of a whole layer is made. Host fp8 rows cross PCIe as fp8 and are dequantized on the GPU
-into the slot (through a ring of 8192 rows).
+in "cpu" mode. A decode step reads fp8 GPU rows as e4m3 with their scales, in the decode kernel,
+on GPUs that convert e4m3 (READS_FP8_FROM). Prefill (and decode elsewhere: older GPUs, the CPU)
+dequantizes them FP8_TILE rows at a time and merges the tiles by LSE, so no bf16 copy of a whole
+layer is made: on an H100 the bf16 prefill kernel over dequantized tiles runs about twice as fast
+as the Triton kernel reading e4m3 (`benchmarks/attention.py --fp8`). Host fp8 rows cross PCIe as
+fp8 and are dequantized on the GPU into the slot (through a ring of 8192 rows).
 """
 
 import copy
@@ -267,7 +268,7 @@ class OffloadedKVStore(CooperativeDecode, PackedSlots):
         return self._gpu_attention(q, part.k, part.v, start, stop)
 
     def _fp8_attention(self, q, part: KVPart, start, stop):
-        if _reads_fp8(q.device):
+        if q.shape[1] == 1 and _reads_fp8(q.device):
             return self._fp8_rows_attention(q, part, start, stop, return_lse=False)
         return self._tiled_attention(q, part, start, own=(start, stop))[0]
 
@@ -286,9 +287,10 @@ class OffloadedKVStore(CooperativeDecode, PackedSlots):
 
     def _part_attention(self, q, part: KVPart, visible: int, own=None):
         """(out, lse) of q over part rows 0..visible, all before the queries, plus the queries'
-        own rows own = (start = visible, stop), causal. On GPUs that read fp8, fp8 rows go to the
-        kernels as they are stored; elsewhere through `_tiled_attention`."""
-        if part.fp8 and _reads_fp8(q.device):
+        own rows own = (start = visible, stop), causal. A lone query on a GPU that reads fp8 reads
+        fp8 rows as they are stored; prefill chunks and other devices go through
+        `_tiled_attention`."""
+        if part.fp8 and q.shape[1] == 1 and _reads_fp8(q.device):
             first_query, stop = own if own is not None else (visible, visible)
             return self._fp8_rows_attention(q, part, first_query, stop, return_lse=True)
         return self._tiled_attention(q, part, visible, own)

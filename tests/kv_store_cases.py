@@ -66,8 +66,10 @@ def _stored_rows64(store, layer):
     """K and V of every position of an fp8 store's layer as it holds them (GPU rows, then host
     rows), dequantized exactly in float64: [B, capacity, Hkv, D] each."""
     parts = [p for p in (store._dev[layer], store._host[layer]) if p is not None]
-    return [torch.cat([getattr(p, name).double() * getattr(p, name + "_scales").double()[..., None]
-                       for p in parts], dim=1) for name in ("k", "v")]
+    def rows64(part, name):
+        return (getattr(part, name).double() * getattr(part, name + "_scales").double()[..., None]).cpu()
+
+    return [torch.cat([rows64(p, name) for p in parts], dim=1) for name in ("k", "v")]
 
 
 def _attention_over_stored_rows(store, steps):
@@ -83,9 +85,9 @@ def _attention_over_stored_rows(store, steps):
             stop = start + q.shape[2]
             k, v = k64[:, :stop], v64[:, :stop]
             ref = oracle(q[layer], k, v, causal=True, q_offset=start, device=q.device)[0]
-            base = sdpa_same_dtype(q[layer], k.to(q.dtype), v.to(q.dtype), causal=True,
-                                   q_offset=start)
-            outs.append((ref, base.cpu()))
+            base = sdpa_same_dtype(q[layer], k.to(q.device, q.dtype), v.to(q.device, q.dtype),
+                                   causal=True, q_offset=start)
+            outs.append((ref.cpu(), base.cpu()))
         want.append(torch.cat([o[0] for o in outs], dim=1))
         same_dtype.append(torch.cat([o[1] for o in outs], dim=1))
     return torch.stack(want), torch.stack(same_dtype)

@@ -85,9 +85,10 @@ def test_fp8_small_tiles_and_ring(monkeypatch, mode):
 @pytest.mark.parametrize("host,mode", [((), "prefetch"), ((1, 3), "cpu")],
                          ids=["gpu-layers", "cpu-decode-over-gpu-prefix"])
 def test_fp8_gpu_rows_read_by_the_kernels_match_float64(monkeypatch, host, mode):
-    """On a GPU that reads e4m3, prefill and decode over fp8 GPU rows pass the rows and scales to
-    the kernels as stored: outputs against float64 attention over the stored rows, within twice
-    the error of PyTorch's bfloat16 attention over them."""
+    """On a GPU that reads e4m3, decode over fp8 GPU rows passes the rows and scales to the decode
+    kernel as stored, and prefill attends over dequantized tiles: outputs against float64
+    attention over the stored rows, within twice the error of PyTorch's bfloat16 attention over
+    them."""
     if not common.reads_e4m3(torch.device("cuda")):
         pytest.skip("the kernels read e4m3 from compute capability 8.9")
     scaled = []
@@ -99,7 +100,7 @@ def test_fp8_gpu_rows_read_by_the_kernels_match_float64(monkeypatch, host, mode)
     steps = _steps(torch.bfloat16, "cuda")
     store = _offloaded(host, mode, torch.bfloat16, "cuda", kv_dtype="fp8", gpu_prefix_tokens=9)
     got = _run(store, steps).cpu()
-    assert ("prefill_attention", True) in scaled and ("decode_attention", True) in scaled
+    assert ("decode_attention", True) in scaled and ("prefill_attention", True) not in scaled
     want, same_dtype = _attention_over_stored_rows(store, steps)
     assert_within_torch_error(got, want, same_dtype)
 
