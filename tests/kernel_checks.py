@@ -79,13 +79,20 @@ def case_id(case):
     return f"B{batch}-T{q_len}-off{offset}-gqa{hq // hkv}-d{d}-{kind}-{str(dtype)[6:]}"
 
 
+def prefill_queries(case, device):
+    """(dtype, k_len, q) of a prefill case: q [B, Tq, Hq, D] random in the case's dtype, which on
+    a GPU is float16 where the CPU lane's is float32."""
+    batch, q_len, offset, q_heads, _, head_dim, _, dtype = case
+    if device == "cuda" and dtype == torch.float32:
+        dtype = torch.float16
+    q = torch.randn(batch, q_len, q_heads, head_dim, device=device).to(dtype)
+    return dtype, offset + q_len, q
+
+
 def check_prefill(case, monkeypatch, device, config=None, attention=prefill_attention_triton):
     poison_allocations(monkeypatch)
-    batch, q_len, offset, q_heads, kv_heads, head_dim, causal, dtype = case
-    if device == "cuda" and dtype == torch.float32:
-        dtype = torch.float16  # float32 is the CPU lane's dtype
-    k_len = offset + q_len
-    q = torch.randn(batch, q_len, q_heads, head_dim, device=device).to(dtype)
+    batch, q_len, offset, q_heads, kv_heads, head_dim, causal, _ = case
+    dtype, k_len, q = prefill_queries(case, device)
     # K/V as the model passes them: a prefix slice of one layer of a [L, B, cap, H, D] cache.
     cache = torch.randn(2, 2, batch, k_len + 9, kv_heads, head_dim, device=device).to(dtype)
     k, v = cache[0, 1, :, :k_len], cache[1, 1, :, :k_len]
@@ -123,11 +130,8 @@ def check_fp8_prefill(case, monkeypatch, device, *, config=None, head_major_scal
     head_major_scales: scales [B, Tk, Hkv] stored [B, Hkv, Tk], as the store's GPU rows hold
     them."""
     poison_allocations(monkeypatch)
-    batch, q_len, offset, q_heads, kv_heads, head_dim, causal, dtype = case
-    if device == "cuda" and dtype == torch.float32:
-        dtype = torch.float16  # float32 is the CPU lane's dtype
-    k_len = offset + q_len
-    q = torch.randn(batch, q_len, q_heads, head_dim, device=device).to(dtype)
+    batch, q_len, offset, q_heads, kv_heads, head_dim, causal, _ = case
+    dtype, k_len, q = prefill_queries(case, device)
     k8, ks = fp8_cache(batch, k_len + 9, kv_heads, head_dim, device)
     v8, vs = fp8_cache(batch, k_len + 9, kv_heads, head_dim, device)
     if head_major_scales:
