@@ -40,10 +40,6 @@ def generate(
     as_json: options.Json = False,
 ):
     """Generate text from a prompt; text streams to stdout as it is produced."""
-    from facli.generation import plan_and_generate
-    from facli.run.sampling import SamplingParams
-    from facli.run_options import RunOptions
-
     if max_new_tokens <= 0:
         raise FacliError(f"expected --max-new-tokens > 0, got {max_new_tokens}")
     stops = tuple(stop or ())
@@ -54,6 +50,10 @@ def generate(
                          "chat template")
     ranks = options.parse_count(devices, "--devices")
     text = read_prompt(prompt, prompt_file)
+    # The run stack (torch) loads once the options above are known good: a typo fails at once.
+    from facli.generation import plan_and_generate
+    from facli.run.sampling import SamplingParams
+    from facli.run_options import RunOptions
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                               repetition_penalty=repetition_penalty,
                               no_repeat_ngram_size=no_repeat_ngram_size)

@@ -44,19 +44,19 @@ def command(
     """Summarize documents; rerun the same command to resume after a crash or Ctrl-C.
 
     --json prints the run's summary, or with --plan-only the plan; --hardware needs --plan-only."""
-    from facli.run.sampling import SamplingParams
-    from facli.run_options import RunOptions
-    from facli.summarize.corpus import SummarizeRequest
-    from facli.summarize.forecast import forecast_run, format_forecast
-    from facli.summarize.planning import auto_devices, hardware_spec
-    from facli.summarize.run import run_on_ranks
-
     check_output_path(out)  # before any model, hardware or document is looked at
     if hardware != "auto" and not plan_only:
         raise FacliError(f"expected --hardware only with --plan-only, got --hardware {hardware} "
                          "for a run; a run plans on the machine it runs on")
     tokens = parse_ctx(ctx) if ctx is not None else None
     rows, ranks = parse_batch(batch), options.parse_count(devices, "--devices")
+    # The run stack (torch) loads once the options above are known good: a typo fails at once.
+    from facli.run.sampling import SamplingParams
+    from facli.run_options import RunOptions
+    from facli.summarize.corpus import SummarizeRequest
+    from facli.summarize.forecast import forecast_run, format_forecast
+    from facli.summarize.planning import auto_devices, hardware_spec
+    from facli.summarize.run import run_on_ranks
     spec = hardware_spec(hardware, device)
     if ranks is None:
         ranks = auto_devices(model, tokens, spec, dtype=dtype, kv_dtype=kv_dtype,
