@@ -31,7 +31,7 @@ def _use_triton(q, backend: str) -> bool:
     return backend == "triton"
 
 
-def _dequantized(values, scales, dtype):
+def dequantize_fp8(values, scales, dtype):
     """values [B, T, H, D] float8_e4m3fn times scales [B, T, H], in `dtype`."""
     wide = torch.promote_types(dtype, torch.float32)
     return (values.to(wide) * scales.to(wide).unsqueeze(-1)).to(dtype)
@@ -59,7 +59,7 @@ def prefill_attention(q, k, v, *, causal=True, q_offset=0, scale=None, return_ls
         if _use_triton(q, backend) and common.reads_e4m3(q.device):
             return common.triton_module("prefill").prefill_attention_triton(
                 q, k, v, k_scales=k_scales, v_scales=v_scales, **kwargs)
-        k, v = _dequantized(k, k_scales, q.dtype), _dequantized(v, v_scales, q.dtype)
+        k, v = dequantize_fp8(k, k_scales, q.dtype), dequantize_fp8(v, v_scales, q.dtype)
     if _use_triton(q, backend):
         triton_prefill = common.triton_module("prefill").prefill_attention_triton
         if q.shape[1] > SMALL_QUERIES:
@@ -89,8 +89,8 @@ def decode_attention(q, k_cache, v_cache, cache_lens, *, scale=None, return_lse=
             q, k_cache, v_cache, cache_lens, scale=scale, return_lse=return_lse,
             k_scales=k_scales, v_scales=v_scales)
     if k_scales is not None:
-        k_cache = _dequantized(k_cache, k_scales, q.dtype)
-        v_cache = _dequantized(v_cache, v_scales, q.dtype)
+        k_cache = dequantize_fp8(k_cache, k_scales, q.dtype)
+        v_cache = dequantize_fp8(v_cache, v_scales, q.dtype)
     if return_lse:
         lens = cache_lens.to(torch.int64)
         return attention_with_lse(q, k_cache, v_cache, causal=True, q_offset=lens - q.shape[1],

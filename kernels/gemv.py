@@ -10,7 +10,8 @@ from facli.kernels import common
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias), through gemv_triton for one row on a GPU in 16 bits."""
+    """F.linear(x, weight, bias): through gemv_triton for one row on a GPU in 16 bits, through
+    oneDNN for a packed CPU matrix."""
     if weight.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     one_row = x.numel() == weight.shape[1] and weight.stride(1) == 1

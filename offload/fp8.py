@@ -9,7 +9,7 @@ a per-chunk scale stored per position and does not depend on how a prompt was ch
 
 import torch
 
-from facli.kernels import common
+from facli.kernels import common, dequantize_fp8
 
 FP8 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -26,9 +26,8 @@ def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return values, scale
 
 
-def dequantize(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """values [..., H, D] float8_e4m3fn, scales [..., H] -> [..., H, D] in `dtype`."""
-    return (values.float() * scales.unsqueeze(-1)).to(dtype)
+# values [..., H, D] float8_e4m3fn, scales [..., H] -> [..., H, D] in `dtype`.
+dequantize = dequantize_fp8
 
 
 def dequantize_into(out: torch.Tensor, values: torch.Tensor, scales: torch.Tensor,

@@ -269,21 +269,16 @@ class OffloadedKVStore(CooperativeDecode, PackedSlots):
 
     def _fp8_attention(self, q, part: KVPart, start, stop):
         if q.shape[1] == 1 and _reads_fp8(q.device):
-            return self._fp8_rows_attention(q, part, start, stop, return_lse=False)
+            return self._fp8_decode_attention(q, part, stop, return_lse=False)
         return self._tiled_attention(q, part, start, own=(start, stop))[0]
 
-    def _fp8_rows_attention(self, q, part: KVPart, first_query: int, stop: int, return_lse):
-        """Causal attention of q, its queries from position first_query on (a lone query: at
-        stop - 1), over fp8 rows 0..stop of part: the kernels read the e4m3 rows and their scales
-        directly, one pass and no copy."""
+    def _fp8_decode_attention(self, q, part: KVPart, stop: int, return_lse):
+        """A lone query, at stop - 1, over fp8 rows 0..stop of part: the decode kernel reads the
+        e4m3 rows and their scales directly, one pass and no copy."""
         rows = part.first(stop)
-        scales = {"k_scales": rows.k_scales, "v_scales": rows.v_scales}
-        if q.shape[1] == 1:
-            self._prefix_lens.fill_(stop)  # the lone query sits at stop - 1
-            return decode_attention(q, rows.k, rows.v, self._prefix_lens, return_lse=return_lse,
-                                    **scales)
-        return prefill_attention(q, rows.k, rows.v, causal=True, q_offset=first_query,
-                                 return_lse=return_lse, **scales)
+        self._prefix_lens.fill_(stop)
+        return decode_attention(q, rows.k, rows.v, self._prefix_lens, return_lse=return_lse,
+                                k_scales=rows.k_scales, v_scales=rows.v_scales)
 
     def _part_attention(self, q, part: KVPart, visible: int, own=None):
         """(out, lse) of q over part rows 0..visible, all before the queries, plus the queries'
@@ -291,8 +286,8 @@ class OffloadedKVStore(CooperativeDecode, PackedSlots):
         fp8 rows as they are stored; prefill chunks and other devices go through
         `_tiled_attention`."""
         if part.fp8 and q.shape[1] == 1 and _reads_fp8(q.device):
-            first_query, stop = own if own is not None else (visible, visible)
-            return self._fp8_rows_attention(q, part, first_query, stop, return_lse=True)
+            stop = own[1] if own is not None else visible
+            return self._fp8_decode_attention(q, part, stop, return_lse=True)
         return self._tiled_attention(q, part, visible, own)
 
     def _tiled_attention(self, q, part: KVPart, visible: int, own=None):

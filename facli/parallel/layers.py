@@ -31,8 +31,10 @@ def _empty(shape, dtype, device) -> nn.Parameter:
 
 def _empty_matrix(shape, dtype, device) -> nn.Parameter:
     """An [out, in] weight in the layout its device multiplies fastest (see `_matrix_layout`)."""
-    return nn.Parameter(_matrix_layout(torch.empty(shape, dtype=dtype, device=device)),
-                        requires_grad=False)
+    if torch.device(device).type == "cuda":
+        return _empty(shape, dtype, device)
+    input_major = torch.empty(shape[::-1], dtype=dtype, device=device).t()
+    return nn.Parameter(input_major, requires_grad=False)
 
 
 # oneDNN picks its packed layout for a number of rows; prompt chunks run hundreds to thousands.
