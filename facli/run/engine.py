@@ -66,6 +66,9 @@ class Engine:
         graphed = use_graphs and GraphedDecodeStep.supported(model, kv)
         self._graphed_step = GraphedDecodeStep(model, kv) if graphed else None
         self.device = model.device
+        # Decode steps queued ahead of the host's reads: on a GPU the next step runs while the
+        # host reads a token; on the CPU a step runs as it is called, so queuing gains nothing.
+        self.lookahead = 1 if self.device.type == "cuda" else 0
         # Called on each sampled token tensor; tensor parallelism makes all ranks agree here.
         self.token_sync = token_sync or (lambda tokens: tokens)
 
@@ -108,13 +111,8 @@ class Engine:
         # The first decode step may capture a CUDA graph and compile kernels: the steady-state
         # rate is timed from the end of that step.
         decode_started, timed_from = None, 0
-        position = len(prompt_ids)
-        while len(run.token_ids) < budget:
-            logits = self.decode_step(token, position)
-            token = self.token_sync(sampler(history.apply(logits)))
-            history.push(token)
-            value = int(token[0])  # the host needs the token anyway: this is the step's sync
-            position += 1
+        steps = self._decode(token, len(prompt_ids), budget - 1, sampler, history)
+        for value in steps:
             run.token_ids.append(value)
             if decode_started is None:
                 decode_started, timed_from = time.perf_counter(), len(run.token_ids)
@@ -124,8 +122,60 @@ class Engine:
             if value in eos_ids:
                 run.finish_reason = "eos"
                 break
+        steps.close()
         if decode_started is not None:
             _sync(self.device)
             run.timings.decode_s = time.perf_counter() - decode_started
             run.timings.decode_steps = len(run.token_ids) - timed_from
         return run
+
+    def _decode(self, token: torch.Tensor, position: int, steps: int, sampler: Sampler,
+                history: TokenHistory):
+        """Yields the host ids of up to `steps` tokens decoded after `token` (device [1]) at
+        `position`. The `lookahead` steps after a token are queued before the host reads it, so
+        the GPU never idles while the host reads, checks and launches. A caller that stops early
+        leaves those steps unread: they wrote only at positions the cache holds. The n-gram ban
+        needs each token on the host before the next step's logits, so it queues none ahead."""
+        ahead = 0 if history.ngram else self.lookahead
+        reads = HostReads(self.device, slots=ahead + 1)
+        queued = 0
+        for step in range(steps):
+            logits = self.decode_step(token, position + step)
+            token = self.token_sync(sampler(history.apply(logits)))
+            history.push(token)
+            reads.push(token)
+            queued += 1
+            if queued > ahead:
+                queued -= 1
+                yield reads.pop()
+        for _ in range(queued):
+            yield reads.pop()
+
+
+class HostReads:
+    """Device token ids copied to the host without stopping the stream: each push starts a
+    copy into its own pinned slot, and pop waits only for the oldest copy, not for work queued
+    after it."""
+
+    def __init__(self, device: torch.device, slots: int):
+        self.gpu = device.type == "cuda"
+        self.slots = [torch.empty(1, dtype=torch.long, pin_memory=self.gpu) for _ in range(slots)]
+        self.events = [torch.cuda.Event() if self.gpu else None for _ in range(slots)]
+        self.pushed = self.popped = 0
+
+    def push(self, tokens: torch.Tensor) -> None:
+        """Start reading tokens[0]; at most len(slots) reads are in flight."""
+        assert self.pushed - self.popped < len(self.slots), "every slot holds an unread token"
+        slot = self.pushed % len(self.slots)
+        self.slots[slot].copy_(tokens[:1], non_blocking=self.gpu)
+        if self.gpu:
+            self.events[slot].record()
+        self.pushed += 1
+
+    def pop(self) -> int:
+        """The oldest pushed token id, once its copy is done."""
+        slot = self.popped % len(self.slots)
+        if self.gpu:
+            self.events[slot].synchronize()
+        self.popped += 1
+        return int(self.slots[slot][0])
