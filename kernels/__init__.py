@@ -31,6 +31,22 @@ def _use_triton(q, backend: str) -> bool:
     return backend == "triton"
 
 
+FP8 = torch.float8_e4m3fn
+E4M3_MAX = 448.0
+# Smallest amax given a scale: keeps all-zero vectors (padding, zero-init caches) finite.
+_TINY_AMAX = 1e-12
+
+
+def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., H, D] -> (values float8_e4m3fn, scales [..., H] float32): each head vector's
+    largest magnitude maps to 448, e4m3's largest finite value."""
+    x32 = x.float()
+    scale = x32.abs().amax(dim=-1).clamp_min(_TINY_AMAX) / E4M3_MAX
+    # Clamping guards against the scale's rounding pushing the largest element past 448.
+    values = (x32 / scale.unsqueeze(-1)).clamp(-E4M3_MAX, E4M3_MAX).to(FP8)
+    return values, scale
+
+
 def dequantize_fp8(values, scales, dtype):
     """values [B, T, H, D] float8_e4m3fn times scales [B, T, H], in `dtype`."""
     wide = torch.promote_types(dtype, torch.float32)

@@ -1,5 +1,5 @@
 """The decoder layer's elementwise work, fused: RMSNorm (with the residual add before it), rotary
-embeddings, SiLU(gate) * up, and the sum of two ranks' row-parallel partials with what follows
+embeddings (in a decode step together with storing K and V), SiLU(gate) * up, and the sum of two ranks' row-parallel partials with what follows
 it (residual add, RMSNorm).
 
 Unfused, each is five to ten PyTorch kernels over [tokens, hidden] tensors with float32
@@ -75,6 +75,37 @@ def apply_rotary_reference(x, cos, sin):
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos[..., None, :] + rotated * sin[..., None, :]
+
+
+def rotate_and_store_token(q, k, v, cos, sin, k_cache, v_cache, position: torch.Tensor, *,
+                           k_scales=None, v_scales=None) -> torch.Tensor:
+    """A decode step's q [B, 1, Hq, D], k, v [B, 1, Hkv, D] (unrotated): k rotated by cos, sin
+    (as apply_rotary) and stored with v into k_cache, v_cache [B, T, Hkv, D] at `position`, a
+    tensor on the caches' device with one position or one per sequence. With k_scales, v_scales
+    [B, T, Hkv] the caches are float8_e4m3fn and each head vector is stored quantized as
+    `quantize_fp8` makes it on the GPU. Returns q rotated. One kernel on a GPU, which a CUDA
+    graph captures; PyTorch ops elsewhere."""
+    if k_cache.is_cuda:
+        return common.triton_module("token_store").rotate_and_store_token_triton(
+            q, k, v, cos, sin, k_cache, v_cache, position, k_scales, v_scales)
+    return rotate_and_store_token_reference(q, k, v, cos, sin, k_cache, v_cache, position,
+                                            k_scales=k_scales, v_scales=v_scales)
+
+
+def rotate_and_store_token_reference(q, k, v, cos, sin, k_cache, v_cache, position, *,
+                                     k_scales=None, v_scales=None):
+    from facli.kernels import quantize_fp8
+
+    k = apply_rotary_reference(k, cos, sin)
+    at = (torch.arange(k.shape[0], device=position.device), position.expand(k.shape[0]))
+    for cache, scales, x in ((k_cache, k_scales, k), (v_cache, v_scales, v)):
+        if scales is None:
+            cache.index_put_(at, x[:, 0])
+        else:  # index_put_ has no float8 kernels: move the bytes
+            values, x_scales = quantize_fp8(x)
+            cache.view(torch.uint8).index_put_(at, values[:, 0].view(torch.uint8))
+            scales.index_put_(at, x_scales[:, 0])
+    return apply_rotary_reference(q, cos, sin)
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

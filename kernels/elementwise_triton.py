@@ -107,6 +107,16 @@ def pair_sum_triton(first, second, *, residual=None, norm_weight=None, eps=0.0, 
 
 
 @triton.jit
+def rotate_halves(x1, x2, c1, c2, s1, s2, dtype):
+    """(x1, x2) * cos + (-x2, x1) * sin over float32 halves of head vectors, in `dtype`: each
+    product and the sum rounded to the model dtype, as PyTorch's three kernels do (launches
+    pass enable_fp_fusion=False so that they do not become FMAs)."""
+    y1 = (x1 * c1).to(dtype) + (-(x2 * s1)).to(dtype)
+    y2 = (x2 * c2).to(dtype) + (x1 * s2).to(dtype)
+    return y1.to(dtype), y2.to(dtype)
+
+
+@triton.jit
 def _rotary_kernel(X, COS, SIN, Y, seq_len, heads, stride_xb, stride_xt, stride_xh,
                    stride_yb, stride_yt, stride_yh, stride_cb, stride_c,
                    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -125,13 +135,9 @@ def _rotary_kernel(X, COS, SIN, Y, seq_len, heads, stride_xb, stride_xt, stride_
     c2 = tl.load(COS + cs + HALF + offs_d, mask=offs_d < HALF, other=0.0).to(tl.float32)[None, :]
     s1 = tl.load(SIN + cs + offs_d, mask=offs_d < HALF, other=0.0).to(tl.float32)[None, :]
     s2 = tl.load(SIN + cs + HALF + offs_d, mask=offs_d < HALF, other=0.0).to(tl.float32)[None, :]
-    dtype = Y.dtype.element_ty
-    # x * cos + cat(-x2, x1) * sin with each product and the sum rounded to the model dtype, as
-    # PyTorch's three kernels do (the launch also forbids fusing them into FMAs).
-    y1 = (x1 * c1).to(dtype) + (-(x2 * s1)).to(dtype)
-    y2 = (x2 * c2).to(dtype) + (x1 * s2).to(dtype)
-    tl.store(y_row, y1.to(dtype), mask=mask)
-    tl.store(y_row + HALF, y2.to(dtype), mask=mask)
+    y1, y2 = rotate_halves(x1, x2, c1, c2, s1, s2, Y.dtype.element_ty)
+    tl.store(y_row, y1, mask=mask)
+    tl.store(y_row + HALF, y2, mask=mask)
 
 
 def apply_rotary_triton(x, cos, sin):

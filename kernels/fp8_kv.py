@@ -1,11 +1,11 @@
 """The fp8 (e4m3) KV cache's elementwise kernels, each one pass over its bytes where PyTorch takes
 a dozen small kernels or float32 temporaries, with PyTorch's results bit for bit:
 
-- `store_token_fp8_triton`: one decode token's K and V quantized and stored at a cache position
-  held on the device (`facli.offload.fp8.quantize` on the GPU: the same float32 amax, divisions
-  rounded as PyTorch's CUDA kernels round them, clamp and round-to-nearest-even cast);
-- `store_rows_fp8_triton`: a prefill chunk's K and V quantized the same way and stored at
-  positions start..start+T, where PyTorch makes half a dozen float32 passes over the chunk;
+- `store_rows_fp8_triton`: a prefill chunk's K and V quantized and stored at positions
+  start..start+T, as `facli.offload.fp8.quantize` makes them on the GPU (the same float32 amax,
+  divisions rounded as PyTorch's CUDA kernels round them, clamp and round-to-nearest-even cast),
+  where PyTorch makes half a dozen float32 passes over the chunk (a decode token's K and V are
+  quantized the same way by `token_store`, together with the rotary embedding);
 - `dequantize_rows_triton`: rows of values times their scales, rounded once to the output dtype
   (`facli.offload.fp8.dequantize_into`), for attention over an fp8 prefix in prefill.
 """
@@ -19,60 +19,25 @@ INV_E4M3_MAX = tl.constexpr(1.0 / 448.0)
 
 
 @triton.jit
+def e4m3_scale(amax):
+    """The scale that maps a head vector's largest magnitude (float32) to 448."""
+    return tl.maximum(amax, 1e-12) * INV_E4M3_MAX
+
+
+@triton.jit
+def to_e4m3(x, scale, dtype):
+    """x / scale (float32, scale broadcast) clamped to e4m3's range and cast to `dtype`."""
+    # Division by a tensor is IEEE's, rounded to nearest, in PyTorch as here.
+    return tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0).to(dtype)
+
+
+@triton.jit
 def _quantize_rows(x_at, values_at, scales_at, ok, row_ok):
     """Rows of head vectors (x_at, values_at: [R, D] pointers; scales_at: [R]) quantized."""
     x = tl.load(x_at, mask=ok, other=0.0).to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(x), 1), 1e-12) * INV_E4M3_MAX
-    # Division by a tensor is IEEE's, rounded to nearest, in PyTorch as here.
-    y = tl.minimum(tl.maximum(tl.math.div_rn(x, scale[:, None]), -448.0), 448.0)
-    tl.store(values_at, y.to(values_at.dtype.element_ty), mask=ok)
+    scale = e4m3_scale(tl.max(tl.abs(x), 1))
+    tl.store(values_at, to_e4m3(x, scale[:, None], values_at.dtype.element_ty), mask=ok)
     tl.store(scales_at, scale, mask=row_ok)
-
-
-@triton.jit
-def _quantize_row(x_row, values_row, scale_at, offs, ok):
-    one = tl.arange(0, 1)
-    _quantize_rows(x_row + offs[None, :], values_row + offs[None, :], scale_at + one,
-                   ok[None, :], one < 1)
-
-
-@triton.jit
-def _store_token_kernel(K, V, KQ, VQ, KS, VS, POS, stride_pos,
-                        stride_kb, stride_kh, stride_vb, stride_vh,
-                        stride_cb, stride_ct, stride_ch, stride_sb, stride_st, stride_sh,
-                        kv_heads, head_dim, BLOCK_D: tl.constexpr):
-    bh = tl.program_id(0)
-    b = (bh // kv_heads).to(tl.int64)
-    h = (bh % kv_heads).to(tl.int64)
-    pos = tl.load(POS + b * stride_pos).to(tl.int64)
-    offs = tl.arange(0, BLOCK_D)
-    ok = offs < head_dim
-    cache_at = b * stride_cb + pos * stride_ct + h * stride_ch
-    scale_at = b * stride_sb + pos * stride_st + h * stride_sh
-    _quantize_row(K + b * stride_kb + h * stride_kh, KQ + cache_at, KS + scale_at, offs, ok)
-    _quantize_row(V + b * stride_vb + h * stride_vh, VQ + cache_at, VS + scale_at, offs, ok)
-
-
-def store_token_fp8_triton(k, v, k_cache, v_cache, k_scales, v_scales, position):
-    """k, v [B, 1, Hkv, D] -> k_cache, v_cache [B, T, Hkv, D] float8_e4m3fn and their float32
-    scales [B, T, Hkv] at `position`, an integer tensor on the caches' device: one element (every
-    sequence at that position) or B (one position per sequence)."""
-    batch, steps, kv_heads, head_dim = k.shape
-    if steps != 1 or v.shape != k.shape:
-        raise ValueError(f"expected k and v [B, 1, Hkv, D], got {tuple(k.shape)} and {tuple(v.shape)}")
-    if k_cache.stride() != v_cache.stride() or k_scales.stride() != v_scales.stride():
-        raise ValueError("expected the K and V caches (and their scales) with the same strides")
-    if k.stride(-1) != 1 or v.stride(-1) != 1 or k_cache.stride(-1) != 1:
-        raise ValueError("expected a unit stride in the head dim")
-    if position.numel() not in (1, batch) or position.device != k_cache.device:
-        raise ValueError(f"expected 1 or {batch} positions on {k_cache.device}, got "
-                         f"{position.numel()} on {position.device}")
-    _store_token_kernel[(batch * kv_heads,)](
-        k, v, k_cache, v_cache, k_scales, v_scales, position,
-        position.stride(0) if position.numel() > 1 else 0,
-        k.stride(0), k.stride(2), v.stride(0), v.stride(2),
-        *k_cache.stride()[:3], *k_scales.stride(), kv_heads, head_dim,
-        BLOCK_D=triton.next_power_of_2(head_dim), num_warps=1)
 
 
 @triton.jit

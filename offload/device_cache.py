@@ -3,7 +3,7 @@ device: the all-GPU cache, and a CPU run's cache."""
 
 import torch
 
-from facli.kernels import decode_attention, prefill_attention
+from facli.kernels import decode_attention, elementwise, prefill_attention
 
 
 class DeviceKVCache:
@@ -38,9 +38,9 @@ class DeviceKVCache:
         view._use(self.keys[:, rows], self.values[:, rows], self._lens[rows])
         return view
 
-    def attend(self, layer, q, k, v, start):
+    def attend(self, layer, q, k, v, start, rotary=None):
         if isinstance(start, torch.Tensor):
-            return self._attend_at(layer, q, k, v, start)
+            return self._attend_at(layer, q, k, v, start, rotary)
         stop = start + k.shape[1]
         if stop > self.capacity:
             raise ValueError(f"KV cache holds {self.capacity} positions, asked for {stop}")
@@ -53,11 +53,10 @@ class DeviceKVCache:
         # On the CPU a decode step too: its position is a host int, no length tensor to keep.
         return prefill_attention(q, keys[:, :stop], values[:, :stop], causal=True, q_offset=start)
 
-    def _attend_at(self, layer, q, k, v, positions: torch.Tensor):
-        assert q.shape[1] == 1, "tensor positions are for single-token decode steps"
+    def _attend_at(self, layer, q, k, v, positions: torch.Tensor, rotary):
+        assert q.shape[1] == 1 and rotary is not None, "tensor positions are for decode steps"
         keys, values = self.keys[layer], self.values[layer]
-        keys.index_put_((self._rows, positions), k[:, 0])
-        values.index_put_((self._rows, positions), v[:, 0])
+        q = elementwise.rotate_and_store_token(q, k, v, *rotary, keys, values, positions)
         if layer == 0:
             self._lens.copy_(positions + 1)
         if not keys.is_cuda:  # no graph to keep static: read no further than the longest row

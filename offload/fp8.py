@@ -9,23 +9,12 @@ a per-chunk scale stored per position and does not depend on how a prompt was ch
 
 import torch
 
-from facli.kernels import common, dequantize_fp8
+from facli.kernels import E4M3_MAX, FP8, common, dequantize_fp8, quantize_fp8
 
-FP8 = torch.float8_e4m3fn
-E4M3_MAX = 448.0
-# Smallest amax given a scale: keeps all-zero vectors (padding, zero-init caches) finite.
-_TINY = 1e-12
+__all__ = ["E4M3_MAX", "FP8", "dequantize", "dequantize_into", "quantize", "store_rows_fp8"]
 
-
-def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [B, T, H, D] -> (values [B, T, H, D] float8_e4m3fn, scales [B, T, H] float32)."""
-    x32 = x.float()
-    scale = x32.abs().amax(dim=-1).clamp_min(_TINY) / E4M3_MAX
-    # Clamping guards against the scale's rounding pushing the largest element past 448.
-    values = (x32 / scale.unsqueeze(-1)).clamp(-E4M3_MAX, E4M3_MAX).to(FP8)
-    return values, scale
-
-
+# x [B, T, H, D] -> (values [B, T, H, D] float8_e4m3fn, scales [B, T, H] float32).
+quantize = quantize_fp8
 # values [..., H, D] float8_e4m3fn, scales [..., H] -> [..., H, D] in `dtype`.
 dequantize = dequantize_fp8
 
@@ -43,14 +32,6 @@ def dequantize_into(out: torch.Tensor, values: torch.Tensor, scales: torch.Tenso
     for start in range(0, values.shape[1], block):
         stop = min(start + block, values.shape[1])
         out[:, start:stop] = values[:, start:stop].float() * scales[:, start:stop].unsqueeze(-1)
-
-
-def store_token_fp8(k, v, k_cache, v_cache, k_scales, v_scales, position: torch.Tensor) -> None:
-    """k, v [B, 1, Hkv, D] quantized as `quantize` makes them on the GPU and stored in the caches
-    [B, T, Hkv, D] (scales [B, T, Hkv]) at `position`, a tensor on the caches' GPU: one Triton
-    kernel (facli.kernels.fp8_kv.store_token_fp8_triton), so a CUDA graph can capture it."""
-    common.triton_module("fp8_kv").store_token_fp8_triton(k, v, k_cache, v_cache, k_scales,
-                                                          v_scales, position)
 
 
 def store_rows_fp8(k, v, k_cache, v_cache, k_scales, v_scales, start: int) -> None:

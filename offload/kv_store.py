@@ -59,10 +59,10 @@ import copy
 import torch
 
 from facli.errors import FacliError
-from facli.kernels import decode_attention, merge_attention, prefill_attention
+from facli.kernels import decode_attention, elementwise, merge_attention, prefill_attention
 from facli.offload.cooperative_decode import CooperativeDecode
 from facli.offload.cpu_attention import TileWorkspace
-from facli.offload.fp8 import FP8, dequantize_into, store_rows_fp8, store_token_fp8
+from facli.offload.fp8 import dequantize_into, store_rows_fp8
 from facli.offload.kv_parts import Chunk, KVPart, Slot
 from facli.offload.packed_slots import PackedSlots
 from facli.offload.streams import CopyQueues, host_empty
@@ -200,7 +200,7 @@ class OffloadedKVStore(CooperativeDecode, PackedSlots):
             raise ValueError(f"layer {layer} holds {self._written[layer]} positions, "
                              f"asked to write at {start}")
 
-    def attend(self, layer, q, k, v, start):
+    def attend(self, layer, q, k, v, start, rotary=None):
         """Store k, v [B, T, Hkv, D] at start..start+T of `layer`; causal attention
         [B, T, Hq, D] of q [B, T, Hq, D] over positions 0..start+T.
 
@@ -210,7 +210,7 @@ class OffloadedKVStore(CooperativeDecode, PackedSlots):
         graph, and the sequences may each be at their own length. Such steps skip the host's
         bookkeeping of that layer's written positions until the next reset (a prefill)."""
         if isinstance(start, torch.Tensor):
-            return self._attend_at(layer, q, k, v, start)
+            return self._attend_at(layer, q, k, v, start, rotary)
         stop = start + k.shape[1]
         self._check(layer, start, stop)
         region = self._region(layer, stop)
@@ -227,20 +227,14 @@ class OffloadedKVStore(CooperativeDecode, PackedSlots):
             out = self._attend_staged(layer, q, chunk, start, stop)
         return out
 
-    def _attend_at(self, layer, q, k, v, position: torch.Tensor):
-        if layer not in self.graph_layers or q.shape[1] != 1:
+    def _attend_at(self, layer, q, k, v, position: torch.Tensor, rotary):
+        if layer not in self.graph_layers or q.shape[1] != 1 or rotary is None:
             raise FacliError(f"a tensor position is for single-token decode steps of the graph "
-                             f"layers {sorted(self.graph_layers)}; layer {layer} takes an int")
+                             f"layers {sorted(self.graph_layers)}, with the rotary angles; "
+                             f"layer {layer} takes an int")
         part = self._dev[layer]
-        if self.fp8 and part.k.is_cuda:
-            store_token_fp8(k, v, part.k, part.v, part.k_scales, part.v_scales, position)
-        else:
-            chunk = Chunk.encode(k, v, self.dtype, self.fp8)
-            at = (torch.arange(self.batch, device=position.device), position.expand(self.batch))
-            for dst, src in zip(part.tensors(), chunk.tensors()):
-                if dst.dtype == FP8:  # index_put_ has no float8 kernels: move the bytes
-                    dst, src = dst.view(torch.uint8), src.view(torch.uint8)
-                dst.index_put_(at, src[:, 0])
+        q = elementwise.rotate_and_store_token(q, k, v, *rotary, part.k, part.v, position,
+                                               k_scales=part.k_scales, v_scales=part.v_scales)
         if layer == min(self.graph_layers):
             self._graph_lens.copy_(position + 1)
         if not part.k.is_cuda:  # no graph to keep static: read no further than the longest row

@@ -21,9 +21,11 @@ class KVStore(Protocol):
     graph_layers: frozenset
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               start: int) -> torch.Tensor:
+               start: int, rotary: tuple | None = None) -> torch.Tensor:
         """Store k, v at positions start..start+T of `layer` and return attention [B, T, Hq, D]
-        of q (at the same positions) over positions 0..start+T, causal."""
+        of q (at the same positions) over positions 0..start+T, causal. A decode step's `start`
+        may be a [B] device tensor (see `graph_layers`); it comes with rotary = (cos, sin) and q,
+        k unrotated, rotated as k is stored (kernels.elementwise.rotate_and_store_token)."""
         ...
 
     def reset(self) -> None:

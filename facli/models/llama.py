@@ -58,19 +58,30 @@ class Attention(nn.Module):
         self.qkv_proj.load(reader, tuple(f"{prefix}.{name}" for name in ("q_proj", "k_proj", "v_proj")))
         self.o_proj.load(reader, f"{prefix}.o_proj")
 
-    def project(self, x, cos, sin):
-        """This rank's q [B, T, local q heads, D] and k, v [B, T, local KV heads, D], rotated."""
+    def projections(self, x):
+        """This rank's q [B, T, local q heads, D] and k, v [B, T, local KV heads, D], unrotated."""
         batch, length, _ = x.shape
         q, k, v = self.qkv_proj(x)
-        q = q.view(batch, length, self.local_q_heads, self.head_dim)
-        k = k.view(batch, length, self.local_kv_heads, self.head_dim)
-        v = v.view(batch, length, self.local_kv_heads, self.head_dim)
+        return (q.view(batch, length, self.local_q_heads, self.head_dim),
+                k.view(batch, length, self.local_kv_heads, self.head_dim),
+                v.view(batch, length, self.local_kv_heads, self.head_dim))
+
+    def project(self, x, cos, sin):
+        """projections(x) with q and k rotated."""
+        q, k, v = self.projections(x)
         return elementwise.apply_rotary(q, cos, sin), elementwise.apply_rotary(k, cos, sin), v
 
-    def attend(self, x, cos, sin, kv: KVStore, layer: int, start: int):
+    def attend(self, x, cos, sin, kv: KVStore, layer: int, start):
         """This rank's attention heads before o_proj: [B, T, local heads * D]."""
-        q, k, v = self.project(x, cos, sin)
-        return kv.attend(layer, q, k, v, start).reshape(*x.shape[:2], -1)
+        if isinstance(start, torch.Tensor):
+            # A decode step at device positions: the store rotates q and k as it writes k and v,
+            # one kernel on a GPU instead of four.
+            q, k, v = self.projections(x)
+            out = kv.attend(layer, q, k, v, start, rotary=(cos, sin))
+        else:
+            q, k, v = self.project(x, cos, sin)
+            out = kv.attend(layer, q, k, v, start)
+        return out.reshape(*x.shape[:2], -1)
 
 
 class MLP(nn.Module):

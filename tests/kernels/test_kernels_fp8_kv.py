@@ -1,11 +1,11 @@
-"""The fp8 KV kernels against PyTorch: the decode token's store (the bytes and scales of
+"""The fp8 KV kernels against PyTorch: a prefill chunk's store (the bytes and scales of
 fp8.quantize) and the dequantization of cache rows."""
 
 import pytest
 import torch
 from conftest import requires_cuda
 
-from facli.kernels.fp8_kv import dequantize_rows_triton, store_rows_fp8_triton, store_token_fp8_triton
+from facli.kernels.fp8_kv import dequantize_rows_triton, store_rows_fp8_triton
 from facli.offload.fp8 import FP8, quantize
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -16,48 +16,6 @@ def caches(batch, length, kv_heads, head_dim, device):
                          device=device).view(FP8) for _ in range(2)]
     scales = [torch.full((batch, length, kv_heads), -1.0, device=device) for _ in range(2)]
     return values, scales
-
-
-@requires_cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("head_dim", [64, 80, 128])
-def test_same_bytes_and_scales_as_quantize(dtype, head_dim):
-    batch, length, kv_heads, position = 3, 40, 4, 17
-    # K and V as views into one projection output, as the model's attention makes them.
-    kv = torch.randn(batch, 1, 2 * kv_heads, head_dim, device="cuda")
-    kv *= torch.logspace(-6, 4, 2 * kv_heads, device="cuda").view(1, 1, -1, 1)
-    kv[0, 0, 1] = 0.0  # a zero vector keeps the tiny scale
-    kv = kv.to(dtype)
-    k, v = kv[:, :, :kv_heads], kv[:, :, kv_heads:]
-    (k_cache, v_cache), (k_scales, v_scales) = caches(batch, length, kv_heads, head_dim, "cuda")
-    store_token_fp8_triton(k, v, k_cache, v_cache, k_scales, v_scales,
-                           torch.tensor([position], device="cuda"))
-    for cache, scales, x in ((k_cache, k_scales, k), (v_cache, v_scales, v)):
-        values, expected_scales = quantize(x)
-        assert torch.equal(cache[:, position:position + 1].view(torch.uint8), values.view(torch.uint8))
-        assert torch.equal(scales[:, position:position + 1], expected_scales)
-        others = torch.ones(length, dtype=torch.bool)
-        others[position] = False
-        assert (cache[:, others].view(torch.uint8) == 0x55).all() and (scales[:, others] == -1).all()
-
-
-@requires_cuda
-def test_one_position_per_sequence():
-    """Rows of a batch at their own lengths (decoding together) each store at their position."""
-    batch, length, kv_heads, head_dim = 4, 50, 2, 128
-    k, v = (torch.randn(batch, 1, kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
-            for _ in range(2))
-    positions = torch.tensor([0, 49, 17, 18], device="cuda")
-    (k_cache, v_cache), (k_scales, v_scales) = caches(batch, length, kv_heads, head_dim, "cuda")
-    store_token_fp8_triton(k, v, k_cache, v_cache, k_scales, v_scales, positions)
-    for cache, scales, x in ((k_cache, k_scales, k), (v_cache, v_scales, v)):
-        values, expected_scales = quantize(x)
-        for row, position in enumerate(positions.tolist()):
-            assert torch.equal(cache[row, position].view(torch.uint8), values[row, 0].view(torch.uint8))
-            assert torch.equal(scales[row, position], expected_scales[row, 0])
-            others = torch.ones(length, dtype=torch.bool)
-            others[position] = False
-            assert (cache[row, others].view(torch.uint8) == 0x55).all()
 
 
 def _chunk(batch, steps, kv_heads, head_dim, dtype, device):
@@ -104,16 +62,6 @@ def test_chunk_store_places_float64_scales_at_its_positions():
         assert (cache[:, :start].view(torch.uint8) == 0x55).all()
         assert (cache[:, start + steps:].view(torch.uint8) == 0x55).all()
         assert (scales[:, :start] == -1).all() and (scales[:, start + steps:] == -1).all()
-
-
-def test_refuses_more_than_one_token():
-    (k_cache, v_cache), (k_scales, v_scales) = caches(1, 8, 2, 64, "cpu")
-    k = torch.randn(1, 2, 2, 64)
-    with pytest.raises(ValueError, match=r"\[B, 1, Hkv, D\]"):
-        store_token_fp8_triton(k, k, k_cache, v_cache, k_scales, v_scales, torch.tensor([0]))
-    with pytest.raises(ValueError, match=r"expected 1 or 1 positions"):
-        store_token_fp8_triton(k[:, :1], k[:, :1], k_cache, v_cache, k_scales, v_scales,
-                               torch.tensor([0, 1]))
 
 
 @pytest.mark.parametrize("head_major_scales", [False, True], ids=["by-position", "by-head"])

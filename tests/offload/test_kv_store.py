@@ -25,6 +25,7 @@ from kv_store_cases import (
     _steps,
 )
 
+from facli.kernels.elementwise import apply_rotary_reference
 from facli.errors import FacliError
 from facli.offload.kv_store import OffloadedKVStore
 from facli.offload.streams import CopyQueues, host_empty
@@ -224,14 +225,19 @@ def test_graph_layers_decode_at_tensor_positions(host, kv_dtype, device, dtype):
                                  torch.device(device), frozenset(host), "split", kv_dtype=kv_dtype,
                                  pack_slots=False)
     assert by_tensor.graph_layers == set(range(LAYERS)) - set(host)
+    angles = torch.rand(1, HEAD_DIM // 2, device=device) * 6
+    cos, sin = (f(torch.cat((angles, angles), -1)).to(dtype) for f in (torch.cos, torch.sin))
     for index, (start, q, k, v) in enumerate(steps):
         decode = index >= len(CHUNKS)
         for layer in range(LAYERS):
-            at = start
+            # The int path takes q and k rotated; the tensor path rotates them as it stores k.
+            rotated_q, rotated_k = (apply_rotary_reference(x[layer], cos, sin) for x in (q, k))
+            want = by_int.attend(layer, rotated_q, rotated_k, v[layer], start)
             if decode and layer in by_tensor.graph_layers:
-                at = torch.tensor([start], device=device)
-            want = by_int.attend(layer, q[layer], k[layer], v[layer], start)
-            got = by_tensor.attend(layer, q[layer], k[layer], v[layer], at)
+                got = by_tensor.attend(layer, q[layer], k[layer], v[layer],
+                                       torch.tensor([start], device=device), rotary=(cos, sin))
+            else:
+                got = by_tensor.attend(layer, rotated_q, rotated_k, v[layer], start)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     stop = steps[-1][0] + 1
     for layer in by_tensor.graph_layers:
@@ -243,11 +249,16 @@ def test_graph_layers_decode_at_tensor_positions(host, kv_dtype, device, dtype):
 def test_tensor_positions_only_in_graph_layers():
     q, k = torch.randn(BATCH, 1, Q_HEADS, HEAD_DIM), torch.randn(BATCH, 1, KV_HEADS, HEAD_DIM)
     store = _offloaded((1,), "prefetch")
-    with pytest.raises(FacliError, match=r"graph layers \[0, 2, 3\]; layer 1 takes an int"):
-        store.attend(1, q, k, k, torch.tensor([0]))
+    rotary = (torch.ones(1, HEAD_DIM), torch.zeros(1, HEAD_DIM))
+    with pytest.raises(FacliError, match=r"graph layers \[0, 2, 3\], with the rotary angles; "
+                                         r"layer 1 takes an int"):
+        store.attend(1, q, k, k, torch.tensor([0]), rotary=rotary)
+    with pytest.raises(FacliError, match="with the rotary angles"):
+        store.attend(0, q, k, k, torch.tensor([0]))
     chunk = torch.randn(BATCH, 2, KV_HEADS, HEAD_DIM)
     with pytest.raises(FacliError, match="single-token decode steps"):
-        store.attend(0, torch.randn(BATCH, 2, Q_HEADS, HEAD_DIM), chunk, chunk, torch.tensor([0]))
+        store.attend(0, torch.randn(BATCH, 2, Q_HEADS, HEAD_DIM), chunk, chunk, torch.tensor([0]),
+                     rotary=rotary)
 
 
 @requires_cuda
