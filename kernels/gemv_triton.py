@@ -35,8 +35,9 @@ def gemv_config(n: int, k: int) -> GemvConfig:
 
 
 @triton.jit
-def _gemv_kernel(W, X, B, Y, N, K, stride_w, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+def _gemv_kernel(W, X, B, R, Y, N, K, stride_w, HAS_BIAS: tl.constexpr,
+                 HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 EVEN_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     cols = tl.arange(0, BLOCK_K)
@@ -56,21 +57,30 @@ def _gemv_kernel(W, X, B, Y, N, K, stride_w, HAS_BIAS: tl.constexpr, BLOCK_N: tl
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         y += tl.load(B + rows, mask=row_mask, other=0.0).to(tl.float32)
-    tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=row_mask)
+    dtype = Y.dtype.element_ty
+    if HAS_RESIDUAL:  # rounded, then added and rounded again: as `linear(x) + residual`
+        y = y.to(dtype).to(tl.float32) + tl.load(R + rows, mask=row_mask, other=0.0).to(tl.float32)
+    tl.store(Y + rows, y.to(dtype), mask=row_mask)
 
 
 def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                config: GemvConfig | None = None) -> torch.Tensor:
-    """x [..., K] holding one row, weight [N, K] (unit stride along K) -> [..., N] in x's dtype."""
+                config: GemvConfig | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] holding one row, weight [N, K] (unit stride along K) -> [..., N] in x's dtype;
+    with residual (N values), that added to the rounded product."""
     n, k = weight.shape
     if x.numel() != k or weight.stride(1) != 1:
         raise ValueError(f"expected one row of {k} features and a weight with unit stride along "
                          f"them, got x {tuple(x.shape)} and weight strides {weight.stride()}")
+    if residual is not None and residual.numel() != n:
+        raise ValueError(f"expected a residual of {n} values, got {tuple(residual.shape)}")
     config = config or gemv_config(n, k)
     row = x.reshape(k).contiguous()
     out = common.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(n, config.block_n),)
-    _gemv_kernel[grid](weight, row, bias if bias is not None else row, out, n, k, weight.stride(0),
-                       HAS_BIAS=bias is not None, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-                       EVEN_K=k % config.block_k == 0, num_warps=config.num_warps)
+    res = residual.reshape(n).contiguous() if residual is not None else row
+    _gemv_kernel[grid](weight, row, bias if bias is not None else row, res, out, n, k,
+                       weight.stride(0), HAS_BIAS=bias is not None,
+                       HAS_RESIDUAL=residual is not None, BLOCK_N=config.block_n,
+                       BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0,
+                       num_warps=config.num_warps)
     return out

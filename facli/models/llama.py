@@ -96,8 +96,10 @@ class MLP(nn.Module):
         self.gate_up_proj.load(reader, (f"{prefix}.gate_proj", f"{prefix}.up_proj"))
         self.down_proj.load(reader, f"{prefix}.down_proj")
 
-    def forward(self, x):
-        return self.down_proj(self.inner(x))
+    def forward(self, x, residual=None):
+        """down(SiLU(gate(x)) * up(x)), plus residual: on a GPU at one token the down projection
+        adds it as it writes."""
+        return self.down_proj(self.inner(x), residual)
 
     def inner(self, x):
         gate, up = self.gate_up_proj(x)
@@ -142,7 +144,7 @@ class DecoderLayer(nn.Module):
         """The layer after its attention: h = x + o_proj(attn), then h + MLP(norm(h)), for the
         layer input x [B, T, H]."""
         normed, x = self.post_attention_layernorm(x, self.self_attn.o_proj(attn))
-        return x + self.mlp(normed)
+        return self.mlp(normed, residual=x)
 
 
 class CausalLM(nn.Module):

@@ -45,8 +45,10 @@ def barrier(parallel: ParallelContext) -> None:
 
 
 def row_parallel_linear(x: torch.Tensor, weight: torch.Tensor, parallel: ParallelContext,
-                        bias: torch.Tensor | None = None) -> torch.Tensor:
-    """sum over ranks of x W^T (+ bias once): x [..., in/N] and weight [out, in/N] -> [..., out].
+                        bias: torch.Tensor | None = None,
+                        residual: torch.Tensor | None = None) -> torch.Tensor:
+    """sum over ranks of x W^T (+ bias once) (+ residual [..., out]): x [..., in/N] and weight
+    [out, in/N] -> [..., out].
 
     With parallel.settings.tile_tokens set and at least two tiles of tokens, the output is computed
     tile by tile along the token dimension into one preallocated buffer and each tile's
@@ -58,11 +60,12 @@ def row_parallel_linear(x: torch.Tensor, weight: torch.Tensor, parallel: Paralle
     projection after next.
     """
     if not parallel.is_distributed:
-        return gemv.linear(x, weight, bias)
+        return gemv.linear(x, weight, bias, residual)
     rows = x.reshape(-1, x.shape[-1])
     out = start_row_parallel(rows, weight, parallel, tile_bounds(rows.shape[0], parallel)).wait_all()
     out = out.view(*x.shape[:-1], weight.shape[0])
-    return out if bias is None else out + bias
+    out = out if bias is None else out + bias
+    return out if residual is None else out + residual
 
 
 def tile_bounds(count: int, parallel: ParallelContext) -> list[tuple[int, int]]:

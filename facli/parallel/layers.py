@@ -115,9 +115,10 @@ class RowParallelLinear(nn.Module):
         assert not self.parallel.is_distributed, "ranks exchange partial sums of dense matrices"
         self.weight = _packed_on_cpu(self.weight)
 
-    def forward(self, x):
-        """x [..., in/N] -> [..., out]; tiled over tokens as parallel.settings says (see comm)."""
-        return comm.row_parallel_linear(x, self.weight, self.parallel, self.bias)
+    def forward(self, x, residual=None):
+        """x [..., in/N] -> [..., out] (+ residual); tiled over tokens as parallel.settings says
+        (see comm)."""
+        return comm.row_parallel_linear(x, self.weight, self.parallel, self.bias, residual)
 
 
 class VocabParallelEmbedding(nn.Module):

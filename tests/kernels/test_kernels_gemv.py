@@ -44,6 +44,29 @@ def test_llama_projections_on_the_gpu(n, k, dtype, monkeypatch):
     check(n, k, dtype, "cuda", bias=n == 1000, monkeypatch=monkeypatch)
 
 
+@pytest.mark.parametrize("dtype", CPU_DTYPES if DEVICE == "cpu" else [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_residual_is_added_to_the_rounded_product_as_pytorch_adds(dtype, bias, monkeypatch):
+    """linear(x, W, b, residual) is linear(x, W, b) + residual bit for bit: the product rounded
+    to the dtype, then the sum rounded (a decoder layer's down projection and its residual)."""
+    poison_allocations(monkeypatch)
+    n, k = 48, 320
+    config = gemv_triton.GemvConfig(block_n=8, block_k=64, num_warps=4)
+    weight = (torch.randn(n, k, device=DEVICE) / k**0.5).to(dtype)
+    x = torch.randn(1, 1, k, device=DEVICE).to(dtype)
+    b = torch.randn(n, device=DEVICE).to(dtype) if bias else None
+    residual = (torch.randn(1, 1, n, device=DEVICE) * 8).to(dtype)
+    out = gemv_triton.gemv_triton(x, weight, b, config, residual=residual)
+    assert torch.equal(out, gemv_triton.gemv_triton(x, weight, b, config) + residual)
+    with pytest.raises(ValueError, match="residual of 48 values"):
+        gemv_triton.gemv_triton(x, weight, b, config, residual=residual[..., :4])
+
+
+def test_linear_adds_the_residual_on_every_path():
+    weight, x, residual = torch.randn(8, 16), torch.randn(3, 16), torch.randn(3, 8)
+    assert torch.equal(gemv.linear(x, weight, residual=residual), F.linear(x, weight) + residual)
+
+
 def test_linear_leaves_everything_but_one_gpu_row_to_torch():
     weight, x = torch.randn(8, 16), torch.randn(3, 16)
     assert torch.equal(gemv.linear(x, weight), F.linear(x, weight))
