@@ -285,20 +285,24 @@ class OffloadedKVStore(CooperativeDecode, PackedSlots):
         return self._tiled_attention(q, part, visible, own)
 
     def _tiled_attention(self, q, part: KVPart, visible: int, own=None):
-        """_part_attention with fp8 rows dequantized FP8_TILE at a time (a 256K layer in bf16
-        would be a 4 GiB temporary) and the tiles merged by log-sum-exp."""
-        step = FP8_TILE if part.fp8 else max(visible, 1)
-        tiles = [(first, min(first + step, visible)) for first in range(0, visible, step)]
-        tiles += [own] if own is not None else []
+        """_part_attention with fp8 rows dequantized about FP8_TILE at a time (a 256K layer in
+        bf16 would be a 4 GiB temporary) and the tiles merged by log-sum-exp. The prefix is cut
+        into equal tiles and the last one also takes the queries' own rows, attended causally:
+        one kernel call and no merge where the prefix fits one tile."""
+        stop = visible if own is None else own[1]
+        count = max(1, -(-visible // FP8_TILE)) if part.fp8 else 1
+        bounds = [visible * index // count for index in range(count)] + [stop]
         out = lse = None
-        for first, last in tiles:
+        for first, last in zip(bounds, bounds[1:]):
             keys, values = part.read(last, self.dtype, first=first)
             if q.shape[1] == 1:  # a lone query sits after (or at) every key of the tile
                 self._prefix_lens.fill_(last - first)
                 tile = decode_attention(q, keys, values, self._prefix_lens, return_lse=True)
             else:
-                tile = prefill_attention(q, keys, values, causal=(first, last) == own,
-                                         q_offset=0, return_lse=True)
+                own_rows = own is not None and last == stop
+                tile = prefill_attention(q, keys, values, causal=own_rows,
+                                         q_offset=own[0] - first if own_rows else 0,
+                                         return_lse=True)
             out, lse = tile if out is None else merge_attention(out, lse, *tile)
         return out, lse
 
