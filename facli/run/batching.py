@@ -7,6 +7,7 @@ the next prompt (prefilled into that row alone) while the others wait, then rejo
 """
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -14,7 +15,7 @@ import torch
 
 from facli.models.llama import CausalLM
 from facli.offload.device_cache import DeviceKVCache
-from facli.run.engine import Engine, TokenRun, prefill
+from facli.run.engine import Engine, HostReads, TokenRun, prefill
 from facli.run.sampling import Sampler, SamplingParams, TokenHistory
 
 
@@ -47,8 +48,14 @@ class _Row:
     request: RowRequest
     sampler: Sampler
     budget: int
-    position: int
+    position: int  # of the row's next decode step
     run: TokenRun = field(default_factory=TokenRun)
+    queued: int = 0  # its decode steps queued and not yet read
+    done: bool = False
+
+    @property
+    def steps_left(self) -> bool:
+        return len(self.run.token_ids) + self.queued < self.budget
 
 
 class BatchedEngine:
@@ -73,28 +80,45 @@ class BatchedEngine:
         none and every row is done; on_done(request, run) as each one ends (EOS, its token
         budget, or a full row). next_request is asked again whenever a row is free, so it may
         hand out prompts that depend on earlier results. on_progress(prefilled, decoded) after
-        each prefill chunk (its tokens, 0) and each decode step (0, its busy rows)."""
+        each prefill chunk (its tokens, 0) and each decode step (0, its busy rows).
+
+        As Engine.generate does, the engine's `lookahead` steps are queued before the host reads
+        a step's tokens. A row that ends at EOS has had those steps run too: they wrote at
+        positions its cache holds, the next prompt in the row overwrites them, and their tokens
+        are dropped. A row at its token budget is stepped no further."""
         progress = on_progress or (lambda prefilled, decoded: None)
         stats = BatchStats()
         # Each row's own tokens for the repetition controls, restarted as a prompt takes the row.
         self._history = TokenHistory(sampling, self.rows, self.model.config.vocab_size, self.device)
+        ahead = 0 if self._history.ngram else self.engine.lookahead
+        reads = HostReads(self.device, slots=ahead + 1, width=self.rows)
         rows: list[_Row | None] = [None] * self.rows
+        queued: deque[list[_Row | None]] = deque()  # each queued step's rows, oldest first
+        chosen = None  # the last queued step's tokens, on the device
         while True:
             self._fill(rows, next_request, on_done, sampling, eos_ids, stats, progress)
-            busy = [index for index, row in enumerate(rows) if row is not None]
-            if not busy:
-                return stats
             started = time.perf_counter()
-            tokens = self._step(rows)
-            stats.decode_steps += 1
-            stats.decode_tokens += len(busy)
+            stepping = [row if row is not None and row.steps_left else None for row in rows]
+            if any(stepping):
+                chosen = self._step(stepping, chosen)
+                reads.push(chosen)
+                queued.append(stepping)
+            if not queued:
+                return stats
+            if len(queued) <= ahead and any(stepping):
+                continue
+            stepped, tokens = queued.popleft(), reads.pop_all()
+            busy = [index for index, row in enumerate(stepped) if row is not None and not row.done]
             for index in busy:
-                row = rows[index]
-                row.position += 1
+                row = stepped[index]
+                row.queued -= 1
                 if self._accept(row, tokens[index], eos_ids):
+                    row.done = True
                     self._history.stop(index)
                     on_done(row.request, row.run)
                     rows[index] = None
+            stats.decode_steps += 1
+            stats.decode_tokens += len(busy)
             stats.decode_s += time.perf_counter() - started
             progress(0, len(busy))
 
@@ -146,13 +170,23 @@ class BatchedEngine:
             return True
         return len(row.run.token_ids) >= row.budget
 
-    def _step(self, rows: list[_Row | None]) -> list[int]:
-        """One decode step of every row (a free row decodes a dummy token at position 0, which
-        the next prompt in it overwrites); the sampled token of each busy row."""
-        last = [row.run.token_ids[-1] if row else 0 for row in rows]
+    def _step(self, rows: list[_Row | None], previous: torch.Tensor | None) -> torch.Tensor:
+        """Queue one decode step of every row (a free row decodes a dummy token at position 0,
+        which the next prompt in it overwrites); returns the sampled tokens [rows] on the device.
+        A row with a step still unread takes its token from `previous`, that step's tokens."""
+        last = [row.run.token_ids[-1] if row and not row.queued else 0 for row in rows]
+        pending = [bool(row and row.queued) for row in rows]
         positions = [row.position if row else 0 for row in rows]
-        host = torch.tensor([last, positions], dtype=torch.long)
-        tokens, positions = host.to(self.device, non_blocking=True).unbind(0)
+        host = torch.tensor([last, positions, pending], dtype=torch.long)
+        if self.device.type == "cuda":  # from pinned memory the copy waits for no queued work
+            host = host.pin_memory()
+        tokens, positions, pending = host.to(self.device, non_blocking=True).unbind(0)
+        if previous is not None and any(row and row.queued for row in rows):
+            tokens = torch.where(pending.bool(), previous, tokens)
+        for row in rows:
+            if row is not None:
+                row.position += 1
+                row.queued += 1
         logits = self._history.apply(self.engine.decode_step(tokens, positions))
         if all(row is None or row.sampler.params.greedy for row in rows):
             chosen = logits.argmax(dim=-1)
@@ -162,4 +196,4 @@ class BatchedEngine:
                                   for index, row in enumerate(rows)])
         chosen = self.token_sync(chosen)
         self._history.push(chosen)  # free rows' tokens too: a row's next start resets them
-        return chosen.tolist()
+        return chosen

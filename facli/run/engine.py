@@ -154,28 +154,33 @@ class Engine:
 
 class HostReads:
     """Device token ids copied to the host without stopping the stream: each push starts a
-    copy into its own pinned slot, and pop waits only for the oldest copy, not for work queued
+    copy into its own pinned slot, and a pop waits only for the oldest copy, not for work queued
     after it."""
 
-    def __init__(self, device: torch.device, slots: int):
+    def __init__(self, device: torch.device, slots: int, width: int = 1):
         self.gpu = device.type == "cuda"
-        self.slots = [torch.empty(1, dtype=torch.long, pin_memory=self.gpu) for _ in range(slots)]
+        self.slots = [torch.empty(width, dtype=torch.long, pin_memory=self.gpu) for _ in range(slots)]
         self.events = [torch.cuda.Event() if self.gpu else None for _ in range(slots)]
         self.pushed = self.popped = 0
 
     def push(self, tokens: torch.Tensor) -> None:
-        """Start reading tokens[0]; at most len(slots) reads are in flight."""
+        """Start reading tokens' first `width` ids; at most len(slots) reads are in flight."""
         assert self.pushed - self.popped < len(self.slots), "every slot holds an unread token"
         slot = self.pushed % len(self.slots)
-        self.slots[slot].copy_(tokens[:1], non_blocking=self.gpu)
+        width = self.slots[slot].shape[0]
+        self.slots[slot].copy_(tokens.reshape(-1)[:width], non_blocking=self.gpu)
         if self.gpu:
             self.events[slot].record()
         self.pushed += 1
 
-    def pop(self) -> int:
-        """The oldest pushed token id, once its copy is done."""
+    def pop_all(self) -> list[int]:
+        """The oldest pushed ids, once their copy is done."""
         slot = self.popped % len(self.slots)
         if self.gpu:
             self.events[slot].synchronize()
         self.popped += 1
-        return int(self.slots[slot][0])
+        return self.slots[slot].tolist()
+
+    def pop(self) -> int:
+        """The oldest pushed first id, once its copy is done."""
+        return self.pop_all()[0]

@@ -58,24 +58,28 @@ def _one_at_a_time(model, requests, sampling, eos_ids=(), store="device"):
     return runs
 
 
-def _together(model, requests, sampling, rows, eos_ids=(), store="device"):
+def _together(model, requests, sampling, rows, eos_ids=(), store="device", lookahead=0):
+    """lookahead: decode steps queued before a step's tokens are read (a GPU's default is 1;
+    on the CPU the queue logic runs all the same)."""
     queue, runs = list(requests), {}
     engine = BatchedEngine(model, _cache(model, rows, store), prefill_chunk=8)
+    engine.engine.lookahead = lookahead
     stats = engine.run(lambda: queue.pop(0) if queue else None,
                        lambda request, run: runs.setdefault(request.key, run),
                        sampling=sampling, eos_ids=eos_ids)
     return runs, stats
 
 
-@pytest.mark.parametrize("rows, store", [(1, "device"), (3, "device"), (8, "device"),
-                                         (3, "fp8"), (8, "fp8")])
+@pytest.mark.parametrize("rows, store, lookahead", [
+    (1, "device", 0), (3, "device", 0), (8, "device", 0), (3, "fp8", 0), (8, "fp8", 0),
+    (1, "device", 1), (3, "device", 1), (3, "fp8", 2)])
 @pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=0.9, top_k=20, seed=3)],
                          ids=["greedy", "sampled"])
 @pytest.mark.slow
-def test_rows_give_the_tokens_of_one_at_a_time(model, rows, store, sampling):
+def test_rows_give_the_tokens_of_one_at_a_time(model, rows, store, lookahead, sampling):
     requests = _requests(model)
     want = _one_at_a_time(model, requests, sampling, store=store)
-    got, stats = _together(model, requests, sampling, rows, store=store)
+    got, stats = _together(model, requests, sampling, rows, store=store, lookahead=lookahead)
     assert {key: run.token_ids for key, run in got.items()} == \
         {key: run.token_ids for key, run in want.items()}
     assert [len(got[key].token_ids) for key in sorted(got)] == [6, 3, 10, 4, 8, 1, 5, CAPACITY - 44 + 1]
@@ -85,17 +89,24 @@ def test_rows_give_the_tokens_of_one_at_a_time(model, rows, store, sampling):
     assert stats.decode_tokens == sum(len(run.token_ids) - 1 for run in got.values())
 
 
-def test_eos_frees_a_row_for_the_next_prompt(model):
+@pytest.mark.parametrize("lookahead", [0, 1, 2])
+def test_eos_frees_a_row_for_the_next_prompt(model, lookahead):
+    """Queued steps past a row's EOS leave no token in its run and no trace in the prompt that
+    takes the row next."""
     requests = _requests(model, seed=1)
     eos = _one_at_a_time(model, requests, SamplingParams())[2].token_ids[2]  # ends prompt 2 early
     want = _one_at_a_time(model, requests, SamplingParams(), eos_ids=(eos,))
-    got, _ = _together(model, requests, SamplingParams(), 3, eos_ids=(eos,))
+    got, stats = _together(model, requests, SamplingParams(), 3, eos_ids=(eos,), lookahead=lookahead)
     assert got[2].finish_reason == "eos" and len(got[2].token_ids) <= 3
     assert {key: run.token_ids for key, run in got.items()} == \
         {key: run.token_ids for key, run in want.items()}
+    assert {key: run.finish_reason for key, run in got.items()} == \
+        {key: run.finish_reason for key, run in want.items()}
+    assert stats.decode_tokens == sum(len(run.token_ids) - 1 for run in got.values())
 
 
-def test_prompts_handed_out_after_earlier_results(model):
+@pytest.mark.parametrize("lookahead", [0, 1])
+def test_prompts_handed_out_after_earlier_results(model, lookahead):
     """next_request may return None for now and more later, once a result it waits on is in."""
     first, second = _requests(model)[:2]
     handed, runs = [], {}
@@ -110,6 +121,7 @@ def test_prompts_handed_out_after_earlier_results(model):
         return None
 
     engine = BatchedEngine(model, _cache(model, 4), prefill_chunk=8)
+    engine.engine.lookahead = lookahead
     engine.run(next_request, lambda request, run: runs.setdefault(request.key, run),
                sampling=SamplingParams())
     want = _one_at_a_time(model, [first, second], SamplingParams())
