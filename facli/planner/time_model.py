@@ -40,7 +40,7 @@ ELEMENTWISE_PASSES = 2
 # Seconds per layer per prefill step: kernel launches. `facli bench` TTFT at short depths.
 LAYER_OVERHEAD_S = 30e-6
 # Seconds per layer per graphed decode step, beyond its bytes. `facli bench` decode at 8K-128K.
-DECODE_LAYER_OVERHEAD_S = 43e-6
+DECODE_LAYER_OVERHEAD_S = 27e-6
 # Rows' weight read rate (cuBLAS GEMMs) over one row's kernel, in us per layer. benchmarks/gemv.py.
 ROWS_WEIGHT_READ_SHARE = 104 / 117
 # Decode's read rate over hbm_gbps, a copy's rate (ratio). `facli bench` decode at 8K-256K.

@@ -143,7 +143,7 @@ def test_a_plan_that_offloads_names_fp8_when_it_would_be_faster():
     offloading = plan(model("llama-7b"), h200, 256 * 1024, 1, options())
     hints = offloading.hints
     assert len(hints) == 1 and "--kv-dtype fp8" in hints[0] and hints[0] in offloading.explanation
-    assert "all 32 layers' KV on the GPU: decode 31.5 tokens/s against 5.1" in hints[0]
+    assert "all 32 layers' KV on the GPU: decode 32.0 tokens/s against 5.1" in hints[0]
     # Never when the user chose the KV dtype, or when nothing goes to host memory.
     for chosen in (options(kv_dtype="fp16"), options(kv_dtype="fp8")):
         result = plan(model("llama-7b"), h200, 256 * 1024, 1, chosen)
@@ -264,11 +264,13 @@ def test_prediction_is_in_the_measured_range_on_h200():
     assert 50 < result.timing.decode_tokens_per_s < 300
 
 
-@pytest.mark.parametrize("ctx, measured_tokens_per_s", [(8192, 188.0), (32768, 122.0), (131072, 52.2)])
-def test_decode_prediction_matches_a_measured_h200_run(ctx, measured_tokens_per_s):
-    # `facli bench --synthetic llama-7b` on one H200: docs/results/gemv-decode-ab-1xH200-000001e.json
-    # (8K, 32K) and docs/results/e2e-bf16-128k-1xH200-21d80c6.json.
-    result = plan(model("llama-7b"), load_hardware("1xH200-141GB"), ctx, 1, options())
+@pytest.mark.parametrize("hardware, ctx, measured_tokens_per_s", [
+    ("1xH100-80GB", 8192, 154.0), ("1xH100-80GB", 32768, 94.9), ("1xH200-141GB", 131072, 52.2)])
+def test_decode_prediction_matches_a_measured_run(hardware, ctx, measured_tokens_per_s):
+    # `facli bench --synthetic llama-7b`: on one H100 docs/results/e2e-1xH100-af9d3ea.json (8K,
+    # 32K), on one H200 docs/results/e2e-bf16-128k-1xH200-21d80c6.json (128K, where a step's
+    # small kernels weigh 3%).
+    result = plan(model("llama-7b"), load_hardware(hardware), ctx, 1, options())
     assert result.timing.decode_tokens_per_s == pytest.approx(measured_tokens_per_s, rel=0.03)
 
 

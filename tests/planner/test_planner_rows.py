@@ -53,16 +53,17 @@ def test_fp8_rows_peak_matches_a_measured_h200_run(ctx, rows, measured_gib):
     assert result.devices[0].peak_bytes / 2 ** 30 == pytest.approx(measured_gib, rel=0.01)
 
 
-@pytest.mark.parametrize("ctx, rows, kv_dtype, measured_tokens_per_s", [
-    (4096, 8, "auto", 891.7), (16384, 8, "auto", 397.3), (16384, 15, "auto", 440.6),
-    (32768, 5, "auto", 206.1), (32768, 14, "fp8", 270.9)])
-def test_decode_prediction_for_rows_matches_a_measured_h200_run(ctx, rows, kv_dtype,
-                                                                measured_tokens_per_s):
-    # `facli bench --synthetic llama-7b --batch N` on one H200: docs/results/e2e-rows8-bf16-1xH200-61a0c14.json,
-    # e2e-rows5-bf16-1xH200-3127cef.json, e2e-rowsauto16k-bf16-1xH200-46fbc43.json and
-    # e2e-rows14-fp8-1xH200-9a496df.json (fp8 scales stored by head; the fp8 rows runs before
-    # 8e1b53a read them by position, 4-7% slower).
-    result = plan(model("llama-7b"), load_hardware("1xH200-141GB"), ctx, rows,
+@pytest.mark.parametrize("hardware, ctx, rows, kv_dtype, measured_tokens_per_s", [
+    ("1xH100-80GB", 4096, 8, "auto", 720.7), ("1xH200-141GB", 16384, 8, "auto", 397.3),
+    ("1xH200-141GB", 16384, 15, "auto", 440.6), ("1xH200-141GB", 32768, 5, "auto", 206.1),
+    ("1xH200-141GB", 32768, 14, "fp8", 270.9)])
+def test_decode_prediction_for_rows_matches_a_measured_run(hardware, ctx, rows, kv_dtype,
+                                                           measured_tokens_per_s):
+    # `facli bench --synthetic llama-7b --batch N`: on one H100
+    # docs/results/e2e-rows8-1xH100-af9d3ea.json; on one H200 e2e-rows5-bf16-1xH200-3127cef.json,
+    # e2e-rowsauto16k-bf16-1xH200-46fbc43.json and e2e-rows14-fp8-1xH200-9a496df.json (fp8
+    # scales stored by head; the fp8 rows runs before 8e1b53a read them by position, 4-7% slower).
+    result = plan(model("llama-7b"), load_hardware(hardware), ctx, rows,
                   options(weight_dtype="bf16", kv_dtype=kv_dtype))
     assert result.timing.decode_tokens_per_s == pytest.approx(measured_tokens_per_s, rel=0.06)
 
