@@ -15,7 +15,7 @@ from facli.planner.search import (
     largest_fitting_ctx,
     plan,
 )
-from facli.planner.time_model import EAGER_STORE_LAYER_HOST_S
+from facli.planner.time_model import DECODE_LAYER_OVERHEAD_S, EAGER_STORE_LAYER_HOST_S
 from facli.units import GIB, parse_ctx
 from planner_cases import model, options
 
@@ -173,11 +173,15 @@ def test_fp8_kv_keeps_everything_on_one_h200():
                                                       (262144, 31.6)])
 def test_fp8_decode_replays_graphs_where_the_kernel_reads_e4m3(ctx, measured_tokens_per_s):
     """On Hopper the decode kernel reads the fp8 cache directly and the steps replay a CUDA
-    graph: no eager floor, and the prediction follows the measured runs
-    (docs/results/e2e-fp8-1xH200-9a496df.json)."""
+    graph: no eager floor, and the step's reads follow the measured runs
+    (docs/results/e2e-fp8-1xH200-9a496df.json). Those ran with more small kernels per layer
+    than decode has now, so the comparison is of the step less its per-layer overhead, each
+    with the overhead of its own code (43 us per layer then)."""
     fp8 = plan(model("llama-7b"), load_hardware("1xH200-141GB"), ctx, 1, options(kv_dtype="fp8"))
     assert fp8.timing.decode_step_s < 32 * EAGER_STORE_LAYER_HOST_S
-    assert fp8.timing.decode_tokens_per_s == pytest.approx(measured_tokens_per_s, rel=0.03)
+    measured_reads_s = 1 / measured_tokens_per_s - 32 * 43e-6
+    predicted_reads_s = fp8.timing.decode_step_s - 32 * DECODE_LAYER_OVERHEAD_S
+    assert predicted_reads_s == pytest.approx(measured_reads_s, rel=0.03)
 
 
 def test_eager_fp8_decode_sets_a_floor_under_the_step_before_sm89():
