@@ -285,25 +285,28 @@ class OffloadedKVStore(CooperativeDecode, PackedSlots):
         return self._tiled_attention(q, part, visible, own)
 
     def _tiled_attention(self, q, part: KVPart, visible: int, own=None):
-        """_part_attention with fp8 rows dequantized about FP8_TILE at a time (a 256K layer in
-        bf16 would be a 4 GiB temporary) and the tiles merged by log-sum-exp. The prefix is cut
-        into equal tiles and the last one also takes the queries' own rows, attended causally:
-        one kernel call and no merge where the prefix fits one tile."""
+        """_part_attention with fp8 rows dequantized at most FP8_TILE at a time (a 256K layer in
+        bf16 would be a 4 GiB temporary; the queries' own rows alone may be more) and the tiles
+        merged by log-sum-exp. The last tile ends with the queries' own rows, attended causally,
+        and the prefix before it is cut into equal tiles: a prefix and chunk within one tile are
+        one kernel call and no merge."""
         stop = visible if own is None else own[1]
-        count = max(1, -(-visible // FP8_TILE)) if part.fp8 else 1
-        bounds = [visible * index // count for index in range(count)] + [stop]
+        tile = FP8_TILE if part.fp8 else max(stop, 1)
+        last_first = min(visible, max(0, stop - tile))
+        count = -(-last_first // tile)
+        bounds = [last_first * index // count for index in range(count)] + [last_first, stop]
         out = lse = None
         for first, last in zip(bounds, bounds[1:]):
             keys, values = part.read(last, self.dtype, first=first)
             if q.shape[1] == 1:  # a lone query sits after (or at) every key of the tile
                 self._prefix_lens.fill_(last - first)
-                tile = decode_attention(q, keys, values, self._prefix_lens, return_lse=True)
+                tile_out = decode_attention(q, keys, values, self._prefix_lens, return_lse=True)
             else:
                 own_rows = own is not None and last == stop
-                tile = prefill_attention(q, keys, values, causal=own_rows,
-                                         q_offset=own[0] - first if own_rows else 0,
-                                         return_lse=True)
-            out, lse = tile if out is None else merge_attention(out, lse, *tile)
+                tile_out = prefill_attention(q, keys, values, causal=own_rows,
+                                             q_offset=own[0] - first if own_rows else 0,
+                                             return_lse=True)
+            out, lse = tile_out if out is None else merge_attention(out, lse, *tile_out)
         return out, lse
 
     def _wrote(self, layer, start, stop, event):

@@ -7,9 +7,11 @@ from kernel_checks import assert_within_torch_error
 from kv_store_cases import (
     BATCH,
     CAPACITY,
+    CHUNKS,
     HEAD_DIM,
     KV_HEADS,
     LAYERS,
+    Q_HEADS,
     _attention_over_stored_rows,
     _device_cache,
     _offloaded,
@@ -21,6 +23,7 @@ import facli.kernels as kernels
 from facli.kernels import common
 from facli.offload import kv_store
 from facli.offload.fp8 import E4M3_MAX, dequantize, quantize
+from facli.offload.kv_parts import KVPart
 
 
 def _relative_error(got, want):
@@ -79,6 +82,36 @@ def test_fp8_small_tiles_and_ring(monkeypatch, mode):
     for host in [(), (1, 3)]:
         got = _run(_offloaded(host, mode, kv_dtype="fp8", gpu_prefix_tokens=19), steps)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_fp8_tiles_end_with_the_chunk_and_stay_within_the_tile(monkeypatch):
+    """Prefill over GPU fp8 rows reads at most FP8_TILE rows per tile (or the chunk alone, where
+    it is longer), the last tile ending with the chunk's own rows; a prefix and chunk within one
+    tile are one read."""
+    tile = 16
+    monkeypatch.setattr(kv_store, "FP8_TILE", tile)
+    reads = []
+    original = KVPart.read
+
+    def spy(self, stop, dtype, first=0):
+        reads.append((first, stop))
+        return original(self, stop, dtype, first)
+
+    monkeypatch.setattr(KVPart, "read", spy)
+    store = _offloaded((), "prefetch", kv_dtype="fp8")
+    start = 0
+    for chunk in CHUNKS:  # 7, 13, 1, 20 rows: stops at 7, 20, 21, 41
+        reads.clear()
+        q = torch.randn(BATCH, chunk, Q_HEADS, HEAD_DIM)
+        kv = torch.randn(BATCH, chunk, KV_HEADS, HEAD_DIM)
+        store.attend(0, q, kv, kv, start)
+        stop = start + chunk
+        assert reads[-1][1] == stop and reads[-1][0] <= start and reads[0][0] == 0
+        assert all(b == a for (_, b), (a, _) in zip(reads, reads[1:])), reads
+        assert all(last - first <= max(tile, chunk) for first, last in reads), reads
+        if stop <= tile:
+            assert reads == [(0, stop)]
+        start = stop
 
 
 @requires_cuda
