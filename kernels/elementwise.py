@@ -1,6 +1,6 @@
 """The decoder layer's elementwise work, fused: RMSNorm (with the residual add before it), rotary
-embeddings (in a decode step together with storing K and V), SiLU(gate) * up, and the sum of two ranks' row-parallel partials with what follows
-it (residual add, RMSNorm).
+embeddings (in a decode step together with storing K and V), SiLU(gate) * up, and the sum of two
+ranks' row-parallel partials with what follows it (residual add, RMSNorm).
 
 Unfused, each is five to ten PyTorch kernels over [tokens, hidden] tensors with float32
 intermediates; at 32K tokens of a 7B model that is several GB of memory traffic per layer, as much
@@ -17,7 +17,7 @@ launchers also run on CPU tensors under TRITON_INTERPRET=1, which the tests use.
 import torch
 import torch.nn.functional as F
 
-from facli.kernels import common
+from facli.kernels import common, quantize_fp8
 
 
 def _kernels():
@@ -94,8 +94,6 @@ def rotate_and_store_token(q, k, v, cos, sin, k_cache, v_cache, position: torch.
 
 def rotate_and_store_token_reference(q, k, v, cos, sin, k_cache, v_cache, position, *,
                                      k_scales=None, v_scales=None):
-    from facli.kernels import quantize_fp8
-
     k = apply_rotary_reference(k, cos, sin)
     at = (torch.arange(k.shape[0], device=position.device), position.expand(k.shape[0]))
     for cache, scales, x in ((k_cache, k_scales, k), (v_cache, v_scales, v)):

@@ -86,7 +86,6 @@ def rotate_and_store_token_triton(q, k, v, cos, sin, k_cache, v_cache, position,
     if fp8 and (v_scales is None or k_scales.stride() != v_scales.stride()):
         raise ValueError("expected both K and V scales, with the same strides")
     # cos, sin: [1, D] or [T=1, D] for every sequence, or [B, 1, D] one row per sequence.
-    per_sequence = cos.dim() == 3 and cos.shape[0] == batch and batch > 1
     scales = k_scales if fp8 else k_cache
     out = common.empty(*q.shape, dtype=q.dtype, device=q.device)
     _rotate_and_store_kernel[(batch, q_heads + kv_heads)](
@@ -94,7 +93,7 @@ def rotate_and_store_token_triton(q, k, v, cos, sin, k_cache, v_cache, position,
         position.stride(0) if position.numel() > 1 else 0,
         q.stride(0), q.stride(2), k.stride(0), k.stride(2), v.stride(0), v.stride(2),
         out.stride(0), out.stride(2), *k_cache.stride()[:3],
-        *(k_scales.stride() if fp8 else (0, 0, 0)), cos.stride(0) if per_sequence else 0,
+        *(k_scales.stride() if fp8 else (0, 0, 0)), cos.stride(0) if cos.dim() == 3 else 0,
         q_heads, HALF=head_dim // 2, BLOCK=triton.next_power_of_2(head_dim // 2), FP8=fp8,
         num_warps=1, enable_fp_fusion=False)
     return out

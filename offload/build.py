@@ -4,12 +4,13 @@ offloaded store with the plan's host layers, decode mode and CPU share."""
 import torch
 
 from facli.errors import FacliError
+from facli.kernels import common
 from facli.models.config import ModelConfig
 from facli.models.resolve import DTYPES
 from facli.offload.device_cache import DeviceKVCache
 from facli.offload.kv_store import OffloadedKVStore
 from facli.planner.plan import Plan
-from facli.planner.policy import READS_FP8_FROM, holds_rows, uses_offloaded_store
+from facli.planner.policy import holds_rows, uses_offloaded_store
 
 
 def build_kv_store(run_plan: Plan, config: ModelConfig, world_size: int, device: torch.device):
@@ -25,7 +26,7 @@ def build_kv_store(run_plan: Plan, config: ModelConfig, world_size: int, device:
     fp8 = run_plan.kv_dtype == "fp8"
     if not uses_offloaded_store(run_plan.decode_mode, fp8):
         return DeviceKVCache(*shape, dtype, device)
-    reads_fp8 = device.type != "cuda" or torch.cuda.get_device_capability(device) >= READS_FP8_FROM
+    reads_fp8 = common.reads_e4m3(device)
     if run_plan.batch > 1 and not holds_rows(run_plan.decode_mode, fp8, reads_fp8):
         where = ("on a GPU whose decode kernel reads fp8 (compute capability 8.9 or later)"
                  if run_plan.decode_mode == "resident" else "on the GPUs")

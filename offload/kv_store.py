@@ -59,7 +59,7 @@ import copy
 import torch
 
 from facli.errors import FacliError
-from facli.kernels import decode_attention, elementwise, merge_attention, prefill_attention
+from facli.kernels import common, decode_attention, elementwise, merge_attention, prefill_attention
 from facli.offload.cooperative_decode import CooperativeDecode
 from facli.offload.cpu_attention import TileWorkspace
 from facli.offload.fp8 import dequantize_into, store_rows_fp8
@@ -69,7 +69,6 @@ from facli.offload.streams import CopyQueues, host_empty
 from facli.planner.policy import (
     FP8_PREFILL_TILE_ROWS,
     FP8_RING_ROWS,
-    READS_FP8_FROM,
     STAGING_SLOTS,
     packed_slot_rows,
 )
@@ -405,7 +404,8 @@ class OffloadedKVStore(CooperativeDecode, PackedSlots):
 
 
 def _reads_fp8(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= READS_FP8_FROM
+    """A GPU whose kernels read e4m3 rows as stored (the CPU dequantizes tiles instead)."""
+    return device.type == "cuda" and common.reads_e4m3(device)
 
 
 def _validate(num_layers, host_layers, decode_mode, kv_dtype, gpu_prefix_tokens, cpu_share):

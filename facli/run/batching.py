@@ -181,7 +181,7 @@ class BatchedEngine:
         if self.device.type == "cuda":  # from pinned memory the copy waits for no queued work
             host = host.pin_memory()
         tokens, positions, pending = host.to(self.device, non_blocking=True).unbind(0)
-        if previous is not None and any(row and row.queued for row in rows):
+        if previous is not None and any(pending):
             tokens = torch.where(pending.bool(), previous, tokens)
         for row in rows:
             if row is not None:

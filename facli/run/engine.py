@@ -138,17 +138,14 @@ class Engine:
         needs each token on the host before the next step's logits, so it queues none ahead."""
         ahead = 0 if history.ngram else self.lookahead
         reads = HostReads(self.device, slots=ahead + 1)
-        queued = 0
         for step in range(steps):
             logits = self.decode_step(token, position + step)
             token = self.token_sync(sampler(history.apply(logits)))
             history.push(token)
             reads.push(token)
-            queued += 1
-            if queued > ahead:
-                queued -= 1
+            if reads.in_flight > ahead:
                 yield reads.pop()
-        for _ in range(queued):
+        while reads.in_flight:
             yield reads.pop()
 
 
@@ -163,9 +160,14 @@ class HostReads:
         self.events = [torch.cuda.Event() if self.gpu else None for _ in range(slots)]
         self.pushed = self.popped = 0
 
+    @property
+    def in_flight(self) -> int:
+        """Reads pushed and not yet popped."""
+        return self.pushed - self.popped
+
     def push(self, tokens: torch.Tensor) -> None:
         """Start reading tokens' first `width` ids; at most len(slots) reads are in flight."""
-        assert self.pushed - self.popped < len(self.slots), "every slot holds an unread token"
+        assert self.in_flight < len(self.slots), "every slot holds an unread token"
         slot = self.pushed % len(self.slots)
         width = self.slots[slot].shape[0]
         self.slots[slot].copy_(tokens.reshape(-1)[:width], non_blocking=self.gpu)
