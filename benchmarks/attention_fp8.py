@@ -9,8 +9,9 @@ the chunk, over T keys), as prefill in chunks ends. Columns:
 - fp8 kernel: `prefill_attention` with k_scales/v_scales, the Triton kernel reading e4m3 and the
   scales itself (table config: on Hopper K/V tiles through the copy engine); fp8 plain loads:
   the same block sizes without the copy engine;
-- store: what OffloadedKVStore's prefill runs over its fp8 GPU rows: FP8_TILE-row tiles
-  dequantized to bf16, each through the bf16 kernel, merged by LSE.
+- store: what OffloadedKVStore's prefill runs over its fp8 GPU rows (on Hopper the fp8 kernel);
+  tiles: its path elsewhere, FP8_TILE-row tiles dequantized to bf16, each through the bf16 kernel,
+  merged by LSE.
 TF/s count the causal FLOPs as attention.py does: 4 * Hq * D * (queries * prefix + queries^2 / 2).
 """
 
@@ -26,7 +27,7 @@ from facli.offload.kv_store import OffloadedKVStore
 from gpu_timing import try_ms
 
 COLUMNS = {"bf16": "bf16 facli", "bf16_triton": "bf16 Triton", "fp8": "fp8 kernel",
-           "fp8_plain": "fp8 plain loads", "store": "store"}
+           "fp8_plain": "fp8 plain loads", "store": "store", "tiles": "tiles"}
 
 
 def fp8_store(k, v):
@@ -55,6 +56,7 @@ def fp8_prefill_row(seq, queries, heads=32, d=128, device="cuda"):
         "fp8_plain": lambda: prefill_attention_triton(q, part.k, part.v, q_offset=start,
                                                       config=plain, **scales),
         "store": lambda: store._fp8_attention(q, part, start, seq),
+        "tiles": lambda: store._tiled_attention(q, part, start, own=(start, seq))[0],
     }
     flops = 4 * heads * d * (queries * start + queries * queries / 2)
     budget = 0.4 if seq <= 16384 else 0.05
@@ -67,7 +69,7 @@ def fp8_prefill_row(seq, queries, heads=32, d=128, device="cuda"):
                     ((part.k, part.k_scales), (part.v, part.v_scales)))
     ref = prefill_attention(q, deq_k, deq_v, q_offset=start).float()
     del deq_k, deq_v
-    for name in ("fp8", "store"):
+    for name in ("fp8", "store", "tiles"):
         out = calls[name]().float()
         row[name + "_rel_diff"] = ((out - ref).norm() / ref.norm()).item()
     return row
@@ -76,14 +78,15 @@ def fp8_prefill_row(seq, queries, heads=32, d=128, device="cuda"):
 def print_fp8_table(rows, fmt):
     print("\ncausal prefill over an fp8 KV cache (e4m3 + float32 scale per token and head) against "
           "bf16, B=1, Hq=Hkv=32, D=128, TF/s")
-    print("| T | queries | " + " | ".join(COLUMNS.values()) + " | store/bf16 facli | fp8 kernel/bf16 "
-          "Triton | rel diff fp8 kernel, store |")
-    print("| --- " * (len(COLUMNS) + 5) + "|")
+    ratios = (("store", "bf16"), ("tiles", "bf16"), ("fp8_plain", "bf16_triton"))
+    print("| T | queries | " + " | ".join(COLUMNS.values()) + " | "
+          + " | ".join(f"{COLUMNS[a]}/{COLUMNS[b]}" for a, b in ratios)
+          + " | rel diff fp8 kernel, store, tiles |")
+    print("| --- " * (len(COLUMNS) + len(ratios) + 3) + "|")
     for r in rows:
         tf = {name: r.get(name + "_tflops") for name in COLUMNS}
-        ratios = [tf[path] / tf[base] if tf[path] and tf[base] else None
-                  for path, base in (("store", "bf16"), ("fp8", "bf16_triton"))]
-        diffs = ", ".join(fmt(r.get(name + "_rel_diff"), 4) for name in ("fp8", "store"))
+        shares = [tf[a] / tf[b] if tf[a] and tf[b] else None for a, b in ratios]
+        diffs = ", ".join(fmt(r.get(name + "_rel_diff"), 4) for name in ("fp8", "store", "tiles"))
         print(f"| {r['T'] // 1024}K | {r['queries'] // 1024}K | "
-              + " | ".join(fmt(tf[name]) for name in COLUMNS)
-              + f" | {fmt(ratios[0], 2)} | {fmt(ratios[1], 2)} | {diffs} |")
+              + " | ".join(fmt(tf[name]) for name in COLUMNS) + " | "
+              + " | ".join(fmt(share, 2) for share in shares) + f" | {diffs} |")

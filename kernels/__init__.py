@@ -1,8 +1,8 @@
 """FastAttention: facli's attention functions.
 
 CUDA tensors in float16/bfloat16 go to the Triton kernels (prefill on Hopper to the Gluon kernel
-of `prefill_hopper` where it takes the shapes; fp8 K/V with scales to the Triton kernels, which
-read e4m3 directly); everything else (CPU tensors, float32) to the plain-PyTorch reference.
+of `prefill_hopper` where it takes the shapes; fp8 K/V with scales to the same kernels, which read
+e4m3 directly); everything else (CPU tensors, float32) to the plain-PyTorch reference.
 `backend="triton"` forces the kernels, which on a CPU run only under TRITON_INTERPRET=1 (the
 tests' lane); `backend="reference"` forces the reference.
 The Triton modules (`prefill`, `prefill_hopper`, `decode`) are imported on the first call that
@@ -73,9 +73,9 @@ def prefill_attention(q, k, v, *, causal=True, q_offset=0, scale=None, return_ls
     kwargs = {"causal": causal, "q_offset": q_offset, "scale": scale, "return_lse": return_lse}
     if common.check_fp8_scales(k, v, k_scales, v_scales):
         if _use_triton(q, backend) and common.reads_e4m3(q.device):
-            return common.triton_module("prefill").prefill_attention_triton(
-                q, k, v, k_scales=k_scales, v_scales=v_scales, **kwargs)
-        k, v = dequantize_fp8(k, k_scales, q.dtype), dequantize_fp8(v, v_scales, q.dtype)
+            kwargs.update(k_scales=k_scales, v_scales=v_scales)
+        else:
+            k, v = dequantize_fp8(k, k_scales, q.dtype), dequantize_fp8(v, v_scales, q.dtype)
     if _use_triton(q, backend):
         triton_prefill = common.triton_module("prefill").prefill_attention_triton
         if q.shape[1] > SMALL_QUERIES:
@@ -86,6 +86,15 @@ def prefill_attention(q, k, v, *, causal=True, q_offset=0, scale=None, return_ls
     if return_lse:
         return attention_with_lse(q, k, v, causal=causal, q_offset=q_offset, scale=scale)
     return prefill_attention_reference(q, k, v, causal=causal, q_offset=q_offset, scale=scale)
+
+
+def prefill_reads_fp8_at_speed(q) -> bool:
+    """Whether `prefill_attention` over an fp8 cache, for queries like q, runs about as fast as
+    over a 16-bit one: on Hopper the Gluon kernel dequantizes tiles in shared memory. Elsewhere the
+    Triton kernel's e4m3 path is slower than dequantizing tiles first and attending over those."""
+    if not (_use_triton(q, "auto") and q.shape[1] > SMALL_QUERIES):
+        return False
+    return common.triton_module("prefill_hopper").takes_fp8(q)
 
 
 def decode_attention(q, k_cache, v_cache, cache_lens, *, scale=None, return_lse=False,
@@ -121,4 +130,5 @@ __all__ = [
     "merge_attention",
     "prefill_attention",
     "prefill_attention_reference",
+    "prefill_reads_fp8_at_speed",
 ]

@@ -18,6 +18,12 @@ stages after P @ V, so the producer refills each as early as it can.
 
 Q, K and V are read as [B, T, H * D] by the copy engine, which fills rows past T with zeros: those
 keys lie in the masked tiles and get -inf scores, those queries are never stored.
+
+An fp8 KV cache (e4m3 plus a float32 scale per token and KV head) takes a four-warp producer that
+also dequantizes: the copy engine brings e4m3 tiles (half the bytes) into their own ring, and the
+producer writes each tile times its rows' scales, rounded once to q's dtype, into the 16-bit stage
+the consumers read. Those are the values `dequantize_fp8` makes, so the consumers, unchanged,
+compute exactly what they compute over a dequantized copy, which is never made in memory.
 """
 
 import math
@@ -60,8 +66,13 @@ NOT_CAUSAL_SHIFT = 1 << 30  # added to query positions: every key is then visibl
 MAX_REGS = 168
 PRODUCER_REGS = 24
 CONSUMER_REGS = 240
+# fp8: the producer dequantizes with four warps, so the consumers give up some registers.
+FP8_PRODUCER_REGS = 40
+FP8_CONSUMER_REGS = 232
+FP8_STAGES = 2
 
 if GLUON:
+    DEQUANT_ROWS = gl.constexpr(16)  # rows per dequantizing step: 16 e4m3 bytes a thread, one load
 
     @gluon.jit
     def _producer(descs, bufs, bars, out, pos):
@@ -87,6 +98,74 @@ if GLUON:
             mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(v_desc, [b, i * BN, kv_col], v_ready.index(stage),
                                             v_bufs.index(stage))
+
+    @gluon.jit
+    def _load_e4m3(desc, bufs, ready, b, tile, kv_col):
+        stage = tile % bufs.type.shape[0]
+        mbarrier.expect(ready.index(stage), desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(desc, [b, tile * desc.block_type.shape[1], kv_col],
+                                        ready.index(stage), bufs.index(stage))
+
+    @gluon.jit
+    def _dequantize_tile(src, dst, scale_smem, layout: gl.constexpr):
+        """dst [BN, D] (16-bit, shared) = src (e4m3, shared) times scale_smem's [BN] row scales,
+        in float32 rounded once, DEQUANT_ROWS rows at a time (few registers: the consumers keep
+        the rest)."""
+        BN: gl.constexpr = src.type.shape[0]
+        for c in gl.static_range(BN // DEQUANT_ROWS):
+            scale = scale_smem.slice(c * DEQUANT_ROWS, DEQUANT_ROWS).load(gl.SliceLayout(1, layout))
+            values = src.slice(c * DEQUANT_ROWS, DEQUANT_ROWS).load(layout).to(gl.float32)
+            dst.slice(c * DEQUANT_ROWS, DEQUANT_ROWS).store((values * scale[:, None]).to(dst.dtype))
+
+    @gluon.jit
+    def _producer_fp8(descs, bufs, bars, out, pos, fp8):
+        """The producer over an fp8 cache: e4m3 tiles by the copy engine into their ring, each
+        dequantized into the 16-bit stage the consumers wait on. A tile's scales are read from
+        global memory before waiting for its bytes, so their latency hides behind the wait."""
+        q_desc, k_desc, v_desc = descs
+        q_bufs, k_bufs, v_bufs = bufs
+        q_ready, k_ready, v_ready, k_empty, v_empty = bars
+        k8_bufs, v8_bufs, k8_ready, v8_ready, scale_bufs, ks_base, vs_base, stride_st = fp8
+        b, q_col, kv_col, m_start, q_len, k_len, first, n_tiles, qk_scale, causal_shift, lse_len = pos
+        BN: gl.constexpr = k_desc.block_type.shape[1]
+        HEAD_D: gl.constexpr = k_desc.block_type.shape[2]
+        STAGE_COUNT: gl.constexpr = k_bufs.type.shape[0]
+        F8: gl.constexpr = k8_bufs.type.shape[0]
+        layout: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [gl.num_warps(), 1], [1, 0])
+        rows_layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+        mbarrier.expect(q_ready, 2 * q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [b, m_start, q_col], q_ready, q_bufs.index(0))
+        tma.async_copy_global_to_shared(q_desc, [b, m_start + q_desc.block_type.shape[1], q_col],
+                                        q_ready, q_bufs.index(1))
+        for j in gl.static_range(F8):
+            if j < n_tiles:
+                _load_e4m3(k_desc, k8_bufs, k8_ready, b, j, kv_col)
+                _load_e4m3(v_desc, v8_bufs, v8_ready, b, j, kv_col)
+        for i in range(n_tiles):
+            stage = i % STAGE_COUNT
+            empty_phase = ((i // STAGE_COUNT) & 1) ^ 1
+            f = i % F8
+            rows = i * BN + gl.arange(0, BN, layout=rows_layout)
+            in_cache = rows < k_len
+            k_scales = gl.load(ks_base + rows.to(gl.int64) * stride_st, mask=in_cache, other=0.0)
+            v_scales = gl.load(vs_base + rows.to(gl.int64) * stride_st, mask=in_cache, other=0.0)
+            scale_bufs.index(0).store(k_scales)
+            scale_bufs.index(1).store(v_scales)
+            mbarrier.wait(k8_ready.index(f), (i // F8) & 1)
+            mbarrier.wait(k_empty.index(stage), empty_phase)
+            _dequantize_tile(k8_bufs.index(f).reshape([BN, HEAD_D]),
+                             k_bufs.index(stage).reshape([BN, HEAD_D]), scale_bufs.index(0), layout)
+            fence_async_shared()  # the consumers' wgmma reads through the async proxy
+            mbarrier.arrive(k_ready.index(stage), count=1)
+            mbarrier.wait(v8_ready.index(f), (i // F8) & 1)
+            mbarrier.wait(v_empty.index(stage), empty_phase)
+            _dequantize_tile(v8_bufs.index(f).reshape([BN, HEAD_D]),
+                             v_bufs.index(stage).reshape([BN, HEAD_D]), scale_bufs.index(1), layout)
+            fence_async_shared()
+            mbarrier.arrive(v_ready.index(stage), count=1)
+            if i + F8 < n_tiles:  # the e4m3 stage is read: refill it
+                _load_e4m3(k_desc, k8_bufs, k8_ready, b, i + F8, kv_col)
+                _load_e4m3(v_desc, v8_bufs, v8_ready, b, i + F8, kv_col)
 
     @gluon.jit
     def _softmax(l_i, m_i, s, start_n, q_limit, k_len, qk_scale, MASKED: gl.constexpr,
@@ -225,8 +304,11 @@ if GLUON:
     @gluon.jit
     def _prefill_kernel(q_desc, k_desc, v_desc, O, LSE, stride_ob, stride_ot, stride_oh,
                         q_len, k_len, q_offset, q_heads, group, qk_scale, causal_shift, lse_len,
+                        KS, VS, stride_sb, stride_st, stride_sh,
                         STAGE_COUNT: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                        PRODUCER_REGS: gl.constexpr):
+                        PRODUCER_REGS: gl.constexpr, FP8: gl.constexpr, FP8_STAGE_COUNT: gl.constexpr):
+        """FP8: k_desc, v_desc read an e4m3 cache whose scales are KS, VS [B, T, Hkv] (strides
+        stride_s*); the consumers' stages hold K/V in q's dtype either way."""
         R: gl.constexpr = q_desc.block_type.shape[1]
         BN: gl.constexpr = k_desc.block_type.shape[1]
         HEAD_D: gl.constexpr = k_desc.block_type.shape[2]
@@ -243,8 +325,9 @@ if GLUON:
                causal_shift, lse_len)
 
         q_bufs = gl.allocate_shared_memory(q_desc.dtype, [2, 1, R, HEAD_D], q_desc.layout)
-        k_bufs = gl.allocate_shared_memory(k_desc.dtype, [STAGE_COUNT, 1, BN, HEAD_D], k_desc.layout)
-        v_bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGE_COUNT, 1, BN, HEAD_D], v_desc.layout)
+        kv_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=3)
+        k_bufs = gl.allocate_shared_memory(q_desc.dtype, [STAGE_COUNT, 1, BN, HEAD_D], kv_layout)
+        v_bufs = gl.allocate_shared_memory(q_desc.dtype, [STAGE_COUNT, 1, BN, HEAD_D], kv_layout)
         q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [STAGE_COUNT, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [STAGE_COUNT, 1], mbarrier.MBarrierLayout())
@@ -260,17 +343,51 @@ if GLUON:
 
         args = ((q_desc, k_desc, v_desc), (q_bufs, k_bufs, v_bufs),
                 (q_ready, k_ready, v_ready, k_empty, v_empty), (o_base, lse_base, stride_ot), pos)
-        gl.warp_specialize([(_consumer_low, args), (_consumer_high, args), (_producer, args)],
-                           [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+        if FP8:
+            k8_bufs = gl.allocate_shared_memory(k_desc.dtype, [FP8_STAGE_COUNT, 1, BN, HEAD_D],
+                                                k_desc.layout)
+            v8_bufs = gl.allocate_shared_memory(v_desc.dtype, [FP8_STAGE_COUNT, 1, BN, HEAD_D],
+                                                v_desc.layout)
+            scale_bufs = gl.allocate_shared_memory(gl.float32, [2, BN],
+                                                   gl.SwizzledSharedLayout(1, 1, 1, [0]))
+            k8_ready = gl.allocate_shared_memory(gl.int64, [FP8_STAGE_COUNT, 1], mbarrier.MBarrierLayout())
+            v8_ready = gl.allocate_shared_memory(gl.int64, [FP8_STAGE_COUNT, 1], mbarrier.MBarrierLayout())
+            for i in gl.static_range(FP8_STAGE_COUNT):
+                mbarrier.init(k8_ready.index(i), count=1)
+                mbarrier.init(v8_ready.index(i), count=1)
+            fence_async_shared()
+            kv_h = (h // group).to(gl.int64)
+            ks_base = KS + b.to(gl.int64) * stride_sb + kv_h * stride_sh
+            vs_base = VS + b.to(gl.int64) * stride_sb + kv_h * stride_sh
+            fp8 = (k8_bufs, v8_bufs, k8_ready, v8_ready, scale_bufs, ks_base, vs_base, stride_st)
+            gl.warp_specialize([(_consumer_low, args), (_consumer_high, args),
+                                (_producer_fp8, args + (fp8, ))], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
+        else:
+            gl.warp_specialize([(_consumer_low, args), (_consumer_high, args), (_producer, args)],
+                               [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
-_launch = {"checked": False, "failed": None}  # the first launch's outcome, for this process
+# Each variant's first launch (False: 16-bit K/V, True: fp8), for this process.
+_launch = {fp8: {"checked": False, "failed": None} for fp8 in (False, True)}
+
+
+def _variant(k) -> dict:
+    return _launch[k.dtype == torch.float8_e4m3fn]
+
+
+def takes_fp8(q) -> bool:
+    """Whether fp8 K/V with queries like q go to this kernel, which then runs at about its 16-bit
+    speed (the e4m3 variant has not failed to start)."""
+    return (GLUON and _launch[True]["failed"] is None and q.is_cuda
+            and q.dtype in (torch.float16, torch.bfloat16)
+            and torch.cuda.get_device_capability(q.device)[0] == 9 and q.shape[3] in HEAD_DIMS)
 
 
 def supports(q, k, v) -> bool:
-    """Whether the Hopper kernel takes these inputs: sm90, fp16/bf16, D in HEAD_DIMS, and q, k, v
-    readable by the copy engine as [B, T, H * D] (heads packed, 16-byte aligned strides)."""
-    if not (GLUON and _launch["failed"] is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    """Whether the Hopper kernel takes these inputs: sm90, fp16/bf16 q, D in HEAD_DIMS, and q, k, v
+    readable by the copy engine as [B, T, H * D] (heads packed, 16-byte aligned strides). k and v
+    are q's dtype or float8_e4m3fn (with scales)."""
+    if not (GLUON and _variant(k)["failed"] is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
             and torch.cuda.get_device_capability(q.device)[0] == 9 and q.shape[3] in HEAD_DIMS):
         return False
     return all(t.stride(3) == 1 and t.stride(2) == t.shape[3] and t.data_ptr() % 16 == 0
@@ -282,18 +399,19 @@ def prefill_or_fall_back(fallback, q, k, v, **kwargs):
     compiler, driver or ptxas it was not checked with), it warns once and `fallback` serves this
     call and every later one. Bad inputs (ValueError) still raise, and so does any failure after a
     first launch that worked."""
-    if _launch["checked"]:
+    launch = _variant(k)
+    if launch["checked"]:
         return prefill_attention_hopper(q, k, v, **kwargs)
     try:
         result = prefill_attention_hopper(q, k, v, **kwargs)
     except ValueError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure to build or start the kernel
-        _launch["failed"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        warnings.warn(f"facli: the Hopper prefill kernel did not start ({_launch['failed'][:200]}); "
+        launch["failed"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        warnings.warn(f"facli: the Hopper prefill kernel did not start ({launch['failed'][:200]}); "
                       "prefill uses the Triton kernel from now on", RuntimeWarning, stacklevel=2)
         return fallback(q, k, v, **kwargs)
-    _launch["checked"] = True
+    launch["checked"] = True
     return result
 
 
@@ -302,15 +420,18 @@ def _descriptor(t, rows):
     sequence, and rows past T read as zeros."""
     batch, seq, heads, d = t.shape
     block = [1, rows, d]
-    dtype = gl.float16 if t.dtype == torch.float16 else gl.bfloat16
+    dtype = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16,
+             torch.float8_e4m3fn: gl.float8e4nv}[t.dtype]
     layout = gl.NVMMASharedLayout.get_default_for(block, dtype)
     return TensorDescriptor(t, [batch, seq, heads * d], [t.stride(0), t.stride(1), 1], block, layout)
 
 
-def prefill_attention_hopper(q, k, v, *, causal=True, q_offset=0, scale=None, return_lse=False):
-    """Hopper prefill attention; arguments and result as `prefill_attention_triton`. The caller
-    checks `supports(q, k, v)` first."""
-    common.check_attention_inputs(q, k, v)
+def prefill_attention_hopper(q, k, v, *, causal=True, q_offset=0, scale=None, return_lse=False,
+                             k_scales=None, v_scales=None):
+    """Hopper prefill attention; arguments and result as `prefill_attention_triton` (fp8 k, v with
+    their scales included). The caller checks `supports(q, k, v)` first."""
+    fp8 = common.check_fp8_scales(k, v, k_scales, v_scales)
+    common.check_attention_inputs(q, k, v, fp8_cache=fp8)
     common.check_q_offset(q_offset)
     batch, q_len, q_heads, head_dim = q.shape
     k_len, kv_heads = k.shape[1], k.shape[2]
@@ -324,12 +445,15 @@ def prefill_attention_hopper(q, k, v, *, causal=True, q_offset=0, scale=None, re
         return (out, lse) if return_lse else out
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     grid = (triton.cdiv(q_len, BLOCK_M), batch * q_heads)
+    k_s, v_s = (k_scales, v_scales) if fp8 else (lse, lse)  # read only with fp8
     _prefill_kernel[grid](
         _descriptor(q, ROWS), _descriptor(k, BLOCK_N), _descriptor(v, BLOCK_N), out, lse,
         out.stride(0), out.stride(1), out.stride(2),
         q_len, k_len, q_offset, q_heads, q_heads // kv_heads, scale * LOG2E,
-        0 if causal else NOT_CAUSAL_SHIFT, q_len if return_lse else 0, STAGE_COUNT=STAGES,
-        CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS,
-        num_warps=4, maxnreg=MAX_REGS,
+        0 if causal else NOT_CAUSAL_SHIFT, q_len if return_lse else 0,
+        k_s, v_s, *(k_scales.stride() if fp8 else (0, 0, 0)), STAGE_COUNT=STAGES,
+        CONSUMER_REGS=FP8_CONSUMER_REGS if fp8 else CONSUMER_REGS,
+        PRODUCER_REGS=FP8_PRODUCER_REGS if fp8 else PRODUCER_REGS, FP8=fp8,
+        FP8_STAGE_COUNT=FP8_STAGES, num_warps=4, maxnreg=MAX_REGS,
     )
     return (out, lse) if return_lse else out

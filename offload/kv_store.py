@@ -47,11 +47,12 @@ share unpacks the store until the next reset; its rows are all in host memory by
 gpu_prefix_tokens > 0 keeps a host layer's first positions on the GPU: they are copied
 device-to-device into a slot (never over PCIe) when staging, and are the GPU's concurrent share
 in "cpu" mode. A decode step reads fp8 GPU rows as e4m3 with their scales, in the decode kernel,
-on GPUs that convert e4m3 (READS_FP8_FROM). Prefill (and decode elsewhere: older GPUs, the CPU)
-dequantizes them FP8_TILE rows at a time and merges the tiles by LSE, so no bf16 copy of a whole
-layer is made: on an H100 the bf16 prefill kernel over dequantized tiles runs about twice as fast
-as the Triton kernel reading e4m3 (`benchmarks/attention.py --fp8`). Host fp8 rows cross PCIe as
-fp8 and are dequantized on the GPU into the slot (through a ring of 8192 rows).
+on GPUs that convert e4m3 (READS_FP8_FROM). Prefill over them on Hopper goes to the Gluon kernel,
+which dequantizes each tile in shared memory. Elsewhere (and decode on older GPUs, the CPU) they
+are dequantized FP8_TILE rows at a time and the tiles merged by LSE, so no bf16 copy of a whole
+layer is made: the bf16 Triton kernel over dequantized tiles is faster than the Triton kernel
+reading e4m3 (`benchmarks/attention.py --fp8`). Host fp8 rows cross PCIe as fp8 and are
+dequantized on the GPU into the slot (through a ring of 8192 rows).
 """
 
 import copy
@@ -59,7 +60,14 @@ import copy
 import torch
 
 from facli.errors import FacliError
-from facli.kernels import common, decode_attention, elementwise, merge_attention, prefill_attention
+from facli.kernels import (
+    common,
+    decode_attention,
+    elementwise,
+    merge_attention,
+    prefill_attention,
+    prefill_reads_fp8_at_speed,
+)
 from facli.offload.cooperative_decode import CooperativeDecode
 from facli.offload.cpu_attention import TileWorkspace
 from facli.offload.fp8 import dequantize_into, store_rows_fp8
@@ -263,7 +271,7 @@ class OffloadedKVStore(CooperativeDecode, PackedSlots):
     def _fp8_attention(self, q, part: KVPart, start, stop):
         if q.shape[1] == 1 and _reads_fp8(q.device):
             return self._fp8_decode_attention(q, part, stop, return_lse=False)
-        return self._tiled_attention(q, part, start, own=(start, stop))[0]
+        return self._part_attention(q, part, start, own=(start, stop))[0]
 
     def _fp8_decode_attention(self, q, part: KVPart, stop: int, return_lse):
         """A lone query, at stop - 1, over fp8 rows 0..stop of part: the decode kernel reads the
@@ -275,12 +283,17 @@ class OffloadedKVStore(CooperativeDecode, PackedSlots):
 
     def _part_attention(self, q, part: KVPart, visible: int, own=None):
         """(out, lse) of q over part rows 0..visible, all before the queries, plus the queries'
-        own rows own = (start = visible, stop), causal. A lone query on a GPU that reads fp8 reads
-        fp8 rows as they are stored; prefill chunks and other devices go through
-        `_tiled_attention`."""
+        own rows own = (start = visible, stop), causal. fp8 rows are read as stored by a lone
+        query on a GPU that reads fp8, and by prefill chunks where the prefill kernel reads them
+        at its 16-bit speed; everything else goes through `_tiled_attention`."""
+        stop = own[1] if own is not None else visible
         if part.fp8 and q.shape[1] == 1 and _reads_fp8(q.device):
-            stop = own[1] if own is not None else visible
             return self._fp8_decode_attention(q, part, stop, return_lse=True)
+        if part.fp8 and prefill_reads_fp8_at_speed(q):
+            rows = part.first(stop)
+            return prefill_attention(q, rows.k, rows.v, causal=own is not None,
+                                     q_offset=0 if own is None else own[0], return_lse=True,
+                                     k_scales=rows.k_scales, v_scales=rows.v_scales)
         return self._tiled_attention(q, part, visible, own)
 
     def _tiled_attention(self, q, part: KVPart, visible: int, own=None):

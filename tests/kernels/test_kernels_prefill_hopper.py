@@ -1,13 +1,14 @@
-"""The Gluon prefill kernel for Hopper against float64 and PyTorch's own attention (GPU only), and
-the model path's hand-over to the Triton kernel when it cannot start (any machine)."""
+"""The Gluon prefill kernel for Hopper against float64 and PyTorch's own attention (GPU only), its
+fp8 variant against float64 and bit for bit against the 16-bit kernel over the dequantized cache,
+and the model path's hand-over to the Triton kernel when it cannot start (any machine)."""
 
 import pytest
 import torch
 
 from conftest import requires_cuda
-from kernel_checks import GPU_CASES, case_id, check_prefill
+from kernel_checks import GPU_CASES, case_id, check_fp8_prefill, check_prefill, fp8_cache
 
-from facli.kernels import prefill_attention, prefill_hopper
+from facli.kernels import dequantize_fp8, prefill_attention, prefill_hopper, prefill_reads_fp8_at_speed
 from facli.kernels.prefill import prefill_attention_triton
 
 HOPPER_CASES = [case for case in GPU_CASES if case[5] in prefill_hopper.HEAD_DIMS] + [
@@ -31,6 +32,48 @@ def requires_hopper(fn):
 @pytest.mark.parametrize("case", HOPPER_CASES, ids=case_id)
 def test_hopper_prefill(case, monkeypatch):
     check_prefill(case, monkeypatch, "cuda", attention=prefill_hopper.prefill_attention_hopper)
+
+
+@requires_cuda
+@requires_hopper
+@pytest.mark.parametrize("case", HOPPER_CASES, ids=case_id)
+def test_hopper_prefill_over_fp8(case, monkeypatch):
+    check_fp8_prefill(case, monkeypatch, "cuda", attention=prefill_hopper.prefill_attention_hopper)
+
+
+@requires_cuda
+@requires_hopper
+@pytest.mark.parametrize("causal, offset", [(True, 3000), (False, 0)])
+def test_hopper_fp8_equals_the_16_bit_kernel_over_the_dequantized_cache(causal, offset):
+    """Its producer writes the values dequantize_fp8 makes, so the consumers compute the same bits;
+    scales head-major, as the store's GPU rows hold them, and cache slices."""
+    torch.manual_seed(0)
+    batch, q_len, q_heads, kv_heads, d = 2, 1100, 16, 4, 128
+    q = torch.randn(batch, q_len, q_heads, d, device="cuda", dtype=torch.bfloat16)
+    k8, ks = fp8_cache(batch, offset + q_len + 50, kv_heads, d, "cuda")
+    v8, vs = fp8_cache(batch, offset + q_len + 50, kv_heads, d, "cuda")
+    ks, vs = (s.transpose(1, 2).contiguous().transpose(1, 2) for s in (ks, vs))
+    k8, v8, ks, vs = (t[:, :offset + q_len] for t in (k8, v8, ks, vs))
+    kwargs = {"causal": causal, "q_offset": offset, "return_lse": True}
+    out, lse = prefill_hopper.prefill_attention_hopper(q, k8, v8, k_scales=ks, v_scales=vs, **kwargs)
+    k16, v16 = dequantize_fp8(k8, ks, q.dtype), dequantize_fp8(v8, vs, q.dtype)
+    ref, ref_lse = prefill_hopper.prefill_attention_hopper(q, k16, v16, **kwargs)
+    assert torch.equal(out, ref)
+    assert torch.equal(lse, ref_lse)
+
+
+@requires_cuda
+@requires_hopper
+def test_long_fp8_chunks_go_to_the_hopper_kernel(monkeypatch):
+    calls = []
+    kernel = prefill_hopper.prefill_attention_hopper
+    monkeypatch.setattr(prefill_hopper, "prefill_attention_hopper",
+                        lambda *args, **kwargs: calls.append(args[1].dtype) or kernel(*args, **kwargs))
+    k8, ks = fp8_cache(1, 600, 2, 128, "cuda")
+    q = torch.randn(1, 600, 8, 128, device="cuda", dtype=torch.bfloat16)
+    assert prefill_reads_fp8_at_speed(q) and not prefill_reads_fp8_at_speed(q[:, :64])
+    prefill_attention(q, k8, k8, k_scales=ks, v_scales=ks)
+    assert calls == [torch.float8_e4m3fn]
 
 
 @requires_cuda
@@ -68,9 +111,8 @@ def _fake_hopper(monkeypatch, behaviour):
 
     monkeypatch.setattr(prefill_hopper, "prefill_attention_hopper", hopper)
     monkeypatch.setattr(prefill_hopper, "supports",
-                        lambda q, k, v: prefill_hopper._launch["failed"] is None)
-    monkeypatch.setitem(prefill_hopper._launch, "checked", False)
-    monkeypatch.setitem(prefill_hopper._launch, "failed", None)
+                        lambda q, k, v: prefill_hopper._launch[False]["failed"] is None)
+    monkeypatch.setitem(prefill_hopper._launch, False, {"checked": False, "failed": None})
     return calls
 
 
