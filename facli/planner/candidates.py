@@ -14,7 +14,12 @@ from facli.planner.memory import (
     kv_layer_bytes,
     reserved_outside_allocator,
 )
-from facli.planner.policy import prefill_tile, splits_into_tiles, sums_with_copy_engines
+from facli.planner.policy import (
+    gpus_prefill_fp8,
+    prefill_tile,
+    splits_into_tiles,
+    sums_with_copy_engines,
+)
 from facli.planner.time_model import (
     Layout,
     choose_allreduce_tile,
@@ -166,7 +171,8 @@ def placement(model: ModelConfig, hardware: HardwareSpec, ctx: int, batch: int, 
     def memory(gpu_layers: int) -> MemoryBreakdown:
         return device_memory(model, ctx=ctx, batch=batch, tp=tp, gpu_layers=gpu_layers,
                              host_layers=layers - gpu_layers, chunk=chunk,
-                             weight_dtype_bytes=wb, kv_dtype_bytes=kb, copy_inboxes=copy_inboxes)
+                             weight_dtype_bytes=wb, kv_dtype_bytes=kb, copy_inboxes=copy_inboxes,
+                             fp8_tiles=not gpus_prefill_fp8(hardware.devices[:tp]))
 
     gpu_layers = _max_gpu_layers(layers, budget, lambda n: memory(n).total)
     return gpu_layers, memory(max(gpu_layers, 0)), budget

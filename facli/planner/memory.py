@@ -204,16 +204,18 @@ class MemoryBreakdown:
 
 def device_memory(config: ModelConfig, *, ctx: int, batch: int, tp: int, gpu_layers: int,
                   host_layers: int, chunk: int, weight_dtype_bytes: int,
-                  kv_dtype_bytes: int, copy_inboxes: bool = False) -> MemoryBreakdown:
+                  kv_dtype_bytes: int, copy_inboxes: bool = False,
+                  fp8_tiles: bool = True) -> MemoryBreakdown:
     """Peak bytes on one rank. Host layers need GPU staging (see staging_bytes). The runtime
     prefills one sequence at a time (a batch's sequences are rows that then decode together,
     facli.run.batching), so the activations are the larger of one sequence's prefill chunk and a
     decode step of `batch` tokens; the chunk's nearly always. NCCL's AllReduce tiles cost no
     memory (views of the projection output); copy-engine tiles need their inboxes
-    (copy_inboxes, comm_bytes)."""
+    (copy_inboxes, comm_bytes). fp8_tiles: prefill over GPU-resident fp8 rows dequantizes them in
+    tiles (fp8_tile_bytes), as everywhere but where the prefill kernel reads e4m3 itself."""
     layer_kv = kv_layer_bytes(config, ctx, batch, kv_dtype_bytes, tp)
     workspace = workspace_bytes(config, ctx, batch, tp)
-    if kv_dtype_bytes == 1 and gpu_layers:
+    if kv_dtype_bytes == 1 and gpu_layers and fp8_tiles:
         workspace += fp8_tile_bytes(config, ctx, weight_dtype_bytes, tp)
     return MemoryBreakdown(
         weights=weight_bytes(config, weight_dtype_bytes, tp),

@@ -77,6 +77,9 @@ def packed_slot_rows(capacity: int, host_layers: int) -> int:
 # float16 path converts e4m3 with the hardware's cvt.rn.f16x2.e4m3x2 (sm89+); only Hopper is
 # measured. Older GPUs attend over dequantized tiles.
 READS_FP8_FROM = (8, 9)
+# Prefill over an fp8 cache reads e4m3 in the kernel itself on Hopper (sm90: the Gluon kernel
+# dequantizes tiles in shared memory); other GPUs dequantize FP8_PREFILL_TILE_ROWS-row tiles first.
+PREFILL_READS_FP8_MAJOR = 9
 
 
 def uses_offloaded_store(decode_mode: str, fp8_kv: bool) -> bool:
@@ -95,6 +98,12 @@ def decodes_eagerly(fp8_kv: bool, gpu_reads_fp8: bool) -> bool:
 def gpus_read_fp8(gpus) -> bool:
     """Whether the decode kernel reads an fp8 cache directly on all these GPUs (hardware specs)."""
     return all(tuple(g.compute_capability) >= READS_FP8_FROM for g in gpus)
+
+
+def gpus_prefill_fp8(gpus) -> bool:
+    """Whether prefill reads an fp8 cache in the kernel, with no dequantized tiles, on all these
+    GPUs (hardware specs)."""
+    return bool(gpus) and all(g.compute_capability[0] == PREFILL_READS_FP8_MAJOR for g in gpus)
 
 
 def holds_rows(decode_mode: str, fp8_kv: bool, gpu_reads_fp8: bool) -> bool:

@@ -17,6 +17,7 @@ from facli.planner.hardware import HardwareSpec
 from facli.planner.memory import activation_bytes, kv_layer_bytes, weight_bytes
 from facli.planner.policy import (
     decodes_eagerly,
+    gpus_prefill_fp8,
     gpus_read_fp8,
     packed_slot_rows,
     prefill_tile,
@@ -53,8 +54,10 @@ FP8_ROWS_DECODE_READ_SHARE = 0.60
 EAGER_STORE_LAYER_HOST_S = 1.5e-3
 # Seconds per host layer per step: its KV store between graphs. benchmarks/offloaded_decode.py.
 HOST_LAYER_EAGER_S = 30e-6
-# Prefill attention over an fp8 prefix, times bf16's (factor). `facli bench --kv-dtype fp8` TTFT.
+# Prefill attention over an fp8 prefix, times bf16's (factor): through dequantized tiles, and
+# where the kernel reads e4m3 itself (Hopper). `facli bench --kv-dtype fp8` TTFT.
 FP8_PREFILL_ATTENTION_FACTOR = 1.1
+FP8_KERNEL_PREFILL_ATTENTION_FACTOR = 1.0
 # Share of the prefill sums that copy-engine tiles hide (two GPUs). benchmarks/tensor_parallel.py.
 COPY_ENGINE_HIDDEN = 0.5
 # The same for two-wave prefill with NCCL (more GPUs). benchmarks/tensor_parallel.py --modes waves.
@@ -164,7 +167,9 @@ def prefill_breakdown(hw: HardwareSpec, layout: Layout) -> dict[str, float]:
     attn_flops = 4 * c.head_dim * (c.num_attention_heads / t) * c.num_hidden_layers * pairs
     attention = attn_flops / (matmul_rate * _attention_efficiency(hw, layout))
     if layout.kv_dtype_bytes == 1:
-        attention = attention * FP8_PREFILL_ATTENTION_FACTOR
+        reads_e4m3 = gpus_prefill_fp8(hw.devices[: layout.tp])
+        attention = attention * (FP8_KERNEL_PREFILL_ATTENTION_FACTOR if reads_e4m3
+                                 else FP8_PREFILL_ATTENTION_FACTOR)
     per_chunk_act = activation_bytes(c, layout.chunk, 1, layout.weight_dtype_bytes, t)
     elementwise = (ELEMENTWISE_PASSES * per_chunk_act * c.num_hidden_layers / mem_rate
                    * sizes / layout.chunk)

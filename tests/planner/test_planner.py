@@ -15,7 +15,12 @@ from facli.planner.search import (
     largest_fitting_ctx,
     plan,
 )
-from facli.planner.time_model import DECODE_LAYER_OVERHEAD_S, EAGER_STORE_LAYER_HOST_S
+from facli.planner.time_model import (
+    DECODE_LAYER_OVERHEAD_S,
+    EAGER_STORE_LAYER_HOST_S,
+    FP8_KERNEL_PREFILL_ATTENTION_FACTOR,
+    FP8_PREFILL_ATTENTION_FACTOR,
+)
 from facli.units import GIB, parse_ctx
 from planner_cases import model, options
 
@@ -157,14 +162,20 @@ def test_fp8_kv_keeps_everything_on_one_h200():
                   options(kv_dtype="fp8"))
     assert result.kv_dtype == "fp8" and not result.host.layers
     assert result.devices[0].kv_bytes == 32 * 2 * 256 * 1024 * 32 * (128 + 4)
-    # prefill reads the fp8 prefix through a dequantized K and V tile of 64K rows (bf16): a
-    # transient buffer, so workspace rather than staging
-    tile = 2 * 65536 * 32 * 128 * 2
+    # Hopper's prefill kernel reads the fp8 prefix as stored: no dequantized tile
     assert result.devices[0].kv_staging_bytes == 0
-    assert result.devices[0].workspace_bytes == workspace_bytes(model("llama-7b"), 256 * 1024, 1) + tile
+    assert result.devices[0].workspace_bytes == workspace_bytes(model("llama-7b"), 256 * 1024, 1)
+
+
+def test_fp8_prefill_elsewhere_reads_a_dequantized_tile():
+    """Other GPUs read the fp8 prefix through a dequantized K and V tile of 64K rows (bf16): a
+    transient buffer, so workspace rather than staging."""
+    a100 = load_hardware("1xA100-80GB")
+    result = plan(model("llama-7b"), a100, 128 * 1024, 1, options(kv_dtype="fp8"))
+    tile = 2 * 65536 * 32 * 128 * 2
+    assert result.devices[0].workspace_bytes == workspace_bytes(model("llama-7b"), 128 * 1024, 1) + tile
     # Rows prefill one at a time: one row's tile, however many rows.
-    rows = plan(model("llama-7b"), load_hardware("1xH200-141GB"), 32 * 1024, 4,
-                options(kv_dtype="fp8"))
+    rows = plan(model("llama-7b"), a100, 32 * 1024, 4, options(kv_dtype="fp8"))
     row_tile = 2 * 32768 * 32 * 128 * 2
     assert rows.devices[0].workspace_bytes == workspace_bytes(model("llama-7b"), 32 * 1024, 4) + row_tile
 
@@ -192,11 +203,16 @@ def test_eager_fp8_decode_sets_a_floor_under_the_step_before_sm89():
     assert fp8.timing.decode_step_s == pytest.approx(32 * EAGER_STORE_LAYER_HOST_S)
 
 
-def test_fp8_prefill_pays_for_its_dequantized_tiles():
-    hardware = load_hardware("1xH200-141GB")
-    bf16 = plan(model("llama-7b"), hardware, 128 * 1024, 1, options())
+@pytest.mark.parametrize("hardware_name, factor", [
+    ("1xA100-80GB", FP8_PREFILL_ATTENTION_FACTOR),  # dequantized tiles
+    ("1xH200-141GB", FP8_KERNEL_PREFILL_ATTENTION_FACTOR),  # the kernel reads e4m3
+])
+def test_fp8_prefill_attention_costs_its_measured_factor(hardware_name, factor):
+    hardware = load_hardware(hardware_name)
+    bf16 = plan(model("llama-7b"), hardware, 128 * 1024, 1, options(kv_dtype="auto"))
     fp8 = plan(model("llama-7b"), hardware, 128 * 1024, 1, options(kv_dtype="fp8"))
-    assert fp8.timing.ttft_s > bf16.timing.ttft_s
+    terms = [dict(p.timing.terms)["prefill_attention_s"] for p in (bf16, fp8)]
+    assert terms[1] == pytest.approx(terms[0] * factor)
 
 
 def test_resident_kv_is_what_the_runtime_allocates():
