@@ -114,6 +114,31 @@ def test_fp8_tiles_end_with_the_chunk_and_stay_within_the_tile(monkeypatch):
         start = stop
 
 
+@pytest.mark.parametrize("mode", ["prefetch", "cpu"])
+def test_fp8_rows_go_whole_to_a_prefill_kernel_that_reads_e4m3(monkeypatch, mode):
+    """Where the prefill kernel reads e4m3 at its 16-bit speed (Hopper), chunks attend over the
+    stored fp8 rows in one call with their scales, causally from the chunk's start: the same
+    results as through dequantized tiles."""
+    steps = _steps()
+    monkeypatch.setattr(kv_store, "FP8_TILE", 8)
+    want = _run(_offloaded((), mode, kv_dtype="fp8", gpu_prefix_tokens=19), steps)
+    calls = []
+
+    def spy(q, k, v, **kwargs):
+        calls.append((k.shape[1], kwargs["q_offset"], kwargs["causal"], kwargs.get("k_scales") is not None))
+        return kernels.prefill_attention(q, k, v, **kwargs)
+
+    monkeypatch.setattr(kv_store, "prefill_reads_fp8_at_speed", lambda q: q.shape[1] > 1)
+    monkeypatch.setattr(kv_store, "prefill_attention", spy)
+    for host in [(), (1, 3)]:
+        calls.clear()
+        got = _run(_offloaded(host, mode, kv_dtype="fp8", gpu_prefix_tokens=19), steps)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        # CHUNKS 7, 13, (1), 20: GPU layers attend over rows 0..7, then 0..20 from position 7,
+        # in one call each, with the scales (host layers' staged slots hold the model dtype)
+        assert (7, 0, True, True) in calls and (20, 7, True, True) in calls, calls
+
+
 @requires_cuda
 @pytest.mark.parametrize("host,mode", [((), "prefetch"), ((1, 3), "cpu")],
                          ids=["gpu-layers", "cpu-decode-over-gpu-prefix"])
