@@ -39,7 +39,7 @@ sys.meta_path.insert(0, _NoTriton())
 # Modules that import triton at their top: the @triton.jit kernels and their launchers.
 TRITON_MODULES = {f"facli.kernels.{name}" for name in (
     "decode", "e4m3", "prefill", "prefill_hopper", "fp8_kv", "elementwise_triton", "gemv_triton",
-    "token_store")}
+    "token_store", "prefill_hopper_fp8")}
 
 # Runs in one process without Triton: imports every facli module, runs the CLI's plan-memory
 # through typer's CliRunner, then each kernel entry point that needs Triton on a CPU; prints
