@@ -1,8 +1,9 @@
 """FastAttention: facli's attention functions.
 
 CUDA tensors in float16/bfloat16 go to the Triton kernels (prefill on Hopper to the Gluon kernel
-of `prefill_hopper` where it takes the shapes; fp8 K/V with scales to the same kernels, which read
-e4m3 directly); everything else (CPU tensors, float32) to the plain-PyTorch reference.
+of `prefill_hopper` where it takes the shapes, fp8 K/V with scales too where the run rules let
+it, else to the Triton kernel; both read e4m3 directly); everything else (CPU tensors, float32)
+to the plain-PyTorch reference.
 `backend="triton"` forces the kernels, which on a CPU run only under TRITON_INTERPRET=1 (the
 tests' lane); `backend="reference"` forces the reference.
 The Triton modules (`prefill`, `prefill_hopper`, `decode`) are imported on the first call that

@@ -52,6 +52,7 @@ except ImportError:  # a Triton without Gluon's Hopper ops
     GLUON = False
 
 from facli.kernels import common
+from facli.planner import policy
 
 LOG2E = 1.4426950408889634
 ROWS = 64  # queries per consumer warpgroup (wgmma's M is 64 per warpgroup)
@@ -308,8 +309,9 @@ def _variant(k) -> dict:
 
 def takes_fp8(q) -> bool:
     """Whether fp8 K/V with queries like q go to this kernel, which then runs at about its 16-bit
-    speed (the e4m3 variant has not failed to start)."""
-    return (GLUON and _launch[True]["failed"] is None and q.is_cuda
+    speed: the run rules let it (policy.HOPPER_PREFILL_READS_FP8) and its e4m3 variant has not
+    failed to start."""
+    return (GLUON and policy.HOPPER_PREFILL_READS_FP8 and _launch[True]["failed"] is None and q.is_cuda
             and q.dtype in (torch.float16, torch.bfloat16)
             and torch.cuda.get_device_capability(q.device)[0] == 9 and q.shape[3] in HEAD_DIMS)
 
@@ -318,6 +320,8 @@ def supports(q, k, v) -> bool:
     """Whether the Hopper kernel takes these inputs: sm90, fp16/bf16 q, D in HEAD_DIMS, and q, k, v
     readable by the copy engine as [B, T, H * D] (heads packed, 16-byte aligned strides). k and v
     are q's dtype or float8_e4m3fn (with scales)."""
+    if k.dtype == torch.float8_e4m3fn and not policy.HOPPER_PREFILL_READS_FP8:
+        return False
     if not (GLUON and _variant(k)["failed"] is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
             and torch.cuda.get_device_capability(q.device)[0] == 9 and q.shape[3] in HEAD_DIMS):
         return False

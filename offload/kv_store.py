@@ -47,9 +47,10 @@ share unpacks the store until the next reset; its rows are all in host memory by
 gpu_prefix_tokens > 0 keeps a host layer's first positions on the GPU: they are copied
 device-to-device into a slot (never over PCIe) when staging, and are the GPU's concurrent share
 in "cpu" mode. A decode step reads fp8 GPU rows as e4m3 with their scales, in the decode kernel,
-on GPUs that convert e4m3 (READS_FP8_FROM). Prefill over them on Hopper goes to the Gluon kernel,
-which dequantizes each tile in shared memory. Elsewhere (and decode on older GPUs, the CPU) they
-are dequantized FP8_TILE rows at a time and the tiles merged by LSE, so no bf16 copy of a whole
+on GPUs that convert e4m3 (READS_FP8_FROM). Prefill over them goes to the Hopper Gluon kernel,
+which dequantizes each tile in shared memory, where the run rules let it
+(policy.HOPPER_PREFILL_READS_FP8). Elsewhere (and decode on older GPUs, the CPU) they are
+dequantized FP8_TILE rows at a time and the tiles merged by LSE, so no bf16 copy of a whole
 layer is made: on an H100 the bf16 Triton kernel over dequantized tiles runs about 1.7x as fast
 as the Triton kernel reading e4m3 (`benchmarks/attention.py --fp8`). Host fp8 rows cross PCIe as fp8 and are
 dequantized on the GPU into the slot (through a ring of 8192 rows).

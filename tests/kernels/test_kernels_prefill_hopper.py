@@ -10,6 +10,7 @@ from kernel_checks import GPU_CASES, case_id, check_fp8_prefill, check_prefill, 
 
 from facli.kernels import dequantize_fp8, prefill_attention, prefill_hopper, prefill_reads_fp8_at_speed
 from facli.kernels.prefill import prefill_attention_triton
+from facli.planner import policy
 
 HOPPER_CASES = [case for case in GPU_CASES if case[5] in prefill_hopper.HEAD_DIMS] + [
     (1, 128, 0, 4, 4, 128, True, torch.bfloat16),  # one program, both warpgroups on the diagonal
@@ -64,13 +65,16 @@ def test_hopper_fp8_equals_the_16_bit_kernel_over_the_dequantized_cache(causal, 
 
 @requires_cuda
 @requires_hopper
-def test_long_fp8_chunks_go_to_the_hopper_kernel(monkeypatch):
+def test_long_fp8_chunks_go_to_the_hopper_kernel_where_the_run_rules_let_them(monkeypatch):
+    k8, ks = fp8_cache(1, 600, 2, 128, "cuda")
+    q = torch.randn(1, 600, 8, 128, device="cuda", dtype=torch.bfloat16)
+    monkeypatch.setattr(policy, "HOPPER_PREFILL_READS_FP8", False)
+    assert not prefill_reads_fp8_at_speed(q) and not prefill_hopper.supports(q, k8, k8)
+    monkeypatch.setattr(policy, "HOPPER_PREFILL_READS_FP8", True)
     calls = []
     kernel = prefill_hopper.prefill_attention_hopper
     monkeypatch.setattr(prefill_hopper, "prefill_attention_hopper",
                         lambda *args, **kwargs: calls.append(args[1].dtype) or kernel(*args, **kwargs))
-    k8, ks = fp8_cache(1, 600, 2, 128, "cuda")
-    q = torch.randn(1, 600, 8, 128, device="cuda", dtype=torch.bfloat16)
     assert prefill_reads_fp8_at_speed(q) and not prefill_reads_fp8_at_speed(q[:, :64])
     prefill_attention(q, k8, k8, k_scales=ks, v_scales=ks)
     assert calls == [torch.float8_e4m3fn]

@@ -8,6 +8,7 @@ import pytest
 
 from facli.errors import FacliError, OutOfMemoryPlanError
 from facli.offload.device_cache import DeviceKVCache
+from facli.planner import policy
 from facli.planner.hardware import GpuSpec, HardwareSpec, load_hardware
 from facli.planner.memory import workspace_bytes
 from facli.planner.search import (
@@ -157,14 +158,17 @@ def test_a_plan_that_offloads_names_fp8_when_it_would_be_faster():
     assert not resident.hints
 
 
-def test_fp8_kv_keeps_everything_on_one_h200():
+@pytest.mark.parametrize("kernel_reads_fp8", [False, True])
+def test_fp8_kv_keeps_everything_on_one_h200(monkeypatch, kernel_reads_fp8):
+    monkeypatch.setattr(policy, "HOPPER_PREFILL_READS_FP8", kernel_reads_fp8)
     result = plan(model("llama-7b"), load_hardware("1xH200-141GB"), 256 * 1024, 1,
                   options(kv_dtype="fp8"))
     assert result.kv_dtype == "fp8" and not result.host.layers
     assert result.devices[0].kv_bytes == 32 * 2 * 256 * 1024 * 32 * (128 + 4)
-    # Hopper's prefill kernel reads the fp8 prefix as stored: no dequantized tile
     assert result.devices[0].kv_staging_bytes == 0
-    assert result.devices[0].workspace_bytes == workspace_bytes(model("llama-7b"), 256 * 1024, 1)
+    # Where Hopper's prefill kernel reads the fp8 prefix as stored, no dequantized 64K-row tile
+    tile = 0 if kernel_reads_fp8 else 2 * 65536 * 32 * 128 * 2
+    assert result.devices[0].workspace_bytes == workspace_bytes(model("llama-7b"), 256 * 1024, 1) + tile
 
 
 def test_fp8_prefill_elsewhere_reads_a_dequantized_tile():
@@ -207,7 +211,8 @@ def test_eager_fp8_decode_sets_a_floor_under_the_step_before_sm89():
     ("1xA100-80GB", FP8_PREFILL_ATTENTION_FACTOR),  # dequantized tiles
     ("1xH200-141GB", FP8_KERNEL_PREFILL_ATTENTION_FACTOR),  # the kernel reads e4m3
 ])
-def test_fp8_prefill_attention_costs_its_measured_factor(hardware_name, factor):
+def test_fp8_prefill_attention_costs_its_measured_factor(monkeypatch, hardware_name, factor):
+    monkeypatch.setattr(policy, "HOPPER_PREFILL_READS_FP8", True)
     hardware = load_hardware(hardware_name)
     bf16 = plan(model("llama-7b"), hardware, 128 * 1024, 1, options(kv_dtype="auto"))
     fp8 = plan(model("llama-7b"), hardware, 128 * 1024, 1, options(kv_dtype="fp8"))
