@@ -307,23 +307,25 @@ def _variant(k) -> dict:
     return _launch[k.dtype == torch.float8_e4m3fn]
 
 
-def takes_fp8(q) -> bool:
-    """Whether fp8 K/V with queries like q go to this kernel, which then runs at about its 16-bit
-    speed: the run rules let it (policy.HOPPER_PREFILL_READS_FP8) and its e4m3 variant has not
-    failed to start."""
-    return (GLUON and policy.HOPPER_PREFILL_READS_FP8 and _launch[True]["failed"] is None and q.is_cuda
-            and q.dtype in (torch.float16, torch.bfloat16)
+def _takes_queries(q, fp8: bool) -> bool:
+    """sm90, fp16/bf16 q, D in HEAD_DIMS, and the variant (fp8: allowed by the run rules,
+    policy.HOPPER_PREFILL_READS_FP8) has not failed to start."""
+    return (GLUON and (policy.HOPPER_PREFILL_READS_FP8 or not fp8) and _launch[fp8]["failed"] is None
+            and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
             and torch.cuda.get_device_capability(q.device)[0] == 9 and q.shape[3] in HEAD_DIMS)
 
 
+def takes_fp8(q) -> bool:
+    """Whether fp8 K/V with queries like q go to this kernel, which then runs at about its 16-bit
+    speed."""
+    return _takes_queries(q, fp8=True)
+
+
 def supports(q, k, v) -> bool:
-    """Whether the Hopper kernel takes these inputs: sm90, fp16/bf16 q, D in HEAD_DIMS, and q, k, v
-    readable by the copy engine as [B, T, H * D] (heads packed, 16-byte aligned strides). k and v
-    are q's dtype or float8_e4m3fn (with scales)."""
-    if k.dtype == torch.float8_e4m3fn and not policy.HOPPER_PREFILL_READS_FP8:
-        return False
-    if not (GLUON and _variant(k)["failed"] is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-            and torch.cuda.get_device_capability(q.device)[0] == 9 and q.shape[3] in HEAD_DIMS):
+    """Whether the Hopper kernel takes these inputs: queries it takes (`_takes_queries`), and q, k,
+    v readable by the copy engine as [B, T, H * D] (heads packed, 16-byte aligned strides). k and
+    v are q's dtype or float8_e4m3fn (with scales)."""
+    if not _takes_queries(q, fp8=k.dtype == torch.float8_e4m3fn):
         return False
     return all(t.stride(3) == 1 and t.stride(2) == t.shape[3] and t.data_ptr() % 16 == 0
                and all(s * t.element_size() % 16 == 0 for s in t.stride()[:2]) for t in (q, k, v))

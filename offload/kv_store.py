@@ -52,8 +52,8 @@ which dequantizes each tile in shared memory, where the run rules let it
 (policy.HOPPER_PREFILL_READS_FP8). Elsewhere (and decode on older GPUs, the CPU) they are
 dequantized FP8_TILE rows at a time and the tiles merged by LSE, so no bf16 copy of a whole
 layer is made: on an H100 the bf16 Triton kernel over dequantized tiles runs about 1.7x as fast
-as the Triton kernel reading e4m3 (`benchmarks/attention.py --fp8`). Host fp8 rows cross PCIe as fp8 and are
-dequantized on the GPU into the slot (through a ring of 8192 rows).
+as the Triton kernel reading e4m3 (`benchmarks/attention.py --fp8`). Host fp8 rows cross PCIe as
+fp8 and are dequantized on the GPU into the slot (through a ring of 8192 rows).
 """
 
 import copy
